@@ -1,0 +1,10 @@
+"""The luasched API on ``redis.asyncio``: the same scripts, calls and results as ``luasched``.
+
+This package holds no logic of its own: call building, reply parsing and NOSCRIPT recovery are
+the sync package's functions; only the I/O is awaited.
+"""
+
+from luasched.asyncio.scheduler import AsyncSchedulerPipeline, Scheduler
+from luasched.asyncio.scripts import AsyncBatch, AsyncScriptRunner
+
+__all__ = ["AsyncBatch", "AsyncSchedulerPipeline", "AsyncScriptRunner", "Scheduler"]

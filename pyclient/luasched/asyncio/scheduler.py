@@ -1,0 +1,65 @@
+"""Async twin of ``luasched.scheduler``."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
+from luasched.asyncio.slots import AsyncSlots
+from luasched.keys import Namespace
+from luasched.render import RenderedScript, ScriptConfig, render_all
+
+__all__ = ["AsyncSchedulerPipeline", "Scheduler"]
+
+
+class Scheduler:
+    """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        namespace: str | bytes,
+        *,
+        config: ScriptConfig | None = None,
+    ) -> None:
+        self.client = client
+        self.namespace = Namespace(namespace)
+        self.config = config or ScriptConfig()
+        self.scripts: dict[str, RenderedScript] = dict(render_all(self.config))
+        self.runner = AsyncScriptRunner(client, self.scripts)
+        self.slots = AsyncSlots(self.runner)
+
+    async def load_scripts(self) -> dict[str, str]:
+        """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
+        return await self.runner.load()
+
+    def pipeline(self) -> AsyncSchedulerPipeline:
+        """A batch of calls sent in one round trip (not a transaction)."""
+        return AsyncSchedulerPipeline(self.runner.batch())
+
+
+class AsyncSchedulerPipeline:
+    """Async twin of ``luasched.SchedulerPipeline``: ``await pipe.slots.keyslot(k)`` queues."""
+
+    def __init__(self, batch: AsyncBatch) -> None:
+        self._batch = batch
+        self.slots = AsyncSlots(batch)
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued calls; results in order."""
+        return await self._batch.execute(raise_on_error)
+
+    async def __aenter__(self) -> AsyncSchedulerPipeline:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None

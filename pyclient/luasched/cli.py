@@ -1,0 +1,71 @@
+"""The ``luasched`` command: render and export the scripts for other languages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from luasched import __version__
+from luasched.render import ScriptConfig, export, manifest, render_all
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="luasched",
+        description="Atomic scheduling on Redis: render and export the luasched Lua scripts.",
+    )
+    parser.add_argument("--version", action="version", version=f"luasched {__version__}")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ScriptConfig.max_batch,
+        help="most items one call may carry (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-key-bytes",
+        type=int,
+        default=ScriptConfig.max_key_bytes,
+        help="longest key slots.keyslot hashes (default %(default)s)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export_parser = commands.add_parser(
+        "export", help="write every script as NAME.lua and manifest.json into DIR"
+    )
+    export_parser.add_argument("directory", metavar="DIR")
+    render_parser = commands.add_parser("render", help="print one rendered script")
+    render_parser.add_argument("name", metavar="NAME", help="a script name, e.g. slots.keyslot")
+    commands.add_parser("list", help="list the scripts with their SHA1 and summary")
+    commands.add_parser("manifest", help="print manifest.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage error)."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    try:
+        config = ScriptConfig(max_batch=options.max_batch, max_key_bytes=options.max_key_bytes)
+    except ValueError as error:
+        parser.error(str(error))
+    scripts = render_all(config)
+    if options.command == "export":
+        for path in export(options.directory, config):
+            print(path)
+    elif options.command == "render":
+        if options.name not in scripts:
+            parser.error(f"no script named {options.name!r}; known: {', '.join(sorted(scripts))}")
+        sys.stdout.write(scripts[options.name].text)
+    elif options.command == "list":
+        for name, script in sorted(scripts.items()):
+            print(f"{name}\t{script.sha1}\t{script.spec.summary.split('. ')[0]}")
+    elif options.command == "manifest":
+        print(json.dumps(manifest(config), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Stable error codes of the luasched scripts, and the exceptions they map to.
+
+Every script reports bad input and refused operations as an error reply of the form
+``LUASCHED_<CODE> <script>: <detail>``. The code is stable and part of the public contract
+(``manifest.json`` lists them); the detail is for humans and may change. A script that answers
+with an error has changed no key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from redis.exceptions import ResponseError
+
+__all__ = [
+    "ERROR_CODES",
+    "InvalidArgument",
+    "LuaschedError",
+    "error_from_response",
+]
+
+
+class LuaschedError(Exception):
+    """Base class of every error a luasched script reports.
+
+    Attributes:
+        code: the stable code (``"ARG"``...), without the ``LUASCHED_`` prefix.
+        script: the name of the script that refused (``"slots.keyslot"``), or ``""``.
+        detail: the human-readable explanation.
+    """
+
+    code: ClassVar[str] = ""
+    description: ClassVar[str] = "an error reported by a luasched script"
+
+    def __init__(self, detail: str, *, script: str = "", code: str | None = None) -> None:
+        self.script = script
+        self.detail = detail
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # an unknown code keeps its own name
+        where = f"{script}: " if script else ""
+        super().__init__(f"LUASCHED_{self.code} {where}{detail}")
+
+
+class InvalidArgument(LuaschedError, ValueError):
+    """An argument was missing, malformed or out of range (also: wrong number of keys)."""
+
+    code = "ARG"
+    description = (
+        "an argument is missing, malformed or out of range, or the call passed the wrong "
+        "number of keys or arguments"
+    )
+
+
+_CLASSES: tuple[type[LuaschedError], ...] = (InvalidArgument,)
+
+#: Every stable code with what it means; the manifest and docs are generated from this table.
+ERROR_CODES: dict[str, str] = {cls.code: cls.description for cls in _CLASSES}
+_BY_CODE: dict[str, type[LuaschedError]] = {cls.code: cls for cls in _CLASSES}
+
+_REPLY = re.compile(r"^LUASCHED_([A-Z][A-Z0-9_]*) ([^:\s]+): (.*)$", re.DOTALL)
+
+
+def error_from_response(error: ResponseError) -> LuaschedError | None:
+    """The luasched exception for a ``LUASCHED_*`` error reply, or None for any other error."""
+    match = _REPLY.match(str(error))
+    if match is None:
+        return None
+    code, script, detail = match.groups()
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return LuaschedError(detail, script=script, code=code)
+    return cls(detail, script=script)

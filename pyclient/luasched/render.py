@@ -1,0 +1,412 @@
+"""Templates -> rendered scripts and their manifest.
+
+Every script is a Jinja2 template under ``lua/`` (shipped in the wheel as ``luasched/lua``).
+Rendering takes trusted configuration only (``ScriptConfig``, include files, the CRC16 table):
+nothing that varies per call ever enters a script, so each configuration yields one fixed text
+and one SHA1. Rendering happens once per process and configuration (``render_all`` is cached).
+
+Each template starts with a header of ``--@tag`` lines that is parsed into the manifest::
+
+    --@script     slots.keyslot              name; must match the file (lua/slots/keyslot.lua.j2)
+    --@summary    One line, more lines with  --@+ (appends to the previous tag)
+    --@key        NAME TYPE  description      one per KEYS entry, in order (none: no line)
+    --@arg        NAME[LO..HI] TYPE:RANGE description
+                                              one per ARGV entry; [LO..HI] makes it repeat LO..HI
+                                              times; TYPE is int:MIN..MAX, number:MIN..MAX,
+                                              string:MINLEN..MAXLEN (bytes) or enum:a|b|c
+    --@reply      SHAPE  description
+    --@error      CODE  when it is raised         one per code (codes from luasched.errors)
+    --@complexity text
+    --@since      6.2                          oldest server version the script supports
+    --@flags      no-writes ...                Redis 7 script flags (used for Functions)
+"""
+
+from __future__ import annotations
+
+import binascii
+import functools
+import hashlib
+import importlib.resources
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from luasched import __version__
+from luasched.errors import ERROR_CODES
+
+__all__ = [
+    "ArgSpec",
+    "KeySpec",
+    "RenderedScript",
+    "ScriptConfig",
+    "ScriptSpec",
+    "TemplateError",
+    "export",
+    "manifest",
+    "render_all",
+    "templates_dir",
+]
+
+MANIFEST_VERSION = 1
+TEMPLATE_SUFFIX = ".lua.j2"
+KNOWN_FLAGS = frozenset(
+    {"no-writes", "allow-oom", "allow-stale", "no-cluster", "allow-cross-slot-keys"}
+)
+ARG_TYPES = frozenset({"int", "number", "string", "enum"})
+
+
+class TemplateError(Exception):
+    """A template or its header breaks the script contract (a bug in lua/, never user input)."""
+
+
+@dataclass(frozen=True)
+class ScriptConfig:
+    """Trusted, per-deployment configuration rendered into the scripts.
+
+    Changing a value changes the scripts' text and SHA1 (each configuration is its own set).
+    """
+
+    #: most items one call may carry (keys to hash, tasks to take...): bounds the work of a call.
+    max_batch: int = 1000
+    #: longest key ``slots.keyslot`` hashes, in bytes.
+    max_key_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 7000:  # unpack() fails at 8000 values
+            raise ValueError("max_batch must be 1..7000")
+        if not 1 <= self.max_key_bytes <= 1 << 20:
+            raise ValueError("max_key_bytes must be 1..1048576")
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One entry of KEYS."""
+
+    name: str
+    type: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One entry of ARGV (or a run of them, when ``count`` is set)."""
+
+    name: str
+    type: str
+    description: str
+    min: float | None = None  # int/number: smallest value; string: shortest length in bytes
+    max: float | None = None  # int/number: largest value; string: longest length in bytes
+    choices: tuple[str, ...] | None = None  # enum only
+    count: tuple[int, int] | None = None  # repeated argument: how many times, at least..at most
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """The contract of one script, parsed from its header."""
+
+    name: str
+    summary: str
+    keys: tuple[KeySpec, ...]
+    args: tuple[ArgSpec, ...]
+    reply: str
+    errors: tuple[tuple[str, str], ...]
+    complexity: str
+    since: str
+    flags: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class RenderedScript:
+    """A rendered script: its text, SHA1 (what SCRIPT LOAD returns) and contract."""
+
+    name: str
+    text: str
+    sha1: str
+    spec: ScriptSpec
+
+    @property
+    def file_name(self) -> str:
+        """The file name used by ``export``: ``<name>.lua``."""
+        return f"{self.name}.lua"
+
+
+def templates_dir() -> Path:
+    """Where the templates are: inside the installed package, or ``lua/`` of a source checkout."""
+    packaged = Path(str(importlib.resources.files("luasched"))) / "lua"
+    if packaged.is_dir():
+        return packaged
+    source = Path(__file__).resolve().parents[2] / "lua"
+    if source.is_dir():
+        return source
+    raise TemplateError(f"no templates: neither {packaged} nor {source} exists")
+
+
+def crc16_table() -> list[int]:
+    """The 256-entry CRC-16/XMODEM table (polynomial 0x1021), from the stdlib implementation."""
+    return [binascii.crc_hqx(bytes([byte]), 0) for byte in range(256)]
+
+
+def _environment(directory: Path) -> jinja2.Environment:
+    # Delimiters chosen so that no Lua construct can open a tag: "{@" never occurs in Lua,
+    # unlike "{{" (nested tables) or "{#" (length of a table); statements are whole lines
+    # starting with "--%", which also keeps templates readable as Lua.
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        block_start_string="{@%",
+        block_end_string="%@}",
+        variable_start_string="{@",
+        variable_end_string="@}",
+        comment_start_string="{@#",
+        comment_end_string="#@}",
+        line_statement_prefix="--%",
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _template_names(directory: Path) -> list[str]:
+    names = []
+    for path in sorted(directory.rglob(f"*{TEMPLATE_SUFFIX}")):
+        relative = path.relative_to(directory)
+        if relative.parts[0] == "include":
+            continue
+        names.append(relative.as_posix())
+    return names
+
+
+def _script_name(template_name: str) -> str:
+    return template_name[: -len(TEMPLATE_SUFFIX)].replace("/", ".")
+
+
+_ARG = re.compile(
+    r"^(?P<name>[a-z_][a-z0-9_]*)(?:\[(?P<low>\d+)\.\.(?P<high>\d+)\])?\s+"
+    r"(?P<type>[a-z]+)(?::(?P<range>\S+))?\s+(?P<text>.+)$"
+)
+_KEY = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>\S+)\s+(?P<text>.+)$")
+_ERROR = re.compile(r"^(?P<code>[A-Z][A-Z0-9_]*)\s+(?P<text>.+)$")
+_FAIL_CALL = re.compile(r"\bfail\('([A-Z][A-Z0-9_]*)'")
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TemplateError(f"{where}: {text!r} is not a number") from None
+    return int(value) if value.is_integer() else value
+
+
+def _parse_arg(text: str, where: str) -> ArgSpec:
+    match = _ARG.match(text)
+    if match is None:
+        raise TemplateError(f"{where}: cannot parse @arg {text!r}")
+    arg_type, bounds = match["type"], match["range"]
+    if arg_type not in ARG_TYPES:
+        raise TemplateError(f"{where}: unknown argument type {arg_type!r}")
+    count = (int(match["low"]), int(match["high"])) if match["low"] is not None else None
+    if arg_type == "enum":
+        if not bounds:
+            raise TemplateError(f"{where}: enum needs choices (enum:a|b)")
+        return ArgSpec(
+            match["name"], arg_type, match["text"], choices=tuple(bounds.split("|")), count=count
+        )
+    if not bounds or ".." not in bounds:
+        raise TemplateError(f"{where}: {arg_type} needs a range ({arg_type}:MIN..MAX)")
+    low, high = bounds.split("..", 1)
+    return ArgSpec(
+        match["name"],
+        arg_type,
+        match["text"],
+        min=_number(low, where),
+        max=_number(high, where),
+        count=count,
+    )
+
+
+def parse_header(name: str, text: str) -> ScriptSpec:
+    """Parse the ``--@`` header at the top of a rendered script into its contract."""
+    tags: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.startswith("--@"):
+            break
+        tag, _, value = line[3:].partition(" ")
+        value = value.strip()
+        if tag == "+":
+            if not tags:
+                raise TemplateError(f"{name}: --@+ before any tag")
+            previous_tag, previous = tags[-1]
+            tags[-1] = (previous_tag, f"{previous} {value}")
+        else:
+            tags.append((tag, value))
+    fields: dict[str, str] = {}
+    keys: list[KeySpec] = []
+    args: list[ArgSpec] = []
+    errors: list[tuple[str, str]] = []
+    for tag, value in tags:
+        where = f"{name} @{tag}"
+        if tag == "key":
+            key = _KEY.match(value)
+            if key is None:
+                raise TemplateError(f"{where}: cannot parse {value!r}")
+            keys.append(KeySpec(key["name"], key["type"], key["text"]))
+        elif tag == "arg":
+            args.append(_parse_arg(value, where))
+        elif tag == "error":
+            error = _ERROR.match(value)
+            if error is None or error["code"] not in ERROR_CODES:
+                raise TemplateError(f"{where}: unknown or malformed error {value!r}")
+            errors.append((error["code"], error["text"]))
+        elif tag in {"script", "summary", "reply", "complexity", "since", "flags"}:
+            if tag in fields:
+                raise TemplateError(f"{where}: given twice")
+            fields[tag] = value
+        else:
+            raise TemplateError(f"{where}: unknown tag")
+    missing = {"script", "summary", "reply", "complexity", "since"} - fields.keys()
+    if missing:
+        raise TemplateError(f"{name}: header lacks {sorted(missing)}")
+    if fields["script"] != name:
+        raise TemplateError(f"{name}: header names it {fields['script']!r}")
+    if any(arg.count is not None for arg in args[:-1]):
+        raise TemplateError(f"{name}: only the last argument may repeat")
+    flags = tuple(fields.get("flags", "").split())
+    if not set(flags) <= KNOWN_FLAGS:
+        raise TemplateError(f"{name}: unknown flags {sorted(set(flags) - KNOWN_FLAGS)}")
+    used = set(_FAIL_CALL.findall(text))
+    declared = {code for code, _ in errors}
+    if used - declared:
+        raise TemplateError(f"{name}: raises undeclared error codes {sorted(used - declared)}")
+    return ScriptSpec(
+        name=name,
+        summary=fields["summary"],
+        keys=tuple(keys),
+        args=tuple(args),
+        reply=fields["reply"],
+        errors=tuple(errors),
+        complexity=fields["complexity"],
+        since=fields["since"],
+        flags=flags,
+    )
+
+
+@functools.cache
+def render_all(config: ScriptConfig = ScriptConfig()) -> Mapping[str, RenderedScript]:
+    """Render every script for ``config``; cached, so each configuration renders once.
+
+    Returns a read-only mapping of script name (``"slots.keyslot"``) to ``RenderedScript``.
+    Raises TemplateError when a template breaks the contract.
+    """
+    directory = templates_dir()
+    environment = _environment(directory)
+    context: dict[str, Any] = {
+        "config": config,
+        "crc16_table": _lua_table(crc16_table()),
+    }
+    scripts: dict[str, RenderedScript] = {}
+    for template_name in _template_names(directory):
+        name = _script_name(template_name)
+        text = environment.get_template(template_name).render(context, script_name=name)
+        spec = parse_header(name, text)
+        sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
+        scripts[name] = RenderedScript(name=name, text=text, sha1=sha1, spec=spec)
+    if not scripts:
+        raise TemplateError(f"no templates found in {directory}")
+    return _ReadOnly(scripts)
+
+
+class _ReadOnly(Mapping[str, RenderedScript]):
+    """A mapping that cannot be changed (the cached scripts are shared by every caller)."""
+
+    def __init__(self, items: dict[str, RenderedScript]) -> None:
+        self._items = items
+
+    def __getitem__(self, name: str) -> RenderedScript:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"no script named {name!r}; known: {sorted(self._items)}") from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _lua_table(values: list[int]) -> str:
+    rows = []
+    for start in range(0, len(values), 8):
+        rows.append("  " + ", ".join(f"0x{value:04x}" for value in values[start : start + 8]) + ",")
+    return "\n".join(rows)
+
+
+def _arg_json(arg: ArgSpec) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": arg.name, "type": arg.type}
+    if arg.type == "string":
+        entry["min_length"], entry["max_length"] = arg.min, arg.max
+    elif arg.type == "enum":
+        entry["choices"] = list(arg.choices or ())
+    else:
+        entry["min"], entry["max"] = arg.min, arg.max
+    if arg.count is not None:
+        entry["repeat"] = {"min": arg.count[0], "max": arg.count[1]}
+    entry["description"] = arg.description
+    return entry
+
+
+def manifest(config: ScriptConfig = ScriptConfig()) -> dict[str, Any]:
+    """The manifest of every script for ``config``: enough to call any script from any language.
+
+    The schema is documented in docs/manifest.md.
+    """
+    scripts = render_all(config)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "luasched_version": __version__,
+        "config": asdict(config),
+        "error_format": "LUASCHED_<CODE> <script>: <detail>",
+        "error_codes": dict(ERROR_CODES),
+        "key_layout": {
+            "prefix": "luasched:{<namespace>}:",
+            "hash_tag": "<namespace>",
+            "namespace": "1..128 bytes, no '{' or '}'",
+        },
+        "scripts": {
+            name: {
+                "file": script.file_name,
+                "sha1": script.sha1,
+                "summary": script.spec.summary,
+                "keys": [asdict(key) for key in script.spec.keys],
+                "argv": [_arg_json(arg) for arg in script.spec.args],
+                "reply": script.spec.reply,
+                "errors": [{"code": code, "when": text} for code, text in script.spec.errors],
+                "complexity": script.spec.complexity,
+                "min_server": script.spec.since,
+                "flags": list(script.spec.flags),
+            }
+            for name, script in sorted(scripts.items())
+        },
+    }
+
+
+def export(directory: str | Path, config: ScriptConfig = ScriptConfig()) -> list[Path]:
+    """Write every script as ``<name>.lua`` and ``manifest.json`` into ``directory``.
+
+    Creates the directory if needed; returns the written paths. The output is deterministic.
+    """
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for script in render_all(config).values():
+        path = target / script.file_name
+        path.write_bytes(script.text.encode("utf-8"))
+        written.append(path)
+    path = target / "manifest.json"
+    path.write_text(json.dumps(manifest(config), indent=2, sort_keys=False) + "\n", "utf-8")
+    written.append(path)
+    return written

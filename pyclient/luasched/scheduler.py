@@ -1,0 +1,85 @@
+"""``Scheduler``: where users start."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from luasched.keys import Namespace
+from luasched.render import RenderedScript, ScriptConfig, render_all
+from luasched.scripts import Batch, ScriptRunner, SyncClient
+from luasched.slots import Slots
+
+__all__ = ["Scheduler", "SchedulerPipeline"]
+
+
+class Scheduler:
+    """The luasched API for one namespace on one redis-py client.
+
+    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``; ``namespace`` names
+    the hash tag that holds every key of this scheduler (1..128 bytes, no braces). Creating a
+    Scheduler does no I/O; scripts are rendered once per process and configuration and loaded
+    on first use (or up front with ``load_scripts``).
+
+    Attributes:
+        slots: hash-slot lookups (``s.slots.keyslot(key)``).
+    """
+
+    def __init__(
+        self,
+        client: SyncClient,
+        namespace: str | bytes,
+        *,
+        config: ScriptConfig | None = None,
+    ) -> None:
+        self.client = client
+        self.namespace = Namespace(namespace)
+        self.config = config or ScriptConfig()
+        self.scripts: dict[str, RenderedScript] = dict(render_all(self.config))
+        self.runner = ScriptRunner(client, self.scripts)
+        self.slots = Slots(self.runner)
+
+    def load_scripts(self) -> dict[str, str]:
+        """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
+        return self.runner.load()
+
+    def pipeline(self) -> SchedulerPipeline:
+        """A batch of calls sent in one round trip (not a transaction); see SchedulerPipeline."""
+        return SchedulerPipeline(self.runner.batch())
+
+
+class SchedulerPipeline:
+    """The Scheduler API, queued: methods return None; ``execute()`` returns the results.
+
+    Usage::
+
+        with scheduler.pipeline() as pipe:
+            pipe.slots.keyslot("a")
+            pipe.slots.keyslot("b")
+            slot_a, slot_b = pipe.execute()
+
+    Each call is atomic on its own; the batch is not a transaction. Calls that meet NOSCRIPT
+    are loaded and retried once (they run after the other calls of the batch).
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        self._batch = batch
+        self.slots = Slots(batch)
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued calls; results in order (see ``Batch.execute``)."""
+        return self._batch.execute(raise_on_error)
+
+    def __enter__(self) -> SchedulerPipeline:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
