@@ -294,13 +294,17 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     )
 
 
-@functools.cache
-def render_all(config: ScriptConfig = ScriptConfig()) -> Mapping[str, RenderedScript]:
-    """Render every script for ``config``; cached, so each configuration renders once.
+def render_all(config: ScriptConfig | None = None) -> Mapping[str, RenderedScript]:
+    """Render every script for ``config`` (default ``ScriptConfig()``); each configuration once.
 
-    Returns a read-only mapping of script name (``"slots.keyslot"``) to ``RenderedScript``.
-    Raises TemplateError when a template breaks the contract.
+    Returns a read-only mapping of script name (``"slots.keyslot"``) to ``RenderedScript``; the
+    same object for equal configurations. Raises TemplateError when a template breaks the contract.
     """
+    return _render_all(config or ScriptConfig())
+
+
+@functools.cache
+def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     directory = templates_dir()
     environment = _environment(directory)
     context: dict[str, Any] = {
@@ -359,11 +363,12 @@ def _arg_json(arg: ArgSpec) -> dict[str, Any]:
     return entry
 
 
-def manifest(config: ScriptConfig = ScriptConfig()) -> dict[str, Any]:
+def manifest(config: ScriptConfig | None = None) -> dict[str, Any]:
     """The manifest of every script for ``config``: enough to call any script from any language.
 
     The schema is documented in docs/manifest.md.
     """
+    config = config or ScriptConfig()
     scripts = render_all(config)
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -394,7 +399,7 @@ def manifest(config: ScriptConfig = ScriptConfig()) -> dict[str, Any]:
     }
 
 
-def export(directory: str | Path, config: ScriptConfig = ScriptConfig()) -> list[Path]:
+def export(directory: str | Path, config: ScriptConfig | None = None) -> list[Path]:
     """Write every script as ``<name>.lua`` and ``manifest.json`` into ``directory``.
 
     Creates the directory if needed; returns the written paths. The output is deterministic.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -35,7 +36,7 @@ class Scheduler:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
-        self.scripts: dict[str, RenderedScript] = dict(render_all(self.config))
+        self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
         self.runner = ScriptRunner(client, self.scripts)
         self.slots = Slots(self.runner)
 

@@ -1,0 +1,323 @@
+"""Fixtures shared by the whole suite: the test servers and clients on them.
+
+Contract for tests:
+
+- ``server``: a :class:`servers.ServerHandle`. Any test that asks for ``server`` (or ``r``) runs
+  once per selected server, with the ids ``redis-6.2``, ``redis-7.0``, ``redis-8.2``,
+  ``valkey-8.1``, ``valkey-9.1`` and ``cluster``. ``@pytest.mark.standalone_only`` drops the
+  cluster, ``@pytest.mark.cluster_only`` keeps only the cluster (at generation time: nothing is
+  reported as skipped).
+- ``r``: ``server.flush()``, then a fresh sync client (``RedisCluster`` on the cluster), closed
+  after the test.
+
+Options (or environment variables):
+
+- ``--backend=auto|docker|local`` (``LUASCHED_BACKEND``): auto uses Docker when ``docker info``
+  works and ``docker-compose`` is installed, else local processes.
+- ``--servers=all|NAME,NAME`` (``LUASCHED_SERVERS``): which servers to start and test on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+import redis
+import redis.cluster
+
+from servers import (
+    COMPOSE_FILE,
+    SERVER_NAMES,
+    SPECS,
+    ServerHandle,
+    ServerStartError,
+    check_images,
+    check_ports_free,
+    compose_services,
+    create_cluster,
+    docker_available,
+    local_servers,
+    parse_server_selection,
+    ping,
+)
+
+pytest_plugins = ("pytester",)  # tests/test_harness.py checks the parametrization in a sandbox
+
+BACKENDS = ("auto", "docker", "local")
+SELECTED = pytest.StashKey[list[str]]()
+EXPLICIT = pytest.StashKey[bool]()
+BACKEND = pytest.StashKey[str]()
+SERVER_OF = pytest.StashKey[dict[str, str]]()
+OUTCOMES = pytest.StashKey[dict[str, Counter[str]]]()
+STARTUP = pytest.StashKey[dict[str, float]]()
+UNSELECTED_MARK = "luasched_no_selected_server"
+_CONFIG: dict[str, pytest.Config] = {}  # for hooks that are not given the config
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("luasched", "luasched test servers")
+    group.addoption(
+        "--backend",
+        default=None,
+        help="how to run the test servers: auto (default; docker if reachable), docker, local. "
+        "Env: LUASCHED_BACKEND",
+    )
+    group.addoption(
+        "--servers",
+        default=None,
+        help=f"'all' (default) or a comma list of: {', '.join(SERVER_NAMES)}. "
+        "Env: LUASCHED_SERVERS",
+    )
+
+
+def _terminate_gracefully(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into a KeyboardInterrupt so pytest still tears the session fixtures down
+    # (containers down, local servers killed) when a CI runner or `timeout` stops us.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{UNSELECTED_MARK}: internal, a server test with no selected server to run on"
+    )
+    servers_opt = config.getoption("--servers")
+    raw = servers_opt if servers_opt is not None else os.environ.get("LUASCHED_SERVERS")
+    try:
+        config.stash[SELECTED] = parse_server_selection(raw)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--servers / LUASCHED_SERVERS: {exc}") from None
+    config.stash[EXPLICIT] = raw is not None and raw.strip() not in ("", "all")
+
+    backend = config.getoption("--backend") or os.environ.get("LUASCHED_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise pytest.UsageError(
+            f"--backend / LUASCHED_BACKEND: {backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    config.stash[BACKEND] = backend
+    config.stash[SERVER_OF] = {}
+    config.stash[OUTCOMES] = defaultdict(Counter)
+    config.stash[STARTUP] = {}
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(signal.SIGTERM, _terminate_gracefully)
+
+
+def _resolve_backend(config: pytest.Config) -> str:
+    backend = config.stash[BACKEND]
+    if backend == "auto":
+        usable = docker_available() and shutil.which("docker-compose") is not None
+        backend = "docker" if usable else "local"
+        config.stash[BACKEND] = backend
+    return backend
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (
+        f"luasched servers: {','.join(config.stash[SELECTED])} "
+        f"(backend: {_resolve_backend(config)})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parametrization over the selected servers
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    names = list(config.stash[SELECTED])
+    standalone_only = metafunc.definition.get_closest_marker("standalone_only") is not None
+    cluster_only = metafunc.definition.get_closest_marker("cluster_only") is not None
+    if standalone_only:
+        names = [n for n in names if not SPECS[n].is_cluster]
+    if cluster_only:
+        names = [n for n in names if SPECS[n].is_cluster]
+    if names:
+        metafunc.parametrize("server", names, indirect=True, ids=names)
+        return
+    marks = " and ".join(
+        m for m, on in (("standalone_only", standalone_only), ("cluster_only", cluster_only)) if on
+    )
+    if not config.stash[EXPLICIT]:
+        pytest.fail(
+            f"{metafunc.definition.nodeid}: marked {marks or '(no marker)'}, which leaves no "
+            "server to run it on",
+            pytrace=False,
+        )
+    # The user picked servers with --servers: report the test as deselected, not skipped.
+    metafunc.parametrize(
+        "server",
+        [pytest.param(None, id="no-selected-server", marks=getattr(pytest.mark, UNSELECTED_MARK))],
+        indirect=True,
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    server_of = config.stash[SERVER_OF]
+    for item in items:
+        if item.get_closest_marker(UNSELECTED_MARK) is not None:
+            drop.append(item)
+            continue
+        keep.append(item)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "server" in callspec.params:
+            server_of[item.nodeid] = str(callspec.params["server"])
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-docker, compose v1
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command() -> str:
+    return "docker-compose"
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    return f"luasched{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def docker_setup(pytestconfig: pytest.Config) -> list[str]:
+    # compose v1 has no `up --wait`: readiness is checked with wait_until_responsive.
+    services = compose_services(SPECS[n] for n in pytestconfig.stash[SELECTED])
+    return [f"up -d {' '.join(services)}"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup() -> list[str]:
+    return ["down -v"]
+
+
+# --------------------------------------------------------------------------------------------
+# The servers
+
+
+@pytest.fixture(scope="session")
+def luasched_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
+    """Start every selected server once per session; stop them all at its end."""
+    config = request.config
+    specs = [SPECS[name] for name in config.stash[SELECTED]]
+    backend = _resolve_backend(config)
+    started = time.monotonic()
+    if backend == "docker":
+        if shutil.which("docker-compose") is None:
+            raise ServerStartError("--backend=docker needs docker-compose (apt-get install "
+                                   "docker-compose) - or use --backend=local")  # fmt: skip
+        check_images(specs)
+        check_ports_free(specs)
+        project = request.getfixturevalue("docker_compose_project_name")
+        try:
+            services = request.getfixturevalue("docker_services")
+        except BaseException:
+            # `up -d` failed halfway: pytest-docker only tears down after a successful setup.
+            subprocess.run(
+                ["docker-compose", "-f", str(COMPOSE_FILE), "-p", project, "down", "-v"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )
+            raise
+        ports = [port for spec in specs for port in spec.ports]
+        services.wait_until_responsive(
+            check=lambda: all(ping(port) for port in ports), timeout=30.0, pause=0.05
+        )
+        for spec in specs:
+            if spec.is_cluster:
+                create_cluster(spec.ports)
+        config.stash[STARTUP][backend] = time.monotonic() - started
+        yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+    else:
+        with local_servers(specs):
+            config.stash[STARTUP][backend] = time.monotonic() - started
+            yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> ServerHandle:
+    """The server this test instance runs on (parametrized by pytest_generate_tests)."""
+    name = getattr(request, "param", None)
+    if name is None:
+        raise pytest.UsageError(
+            "the `server` fixture is parametrized by tests/conftest.py; do not parametrize it "
+            "yourself"
+        )
+    handles: dict[str, ServerHandle] = request.getfixturevalue("luasched_servers")
+    return handles[name]
+
+
+@pytest.fixture
+def r(server: ServerHandle) -> Iterator[redis.Redis | redis.cluster.RedisCluster]:
+    """An emptied server and a fresh client on it (closed after the test)."""
+    server.flush()
+    client = server.client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-server summary
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _CONFIG.get("config")
+    if config is None:
+        return
+    name = config.stash[SERVER_OF].get(report.nodeid)
+    if name is None:
+        return
+    outcomes = config.stash[OUTCOMES][name]
+    if report.when == "call":
+        if hasattr(report, "wasxfail"):
+            outcomes["xfailed" if report.skipped else "xpassed"] += 1
+        else:
+            outcomes[report.outcome] += 1
+    elif report.failed:
+        outcomes["error"] += 1
+    elif report.skipped:
+        outcomes["skipped"] += 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG["config"] = session.config
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    outcomes = config.stash[OUTCOMES]
+    if not outcomes:
+        return
+    tr = terminalreporter
+    tr.section("luasched: results per server")
+    seen = {key for counts in outcomes.values() for key in counts}
+    columns = ["passed", "failed", "error", "skipped"]
+    columns += sorted(seen - set(columns))
+    tr.write_line(f"{'server':<12}" + "".join(f"{c:>9}" for c in columns))
+    for name in SERVER_NAMES:
+        if name in config.stash[SELECTED] or name in outcomes:
+            counts = outcomes.get(name, Counter())
+            tr.write_line(f"{name:<12}" + "".join(f"{counts[c]:>9}" for c in columns))
+    for backend, seconds in config.stash[STARTUP].items():
+        tr.write_line(f"servers started in {seconds:.2f}s (backend: {backend})")

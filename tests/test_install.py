@@ -1,0 +1,59 @@
+"""The wheel carries the templates: install it in a fresh venv outside the repo, then export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+from luasched.render import manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pip_install_then_export_outside_the_repository(tmp_path: Path) -> None:
+    environment = tmp_path / "venv"
+    venv.create(environment, with_pip=True)
+    python = environment / "bin" / "python"
+    env = {
+        key: value for key, value in os.environ.items() if key not in {"PYTHONPATH", "VIRTUAL_ENV"}
+    }
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO)],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    out = tmp_path / "exported"
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    listing = subprocess.run(
+        [str(environment / "bin" / "luasched"), "export", str(out)],
+        check=True,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "manifest.json" in listing.stdout
+    exported = json.loads((out / "manifest.json").read_text())
+    assert exported == manifest()
+    for name, entry in exported["scripts"].items():
+        assert (out / entry["file"]).is_file(), name
+    # The installed package renders from its own copy of the templates, not from this checkout.
+    where = subprocess.run(
+        [str(python), "-c", "import luasched.render as r; print(r.templates_dir())"],
+        check=True,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert where.startswith(str(environment)), where
+    assert not where.startswith(str(REPO))
+    assert sys.prefix != str(environment)

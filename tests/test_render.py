@@ -1,0 +1,173 @@
+"""Rendering, headers and the manifest: the contract every script is held to (no server needed)."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from luasched import ERROR_CODES, ScriptConfig
+from luasched.render import (
+    RenderedScript,
+    TemplateError,
+    crc16_table,
+    export,
+    manifest,
+    parse_header,
+    render_all,
+    templates_dir,
+)
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+SCRIPTS = render_all()
+
+
+def test_every_template_renders_to_a_named_script() -> None:
+    names = sorted(
+        path.relative_to(templates_dir()).as_posix()[: -len(".lua.j2")].replace("/", ".")
+        for path in templates_dir().rglob("*.lua.j2")
+        if not path.relative_to(templates_dir()).as_posix().startswith("include/")
+    )
+    assert sorted(SCRIPTS) == names
+    assert "slots.keyslot" in SCRIPTS
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_obeys_the_contract(name: str) -> None:
+    script = SCRIPTS[name]
+    text = script.text
+    assert script.sha1 == hashlib.sha1(text.encode()).hexdigest()
+    assert text.isascii(), "scripts stay ASCII so every client computes the same SHA1"
+    assert text.startswith(f"--@script     {name}\n") or text.startswith(f"--@script {name}\n")
+    assert text.endswith("return run(main)\n")
+    # No template syntax left, no forbidden calls.
+    for leftover in ("{@", "@}", "--%"):
+        assert leftover not in text
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    assert "math.random" not in code, "randomness comes from the client (ARGV)"
+    assert not re.search(r"redis\.call\(\s*'(KEYS|SCAN)'", code, re.IGNORECASE)
+    assert "ARG" in {code for code, _ in script.spec.errors}
+    assert script.spec.since in {"6.2", "7.0"}
+
+
+def test_rendering_happens_once_per_configuration() -> None:
+    assert render_all() is render_all()
+    assert render_all(ScriptConfig()) is render_all()
+    other = render_all(ScriptConfig(max_batch=10))
+    assert other is not render_all()
+    assert other["slots.keyslot"].sha1 != SCRIPTS["slots.keyslot"].sha1
+    assert "arg_count(1, 10)" in other["slots.keyslot"].text
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ScriptConfig(max_batch=0)
+    with pytest.raises(ValueError):
+        ScriptConfig(max_batch=8000)
+
+
+def test_crc16_table_matches_the_xmodem_polynomial() -> None:
+    def reference(byte: int) -> int:
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        return crc & 0xFFFF
+
+    assert crc16_table() == [reference(byte) for byte in range(256)]
+    assert crc16_table()[1] == 0x1021
+
+
+HEADER = """--@script     demo.one
+--@summary    First line.
+--@+          Second line.
+--@key        ready zset  The ready set.
+--@arg        lease_ms int:1..86400000  Lease length.
+--@arg        mode enum:fifo|lifo  Order.
+--@arg        item[1..5] string:1..64  Items.
+--@reply      int  Something.
+--@error      ARG  Bad input.
+--@complexity O(1)
+--@since      7.0
+--@flags      no-writes
+local x = 1
+"""
+
+
+def test_header_is_parsed_into_the_contract() -> None:
+    spec = parse_header("demo.one", HEADER)
+    assert spec.summary == "First line. Second line."
+    assert [(key.name, key.type) for key in spec.keys] == [("ready", "zset")]
+    lease, mode, item = spec.args
+    assert (lease.type, lease.min, lease.max, lease.count) == ("int", 1, 86400000, None)
+    assert mode.choices == ("fifo", "lifo")
+    assert (item.type, item.min, item.max, item.count) == ("string", 1, 64, (1, 5))
+    assert spec.errors == (("ARG", "Bad input."),)
+    assert (spec.since, spec.flags) == ("7.0", ("no-writes",))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("--@script     demo.one", "--@script     demo.two"), "names it"),
+        (("--@error      ARG  Bad input.", "--@error      NOPE  Bad."), "unknown or malformed"),
+        (("--@since      7.0\n", ""), "lacks"),
+        (("--@flags      no-writes", "--@flags      fly"), "unknown flags"),
+        (("int:1..86400000", "int"), "needs a range"),
+        (("enum:fifo|lifo", "float:1..2"), "unknown argument type"),
+        (("local x = 1", "local x = fail('FULL', 'x')"), "undeclared error codes"),
+        (("--@arg        lease_ms", "--@arg        lease_ms[1..2]"), "only the last"),
+        (("--@complexity O(1)", "--@bogus O(1)"), "unknown tag"),
+    ],
+)
+def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:
+    broken = HEADER.replace(*change)
+    assert broken != HEADER
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        parse_header("demo.one", broken)
+
+
+def test_manifest_describes_every_script() -> None:
+    data = manifest()
+    assert data["manifest_version"] == 1
+    assert data["error_codes"] == ERROR_CODES
+    assert set(data["scripts"]) == set(SCRIPTS)
+    keyslot = data["scripts"]["slots.keyslot"]
+    assert keyslot["sha1"] == SCRIPTS["slots.keyslot"].sha1
+    assert keyslot["keys"] == []
+    assert keyslot["argv"] == [
+        {
+            "name": "key",
+            "type": "string",
+            "min_length": 0,
+            "max_length": 4096,
+            "repeat": {"min": 1, "max": 1000},
+            "description": "A key to hash; any bytes.",
+        }
+    ]
+    assert keyslot["errors"][0]["code"] == "ARG"
+    json.dumps(data)  # serialisable as is
+
+
+def test_export_matches_the_reviewed_snapshot(tmp_path: Path) -> None:
+    """A change to any script's text (and so its SHA1) must come with an updated snapshot.
+
+    Update with `make snapshots` and review the diff.
+    """
+    written = export(tmp_path)
+    assert sorted(path.name for path in written) == sorted(
+        [script.file_name for script in SCRIPTS.values()] + ["manifest.json"]
+    )
+    expected = sorted(path.name for path in SNAPSHOTS.iterdir())
+    assert sorted(path.name for path in tmp_path.iterdir()) == expected
+    _, mismatch, errors = filecmp.cmpfiles(SNAPSHOTS, tmp_path, expected, shallow=False)
+    assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
+
+
+def test_rendered_script_file_name() -> None:
+    script = SCRIPTS["slots.keyslot"]
+    assert isinstance(script, RenderedScript)
+    assert script.file_name == "slots.keyslot.lua"
