@@ -5,9 +5,10 @@ from __future__ import annotations
 import redis
 import redis.cluster
 
-from luasched.keys import Namespace, to_bytes
+from luasched.keys import SLOT_COUNT, Namespace, to_bytes
+from luasched.scheduler import Scheduler
 
-__all__ = ["namespace_keys", "snapshot"]
+__all__ = ["counts_of", "namespace_keys", "snapshot", "table_owners"]
 
 Client = redis.Redis | redis.cluster.RedisCluster
 
@@ -58,3 +59,31 @@ def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, 
         ttl = client.pttl(key)
         result[key] = bytes(dumped) + b"|ttl=" + str(ttl).encode()
     return result
+
+
+def table_owners(client: Client, scheduler: Scheduler) -> list[bytes | None]:
+    """The owner id of every slot (None: no owner), read raw from the slot table.
+
+    Its layout is part of the documented contract (luasched.keys.REGISTRY_KEYS): 16384
+    big-endian 16-bit node indexes, 0 for no owner; ``nodes:id`` maps index -> node id.
+    """
+    namespace = scheduler.namespace
+    raw = client.get(namespace.key("slots:owner")) or b"\x00" * (2 * SLOT_COUNT)
+    assert len(raw) == 2 * SLOT_COUNT
+    ids = {
+        int(index): node_id for index, node_id in client.hgetall(namespace.key("nodes:id")).items()
+    }
+    owners: list[bytes | None] = []
+    for slot in range(SLOT_COUNT):
+        index = int.from_bytes(raw[2 * slot : 2 * slot + 2], "big")
+        owners.append(ids[index] if index else None)
+    return owners
+
+
+def counts_of(owners: list[bytes | None]) -> dict[bytes, int]:
+    """How many slots each node owns in ``owners`` (as from ``table_owners``)."""
+    counts: dict[bytes, int] = {}
+    for owner in owners:
+        if owner is not None:
+            counts[owner] = counts.get(owner, 0) + 1
+    return counts

@@ -56,6 +56,10 @@ def test_arg_int_range_and_size(r: Any) -> None:
         call(r, INT)
     big = "return arg_int(1, 'n', 0, MAX_SAFE_INTEGER)"
     assert call(r, big, "9007199254740991") == 9007199254740991
+    with pytest.raises(
+        redis.ResponseError, match="between 0 and 9007199254740991, got 9007199254740992"
+    ):
+        call(r, big, "9007199254740992")
 
 
 NUMBER = "return tostring(arg_number(1, 'x', -10, 10))"

@@ -8,19 +8,39 @@ manifest for clients in other languages.
 
 __version__ = "0.1.0"
 
-from luasched.errors import ERROR_CODES, InvalidArgument, LuaschedError
+from luasched.errors import (
+    ERROR_CODES,
+    CorruptState,
+    InvalidArgument,
+    LuaschedError,
+    NoNode,
+    RegistryFull,
+    UnknownNode,
+)
 from luasched.keys import Namespace, key_slot
+from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
 from luasched.render import ScriptConfig
 from luasched.scheduler import Scheduler, SchedulerPipeline
+from luasched.slots import Owner, Rebalance
 
 __all__ = [
     "ERROR_CODES",
+    "CorruptState",
     "InvalidArgument",
     "LuaschedError",
     "Namespace",
+    "NoNode",
+    "NodeInfo",
+    "NodeList",
+    "Owner",
+    "Rebalance",
+    "RegistryFull",
+    "Removal",
     "Scheduler",
     "SchedulerPipeline",
     "ScriptConfig",
+    "SweepResult",
+    "UnknownNode",
     "__version__",
     "key_slot",
 ]

@@ -15,8 +15,12 @@ from redis.exceptions import ResponseError
 
 __all__ = [
     "ERROR_CODES",
+    "CorruptState",
     "InvalidArgument",
     "LuaschedError",
+    "NoNode",
+    "RegistryFull",
+    "UnknownNode",
     "error_from_response",
 ]
 
@@ -52,7 +56,51 @@ class InvalidArgument(LuaschedError, ValueError):
     )
 
 
-_CLASSES: tuple[type[LuaschedError], ...] = (InvalidArgument,)
+class NoNode(LuaschedError, LookupError):
+    """No node can take the call: none is live (lookups), or none is live and not draining
+    (rebalance)."""
+
+    code = "NONODE"
+    description = (
+        "no live node is registered (lookups), or no live node that is not draining (rebalance)"
+    )
+
+
+class UnknownNode(LuaschedError, LookupError):
+    """The node id is not registered (never was, was removed, or was swept as dead)."""
+
+    code = "NOSUCHNODE"
+    description = "the node id is not registered (never was, was removed, or was swept)"
+
+
+class RegistryFull(LuaschedError):
+    """The namespace already holds the most nodes it can (65535)."""
+
+    code = "FULL"
+    description = "the registry already holds the most nodes a namespace can have (65535)"
+
+
+class CorruptState(LuaschedError):
+    """A key of the namespace holds another type or shape than luasched's layout.
+
+    Only something other than luasched (a manual write, a key name clash) can cause it; the
+    script refused before changing anything.
+    """
+
+    code = "CORRUPT"
+    description = (
+        "a key of the namespace holds another type or shape than the layout (changed outside "
+        "luasched); nothing was changed"
+    )
+
+
+_CLASSES: tuple[type[LuaschedError], ...] = (
+    InvalidArgument,
+    NoNode,
+    UnknownNode,
+    RegistryFull,
+    CorruptState,
+)
 
 #: Every stable code with what it means; the manifest and docs are generated from this table.
 ERROR_CODES: dict[str, str] = {cls.code: cls.description for cls in _CLASSES}

@@ -11,11 +11,33 @@ from __future__ import annotations
 import binascii
 from dataclasses import dataclass
 
-__all__ = ["KEY_PREFIX", "MAX_NAMESPACE_BYTES", "Namespace", "key_slot", "to_bytes"]
+__all__ = [
+    "KEY_PREFIX",
+    "MAX_NAMESPACE_BYTES",
+    "REGISTRY_KEYS",
+    "Namespace",
+    "key_slot",
+    "to_bytes",
+]
 
 KEY_PREFIX = b"luasched:"
 MAX_NAMESPACE_BYTES = 128
 SLOT_COUNT = 16384
+
+#: The keys of the node registry and slot table, in the KEYS order every ``nodes.*`` script and
+#: ``slots.rebalance``/``owner``/``owners``/``owner_of_slot`` take (lua/include/registry.lua.j2).
+#: Node ids never enter a key name: they are hash fields and values.
+REGISTRY_KEYS: tuple[str, ...] = (
+    "nodes:index",  # HASH node id -> index ("1".."65535")
+    "nodes:id",  # HASH index -> node id
+    "nodes:weight",  # HASH index -> weight
+    "nodes:capacity",  # HASH index -> capacity (absent: unlimited)
+    "nodes:meta",  # HASH index -> metadata (absent: empty)
+    "nodes:deadline",  # ZSET index scored by heartbeat deadline (server ms; +inf: none)
+    "nodes:draining",  # SET indexes of draining nodes
+    "nodes:free",  # ZSET released indexes, reused lowest first
+    "slots:owner",  # STRING 16384 big-endian 16-bit owner indexes (0: none), or absent
+)
 
 
 def to_bytes(value: str | bytes) -> bytes:
@@ -68,6 +90,11 @@ class Namespace:
     def key(self, *parts: str | bytes) -> bytes:
         """The key ``luasched:{<namespace>}:part1:part2...``."""
         return self.prefix + b":".join(to_bytes(part) for part in parts)
+
+    @property
+    def registry_keys(self) -> tuple[bytes, ...]:
+        """The KEYS of the registry and slot table scripts, in order (``REGISTRY_KEYS``)."""
+        return tuple(self.prefix + name.encode() for name in REGISTRY_KEYS)
 
     @property
     def slot(self) -> int:

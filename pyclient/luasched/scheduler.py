@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from luasched.keys import Namespace
+from luasched.nodes import Nodes
 from luasched.render import RenderedScript, ScriptConfig, render_all
 from luasched.scripts import Batch, ScriptRunner, SyncClient
 from luasched.slots import Slots
@@ -23,7 +24,8 @@ class Scheduler:
     on first use (or up front with ``load_scripts``).
 
     Attributes:
-        slots: hash-slot lookups (``s.slots.keyslot(key)``).
+        slots: hash slots and their owners (``s.slots.owner(key)``, ``s.slots.rebalance()``).
+        nodes: the node registry (``s.nodes.register(node_id)``, ``s.nodes.heartbeat(...)``).
     """
 
     def __init__(
@@ -38,7 +40,8 @@ class Scheduler:
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
         self.runner = ScriptRunner(client, self.scripts)
-        self.slots = Slots(self.runner)
+        self.slots = Slots(self.runner, self.namespace)
+        self.nodes = Nodes(self.runner, self.namespace)
 
     def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
@@ -46,7 +49,7 @@ class Scheduler:
 
     def pipeline(self) -> SchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction); see SchedulerPipeline."""
-        return SchedulerPipeline(self.runner.batch())
+        return SchedulerPipeline(self.runner.batch(), self.namespace)
 
 
 class SchedulerPipeline:
@@ -63,9 +66,10 @@ class SchedulerPipeline:
     are loaded and retried once (they run after the other calls of the batch).
     """
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, namespace: Namespace) -> None:
         self._batch = batch
-        self.slots = Slots(batch)
+        self.slots = Slots(batch, namespace)
+        self.nodes = Nodes(batch, namespace)
 
     def __len__(self) -> int:
         return len(self._batch)

@@ -41,6 +41,14 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -68,7 +76,7 @@ local function arg_int(index, name, low, high)
   end
   local value = tonumber(raw)
   if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. low .. ' and ' .. high .. ', got ' .. raw)
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
   end
   return value
 end
@@ -82,7 +90,8 @@ local function arg_number(index, name, low, high)
   local value = shaped and tonumber(raw)
   -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
   if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. low .. ' and ' .. high .. ', got ' .. show(raw))
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
   end
   return value
 end

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
 from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
@@ -29,7 +30,8 @@ class Scheduler:
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
         self.runner = AsyncScriptRunner(client, self.scripts)
-        self.slots = AsyncSlots(self.runner)
+        self.slots = AsyncSlots(self.runner, self.namespace)
+        self.nodes = AsyncNodes(self.runner, self.namespace)
 
     async def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
@@ -37,15 +39,16 @@ class Scheduler:
 
     def pipeline(self) -> AsyncSchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction)."""
-        return AsyncSchedulerPipeline(self.runner.batch())
+        return AsyncSchedulerPipeline(self.runner.batch(), self.namespace)
 
 
 class AsyncSchedulerPipeline:
     """Async twin of ``luasched.SchedulerPipeline``: ``await pipe.slots.keyslot(k)`` queues."""
 
-    def __init__(self, batch: AsyncBatch) -> None:
+    def __init__(self, batch: AsyncBatch, namespace: Namespace) -> None:
         self._batch = batch
-        self.slots = AsyncSlots(batch)
+        self.slots = AsyncSlots(batch, namespace)
+        self.nodes = AsyncNodes(batch, namespace)
 
     def __len__(self) -> int:
         return len(self._batch)
