@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from luasched import ERROR_CODES, ScriptConfig
+from luasched import ERROR_CODES, Namespace, ScriptConfig
 from luasched.render import (
     RenderedScript,
     TemplateError,
@@ -84,7 +84,7 @@ def test_crc16_table_matches_the_xmodem_polynomial() -> None:
 HEADER = """--@script     demo.one
 --@summary    First line.
 --@+          Second line.
---@key        ready zset  The ready set.
+--@key        ready zset  luasched:{ns}:q:<queue>:ready -- The ready set.
 --@arg        lease_ms int:1..86400000  Lease length.
 --@arg        mode enum:fifo|lifo  Order.
 --@arg        item[1..5] string:1..64  Items.
@@ -100,7 +100,10 @@ local x = 1
 def test_header_is_parsed_into_the_contract() -> None:
     spec = parse_header("demo.one", HEADER)
     assert spec.summary == "First line. Second line."
-    assert [(key.name, key.type) for key in spec.keys] == [("ready", "zset")]
+    assert [(key.name, key.type, key.pattern) for key in spec.keys] == [
+        ("ready", "zset", "luasched:{ns}:q:<queue>:ready")
+    ]
+    assert spec.keys[0].description == "The ready set."
     lease, mode, item = spec.args
     assert (lease.type, lease.min, lease.max, lease.count) == ("int", 1, 86400000, None)
     assert mode.choices == ("fifo", "lifo")
@@ -121,6 +124,8 @@ def test_header_is_parsed_into_the_contract() -> None:
         (("local x = 1", "local x = fail('FULL', 'x')"), "undeclared error codes"),
         (("--@arg        lease_ms", "--@arg        lease_ms[1..2]"), "only the last"),
         (("--@complexity O(1)", "--@bogus O(1)"), "unknown tag"),
+        (("luasched:{ns}:q:<queue>:ready -- ", ""), "expected 'NAME TYPE luasched:{ns}:PATTERN"),
+        (("luasched:{ns}:q:", "other:{ns}:q:"), "expected 'NAME TYPE"),
     ],
 )
 def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:
@@ -165,6 +170,25 @@ def test_export_matches_the_reviewed_snapshot(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == expected
     _, mismatch, errors = filecmp.cmpfiles(SNAPSHOTS, tmp_path, expected, shallow=False)
     assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
+
+
+def test_every_key_names_its_pattern_in_the_namespace() -> None:
+    for script in SCRIPTS.values():
+        for key in script.spec.keys:
+            assert key.pattern.startswith("luasched:{ns}:"), (script.name, key)
+
+
+def test_registry_key_patterns_are_the_keys_python_builds() -> None:
+    # For a namespace literally named "ns", each pattern is the key itself.
+    registry = list(Namespace("ns").registry_keys)
+    users = [
+        s
+        for s in SCRIPTS.values()
+        if s.name.startswith("nodes.") or s.name.startswith(("slots.owner", "slots.rebalance"))
+    ]
+    assert len(users) >= 9
+    for script in users:
+        assert [key.pattern.encode() for key in script.spec.keys] == registry, script.name
 
 
 def test_rendered_script_file_name() -> None:

@@ -85,10 +85,15 @@ class ScriptConfig:
 
 @dataclass(frozen=True)
 class KeySpec:
-    """One entry of KEYS."""
+    """One entry of KEYS: its name, Redis type, key name pattern and meaning.
+
+    ``pattern`` is how the key is named, ``luasched:{ns}:`` followed by fixed parts and
+    ``<placeholders>`` (e.g. ``luasched:{ns}:lock:<name>``); ``{ns}`` is the namespace in braces.
+    """
 
     name: str
     type: str
+    pattern: str
     description: str
 
 
@@ -188,7 +193,10 @@ _ARG = re.compile(
     r"^(?P<name>[a-z_][a-z0-9_]*)(?:\[(?P<low>\d+)\.\.(?P<high>\d+)\])?\s+"
     r"(?P<type>[a-z]+)(?::(?P<range>\S+))?\s+(?P<text>.+)$"
 )
-_KEY = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>\S+)\s+(?P<text>.+)$")
+_KEY = re.compile(
+    r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[a-z]+)\s+(?P<pattern>luasched:\{ns\}:\S+)"
+    r"\s+--\s+(?P<text>.+)$"
+)
 _ERROR = re.compile(r"^(?P<code>[A-Z][A-Z0-9_]*)\s+(?P<text>.+)$")
 _FAIL_CALL = re.compile(r"\bfail\('([A-Z][A-Z0-9_]*)'")
 
@@ -252,8 +260,11 @@ def parse_header(name: str, text: str) -> ScriptSpec:
         if tag == "key":
             key = _KEY.match(value)
             if key is None:
-                raise TemplateError(f"{where}: cannot parse {value!r}")
-            keys.append(KeySpec(key["name"], key["type"], key["text"]))
+                raise TemplateError(
+                    f"{where}: expected 'NAME TYPE luasched:{{ns}}:PATTERN -- description', "
+                    f"got {value!r}"
+                )
+            keys.append(KeySpec(key["name"], key["type"], key["pattern"], key["text"]))
         elif tag == "arg":
             args.append(_parse_arg(value, where))
         elif tag == "error":
@@ -377,9 +388,9 @@ def manifest(config: ScriptConfig | None = None) -> dict[str, Any]:
         "error_format": "LUASCHED_<CODE> <script>: <detail>",
         "error_codes": dict(ERROR_CODES),
         "key_layout": {
-            "prefix": "luasched:{<namespace>}:",
-            "hash_tag": "<namespace>",
-            "namespace": "1..128 bytes, no '{' or '}'",
+            "prefix": "luasched:{ns}:",
+            "hash_tag": "ns",
+            "namespace": "1..128 bytes, no '{' or '}'; replaces ns in every key pattern",
         },
         "scripts": {
             name: {
