@@ -41,10 +41,12 @@ lint: venv
 demo: venv servers
 	$(VENV)/bin/python examples/demo.py
 
-# Re-export the reviewed script snapshots after a template change; review the diff (SHA1 changes).
+# Re-export the reviewed script snapshots and docs/scripts.md after a template change; review the
+# diff (SHA1 changes).
 snapshots: venv
 	rm -f tests/snapshots/*
 	$(VENV)/bin/luasched export tests/snapshots >/dev/null
+	$(VENV)/bin/luasched reference > docs/scripts.md
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build dist

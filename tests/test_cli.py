@@ -46,3 +46,13 @@ def test_list_names_every_script(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == sorted(render_all())
+
+
+def test_script_reference_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/scripts.md is generated from the manifest: regenerate it with `make snapshots`."""
+    assert main(["reference"]) == 0
+    generated = capsys.readouterr().out
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "scripts.md").read_text()
+    assert generated == committed, "docs/scripts.md is stale: run `make snapshots`"
+    for name in render_all():
+        assert f"### {name}\n" in generated

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from luasched import __version__
-from luasched.render import ScriptConfig, export, manifest, render_all
+from luasched.render import ScriptConfig, export, manifest, reference_markdown, render_all
 
 __all__ = ["main"]
 
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     render_parser.add_argument("name", metavar="NAME", help="a script name, e.g. slots.keyslot")
     commands.add_parser("list", help="list the scripts with their SHA1 and summary")
     commands.add_parser("manifest", help="print manifest.json")
+    commands.add_parser("reference", help="print the script reference (docs/scripts.md)")
     return parser
 
 
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}\t{script.sha1}\t{script.spec.summary.split('. ')[0]}")
     elif options.command == "manifest":
         print(json.dumps(manifest(config), indent=2))
+    elif options.command == "reference":
+        sys.stdout.write(reference_markdown(config))
     return 0
 
 

@@ -426,3 +426,70 @@ def export(directory: str | Path, config: ScriptConfig | None = None) -> list[Pa
     path.write_text(json.dumps(manifest(config), indent=2, sort_keys=False) + "\n", "utf-8")
     written.append(path)
     return written
+
+
+def _arg_cell(arg: dict[str, Any]) -> str:
+    if arg["type"] == "string":
+        kind = f"string, {arg['min_length']}..{arg['max_length']} bytes"
+    elif arg["type"] == "enum":
+        kind = "one of " + ", ".join(f"`{choice}`" for choice in arg["choices"])
+    else:
+        kind = f"{arg['type']}, {arg['min']}..{arg['max']}"
+    if "repeat" in arg:
+        kind += f"; repeated {arg['repeat']['min']}..{arg['repeat']['max']} times"
+    return kind
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown(config: ScriptConfig | None = None) -> str:
+    """``docs/scripts.md``: every script's contract, generated from the manifest."""
+    data = manifest(config)
+    lines = [
+        "# Script reference",
+        "",
+        "Generated from the manifest by `make snapshots` (`luasched reference`); do not edit by",
+        "hand. Call any script with `EVALSHA sha1 numkeys KEYS... ARGV...`; see",
+        "[manifest.md](manifest.md) for the conventions (types, key patterns, errors).",
+        "",
+        "## Error codes",
+        "",
+        "Every error reply is `LUASCHED_<CODE> <script>: <detail>` and means no key changed.",
+        "",
+        "| code | meaning |",
+        "|---|---|",
+    ]
+    lines += [f"| `{code}` | {_cell(text)} |" for code, text in sorted(data["error_codes"].items())]
+    lines += ["", "## Scripts", ""]
+    lines += [f"- [`{name}`](#{name.replace('.', '')})" for name in data["scripts"]]
+    for name, entry in data["scripts"].items():
+        lines += ["", f"### {name}", "", _cell(entry["summary"]), ""]
+        lines += [
+            f"SHA1 `{entry['sha1']}` · since {entry['min_server']} · "
+            f"flags {', '.join(entry['flags']) or '(none)'} · complexity {entry['complexity']}",
+            "",
+        ]
+        if entry["keys"]:
+            lines += ["| KEYS | name | type | key | meaning |", "|---|---|---|---|---|"]
+            for position, key in enumerate(entry["keys"], 1):
+                lines.append(
+                    f"| {position} | `{key['name']}` | {key['type']} | `{key['pattern']}` | "
+                    f"{_cell(key['description'])} |"
+                )
+        else:
+            lines.append("KEYS: none.")
+        lines.append("")
+        if entry["argv"]:
+            lines += ["| ARGV | name | accepts | meaning |", "|---|---|---|---|"]
+            for position, arg in enumerate(entry["argv"], 1):
+                lines.append(
+                    f"| {position} | `{arg['name']}` | {_cell(_arg_cell(arg))} | "
+                    f"{_cell(arg['description'])} |"
+                )
+        else:
+            lines.append("ARGV: none.")
+        lines += ["", f"Reply: {_cell(entry['reply'])}", "", "Errors:", ""]
+        lines += [f"- `{error['code']}`: {_cell(error['when'])}" for error in entry["errors"]]
+    return "\n".join(lines) + "\n"
