@@ -18,6 +18,7 @@ from luasched.errors import (
     UnknownNode,
 )
 from luasched.keys import Namespace, key_slot
+from luasched.lock import Lock, LockHandle, PermitHandle, Semaphore
 from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
 from luasched.render import ScriptConfig
 from luasched.scheduler import Scheduler, SchedulerPipeline
@@ -27,18 +28,22 @@ __all__ = [
     "ERROR_CODES",
     "CorruptState",
     "InvalidArgument",
+    "Lock",
+    "LockHandle",
     "LuaschedError",
     "Namespace",
     "NoNode",
     "NodeInfo",
     "NodeList",
     "Owner",
+    "PermitHandle",
     "Rebalance",
     "RegistryFull",
     "Removal",
     "Scheduler",
     "SchedulerPipeline",
     "ScriptConfig",
+    "Semaphore",
     "SweepResult",
     "UnknownNode",
     "__version__",

@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from luasched.keys import Namespace
+from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, Semaphore
 from luasched.nodes import Nodes
 from luasched.render import RenderedScript, ScriptConfig, render_all
 from luasched.scripts import Batch, ScriptRunner, SyncClient
@@ -46,6 +47,43 @@ class Scheduler:
     def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
         return self.runner.load()
+
+    def lock(
+        self,
+        name: str | bytes,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+    ) -> Lock:
+        """A distributed lock named ``name`` (any bytes); see ``luasched.lock.Lock``. No I/O."""
+        return Lock(
+            self.runner,
+            self.namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+        )
+
+    def semaphore(
+        self,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        retry_ms: int = DEFAULT_RETRY_MS,
+    ) -> Semaphore:
+        """A counting semaphore of ``permits`` leased permits; see ``luasched.lock.Semaphore``."""
+        return Semaphore(
+            self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
+        )
 
     def pipeline(self) -> SchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction); see SchedulerPipeline."""

@@ -4,7 +4,17 @@ This package holds no logic of its own: call building, reply parsing and NOSCRIP
 the sync package's functions; only the I/O is awaited.
 """
 
+from luasched.asyncio.lock import AsyncLock, AsyncLockHandle, AsyncPermitHandle, AsyncSemaphore
 from luasched.asyncio.scheduler import AsyncSchedulerPipeline, Scheduler
 from luasched.asyncio.scripts import AsyncBatch, AsyncScriptRunner
 
-__all__ = ["AsyncBatch", "AsyncSchedulerPipeline", "AsyncScriptRunner", "Scheduler"]
+__all__ = [
+    "AsyncBatch",
+    "AsyncLock",
+    "AsyncLockHandle",
+    "AsyncPermitHandle",
+    "AsyncSchedulerPipeline",
+    "AsyncScriptRunner",
+    "AsyncSemaphore",
+    "Scheduler",
+]

@@ -6,10 +6,12 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from luasched.asyncio.lock import AsyncLock, AsyncSemaphore
 from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
 from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
+from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.render import RenderedScript, ScriptConfig, render_all
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
@@ -36,6 +38,43 @@ class Scheduler:
     async def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
         return await self.runner.load()
+
+    def lock(
+        self,
+        name: str | bytes,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+    ) -> AsyncLock:
+        """A distributed lock named ``name``; see ``luasched.asyncio.lock.AsyncLock``. No I/O."""
+        return AsyncLock(
+            self.runner,
+            self.namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+        )
+
+    def semaphore(
+        self,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        retry_ms: int = DEFAULT_RETRY_MS,
+    ) -> AsyncSemaphore:
+        """A counting semaphore; see ``luasched.asyncio.lock.AsyncSemaphore``. No I/O."""
+        return AsyncSemaphore(
+            self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
+        )
 
     def pipeline(self) -> AsyncSchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction)."""

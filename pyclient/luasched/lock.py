@@ -1,0 +1,625 @@
+"""Distributed locks and counting semaphores: ``lock.*`` (lua/lock/), ``s.lock``, ``s.semaphore``.
+
+Every decision (who holds the lock, which waiter is next, how many permits are out, when a hold
+lapses) is taken by one script on the server, from the server's clock. This module only draws
+random owner tokens and request ids, shapes KEYS/ARGV, reads replies, and waits between attempts:
+
+* **Waiting** never polls in a tight loop: after a refused attempt the caller blocks on the
+  lock's wake list (``BLPOP``) for at most ``retry_ms`` (or until the hold lapses, if sooner).
+  A release that frees the lock while someone waits pushes signals on that list, so a waiter
+  usually retries at once; the timed retry is the authority when a signal is lost (a waiter
+  that died, a signal that expired), so nothing depends on the signal arriving.
+* **Idempotency**: every acquire and release attempt carries a fresh request id. redis-py may
+  resend a command whose reply was lost; the resent call answers the first reply instead of
+  acting twice (the server records it for 60 s).
+* **Cancellation**: if an attempt is interrupted while its script may have run
+  (``KeyboardInterrupt``, a lost connection, an asyncio cancellation), the wrapper replays the
+  same request id (which answers what the first attempt did, or does it now) and releases what
+  it got, so an interrupted acquire never leaves a hold or a queue place behind (best effort: if
+  the server cannot be reached, the hold lapses at its deadline and the place at its own).
+
+The call builders below are shared by the sync and asyncio wrappers; they hold no decision.
+What a lock guarantees and what it cannot: docs/locks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from luasched.keys import Namespace, to_bytes
+from luasched.scripts import Call, ScriptRunner
+
+__all__ = [
+    "AcquireResult",
+    "ExtendResult",
+    "Lock",
+    "LockHandle",
+    "PermitHandle",
+    "PermitResult",
+    "ReleaseResult",
+    "Semaphore",
+    "acquire_call",
+    "extend_call",
+    "lock_keys",
+    "new_request_id",
+    "new_token",
+    "release_call",
+    "semaphore_acquire_call",
+    "semaphore_extend_call",
+    "semaphore_keys",
+    "semaphore_release_call",
+]
+
+#: Defaults of ``s.lock`` / ``s.semaphore``.
+DEFAULT_TTL_MS = 30_000
+DEFAULT_RETRY_MS = 200
+
+
+def new_token() -> bytes:
+    """A fresh owner token: 16 random bytes (os.urandom), hex-encoded."""
+    return os.urandom(16).hex().encode()
+
+
+def new_request_id() -> bytes:
+    """A fresh request id: 16 random bytes (os.urandom), hex-encoded (no ``:``)."""
+    return os.urandom(16).hex().encode()
+
+
+# ------------------------------------------------------------------------------------------
+# Keys and call builders
+
+
+def lock_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
+    """The 6 KEYS of every ``lock.acquire/release/extend`` call, in order.
+
+    ``luasched:{ns}:<kind>:<name>`` for the kinds lock, lock-fence, lock-queue, lock-places,
+    lock-wake, and ``luasched:{ns}:lock-req:<request_id>:<name>``. The name (any bytes) is
+    always the tail after a fixed kind, so two names never share a key.
+    """
+    raw = to_bytes(name)
+    return (
+        namespace.key("lock", raw),
+        namespace.key("lock-fence", raw),
+        namespace.key("lock-queue", raw),
+        namespace.key("lock-places", raw),
+        namespace.key("lock-wake", raw),
+        namespace.key("lock-req", request_id, raw),
+    )
+
+
+def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
+    """The 3 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-req:<request_id>."""
+    raw = to_bytes(name)
+    return (
+        namespace.key("sem", raw),
+        namespace.key("sem-wake", raw),
+        namespace.key("sem-req", request_id, raw),
+    )
+
+
+def _status(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """The reply of ``lock.acquire`` (see its manifest entry).
+
+    ``status`` is ``"acquired"``, ``"held"`` (someone else holds it for ``wait_ms`` more) or
+    ``"queued"`` (fair lock: free, but ``position - 1`` older waiters come first).
+    """
+
+    status: str
+    fence: int
+    deadline_ms: int
+    count: int
+    wait_ms: int
+    position: int
+    now_ms: int
+
+    @property
+    def acquired(self) -> bool:
+        return self.status == "acquired"
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """The reply of ``lock.release``: ``"released"`` (``count`` holds left), ``"not_owner"``
+    (another owner holds the lock) or ``"expired"`` (nobody holds it: the hold lapsed)."""
+
+    status: str
+    count: int
+    now_ms: int
+
+    @property
+    def released(self) -> bool:
+        return self.status == "released"
+
+
+@dataclass(frozen=True)
+class ExtendResult:
+    """The reply of ``lock.extend`` / ``lock.semaphore_extend``: ``"extended"`` (new
+    ``deadline_ms``), ``"not_owner"`` (locks only) or ``"expired"``."""
+
+    status: str
+    deadline_ms: int
+    now_ms: int
+
+    @property
+    def extended(self) -> bool:
+        return self.status == "extended"
+
+
+@dataclass(frozen=True)
+class PermitResult:
+    """The reply of ``lock.semaphore_acquire``: ``"acquired"`` or ``"full"`` (then ``wait_ms``
+    until the earliest live lease lapses); ``holders`` = live leases."""
+
+    status: str
+    deadline_ms: int
+    holders: int
+    wait_ms: int
+    now_ms: int
+
+    @property
+    def acquired(self) -> bool:
+        return self.status == "acquired"
+
+
+def _acquire_result(reply: Any) -> AcquireResult:
+    status, fence, deadline_ms, count, wait_ms, position, now_ms = reply
+    return AcquireResult(
+        _status(status),
+        int(fence),
+        int(deadline_ms),
+        int(count),
+        int(wait_ms),
+        int(position),
+        int(now_ms),
+    )
+
+
+def _release_result(reply: Any) -> ReleaseResult:
+    status, count, now_ms = reply
+    return ReleaseResult(_status(status), int(count), int(now_ms))
+
+
+def _extend_result(reply: Any) -> ExtendResult:
+    status, deadline_ms, now_ms = reply
+    return ExtendResult(_status(status), int(deadline_ms), int(now_ms))
+
+
+def _permit_result(reply: Any) -> PermitResult:
+    status, deadline_ms, holders, wait_ms, now_ms = reply
+    return PermitResult(_status(status), int(deadline_ms), int(holders), int(wait_ms), int(now_ms))
+
+
+def acquire_call(
+    namespace: Namespace,
+    name: str | bytes,
+    token: bytes,
+    ttl_ms: int,
+    *,
+    reentrant: bool = False,
+    fair: bool = False,
+    wait_ttl_ms: int = 0,
+    request_id: bytes = b"",
+) -> Call[AcquireResult]:
+    """The ``lock.acquire`` call (one attempt)."""
+    args = (token, ttl_ms, int(reentrant), int(fair), wait_ttl_ms, request_id)
+    return Call("lock.acquire", lock_keys(namespace, name, request_id), args, _acquire_result)
+
+
+def release_call(
+    namespace: Namespace, name: str | bytes, token: bytes, request_id: bytes = b""
+) -> Call[ReleaseResult]:
+    """The ``lock.release`` call (also takes the token's place out of a fair queue)."""
+    keys = lock_keys(namespace, name, request_id)
+    return Call("lock.release", keys, (token, request_id), _release_result)
+
+
+def extend_call(
+    namespace: Namespace, name: str | bytes, token: bytes, ttl_ms: int
+) -> Call[ExtendResult]:
+    """The ``lock.extend`` call."""
+    return Call("lock.extend", lock_keys(namespace, name, b""), (token, ttl_ms), _extend_result)
+
+
+def semaphore_acquire_call(
+    namespace: Namespace,
+    name: str | bytes,
+    token: bytes,
+    permits: int,
+    ttl_ms: int,
+    request_id: bytes = b"",
+) -> Call[PermitResult]:
+    """The ``lock.semaphore_acquire`` call (one attempt)."""
+    keys = semaphore_keys(namespace, name, request_id)
+    args = (token, permits, ttl_ms, request_id)
+    return Call("lock.semaphore_acquire", keys, args, _permit_result)
+
+
+def semaphore_release_call(
+    namespace: Namespace, name: str | bytes, token: bytes, request_id: bytes = b""
+) -> Call[ReleaseResult]:
+    """The ``lock.semaphore_release`` call (``count`` of the result = live leases left)."""
+    keys = semaphore_keys(namespace, name, request_id)
+    return Call("lock.semaphore_release", keys, (token, request_id), _release_result)
+
+
+def semaphore_extend_call(
+    namespace: Namespace, name: str | bytes, token: bytes, ttl_ms: int
+) -> Call[ExtendResult]:
+    """The ``lock.semaphore_extend`` call."""
+    keys = semaphore_keys(namespace, name, b"")
+    return Call("lock.semaphore_extend", keys, (token, ttl_ms), _extend_result)
+
+
+# ------------------------------------------------------------------------------------------
+# Waiting policy (no decision about the lock: only how long to sleep before the next attempt)
+
+
+def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
+    """How long to block before the next attempt, in whole ms (>= 1), or None if the caller's
+    timeout is over. ``hint_ms`` > 0 is when the current hold/lease lapses."""
+    wait = float(retry_ms)
+    if hint_ms > 0:
+        wait = min(wait, hint_ms)
+    if deadline is not None:
+        left = (deadline - time.monotonic()) * 1000.0
+        if left <= 0:
+            return None
+        wait = min(wait, left)
+    # BLPOP's timeout 0 means "forever": never send less than 1 ms.
+    return max(1, math.ceil(wait))
+
+
+def check_options(ttl_ms: int, retry_ms: int, wait_ttl_ms: int | None) -> int:
+    """Validate the wrapper's own options; the fair queue place ttl (default 5 x retry_ms)."""
+    if ttl_ms < 1:
+        raise ValueError("ttl_ms must be at least 1")
+    if retry_ms < 1:
+        raise ValueError("retry_ms must be at least 1")
+    place_ttl = 5 * retry_ms if wait_ttl_ms is None else wait_ttl_ms
+    if place_ttl <= retry_ms:
+        raise ValueError("wait_ttl_ms must be longer than retry_ms (waiters renew every retry)")
+    return place_ttl
+
+
+# ------------------------------------------------------------------------------------------
+# Handles
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What a successful acquire got; immutable.
+
+    Attributes:
+        name: the lock (or semaphore) name.
+        token: the owner token (the proof of ownership the scripts check).
+        fence: the fencing token (locks; 0 for permits): strictly greater than any earlier
+            grant of this lock name. Pass it to the protected resource and have it refuse
+            anything older than the newest it saw.
+        deadline_ms: when the hold lapses, in ms of the server's clock (Unix time), as of the
+            acquire (``extend`` and auto-renew move it on the server, not here).
+        count: holds of this owner after the acquire (reentrant locks; else 1).
+        acquired_ms: the server's clock when it was granted.
+    """
+
+    name: bytes
+    token: bytes
+    fence: int
+    deadline_ms: int
+    count: int
+    acquired_ms: int
+
+
+@dataclass(frozen=True)
+class LockHandle(Hold):
+    """A held lock; ``with handle:`` releases it at the end of the block."""
+
+    _owner: Lock = field(repr=False, compare=False, kw_only=True)
+
+    def release(self) -> ReleaseResult:
+        """Same as ``lock.release(handle)``."""
+        return self._owner.release(self)
+
+    def __enter__(self) -> LockHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._owner.release(self)
+
+
+@dataclass(frozen=True)
+class PermitHandle(Hold):
+    """A held semaphore permit; ``with handle:`` gives it back at the end of the block."""
+
+    _owner: Semaphore = field(repr=False, compare=False, kw_only=True)
+
+    def release(self) -> ReleaseResult:
+        """Same as ``semaphore.release(handle)``."""
+        return self._owner.release(self)
+
+    def __enter__(self) -> PermitHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._owner.release(self)
+
+
+class _Renewer:
+    """Extends one hold every ttl/3 in a daemon thread until stopped or the hold is lost.
+
+    ``stop()`` returns only once the thread has ended, so no extend is sent after it.
+    """
+
+    def __init__(self, extend: Any, ttl_ms: int) -> None:
+        self._extend = extend
+        self._interval = ttl_ms / 3000.0
+        self._ttl_ms = ttl_ms
+        self._stopped = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="luasched-renew", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        give_up = time.monotonic() + self._ttl_ms / 1000.0
+        while not self._stopped.wait(self._interval):
+            try:
+                result = self._extend(self._ttl_ms)
+            except Exception:
+                if time.monotonic() >= give_up:  # the hold has lapsed by now
+                    self.lost.set()
+                    return
+                continue
+            if not result.extended:
+                self.lost.set()
+                return
+            give_up = time.monotonic() + self._ttl_ms / 1000.0
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+# ------------------------------------------------------------------------------------------
+# The sync wrappers
+
+
+class Lock:
+    """A distributed lock named ``name`` in a namespace (``s.lock(name, ...)``).
+
+    Every method is one script call (plus the waiting of ``acquire``), atomic on the server.
+    ``reentrant=True``: this Lock object is one owner (one token for its lifetime) that may hold
+    the lock several times and must release it as many times; otherwise every ``acquire`` is a
+    new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
+    Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
+    ``ttl_ms / 3`` until it is released or lost.
+    """
+
+    def __init__(
+        self,
+        runner: ScriptRunner,
+        namespace: Namespace,
+        name: str | bytes,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+    ) -> None:
+        self._runner = runner
+        self._namespace = namespace
+        self.name = to_bytes(name)
+        self.ttl_ms = ttl_ms
+        self.fair = fair
+        self.reentrant = reentrant
+        self.auto_renew = auto_renew
+        self.retry_ms = retry_ms
+        self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
+        self._token = new_token() if reentrant else None
+        self._renewers: dict[bytes, _Renewer] = {}
+        self._guard = threading.Lock()
+        self.wake_key = lock_keys(namespace, self.name, b"")[4]
+
+    def _call(self, token: bytes, blocking: bool, request_id: bytes) -> Call[AcquireResult]:
+        return acquire_call(
+            self._namespace,
+            self.name,
+            token,
+            self.ttl_ms,
+            reentrant=self.reentrant,
+            fair=self.fair,
+            wait_ttl_ms=self.wait_ttl_ms if blocking else 0,
+            request_id=request_id,
+        )
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
+        """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
+        else at most ``timeout`` seconds, None: no limit).
+
+        Between attempts it blocks on the lock's wake list for at most ``retry_ms`` (less if
+        the hold lapses sooner); a waiter renews its place (``wait_ttl_ms``) at every attempt
+        and gives it back when it gives up. Raises the client's errors (a hold the failed call
+        may have taken is released first, best effort).
+        """
+        token = self._token or new_token()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            request_id = new_request_id()
+            call = self._call(token, blocking, request_id)
+            try:
+                result = self._runner.run(call)
+            except BaseException:
+                self._undo(token, call)
+                raise
+            if result.acquired:
+                return self._handle(token, result)
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                if blocking:
+                    self._leave(token)  # give the waiter's place back
+                return None
+            try:
+                self._runner.client.blpop([self.wake_key], pause / 1000.0)
+            except BaseException:
+                self._leave(token)
+                raise
+
+    def _handle(self, token: bytes, result: AcquireResult) -> LockHandle:
+        if self.auto_renew:
+            with self._guard:
+                if token not in self._renewers:
+                    self._renewers[token] = _Renewer(
+                        lambda ttl: self._runner.run(
+                            extend_call(self._namespace, self.name, token, ttl)
+                        ),
+                        self.ttl_ms,
+                    )
+        return LockHandle(
+            self.name,
+            token,
+            result.fence,
+            result.deadline_ms,
+            result.count,
+            result.now_ms,
+            _owner=self,
+        )
+
+    def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
+        """After an interrupted attempt: replay it (same request id: answers what it did, or
+        does it now), then give back what it got (a hold, or a waiter's place; the release
+        never touches another owner's hold). Best effort."""
+        with contextlib.suppress(Exception):  # else the hold and place lapse by themselves
+            self._runner.run(call)
+            self._runner.run(release_call(self._namespace, self.name, token, new_request_id()))
+
+    def _leave(self, token: bytes) -> None:
+        with contextlib.suppress(Exception):  # else the place lapses by itself
+            self._runner.run(release_call(self._namespace, self.name, token, new_request_id()))
+
+    def release(self, handle: Hold) -> ReleaseResult:
+        """Give back one hold of ``handle``; the result says whether it was still held.
+
+        Stops the auto-renew thread (and waits for it) once the last hold is gone. Never
+        touches a hold of another owner.
+        """
+        result = self._runner.run(
+            release_call(self._namespace, self.name, handle.token, new_request_id())
+        )
+        if not result.released or result.count == 0:
+            self._stop_renewer(handle.token)
+        return result
+
+    def _stop_renewer(self, token: bytes) -> None:
+        with self._guard:
+            renewer = self._renewers.pop(token, None)
+        if renewer is not None:
+            renewer.stop()
+
+    def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
+        """Move the hold's deadline to the server's now + ``ttl_ms`` (default: the lock's ttl),
+        only while it is still held by ``handle``'s owner."""
+        return self._runner.run(
+            extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
+        )
+
+    def renewal_lost(self, handle: Hold) -> bool:
+        """Whether auto-renew found the hold lost (extend answered not_owner/expired)."""
+        with self._guard:
+            renewer = self._renewers.get(handle.token)
+        return renewer is not None and renewer.lost.is_set()
+
+
+class Semaphore:
+    """A counting semaphore of ``permits`` permits (``s.semaphore(name, permits, ...)``).
+
+    Each permit has its own lease of ``ttl_ms``: a holder that crashed gives it back when its
+    lease lapses. Every ``acquire`` is a new holder. Every caller of one name must use the same
+    ``permits``.
+    """
+
+    def __init__(
+        self,
+        runner: ScriptRunner,
+        namespace: Namespace,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        retry_ms: int = DEFAULT_RETRY_MS,
+    ) -> None:
+        if permits < 1:
+            raise ValueError("permits must be at least 1")
+        check_options(ttl_ms, retry_ms, None)
+        self._runner = runner
+        self._namespace = namespace
+        self.name = to_bytes(name)
+        self.permits = permits
+        self.ttl_ms = ttl_ms
+        self.retry_ms = retry_ms
+        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> PermitHandle | None:
+        """Take a permit; the handle, or None if none was free in time (see ``Lock.acquire``)."""
+        token = new_token()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            call = semaphore_acquire_call(
+                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
+            )
+            try:
+                result = self._runner.run(call)
+            except BaseException:
+                self._undo(token, call)
+                raise
+            if result.acquired:
+                return PermitHandle(
+                    self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
+                )
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                return None
+            self._runner.client.blpop([self.wake_key], pause / 1000.0)
+
+    def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
+        try:
+            if self._runner.run(call).acquired:
+                self._runner.run(
+                    semaphore_release_call(self._namespace, self.name, token, new_request_id())
+                )
+        except Exception:
+            pass  # the lease lapses by itself
+
+    def release(self, handle: Hold) -> ReleaseResult:
+        """Give the permit back (``count`` of the result: live leases left)."""
+        return self._runner.run(
+            semaphore_release_call(self._namespace, self.name, handle.token, new_request_id())
+        )
+
+    def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
+        """Move the lease to the server's now + ``ttl_ms`` while it is live."""
+        return self._runner.run(
+            semaphore_extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
+        )

@@ -1,0 +1,464 @@
+--@script     lock.acquire
+--@summary    Tries once to take the lock for the owner `token` for ttl_ms of the server's clock; answers at once.
+--@+          Granted when the lock is free (never taken, released, or its deadline passed), with a fencing token
+--@+          one above the last one granted for this name (it never goes down, even after the lock key expired).
+--@+          The owner itself: reentrant=1 adds a hold (release as many times; same fencing token), reentrant=0
+--@+          is a retried grant (no second hold). Both move the deadline to at least now + ttl_ms.
+--@+          A refused caller with wait_ttl_ms > 0 takes (or renews) a waiter's place that lapses wait_ttl_ms
+--@+          after this call unless it calls again; while a place is live, a release pushes wake-up signals.
+--@+          fair=1: the places form a FIFO queue and a free lock goes to the oldest live place, so a waiter that
+--@+          died blocks the others at most until its place lapses. wait_ttl_ms=0: a try that takes no place.
+--@+          Do not mix fair and non-fair acquires on one lock name. A non-empty request_id records a grant: replaying the same request id
+--@+          (within 60000 ms) answers the first reply and acts no second time.
+--@key        lock        hash    luasched:{ns}:lock:<name> -- the current hold: owner (token), count (holds by
+--@+          the owner, reentrant), fence, deadline (server ms). Expires at its deadline; a hold whose deadline
+--@+          is not after now is free.
+--@key        fence       string  luasched:{ns}:lock-fence:<name> -- the last fencing token granted (decimal).
+--@+          Never expires, so fencing tokens keep growing across holds and expiries of the lock key.
+--@key        queue       zset    luasched:{ns}:lock-queue:<name> -- fair waiters (token) scored by arrival order.
+--@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
+--@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
+--@+          while some place is live.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals pushed when the lock
+--@+          frees while someone waits (BLPOP it between attempts); expires 1000 ms after a push.
+--@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
+--@+          id (unused when request_id is empty); lives 60000 ms.
+--@arg        token        string:1..256  The owner: random bytes drawn by the client, the proof of ownership.
+--@arg        ttl_ms       int:1..31536000000  How long the hold lasts, from the server's now.
+--@arg        reentrant    enum:0|1  1: the owner may hold the lock several times (count).
+--@arg        fair         enum:0|1  1: FIFO grant order through the waiters' queue.
+--@arg        wait_ttl_ms  int:0..31536000000  How long the caller's waiter place lasts if refused (0: take no place); longer than the caller's pause between attempts.
+--@arg        request_id   string:0..64  Idempotency key, unique per attempt ("" for none); it is also part of the request key name.
+--@reply      array{status:string, fence:int, deadline_ms:int, count:int, wait_ms:int, position:int, now_ms:int}
+--@+          status "acquired": fence = the hold's fencing token, deadline_ms = its deadline (server ms), count = holds
+--@+          of this owner (>= 1), wait_ms = 0, position = 0. status "held": someone else holds it; fence = 0,
+--@+          deadline_ms = the holder's deadline, count = 0, wait_ms = ms until it lapses (>= 1), position = the
+--@+          caller's place in the fair queue (1 = next; 0 = none). status "queued" (fair only): the lock is free but
+--@+          older waiters come first; deadline_ms = 0, wait_ms = 0, position as for "held". now_ms is the server's
+--@+          clock at the call (the start of the hold when acquired).
+--@error      ARG  Not 6 keys or 6 arguments, or an argument out of its range.
+--@error      CORRUPT  A key of the lock holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for fair=0; O(64 + log n) for fair=1; n waiters
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'lock.acquire'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- lock (lua/include/lock.lua.j2): helpers shared by the lock.* scripts (locks and semaphores).
+--
+-- Invariants the scripts rely on:
+--   * Every read goes through read(), which turns a wrong-type error into CORRUPT. Scripts read
+--     everything they need (and check the type of every key they will write) before their
+--     first write, and the writes that follow cannot fail: a refused call changes no key.
+--   * Time is the server's clock, read once per call (server_now_ms); clients pass relative
+--     durations only. A deadline is held while deadline > now.
+--   * A recorded reply (request id) is a line of space-separated fields: a status word, then
+--     integers in plain decimal. It is written only by a call that changed something, so a replay
+--     of such a call answers the first reply and acts no second time; a call that changed nothing
+--     is not recorded (running it again is the same as replaying it).
+-- ---------------------------------------------------------------------------------------------
+local floor = math.floor
+local REQUEST_TTL_MS = 60000
+local WAKE_MAX = 16
+local WAKE_TTL_MS = 1000
+
+-- An integer (below 2^53) as a plain decimal string (tostring switches to exponents at 15 digits).
+local function decimal(value)
+  return string.format('%.0f', value)
+end
+
+-- The server's clock in ms, read once at the top of a script (TIME is frozen inside a script on
+-- 7.2+, advances on 7.0: a second reading could disagree with the first).
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
+end
+
+-- redis.call for reads: a key of another type (WRONGTYPE) becomes CORRUPT, before any write.
+local function read(...)
+  local result = redis.pcall(...)
+  if type(result) == 'table' and result.err then
+    fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ': ' .. tostring(result.err))
+  end
+  return result
+end
+
+-- Fails with CORRUPT unless `key` is absent or of `expected` type.
+local function check_type(key, expected)
+  local found = redis.call('TYPE', key).ok
+  if found ~= 'none' and found ~= expected then
+    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
+  end
+end
+
+-- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
+local function stored_int(raw, what)
+  if raw == nil or raw == false then
+    return nil
+  end
+  if #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
+  end
+  return tonumber(raw)
+end
+
+-- The reply recorded for `request_id` in `key`, or nil (none recorded, or no request id).
+local function recorded_reply(key, request_id)
+  if request_id == '' then
+    return nil
+  end
+  local raw = read('GET', key)
+  if not raw then
+    return nil
+  end
+  local reply = {}
+  for field in string.gmatch(raw, '%S+') do
+    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+  end
+  if #reply == 0 then
+    fail('CORRUPT', 'the request record is empty')
+  end
+  return reply
+end
+
+-- Records `reply` for `request_id` (a write: call it last). SET replaces any type: cannot fail.
+local function record_reply(key, request_id, reply)
+  if request_id == '' then
+    return
+  end
+  local fields = { reply[1] }
+  for position = 2, #reply do
+    fields[position] = decimal(reply[position])
+  end
+  redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
+end
+
+-- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
+-- The caller checked the key's type (check_type(key, 'list')) before its first write.
+local function push_wake(key, count)
+  local signals = {}
+  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+    signals[position] = '1'
+  end
+  redis.call('LPUSH', key, unpack(signals))
+  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
+  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+end
+-- ---------------------------------------------------------------------------------------------
+-- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
+--
+-- Every lock.acquire/release/extend takes the same 6 KEYS, in this order (all under the
+-- namespace's hash tag, so one cluster slot; the lock name is arbitrary bytes and only ever the
+-- tail of a key name, after a fixed kind, so two names never share a key):
+--   1 lock:<name>         HASH   owner, count, fence, deadline
+--   2 lock-fence:<name>   STRING last fencing token granted (never expires)
+--   3 lock-queue:<name>   ZSET   fair waiters by arrival order
+--   4 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
+--   5 lock-wake:<name>    LIST   wake-up signals
+--   6 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+--
+-- Invariants:
+--   * The lock hash is absent, or holds all of owner, count (>= 1), fence (>= 1), deadline. The
+--     hold is live while deadline > now; a lapsed hold is free even before the key expires.
+--   * fence only grows: each grant writes the fence key + 1 and copies it into the hold.
+--   * Every member of queue (fair waiters) is in places; places also holds the waiters of a
+--     non-fair lock, so a release knows whether anyone waits (a live place) and wakes them.
+--     A place is live while its deadline > now; for the fair grant order the caller's own place
+--     counts as live (it is renewing it right now).
+-- ---------------------------------------------------------------------------------------------
+local K_LOCK, K_FENCE, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local LOCK_KEY_COUNT = 6
+local QUEUE_SCAN = 64
+
+-- The live hold as a table {owner, count, fence, deadline}, or nil when the lock is
+-- free (no key, or its deadline passed). Second result: whether the key exists at all.
+local function read_hold(now_ms)
+  local fields = read('HMGET', K_LOCK, 'owner', 'count', 'fence', 'deadline')
+  local owner = fields[1]
+  if not owner then
+    if fields[2] or fields[3] or fields[4] then
+      fail('CORRUPT', 'the lock hash has no owner')
+    end
+    return nil, false
+  end
+  local hold = {
+    owner = owner,
+    count = stored_int(fields[2], 'count'),
+    fence = stored_int(fields[3], 'fence'),
+    deadline = stored_int(fields[4], 'deadline'),
+  }
+  if not hold.count or not hold.fence or not hold.deadline or hold.count < 1 then
+    fail('CORRUPT', 'the lock hash lacks count, fence or deadline')
+  end
+  if hold.deadline <= now_ms then
+    return nil, true
+  end
+  return hold, true
+end
+
+-- Keeps a waiters' zset alive at least `ttl_ms` (queue_ttl_ms: its PTTL, read before the first
+-- write; -1 = a key without expiry, left so). The keys vanish once every waiter is gone.
+local function keep_alive(key, queue_ttl_ms, ttl_ms)
+  if queue_ttl_ms ~= -1 and queue_ttl_ms < ttl_ms then
+    redis.call('PEXPIRE', key, ttl_ms)
+  end
+end
+-- The next fencing token (a read: call it before the first write).
+local function next_fence()
+  local fence = (stored_int(read('GET', K_FENCE), 'the fence key') or 0) + 1
+  if fence > MAX_SAFE_INTEGER then
+    fail('CORRUPT', 'the fence key is at its largest value')
+  end
+  return fence
+end
+
+-- The writes of a grant (cannot fail: K_LOCK was read as a hash or is absent).
+local function commit_grant(token, ttl_ms, now_ms, fence, lock_exists)
+  local deadline_ms = now_ms + ttl_ms
+  redis.call('SET', K_FENCE, decimal(fence))
+  if lock_exists then
+    redis.call('DEL', K_LOCK) -- a lapsed hold: start from an empty hash
+  end
+  redis.call('HSET', K_LOCK, 'owner', token, 'count', '1', 'fence', decimal(fence),
+    'deadline', decimal(deadline_ms))
+  redis.call('PEXPIRE', K_LOCK, ttl_ms)
+  return { 'acquired', fence, deadline_ms, 1, 0, 0, now_ms }
+end
+
+local function main()
+  key_count(LOCK_KEY_COUNT)
+  arg_count(6, 6)
+  local token = arg_string(1, 'token', 1, 256)
+  local ttl_ms = arg_int(2, 'ttl_ms', 1, 31536000000)
+  local reentrant = arg_enum(3, 'reentrant', { '0', '1' }) == '1'
+  local fair = arg_enum(4, 'fair', { '0', '1' }) == '1'
+  local wait_ttl_ms = arg_int(5, 'wait_ttl_ms', 0, 31536000000)
+  local request_id = arg_string(6, 'request_id', 0, 64)
+  local now_ms = server_now_ms()
+  local recorded = recorded_reply(K_REQUEST, request_id)
+  if recorded then
+    return recorded
+  end
+  local hold, lock_exists = read_hold(now_ms)
+
+  -- The owner again: reentrant adds a hold, plain is a retried grant. Never shortens the hold.
+  if hold and hold.owner == token then
+    local count = reentrant and hold.count + 1 or hold.count
+    local deadline_ms = math.max(hold.deadline, now_ms + ttl_ms)
+    redis.call('HSET', K_LOCK, 'count', decimal(count), 'deadline', decimal(deadline_ms))
+    redis.call('PEXPIRE', K_LOCK, deadline_ms - now_ms)
+    local reply = { 'acquired', hold.fence, deadline_ms, count, 0, 0, now_ms }
+    record_reply(K_REQUEST, request_id, reply)
+    return reply
+  end
+
+  if not fair then
+    local place = read('ZSCORE', K_PLACES, token)
+    if hold then
+      if wait_ttl_ms > 0 then
+        -- A waiter's place: while one is live, the release pushes a wake-up signal.
+        local places_ttl_ms = read('PTTL', K_PLACES)
+        redis.call('ZADD', K_PLACES, decimal(now_ms + wait_ttl_ms), token)
+        keep_alive(K_PLACES, places_ttl_ms, wait_ttl_ms)
+      end
+      return { 'held', 0, hold.deadline, 0, hold.deadline - now_ms, 0, now_ms }
+    end
+    local fence = next_fence()
+    if place then
+      redis.call('ZREM', K_PLACES, token)
+    end
+    local reply = commit_grant(token, ttl_ms, now_ms, fence, lock_exists)
+    record_reply(K_REQUEST, request_id, reply)
+    return reply
+  end
+
+  -- Fair: the head of the queue is its oldest live place (the caller's own place is live: it is
+  -- renewing it now). Leading lapsed places are removed, at most QUEUE_SCAN per call; when all
+  -- QUEUE_SCAN scanned places lapsed, nobody is granted and the next call scans further.
+  local members = read('ZRANGE', K_QUEUE, 0, QUEUE_SCAN - 1)
+  local lapsed = {}
+  local head = nil
+  if #members > 0 then
+    local places = read('ZMSCORE', K_PLACES, unpack(members))
+    for position, member in ipairs(members) do
+      local place_deadline = places[position] and tonumber(places[position])
+      if member == token or (place_deadline and place_deadline > now_ms) then
+        head = member
+        break
+      end
+      lapsed[#lapsed + 1] = member
+    end
+  end
+  local queued = read('ZRANK', K_QUEUE, token)
+  local my_turn = head == token or (head == nil and #members < QUEUE_SCAN)
+
+  if not hold and my_turn then
+    local fence = next_fence()
+    -- Writes from here on.
+    if #lapsed > 0 then
+      redis.call('ZREM', K_QUEUE, unpack(lapsed))
+      redis.call('ZREM', K_PLACES, unpack(lapsed))
+    end
+    if queued then
+      redis.call('ZREM', K_QUEUE, token)
+      redis.call('ZREM', K_PLACES, token)
+    end
+    local reply = commit_grant(token, ttl_ms, now_ms, fence, lock_exists)
+    record_reply(K_REQUEST, request_id, reply)
+    return reply
+  end
+
+  -- Refused: take or renew a place (wait_ttl_ms > 0). Lapsed places all precede the caller's.
+  local position = 0
+  local arrival = nil
+  local queue_ttl_ms = nil
+  if queued then
+    position = queued + 1 - #lapsed
+  elseif wait_ttl_ms > 0 then
+    check_type(K_PLACES, 'zset')
+    local last = read('ZRANGE', K_QUEUE, -1, -1, 'WITHSCORES')
+    arrival = (last[2] and tonumber(last[2]) or 0) + 1
+    position = read('ZCARD', K_QUEUE) + 1 - #lapsed
+  end
+  if wait_ttl_ms > 0 then
+    queue_ttl_ms = read('PTTL', K_QUEUE)
+  end
+  -- Writes from here on.
+  if #lapsed > 0 then
+    redis.call('ZREM', K_QUEUE, unpack(lapsed))
+    redis.call('ZREM', K_PLACES, unpack(lapsed))
+  end
+  if wait_ttl_ms > 0 then
+    if arrival then
+      redis.call('ZADD', K_QUEUE, decimal(arrival), token)
+    end
+    redis.call('ZADD', K_PLACES, decimal(now_ms + wait_ttl_ms), token)
+    -- The queue keys outlive every place in them (and vanish once all waiters are gone).
+    keep_alive(K_QUEUE, queue_ttl_ms, wait_ttl_ms)
+    keep_alive(K_PLACES, queue_ttl_ms, wait_ttl_ms)
+  end
+  if hold then
+    return { 'held', 0, hold.deadline, 0, hold.deadline - now_ms, position, now_ms }
+  end
+  return { 'queued', 0, 0, 0, 0, position, now_ms }
+end
+
+return run(main)

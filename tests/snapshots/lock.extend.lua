@@ -1,0 +1,328 @@
+--@script     lock.extend
+--@summary    Moves the deadline of the hold of `token` to the server's now + ttl_ms (longer or shorter), only
+--@+          while `token` owns the lock and its hold has not lapsed: a lapsed hold is never revived (another
+--@+          owner may have been granted in between). Keeps the fencing token and the hold count. Idempotent.
+--@key        lock        hash    luasched:{ns}:lock:<name> -- the current hold: owner (token), count (holds by
+--@+          the owner, reentrant), fence, deadline (server ms). Expires at its deadline; a hold whose deadline
+--@+          is not after now is free.
+--@key        fence       string  luasched:{ns}:lock-fence:<name> -- the last fencing token granted (decimal).
+--@+          Never expires, so fencing tokens keep growing across holds and expiries of the lock key.
+--@key        queue       zset    luasched:{ns}:lock-queue:<name> -- fair waiters (token) scored by arrival order.
+--@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
+--@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
+--@+          while some place is live.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals pushed when the lock
+--@+          frees while someone waits (BLPOP it between attempts); expires 1000 ms after a push.
+--@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
+--@+          id (unused when request_id is empty); lives 60000 ms.
+--@arg        token   string:1..256  The owner token given to lock.acquire.
+--@arg        ttl_ms  int:1..31536000000  The new deadline is the server's now + ttl_ms.
+--@reply      array{status:string, deadline_ms:int, now_ms:int}  status "extended": deadline_ms = the new deadline
+--@+          (server ms). "not_owner": another owner holds the lock (deadline_ms 0). "expired": nobody holds it
+--@+          (deadline_ms 0). now_ms: the server's clock at the call.
+--@error      ARG  Not 6 keys or 2 arguments, or an argument out of its range.
+--@error      CORRUPT  The lock key holds another type or shape than the layout; nothing changed.
+--@complexity O(1)
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'lock.extend'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- lock (lua/include/lock.lua.j2): helpers shared by the lock.* scripts (locks and semaphores).
+--
+-- Invariants the scripts rely on:
+--   * Every read goes through read(), which turns a wrong-type error into CORRUPT. Scripts read
+--     everything they need (and check the type of every key they will write) before their
+--     first write, and the writes that follow cannot fail: a refused call changes no key.
+--   * Time is the server's clock, read once per call (server_now_ms); clients pass relative
+--     durations only. A deadline is held while deadline > now.
+--   * A recorded reply (request id) is a line of space-separated fields: a status word, then
+--     integers in plain decimal. It is written only by a call that changed something, so a replay
+--     of such a call answers the first reply and acts no second time; a call that changed nothing
+--     is not recorded (running it again is the same as replaying it).
+-- ---------------------------------------------------------------------------------------------
+local floor = math.floor
+local REQUEST_TTL_MS = 60000
+local WAKE_MAX = 16
+local WAKE_TTL_MS = 1000
+
+-- An integer (below 2^53) as a plain decimal string (tostring switches to exponents at 15 digits).
+local function decimal(value)
+  return string.format('%.0f', value)
+end
+
+-- The server's clock in ms, read once at the top of a script (TIME is frozen inside a script on
+-- 7.2+, advances on 7.0: a second reading could disagree with the first).
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
+end
+
+-- redis.call for reads: a key of another type (WRONGTYPE) becomes CORRUPT, before any write.
+local function read(...)
+  local result = redis.pcall(...)
+  if type(result) == 'table' and result.err then
+    fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ': ' .. tostring(result.err))
+  end
+  return result
+end
+
+-- Fails with CORRUPT unless `key` is absent or of `expected` type.
+local function check_type(key, expected)
+  local found = redis.call('TYPE', key).ok
+  if found ~= 'none' and found ~= expected then
+    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
+  end
+end
+
+-- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
+local function stored_int(raw, what)
+  if raw == nil or raw == false then
+    return nil
+  end
+  if #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
+  end
+  return tonumber(raw)
+end
+
+-- The reply recorded for `request_id` in `key`, or nil (none recorded, or no request id).
+local function recorded_reply(key, request_id)
+  if request_id == '' then
+    return nil
+  end
+  local raw = read('GET', key)
+  if not raw then
+    return nil
+  end
+  local reply = {}
+  for field in string.gmatch(raw, '%S+') do
+    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+  end
+  if #reply == 0 then
+    fail('CORRUPT', 'the request record is empty')
+  end
+  return reply
+end
+
+-- Records `reply` for `request_id` (a write: call it last). SET replaces any type: cannot fail.
+local function record_reply(key, request_id, reply)
+  if request_id == '' then
+    return
+  end
+  local fields = { reply[1] }
+  for position = 2, #reply do
+    fields[position] = decimal(reply[position])
+  end
+  redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
+end
+
+-- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
+-- The caller checked the key's type (check_type(key, 'list')) before its first write.
+local function push_wake(key, count)
+  local signals = {}
+  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+    signals[position] = '1'
+  end
+  redis.call('LPUSH', key, unpack(signals))
+  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
+  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+end
+-- ---------------------------------------------------------------------------------------------
+-- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
+--
+-- Every lock.acquire/release/extend takes the same 6 KEYS, in this order (all under the
+-- namespace's hash tag, so one cluster slot; the lock name is arbitrary bytes and only ever the
+-- tail of a key name, after a fixed kind, so two names never share a key):
+--   1 lock:<name>         HASH   owner, count, fence, deadline
+--   2 lock-fence:<name>   STRING last fencing token granted (never expires)
+--   3 lock-queue:<name>   ZSET   fair waiters by arrival order
+--   4 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
+--   5 lock-wake:<name>    LIST   wake-up signals
+--   6 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+--
+-- Invariants:
+--   * The lock hash is absent, or holds all of owner, count (>= 1), fence (>= 1), deadline. The
+--     hold is live while deadline > now; a lapsed hold is free even before the key expires.
+--   * fence only grows: each grant writes the fence key + 1 and copies it into the hold.
+--   * Every member of queue (fair waiters) is in places; places also holds the waiters of a
+--     non-fair lock, so a release knows whether anyone waits (a live place) and wakes them.
+--     A place is live while its deadline > now; for the fair grant order the caller's own place
+--     counts as live (it is renewing it right now).
+-- ---------------------------------------------------------------------------------------------
+local K_LOCK, K_FENCE, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local LOCK_KEY_COUNT = 6
+local QUEUE_SCAN = 64
+
+-- The live hold as a table {owner, count, fence, deadline}, or nil when the lock is
+-- free (no key, or its deadline passed). Second result: whether the key exists at all.
+local function read_hold(now_ms)
+  local fields = read('HMGET', K_LOCK, 'owner', 'count', 'fence', 'deadline')
+  local owner = fields[1]
+  if not owner then
+    if fields[2] or fields[3] or fields[4] then
+      fail('CORRUPT', 'the lock hash has no owner')
+    end
+    return nil, false
+  end
+  local hold = {
+    owner = owner,
+    count = stored_int(fields[2], 'count'),
+    fence = stored_int(fields[3], 'fence'),
+    deadline = stored_int(fields[4], 'deadline'),
+  }
+  if not hold.count or not hold.fence or not hold.deadline or hold.count < 1 then
+    fail('CORRUPT', 'the lock hash lacks count, fence or deadline')
+  end
+  if hold.deadline <= now_ms then
+    return nil, true
+  end
+  return hold, true
+end
+
+-- Keeps a waiters' zset alive at least `ttl_ms` (queue_ttl_ms: its PTTL, read before the first
+-- write; -1 = a key without expiry, left so). The keys vanish once every waiter is gone.
+local function keep_alive(key, queue_ttl_ms, ttl_ms)
+  if queue_ttl_ms ~= -1 and queue_ttl_ms < ttl_ms then
+    redis.call('PEXPIRE', key, ttl_ms)
+  end
+end
+local function main()
+  key_count(LOCK_KEY_COUNT)
+  arg_count(2, 2)
+  local token = arg_string(1, 'token', 1, 256)
+  local ttl_ms = arg_int(2, 'ttl_ms', 1, 31536000000)
+  local now_ms = server_now_ms()
+  local hold = read_hold(now_ms)
+  if hold == nil then
+    return { 'expired', 0, now_ms }
+  end
+  if hold.owner ~= token then
+    return { 'not_owner', 0, now_ms }
+  end
+  local deadline_ms = now_ms + ttl_ms
+  -- The only writes (K_LOCK was read as a hash).
+  redis.call('HSET', K_LOCK, 'deadline', decimal(deadline_ms))
+  redis.call('PEXPIRE', K_LOCK, ttl_ms)
+  return { 'extended', deadline_ms, now_ms }
+end
+
+return run(main)

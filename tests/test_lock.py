@@ -1,0 +1,297 @@
+"""lock.acquire / lock.release / lock.extend: plain and reentrant locks, fencing, waiting."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from luasched import Scheduler
+from luasched.lock import (
+    ReleaseResult,
+    acquire_call,
+    extend_call,
+    new_request_id,
+    new_token,
+    release_call,
+)
+
+
+def acquire(s: Scheduler, name: bytes, token: bytes, ttl_ms: int = 10_000, **kw: Any) -> Any:
+    return s.runner.run(acquire_call(s.namespace, name, token, ttl_ms, **kw))
+
+
+def release(s: Scheduler, name: bytes, token: bytes, request_id: bytes = b"") -> ReleaseResult:
+    return s.runner.run(release_call(s.namespace, name, token, request_id))
+
+
+def test_replies_tell_every_outcome_apart(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    a, b = new_token(), new_token()
+    first = acquire(s, b"job", a, 10_000)
+    assert (first.status, first.fence, first.count, first.wait_ms, first.position) == (
+        "acquired",
+        1,
+        1,
+        0,
+        0,
+    )
+    assert first.deadline_ms == first.now_ms + 10_000
+    held = acquire(s, b"job", b, 5_000)
+    assert held.status == "held" and held.fence == 0 and held.deadline_ms == first.deadline_ms
+    assert 9_000 < held.wait_ms <= 10_000
+    assert release(s, b"job", b).status == "not_owner"
+    assert s.runner.run(extend_call(s.namespace, b"job", b, 1000)).status == "not_owner"
+    extended = s.runner.run(extend_call(s.namespace, b"job", a, 60_000))
+    assert extended.status == "extended" and extended.deadline_ms == extended.now_ms + 60_000
+    assert 59_000 < r.pttl(s.namespace.key("lock", b"job")) <= 60_000
+    released = release(s, b"job", a)
+    assert (released.status, released.count) == ("released", 0)
+    assert release(s, b"job", a).status == "expired"
+    assert s.runner.run(extend_call(s.namespace, b"job", a, 1000)).status == "expired"
+    assert acquire(s, b"job", b).fence == 2
+
+
+def test_a_lapsed_hold_is_free_and_fencing_tokens_keep_growing(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    a, b = new_token(), new_token()
+    assert acquire(s, b"x", a, 50).fence == 1
+    time.sleep(0.08)
+    assert r.exists(s.namespace.key("lock", b"x")) == 0  # the key expired by itself
+    assert s.runner.run(extend_call(s.namespace, b"x", a, 1000)).status == "expired"
+    granted = acquire(s, b"x", b, 50)
+    assert granted.fence == 2  # the fence key survived the lock key's expiry
+    assert release(s, b"x", a).status == "not_owner"
+    time.sleep(0.08)
+    assert release(s, b"x", b).status == "expired"
+    assert acquire(s, b"x", a).fence == 3
+    assert r.get(s.namespace.key("lock-fence", b"x")) == b"3"
+    assert r.pttl(s.namespace.key("lock-fence", b"x")) == -1
+
+
+def test_reentrant_owner_releases_as_many_times(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    lock = s.lock(b"re", reentrant=True, ttl_ms=10_000)
+    other = s.lock(b"re")
+    first = lock.acquire()
+    second = lock.acquire()
+    assert first is not None and second is not None
+    assert (first.count, second.count) == (1, 2)
+    assert first.fence == second.fence and first.token == second.token
+    assert other.acquire(blocking=False) is None
+    assert lock.release(second).count == 1
+    assert other.acquire(blocking=False) is None
+    assert lock.release(first).count == 0
+    assert other.acquire(blocking=False) is not None
+
+
+def test_reentrant_counts(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    lock = s.lock(b"re", reentrant=True, ttl_ms=10_000)
+    other = s.lock(b"re")
+    handles = [lock.acquire() for _ in range(3)]
+    assert [h.count for h in handles if h] == [1, 2, 3]
+    assert [lock.release(handles[0]).count for _ in range(2)] == [2, 1]
+    assert other.acquire(blocking=False) is None
+    assert lock.release(handles[0]).count == 0
+    assert other.acquire(blocking=False) is not None
+
+
+def test_plain_acquire_by_the_owner_is_a_retry_not_a_second_hold(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    token = new_token()
+    first = acquire(s, b"p", token, 1000)
+    again = acquire(s, b"p", token, 5000)
+    assert again.status == "acquired" and again.fence == first.fence and again.count == 1
+    assert again.deadline_ms == again.now_ms + 5000  # moved later, never shortened
+    shorter = acquire(s, b"p", token, 10)
+    assert shorter.deadline_ms == again.deadline_ms
+    assert release(s, b"p", token).count == 0
+
+
+def test_replayed_request_ids_act_once(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    a, b = new_token(), new_token()
+    rid_acquire, rid_release = new_request_id(), new_request_id()
+    first = acquire(s, b"id", a, 10_000, request_id=rid_acquire)
+    assert first.status == "acquired"
+    assert acquire(s, b"id", a, 10_000, request_id=rid_acquire) == first  # no second anything
+    released = release(s, b"id", a, rid_release)
+    assert released.status == "released"
+    # A replayed acquire answers the first grant and takes nothing.
+    assert acquire(s, b"id", a, 10_000, request_id=rid_acquire) == first
+    assert r.exists(s.namespace.key("lock", b"id")) == 0
+    # B takes it; a replayed release answers "released" again and leaves B's hold alone.
+    assert acquire(s, b"id", b).fence == 2
+    assert release(s, b"id", a, rid_release) == released
+    assert r.hget(s.namespace.key("lock", b"id"), "owner") == b
+    # Reentrant: a replayed acquire does not add a hold.
+    c = new_token()
+    rid = new_request_id()
+    release(s, b"id", b)
+    assert acquire(s, b"id", c, reentrant=True, request_id=rid).count == 1
+    assert acquire(s, b"id", c, reentrant=True, request_id=rid).count == 1
+    assert r.hget(s.namespace.key("lock", b"id"), "count") == b"1"
+    ttl = r.pttl(s.namespace.key("lock-req", rid, b"id"))
+    assert 0 < ttl <= 60_000
+
+
+def test_handle_is_immutable_and_a_context_manager(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    lock = s.lock("ctx", ttl_ms=5000)
+    with lock.acquire() as handle:  # type: ignore[union-attr]
+        assert handle.fence == 1 and handle.name == b"ctx"
+        assert handle.deadline_ms == handle.acquired_ms + 5000
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            handle.fence = 7  # type: ignore[misc]
+        assert s.lock("ctx").acquire(blocking=False) is None
+    assert s.lock("ctx").acquire(blocking=False) is not None
+
+
+def test_lock_names_are_arbitrary_bytes_and_never_share_keys(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    names = [b"a", b"a:fence", b"{a}", b"\x00\xff", b"lock-fence:a", "é".encode()]
+    handles = [s.lock(name).acquire(blocking=False) for name in names]
+    assert all(h is not None and h.fence == 1 for h in handles)
+
+
+def test_blocking_acquire_is_woken_by_the_release(r: Any, server: Any) -> None:
+    s = Scheduler(r, "lk")
+    holder = s.lock("w", ttl_ms=30_000).acquire()
+    assert holder is not None
+    got: list[float] = []
+
+    def wait() -> None:
+        client = server.client()
+        waiter = Scheduler(client, "lk").lock("w", retry_ms=5_000)  # the timer alone: 5 s
+        handle = waiter.acquire(timeout=10)
+        got.append(time.monotonic())
+        assert handle is not None
+        handle.release()
+        client.close()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)  # the waiter tried, was refused, and blocks on the wake list
+    released_at = time.monotonic()
+    holder.release()
+    thread.join(10)
+    assert got and got[0] - released_at < 1.0  # woken by the signal, not the 5 s timer
+
+
+def test_waiter_retries_when_the_hold_lapses(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    assert s.lock("lapse", ttl_ms=300).acquire() is not None  # never released
+    started = time.monotonic()
+    handle = s.lock("lapse", retry_ms=5_000).acquire(timeout=5)
+    assert handle is not None and handle.fence == 2
+    assert 0.2 < time.monotonic() - started < 1.5
+
+
+def test_timeout_and_non_blocking_give_up(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    assert s.lock("t").acquire() is not None
+    started = time.monotonic()
+    assert s.lock("t", retry_ms=50).acquire(timeout=0.3) is None
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert s.lock("t").acquire(blocking=False) is None
+
+
+def test_auto_renew_keeps_the_hold_and_stops_for_sure(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    lock = s.lock("renew", ttl_ms=300, auto_renew=True)
+    handle = lock.acquire()
+    assert handle is not None
+    time.sleep(0.9)  # three ttls
+    assert s.lock("renew").acquire(blocking=False) is None
+    assert not lock.renewal_lost(handle)
+    renewer = lock._renewers[handle.token]
+    assert lock.release(handle).released
+    assert not renewer._thread.is_alive() and not lock._renewers
+    # Nothing extends it any more: another owner takes it and keeps it.
+    assert s.lock("renew").acquire(blocking=False) is not None
+
+
+def test_auto_renew_notices_a_lost_hold(r: Any) -> None:
+    s = Scheduler(r, "lk")
+    lock = s.lock("lost", ttl_ms=150, auto_renew=True)
+    handle = lock.acquire()
+    assert handle is not None
+    r.delete(s.namespace.key("lock", b"lost"))
+    time.sleep(0.3)
+    assert lock.renewal_lost(handle)
+    assert lock.release(handle).status == "expired"
+    assert not lock._renewers
+
+
+def contend(server: Any, name: str, threads: int, per_thread: int) -> list[tuple[int, int, int]]:
+    """``threads`` clients take and give back one lock ``per_thread`` times each; every hold as
+    (fence, granted_ms, released_ms) from the server's clock. Checks mutual exclusion in Python
+    too (a shared counter that must be 0 on entry)."""
+    holds: list[tuple[int, int, int]] = []
+    inside = [0]
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def work() -> None:
+        client = server.client()
+        try:
+            lock = Scheduler(client, "contend").lock(name, ttl_ms=30_000, retry_ms=50)
+            for _ in range(per_thread):
+                handle = lock.acquire(timeout=60)
+                assert handle is not None
+                with guard:
+                    inside[0] += 1
+                    assert inside[0] == 1, "two holders at once"
+                with guard:
+                    inside[0] -= 1
+                result = lock.release(handle)
+                assert result.released
+                holds.append((handle.fence, handle.acquired_ms, result.now_ms))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors, errors[0]
+    return holds
+
+
+def check_no_overlap(holds: list[tuple[int, int, int]]) -> None:
+    holds.sort()
+    fences = [fence for fence, _, _ in holds]
+    assert fences == list(range(1, len(holds) + 1))  # strictly increasing, no gap, no repeat
+    for (_, _, released), (_, granted, _) in itertools.pairwise(holds):
+        assert granted >= released  # the next hold starts after the previous one ended
+
+
+def test_sixteen_clients_contending_never_overlap(r: Any, server: Any) -> None:
+    started = time.monotonic()
+    holds = contend(server, "hot", threads=16, per_thread=40)
+    elapsed = time.monotonic() - started
+    check_no_overlap(holds)
+    print(f"\n{server.name}: {len(holds)} acquisitions in {elapsed:.2f} s "
+          f"({len(holds) / elapsed:.0f}/s)")  # fmt: skip
+
+
+def test_one_hundred_thousand_acquisitions_never_overlap(luasched_servers: Any) -> None:
+    """Issue 6's contention run, once per session, on redis-7.0 (or the first standalone)."""
+    standalone = [handle for handle in luasched_servers.values() if not handle.is_cluster]
+    assert standalone, "select at least one standalone server"
+    server = luasched_servers.get("redis-7.0") or standalone[0]
+    server.flush()
+    started = time.monotonic()
+    holds = contend(server, "stress", threads=16, per_thread=6_250)
+    elapsed = time.monotonic() - started
+    assert len(holds) == 100_000
+    check_no_overlap(holds)
+    print(f"\n100,000 acquisitions in {elapsed:.1f} s ({len(holds) / elapsed:.0f}/s)")

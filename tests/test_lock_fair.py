@@ -1,0 +1,160 @@
+"""Fair locks: FIFO grants, waiters that die or give up leave the queue by themselves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from luasched import Scheduler
+from luasched.lock import acquire_call, new_token, release_call
+
+
+def attempt(s: Scheduler, name: bytes, token: bytes, wait_ttl_ms: int, ttl_ms: int = 10_000) -> Any:
+    call = acquire_call(s.namespace, name, token, ttl_ms, fair=True, wait_ttl_ms=wait_ttl_ms)
+    return s.runner.run(call)
+
+
+def queue_length(r: Any, s: Scheduler, name: bytes) -> int:
+    return int(r.zcard(s.namespace.key("lock-queue", name)))
+
+
+def test_replies_and_positions(r: Any) -> None:
+    s = Scheduler(r, "fair")
+    a, b, c = new_token(), new_token(), new_token()
+    assert attempt(s, b"f", a, 1000).status == "acquired"
+    first = attempt(s, b"f", b, 1000)
+    assert (first.status, first.position) == ("held", 1) and first.wait_ms > 0
+    assert attempt(s, b"f", c, 1000).position == 2
+    assert attempt(s, b"f", b, 1000).position == 1  # renewing keeps the place
+    s.runner.run(release_call(s.namespace, b"f", a))
+    # Free, but b comes first: c is told so and stays second.
+    queued = attempt(s, b"f", c, 1000)
+    assert (queued.status, queued.position, queued.wait_ms) == ("queued", 2, 0)
+    granted = attempt(s, b"f", b, 1000)
+    assert (granted.status, granted.fence) == ("acquired", 2)
+    assert attempt(s, b"f", c, 1000).position == 1
+    assert queue_length(r, s, b"f") == 1
+    # A try without a place (wait_ttl_ms=0) never enters the queue.
+    d = new_token()
+    assert attempt(s, b"f", d, 0).position == 0
+    assert queue_length(r, s, b"f") == 1
+
+
+def test_grants_follow_arrival_order(r: Any, server: Any) -> None:
+    s = Scheduler(r, "fair")
+    holder = s.lock("order", fair=True).acquire()
+    assert holder is not None
+    order: list[int] = []
+    errors: list[BaseException] = []
+
+    def wait(index: int) -> None:
+        client = server.client()
+        try:
+            lock = Scheduler(client, "fair").lock("order", fair=True, retry_ms=100)
+            handle = lock.acquire(timeout=20)
+            assert handle is not None
+            order.append(index)
+            time.sleep(0.01)
+            assert lock.release(handle).released
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    threads = []
+    for index in range(6):  # staggered arrivals
+        thread = threading.Thread(target=wait, args=(index,))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5
+        while queue_length(r, s, b"order") < index + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert queue_length(r, s, b"order") == 6
+    holder.release()
+    for thread in threads:
+        thread.join(20)
+    assert not errors, errors[0]
+    assert order == list(range(6))
+    assert queue_length(r, s, b"order") == 0
+
+
+def test_a_dead_waiter_blocks_the_others_only_until_its_place_lapses(r: Any) -> None:
+    s = Scheduler(r, "fair")
+    holder = s.lock("dead", fair=True).acquire()
+    assert holder is not None
+    dead = attempt(s, b"dead", new_token(), wait_ttl_ms=400)  # then never calls again
+    assert dead.position == 1
+    place_lapses_ms = dead.now_ms + 400
+    waiter = s.lock("dead", fair=True, retry_ms=50)
+    holder.release()
+    started = time.monotonic()
+    handle = waiter.acquire(timeout=5)
+    assert handle is not None
+    assert handle.acquired_ms >= place_lapses_ms  # it did wait for the dead waiter's place
+    assert time.monotonic() - started < 0.4 + 0.5  # but not much longer
+    assert queue_length(r, s, b"dead") == 0
+
+
+def test_a_waiter_that_gives_up_leaves_the_queue(r: Any) -> None:
+    s = Scheduler(r, "fair")
+    holder = s.lock("quit", fair=True).acquire()
+    assert holder is not None
+    assert s.lock("quit", fair=True, retry_ms=50).acquire(timeout=0.2) is None
+    assert queue_length(r, s, b"quit") == 0
+    assert r.zcard(s.namespace.key("lock-places", b"quit")) == 0
+
+
+def test_lapsed_places_are_swept_a_bounded_number_per_call(r: Any) -> None:
+    s = Scheduler(r, "fair")
+    queue, places = s.namespace.key("lock-queue", b"many"), s.namespace.key("lock-places", b"many")
+    r.zadd(queue, {b"w%03d" % index: index + 1 for index in range(100)})
+    r.zadd(places, {b"w%03d" % index: 1 for index in range(100)})  # lapsed long ago
+    token = new_token()
+    first = attempt(s, b"many", token, 1000)
+    assert first.status == "queued"  # 64 scanned, all lapsed: nobody is granted this call
+    assert queue_length(r, s, b"many") == 100 - 64 + 1
+    second = attempt(s, b"many", token, 1000)
+    assert second.status == "acquired"
+    assert queue_length(r, s, b"many") == 0
+
+
+def test_fair_queue_keys_expire_once_every_waiter_is_gone(r: Any) -> None:
+    s = Scheduler(r, "fair")
+    assert attempt(s, b"exp", new_token(), 1000).status == "acquired"
+    attempt(s, b"exp", new_token(), 150)
+    assert 0 < r.pttl(s.namespace.key("lock-queue", b"exp")) <= 150
+    time.sleep(0.2)
+    assert (
+        r.exists(s.namespace.key("lock-queue", b"exp"), s.namespace.key("lock-places", b"exp")) == 0
+    )
+
+
+def test_fair_contention_spreads_grants_evenly(r: Any, server: Any) -> None:
+    counts = [0] * 8
+    stop = time.monotonic() + 0.6
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        client = server.client()
+        try:
+            lock = Scheduler(client, "fair").lock("even", fair=True, retry_ms=100)
+            while time.monotonic() < stop:
+                handle = lock.acquire(timeout=5)
+                assert handle is not None
+                counts[index] += 1
+                lock.release(handle)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    jain = sum(counts) ** 2 / (len(counts) * sum(count * count for count in counts))
+    print(f"\n{server.name}: fair {sum(counts)} grants in 0.6 s, Jain {jain:.3f}, {counts}")
+    assert jain > 0.9
