@@ -10,41 +10,57 @@ __version__ = "0.1.0"
 
 from luasched.errors import (
     ERROR_CODES,
+    AllNodesFull,
     CorruptState,
     InvalidArgument,
     LuaschedError,
     NoNode,
     RegistryFull,
+    ScanLimitReached,
+    StaleLease,
+    TooManyNodes,
     UnknownNode,
 )
 from luasched.keys import Namespace, key_slot
 from luasched.lock import Lock, LockHandle, PermitHandle, Semaphore
 from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
+from luasched.pick import Picked
+from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats
 from luasched.render import ScriptConfig
 from luasched.scheduler import Scheduler, SchedulerPipeline
 from luasched.slots import Owner, Rebalance
 
 __all__ = [
     "ERROR_CODES",
+    "AllNodesFull",
     "CorruptState",
+    "Enqueued",
     "InvalidArgument",
+    "Lease",
     "Lock",
     "LockHandle",
     "LuaschedError",
+    "Nacked",
     "Namespace",
     "NoNode",
     "NodeInfo",
     "NodeList",
     "Owner",
     "PermitHandle",
+    "Picked",
+    "Queue",
+    "QueueStats",
     "Rebalance",
     "RegistryFull",
     "Removal",
+    "ScanLimitReached",
     "Scheduler",
     "SchedulerPipeline",
     "ScriptConfig",
     "Semaphore",
+    "StaleLease",
     "SweepResult",
+    "TooManyNodes",
     "UnknownNode",
     "__version__",
     "key_slot",

@@ -15,11 +15,15 @@ from redis.exceptions import ResponseError
 
 __all__ = [
     "ERROR_CODES",
+    "AllNodesFull",
     "CorruptState",
     "InvalidArgument",
     "LuaschedError",
     "NoNode",
     "RegistryFull",
+    "ScanLimitReached",
+    "StaleLease",
+    "TooManyNodes",
     "UnknownNode",
     "error_from_response",
 ]
@@ -94,12 +98,58 @@ class CorruptState(LuaschedError):
     )
 
 
+class AllNodesFull(LuaschedError):
+    """Every candidate node of a pick is at its capacity for the requested cost (pick.least_loaded,
+    pick.two_choices); nothing was charged. Release some load, or register more capacity."""
+
+    code = "ATCAPACITY"
+    description = (
+        "every live, non-draining node is at its capacity for the requested cost; nothing was "
+        "charged"
+    )
+
+
+class ScanLimitReached(LuaschedError):
+    """A pick examined its bounded number of candidates without finding a usable one: they were
+    dead (heartbeat lapsed, not swept yet) or lacked room for the cost. Call ``nodes.sweep``, or
+    ask for a smaller cost."""
+
+    code = "SCANLIMIT"
+    description = (
+        "a pick examined as many candidates as it may (dead nodes not swept yet, or nodes without "
+        "room for the cost) without finding one; nothing changed: sweep dead nodes and retry"
+    )
+
+
+class StaleLease(LuaschedError):
+    """A queue lease is no longer held under its fencing token: the task was finished already, or
+    its lease expired and the task was leased again (queue.ack, nack, extend). Nothing changed;
+    the work belongs to the newer lease."""
+
+    code = "STALE"
+    description = (
+        "the queue lease is no longer held under that fencing token (finished already, or expired "
+        "and leased again); nothing changed"
+    )
+
+
+class TooManyNodes(LuaschedError):
+    """More candidate nodes than a strategy with O(n) picks supports (pick.smooth_weighted)."""
+
+    code = "TOOMANY"
+    description = "more live, non-draining nodes than the strategy supports (its cost is O(n))"
+
+
 _CLASSES: tuple[type[LuaschedError], ...] = (
     InvalidArgument,
     NoNode,
     UnknownNode,
     RegistryFull,
     CorruptState,
+    AllNodesFull,
+    ScanLimitReached,
+    TooManyNodes,
+    StaleLease,
 )
 
 #: Every stable code with what it means; the manifest and docs are generated from this table.

@@ -37,6 +37,12 @@ REGISTRY_KEYS: tuple[str, ...] = (
     "nodes:draining",  # SET indexes of draining nodes
     "nodes:free",  # ZSET released indexes, reused lowest first
     "slots:owner",  # STRING 16384 big-endian 16-bit owner indexes (0: none), or absent
+    # The pick.* view of the registry, kept in step by the nodes.* scripts (luasched.pick):
+    "pick:load",  # HASH index -> load charged by picks (absent: 0)
+    "pick:util",  # ZSET registered, non-draining indexes by utilization load/capacity
+    "pick:ring",  # ZSET registered, non-draining indexes by index (round-robin order)
+    "pick:lru",  # ZSET registered, non-draining indexes by logical clock of last pick
+    "pick:weighted",  # ZSET live eligible indexes by cumulative weight (absent: rebuild)
 )
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, Semaphore
 from luasched.nodes import Nodes
+from luasched.pick import Pick, RandomSource
+from luasched.queue import Queue, check_eviction_policy
 from luasched.render import RenderedScript, ScriptConfig, render_all
 from luasched.scripts import Batch, ScriptRunner, SyncClient
 from luasched.slots import Slots
@@ -27,6 +29,8 @@ class Scheduler:
     Attributes:
         slots: hash slots and their owners (``s.slots.owner(key)``, ``s.slots.rebalance()``).
         nodes: the node registry (``s.nodes.register(node_id)``, ``s.nodes.heartbeat(...)``).
+        pick: node selection (``s.pick.least_loaded()``, ``s.pick.weighted()``...); its random
+            integers come from ``rng`` (default: a ``random.Random`` seeded by the OS).
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class Scheduler:
         namespace: str | bytes,
         *,
         config: ScriptConfig | None = None,
+        rng: RandomSource | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
@@ -43,6 +48,8 @@ class Scheduler:
         self.runner = ScriptRunner(client, self.scripts)
         self.slots = Slots(self.runner, self.namespace)
         self.nodes = Nodes(self.runner, self.namespace)
+        self.pick = Pick(self.runner, self.namespace, rng)
+        self._rng = rng
 
     def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
@@ -85,9 +92,20 @@ class Scheduler:
             self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
         )
 
+    def queue(self, name: str | bytes, **options: Any) -> Queue:
+        """The task queue ``name`` (1..1024 bytes); options as ``luasched.queue.Queue``.
+
+        The first call per Scheduler reads the server's maxmemory-policy and warns
+        (``RuntimeWarning``) if it could evict queue keys; CONFIG being refused is not an error.
+        """
+        if not getattr(self, "_eviction_checked", False):
+            self._eviction_checked = True
+            check_eviction_policy(self.client, self.namespace)
+        return Queue(self.runner, self.namespace, name, client=self.client, **options)
+
     def pipeline(self) -> SchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction); see SchedulerPipeline."""
-        return SchedulerPipeline(self.runner.batch(), self.namespace)
+        return SchedulerPipeline(self.runner.batch(), self.namespace, self._rng)
 
 
 class SchedulerPipeline:
@@ -104,10 +122,16 @@ class SchedulerPipeline:
     are loaded and retried once (they run after the other calls of the batch).
     """
 
-    def __init__(self, batch: Batch, namespace: Namespace) -> None:
+    def __init__(self, batch: Batch, namespace: Namespace, rng: RandomSource | None = None) -> None:
         self._batch = batch
         self.slots = Slots(batch, namespace)
         self.nodes = Nodes(batch, namespace)
+        self.pick = Pick(batch, namespace, rng)
+        self._namespace = namespace
+
+    def queue(self, name: str | bytes, **options: Any) -> Queue:
+        """The queue ``name``, queued: its calls return None; no blocking dequeue here."""
+        return Queue(self._batch, self._namespace, name, **options)
 
     def __len__(self) -> int:
         return len(self._batch)

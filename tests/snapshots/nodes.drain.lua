@@ -1,7 +1,9 @@
 --@script     nodes.drain
 --@summary    Marks a node as draining ("on") or not ("off"). A draining node keeps its slots and its work
 --@+          and stays live; it is not eligible for slots: the next slots.rebalance (or a nodes.sweep that
---@+          removes a node) hands its slots to the eligible nodes. Changes no slot by itself.
+--@+          removes a node) hands its slots to the eligible nodes. Changes no slot by itself. A draining node
+--@+          is no candidate of any pick.* (its load is kept for pick.release); "off" makes it one again
+--@+          (counting as least recently used).
 --@key        node_index  hash    luasched:{ns}:nodes:index -- node id -> its index ("1".."65535").
 --@key        node_id     hash    luasched:{ns}:nodes:id -- index -> node id.
 --@key        weight      hash    luasched:{ns}:nodes:weight -- index -> weight.
@@ -13,12 +15,21 @@
 --@key        free        zset    luasched:{ns}:nodes:free -- indexes of removed nodes, reused lowest first.
 --@key        slot_table  string  luasched:{ns}:slots:owner -- 32768 bytes (or absent): slot s at byte
 --@+          offset 2s, the big-endian 16-bit index of its owner, 0 = no owner.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load charged by pick.* (absent: 0).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity (see pick.least_loaded).
+--@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes scored by index.
+--@key        lru         zset    luasched:{ns}:pick:lru -- registered, non-draining indexes scored by the
+--@+          logical clock of their last pick (0: not picked since eligible).
+--@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes scored by cumulative
+--@+          weight (absent: to be rebuilt by pick.weighted; deleted on any membership or weight change).
 --@arg        node_id  string:1..1024  The node id.
 --@arg        mode     enum:on|off  on: start draining; off: eligible again.
 --@reply      int:0..1  1 if the flag changed, 0 if the node was already in that state.
---@error      ARG  Not 9 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 14 keys or 2 arguments, or an argument out of its range.
 --@error      NOSUCHNODE  The node is not registered.
---@complexity O(1)
+--@error      CORRUPT  A registry key holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for n registered nodes
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -143,13 +154,17 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- registry (lua/include/registry.lua.j2): the node registry and slot table of one namespace.
 --
--- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 9 KEYS, in
+-- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 14 KEYS, in
 -- this order (all under the namespace's hash tag, so one cluster slot):
 --   1 nodes:index    HASH  node id -> index        5 nodes:meta      HASH  index -> meta
 --   2 nodes:id       HASH  index -> node id        6 nodes:deadline  ZSET  index by deadline ms
 --   3 nodes:weight   HASH  index -> weight         7 nodes:draining  SET   indexes
 --   4 nodes:capacity HASH  index -> capacity       8 nodes:free      ZSET  reusable indexes
 --   9 slots:owner    STRING the slot table
+--  10 pick:load      HASH  index -> load          12 pick:ring       ZSET  eligible, by index
+--  11 pick:util      ZSET  eligible, by load/cap  13 pick:lru        ZSET  eligible, by last pick
+--  14 pick:weighted  ZSET  cumulative weights (lazy)
+-- Keys 10..14 are the pick.* scripts' view of the registry (lua/include/pick_registry.lua.j2).
 -- Node ids are arbitrary bytes: they are only ever hash fields and values, never part of a key
 -- name. Indexes are decimal strings "1".."65535" wherever they are a field or member.
 --
@@ -166,7 +181,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_DEADLINE, K_DRAINING, K_FREE, K_SLOTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local REGISTRY_KEY_COUNT = 9
+local K_LOAD, K_UTIL, K_RING, K_LRU, K_WEIGHTED = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local REGISTRY_KEY_COUNT = 14
 local SLOT_COUNT = 16384
 local TABLE_BYTES = 2 * SLOT_COUNT
 -- Slots handled per string.byte / string.char call: 2 values per slot, far below the 8000
@@ -223,6 +239,166 @@ local function hash_values(key, indexes)
   end
   return values
 end
+-- ---------------------------------------------------------------------------------------------
+-- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
+-- check of scripts that write more than one key. Needs include/registry.lua.j2.
+-- Raises CORRUPT (a registry key of another type, or a table of another length: changed by
+-- something other than luasched).
+-- ---------------------------------------------------------------------------------------------
+
+-- Fails with CORRUPT unless every registry key is absent or of its layout type, and the slot
+-- table is absent or 32768 bytes. Scripts that write more than one key call it before their
+-- first write, so no write can fail on a wrong type after another write was made.
+local function check_layout()
+  local expected = {
+    { K_INDEX, 'hash' }, { K_ID, 'hash' }, { K_WEIGHT, 'hash' }, { K_CAPACITY, 'hash' },
+    { K_META, 'hash' }, { K_DEADLINE, 'zset' }, { K_DRAINING, 'set' }, { K_FREE, 'zset' },
+    { K_SLOTS, 'string' }, { K_LOAD, 'hash' }, { K_UTIL, 'zset' }, { K_RING, 'zset' },
+    { K_LRU, 'zset' }, { K_WEIGHTED, 'zset' },
+  }
+  for position, entry in ipairs(expected) do
+    local found = redis.call('TYPE', entry[1]).ok
+    if found ~= 'none' and found ~= entry[2] then
+      fail('CORRUPT', 'KEYS[' .. position .. '] holds a ' .. found .. ', expected a ' .. entry[2])
+    end
+  end
+  local length = redis.call('STRLEN', K_SLOTS)
+  if length ~= 0 and length ~= TABLE_BYTES then
+    fail('CORRUPT', 'the slot table is ' .. length .. ' bytes, expected ' .. TABLE_BYTES)
+  end
+end
+
+-- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
+local function read_owners()
+  local raw = redis.call('GET', K_SLOTS)
+  local owners = {}
+  if not raw then
+    for slot = 1, SLOT_COUNT do
+      owners[slot] = 0
+    end
+    return owners
+  end
+  if #raw ~= TABLE_BYTES then
+    fail('CORRUPT', 'the slot table is ' .. #raw .. ' bytes, expected ' .. TABLE_BYTES)
+  end
+  local byte = string.byte
+  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
+    -- first is a 1-based slot number; its high byte is at 1-based position 2 * first - 1.
+    local bytes = { byte(raw, 2 * first - 1, 2 * (first + SLOTS_PER_CHUNK - 1)) }
+    for offset = 0, SLOTS_PER_CHUNK - 1 do
+      owners[first + offset] = bytes[2 * offset + 1] * 256 + bytes[2 * offset + 2]
+    end
+  end
+  return owners
+end
+
+-- Writes the whole table from an owners array (one SET of 32768 bytes).
+local function write_owners(owners)
+  local parts = {}
+  local char = string.char
+  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
+    local bytes = {}
+    for offset = 0, SLOTS_PER_CHUNK - 1 do
+      local owner = owners[first + offset]
+      bytes[2 * offset + 1] = floor(owner / 256)
+      bytes[2 * offset + 2] = owner % 256
+    end
+    parts[#parts + 1] = char(unpack(bytes))
+  end
+  redis.call('SET', K_SLOTS, table.concat(parts))
+end
+
+-- How many slots each index owns: counts[index] (nil = none). O(16384).
+local function count_owned(owners)
+  local counts = {}
+  for slot = 1, SLOT_COUNT do
+    local owner = owners[slot]
+    if owner ~= 0 then
+      counts[owner] = (counts[owner] or 0) + 1
+    end
+  end
+  return counts
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
+-- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
+--
+--   utilization = load / capacity, a double; ZADD gets it as '%.17g', which round-trips exactly,
+--   so equal fractions (1/2, 2/4) get bit-identical scores and tie.
+--   A node with unlimited capacity counts as capacity UNLIMITED_CAPACITY (2^50): it is never
+--   full and ranks by its load among the unlimited ones, ahead of any busy limited node.
+--   Capacity 0: the node never takes work; its score is 1 (full).
+--   Full for a cost: load + cost > capacity. A node with score < 1 has room for cost 1 (integer
+--   load < capacity), one with score >= 1 has room for no cost: so when the node with the
+--   lowest score is full for cost 1, every node is.
+-- Loads stay <= capacity <= 2^50 (a pick never charges past capacity), so integers stay exact.
+-- ---------------------------------------------------------------------------------------------
+local UNLIMITED_CAPACITY = 1125899906842624
+
+-- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
+local function effective_capacity(raw)
+  if not raw then
+    return UNLIMITED_CAPACITY
+  end
+  return tonumber(raw)
+end
+
+-- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
+local function utilization_score(load, capacity)
+  if capacity <= 0 then
+    return '1'
+  end
+  return string.format('%.17g', load / capacity)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
+-- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
+-- pick_score.lua.j2. Every function here only writes (calls that cannot fail on keys of the
+-- layout's types, which check_layout or an earlier read has established).
+--
+-- Invariants the pick.* scripts rely on:
+--   * pick:util, pick:ring and pick:lru hold exactly the registered, non-draining indexes (live
+--     or dead: liveness changes with time alone, so the pick scripts check it at pick time).
+--   * pick:util scores are utilization_score(load, capacity) of the node's current load and
+--     capacity; pick:ring scores are the index itself; pick:lru scores are the logical clock
+--     of the node's last pick (0: never picked since it became eligible).
+--   * pick:load holds a positive load for registered indexes only (absent = 0): remove and
+--     sweep delete it with the index, so a reused index starts at load 0.
+--   * pick:weighted is absent or was built from the eligible, live nodes and their weights
+--     after the last change of membership, weight, drain flag or revival: every such change
+--     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
+-- ---------------------------------------------------------------------------------------------
+
+-- A node becomes eligible (registered and not draining): scored by its current load.
+local function pick_join(index, load, capacity_raw)
+  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
+  redis.call('ZADD', K_RING, index, index)
+  redis.call('ZADD', K_LRU, 0, index)
+end
+
+-- A node stops being eligible (draining); its load stays, for pick.release.
+local function pick_leave(index)
+  redis.call('ZREM', K_UTIL, index)
+  redis.call('ZREM', K_RING, index)
+  redis.call('ZREM', K_LRU, index)
+end
+
+-- A node is removed: not eligible, and its load is forgotten with its index.
+local function pick_forget(index)
+  pick_leave(index)
+  redis.call('HDEL', K_LOAD, index)
+end
+
+-- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
+local function pick_invalidate()
+  redis.call('DEL', K_WEIGHTED)
+end
+
+-- The current load of an index (a number; absent = 0). A read: call it before any write.
+local function pick_load_of(index)
+  local raw = redis.call('HGET', K_LOAD, index)
+  return raw and tonumber(raw) or 0
+end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(2, 2)
@@ -232,11 +408,23 @@ local function main()
   if not index then
     fail('NOSUCHNODE', 'node ' .. show(node_id) .. ' is not registered')
   end
-  -- The only write.
-  if mode == 'on' then
-    return redis.call('SADD', K_DRAINING, index)
+  check_layout()
+  local draining = redis.call('SISMEMBER', K_DRAINING, index) == 1
+  if draining == (mode == 'on') then
+    return 0
   end
-  return redis.call('SREM', K_DRAINING, index)
+  local load = pick_load_of(index)
+  local capacity_raw = redis.call('HGET', K_CAPACITY, index)
+  -- Writes: nothing below can fail (types checked).
+  if mode == 'on' then
+    redis.call('SADD', K_DRAINING, index)
+    pick_leave(index)
+  else
+    redis.call('SREM', K_DRAINING, index)
+    pick_join(index, load, capacity_raw)
+  end
+  pick_invalidate()
+  return 1
 end
 
 return run(main)

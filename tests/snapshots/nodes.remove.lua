@@ -15,10 +15,18 @@
 --@key        free        zset    luasched:{ns}:nodes:free -- indexes of removed nodes, reused lowest first.
 --@key        slot_table  string  luasched:{ns}:slots:owner -- 32768 bytes (or absent): slot s at byte
 --@+          offset 2s, the big-endian 16-bit index of its owner, 0 = no owner.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load charged by pick.* (absent: 0).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity (see pick.least_loaded).
+--@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes scored by index.
+--@key        lru         zset    luasched:{ns}:pick:lru -- registered, non-draining indexes scored by the
+--@+          logical clock of their last pick (0: not picked since eligible).
+--@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes scored by cumulative
+--@+          weight (absent: to be rebuilt by pick.weighted; deleted on any membership or weight change).
 --@arg        node_id  string:1..1024  The node id.
 --@reply      array{removed:int:0..1, slots_released:int:0..16384}  Whether the node was registered, and how many
 --@+          slots it owned (now ownerless).
---@error      ARG  Not 9 keys or 1 argument, or an argument out of its range.
+--@error      ARG  Not 14 keys or 1 argument, or an argument out of its range.
 --@error      CORRUPT  A registry key holds another type or shape than the layout; nothing changed.
 --@complexity O(16384) for the slot table scan, plus O(log n)
 --@since      6.2
@@ -145,13 +153,17 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- registry (lua/include/registry.lua.j2): the node registry and slot table of one namespace.
 --
--- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 9 KEYS, in
+-- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 14 KEYS, in
 -- this order (all under the namespace's hash tag, so one cluster slot):
 --   1 nodes:index    HASH  node id -> index        5 nodes:meta      HASH  index -> meta
 --   2 nodes:id       HASH  index -> node id        6 nodes:deadline  ZSET  index by deadline ms
 --   3 nodes:weight   HASH  index -> weight         7 nodes:draining  SET   indexes
 --   4 nodes:capacity HASH  index -> capacity       8 nodes:free      ZSET  reusable indexes
 --   9 slots:owner    STRING the slot table
+--  10 pick:load      HASH  index -> load          12 pick:ring       ZSET  eligible, by index
+--  11 pick:util      ZSET  eligible, by load/cap  13 pick:lru        ZSET  eligible, by last pick
+--  14 pick:weighted  ZSET  cumulative weights (lazy)
+-- Keys 10..14 are the pick.* scripts' view of the registry (lua/include/pick_registry.lua.j2).
 -- Node ids are arbitrary bytes: they are only ever hash fields and values, never part of a key
 -- name. Indexes are decimal strings "1".."65535" wherever they are a field or member.
 --
@@ -168,7 +180,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_DEADLINE, K_DRAINING, K_FREE, K_SLOTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local REGISTRY_KEY_COUNT = 9
+local K_LOAD, K_UTIL, K_RING, K_LRU, K_WEIGHTED = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local REGISTRY_KEY_COUNT = 14
 local SLOT_COUNT = 16384
 local TABLE_BYTES = 2 * SLOT_COUNT
 -- Slots handled per string.byte / string.char call: 2 values per slot, far below the 8000
@@ -226,6 +239,86 @@ local function hash_values(key, indexes)
   return values
 end
 -- ---------------------------------------------------------------------------------------------
+-- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
+-- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
+--
+--   utilization = load / capacity, a double; ZADD gets it as '%.17g', which round-trips exactly,
+--   so equal fractions (1/2, 2/4) get bit-identical scores and tie.
+--   A node with unlimited capacity counts as capacity UNLIMITED_CAPACITY (2^50): it is never
+--   full and ranks by its load among the unlimited ones, ahead of any busy limited node.
+--   Capacity 0: the node never takes work; its score is 1 (full).
+--   Full for a cost: load + cost > capacity. A node with score < 1 has room for cost 1 (integer
+--   load < capacity), one with score >= 1 has room for no cost: so when the node with the
+--   lowest score is full for cost 1, every node is.
+-- Loads stay <= capacity <= 2^50 (a pick never charges past capacity), so integers stay exact.
+-- ---------------------------------------------------------------------------------------------
+local UNLIMITED_CAPACITY = 1125899906842624
+
+-- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
+local function effective_capacity(raw)
+  if not raw then
+    return UNLIMITED_CAPACITY
+  end
+  return tonumber(raw)
+end
+
+-- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
+local function utilization_score(load, capacity)
+  if capacity <= 0 then
+    return '1'
+  end
+  return string.format('%.17g', load / capacity)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
+-- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
+-- pick_score.lua.j2. Every function here only writes (calls that cannot fail on keys of the
+-- layout's types, which check_layout or an earlier read has established).
+--
+-- Invariants the pick.* scripts rely on:
+--   * pick:util, pick:ring and pick:lru hold exactly the registered, non-draining indexes (live
+--     or dead: liveness changes with time alone, so the pick scripts check it at pick time).
+--   * pick:util scores are utilization_score(load, capacity) of the node's current load and
+--     capacity; pick:ring scores are the index itself; pick:lru scores are the logical clock
+--     of the node's last pick (0: never picked since it became eligible).
+--   * pick:load holds a positive load for registered indexes only (absent = 0): remove and
+--     sweep delete it with the index, so a reused index starts at load 0.
+--   * pick:weighted is absent or was built from the eligible, live nodes and their weights
+--     after the last change of membership, weight, drain flag or revival: every such change
+--     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
+-- ---------------------------------------------------------------------------------------------
+
+-- A node becomes eligible (registered and not draining): scored by its current load.
+local function pick_join(index, load, capacity_raw)
+  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
+  redis.call('ZADD', K_RING, index, index)
+  redis.call('ZADD', K_LRU, 0, index)
+end
+
+-- A node stops being eligible (draining); its load stays, for pick.release.
+local function pick_leave(index)
+  redis.call('ZREM', K_UTIL, index)
+  redis.call('ZREM', K_RING, index)
+  redis.call('ZREM', K_LRU, index)
+end
+
+-- A node is removed: not eligible, and its load is forgotten with its index.
+local function pick_forget(index)
+  pick_leave(index)
+  redis.call('HDEL', K_LOAD, index)
+end
+
+-- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
+local function pick_invalidate()
+  redis.call('DEL', K_WEIGHTED)
+end
+
+-- The current load of an index (a number; absent = 0). A read: call it before any write.
+local function pick_load_of(index)
+  local raw = redis.call('HGET', K_LOAD, index)
+  return raw and tonumber(raw) or 0
+end
+-- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
 -- Raises CORRUPT (a registry key of another type, or a table of another length: changed by
@@ -239,7 +332,8 @@ local function check_layout()
   local expected = {
     { K_INDEX, 'hash' }, { K_ID, 'hash' }, { K_WEIGHT, 'hash' }, { K_CAPACITY, 'hash' },
     { K_META, 'hash' }, { K_DEADLINE, 'zset' }, { K_DRAINING, 'set' }, { K_FREE, 'zset' },
-    { K_SLOTS, 'string' },
+    { K_SLOTS, 'string' }, { K_LOAD, 'hash' }, { K_UTIL, 'zset' }, { K_RING, 'zset' },
+    { K_LRU, 'zset' }, { K_WEIGHTED, 'zset' },
   }
   for position, entry in ipairs(expected) do
     local found = redis.call('TYPE', entry[1]).ok
@@ -332,6 +426,8 @@ local function main()
   redis.call('SREM', K_DRAINING, index)
   -- The table no longer names the index, so it may be reused (registry invariant).
   redis.call('ZADD', K_FREE, index, index)
+  pick_forget(index)
+  pick_invalidate()
   if released > 0 then
     write_owners(owners)
   end

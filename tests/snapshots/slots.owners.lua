@@ -12,10 +12,18 @@
 --@key        free        zset    luasched:{ns}:nodes:free -- indexes of removed nodes, reused lowest first.
 --@key        slot_table  string  luasched:{ns}:slots:owner -- 32768 bytes (or absent): slot s at byte
 --@+          offset 2s, the big-endian 16-bit index of its owner, 0 = no owner.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load charged by pick.* (absent: 0).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity (see pick.least_loaded).
+--@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes scored by index.
+--@key        lru         zset    luasched:{ns}:pick:lru -- registered, non-draining indexes scored by the
+--@+          logical clock of their last pick (0: not picked since eligible).
+--@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes scored by cumulative
+--@+          weight (absent: to be rebuilt by pick.weighted; deleted on any membership or weight change).
 --@arg        key[1..1000]  string:0..4096  A key to look up; any bytes.
 --@reply      array<array{slot:int:0..16383, found:int:0..1, node_id:string}>  One entry per key, in ARGV
 --@+          order; found = 0 (and node_id "") when the slot has no live owner.
---@error      ARG  Not 9 keys, no key, more than 1000 keys, or a key longer than
+--@error      ARG  Not 14 keys, no key, more than 1000 keys, or a key longer than
 --@+          4096 bytes.
 --@error      NONODE  Some slot has no live owner and no node at all is live.
 --@complexity O(total length of the keys) + O(1) per key; independent of the node count
@@ -203,13 +211,17 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- registry (lua/include/registry.lua.j2): the node registry and slot table of one namespace.
 --
--- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 9 KEYS, in
+-- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 14 KEYS, in
 -- this order (all under the namespace's hash tag, so one cluster slot):
 --   1 nodes:index    HASH  node id -> index        5 nodes:meta      HASH  index -> meta
 --   2 nodes:id       HASH  index -> node id        6 nodes:deadline  ZSET  index by deadline ms
 --   3 nodes:weight   HASH  index -> weight         7 nodes:draining  SET   indexes
 --   4 nodes:capacity HASH  index -> capacity       8 nodes:free      ZSET  reusable indexes
 --   9 slots:owner    STRING the slot table
+--  10 pick:load      HASH  index -> load          12 pick:ring       ZSET  eligible, by index
+--  11 pick:util      ZSET  eligible, by load/cap  13 pick:lru        ZSET  eligible, by last pick
+--  14 pick:weighted  ZSET  cumulative weights (lazy)
+-- Keys 10..14 are the pick.* scripts' view of the registry (lua/include/pick_registry.lua.j2).
 -- Node ids are arbitrary bytes: they are only ever hash fields and values, never part of a key
 -- name. Indexes are decimal strings "1".."65535" wherever they are a field or member.
 --
@@ -226,7 +238,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_DEADLINE, K_DRAINING, K_FREE, K_SLOTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local REGISTRY_KEY_COUNT = 9
+local K_LOAD, K_UTIL, K_RING, K_LRU, K_WEIGHTED = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local REGISTRY_KEY_COUNT = 14
 local SLOT_COUNT = 16384
 local TABLE_BYTES = 2 * SLOT_COUNT
 -- Slots handled per string.byte / string.char call: 2 values per slot, far below the 8000

@@ -16,9 +16,17 @@
 --@key        free        zset    luasched:{ns}:nodes:free -- indexes of removed nodes, reused lowest first.
 --@key        slot_table  string  luasched:{ns}:slots:owner -- 32768 bytes (or absent): slot s at byte
 --@+          offset 2s, the big-endian 16-bit index of its owner, 0 = no owner.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load charged by pick.* (absent: 0).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity (see pick.least_loaded).
+--@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes scored by index.
+--@key        lru         zset    luasched:{ns}:pick:lru -- registered, non-draining indexes scored by the
+--@+          logical clock of their last pick (0: not picked since eligible).
+--@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes scored by cumulative
+--@+          weight (absent: to be rebuilt by pick.weighted; deleted on any membership or weight change).
 --@reply      array{moved:int:0..16384, counts:array}  moved = slots that changed owner; counts = flat
 --@+          array{node_id:string, slots:int, ...} of every eligible node (index order) with its slot count.
---@error      ARG  Not 9 keys, or any argument.
+--@error      ARG  Not 14 keys, or any argument.
 --@error      NONODE  No node is live and not draining; nothing changed.
 --@error      CORRUPT  The slot table has another length than 32768 bytes; nothing changed.
 --@complexity O(16384 + n log n) for n live nodes; writes the 32 KiB table only if a slot moved
@@ -146,13 +154,17 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- registry (lua/include/registry.lua.j2): the node registry and slot table of one namespace.
 --
--- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 9 KEYS, in
+-- Every nodes.* script and slots.rebalance/owner/owners/owner_of_slot take the same 14 KEYS, in
 -- this order (all under the namespace's hash tag, so one cluster slot):
 --   1 nodes:index    HASH  node id -> index        5 nodes:meta      HASH  index -> meta
 --   2 nodes:id       HASH  index -> node id        6 nodes:deadline  ZSET  index by deadline ms
 --   3 nodes:weight   HASH  index -> weight         7 nodes:draining  SET   indexes
 --   4 nodes:capacity HASH  index -> capacity       8 nodes:free      ZSET  reusable indexes
 --   9 slots:owner    STRING the slot table
+--  10 pick:load      HASH  index -> load          12 pick:ring       ZSET  eligible, by index
+--  11 pick:util      ZSET  eligible, by load/cap  13 pick:lru        ZSET  eligible, by last pick
+--  14 pick:weighted  ZSET  cumulative weights (lazy)
+-- Keys 10..14 are the pick.* scripts' view of the registry (lua/include/pick_registry.lua.j2).
 -- Node ids are arbitrary bytes: they are only ever hash fields and values, never part of a key
 -- name. Indexes are decimal strings "1".."65535" wherever they are a field or member.
 --
@@ -169,7 +181,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_DEADLINE, K_DRAINING, K_FREE, K_SLOTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local REGISTRY_KEY_COUNT = 9
+local K_LOAD, K_UTIL, K_RING, K_LRU, K_WEIGHTED = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local REGISTRY_KEY_COUNT = 14
 local SLOT_COUNT = 16384
 local TABLE_BYTES = 2 * SLOT_COUNT
 -- Slots handled per string.byte / string.char call: 2 values per slot, far below the 8000
@@ -240,7 +253,8 @@ local function check_layout()
   local expected = {
     { K_INDEX, 'hash' }, { K_ID, 'hash' }, { K_WEIGHT, 'hash' }, { K_CAPACITY, 'hash' },
     { K_META, 'hash' }, { K_DEADLINE, 'zset' }, { K_DRAINING, 'set' }, { K_FREE, 'zset' },
-    { K_SLOTS, 'string' },
+    { K_SLOTS, 'string' }, { K_LOAD, 'hash' }, { K_UTIL, 'zset' }, { K_RING, 'zset' },
+    { K_LRU, 'zset' }, { K_WEIGHTED, 'zset' },
   }
   for position, entry in ipairs(expected) do
     local found = redis.call('TYPE', entry[1]).ok

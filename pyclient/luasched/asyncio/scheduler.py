@@ -8,10 +8,13 @@ from typing import Any
 
 from luasched.asyncio.lock import AsyncLock, AsyncSemaphore
 from luasched.asyncio.nodes import AsyncNodes
+from luasched.asyncio.pick import AsyncPick
+from luasched.asyncio.queue import AsyncQueue, check_eviction_policy_async
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
 from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
+from luasched.pick import RandomSource
 from luasched.render import RenderedScript, ScriptConfig, render_all
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
@@ -26,6 +29,7 @@ class Scheduler:
         namespace: str | bytes,
         *,
         config: ScriptConfig | None = None,
+        rng: RandomSource | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
@@ -34,6 +38,8 @@ class Scheduler:
         self.runner = AsyncScriptRunner(client, self.scripts)
         self.slots = AsyncSlots(self.runner, self.namespace)
         self.nodes = AsyncNodes(self.runner, self.namespace)
+        self.pick = AsyncPick(self.runner, self.namespace, rng)
+        self._rng = rng
 
     async def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
@@ -76,18 +82,40 @@ class Scheduler:
             self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
         )
 
+    def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
+        """The task queue ``name``; see ``luasched.Scheduler.queue``. No I/O here: the first
+        awaited call of the first queue checks the server's maxmemory-policy (a warning)."""
+        hook = None
+        if not getattr(self, "_eviction_checked", False):
+            self._eviction_checked = True
+
+            async def hook() -> None:
+                await check_eviction_policy_async(self.client, self.namespace)
+
+        return AsyncQueue(
+            self.runner, self.namespace, name, client=self.client, on_first_call=hook, **options
+        )
+
     def pipeline(self) -> AsyncSchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction)."""
-        return AsyncSchedulerPipeline(self.runner.batch(), self.namespace)
+        return AsyncSchedulerPipeline(self.runner.batch(), self.namespace, self._rng)
 
 
 class AsyncSchedulerPipeline:
     """Async twin of ``luasched.SchedulerPipeline``: ``await pipe.slots.keyslot(k)`` queues."""
 
-    def __init__(self, batch: AsyncBatch, namespace: Namespace) -> None:
+    def __init__(
+        self, batch: AsyncBatch, namespace: Namespace, rng: RandomSource | None = None
+    ) -> None:
         self._batch = batch
         self.slots = AsyncSlots(batch, namespace)
         self.nodes = AsyncNodes(batch, namespace)
+        self.pick = AsyncPick(batch, namespace, rng)
+        self._queue_namespace = namespace
+
+    def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
+        """The queue ``name``, queued: ``await pipe.queue(n).enqueue(...)`` queues the call."""
+        return AsyncQueue(self._batch, self._queue_namespace, name, **options)
 
     def __len__(self) -> int:
         return len(self._batch)

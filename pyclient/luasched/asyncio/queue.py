@@ -1,0 +1,273 @@
+"""Async twin of ``luasched.queue``: the same calls and results, awaited I/O."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from luasched.asyncio.slots import AsyncRunner
+from luasched.keys import Namespace
+from luasched.queue import (
+    DEFAULT_BACKOFF_BASE_MS,
+    DEFAULT_BACKOFF_MAX_MS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_POLL_MS,
+    DEFAULT_REQUEST_TTL_MS,
+    Dequeued,
+    Enqueued,
+    Lease,
+    Nacked,
+    QueueKeys,
+    QueueStats,
+    ack_call,
+    dequeue_call,
+    enqueue_call,
+    extend_call,
+    nack_call,
+    new_request_id,
+    poll_timeout_s,
+    remaining_ms,
+    requeue_dead_call,
+    stats_call,
+)
+from luasched.scripts import Call
+
+__all__ = ["AsyncQueue", "check_eviction_policy_async"]
+
+
+async def check_eviction_policy_async(client: Any, namespace: Namespace) -> str | None:
+    """Async twin of ``luasched.queue.check_eviction_policy``."""
+    import warnings
+
+    from luasched.queue import _policy_of, policy_warning
+    from luasched.scripts import is_cluster
+
+    try:
+        if is_cluster(client):
+            node = client.get_node_from_key(namespace.prefix)
+            config = await client.config_get("maxmemory-policy", target_nodes=node)
+        else:
+            config = await client.config_get("maxmemory-policy")
+    except Exception:  # CONFIG may be refused (ACL, managed services): never fatal
+        return None
+    policy = _policy_of(config)
+    message = policy and policy_warning(policy)
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return policy
+
+
+class AsyncQueue:
+    """One task queue (``s.queue(name)``); see ``luasched.queue.Queue``.
+
+    The first awaited call of a queue made by ``Scheduler.queue`` checks the server's
+    maxmemory-policy once per Scheduler (a warning, never an error).
+    """
+
+    def __init__(
+        self,
+        runner: AsyncRunner,
+        namespace: Namespace,
+        name: str | bytes,
+        *,
+        client: Any = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
+        backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
+        request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+        poll_ms: int = DEFAULT_POLL_MS,
+        on_first_call: Any = None,
+    ) -> None:
+        self._runner = runner
+        self._client = client
+        self._on_first_call = on_first_call
+        self.keys = QueueKeys.of(namespace, name)
+        self.name = self.keys.queue
+        self.max_attempts = max_attempts
+        self.backoff_base_ms = backoff_base_ms
+        self.backoff_max_ms = backoff_max_ms
+        self.request_ttl_ms = request_ttl_ms
+        self.poll_ms = poll_ms
+
+    def _poll_ms(self) -> int:
+        # A BLPOP must end before the client's socket timeout would cut it.
+        pool = getattr(self._client, "connection_pool", None)
+        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        if socket_timeout:
+            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
+        return self.poll_ms
+
+    async def _run(self, call: Call[Any]) -> Any:
+        if self._on_first_call is not None:
+            hook, self._on_first_call = self._on_first_call, None
+            await hook()
+        return await self._runner.run(call)
+
+    async def enqueue(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes = b"",
+        *,
+        priority: int = 0,
+        delay_ms: int = 0,
+        max_attempts: int | None = None,
+        request_id: str | bytes | None = None,
+    ) -> Enqueued:
+        """Add a task; see ``luasched.queue.Queue.enqueue``."""
+        result: Enqueued = await self._run(
+            enqueue_call(
+                self.keys,
+                task_id,
+                payload,
+                priority=priority,
+                delay_ms=delay_ms,
+                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+        return result
+
+    def _call(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        wait_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Call[Any]:
+        return dequeue_call(
+            self.keys,
+            worker_id,
+            count,
+            lease_ms,
+            wait_ms=wait_ms,
+            ack=ack,
+            request_id=request_id,
+            request_ttl_ms=self.request_ttl_ms,
+            shape=shape,
+        )
+
+    async def _take(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        if block_ms <= 0:
+            return await self._run(
+                self._call(worker_id, count, lease_ms, 0, ack, request_id, shape)
+            )
+        if self._client is None:
+            raise ValueError("a blocking dequeue cannot be queued in a pipeline")
+        rid = new_request_id() if request_id is None else request_id
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            wait_ms = remaining_ms(deadline)
+            reply: Dequeued = await self._run(
+                self._call(worker_id, count, lease_ms, wait_ms, ack, rid, "reply")
+            )
+            if reply.leases:
+                return reply.leases[0] if shape == "one" else list(reply.leases)
+            if ack is not None:
+                ack, rid = None, new_request_id()
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None if shape == "one" else []
+            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
+            await self._client.blpop([self.keys.wake], timeout=timeout)
+
+    async def dequeue(
+        self,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> Lease | None:
+        """Take and lease the next task; see ``luasched.queue.Queue.dequeue``."""
+        lease: Lease | None = await self._take(
+            worker_id, 1, lease_ms, block_ms, None, request_id, "one"
+        )
+        return lease
+
+    async def dequeue_many(
+        self,
+        worker_id: str | bytes,
+        n: int,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> list[Lease]:
+        """Take up to ``n``; see ``luasched.queue.Queue.dequeue_many``."""
+        leases: list[Lease] = await self._take(
+            worker_id, n, lease_ms, block_ms, None, request_id, "many"
+        )
+        return leases
+
+    async def ack_and_dequeue(
+        self,
+        lease: Lease,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> Lease | None:
+        """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
+        taken: Lease | None = await self._take(
+            worker_id, 1, lease_ms, block_ms, lease, request_id, "one"
+        )
+        return taken
+
+    async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
+        """Finish a task; see ``luasched.queue.Queue.ack``."""
+        done: bool = await self._run(
+            ack_call(self.keys, lease, request_id=request_id, request_ttl_ms=self.request_ttl_ms)
+        )
+        return done
+
+    async def nack(
+        self,
+        lease: Lease,
+        delay_ms: int | None = None,
+        reason: str | bytes = b"",
+        *,
+        request_id: str | bytes | None = None,
+    ) -> Nacked:
+        """A failed attempt; see ``luasched.queue.Queue.nack``."""
+        result: Nacked = await self._run(
+            nack_call(
+                self.keys,
+                lease,
+                delay_ms=delay_ms,
+                reason=reason,
+                backoff_base_ms=self.backoff_base_ms,
+                backoff_max_ms=self.backoff_max_ms,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+        return result
+
+    async def extend(self, lease: Lease, lease_ms: int) -> int:
+        """Move the deadline; see ``luasched.queue.Queue.extend``."""
+        deadline: int = await self._run(extend_call(self.keys, lease, lease_ms))
+        return deadline
+
+    async def requeue_dead(self, task_id: str | bytes) -> bool:
+        """Bring a dead letter back; see ``luasched.queue.Queue.requeue_dead``."""
+        status = await self._run(requeue_dead_call(self.keys, task_id))
+        return status == "requeued" if status is not None else False
+
+    async def stats(self) -> QueueStats:
+        """Counts; see ``luasched.queue.Queue.stats``."""
+        result: QueueStats = await self._run(stats_call(self.keys))
+        return result

@@ -1,0 +1,636 @@
+"""Task queues: ``queue.*`` scripts (lua/queue/) and their wrapper ``Queue`` (``s.queue(name)``).
+
+A queue holds tasks (an id and a payload, both any bytes) that workers lease one at a time or in
+batches. Taking a task and locking it is one script call (``dequeue``): a task is never leased to
+two workers at once, and a lease that its worker lets lapse (it died, it hung) puts the task back
+(an expired lease is a failed attempt). Every lease carries a fencing token that only grows per
+queue: ``ack``, ``nack`` and ``extend`` with a token that is no longer current are refused with
+``StaleLease``, and storage a worker writes to can refuse a smaller token than one it has seen.
+
+Guarantees (docs/queue.md has the details, the key layout and the score's bit budget):
+
+* Priorities -512..511, higher first; FIFO within a priority. Delays and lease deadlines are the
+  server's clock; callers pass relative durations.
+* ``enqueue`` is idempotent by task id; ``enqueue``, ``dequeue``, ``ack`` and ``nack`` take a
+  request id (drawn here with ``secrets``), so a client retry after a lost reply acts once.
+* Finished tasks are removed on ack; failed ones are retried with exponential backoff, then moved
+  to the dead letters (``requeue_dead`` brings one back).
+
+The call builders below are shared by the sync, asyncio and pipeline wrappers; they hold no
+decision, only the shape of KEYS/ARGV and of the reply.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from luasched.keys import Namespace, to_bytes
+from luasched.scripts import Call
+from luasched.slots import Runner
+
+__all__ = [
+    "DEFAULT_BACKOFF_BASE_MS",
+    "DEFAULT_BACKOFF_MAX_MS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_POLL_MS",
+    "DEFAULT_REQUEST_TTL_MS",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
+    "QUEUE_KEY_KINDS",
+    "Dequeued",
+    "Enqueued",
+    "Lease",
+    "Nacked",
+    "Queue",
+    "QueueKeys",
+    "QueueStats",
+    "ack_call",
+    "check_eviction_policy",
+    "dequeue_call",
+    "enqueue_call",
+    "extend_call",
+    "nack_call",
+    "new_request_id",
+    "requeue_dead_call",
+    "stats_call",
+]
+
+MIN_PRIORITY = -512
+MAX_PRIORITY = 511
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_REQUEST_TTL_MS = 60_000
+DEFAULT_BACKOFF_BASE_MS = 1_000
+DEFAULT_BACKOFF_MAX_MS = 3_600_000
+#: A blocked dequeue retries the script at least this often, whatever wakes it (or not).
+DEFAULT_POLL_MS = 1_000
+
+#: The KEYS of every ``queue.*`` script, in order: ``luasched:{ns}:q:<kind>:<queue>``, then the
+#: request key ``luasched:{ns}:q:req:<request_id>:<queue>`` (lua/include/queue.lua.j2).
+QUEUE_KEY_KINDS: tuple[str, ...] = (
+    "ready",  # ZSET task ids by (511 - priority) * 2^43 + seq
+    "delayed",  # ZSET task ids by due time (server ms)
+    "leased",  # ZSET task ids by lease deadline (server ms)
+    "dead",  # ZSET dead letters by time of death (server ms)
+    "tasks",  # HASH "p"+id payload, "m"+id meta, "r"+id reason, "seq", "fence"
+    "wake",  # LIST wake-up signals for blocked dequeuers
+    "waiting",  # STRING present while a dequeuer blocks
+)
+
+
+def new_request_id() -> bytes:
+    """A fresh random request id (32 hex digits)."""
+    return secrets.token_hex(16).encode()
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one queue of a namespace (built once per ``Queue``)."""
+
+    namespace: Namespace
+    queue: bytes
+    fixed: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, namespace: Namespace, queue: str | bytes) -> QueueKeys:
+        """The keys of ``queue`` (1..1024 bytes, any bytes) in ``namespace``."""
+        name = to_bytes(queue)
+        if not 1 <= len(name) <= 1024:
+            raise ValueError(f"a queue name is 1 to 1024 bytes, got {len(name)}")
+        fixed = tuple(
+            namespace.prefix + b"q:" + kind.encode() + b":" + name for kind in QUEUE_KEY_KINDS
+        )
+        return cls(namespace, name, fixed)
+
+    def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
+        """The 8 KEYS of a call with ``request_id`` (b"": none; the key is then unused)."""
+        return (*self.fixed, self.namespace.prefix + b"q:req:" + request_id + b":" + self.queue)
+
+    @property
+    def wake(self) -> bytes:
+        """The list blocked dequeuers BLPOP."""
+        return self.fixed[5]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A leased task: the worker owns it until ``deadline_ms`` (server clock, Unix ms).
+
+    ``token`` is the lease's fencing token: it only grows per queue, so a larger token is a newer
+    lease. ``attempt`` counts the leases of this task, this one included (1 = first).
+    """
+
+    task_id: bytes
+    payload: bytes
+    attempt: int
+    token: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What ``enqueue`` did: ``created`` False means the id existed and nothing changed; ``state``
+    is then its state (``ready``, ``delayed``, ``leased``, ``dead``), else ``ready``/``delayed``."""
+
+    created: bool
+    state: str
+
+
+@dataclass(frozen=True)
+class Nacked:
+    """What ``nack`` did: ``state`` ``ready`` (``delay_ms`` 0), ``delayed`` (ready again in
+    ``delay_ms``) or ``dead`` (``delay_ms`` -1: it had its max_attempts leases)."""
+
+    state: str
+    delay_ms: int
+
+
+@dataclass(frozen=True)
+class Dequeued:
+    """The reply of one ``queue.dequeue`` call: the leases taken, best first, and, when none was
+    taken and the call said it will wait, ms until the next delayed task is due (None: none)."""
+
+    leases: tuple[Lease, ...]
+    next_due_ms: int | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts of a queue at ``now_ms`` (server clock).
+
+    ``oldest_ready_age_ms``: how long the longest-waiting ready task has been ready (None: none
+    ready). ``next_due_ms``: ms until the next delayed task is due (0: due now; None: none).
+    Expired leases count as leased, and due delayed tasks as delayed, until a dequeue moves them.
+    """
+
+    now_ms: int
+    ready: int
+    delayed: int
+    leased: int
+    dead: int
+    oldest_ready_age_ms: int | None
+    next_due_ms: int | None
+
+
+def _optional(value: Any) -> int | None:
+    number = int(value)
+    return None if number < 0 else number
+
+
+def _request(request_id: str | bytes | None) -> bytes:
+    return new_request_id() if request_id is None else to_bytes(request_id)
+
+
+def _enqueued(reply: Any) -> Enqueued:
+    return Enqueued(created=bool(int(reply[0])), state=_text(reply[1]))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def enqueue_call(
+    keys: QueueKeys,
+    task_id: str | bytes,
+    payload: str | bytes,
+    *,
+    priority: int = 0,
+    delay_ms: int = 0,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[Enqueued]:
+    """The ``queue.enqueue`` call (request_id None: a fresh random one; b"": none)."""
+    rid = _request(request_id)
+    args = (
+        to_bytes(task_id),
+        to_bytes(payload),
+        priority,
+        delay_ms,
+        max_attempts,
+        rid,
+        request_ttl_ms,
+    )
+    return Call("queue.enqueue", keys.with_request(rid), args, _enqueued)
+
+
+def _dequeued(reply: Any) -> Dequeued:
+    leases = tuple(
+        Lease(
+            task_id=bytes(reply[index]),
+            payload=bytes(reply[index + 1]),
+            attempt=int(reply[index + 2]),
+            token=int(reply[index + 3]),
+            deadline_ms=int(reply[index + 4]),
+        )
+        for index in range(1, len(reply), 5)
+    )
+    return Dequeued(leases, None if leases else _optional(reply[0]))
+
+
+def _first_lease(reply: Any) -> Lease | None:
+    leases = _dequeued(reply).leases
+    return leases[0] if leases else None
+
+
+def _lease_list(reply: Any) -> list[Lease]:
+    return list(_dequeued(reply).leases)
+
+
+_SHAPES: dict[str, Any] = {"reply": _dequeued, "one": _first_lease, "many": _lease_list}
+
+
+def dequeue_call(
+    keys: QueueKeys,
+    worker_id: str | bytes,
+    count: int,
+    lease_ms: int,
+    *,
+    wait_ms: int = 0,
+    ack: Lease | None = None,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    shape: str = "reply",
+) -> Call[Any]:
+    """The ``queue.dequeue`` call: take up to ``count``, acking ``ack`` first if given.
+
+    ``shape`` says how the reply is parsed: ``reply`` (a Dequeued), ``one`` (Lease or None),
+    ``many`` (a list of Lease).
+    """
+    rid = _request(request_id)
+    args = (
+        to_bytes(worker_id),
+        count,
+        lease_ms,
+        wait_ms,
+        b"" if ack is None else ack.task_id,
+        0 if ack is None else ack.token,
+        rid,
+        request_ttl_ms,
+    )
+    return Call("queue.dequeue", keys.with_request(rid), args, _SHAPES[shape])
+
+
+def _one(reply: Any) -> bool:
+    return bool(int(reply))
+
+
+def ack_call(
+    keys: QueueKeys,
+    lease: Lease,
+    *,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[bool]:
+    """The ``queue.ack`` call; parses True (an ack either succeeds or raises)."""
+    rid = _request(request_id)
+    args = (lease.task_id, lease.token, rid, request_ttl_ms)
+    return Call("queue.ack", keys.with_request(rid), args, _one)
+
+
+def _nacked(reply: Any) -> Nacked:
+    return Nacked(state=_text(reply[0]), delay_ms=int(reply[1]))
+
+
+def nack_call(
+    keys: QueueKeys,
+    lease: Lease,
+    *,
+    delay_ms: int | None = None,
+    reason: str | bytes = b"",
+    backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
+    backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[Nacked]:
+    """The ``queue.nack`` call (delay_ms None: the script's exponential backoff)."""
+    rid = _request(request_id)
+    args = (
+        lease.task_id,
+        lease.token,
+        -1 if delay_ms is None else delay_ms,
+        to_bytes(reason),
+        backoff_base_ms,
+        backoff_max_ms,
+        rid,
+        request_ttl_ms,
+    )
+    return Call("queue.nack", keys.with_request(rid), args, _nacked)
+
+
+def extend_call(keys: QueueKeys, lease: Lease, lease_ms: int) -> Call[int]:
+    """The ``queue.extend`` call; parses the new deadline (server ms)."""
+    args = (lease.task_id, lease.token, lease_ms)
+    return Call("queue.extend", keys.with_request(b""), args, int)
+
+
+def _requeued(reply: Any) -> str:
+    return _text(reply)
+
+
+def requeue_dead_call(keys: QueueKeys, task_id: str | bytes) -> Call[str]:
+    """The ``queue.requeue_dead`` call; parses ``requeued`` or where the task is."""
+    return Call("queue.requeue_dead", keys.with_request(b""), (to_bytes(task_id),), _requeued)
+
+
+def _stats(reply: Any) -> QueueStats:
+    now_ms, ready, delayed, leased, dead, oldest, next_due = (int(value) for value in reply)
+    return QueueStats(now_ms, ready, delayed, leased, dead, _optional(oldest), _optional(next_due))
+
+
+def stats_call(keys: QueueKeys) -> Call[QueueStats]:
+    """The ``queue.stats`` call."""
+    return Call("queue.stats", keys.with_request(b""), (), _stats)
+
+
+EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
+
+
+def policy_warning(policy: str) -> str | None:
+    """The warning for a ``maxmemory-policy`` that could evict queue keys, or None."""
+    if policy == "noeviction" or policy.startswith("volatile-"):
+        return None
+    return (
+        f"the server's maxmemory-policy is {policy!r}: under memory pressure Redis may evict "
+        "luasched queue keys (tasks, leases, fencing counters) and lose tasks; use noeviction "
+        "(or a volatile-* policy) on servers that hold queues"
+    )
+
+
+def _policy_of(config: Any) -> str | None:
+    if isinstance(config, dict):
+        value = config.get("maxmemory-policy")
+        if value is None:  # RedisCluster may answer per node
+            for entry in config.values():
+                if isinstance(entry, dict) and "maxmemory-policy" in entry:
+                    value = entry["maxmemory-policy"]
+                    break
+        if value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
+    """Warn (``warnings.warn``) when the server holding ``namespace`` could evict its keys.
+
+    Returns the policy, or None when it could not be read (CONFIG not permitted, renamed...):
+    then nothing is warned and nothing fails.
+    """
+    from luasched.scripts import is_cluster
+
+    try:
+        if is_cluster(client):
+            node = client.get_node_from_key(namespace.prefix)
+            config = client.config_get("maxmemory-policy", target_nodes=node)
+        else:
+            config = client.config_get("maxmemory-policy")
+    except Exception:  # CONFIG may be refused (ACL, managed services): never fatal
+        return None
+    policy = _policy_of(config)
+    message = policy and policy_warning(policy)
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return policy
+
+
+def poll_timeout_s(remaining_s: float, next_due_ms: int | None, poll_ms: int) -> float:
+    """How long a blocked dequeue waits on the wake list before asking the script again."""
+    limit = poll_ms / 1000
+    if next_due_ms is not None:
+        limit = min(limit, next_due_ms / 1000)
+    return max(0.001, min(remaining_s, limit))
+
+
+def remaining_ms(deadline: float) -> int:
+    """Whole ms left until the monotonic ``deadline`` (at least 0)."""
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+class Queue:
+    """One task queue of a namespace (``s.queue(name)``).
+
+    Every method is one script call, atomic on the server, that checks all its arguments first
+    and changes nothing when it raises (``InvalidArgument``, ``StaleLease``, ``CorruptState``);
+    a blocking ``dequeue`` is a loop of such calls around a BLPOP. Task ids, payloads and worker
+    ids are any bytes (str is sent as UTF-8) and come back as bytes. Times are the server's
+    clock; callers pass relative durations. Mutating calls take a ``request_id`` (None: a random
+    one per call; b"": none): a replay with the same id within ``request_ttl_ms`` acts once.
+    Needs a client that answers bytes (``decode_responses=False``, redis-py's default).
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        namespace: Namespace,
+        name: str | bytes,
+        *,
+        client: Any = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
+        backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
+        request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+        poll_ms: int = DEFAULT_POLL_MS,
+    ) -> None:
+        self._runner = runner
+        self._client = client
+        self.keys = QueueKeys.of(namespace, name)
+        self.name = self.keys.queue
+        self.max_attempts = max_attempts
+        self.backoff_base_ms = backoff_base_ms
+        self.backoff_max_ms = backoff_max_ms
+        self.request_ttl_ms = request_ttl_ms
+        self.poll_ms = poll_ms
+
+    def _poll_ms(self) -> int:
+        # A BLPOP must end before the client's socket timeout would cut it.
+        pool = getattr(self._client, "connection_pool", None)
+        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        if socket_timeout:
+            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
+        return self.poll_ms
+
+    def enqueue(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes = b"",
+        *,
+        priority: int = 0,
+        delay_ms: int = 0,
+        max_attempts: int | None = None,
+        request_id: str | bytes | None = None,
+    ) -> Enqueued:
+        """Add a task, ready now or after ``delay_ms`` (server clock); idempotent by task id.
+
+        A task id that exists (ready, delayed, leased or dead) is left as it is:
+        ``created=False`` and its state. Priority -512..511, higher first, FIFO within a
+        priority. ``max_attempts`` (default: the queue's) leases before the dead letters.
+        O(log n). Raises InvalidArgument.
+        """
+        return self._runner.run(
+            enqueue_call(
+                self.keys,
+                task_id,
+                payload,
+                priority=priority,
+                delay_ms=delay_ms,
+                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+
+    def _call(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        wait_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Call[Any]:
+        return dequeue_call(
+            self.keys,
+            worker_id,
+            count,
+            lease_ms,
+            wait_ms=wait_ms,
+            ack=ack,
+            request_id=request_id,
+            request_ttl_ms=self.request_ttl_ms,
+            shape=shape,
+        )
+
+    def _take(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        if block_ms <= 0:  # one call (also what a pipeline queues)
+            return self._runner.run(
+                self._call(worker_id, count, lease_ms, 0, ack, request_id, shape)
+            )
+        if self._client is None:
+            raise ValueError("a blocking dequeue cannot be queued in a pipeline")
+        rid = _request(request_id)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            wait_ms = remaining_ms(deadline)
+            reply: Dequeued = self._runner.run(
+                self._call(worker_id, count, lease_ms, wait_ms, ack, rid, "reply")
+            )
+            if reply.leases:
+                return reply.leases[0] if shape == "one" else list(reply.leases)
+            if ack is not None:  # acked (and recorded under rid): the next tries only take
+                ack, rid = None, new_request_id()
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None if shape == "one" else []
+            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
+            self._client.blpop([self.keys.wake], timeout=timeout)
+
+    def dequeue(
+        self,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> Lease | None:
+        """Take the next ready task and lease it to ``worker_id`` for ``lease_ms``, atomically.
+
+        None when nothing is ready (after waiting up to ``block_ms``: the wait is a BLPOP on the
+        queue's wake list, woken by enqueue, nack and promotion, and capped by the next delayed
+        task's due time and ``poll_ms``; the script decides every time). The same call first
+        promotes due delayed tasks and reclaims expired leases (bounded). O(log n).
+        """
+        return self._take(worker_id, 1, lease_ms, block_ms, None, request_id, "one")  # type: ignore[no-any-return]
+
+    def dequeue_many(
+        self,
+        worker_id: str | bytes,
+        n: int,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> list[Lease]:
+        """Take up to ``n`` (1..config.max_batch) ready tasks in one call, best first."""
+        return self._take(worker_id, n, lease_ms, block_ms, None, request_id, "many")  # type: ignore[no-any-return]
+
+    def ack_and_dequeue(
+        self,
+        lease: Lease,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
+    ) -> Lease | None:
+        """Ack ``lease`` and take the next task in the same call (see ``ack`` and ``dequeue``).
+
+        Raises StaleLease (and takes nothing) when ``lease`` is no longer held.
+        """
+        return self._take(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")  # type: ignore[no-any-return]
+
+    def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
+        """Finish ``lease``'s task: it is removed from the queue. O(log n).
+
+        Raises StaleLease when the lease is no longer held (finished already, or expired and
+        leased again): the task belongs to the newer lease. A lease past its deadline that no
+        dequeue has reclaimed yet is still held.
+        """
+        return self._runner.run(
+            ack_call(self.keys, lease, request_id=request_id, request_ttl_ms=self.request_ttl_ms)
+        )
+
+    def nack(
+        self,
+        lease: Lease,
+        delay_ms: int | None = None,
+        reason: str | bytes = b"",
+        *,
+        request_id: str | bytes | None = None,
+    ) -> Nacked:
+        """Give ``lease``'s task back as a failed attempt.
+
+        Ready again after ``delay_ms``, or (None) after min(backoff_max_ms, backoff_base_ms *
+        2^(attempt-1)); after max_attempts leases it goes to the dead letters with ``reason``.
+        O(log n). Raises StaleLease.
+        """
+        return self._runner.run(
+            nack_call(
+                self.keys,
+                lease,
+                delay_ms=delay_ms,
+                reason=reason,
+                backoff_base_ms=self.backoff_base_ms,
+                backoff_max_ms=self.backoff_max_ms,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+
+    def extend(self, lease: Lease, lease_ms: int) -> int:
+        """Move ``lease``'s deadline to the server's now + ``lease_ms``; the new deadline.
+
+        Raises StaleLease. O(log n).
+        """
+        return self._runner.run(extend_call(self.keys, lease, lease_ms))
+
+    def requeue_dead(self, task_id: str | bytes) -> bool:
+        """Bring a dead-letter task back (ready now, attempts reset); False if it was not dead."""
+        return self._runner.run(requeue_dead_call(self.keys, task_id)) == "requeued"
+
+    def stats(self) -> QueueStats:
+        """Counts (ready, delayed, leased, dead), oldest ready age, next due. Read-only."""
+        return self._runner.run(stats_call(self.keys))

@@ -1,0 +1,394 @@
+--@script     pick.least_loaded
+--@summary    Picks the live, non-draining node with the lowest utilization (load / capacity) that has room
+--@+          for `cost`, and charges it `cost` in the same step, so two callers never both take a node's last
+--@+          unit. Ties at the lowest utilization are broken uniformly with the client's random integer.
+--@+          Unlimited nodes count as capacity 2^50. Give the load back with pick.release.
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load (absent: 0).
+--@key        capacity    hash    luasched:{ns}:nodes:capacity -- index -> capacity (absent: unlimited).
+--@key        deadline    zset    luasched:{ns}:nodes:deadline -- index scored by its heartbeat deadline
+--@+          (server ms); live while deadline > now.
+--@key        node_id     hash    luasched:{ns}:nodes:id -- index -> node id.
+--@arg        cost    int:1..1000000000000  The load to charge to the chosen node.
+--@arg        random  int:0..9007199254740991  A uniformly random integer drawn by the client
+--@+          (breaks ties).
+--@reply      array{node_id:string, load:int, capacity:int}  The chosen node, its load after the charge, its
+--@+          capacity (-1: unlimited).
+--@error      ARG  Not 5 keys or 2 arguments, or an argument out of its range.
+--@error      NONODE  No node is live and not draining; nothing changed.
+--@error      ATCAPACITY  Every live, non-draining node is at its capacity for `cost`; nothing changed.
+--@error      SCANLIMIT  The 128 least-utilized candidates were dead (not swept yet)
+--@+          or had no room for `cost`; nothing changed.
+--@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for n eligible nodes; O(k log n) when the first k candidates are dead or too full for
+--@+          the cost (k <= 128)
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'pick.least_loaded'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
+-- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
+--
+--   utilization = load / capacity, a double; ZADD gets it as '%.17g', which round-trips exactly,
+--   so equal fractions (1/2, 2/4) get bit-identical scores and tie.
+--   A node with unlimited capacity counts as capacity UNLIMITED_CAPACITY (2^50): it is never
+--   full and ranks by its load among the unlimited ones, ahead of any busy limited node.
+--   Capacity 0: the node never takes work; its score is 1 (full).
+--   Full for a cost: load + cost > capacity. A node with score < 1 has room for cost 1 (integer
+--   load < capacity), one with score >= 1 has room for no cost: so when the node with the
+--   lowest score is full for cost 1, every node is.
+-- Loads stay <= capacity <= 2^50 (a pick never charges past capacity), so integers stay exact.
+-- ---------------------------------------------------------------------------------------------
+local UNLIMITED_CAPACITY = 1125899906842624
+
+-- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
+local function effective_capacity(raw)
+  if not raw then
+    return UNLIMITED_CAPACITY
+  end
+  return tonumber(raw)
+end
+
+-- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
+local function utilization_score(load, capacity)
+  if capacity <= 0 then
+    return '1'
+  end
+  return string.format('%.17g', load / capacity)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick (lua/include/pick.lua.j2): what the pick.* scripts share. Needs prelude.lua.j2.
+-- Binds no KEYS: each pick script declares only the keys it touches and passes them here.
+--
+--   * Reads go through read(), which turns a wrong-type reply into CORRUPT; every key a pick
+--     writes is read first, so no write can fail after another write was made.
+--   * A candidate is live while its deadline (nodes:deadline) is strictly after the server's
+--     now; the candidate sets (pick:util, pick:ring, pick:lru) also hold dead nodes until
+--     nodes.sweep removes them, so walks skip them, examining at most SCAN_LIMIT members.
+--   * Client randomness: ARGV integers in 0..2^53-1, reduced with math.fmod (exact for
+--     doubles); the bias of r mod m is below m / 2^53, under 1e-5 for any m the registry allows.
+-- ---------------------------------------------------------------------------------------------
+local MAX_RANDOM = 9007199254740991
+local fmod = math.fmod
+
+-- redis.call for reads: a key of another type than the layout fails with CORRUPT (nothing
+-- was written yet when a pick reads).
+local function read(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    fail('CORRUPT', 'a key holds another type or shape than the layout: ' .. show(reply.err))
+  end
+  return reply
+end
+
+-- The server's clock in ms, read once at the top of a script.
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
+local function stored_int(raw, what)
+  if not raw then
+    return 0
+  end
+  local value = tonumber(raw)
+  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
+  end
+  return value
+end
+
+-- Whether `index` (a member string) is live at now_ms.
+local function is_live(deadline_key, index, now_ms)
+  local deadline = read('ZSCORE', deadline_key, index)
+  return deadline and tonumber(deadline) > now_ms
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
+-- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,
+-- so a walk examines at most SCAN_LIMIT (128) members and then fails with
+-- SCANLIMIT (before any write) rather than run unbounded.
+-- ---------------------------------------------------------------------------------------------
+local SCAN_LIMIT = 128
+
+-- Walks the zset `key` of indexes in rank order from rank `first` (wrapping past the end to
+-- rank 0 when `wrap`), examining at most SCAN_LIMIT members and each member at most once.
+-- For each live member calls accept(member, score): true takes it, 'stop' ends the walk.
+-- Returns member, score of the taken one; or nil and why: 'end' (every member examined),
+-- 'stop', or 'limit' (SCAN_LIMIT examined). Also returns how many live members it saw.
+-- O(examined * log n): ZRANGE and ZMSCORE in growing chunks.
+local function walk(key, deadline_key, now_ms, first, wrap, accept)
+  local total = read('ZCARD', key)
+  local budget = math.min(total, SCAN_LIMIT)
+  local examined, live_seen, rank, chunk = 0, 0, first, 4
+  while examined < budget do
+    if rank >= total then
+      if not wrap or first == 0 then
+        break
+      end
+      rank = 0
+    end
+    local size = math.min(chunk, budget - examined, total - rank)
+    if wrap and rank < first then
+      size = math.min(size, first - rank)
+    end
+    local flat = read('ZRANGE', key, rank, rank + size - 1, 'WITHSCORES')
+    local count = #flat / 2
+    if count == 0 then
+      break
+    end
+    local members = {}
+    for position = 1, count do
+      members[position] = flat[2 * position - 1]
+    end
+    local deadlines = read('ZMSCORE', deadline_key, unpack(members))
+    for position = 1, count do
+      examined = examined + 1
+      local deadline = deadlines[position]
+      if deadline and tonumber(deadline) > now_ms then
+        live_seen = live_seen + 1
+        local score = tonumber(flat[2 * position])
+        local verdict = accept(members[position], score)
+        if verdict == 'stop' then
+          return nil, 'stop', live_seen
+        elseif verdict then
+          return members[position], score, live_seen
+        end
+      end
+    end
+    rank = rank + count
+    chunk = chunk * 2
+  end
+  if examined >= SCAN_LIMIT and examined < total then
+    return nil, 'limit', live_seen
+  end
+  return nil, 'end', live_seen
+end
+
+
+-- Fails for a walk of a strategy without capacity that took nothing: SCANLIMIT or NONODE.
+local function fail_no_live(why)
+  if why == 'limit' then
+    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were all dead; sweep dead nodes')
+  end
+  fail('NONODE', 'no live node that is not draining')
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
+-- pick.two_choices). Needs prelude, pick_score, pick and pick_walk. KEYS as in
+-- include/pick_load_keys.j2: util, load, capacity, deadline, node_id.
+--
+-- Least-loaded: the live member of pick:util with the lowest utilization that has room for
+-- the cost. Fast path (no dead node, no cost problem): ZRANGE 0 1 tells whether the lowest
+-- score is shared; if so ZCOUNT gives the tie size and the client's random integer picks a rank
+-- inside the tie (uniform). Otherwise a bounded walk in utilization order skips dead nodes and
+-- nodes without room for the cost, and stops at the first live node whose score is >= 1 (full
+-- for any cost: every later one is too, see pick_score). Charging writes the load (pick:load)
+-- and the new score (pick:util), nothing else.
+-- ---------------------------------------------------------------------------------------------
+local K_UTIL, K_LOAD, K_CAPACITY, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local PICK_KEY_COUNT = 5
+
+-- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
+local function load_and_capacity(index)
+  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local capacity_raw = read('HGET', K_CAPACITY, index)
+  return load, effective_capacity(capacity_raw), capacity_raw
+end
+
+-- The candidate `index` if it is live and has room for `cost`: its load and capacities.
+local function fits(index, cost, now_ms)
+  if not is_live(K_DEADLINE, index, now_ms) then
+    return nil
+  end
+  local load, capacity, capacity_raw = load_and_capacity(index)
+  if load + cost > capacity then
+    return nil
+  end
+  return load, capacity, capacity_raw
+end
+
+-- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}.
+local function charge(index, load, capacity, capacity_raw, cost)
+  local node_id = read('HGET', K_ID, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' of pick:util has no node id')
+  end
+  local new_load = load + cost
+  -- Writes: both keys were read above (types known); nothing below can fail.
+  redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+  redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
+  return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
+end
+
+-- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
+local function pick_least_loaded(cost, random, now_ms)
+  local head = read('ZRANGE', K_UTIL, 0, 1, 'WITHSCORES')
+  if #head == 0 then
+    fail('NONODE', 'no live node that is not draining')
+  end
+  local index = head[1]
+  if tonumber(head[2]) < 1 then
+    if head[4] == head[2] then
+      -- A tie at the lowest score (equal scores have equal '%.17g' strings).
+      local ties = read('ZCOUNT', K_UTIL, head[2], head[2])
+      index = read('ZRANGE', K_UTIL, fmod(random, ties), fmod(random, ties))[1]
+    end
+    local load, capacity, capacity_raw = fits(index, cost, now_ms)
+    if load then
+      return charge(index, load, capacity, capacity_raw, cost)
+    end
+  end
+  local found_load, found_capacity, found_raw
+  local member, why, live_seen = walk(K_UTIL, K_DEADLINE, now_ms, 0, false, function(candidate, score)
+    if score >= 1 then
+      return 'stop'
+    end
+    local load, capacity, capacity_raw = load_and_capacity(candidate)
+    if load + cost <= capacity then
+      found_load, found_capacity, found_raw = load, capacity, capacity_raw
+      return true
+    end
+    return false
+  end)
+  if member then
+    return charge(member, found_load, found_capacity, found_raw, cost)
+  end
+  if why == 'limit' then
+    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were dead or had no room for cost '
+      .. decimal(cost) .. ' (' .. live_seen .. ' live); sweep dead nodes or lower the cost')
+  end
+  if why == 'stop' or live_seen > 0 then
+    fail('ATCAPACITY', 'every live node is at its capacity for cost ' .. decimal(cost))
+  end
+  fail('NONODE', 'no live node that is not draining')
+end
+local function main()
+  key_count(PICK_KEY_COUNT)
+  arg_count(2, 2)
+  local cost = arg_int(1, 'cost', 1, 1000000000000)
+  local random = arg_int(2, 'random', 0, MAX_RANDOM)
+  return pick_least_loaded(cost, random, clock_ms())
+end
+
+return run(main)

@@ -1,0 +1,243 @@
+--@script     pick.release
+--@summary    Gives back `cost` of a node's load charged by pick.least_loaded or pick.two_choices; the load
+--@+          never goes below zero (releasing more than was charged leaves 0). Works on draining and dead
+--@+          (not yet swept) nodes too; their utilization is updated where they are candidates.
+--@key        node_index  hash    luasched:{ns}:nodes:index -- node id -> its index.
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load (absent: 0).
+--@key        capacity    hash    luasched:{ns}:nodes:capacity -- index -> capacity (absent: unlimited).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes scored by
+--@+          utilization load/capacity.
+--@arg        node_id  string:1..1024  The node id.
+--@arg        cost     int:1..1000000000000  The load to give back.
+--@reply      int  The node's load after the release (>= 0).
+--@error      ARG  Not 4 keys or 2 arguments, or an argument out of its range.
+--@error      NOSUCHNODE  The node is not registered (removed or swept: its load went with it).
+--@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for n eligible nodes
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'pick.release'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
+-- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
+--
+--   utilization = load / capacity, a double; ZADD gets it as '%.17g', which round-trips exactly,
+--   so equal fractions (1/2, 2/4) get bit-identical scores and tie.
+--   A node with unlimited capacity counts as capacity UNLIMITED_CAPACITY (2^50): it is never
+--   full and ranks by its load among the unlimited ones, ahead of any busy limited node.
+--   Capacity 0: the node never takes work; its score is 1 (full).
+--   Full for a cost: load + cost > capacity. A node with score < 1 has room for cost 1 (integer
+--   load < capacity), one with score >= 1 has room for no cost: so when the node with the
+--   lowest score is full for cost 1, every node is.
+-- Loads stay <= capacity <= 2^50 (a pick never charges past capacity), so integers stay exact.
+-- ---------------------------------------------------------------------------------------------
+local UNLIMITED_CAPACITY = 1125899906842624
+
+-- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
+local function effective_capacity(raw)
+  if not raw then
+    return UNLIMITED_CAPACITY
+  end
+  return tonumber(raw)
+end
+
+-- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
+local function utilization_score(load, capacity)
+  if capacity <= 0 then
+    return '1'
+  end
+  return string.format('%.17g', load / capacity)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick (lua/include/pick.lua.j2): what the pick.* scripts share. Needs prelude.lua.j2.
+-- Binds no KEYS: each pick script declares only the keys it touches and passes them here.
+--
+--   * Reads go through read(), which turns a wrong-type reply into CORRUPT; every key a pick
+--     writes is read first, so no write can fail after another write was made.
+--   * A candidate is live while its deadline (nodes:deadline) is strictly after the server's
+--     now; the candidate sets (pick:util, pick:ring, pick:lru) also hold dead nodes until
+--     nodes.sweep removes them, so walks skip them, examining at most SCAN_LIMIT members.
+--   * Client randomness: ARGV integers in 0..2^53-1, reduced with math.fmod (exact for
+--     doubles); the bias of r mod m is below m / 2^53, under 1e-5 for any m the registry allows.
+-- ---------------------------------------------------------------------------------------------
+local MAX_RANDOM = 9007199254740991
+local fmod = math.fmod
+
+-- redis.call for reads: a key of another type than the layout fails with CORRUPT (nothing
+-- was written yet when a pick reads).
+local function read(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    fail('CORRUPT', 'a key holds another type or shape than the layout: ' .. show(reply.err))
+  end
+  return reply
+end
+
+-- The server's clock in ms, read once at the top of a script.
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
+local function stored_int(raw, what)
+  if not raw then
+    return 0
+  end
+  local value = tonumber(raw)
+  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
+  end
+  return value
+end
+
+-- Whether `index` (a member string) is live at now_ms.
+local function is_live(deadline_key, index, now_ms)
+  local deadline = read('ZSCORE', deadline_key, index)
+  return deadline and tonumber(deadline) > now_ms
+end
+local K_INDEX, K_LOAD, K_CAPACITY, K_UTIL = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+local function main()
+  key_count(4)
+  arg_count(2, 2)
+  local node_id = arg_string(1, 'node_id', 1, 1024)
+  local cost = arg_int(2, 'cost', 1, 1000000000000)
+  local index = read('HGET', K_INDEX, node_id)
+  if not index then
+    fail('NOSUCHNODE', 'node ' .. show(node_id) .. ' is not registered')
+  end
+  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local capacity = effective_capacity(read('HGET', K_CAPACITY, index))
+  read('ZSCORE', K_UTIL, index)  -- a wrong type fails here, before the first write
+  local new_load = math.max(0, load - cost)
+  -- Writes: both keys were read above; nothing below can fail.
+  if new_load == 0 then
+    redis.call('HDEL', K_LOAD, index)
+  else
+    redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+  end
+  -- XX: a draining node is no candidate and stays out of pick:util.
+  redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
+  return new_load
+end
+
+return run(main)

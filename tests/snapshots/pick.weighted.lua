@@ -1,0 +1,289 @@
+--@script     pick.weighted
+--@summary    Weighted random pick: each live, non-draining node is chosen with probability weight / total
+--@+          weight, from the client's random integer, in O(log n): pick:weighted holds the live eligible
+--@+          nodes scored by cumulative weight, and the pick is the first member whose cumulative weight
+--@+          exceeds random mod total. Changes nothing, except to rebuild that table (O(n log n), once after
+--@+          each change of membership, weight, drain flag or revival, which delete it; or when the draw lands
+--@+          on a node that died since it was built, then the draw is made again with random2).
+--@key        weighted  zset    luasched:{ns}:pick:weighted -- live eligible indexes scored by cumulative
+--@+          weight (absent: to be rebuilt).
+--@key        deadline  zset    luasched:{ns}:nodes:deadline -- index scored by its heartbeat deadline
+--@+          (server ms); live while deadline > now.
+--@key        draining  set     luasched:{ns}:nodes:draining -- indexes of draining nodes.
+--@key        weight    hash    luasched:{ns}:nodes:weight -- index -> weight.
+--@key        node_id   hash    luasched:{ns}:nodes:id -- index -> node id.
+--@arg        random1  int:0..9007199254740991  A uniformly random integer drawn by the client.
+--@arg        random2  int:0..9007199254740991  Another one, used only when the table is rebuilt.
+--@reply      string  The chosen node's id.
+--@error      ARG  Not 5 keys or 2 arguments, or an argument out of its range.
+--@error      NONODE  No node is live and not draining; nothing changed.
+--@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for n eligible nodes; O(n log n) for the first pick after a change (the rebuild)
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'pick.weighted'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick (lua/include/pick.lua.j2): what the pick.* scripts share. Needs prelude.lua.j2.
+-- Binds no KEYS: each pick script declares only the keys it touches and passes them here.
+--
+--   * Reads go through read(), which turns a wrong-type reply into CORRUPT; every key a pick
+--     writes is read first, so no write can fail after another write was made.
+--   * A candidate is live while its deadline (nodes:deadline) is strictly after the server's
+--     now; the candidate sets (pick:util, pick:ring, pick:lru) also hold dead nodes until
+--     nodes.sweep removes them, so walks skip them, examining at most SCAN_LIMIT members.
+--   * Client randomness: ARGV integers in 0..2^53-1, reduced with math.fmod (exact for
+--     doubles); the bias of r mod m is below m / 2^53, under 1e-5 for any m the registry allows.
+-- ---------------------------------------------------------------------------------------------
+local MAX_RANDOM = 9007199254740991
+local fmod = math.fmod
+
+-- redis.call for reads: a key of another type than the layout fails with CORRUPT (nothing
+-- was written yet when a pick reads).
+local function read(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    fail('CORRUPT', 'a key holds another type or shape than the layout: ' .. show(reply.err))
+  end
+  return reply
+end
+
+-- The server's clock in ms, read once at the top of a script.
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
+local function stored_int(raw, what)
+  if not raw then
+    return 0
+  end
+  local value = tonumber(raw)
+  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
+  end
+  return value
+end
+
+-- Whether `index` (a member string) is live at now_ms.
+local function is_live(deadline_key, index, now_ms)
+  local deadline = read('ZSCORE', deadline_key, index)
+  return deadline and tonumber(deadline) > now_ms
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
+-- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every
+-- candidate: pick.weighted when it rebuilds its table, pick.smooth_weighted on every pick.
+-- ---------------------------------------------------------------------------------------------
+
+-- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
+local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. string.format('%.0f', now_ms), '+inf')
+  local draining = {}
+  for _, member in ipairs(read('SMEMBERS', draining_key)) do
+    draining[member] = true
+  end
+  local indexes = {}
+  for _, member in ipairs(live) do
+    if not draining[member] then
+      indexes[#indexes + 1] = tonumber(member)
+    end
+  end
+  table.sort(indexes)
+  local weights = {}
+  for first = 1, #indexes, 1000 do
+    local last = math.min(first + 999, #indexes)
+    local chunk = read('HMGET', weight_key, unpack(indexes, first, last))
+    for offset = 1, last - first + 1 do
+      -- A registered index always has a weight (registry invariant).
+      local weight = tonumber(chunk[offset])
+      if not weight or weight < 1 or weight ~= math.floor(weight) then
+        fail('CORRUPT', 'index ' .. indexes[first + offset - 1] .. ' has weight ' .. show(chunk[offset]))
+      end
+      weights[first + offset - 1] = weight
+    end
+  end
+  return indexes, weights
+end
+local K_WEIGHTED, K_DEADLINE, K_DRAINING, K_WEIGHT, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+
+-- The node id of `index`; CORRUPT if the registry lost it.
+local function node_id_of(index)
+  local node_id = read('HGET', K_ID, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
+
+local function main()
+  key_count(5)
+  arg_count(2, 2)
+  local random1 = arg_int(1, 'random1', 0, MAX_RANDOM)
+  local random2 = arg_int(2, 'random2', 0, MAX_RANDOM)
+  local now_ms = clock_ms()
+  local top = read('ZRANGE', K_WEIGHTED, -1, -1, 'WITHSCORES')
+  if #top == 2 then
+    -- Node i covers [cumulative(i-1), cumulative(i)): the first cumulative above r owns r.
+    local draw = fmod(random1, tonumber(top[2]))
+    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. string.format('%.0f', draw), '+inf',
+      'LIMIT', 0, 1)[1]
+    if is_live(K_DEADLINE, member, now_ms) then
+      return node_id_of(member)
+    end
+  end
+
+  -- Rebuild from the live, non-draining nodes (all reads first), then draw with random2.
+  local indexes, weights = eligible_weights(K_DEADLINE, K_DRAINING, K_WEIGHT, now_ms)
+  if #indexes == 0 then
+    fail('NONODE', 'no live node that is not draining')
+  end
+  local cumulative, total = {}, 0
+  for position = 1, #indexes do
+    -- total <= 65535000000 < 2^53: exact.
+    total = total + weights[position]
+    cumulative[position] = total
+  end
+  local draw = fmod(random2, total)
+  local low, high = 1, #indexes
+  while low < high do
+    local middle = math.floor((low + high) / 2)
+    if cumulative[middle] > draw then
+      high = middle
+    else
+      low = middle + 1
+    end
+  end
+  local node_id = node_id_of(indexes[low])
+  -- Writes: pick:weighted was read above (a zset or absent); nothing below can fail.
+  redis.call('DEL', K_WEIGHTED)
+  for first = 1, #indexes, 1000 do
+    local arguments = {}
+    for position = first, math.min(first + 999, #indexes) do
+      arguments[#arguments + 1] = cumulative[position]
+      arguments[#arguments + 1] = indexes[position]
+    end
+    redis.call('ZADD', K_WEIGHTED, unpack(arguments))
+  end
+  return node_id
+end
+
+return run(main)

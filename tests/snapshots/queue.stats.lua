@@ -1,0 +1,368 @@
+--@script     queue.stats
+--@summary    Counts of a queue (ready, delayed, leased, dead), the age of its oldest ready task and when its next
+--@+          delayed task is due, with the server's clock. Reads only. Leases past their deadline count as leased
+--@+          until a dequeue reclaims them; due delayed tasks count as delayed until a dequeue promotes them.
+--@key        ready     zset    luasched:{ns}:q:ready:<queue> -- ready task ids, scored (511 - priority) * 2^43 + seq
+--@+          (an exact integer below 2^53): highest priority first, FIFO (seq) within a priority; ZRANGE 0 0 is the next task.
+--@key        delayed   zset    luasched:{ns}:q:delayed:<queue> -- delayed task ids (and nacked ones waiting for
+--@+          their backoff) scored by the server ms at which they become ready.
+--@key        leased    zset    luasched:{ns}:q:leased:<queue> -- leased task ids scored by the lease deadline
+--@+          (server ms); a lease whose deadline is not after now is reclaimed by the next dequeue.
+--@key        dead      zset    luasched:{ns}:q:dead:<queue> -- dead-letter task ids scored by the server ms
+--@+          at which they died (max_attempts failed attempts).
+--@key        tasks     hash    luasched:{ns}:q:tasks:<queue> -- "p"..task_id -> payload, "m"..task_id -> meta
+--@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
+--@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
+--@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
+--@+          it); at most 16 entries, expires 2000 ms after a push.
+--@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
+--@+          then do enqueue/nack/promotion push wake-up signals.
+--@key        request   string  luasched:{ns}:q:req:<request_id>:<queue> -- the recorded reply of a request id
+--@+          (unused when request_id is empty); lives request_ttl_ms.
+--@reply      array{now_ms:int, ready:int, delayed:int, leased:int, dead:int, oldest_ready_age_ms:int, next_due_ms:int}
+--@+          oldest_ready_age_ms: how long the task that became ready first has been ready (-1: none ready);
+--@+          next_due_ms: ms until the next delayed task is due (0: due now; -1: none delayed).
+--@error      ARG  Not 8 keys, or any argument.
+--@error      CORRUPT  A key of the queue holds another type or shape than the layout.
+--@complexity O(b log n) for b priorities in use among n ready tasks (b <= 1024)
+--@since      6.2
+--@flags      no-writes
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'queue.stats'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
+local function arg_number(index, name, low, high)
+  local raw = ARGV[index]
+  local shaped = raw ~= nil and #raw <= 32
+    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
+      or string.find(raw, '^%-?%.%d+$'))
+  local value = shaped and tonumber(raw)
+  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
+  if not value or value ~= value or value < low or value > high then
+    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
+      .. ', got ' .. show(raw))
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- ARGV[index] as one of the strings in `choices` (a list).
+local function arg_enum(index, name, choices)
+  local raw = ARGV[index]
+  for _, choice in ipairs(choices) do
+    if raw == choice then
+      return raw
+    end
+  end
+  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
+-- scripts.
+--
+-- Every queue.* script takes the same 8 KEYS, in this order (all under the namespace's hash
+-- tag, so one cluster slot; the queue name is arbitrary bytes and only ever the tail of a key
+-- name, after a fixed kind, so two queues never share a key):
+--   1 q:ready:<queue>     ZSET   ready task ids by (511 - priority) * 2^43 + seq
+--   2 q:delayed:<queue>   ZSET   delayed task ids by due time (server ms)
+--   3 q:leased:<queue>    ZSET   leased task ids by lease deadline (server ms)
+--   4 q:dead:<queue>      ZSET   dead letters by time of death (server ms)
+--   5 q:tasks:<queue>     HASH   "p"..id payload, "m"..id meta, "r"..id reason, "seq", "fence"
+--   6 q:wake:<queue>      LIST   wake-up signals for blocked dequeuers
+--   7 q:waiting:<queue>   STRING present while a dequeuer blocks
+--   8 q:req:<request_id>:<queue>  STRING recorded reply of a request id
+-- Task ids are arbitrary bytes: they are only ever zset members and (after a one-byte prefix)
+-- hash fields, never part of a key name.
+--
+-- Invariants the scripts rely on (and keep):
+--   * A task exists exactly while its meta field "m"..id exists; then it is in exactly one of
+--     ready, delayed, leased, dead, the one its meta's state letter names (R, D, L, X), and its
+--     payload field exists. Finished (acked) tasks leave no trace.
+--   * Score budget of ready: priority in [-512, 511] gives a band
+--     511 - priority in [0, 1023] (10 bits), seq in [1, 2^43 - 1] (43 bits):
+--     band * 2^43 + seq <= 2^53 - 1, an exact integer in a double. Lower score = served first.
+--   * "seq" and "fence" (fields of the tasks hash, never deleted) only grow: each task that
+--     becomes ready takes seq + 1, each lease takes fence + 1 as its fencing token.
+--   * A lease is current while the task is leased with that token; it stays current after its
+--     deadline until a dequeue reclaims it (an expired lease = a failed attempt).
+--   * Reads go through read(), which turns WRONGTYPE into CORRUPT; every key a script writes was
+--     read (or is written by SET/PEXPIRE, which cannot fail) before the first write, and the
+--     first write goes through first_write(), so a refused call changes no key.
+-- ---------------------------------------------------------------------------------------------
+local K_READY, K_DELAYED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_TASKS, K_WAKE, K_WAITING, K_REQUEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local QUEUE_KEY_COUNT = 8
+local MIN_PRIORITY = -512
+local MAX_PRIORITY = 511
+local SEQ_SPAN = 8796093022208
+local MAX_SEQ = 8796093022207
+local MAX_TASK_ID_BYTES = 1024
+local MAX_TTL_MS = 31536000000
+local MAX_REQUEST_TTL_MS = 86400000
+local WAKE_MAX = 16
+local WAKE_TTL_MS = 2000
+local STATE_NAMES = { R = 'ready', D = 'delayed', L = 'leased', X = 'dead' }
+local floor = math.floor
+
+-- The server's clock in ms, read once at the top of a script (TIME is frozen inside a script on
+-- 7.2+, advances on 7.0: a second reading could disagree with the first).
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
+end
+
+-- redis.pcall, with a WRONGTYPE error turned into CORRUPT; any other error is raised as is.
+local function checked(...)
+  local result = redis.pcall(...)
+  if type(result) == 'table' and result.err then
+    if string.find(result.err, 'WRONGTYPE', 1, true) then
+      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
+    end
+    error(result, 0)
+  end
+  return result
+end
+
+-- A read (before the first write).
+local read = checked
+-- The first write of a script: if it fails (a key of another type), nothing was changed yet.
+local first_write = checked
+
+-- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
+local function arg_request_id(index)
+  local raw = arg_string(index, 'request_id', 0, 64)
+  if not string.find(raw, '^[%w_%-]*$') then
+    fail('ARG', 'request_id may hold only letters, digits, "_" and "-", got ' .. show(raw))
+  end
+  return raw
+end
+
+-- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
+local function stored_int(raw, what)
+  if not raw then
+    return nil
+  end
+  if #raw > 17 or not string.find(raw, '^%d+$') then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
+  end
+  return tonumber(raw)
+end
+
+-- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
+local function parse_meta(raw, task_id)
+  local state, priority, max_attempts, attempts, token, at_ms, worker =
+    string.match(raw, '^([RDLX]) (%-?%d+) (%d+) (%d+) (%d+) (%d+) (.*)$')
+  if not state then
+    fail('CORRUPT', 'task ' .. show(task_id) .. ' has a malformed meta ' .. show(raw))
+  end
+  return {
+    state = state,
+    priority = tonumber(priority),
+    max_attempts = tonumber(max_attempts),
+    attempts = tonumber(attempts),
+    token = tonumber(token),
+    at_ms = tonumber(at_ms),
+    worker = worker,
+  }
+end
+
+-- The meta of a task that must exist (it is a member of one of the zsets).
+local function existing_meta(raw, task_id)
+  if not raw then
+    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
+  end
+  return parse_meta(raw, task_id)
+end
+
+-- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+local function format_meta(meta)
+  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms, meta.worker)
+end
+
+-- The score of a ready task (see the budget above).
+local function ready_score(priority, seq)
+  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+end
+
+-- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
+local function check_seq(seq)
+  if seq > MAX_SEQ then
+    fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
+  end
+end
+
+-- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
+local function recorded(request_id, op)
+  if request_id == '' then
+    return nil
+  end
+  local raw = read('GET', K_REQUEST)
+  if not raw then
+    return nil
+  end
+  local ok, record = pcall(cmsgpack.unpack, raw)
+  if not ok or type(record) ~= 'table' or type(record[1]) ~= 'string' then
+    fail('CORRUPT', 'the request record is malformed')
+  end
+  if record[1] ~= op then
+    fail('ARG', 'request id ' .. show(request_id) .. ' was used by another call (' .. record[1] .. ')')
+  end
+  return record
+end
+
+-- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
+local function record_reply(request_id, ttl_ms, record)
+  if request_id ~= '' then
+    redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
+  end
+end
+
+-- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
+local function waiters_present()
+  if redis.call('EXISTS', K_WAITING) == 0 then
+    return false
+  end
+  read('LLEN', K_WAKE)
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
+local function push_wake(count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+end
+local function main()
+  key_count(QUEUE_KEY_COUNT)
+  arg_count(0, 0)
+  local now_ms = server_now_ms()
+  local ready = read('ZCARD', K_READY)
+  local delayed = read('ZCARD', K_DELAYED)
+  local leased = read('ZCARD', K_LEASED)
+  local dead = read('ZCARD', K_DEAD)
+  -- Within a priority, the head is the oldest (FIFO); jump from band to band: at most 1024 steps.
+  local oldest_age = -1
+  local heads = {}
+  local entry = read('ZRANGE', K_READY, 0, 0, 'WITHSCORES')
+  while entry[1] and #heads < 1024 do
+    heads[#heads + 1] = 'm' .. entry[1]
+    local band = floor(tonumber(entry[2]) / SEQ_SPAN)
+    entry = read('ZRANGEBYSCORE', K_READY, decimal((band + 1) * SEQ_SPAN), '+inf', 'WITHSCORES',
+      'LIMIT', 0, 1)
+  end
+  if #heads > 0 then
+    local metas = read('HMGET', K_TASKS, unpack(heads))
+    for index, raw in ipairs(metas) do
+      local meta = existing_meta(raw, string.sub(heads[index], 2))
+      oldest_age = math.max(oldest_age, now_ms - meta.at_ms)
+    end
+  end
+  local next_due = -1
+  local first = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if first[1] then
+    next_due = math.max(0, tonumber(first[2]) - now_ms)
+  end
+  return { now_ms, ready, delayed, leased, dead, oldest_age, next_due }
+end
+
+return run(main)
