@@ -7,8 +7,10 @@ PYTEST_ARGS ?=
 SERVERS ?=
 BACKEND ?=
 SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=$(BACKEND))
+# make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
+BENCH_ARGS ?=
 
-.PHONY: all venv servers images test lint snapshots demo clean
+.PHONY: all venv servers images test lint snapshots demo bench clean
 
 all: test
 
@@ -33,13 +35,23 @@ test: venv images
 	$(VENV)/bin/pytest $(SERVER_FLAGS) $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check pyclient tests examples
-	$(VENV)/bin/ruff format --check pyclient tests examples
+	$(VENV)/bin/ruff check pyclient tests examples bench
+	$(VENV)/bin/ruff format --check pyclient tests examples bench
 	$(VENV)/bin/mypy
 
 # The README's first command: the scripts at work on a throwaway server (or on $$REDIS_URL).
 demo: venv servers
 	$(VENV)/bin/python examples/demo.py
+
+# The bench extra (the peers: lock libraries), on top of the venv; redone with pyproject.toml.
+$(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
+	$(PIP) install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $@
+
+# Its own throwaway server on 127.0.0.1 (Redis 8.2.3 from .tools/servers unless --server PATH),
+# stopped at the end; writes bench/results/latest.json and docs/bench.md.
+bench: $(VENV)/.bench-stamp servers
+	$(VENV)/bin/python -m bench --invoked-as "make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(BENCH_ARGS)
 
 # Re-export the reviewed script snapshots and docs/scripts.md after a template change; review the
 # diff (SHA1 changes).

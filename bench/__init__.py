@@ -1,0 +1,1 @@
+"""luasched's benchmark suite: ``make bench`` (``python -m bench``); see bench/README.md."""

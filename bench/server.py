@@ -1,0 +1,171 @@
+"""A throwaway Redis/Valkey server on 127.0.0.1 for one benchmark run.
+
+Binds 127.0.0.1 only, on a free port picked by binding a socket to port 0; no persistence
+(``--save "" --appendonly no``), its files in a temporary directory. ``stop`` (also on leaving the
+``with`` block, whatever happened) sends ``SHUTDOWN NOSAVE``, then kills the process if it is
+still there after a few seconds, and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM it if the benchmark dies (Linux only),
+    so even a killed run leaves no server behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Server:
+    """One server process; ``with Server(binary) as server: server.port``."""
+
+    def __init__(self, binary: str | Path, extra_args: list[str] | None = None) -> None:
+        self.binary = Path(binary)
+        self.extra_args = extra_args or []
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.directory: Path | None = None
+
+    def start(self, attempts: int = 3) -> None:
+        if not self.binary.is_file():
+            raise FileNotFoundError(
+                f"server binary {self.binary} not found (run `make servers`, or pass --server)"
+            )
+        self.directory = Path(tempfile.mkdtemp(prefix="luasched-bench-"))
+        last_error = ""
+        for _ in range(attempts):  # a port picked at random may be taken in between: retry
+            self.port = free_port()
+            log = self.directory / "server.log"
+            args = [
+                str(self.binary),
+                "--bind", HOST,
+                "--port", str(self.port),
+                "--save", "",
+                "--appendonly", "no",
+                "--protected-mode", "yes",
+                "--daemonize", "no",
+                "--dir", str(self.directory),
+                "--logfile", str(log),
+                *self.extra_args,
+            ]  # fmt: skip
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+            if self._wait_ready(10.0):
+                return
+            last_error = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            self._kill()
+        self.stop()
+        raise RuntimeError(f"{self.binary} did not start on {HOST}:\n{last_error}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self.process is not None
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            return False
+        finally:
+            client.close()
+
+    def _kill(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        """Shut the server down (SHUTDOWN NOSAVE, then kill) and remove its directory."""
+        if self.process is not None and self.process.poll() is None:
+            client = redis.Redis(host=HOST, port=self.port, socket_timeout=2)
+            with contextlib.suppress(redis.RedisError):
+                client.shutdown(nosave=True)
+            client.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        self._kill()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError if the server process has exited."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise RuntimeError(f"the benchmark server exited (status {code})")
+
+    def info(self) -> dict[str, Any]:
+        """Name, version, path and a few settings of the running server."""
+        client = redis.Redis(host=HOST, port=self.port)
+        try:
+            server = client.info("server")
+            name = str(server.get("server_name") or "redis")
+            if "valkey_version" in server:
+                name, version = "valkey", str(server["valkey_version"])
+            else:
+                version = str(server["redis_version"])
+            busy = client.config_get("busy-reply-threshold") or client.config_get("lua-time-limit")
+            busy_ms = int(str(next(iter(busy.values())))) if busy else None
+            return {
+                "name": name,
+                "version": version,
+                "binary": str(self.binary),
+                "host": HOST,
+                "port": self.port,
+                "busy_reply_threshold_ms": busy_ms,
+            }
+        finally:
+            client.close()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
