@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,20 @@ def test_script_reference_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> N
     assert generated == committed, "docs/scripts.md is stale: run `make snapshots`"
     for name in render_all():
         assert f"### {name}\n" in generated
+
+
+def test_readme_lists_every_script() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in render_all() if f"`{name}`" not in readme]
+    assert not missing, f"README's script table lacks {missing}"
+
+
+@pytest.mark.standalone_only
+def test_readme_python_example_runs(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    server.flush()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme[readme.index("## From Python") :].split("```python\n", 1)[1].split("```")[0]
+    assert "redis.Redis()" in example
+    code = example.replace("redis.Redis()", f"redis.Redis(port={server.port})")
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "1"  # the first fencing token of the lock
