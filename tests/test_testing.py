@@ -1,0 +1,44 @@
+"""luasched.testing: the throwaway server used by the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from luasched.testing import ThrowawayServer, find_server_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throwaway_server_starts_on_loopback_and_leaves_nothing() -> None:
+    binary = find_server_binary(ROOT)
+    with ThrowawayServer(binary) as server:
+        client = server.client()
+        assert client.ping()
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("save")["save"] == ""
+        directory, process, port = server.directory, server.process, server.port
+        assert directory is not None and directory.is_dir()
+        assert server.info()["port"] == port
+        client.close()
+    assert process is not None and process.poll() is not None  # stopped
+    assert not directory.exists()  # cleaned up
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+
+
+def test_find_server_binary_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUASCHED_SERVER", "/opt/somewhere/redis-server")
+    assert find_server_binary() == Path("/opt/somewhere/redis-server")
+    monkeypatch.delenv("LUASCHED_SERVER")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(FileNotFoundError, match="make servers"):
+        find_server_binary(ROOT / "no-such-dir")
+    assert find_server_binary(ROOT).is_file()  # .tools/servers, installed by `make servers`
+
+
+def test_a_missing_binary_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="not found"), ThrowawayServer("/no/such/binary"):
+        pass
