@@ -320,7 +320,7 @@ def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     environment = _environment(directory)
     context: dict[str, Any] = {
         "config": config,
-        "crc16_table": _lua_table(crc16_table()),
+        "crc16_table": _lua_bytes(crc16_table()),
     }
     scripts: dict[str, RenderedScript] = {}
     for template_name in _template_names(directory):
@@ -353,11 +353,14 @@ class _ReadOnly(Mapping[str, RenderedScript]):
         return len(self._items)
 
 
-def _lua_table(values: list[int]) -> str:
-    rows = []
-    for start in range(0, len(values), 8):
-        rows.append("  " + ", ".join(f"0x{value:04x}" for value in values[start : start + 8]) + ",")
-    return "\n".join(rows)
+def _lua_bytes(values: list[int]) -> str:
+    """16-bit values as one Lua string literal of big-endian byte pairs, ASCII only (escapes).
+
+    One literal on one line: Lua 5.1 does not fold ``'a' .. 'b'`` at compile time, so a split
+    literal would be concatenated again on every call.
+    """
+    raw = b"".join(value.to_bytes(2, "big") for value in values)
+    return "'" + "".join(f"\\{byte}" for byte in raw) + "'"
 
 
 def _arg_json(arg: ArgSpec) -> dict[str, Any]:
