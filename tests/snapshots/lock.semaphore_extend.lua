@@ -56,6 +56,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -153,18 +160,6 @@ local floor = math.floor
 local REQUEST_TTL_MS = 60000
 local WAKE_MAX = 16
 local WAKE_TTL_MS = 1000
-
--- An integer (below 2^53) as a plain decimal string (tostring switches to exponents at 15 digits).
-local function decimal(value)
-  return string.format('%.0f', value)
-end
-
--- The server's clock in ms, read once at the top of a script (TIME is frozen inside a script on
--- 7.2+, advances on 7.0: a second reading could disagree with the first).
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
-end
 
 -- redis.call for reads: a key of another type (WRONGTYPE) becomes CORRUPT, before any write.
 local function read(...)

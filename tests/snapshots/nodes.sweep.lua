@@ -73,6 +73,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -191,19 +198,6 @@ local TABLE_BYTES = 2 * SLOT_COUNT
 local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
-
--- An integer (below 2^53) as a plain decimal string, for arguments and concatenation
--- (tostring would switch to exponent notation above 14 digits).
-local function decimal(value)
-  return string.format('%.0f', value)
-end
-
--- The server's clock in ms. Called once, at the top of a script (TIME is frozen inside a
--- script on 7.2+ anyway; on 7.0 it advances, so a second call could disagree with the first).
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
-end
 
 -- The index (a number) of a registered node id, or nil.
 local function index_of(node_id)

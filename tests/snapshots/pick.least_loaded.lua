@@ -65,6 +65,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -198,12 +205,6 @@ local function read(...)
     fail('CORRUPT', 'a key holds another type or shape than the layout: ' .. show(reply.err))
   end
   return reply
-end
-
--- The server's clock in ms, read once at the top of a script.
-local function clock_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
@@ -388,7 +389,7 @@ local function main()
   arg_count(2, 2)
   local cost = arg_int(1, 'cost', 1, 1000000000000)
   local random = arg_int(2, 'random', 0, MAX_RANDOM)
-  return pick_least_loaded(cost, random, clock_ms())
+  return pick_least_loaded(cost, random, server_now_ms())
 end
 
 return run(main)

@@ -58,6 +58,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -162,12 +169,6 @@ local function read(...)
   return reply
 end
 
--- The server's clock in ms, read once at the top of a script.
-local function clock_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -260,7 +261,7 @@ local K_RING, K_STATE, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local function main()
   key_count(4)
   arg_count(0, 0)
-  local now_ms = clock_ms()
+  local now_ms = server_now_ms()
   local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', string.format('%.0f', cursor))

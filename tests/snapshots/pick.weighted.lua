@@ -61,6 +61,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -165,12 +172,6 @@ local function read(...)
   return reply
 end
 
--- The server's clock in ms, read once at the top of a script.
-local function clock_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -239,7 +240,7 @@ local function main()
   arg_count(2, 2)
   local random1 = arg_int(1, 'random1', 0, MAX_RANDOM)
   local random2 = arg_int(2, 'random2', 0, MAX_RANDOM)
-  local now_ms = clock_ms()
+  local now_ms = server_now_ms()
   local top = read('ZRANGE', K_WEIGHTED, -1, -1, 'WITHSCORES')
   if #top == 2 then
     -- Node i covers [cumulative(i-1), cumulative(i)): the first cumulative above r owns r.

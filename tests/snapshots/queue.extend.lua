@@ -71,6 +71,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -197,13 +204,6 @@ local WAKE_MAX = 16
 local WAKE_TTL_MS = 2000
 local STATE_NAMES = { R = 'ready', D = 'delayed', L = 'leased', X = 'dead' }
 local floor = math.floor
-
--- The server's clock in ms, read once at the top of a script (TIME is frozen inside a script on
--- 7.2+, advances on 7.0: a second reading could disagree with the first).
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
-end
 
 -- redis.pcall, with a WRONGTYPE error turned into CORRUPT; any other error is raised as is.
 local function checked(...)

@@ -49,6 +49,13 @@ local function decimal(value)
   return tostring(value)
 end
 
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
