@@ -170,15 +170,23 @@ local REQUEST_TTL_MS = 60000
 local WAKE_MAX = 16
 local WAKE_TTL_MS = 1000
 
--- redis.call for reads: a key of another type (WRONGTYPE) becomes CORRUPT, before any write.
+-- ---------------------------------------------------------------------------------------------
+-- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
+-- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
+-- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
+-- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
+-- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- ---------------------------------------------------------------------------------------------
 local function read(...)
   local result = redis.pcall(...)
   if type(result) == 'table' and result.err then
-    fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ': ' .. tostring(result.err))
+    if string.find(result.err, 'WRONGTYPE', 1, true) then
+      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
+    end
+    error(result.err, 0)
   end
   return result
 end
-
 -- Fails with CORRUPT unless `key` is absent or of `expected` type.
 local function check_type(key, expected)
   local found = redis.call('TYPE', key).ok

@@ -160,16 +160,23 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- redis.call for reads: a key of another type than the layout fails with CORRUPT (nothing
--- was written yet when a pick reads).
+-- ---------------------------------------------------------------------------------------------
+-- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
+-- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
+-- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
+-- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
+-- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- ---------------------------------------------------------------------------------------------
 local function read(...)
-  local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err then
-    fail('CORRUPT', 'a key holds another type or shape than the layout: ' .. show(reply.err))
+  local result = redis.pcall(...)
+  if type(result) == 'table' and result.err then
+    if string.find(result.err, 'WRONGTYPE', 1, true) then
+      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
+    end
+    error(result.err, 0)
   end
-  return reply
+  return result
 end
-
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then

@@ -208,22 +208,25 @@ local WAKE_TTL_MS = 2000
 local STATE_NAMES = { R = 'ready', D = 'delayed', L = 'leased', X = 'dead' }
 local floor = math.floor
 
--- redis.pcall, with a WRONGTYPE error turned into CORRUPT; any other error is raised as is.
-local function checked(...)
+-- ---------------------------------------------------------------------------------------------
+-- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
+-- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
+-- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
+-- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
+-- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- ---------------------------------------------------------------------------------------------
+local function read(...)
   local result = redis.pcall(...)
   if type(result) == 'table' and result.err then
     if string.find(result.err, 'WRONGTYPE', 1, true) then
       fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
     end
-    error(result, 0)
+    error(result.err, 0)
   end
   return result
 end
-
--- A read (before the first write).
-local read = checked
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
-local first_write = checked
+local first_write = read
 
 -- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
 local function arg_request_id(index)
