@@ -164,7 +164,8 @@ def test_export_matches_the_reviewed_snapshot(tmp_path: Path) -> None:
     """
     written = export(tmp_path)
     assert sorted(path.name for path in written) == sorted(
-        [script.file_name for script in SCRIPTS.values()] + ["manifest.json"]
+        [script.file_name for script in SCRIPTS.values()]
+        + ["manifest.json", "luasched-functions.lua"]
     )
     expected = sorted(path.name for path in SNAPSHOTS.iterdir())
     assert sorted(path.name for path in tmp_path.iterdir()) == expected

@@ -6,9 +6,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 from luasched import __version__
-from luasched.render import ScriptConfig, export, manifest, reference_markdown, render_all
+from luasched.render import (
+    ScriptConfig,
+    export,
+    functions_library,
+    manifest,
+    reference_markdown,
+    render_all,
+)
 
 __all__ = ["main"]
 
@@ -41,11 +49,45 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list the scripts with their SHA1 and summary")
     commands.add_parser("manifest", help="print manifest.json")
     commands.add_parser("reference", help="print the script reference (docs/scripts.md)")
+    commands.add_parser(
+        "functions", help="print the Redis Functions library (Redis 7.0+ / Valkey) on stdout"
+    )
+    install_parser = commands.add_parser(
+        "install-functions",
+        help="FUNCTION LOAD REPLACE the library on the server (every primary of a cluster)",
+    )
+    install_parser.add_argument("url", metavar="REDIS_URL", help="e.g. redis://127.0.0.1:6379/0")
     return parser
 
 
+def install_functions(url: str, config: ScriptConfig) -> list[str]:
+    """Load the Functions library on the server at ``url`` (on every primary when it is a
+    cluster node); returns the addresses it was loaded on."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    from luasched.scripts import ScriptRunner
+
+    plain = redis.Redis.from_url(url)
+    try:
+        clustered = plain.info("cluster").get("cluster_enabled") in (1, "1")
+        if not clustered:
+            ScriptRunner(plain, render_all(config)).install_functions()
+            kwargs = plain.get_connection_kwargs()
+            return [f"{kwargs.get('host')}:{kwargs.get('port')}"]
+    finally:
+        plain.close()
+    cluster = RedisCluster.from_url(url)
+    try:
+        ScriptRunner(cluster, render_all(config)).install_functions()
+        primaries = cast(Any, cluster).get_primaries()  # untyped in redis-py
+        return [str(node.name) for node in primaries]
+    finally:
+        cluster.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage error)."""
+    """Run the command line; returns the exit status (0 ok, 1 server error, 2 usage error)."""
     parser = _parser()
     options = parser.parse_args(argv)
     try:
@@ -67,6 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(manifest(config), indent=2))
     elif options.command == "reference":
         sys.stdout.write(reference_markdown(config))
+    elif options.command == "functions":
+        sys.stdout.write(functions_library(config))
+    elif options.command == "install-functions":
+        import redis
+
+        try:
+            nodes = install_functions(options.url, config)
+        except redis.RedisError as error:
+            print(f"luasched: install-functions failed: {error}", file=sys.stderr)
+            return 1
+        name = functions_library(config).split("\n", 1)[0].split("name=", 1)[1]
+        for node in nodes:
+            print(f"{node}\t{name}")
     return 0
 
 

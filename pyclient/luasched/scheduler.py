@@ -31,6 +31,13 @@ class Scheduler:
         nodes: the node registry (``s.nodes.register(node_id)``, ``s.nodes.heartbeat(...)``).
         pick: node selection (``s.pick.least_loaded()``, ``s.pick.weighted()``...); its random
             integers come from ``rng`` (default: a ``random.Random`` seeded by the OS).
+
+    ``use_functions``: None (default) detects, once, whether the luasched Functions library
+    (``luasched install-functions``, Redis 7.0+) is installed on every primary with exactly
+    these scripts, and then calls them with FCALL instead of EVALSHA (same replies and effects;
+    functions survive restarts and failovers). False: always EVALSHA. True: FCALL without
+    detecting. Either way a call whose function is missing falls back to EVALSHA. Pipelines
+    always use EVALSHA (EVAL on a cluster).
     """
 
     def __init__(
@@ -40,16 +47,22 @@ class Scheduler:
         *,
         config: ScriptConfig | None = None,
         rng: RandomSource | None = None,
+        use_functions: bool | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = ScriptRunner(client, self.scripts)
+        self.runner = ScriptRunner(client, self.scripts, use_functions=use_functions)
         self.slots = Slots(self.runner, self.namespace)
         self.nodes = Nodes(self.runner, self.namespace)
         self.pick = Pick(self.runner, self.namespace, rng)
         self._rng = rng
+
+    def install_functions(self) -> str:
+        """``FUNCTION LOAD REPLACE`` the Functions library on every primary (Redis 7.0+); returns
+        its name. Later calls of this Scheduler use FCALL (unless ``use_functions=False``)."""
+        return self.runner.install_functions()
 
     def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""

@@ -13,6 +13,22 @@ Batches close the two gaps redis-py leaves:
 * ``ClusterPipeline`` refuses ``EVALSHA``; on a cluster a batch sends ``EVAL`` with the script
   text instead (routed and redirected by redis-py; no ``NOSCRIPT`` possible).
 
+Redis Functions (7.0+ / Valkey): when the luasched library (``luasched install-functions``) is
+installed on the node(s), single calls go through ``FCALL`` (``FCALL_RO`` for ``no-writes``
+scripts) instead of ``EVALSHA``. A function's body is the script's text unchanged, so replies and
+effects are the same. ``FunctionsRoute`` decides which path a call takes:
+
+* ``use_functions=None`` (auto): once per runner, ``FCALL_RO luasched_library_digest_v<version> 0``
+  on every primary (the library's own digest function: a 40-byte answer); FCALL only if every
+  primary answers exactly this runner's library digest (a library of another luasched version
+  or configuration is never used). Any error (6.2 has no FCALL; no such function; an ACL that
+  refuses it) means EVALSHA.
+* ``use_functions=True``: FCALL without probing; ``False``: always EVALSHA (the 6.2 behaviour).
+* An FCALL answered ``Function not found`` (``FUNCTION FLUSH``, a new primary) never ran: the
+  call is sent again with EVALSHA and the cached answer is forgotten (the next call probes again).
+
+Batches (pipelines) keep EVALSHA / EVAL with the text: a pipeline cannot fall back call by call.
+
 Everything but the I/O lives in module functions shared with ``luasched.asyncio``.
 """
 
@@ -28,9 +44,9 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
-from luasched.render import RenderedScript
+from luasched.render import FunctionsLibrary, RenderedScript, library_of
 
-__all__ = ["Batch", "Call", "ScriptRunner"]
+__all__ = ["Batch", "Call", "FunctionsRoute", "ScriptRunner"]
 
 T = TypeVar("T")
 Arg = bytes | str | int | float
@@ -87,6 +103,98 @@ def finish(calls: Sequence[Call[Any]], replies: Sequence[Any], raise_on_error: b
     return results
 
 
+def fcall_command(call: Call[Any], library: FunctionsLibrary) -> tuple[Arg, ...]:
+    """The FCALL (FCALL_RO for a ``no-writes`` script) command for ``call``."""
+    head = "FCALL_RO" if library.read_only[call.script] else "FCALL"
+    return (head, library.functions[call.script], len(call.keys), *call.keys, *call.args)
+
+
+def function_missing(error: BaseException) -> bool:
+    """Whether an FCALL error says the function is not there (the call did not run)."""
+    return isinstance(error, ResponseError) and str(error).startswith("Function not found")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def library_installed(reply: Any, library: FunctionsLibrary) -> bool:
+    """Whether a ``FUNCTION LIST LIBRARYNAME <name> WITHCODE`` reply holds ``library`` exactly.
+
+    redis-py answers a list of dicts (RESP2 gives flat lists: both are read). A library of the
+    same name with any other text (another version, configuration or an edited copy) is not it.
+    """
+    if not isinstance(reply, list):
+        return False
+    for entry in reply:
+        if isinstance(entry, list):
+            entry = dict(zip(entry[::2], entry[1::2], strict=False))
+        if not isinstance(entry, dict):
+            continue
+        fields = {_text(key): value for key, value in entry.items()}
+        if _text(fields.get("library_name")) == library.name:
+            return _text(fields.get("library_code")) == library.text
+    return False
+
+
+class FunctionsRoute:
+    """Which path single calls take, FCALL or EVALSHA: the decision, without I/O.
+
+    Shared by the sync and asyncio runners, which do the I/O it asks for: ``needs_probe`` ->
+    send ``probe_command`` to every primary and pass the replies (or exceptions) to ``probed``;
+    then ``fcall(call)`` is the FCALL command to send, or None for EVALSHA; after an FCALL error,
+    ``fall_back(error)`` says whether to send the call again with EVALSHA (it also forgets).
+    """
+
+    def __init__(self, scripts: Mapping[str, RenderedScript], use_functions: bool | None) -> None:
+        self._scripts = scripts
+        self.use_functions = use_functions
+        self._library: FunctionsLibrary | None = None
+        #: None: not known yet; True/False: the library is (not) installed on every primary.
+        self.installed: bool | None = None if use_functions is None else use_functions
+
+    @property
+    def library(self) -> FunctionsLibrary:
+        """The library of this runner's scripts (rendered on first use)."""
+        if self._library is None:
+            self._library = library_of(self._scripts)
+        return self._library
+
+    def needs_probe(self) -> bool:
+        return self.installed is None
+
+    def probe_command(self) -> tuple[str, ...]:
+        """``FCALL_RO <digest function> 0``: a 40-byte answer, whatever the library's size."""
+        return ("FCALL_RO", self.library.digest_function, "0")
+
+    def probed(self, replies: Sequence[Any]) -> None:
+        """Record the probe replies of every primary (an exception stands for an error: no
+        FCALL on 6.2, no such function, or refused by an ACL)."""
+        self.installed = bool(replies) and all(
+            not isinstance(reply, BaseException) and _text(reply) == self.library.digest
+            for reply in replies
+        )
+
+    def fcall(self, call: Call[Any]) -> tuple[Arg, ...] | None:
+        """The FCALL command for ``call``, or None to use EVALSHA."""
+        if not self.installed:
+            return None
+        return fcall_command(call, self.library)
+
+    def fall_back(self, error: BaseException) -> bool:
+        """After an FCALL error: True (and forget what was detected) if the function is gone."""
+        if not function_missing(error):
+            return False
+        if self.use_functions is None:
+            self.installed = None
+        return True
+
+    def reset(self) -> None:
+        """Forget what was detected (after installing or removing the library)."""
+        if self.use_functions is None:
+            self.installed = None
+
+
 def is_cluster(client: object) -> bool:
     """Whether ``client`` is a Redis Cluster client (sync or asyncio)."""
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -102,10 +210,17 @@ class ScriptRunner:
     take a request id for that reason.
     """
 
-    def __init__(self, client: SyncClient, scripts: Mapping[str, RenderedScript]) -> None:
+    def __init__(
+        self,
+        client: SyncClient,
+        scripts: Mapping[str, RenderedScript],
+        *,
+        use_functions: bool | None = None,
+    ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, Script] = {}
+        self.route = FunctionsRoute(scripts, use_functions)
 
     def _handle(self, name: str) -> Script:
         handle = self._handles.get(name)
@@ -115,11 +230,45 @@ class ScriptRunner:
             self._handles[name] = handle
         return handle
 
+    def _primaries(self) -> list[Any]:
+        if not isinstance(self.client, RedisCluster):
+            return [None]
+        return list(cast(Any, self.client).get_primaries())  # untyped in redis-py
+
+    def _execute(self, *command: Arg, **options: Any) -> Any:
+        client: Any = self.client
+        return client.execute_command(*command, **options)
+
+    def _probe(self) -> None:
+        replies: list[Any] = []
+        for node in self._primaries():
+            options = {} if node is None else {"target_nodes": node}
+            try:
+                replies.append(self._execute(*self.route.probe_command(), **options))
+            except redis.RedisError as error:
+                replies.append(error)
+        self.route.probed(replies)
+
+    def uses_functions(self) -> bool:
+        """Whether single calls go through FCALL now (probes the server(s) once if needed)."""
+        if self.route.needs_probe():
+            self._probe()
+        return bool(self.route.installed)
+
     def run(self, call: Call[T]) -> T:
-        """Run one call: EVALSHA, on NOSCRIPT load and retry once; parse the reply.
+        """Run one call: FCALL if the library is installed (see ``FunctionsRoute``), else
+        EVALSHA, on NOSCRIPT load and retry once; parse the reply.
 
         Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply.
         """
+        if self.uses_functions():
+            fcall = self.route.fcall(call)
+            if fcall is not None:
+                try:
+                    return call.parse(self._execute(*fcall))
+                except ResponseError as error:
+                    if not self.route.fall_back(error):
+                        raise translate(error) from None
         try:
             reply = self._handle(call.script)(keys=call.keys, args=call.args)
         except ResponseError as error:
@@ -140,8 +289,20 @@ class ScriptRunner:
             loaded[name] = sha1
         return loaded
 
+    def install_functions(self) -> str:
+        """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name.
+
+        Functions are persisted (RDB/AOF) and replicated, unlike ``SCRIPT LOAD``. Redis 7.0+.
+        """
+        library = self.route.library
+        for node in self._primaries():
+            options = {} if node is None else {"target_nodes": node}
+            self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
+        self.route.reset()
+        return library.name
+
     def batch(self) -> Batch:
-        """A new, empty batch of calls on this runner's client."""
+        """A new, empty batch of calls on this runner's client (EVALSHA / EVAL, never FCALL)."""
         return Batch(self)
 
 

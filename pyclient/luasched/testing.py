@@ -7,6 +7,10 @@ It binds 127.0.0.1 only, on a free port picked by binding a socket to port 0; no
 the ``with`` block, whatever happened) sends ``SHUTDOWN NOSAVE``, then kills the process if it is
 still there after a few seconds, and removes the directory. On Linux the server also gets SIGTERM
 if the Python process that started it dies, so even a killed run leaves no server behind.
+
+``ThrowawayServer(binary, persistent=True)`` keeps its data in an append-only file instead
+(``--appendonly yes``), and ``restart()`` shuts it down (SHUTDOWN, which syncs the AOF) and
+starts it again on the same port and directory: what a test of "survives a restart" needs.
 """
 
 from __future__ import annotations
@@ -83,9 +87,12 @@ def die_with_parent() -> None:
 class ThrowawayServer:
     """One server process; ``with ThrowawayServer(binary) as server: server.port``."""
 
-    def __init__(self, binary: str | Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, binary: str | Path, extra_args: list[str] | None = None, *, persistent: bool = False
+    ) -> None:
         self.binary = Path(binary)
         self.extra_args = extra_args or []
+        self.persistent = persistent
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.directory: Path | None = None
@@ -99,32 +106,59 @@ class ThrowawayServer:
         last_error = ""
         for _ in range(attempts):  # a port picked at random may be taken in between: retry
             self.port = free_port()
-            log = self.directory / "server.log"
-            args = [
-                str(self.binary),
-                "--bind", HOST,
-                "--port", str(self.port),
-                "--save", "",
-                "--appendonly", "no",
-                "--protected-mode", "yes",
-                "--daemonize", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(log),
-                *self.extra_args,
-            ]  # fmt: skip
-            self.process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-            )
-            if self._wait_ready(10.0):
+            if self._launch():
                 return
-            last_error = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            last_error = self._log_tail()
             self._kill()
         self.stop()
         raise RuntimeError(f"{self.binary} did not start on {HOST}:\n{last_error}")
+
+    def _log_tail(self) -> str:
+        assert self.directory is not None
+        log = self.directory / "server.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+    def _launch(self) -> bool:
+        assert self.directory is not None
+        args = [
+            str(self.binary),
+            "--bind", HOST,
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.directory / "server.log"),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        return self._wait_ready(10.0)
+
+    def restart(self) -> None:
+        """Shut the server down (plain SHUTDOWN: a persistent server syncs its AOF) and start it
+        again on the same port and directory. Its data survives only if ``persistent``."""
+        if self.process is None or self.directory is None:
+            raise RuntimeError("the server is not running")
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown()
+        client.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        self._kill()
+        for _ in range(20):  # the port was just released: it may take a moment to be free again
+            if self._launch():
+                return
+            self._kill()
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.binary} did not restart on {HOST}:\n{self._log_tail()}")
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.process is not None

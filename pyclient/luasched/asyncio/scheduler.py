@@ -30,16 +30,21 @@ class Scheduler:
         *,
         config: ScriptConfig | None = None,
         rng: RandomSource | None = None,
+        use_functions: bool | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = AsyncScriptRunner(client, self.scripts)
+        self.runner = AsyncScriptRunner(client, self.scripts, use_functions=use_functions)
         self.slots = AsyncSlots(self.runner, self.namespace)
         self.nodes = AsyncNodes(self.runner, self.namespace)
         self.pick = AsyncPick(self.runner, self.namespace, rng)
         self._rng = rng
+
+    async def install_functions(self) -> str:
+        """Install the Redis Functions library on every primary (Redis 7.0+); its name."""
+        return await self.runner.install_functions()
 
     async def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""

@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from luasched.render import RenderedScript
-from luasched.scripts import Call, command, finish, is_cluster, noscript_indexes, translate
+from luasched.scripts import (
+    Call,
+    FunctionsRoute,
+    command,
+    finish,
+    is_cluster,
+    noscript_indexes,
+    translate,
+)
 
 __all__ = ["AsyncBatch", "AsyncScriptRunner"]
 
@@ -25,10 +34,17 @@ class AsyncScriptRunner:
     Same guarantees as ``luasched.scripts.ScriptRunner``.
     """
 
-    def __init__(self, client: AsyncClient, scripts: Mapping[str, RenderedScript]) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        scripts: Mapping[str, RenderedScript],
+        *,
+        use_functions: bool | None = None,
+    ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, AsyncScript] = {}
+        self.route = FunctionsRoute(scripts, use_functions)
 
     def _handle(self, name: str) -> AsyncScript:
         handle = self._handles.get(name)
@@ -37,8 +53,42 @@ class AsyncScriptRunner:
             self._handles[name] = handle
         return handle
 
+    def _primaries(self) -> list[Any]:
+        client: Any = self.client  # redis-py's cluster methods are untyped
+        return list(client.get_primaries()) if isinstance(client, RedisCluster) else [None]
+
+    async def _execute(self, *command: Any, **options: Any) -> Any:
+        client: Any = self.client
+        return await client.execute_command(*command, **options)
+
+    async def _probe(self) -> None:
+        replies: list[Any] = []
+        for node in self._primaries():
+            options = {} if node is None else {"target_nodes": node}
+            try:
+                command = self.route.probe_command()
+                replies.append(await self._execute(*command, **options))
+            except redis.RedisError as error:
+                replies.append(error)
+        self.route.probed(replies)
+
+    async def uses_functions(self) -> bool:
+        """Whether single calls go through FCALL now (probes the server(s) once if needed)."""
+        if self.route.needs_probe():
+            await self._probe()
+        return bool(self.route.installed)
+
     async def run(self, call: Call[T]) -> T:
-        """Run one call: EVALSHA, on NOSCRIPT load and retry once; parse the reply."""
+        """Run one call: FCALL if the library is installed, else EVALSHA, on NOSCRIPT load and
+        retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``)."""
+        if await self.uses_functions():
+            fcall = self.route.fcall(call)
+            if fcall is not None:
+                try:
+                    return call.parse(await self._execute(*fcall))
+                except ResponseError as error:
+                    if not self.route.fall_back(error):
+                        raise translate(error) from None
         try:
             reply = await self._handle(call.script)(keys=call.keys, args=call.args)
         except ResponseError as error:
@@ -56,8 +106,17 @@ class AsyncScriptRunner:
             loaded[name] = sha1
         return loaded
 
+    async def install_functions(self) -> str:
+        """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name."""
+        library = self.route.library
+        for node in self._primaries():
+            options = {} if node is None else {"target_nodes": node}
+            await self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
+        self.route.reset()
+        return library.name
+
     def batch(self) -> AsyncBatch:
-        """A new, empty batch of calls on this runner's client."""
+        """A new, empty batch of calls on this runner's client (EVALSHA / EVAL, never FCALL)."""
         return AsyncBatch(self)
 
 
