@@ -8,7 +8,7 @@ import redis.cluster
 from luasched.keys import SLOT_COUNT, Namespace, to_bytes
 from luasched.scheduler import Scheduler
 
-__all__ = ["counts_of", "namespace_keys", "snapshot", "table_owners"]
+__all__ = ["counts_of", "namespace_keys", "snapshot", "snapshot_ignoring_ttl", "table_owners"]
 
 Client = redis.Redis | redis.cluster.RedisCluster
 
@@ -59,6 +59,16 @@ def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, 
         ttl = client.pttl(key)
         result[key] = bytes(dumped) + b"|ttl=" + str(ttl).encode()
     return result
+
+
+def snapshot_ignoring_ttl(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, bytes]:
+    """``snapshot`` with each TTL reduced to whether the key has one (``|ttl`` or ``|no-ttl``):
+    the countdown moves between two snapshots, an expiry that is set or removed still shows."""
+    return {
+        key: dumped.rsplit(b"|ttl=", 1)[0]
+        + (b"|no-ttl" if dumped.endswith(b"|ttl=-1") else b"|ttl")
+        for key, dumped in snapshot(client, namespace).items()
+    }
 
 
 def table_owners(client: Client, scheduler: Scheduler) -> list[bytes | None]:
