@@ -6,8 +6,13 @@ Groups (one report table each, ``--only GROUP``):
   ``LEASE_SCRIPT`` below, the least work any atomic lease-based queue does per dequeue.
 * ``slots``: ``slots.keyslot`` with 1 and with 100 keys per call.
 * ``nodes``: ``slots.owner`` with 10 and 10,000 registered nodes; ``slots.rebalance`` over 1,000.
-* ``locks``: the peers luasched's lock will be compared with (redis-py ``Lock``,
-  python-redis-lock, pottery ``Redlock`` on one master): one acquire + one release per cycle.
+* ``locks``: luasched's lock (plain, without request ids, fair) and its peers (redis-py
+  ``Lock``, python-redis-lock, pottery ``Redlock`` on one master): one uncontended acquire + one
+  release per cycle. Under contention: bench/contention.py.
+* ``pick``: ``least_loaded``, ``two_choices``, ``weighted``, ``least_recent`` over 10 and 10,000
+  registered nodes.
+* ``queue``: a task's whole life (enqueue + dequeue-and-lock + ack) against a bare three-script
+  reference queue; dequeue with 1,000 / 100,000 / 1,000,000 tasks queued; ``dequeue_many``.
 
 A worker gets its own client from ``env.client()`` (its commands are counted for the
 commandstats view); setup and teardown use ``env.control()``.
@@ -16,11 +21,15 @@ commandstats view); setup and teardown use ``env.control()``.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import luasched
 from luasched.keys import REGISTRY_KEYS, Namespace
+from luasched.lock import acquire_call, new_token, release_call
+from luasched.queue import QueueKeys, enqueue_call
 
 from .engine import Case, Env, Worker, add
 
@@ -209,8 +218,14 @@ def _has_registry() -> bool:
 HAS_REGISTRY = _has_registry()
 
 
-def register_nodes(env: Env, namespace: str, count: int, weight: Callable[[int], int]) -> None:
-    """Register ``count`` nodes (no deadline) in batches, then drop any slot table left."""
+def register_nodes(
+    env: Env,
+    namespace: str,
+    count: int,
+    weight: Callable[[int], int],
+    capacity: int | None = None,
+) -> None:
+    """Register ``count`` nodes (no deadline) in batches, after dropping the registry."""
     control = env.control()
     try:
         control.delete(*Namespace(namespace).registry_keys)
@@ -218,7 +233,7 @@ def register_nodes(env: Env, namespace: str, count: int, weight: Callable[[int],
         for start in range(0, count, 1000):
             with scheduler.pipeline() as pipe:
                 for number in range(start, min(count, start + 1000)):
-                    pipe.nodes.register(f"node-{number}", weight=weight(number))
+                    pipe.nodes.register(f"node-{number}", weight=weight(number), capacity=capacity)
                 pipe.execute()
     finally:
         control.close()
@@ -398,3 +413,463 @@ for peer_name, peer_module, peer_worker, peer_note in LOCK_PEERS:
                 note=peer_note,
             )
         )
+
+LOCK_NAMESPACE = "bench-lock"
+
+
+def luasched_lock_worker(fair: bool) -> Callable[[Env, Any, int], Worker]:
+    """``s.lock(name).acquire(blocking=False)`` + ``handle.release()``, as a user writes it:
+    a fresh owner token and a fresh request id per call (the wrapper's default)."""
+
+    def make(env: Env, state: Any, index: int) -> Worker:
+        scheduler = luasched.Scheduler(env.client(), LOCK_NAMESPACE)
+        scheduler.load_scripts()
+        lock = scheduler.lock(
+            f"uncontended-{int(fair)}-{index}", ttl_ms=LOCK_TTL_S * 1000, fair=fair
+        )
+
+        def cycle() -> None:
+            handle = lock.acquire(blocking=False)
+            if handle is None:
+                raise RuntimeError("an uncontended lock was not acquired")
+            handle.release()
+
+        return Worker(call=cycle, close=scheduler.client.close)
+
+    return make
+
+
+def luasched_lock_no_request_id_worker(env: Env, state: Any, index: int) -> Worker:
+    """The same two scripts through the call builders with ``request_id=b""`` (the wrapper does
+    not expose it): no idempotency record written or read."""
+    scheduler = luasched.Scheduler(env.client(), LOCK_NAMESPACE)
+    scheduler.load_scripts()
+    runner, namespace, name = scheduler.runner, scheduler.namespace, f"no-request-id-{index}"
+    ttl_ms = LOCK_TTL_S * 1000
+
+    def cycle() -> None:
+        token = new_token()
+        if not runner.run(acquire_call(namespace, name, token, ttl_ms)).acquired:
+            raise RuntimeError("an uncontended lock was not acquired")
+        runner.run(release_call(namespace, name, token))
+
+    return Worker(call=cycle, close=scheduler.client.close)
+
+
+def _drop_prefix(env: Env, namespace: str) -> None:
+    """Delete every key of ``namespace`` (SCAN + UNLINK)."""
+    control = env.control()
+    try:
+        pattern = Namespace(namespace).prefix + b"*"
+        keys = list(control.scan_iter(match=pattern, count=10_000))
+        for start in range(0, len(keys), 10_000):
+            control.unlink(*keys[start : start + 10_000])
+    finally:
+        control.close()
+
+
+LUASCHED_LOCKS: list[tuple[str, Callable[[Env, Any, int], Worker], str]] = [
+    (
+        "luasched lock acquire+release",
+        luasched_lock_worker(fair=False),
+        "EVALSHA lock.acquire + EVALSHA lock.release; fencing token, request ids (default)",
+    ),
+    (
+        "luasched lock acquire+release, no request id",
+        luasched_lock_no_request_id_worker,
+        "the same scripts with request_id b'' (call builders): no idempotency record",
+    ),
+    (
+        "luasched fair lock acquire+release",
+        luasched_lock_worker(fair=True),
+        "fair=True, uncontended (the queue stays empty); request ids (default)",
+    ),
+]
+
+for lock_name, lock_worker, lock_note in LUASCHED_LOCKS:
+    add(
+        Case(
+            name=lock_name,
+            group="locks",
+            worker=lock_worker,
+            teardown=lambda env, state: _drop_prefix(env, LOCK_NAMESPACE),
+            modes=("single", "multi"),
+            unit="cycle",
+            note=lock_note,
+        )
+    )
+
+# ------------------------------------------------------------------------------------ pick
+# Nodes registered with the largest capacity (10^12) and no deadline: a charging pick never
+# finds them full, so nothing is released between picks.
+
+PICK_CAPACITY = 10**12
+PICK_NODE_COUNTS = (10, 10_000)
+PICKS: list[tuple[str, str]] = [
+    ("least_loaded", "charges the least utilized node 1 (ties at random)"),
+    ("two_choices", "the less utilized of two random nodes, charged 1"),
+    ("weighted", "random by weight (weights 1..10); its table is built during the warm-up"),
+    ("least_recent", "the node picked longest ago, stamped now"),
+]
+
+
+def pick_row(strategy: str, count: int) -> str:
+    return f"pick.{strategy}, {count:,} nodes"
+
+
+def _pick_setup(count: int) -> Callable[[Env], str]:
+    def setup(env: Env) -> str:
+        namespace = f"bench-pick-{count}"
+        register_nodes(env, namespace, count, lambda number: 1 + number % 10, PICK_CAPACITY)
+        return namespace
+
+    return setup
+
+
+def _pick_worker(strategy: str) -> Callable[[Env, Any, int], Worker]:
+    def one(api: Any, keys: Iterator[str]) -> object:
+        return getattr(api.pick, strategy)()
+
+    return lambda env, namespace, index: scheduler_worker(env, namespace, one)
+
+
+if HAS_REGISTRY:
+    for pick_strategy, pick_note in PICKS:
+        for pick_count in PICK_NODE_COUNTS:
+            add(
+                Case(
+                    name=pick_row(pick_strategy, pick_count),
+                    group="pick",
+                    setup=_pick_setup(pick_count),
+                    teardown=lambda env, namespace: _drop_prefix(env, namespace),
+                    worker=_pick_worker(pick_strategy),
+                    note=pick_note,
+                    reference=None
+                    if pick_count == PICK_NODE_COUNTS[0]
+                    else pick_row(pick_strategy, PICK_NODE_COUNTS[0]),
+                )
+            )
+
+# ----------------------------------------------------------------------------------- queue
+
+PAYLOAD = b"p" * 32
+QUEUE_LEASE_MS = 600_000  # nothing expires during the run: a dequeue never reclaims
+QUEUE_WORKER = b"bench-worker"
+
+#: The bare reference queue: the least any atomic lease-based queue does, in three scripts.
+#: KEYS: ready (zset), leased (zset: task -> deadline ms), tasks (hash: id -> payload and
+#: "o:" id -> holder). No idempotency, priorities, delays, attempts, fencing or dead letters.
+REFERENCE_ENQUEUE = """\
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+REFERENCE_DEQUEUE = """\
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if popped[1] == nil then return false end
+local id = popped[1]
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[1]), id)
+redis.call('HSET', KEYS[3], 'o:' .. id, ARGV[2])
+return {id, redis.call('HGET', KEYS[3], id)}
+"""
+REFERENCE_ACK = """\
+if redis.call('HGET', KEYS[3], 'o:' .. ARGV[1]) ~= ARGV[2] then
+  return redis.error_reply('NOT_OWNER')
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1], 'o:' .. ARGV[1])
+return 1
+"""
+REFERENCE_QUEUE_ROW = "bare reference queue enqueue+dequeue+ack"
+LUASCHED_CYCLE_ROW = "queue enqueue+dequeue+ack"
+
+
+def _task_ids() -> Iterator[bytes]:
+    """Task ids unique across processes and rows: ``<pid>-<n>``."""
+    prefix = f"{os.getpid()}-".encode()
+    return (prefix + str(number).encode() for number in itertools.count())
+
+
+def reference_queue_worker(env: Env, shas: tuple[str, str, str], index: int) -> Worker:
+    client = env.client()
+    keys = tuple(f"bench:{{refq-{index}}}:{kind}" for kind in ("ready", "leased", "tasks"))
+    enqueue_sha, dequeue_sha, ack_sha = shas
+    ids = _task_ids()
+    scores = itertools.count()
+    execute: Any = client.execute_command
+
+    def call() -> None:
+        execute("EVALSHA", enqueue_sha, 3, *keys, next(ids), PAYLOAD, next(scores))
+        taken = execute("EVALSHA", dequeue_sha, 3, *keys, QUEUE_LEASE_MS, QUEUE_WORKER)
+        if not taken:
+            raise RuntimeError("the reference queue was empty")
+        execute("EVALSHA", ack_sha, 3, *keys, taken[0], QUEUE_WORKER)
+
+    def batch(size: int) -> None:
+        pipe: Any = client.pipeline(transaction=False)
+        for _ in range(size):
+            pipe.execute_command("EVALSHA", enqueue_sha, 3, *keys, next(ids), PAYLOAD, next(scores))
+        for _ in range(size):
+            pipe.execute_command("EVALSHA", dequeue_sha, 3, *keys, QUEUE_LEASE_MS, QUEUE_WORKER)
+        taken = pipe.execute()[size:]
+        pipe = client.pipeline(transaction=False)
+        for task in taken:
+            pipe.execute_command("EVALSHA", ack_sha, 3, *keys, task[0], QUEUE_WORKER)
+        pipe.execute()
+
+    return Worker(call=call, batch=batch, close=client.close)
+
+
+def _reference_setup(env: Env) -> tuple[str, str, str]:
+    return (
+        _sha(env, REFERENCE_ENQUEUE),
+        _sha(env, REFERENCE_DEQUEUE),
+        _sha(env, REFERENCE_ACK),
+    )
+
+
+def _reference_teardown(env: Env, state: Any) -> None:
+    control = env.control()
+    try:
+        keys = list(control.scan_iter(match="bench:{refq-*", count=10_000))
+        if keys:
+            control.unlink(*keys)
+    finally:
+        control.close()
+
+
+QUEUE_NAMESPACE = "bench-queue"
+
+
+def luasched_cycle_worker(env: Env, state: Any, index: int) -> Worker:
+    """enqueue + dequeue + ack through the wrapper (request ids: its default)."""
+    scheduler = luasched.Scheduler(env.client(), QUEUE_NAMESPACE)
+    scheduler.load_scripts()
+    name = f"cycle-{index}"
+    queue = scheduler.queue(name)
+    ids = _task_ids()
+
+    def call() -> None:
+        queue.enqueue(next(ids), PAYLOAD)
+        lease = queue.dequeue(QUEUE_WORKER, QUEUE_LEASE_MS)
+        if lease is None:
+            raise RuntimeError("the queue was empty")
+        queue.ack(lease)
+
+    def batch(size: int) -> None:
+        with scheduler.pipeline() as pipe:
+            queued = pipe.queue(name)
+            for _ in range(size):
+                queued.enqueue(next(ids), PAYLOAD)
+            for _ in range(size):
+                queued.dequeue(QUEUE_WORKER, QUEUE_LEASE_MS)
+            leases = pipe.execute()[size:]
+        with scheduler.pipeline() as pipe:
+            queued = pipe.queue(name)
+            for lease in leases:
+                queued.ack(lease)
+            pipe.execute()
+
+    return Worker(call=call, batch=batch, close=scheduler.client.close)
+
+
+def luasched_ack_and_dequeue_worker(env: Env, state: Any, index: int) -> Worker:
+    """enqueue + ack_and_dequeue (acks the previous lease, takes this one): 2 calls a task."""
+    scheduler = luasched.Scheduler(env.client(), QUEUE_NAMESPACE)
+    scheduler.load_scripts()
+    queue = scheduler.queue(f"ack-and-dequeue-{index}")
+    ids = _task_ids()
+    held: list[Any] = []
+
+    def call() -> None:
+        queue.enqueue(next(ids), PAYLOAD)
+        if held:
+            lease = queue.ack_and_dequeue(held.pop(), QUEUE_WORKER, QUEUE_LEASE_MS)
+        else:
+            lease = queue.dequeue(QUEUE_WORKER, QUEUE_LEASE_MS)
+        if lease is None:
+            raise RuntimeError("the queue was empty")
+        held.append(lease)
+
+    def close() -> None:
+        if held:
+            queue.ack(held.pop())
+        scheduler.client.close()
+
+    return Worker(call=call, close=close)
+
+
+add(
+    Case(
+        name=REFERENCE_QUEUE_ROW,
+        group="queue",
+        setup=_reference_setup,
+        teardown=_reference_teardown,
+        worker=reference_queue_worker,
+        unit="task",
+        note="bench/cases.py REFERENCE_*: HSET+ZADD / TIME+ZPOPMIN+ZADD+HSET+HGET / "
+        "owner check+ZREM+HDEL; pipelined: the enqueues and dequeues in one round trip, the "
+        "acks in a second",
+    )
+)
+add(
+    Case(
+        name=LUASCHED_CYCLE_ROW,
+        group="queue",
+        teardown=lambda env, state: _drop_prefix(env, QUEUE_NAMESPACE),
+        worker=luasched_cycle_worker,
+        unit="task",
+        reference=REFERENCE_QUEUE_ROW,
+        note="q.enqueue + q.dequeue + q.ack, request ids (the default); pipelined as the reference",
+    )
+)
+add(
+    Case(
+        name="queue enqueue+ack_and_dequeue",
+        group="queue",
+        teardown=lambda env, state: _drop_prefix(env, QUEUE_NAMESPACE),
+        worker=luasched_ack_and_dequeue_worker,
+        unit="task",
+        modes=("single", "multi"),
+        reference=REFERENCE_QUEUE_ROW,
+        note="q.enqueue + q.ack_and_dequeue (the previous lease's ack rides on the next "
+        "dequeue): 2 calls per task",
+    )
+)
+
+# Dequeue with a deep queue. Each round may take at most DEQUEUE_ROUND_CALLS calls (all
+# clients), and before it the queue is topped up to depth + what a round and its warm-ups can
+# take: the depth during a round stays between ``depth`` and that. Dequeued tasks stay leased
+# (no ack): the leased set grows the same way in every such row.
+
+DEQUEUE_ROUND_CALLS = 3_000
+DEQUEUE_MANY_N = 100
+DEQUEUE_MANY_ROUND_CALLS = 50
+DEQUEUE_QUEUE = "deep"
+FILL_BATCH = 5_000
+
+
+@dataclass
+class DeepQueue:
+    namespace: str
+    depth: int
+    top_up: int  # tasks added above depth before each round
+    enqueue_sha: str
+    ids: Iterator[bytes]
+
+
+def _fill(env: Env, state: DeepQueue, target: int) -> None:
+    """Enqueue (raw pipelined EVALSHA of queue.enqueue, no request id) up to ``target`` ready."""
+    control = env.control()
+    try:
+        scheduler = luasched.Scheduler(control, state.namespace)
+        ready = scheduler.queue(DEQUEUE_QUEUE).stats().ready
+        template = enqueue_call(
+            QueueKeys.of(scheduler.namespace, DEQUEUE_QUEUE), b"x", PAYLOAD, request_id=b""
+        )
+        keys, rest = template.keys, template.args[1:]
+        missing = target - ready
+        while missing > 0:
+            pipe: Any = control.pipeline(transaction=False)
+            for _ in range(min(FILL_BATCH, missing)):
+                pipe.execute_command(
+                    "EVALSHA", state.enqueue_sha, len(keys), *keys, next(state.ids), *rest
+                )
+            missing -= len(pipe.execute())
+    finally:
+        control.close()
+
+
+def _deep_setup(depth: int, ops_per_call: int, round_calls: int) -> Callable[[Env], DeepQueue]:
+    def setup(env: Env) -> DeepQueue:
+        settings = env.settings
+        namespace = f"bench-deep-{depth}-{ops_per_call}"
+        _drop_prefix(env, namespace)
+        control = env.control()
+        try:
+            shas = luasched.Scheduler(control, namespace).load_scripts()
+        finally:
+            control.close()
+        warm = (settings.clients + 1) * settings.warmup_calls + settings.batch
+        top_up = ops_per_call * (round_calls + warm)
+        state = DeepQueue(namespace, depth, top_up, shas["queue.enqueue"], _task_ids())
+        _fill(env, state, depth + top_up)
+        return state
+
+    return setup
+
+
+def _deep_worker(count: int) -> Callable[[Env, DeepQueue, int], Worker]:
+    def make(env: Env, state: DeepQueue, index: int) -> Worker:
+        scheduler = luasched.Scheduler(env.client(), state.namespace)
+        scheduler.load_scripts()
+        queue = scheduler.queue(DEQUEUE_QUEUE)
+
+        def call() -> None:
+            if count == 1:
+                taken = 1 if queue.dequeue(QUEUE_WORKER, QUEUE_LEASE_MS) is not None else 0
+            else:
+                taken = len(queue.dequeue_many(QUEUE_WORKER, count, QUEUE_LEASE_MS))
+            if taken != count:
+                raise RuntimeError(f"the queue ran dry: {taken} of {count} taken")
+
+        def batch(size: int) -> None:
+            with scheduler.pipeline() as pipe:
+                queued = pipe.queue(DEQUEUE_QUEUE)
+                for _ in range(size):
+                    queued.dequeue(QUEUE_WORKER, QUEUE_LEASE_MS)
+                if any(lease is None for lease in pipe.execute()):
+                    raise RuntimeError("the queue ran dry")
+
+        return Worker(call=call, batch=batch if count == 1 else None, close=scheduler.client.close)
+
+    return make
+
+
+def dequeue_row(depth: int) -> str:
+    return f"queue.dequeue, {depth:,} queued"
+
+
+DEQUEUE_DEPTHS: list[tuple[int, bool]] = [(1_000, False), (100_000, False), (1_000_000, True)]
+
+for queue_depth, queue_full_only in DEQUEUE_DEPTHS:
+    add(
+        Case(
+            name=dequeue_row(queue_depth),
+            group="queue",
+            setup=_deep_setup(queue_depth, 1, DEQUEUE_ROUND_CALLS),
+            before_round=lambda env, state: _fill(env, state, state.depth + state.top_up),
+            teardown=lambda env, state: _drop_prefix(env, state.namespace),
+            worker=_deep_worker(1),
+            unit="task",
+            max_calls=DEQUEUE_ROUND_CALLS,
+            full_only=queue_full_only,
+            reference=(
+                "lease reference (TIME+ZPOPMIN+ZADD+HSET)"
+                if queue_depth == DEQUEUE_DEPTHS[0][0]
+                else dequeue_row(DEQUEUE_DEPTHS[0][0])
+            ),
+            note=f"q.dequeue, no ack; each round takes at most {DEQUEUE_ROUND_CALLS:,} "
+            "(refilled before it, pipelined enqueues)"
+            + ("; full run only (the fill takes about a minute)" if queue_full_only else ""),
+        )
+    )
+
+add(
+    Case(
+        name=f"queue.dequeue_many n={DEQUEUE_MANY_N}, 1,000 queued",
+        group="queue",
+        setup=_deep_setup(1_000, DEQUEUE_MANY_N, DEQUEUE_MANY_ROUND_CALLS),
+        before_round=lambda env, state: _fill(env, state, state.depth + state.top_up),
+        teardown=lambda env, state: _drop_prefix(env, state.namespace),
+        worker=_deep_worker(DEQUEUE_MANY_N),
+        ops_per_call=DEQUEUE_MANY_N,
+        unit="task",
+        modes=("single", "multi"),
+        max_calls=DEQUEUE_MANY_ROUND_CALLS,
+        reference=dequeue_row(1_000),
+        note=f"per task: one call leases {DEQUEUE_MANY_N}; no ack",
+    )
+)

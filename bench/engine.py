@@ -73,6 +73,8 @@ class Settings:
     batch: int = 100  # calls per round trip in the pipelined mode
     clients: int = 4  # processes in the multi mode
     warmup_calls: int = 20
+    contention_seconds: float = 5.0  # per contention row (bench/contention.py)
+    full_only: bool = True  # run the rows marked full_only (``--quick`` turns it off)
 
 
 @dataclass
@@ -123,6 +125,9 @@ class Case:
         max_calls: a tighter per-round bound on calls (all clients) than ``Settings.max_calls``.
         rounds: how many rounds instead of ``Settings.rounds``.
         note: one line for the report.
+        reference: the row this one is compared with in the report (its own column), instead
+            of the group's reference (``GROUP_REFERENCE`` in report.py); it must run earlier.
+        full_only: skipped by ``--quick`` (a setup too long for it).
     """
 
     name: str
@@ -137,6 +142,8 @@ class Case:
     max_calls: int | None = None
     rounds: int | None = None
     note: str = ""
+    reference: str | None = None
+    full_only: bool = False
 
 
 CASES: list[Case] = []

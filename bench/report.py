@@ -7,17 +7,15 @@ can rebuild it without measuring again.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .engine import RowResult
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 FLOOR = "EVALSHA return 1"
-OWNER_SMALL = "slots.owner, 10 nodes"
-OWNER_LARGE = "slots.owner, 10,000 nodes"
-OWNER_LIMIT = 1.5
 REBALANCE_PREFIX = "slots.rebalance"
-#: The views of the slots.owner scaling: key -> (mode, metric, label).
+#: The views of a scaling (same call, small vs large state): key -> (mode, metric, label).
 SCALING_VIEWS = {
     "cpu_us_per_call_pipelined": ("pipelined", "cpu_us_per_op", "Redis CPU, pipelined"),
     "cpu_us_per_call": ("single", "cpu_us_per_op", "Redis CPU, 1 client (includes the I/O)"),
@@ -27,13 +25,184 @@ SCALING_VIEWS = {
 #: CPU time of the main thread with the I/O amortized: the server's own cost of the call, and
 #: not inflated when the server thread is preempted (commandstats is wall-clock time).
 SCALING_VERDICT = "cpu_us_per_call_pipelined"
-#: Per group, the row the others are also compared with (besides the floor).
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The same call over a small and a large state; ``larges``: the first present is used."""
+
+    key: str
+    group: str
+    issue: int
+    small: str
+    larges: tuple[str, ...]
+    limit: float
+    what: str
+
+
+SCALINGS = [
+    Scaling(
+        "slots.owner",
+        "nodes",
+        3,
+        "slots.owner, 10 nodes",
+        ("slots.owner, 10,000 nodes",),
+        1.5,
+        "registered nodes",
+    ),
+    *(
+        Scaling(
+            f"pick.{strategy}",
+            "pick",
+            4,
+            f"pick.{strategy}, 10 nodes",
+            (f"pick.{strategy}, 10,000 nodes",),
+            2.0,
+            "registered nodes",
+        )
+        for strategy in ("least_loaded", "two_choices", "weighted", "least_recent")
+    ),
+    Scaling(
+        "queue.dequeue",
+        "queue",
+        5,
+        "queue.dequeue, 1,000 queued",
+        ("queue.dequeue, 1,000,000 queued", "queue.dequeue, 100,000 queued"),
+        1.5,
+        "queued tasks",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """An acceptance figure of an issue: ``value / of`` (or ``value`` alone) against ``limit``.
+
+    A figure is ``(row, mode, metric)``; mode ``contention`` reads bench/contention.py's results
+    (metrics ``acquisitions_per_s``, ``jain``).
+    """
+
+    issue: int
+    label: str
+    value: tuple[str, str, str]
+    of: tuple[str, str, str] | None
+    limit: float
+    at_most: bool = True
+
+
+LOCK = "luasched lock acquire+release"
+CYCLE = "queue enqueue+dequeue+ack"
+
+
+def _cpu(row: str, mode: str = "single") -> tuple[str, str, str]:
+    return (row, mode, "cpu_us_per_op")
+
+
+def _ops(row: str) -> tuple[str, str, str]:
+    return (row, "single", "ops_per_s")
+
+
+TARGETS = [
+    Target(
+        4,
+        "pick.least_loaded, 10 nodes: Redis CPU / floor (1 client)",
+        _cpu("pick.least_loaded, 10 nodes"),
+        _cpu(FLOOR),
+        2.5,
+    ),
+    Target(
+        4,
+        "pick.least_loaded, 10,000 nodes: Redis CPU / floor (1 client)",
+        _cpu("pick.least_loaded, 10,000 nodes"),
+        _cpu(FLOOR),
+        2.5,
+    ),
+    Target(
+        5,
+        "enqueue+dequeue+ack: Redis CPU / the bare reference queue (1 client)",
+        _cpu(CYCLE),
+        _cpu("bare reference queue enqueue+dequeue+ack"),
+        1.25,
+    ),
+    Target(
+        5,
+        "enqueue+dequeue+ack: Redis CPU / the bare reference queue (pipelined)",
+        _cpu(CYCLE, "pipelined"),
+        _cpu("bare reference queue enqueue+dequeue+ack", "pipelined"),
+        1.25,
+    ),
+    Target(
+        5,
+        "dequeue_many n=100: Redis CPU per task / single dequeues (1 client)",
+        _cpu("queue.dequeue_many n=100, 1,000 queued"),
+        _cpu("queue.dequeue, 1,000 queued"),
+        0.2,
+    ),
+    Target(
+        5,
+        "dequeue_many n=100: Redis CPU per task / single dequeues (pipelined)",
+        _cpu("queue.dequeue_many n=100, 1,000 queued"),
+        _cpu("queue.dequeue, 1,000 queued", "pipelined"),
+        0.2,
+    ),
+    Target(
+        6,
+        "lock cycle: Redis CPU / redis-py Lock (1 client)",
+        _cpu(LOCK),
+        _cpu("redis-py Lock acquire+release"),
+        1.2,
+    ),
+    Target(
+        6,
+        "lock cycle: cycles/s / redis-py Lock (1 client)",
+        _ops(LOCK),
+        _ops("redis-py Lock acquire+release"),
+        0.9,
+        at_most=False,
+    ),
+    Target(
+        6,
+        "lock cycle: cycles/s / python-redis-lock (1 client)",
+        _ops(LOCK),
+        _ops("python-redis-lock acquire+release"),
+        1.2,
+        at_most=False,
+    ),
+    Target(
+        6,
+        "lock cycle: cycles/s / pottery Redlock (1 client)",
+        _ops(LOCK),
+        _ops("pottery Redlock (1 master) acquire+release"),
+        2.0,
+        at_most=False,
+    ),
+    Target(
+        6,
+        "8 threads, one lock: acquisitions/s / redis-py Lock",
+        ("luasched lock", "contention", "acquisitions_per_s"),
+        ("redis-py Lock", "contention", "acquisitions_per_s"),
+        1.0,
+        at_most=False,
+    ),
+    Target(
+        6,
+        "8 threads, one fair lock: Jain fairness index",
+        ("luasched fair lock", "contention", "jain"),
+        None,
+        0.99,
+        at_most=False,
+    ),
+]
+
+#: Per group, the row the others are compared with (a row's own ``reference`` wins).
 GROUP_REFERENCE = {"locks": "redis-py Lock acquire+release"}
 GROUP_TITLES = {
     "floor": "Floors",
     "slots": "Hash slots (`slots.keyslot`)",
     "nodes": "Node registry and slot table (issue 3)",
-    "locks": "Lock peers (for the comparison with luasched's lock)",
+    "locks": "Locks: luasched's and its peers (issue 6)",
+    "pick": "Node selection, `s.pick` (issue 4)",
+    "queue": "Task queue, `s.queue` (issue 5)",
 }
 
 
@@ -51,6 +220,7 @@ def row_document(row: RowResult) -> dict[str, Any]:
         "unit": case.unit,
         "ops_per_call": case.ops_per_call,
         "note": case.note,
+        "reference": case.reference,
         "seconds": round(row.seconds, 3),
         "setup_seconds": round(row.setup_seconds, 3),
         "modes": {
@@ -68,8 +238,22 @@ def _median(row: dict[str, Any], mode: str, metric: str) -> float | None:
     return None if found is None else found["median"].get(metric)
 
 
+def _figure(document: dict[str, Any], figure: tuple[str, str, str]) -> float | None:
+    name, mode, metric = figure
+    if mode == "contention":
+        for entry in document.get("contention", []):
+            if entry["name"] == name:
+                value = entry.get(metric)
+                return None if value is None else float(value)
+        return None
+    for row in document["rows"]:
+        if row["name"] == name:
+            return _median(row, mode, metric)
+    return None
+
+
 def add_derived(document: dict[str, Any]) -> None:
-    """Ratios to the floor, the slots.owner scaling and the rebalance figures, in place."""
+    """Ratios to the floor and to each row's reference, scalings, targets, rebalance, in place."""
     rows: list[dict[str, Any]] = document["rows"]
     by_name = {row["name"]: row for row in rows}
     floor = by_name.get(FLOOR)
@@ -85,11 +269,18 @@ def add_derived(document: dict[str, Any]) -> None:
             "cmd_us_per_op": cmd,
             "cmd_ratio_to_floor": _round(_ratio(cmd, floor_cmd)),
         }
-        reference = by_name.get(GROUP_REFERENCE.get(row["group"], ""))
-        if reference is not None:
+        reference_name = row.get("reference") or GROUP_REFERENCE.get(row["group"], "")
+        reference = by_name.get(reference_name)
+        if reference is not None and reference is not row:
             headline["reference"] = reference["name"]
             headline["cpu_ratio_to_reference"] = _round(
                 _ratio(cpu, _median(reference, "single", "cpu_us_per_op"))
+            )
+            headline["pipelined_cpu_ratio_to_reference"] = _round(
+                _ratio(
+                    _median(row, "pipelined", "cpu_us_per_op"),
+                    _median(reference, "pipelined", "cpu_us_per_op"),
+                )
             )
             headline["single_ops_ratio_to_reference"] = _round(
                 _ratio(
@@ -98,16 +289,58 @@ def add_derived(document: dict[str, Any]) -> None:
                 )
             )
         row["headline"] = headline
-    small, large = by_name.get(OWNER_SMALL), by_name.get(OWNER_LARGE)
-    if small and large:
-        scaling: dict[str, Any] = {"rows": [OWNER_SMALL, OWNER_LARGE], "limit": OWNER_LIMIT}
+    scalings: dict[str, Any] = {}
+    for spec in SCALINGS:
+        small = by_name.get(spec.small)
+        large = next((by_name[name] for name in spec.larges if name in by_name), None)
+        if small is None or large is None:
+            continue
+        scaling: dict[str, Any] = {
+            "group": spec.group,
+            "issue": spec.issue,
+            "what": spec.what,
+            "rows": [small["name"], large["name"]],
+            "limit": spec.limit,
+        }
         for key, (mode, metric, _label) in SCALING_VIEWS.items():
             low, high = _median(small, mode, metric), _median(large, mode, metric)
-            scaling[key] = {"10": low, "10000": high, "ratio": _round(_ratio(high, low))}
+            scaling[key] = {"small": low, "large": high, "ratio": _round(_ratio(high, low))}
         ratio = scaling[SCALING_VERDICT]["ratio"]
         scaling["verdict_on"] = SCALING_VERDICT
-        scaling["within_limit"] = ratio is not None and ratio <= OWNER_LIMIT
-        document["scaling"] = {"slots.owner": scaling}
+        scaling["within_limit"] = ratio is not None and ratio <= spec.limit
+        scalings[spec.key] = scaling
+    document["scaling"] = scalings
+    targets = []
+    for key, scaling in scalings.items():
+        targets.append(
+            {
+                "issue": scaling["issue"],
+                "label": f"{key}: {scaling['rows'][1].split(', ')[-1]} / "
+                f"{scaling['rows'][0].split(', ')[-1]} (Redis CPU, pipelined)",
+                "value": scaling[SCALING_VERDICT]["ratio"],
+                "limit": scaling["limit"],
+                "at_most": True,
+                "met": scaling["within_limit"],
+            }
+        )
+    for target in TARGETS:
+        value = _figure(document, target.value)
+        if target.of is not None:
+            value = _ratio(value, _figure(document, target.of))
+        met = None
+        if value is not None and not math.isnan(value):
+            met = value <= target.limit if target.at_most else value >= target.limit
+        targets.append(
+            {
+                "issue": target.issue,
+                "label": target.label,
+                "value": _round(value),
+                "limit": target.limit,
+                "at_most": target.at_most,
+                "met": met,
+            }
+        )
+    document["targets"] = sorted(targets, key=lambda entry: entry["issue"])
     busy = document["meta"]["server"].get("busy_reply_threshold_ms")
     rebalance = {}
     for row in rows:
@@ -213,14 +446,14 @@ def markdown(document: dict[str, Any]) -> str:
             f"Redis CPU per call ({_us(floor['cmd_us_per_op'])} µs in commandstats).",
             "",
         ]
+    lines += _targets_section(document)
     groups: list[str] = []
     for row in document["rows"]:
         if row["group"] not in groups:
             groups.append(row["group"])
     for group in groups:
         rows = [row for row in document["rows"] if row["group"] == group]
-        reference = GROUP_REFERENCE.get(group)
-        has_reference = reference is not None and any(r["name"] == reference for r in rows)
+        has_reference = any("reference" in row["headline"] for row in rows)
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""]
         header = (
             f"| row | per | Redis CPU µs/op | {TIMES} floor | CPU µs/op pipelined "
@@ -229,8 +462,11 @@ def markdown(document: dict[str, Any]) -> str:
         )
         rule = "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
         if has_reference:
-            header += f" {TIMES} {reference} |"
-            rule += "--:|"
+            header += (
+                f" compared with | {TIMES} its CPU | {TIMES} its CPU pipelined "
+                f"| {TIMES} its ops/s 1 client |"
+            )
+            rule += "---|--:|--:|--:|"
         lines += [header, rule]
         for row in rows:
             headline = row["headline"]
@@ -247,7 +483,12 @@ def markdown(document: dict[str, Any]) -> str:
                 _rate(_median(row, "multi", "ops_per_s")),
             ]
             if has_reference:
-                cells.append(_x(headline.get("cpu_ratio_to_reference")))
+                cells += [
+                    headline.get("reference", "—"),
+                    _x(headline.get("cpu_ratio_to_reference")),
+                    _x(headline.get("pipelined_cpu_ratio_to_reference")),
+                    _x(headline.get("single_ops_ratio_to_reference")),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         notes = [f"- {row['name']}: {row['note']}" for row in rows if row["note"]]
@@ -259,38 +500,116 @@ def markdown(document: dict[str, Any]) -> str:
                 "The CPU column is what each library makes the server do per cycle.",
                 "",
             ]
+            lines += _contention_section(document)
+        if group == "queue":
+            lines += [
+                "`task`: one task's whole life in the first rows (enqueue + dequeue-and-lock + "
+                "ack: 3 calls, 2 with ack_and_dequeue); one leased task in the dequeue rows. "
+                "The queue rows use one queue per client.",
+                "",
+            ]
+        lines += _scaling_section(document, group)
         if group == "nodes":
-            lines += _nodes_section(document)
+            lines += _rebalance_section(document)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _nodes_section(document: dict[str, Any]) -> list[str]:
+def _targets_section(document: dict[str, Any]) -> list[str]:
+    targets = document.get("targets", [])
+    if not targets:
+        return []
+    lines = [
+        "## Issue targets in this run",
+        "",
+        "Ratios of figures measured in this run (medians); `—`: a row did not run.",
+        "",
+        "| issue | figure | value | target | met |",
+        "|--:|---|--:|--:|---|",
+    ]
+    for target in targets:
+        sign = "≤" if target["at_most"] else "≥"
+        value = target["value"]
+        shown = "—" if value is None else f"{value:.3f}"
+        met = {True: "yes", False: "**no**", None: "—"}[target["met"]]
+        lines.append(
+            f"| {target['issue']} | {target['label']} | {shown} | {sign} {target['limit']} "
+            f"| {met} |"
+        )
+    return [*lines, ""]
+
+
+def _contention_section(document: dict[str, Any]) -> list[str]:
+    entries = document.get("contention", [])
+    if not entries:
+        return []
+    first = entries[0]
+    reference = next((e for e in entries if e["name"] == "redis-py Lock"), None)
+    lines = [
+        f"### Under contention: {first['threads']} threads, one lock, {first['seconds']:.0f} s",
+        "",
+        "Threads of one Python process, each with its own connection, loop blocking acquire "
+        "(bounded by the time left) + release, nothing in between. Jain index: 1 = every "
+        f"thread got as many, 1/{first['threads']} = one thread got them all.",
+        "",
+        f"| lock | acquisitions/s | {TIMES} redis-py Lock | Jain index | per thread min..max "
+        "| Redis CPU µs/acquisition | commands/acquisition |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for entry in entries:
+        ratio = _ratio(
+            entry["acquisitions_per_s"], reference["acquisitions_per_s"] if reference else None
+        )
+        counts = entry["per_thread"]
+        lines.append(
+            f"| {entry['name']} | {_rate(entry['acquisitions_per_s'])} | {_x(ratio)} "
+            f"| {entry['jain']:.3f} | {min(counts):,}..{max(counts):,} "
+            f"| {_us(entry['cpu_us_per_acquisition'])} "
+            f"| {_count(entry['commands_per_acquisition'])} |"
+        )
+    lines.append("")
+    lines += [f"- {entry['name']}: {entry['note']}" for entry in entries if entry["note"]]
+    return [*lines, ""]
+
+
+def _scaling_section(document: dict[str, Any], group: str) -> list[str]:
     lines: list[str] = []
-    scaling = document.get("scaling", {}).get("slots.owner")
-    if scaling:
+    for key, scaling in document.get("scaling", {}).items():
+        if scaling.get("group") != group:
+            continue
+        small, large = scaling["rows"]
+        small_label, large_label = small.split(", ")[-1], large.split(", ")[-1]
         verdict = "yes" if scaling["within_limit"] else "**no**"
         lines += [
-            "### `slots.owner` scaling: 10 vs 10,000 registered nodes",
+            f"### `{key}` scaling: {small_label} vs {large_label}",
             "",
-            "| server-side µs per call | 10 nodes | 10,000 nodes | ratio |",
+            f"| server-side µs per call | {small_label} | {large_label} | ratio |",
             "|---|--:|--:|--:|",
         ]
-        for key, (_mode, _metric, label) in SCALING_VIEWS.items():
-            view = scaling.get(key)
+        for view_key, (_mode, _metric, label) in SCALING_VIEWS.items():
+            view = scaling.get(view_key)
             if view is None:
                 continue
             lines.append(
-                f"| {label} | {_us(view['10'])} | {_us(view['10000'])} | {_x(view['ratio'])} |"
+                f"| {label} | {_us(view['small'])} | {_us(view['large'])} | {_x(view['ratio'])} |"
             )
         lines += [
             "",
-            f"Acceptance (issue 3), within {scaling['limit']}{TIMES} on the first line (the "
-            f"server's CPU for the call, I/O amortized): {verdict}. Compare rows of one mode "
-            "only: the same script costs more per call with one client (the server sleeps "
-            "between calls and starts each on cold caches), and commandstats counts wall-clock "
-            "time, which grows when other jobs preempt the server.",
+            f"Acceptance (issue {scaling['issue']}), within {scaling['limit']}{TIMES} on the "
+            f"first line (the server's CPU for the call, I/O amortized): {verdict}.",
             "",
         ]
+    if lines:
+        lines += [
+            "Compare rows of one mode only: the same script costs more per call with one client "
+            "(the server sleeps between calls and starts each on cold caches), and commandstats "
+            "counts wall-clock time, which grows when other jobs preempt the server.",
+            "",
+        ]
+    return lines
+
+
+def _rebalance_section(document: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     rebalance = document.get("rebalance", {})
     if rebalance:
         lines += [

