@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
 import redis
 import redis.cluster
 
 from luasched.keys import SLOT_COUNT, Namespace, to_bytes
 from luasched.scheduler import Scheduler
 
-__all__ = ["counts_of", "namespace_keys", "snapshot", "snapshot_ignoring_ttl", "table_owners"]
+__all__ = [
+    "assert_codes_covered",
+    "assert_refused",
+    "counts_of",
+    "namespace_keys",
+    "snapshot",
+    "snapshot_ignoring_ttl",
+    "table_owners",
+]
 
 Client = redis.Redis | redis.cluster.RedisCluster
 
@@ -97,3 +109,56 @@ def counts_of(owners: list[bytes | None]) -> dict[bytes, int]:
         if owner is not None:
             counts[owner] = counts.get(owner, 0) + 1
     return counts
+
+
+def assert_refused(
+    client: Client,
+    scheduler: Any,
+    script: str,
+    keys: Sequence[bytes],
+    args: Sequence[Any],
+    code: str,
+    detail: str,
+    *,
+    exact: bool = True,
+) -> None:
+    """``script`` refuses the call and changes nothing.
+
+    Checked twice: a raw EVAL of the script's text answers ``LUASCHED_<code> <script>: <detail>``
+    (``detail`` equal to the reply's, or with ``exact=False`` contained in it), and the wrapper's
+    runner raises the exception class of ``code`` with the same detail. Every key of the
+    scheduler's namespace is byte-for-byte the same afterwards (DUMP and TTL).
+    """
+    from luasched.errors import ERROR_CLASSES, LuaschedError
+    from luasched.scripts import Call
+
+    before = snapshot(client, scheduler.namespace)
+    assert before, "seed the namespace: the check must compare something"
+    with pytest.raises(redis.ResponseError) as raw:
+        client.eval(scheduler.scripts[script].text, len(keys), *keys, *args)
+    prefix = f"LUASCHED_{code} {script}: "
+    message = str(raw.value)
+    assert message.startswith(prefix), message
+    got = message[len(prefix) :]
+    assert got == detail if exact else detail in got, got
+    with pytest.raises(LuaschedError) as typed:
+        scheduler.runner.run(Call(script, tuple(keys), tuple(args), lambda reply: reply))
+    assert type(typed.value) is ERROR_CLASSES[code]
+    assert (typed.value.code, typed.value.script, typed.value.detail) == (code, script, got)
+    assert snapshot(client, scheduler.namespace) == before
+
+
+def assert_codes_covered(
+    cases: Iterable[Sequence[Any]], scripts: set[str], elsewhere: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Error cases ``(script, _, _, _, code, ...)`` cover every script of ``scripts`` and every
+    code each declares; ``elsewhere`` lists (script, code) pairs tested by other tests."""
+    from luasched.render import render_all
+
+    cases = list(cases)
+    assert {case[0] for case in cases} == scripts
+    for name in scripts:
+        declared = {code for code, _ in render_all()[name].spec.errors}
+        tested = {case[4] for case in cases if case[0] == name}
+        tested |= {code for script, code in elsewhere if script == name}
+        assert tested == declared, name

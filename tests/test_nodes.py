@@ -10,16 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 
 import luasched.asyncio
-from helpers import counts_of, snapshot, table_owners
+from helpers import assert_codes_covered, assert_refused, counts_of, snapshot, table_owners
 from luasched import (
-    CorruptState,
     InvalidArgument,
-    LuaschedError,
     NoNode,
-    RegistryFull,
     Scheduler,
     UnknownNode,
     key_slot,
@@ -700,26 +696,10 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
     ("slots.owner_of_slot", "dead_only", "ok", (5,), "NONODE", "no live node is registered"),
 ]
 
-EXCEPTIONS = {
-    "ARG": InvalidArgument,
-    "NONODE": NoNode,
-    "NOSUCHNODE": UnknownNode,
-    "FULL": RegistryFull,
-    "CORRUPT": CorruptState,
-}
-
 
 def test_every_new_script_and_error_code_is_covered() -> None:
-    new_scripts = {
-        name
-        for name in render_all()
-        if name.startswith(("nodes.", "slots.")) and name != "slots.keyslot"
-    }
-    assert {case[0] for case in ERROR_CASES} == new_scripts
-    for name in new_scripts:
-        declared = {code for code, _ in render_all()[name].spec.errors}
-        tested = {case[4] for case in ERROR_CASES if case[0] == name}
-        assert tested == declared, name
+    scripts = {name for name in render_all() if name.startswith(("nodes.", "slots."))}
+    assert_codes_covered(ERROR_CASES, scripts - {"slots.keyslot"})
 
 
 @pytest.mark.parametrize(
@@ -732,24 +712,13 @@ def test_bad_input_is_refused_and_changes_nothing(
 ) -> None:
     s = Scheduler(r, "err")
     SETUPS[setup](r, s)
-    before = snapshot(r, s.namespace)
-    assert before  # the check compares something
     registry = list(s.namespace.registry_keys)
     key_list = {
         "ok": registry,
         "short": registry[:-1],
         "long": [*registry, s.namespace.key("extra")],
     }[keys]
-    text = render_all()[script].text
-    with pytest.raises(redis.ResponseError) as raw:
-        r.eval(text, len(key_list), *key_list, *args)
-    assert str(raw.value) == f"LUASCHED_{code} {script}: {detail}"
-    # The same through the registry, as the typed exception.
-    with pytest.raises(LuaschedError) as typed:
-        s.runner.run(_call(script, key_list, args))
-    assert type(typed.value) is EXCEPTIONS[code]
-    assert (typed.value.code, typed.value.script, typed.value.detail) == (code, script, detail)
-    assert snapshot(r, s.namespace) == before
+    assert_refused(r, s, script, key_list, args, code, detail)
 
 
 def _call(script: str, keys: list[bytes], args: tuple[Any, ...]) -> Any:

@@ -16,12 +16,11 @@ import pytest
 import redis
 
 import luasched.asyncio
-from helpers import snapshot
-from luasched import CorruptState, InvalidArgument, LuaschedError, Scheduler
+from helpers import assert_codes_covered, assert_refused, snapshot
+from luasched import InvalidArgument, Scheduler
 from luasched.errors import StaleLease
 from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
-from luasched.scripts import Call
 
 Client = Any  # redis.Redis or RedisCluster
 
@@ -690,16 +689,10 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
     ("queue.stats", "wrong_ready", "ok", (), "CORRUPT", "holds another type than the layout"),
 ]
 
-EXCEPTIONS = {"ARG": InvalidArgument, "STALE": StaleLease, "CORRUPT": CorruptState}
-
 
 def test_every_queue_script_and_error_code_is_covered() -> None:
     scripts = {name for name in render_all() if name.startswith("queue.")}
-    assert {case[0] for case in ERROR_CASES} == scripts
-    for name in scripts:
-        declared = {code for code, _ in render_all()[name].spec.errors}
-        tested = {case[4] for case in ERROR_CASES if case[0] == name}
-        assert tested == declared, name
+    assert_codes_covered(ERROR_CASES, scripts)
 
 
 @pytest.mark.parametrize(
@@ -712,17 +705,11 @@ def test_bad_input_is_refused_and_changes_nothing(
 ) -> None:
     s = Scheduler(r, NS)
     SETUPS[setup](r, s)
-    before = snapshot(r, s.namespace)
-    assert len(before) >= 6
+    assert len(snapshot(r, s.namespace)) >= 6
     request_id = next((a for a in args[-2:-1] if isinstance(a, bytes)), b"")
     base = list(QueueKeys.of(s.namespace, QUEUE).with_request(request_id))
     key_list = {"ok": base, "short": base[:-1], "long": [*base, s.namespace.key("x")]}[keys]
-    with pytest.raises(LuaschedError) as typed:
-        s.runner.run(Call(script, tuple(key_list), args, lambda reply: reply))
-    assert type(typed.value) is EXCEPTIONS[code]
-    assert (typed.value.code, typed.value.script) == (code, script)
-    assert detail in typed.value.detail
-    assert snapshot(r, s.namespace) == before
+    assert_refused(r, s, script, key_list, args, code, detail, exact=False)
 
 
 def test_request_keys_never_leak_across_queues(r: Client) -> None:

@@ -14,6 +14,7 @@ from typing import ClassVar
 from redis.exceptions import ResponseError
 
 __all__ = [
+    "ERROR_CLASSES",
     "ERROR_CODES",
     "AllNodesFull",
     "CorruptState",
@@ -154,7 +155,9 @@ _CLASSES: tuple[type[LuaschedError], ...] = (
 
 #: Every stable code with what it means; the manifest and docs are generated from this table.
 ERROR_CODES: dict[str, str] = {cls.code: cls.description for cls in _CLASSES}
-_BY_CODE: dict[str, type[LuaschedError]] = {cls.code: cls for cls in _CLASSES}
+#: Every stable code -> the exception class a reply with that code is raised as.
+ERROR_CLASSES: dict[str, type[LuaschedError]] = {cls.code: cls for cls in _CLASSES}
+_BY_CODE = ERROR_CLASSES
 
 _REPLY = re.compile(r"^LUASCHED_([A-Z][A-Z0-9_]*) ([^:\s]+): (.*)$", re.DOTALL)
 
