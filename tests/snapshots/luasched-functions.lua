@@ -4817,7 +4817,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 88739c1126e51df15a9bddf84b721dfce0232526)
+-- pick.least_loaded (sha1 699a6cd3d0c41f0392ae788edcbe04f3424e3381)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -5168,7 +5168,7 @@ local function charge(index, load, capacity, capacity_raw, cost)
   end
   local new_load = load + cost
   -- Writes: both keys were read above (types known); nothing below can fail.
-  redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
   return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
 end
@@ -5227,7 +5227,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 d61fe63ff6fb816f65af0bf6439f5d87515c7103)
+-- pick.least_recent (sha1 18674a1d518fc4f41387eb3bc522575526ed181a)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -5524,7 +5524,7 @@ local function main()
     fail('CORRUPT', 'index ' .. show(member) .. ' of pick:lru has no node id')
   end
   -- Writes (both keys read above; the clock stays below 2^53 for ~285 years at 1e6 picks/s).
-  local stamp = string.format('%.0f', clock + 1)
+  local stamp = decimal(clock + 1)
   redis.call('HSET', K_STATE, 'clock', stamp)
   redis.call('ZADD', K_LRU, stamp, member)
   return node_id
@@ -5534,7 +5534,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 2e036e671f5632bc470ad756a30cceb3244eba2c)
+-- pick.release (sha1 9eab260488508966f0e7fa38d022d0363df5439d)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5782,7 +5782,7 @@ local function main()
   if new_load == 0 then
     redis.call('HDEL', K_LOAD, index)
   else
-    redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+    redis.call('HSET', K_LOAD, index, decimal(new_load))
   end
   -- XX: a draining node is no candidate and stays out of pick:util.
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -5793,7 +5793,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 3f8de0eaa3b96cdda5a8206f0317562027680684)
+-- pick.round_robin (sha1 5b9f5f080e2520c696f348cfc5a7433d655d2dd8)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -6071,7 +6071,7 @@ local function main()
   local now_ms = server_now_ms()
   local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
-  local first = read('ZCOUNT', K_RING, '-inf', string.format('%.0f', cursor))
+  local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
     return true
   end)
@@ -6091,7 +6091,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 aedd85279d77559c234273200689e391c90093bb)
+-- pick.smooth_weighted (sha1 bafbe120f6f409d8b4c9977a1a3ceedaeecaa7f4)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -6302,7 +6302,7 @@ end
 
 -- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
 local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
-  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. string.format('%.0f', now_ms), '+inf')
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. decimal(now_ms), '+inf')
   local draining = {}
   for _, member in ipairs(read('SMEMBERS', draining_key)) do
     draining[member] = true
@@ -6403,7 +6403,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 d2f1d2caf59d3efb1452afb3f97c90cee9a608c8)
+-- pick.two_choices (sha1 66b57044f2442d1659cf1d464255b333308ec924)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6754,7 +6754,7 @@ local function charge(index, load, capacity, capacity_raw, cost)
   end
   local new_load = load + cost
   -- Writes: both keys were read above (types known); nothing below can fail.
-  redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
   return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
 end
@@ -6839,7 +6839,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 45ed8c673d5f6c6fafddf643b0a8603fa43bf2df)
+-- pick.weighted (sha1 ba8117b93cc68e0f6c74cef2bd18b6c325f1e586)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -7050,7 +7050,7 @@ end
 
 -- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
 local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
-  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. string.format('%.0f', now_ms), '+inf')
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. decimal(now_ms), '+inf')
   local draining = {}
   for _, member in ipairs(read('SMEMBERS', draining_key)) do
     draining[member] = true
@@ -7098,7 +7098,7 @@ local function main()
   if #top == 2 then
     -- Node i covers [cumulative(i-1), cumulative(i)): the first cumulative above r owns r.
     local draw = fmod(random1, tonumber(top[2]))
-    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. string.format('%.0f', draw), '+inf',
+    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
     if is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(member)
@@ -11697,5 +11697,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'fecd81f0d5507e0cd48c8faa95de9bc7812ddabd' end,
+  callback = function() return '975504ef9a58ad9c89d267ef3ebc53d667639451' end,
 }

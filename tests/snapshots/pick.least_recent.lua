@@ -290,7 +290,7 @@ local function main()
     fail('CORRUPT', 'index ' .. show(member) .. ' of pick:lru has no node id')
   end
   -- Writes (both keys read above; the clock stays below 2^53 for ~285 years at 1e6 picks/s).
-  local stamp = string.format('%.0f', clock + 1)
+  local stamp = decimal(clock + 1)
   redis.call('HSET', K_STATE, 'clock', stamp)
   redis.call('ZADD', K_LRU, stamp, member)
   return node_id

@@ -241,7 +241,7 @@ local function main()
   if new_load == 0 then
     redis.call('HDEL', K_LOAD, index)
   else
-    redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+    redis.call('HSET', K_LOAD, index, decimal(new_load))
   end
   -- XX: a draining node is no candidate and stays out of pick:util.
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)

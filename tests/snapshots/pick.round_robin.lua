@@ -271,7 +271,7 @@ local function main()
   local now_ms = server_now_ms()
   local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
-  local first = read('ZCOUNT', K_RING, '-inf', string.format('%.0f', cursor))
+  local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
     return true
   end)

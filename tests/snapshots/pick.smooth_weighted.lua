@@ -204,7 +204,7 @@ end
 
 -- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
 local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
-  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. string.format('%.0f', now_ms), '+inf')
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. decimal(now_ms), '+inf')
   local draining = {}
   for _, member in ipairs(read('SMEMBERS', draining_key)) do
     draining[member] = true

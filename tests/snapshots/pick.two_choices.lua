@@ -344,7 +344,7 @@ local function charge(index, load, capacity, capacity_raw, cost)
   end
   local new_load = load + cost
   -- Writes: both keys were read above (types known); nothing below can fail.
-  redis.call('HSET', K_LOAD, index, string.format('%.0f', new_load))
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
   return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
 end

@@ -204,7 +204,7 @@ end
 
 -- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
 local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
-  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. string.format('%.0f', now_ms), '+inf')
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. decimal(now_ms), '+inf')
   local draining = {}
   for _, member in ipairs(read('SMEMBERS', draining_key)) do
     draining[member] = true
@@ -252,7 +252,7 @@ local function main()
   if #top == 2 then
     -- Node i covers [cumulative(i-1), cumulative(i)): the first cumulative above r owns r.
     local draw = fmod(random1, tonumber(top[2]))
-    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. string.format('%.0f', draw), '+inf',
+    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
     if is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(member)
