@@ -16,6 +16,7 @@ import os
 import platform
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,33 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "redis_py": redis.__version__,
         "loadavg_start": _loadavg(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The luasched commit measured (short SHA, "+dirty" with uncommitted changes), or ""."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return sha + ("+dirty" if dirty else "")
 
 
 def _loadavg() -> str:
