@@ -15,6 +15,7 @@ from luasched.render import (
     RenderedScript,
     TemplateError,
     crc16_table,
+    drop_unused_functions,
     export,
     manifest,
     parse_header,
@@ -196,3 +197,63 @@ def test_rendered_script_file_name() -> None:
     script = SCRIPTS["slots.keyslot"]
     assert isinstance(script, RenderedScript)
     assert script.file_name == "slots.keyslot.lua"
+
+
+DEAD_CODE = """--@script x
+-- ---------------------------------------------------------------------------------------------
+-- an include header
+-- ---------------------------------------------------------------------------------------------
+local LIMIT = 3
+
+-- Used by main.
+local function used(value)
+  return value + LIMIT
+end
+
+-- Used only by dead(): goes with it.
+local function helper_of_dead(value)
+  if value then
+    return value
+  end
+end
+
+-- Never called.
+local function dead(value)
+  return helper_of_dead(value)
+end
+
+local function main()
+  return used(1)
+end
+
+return main()"""
+
+
+def test_unused_functions_are_dropped_with_their_comments() -> None:
+    text = drop_unused_functions(DEAD_CODE)
+    assert "dead" not in text
+    assert "Used only by" not in text and "Never called" not in text
+    for kept in (
+        "an include header",
+        "local LIMIT = 3",
+        "-- Used by main.",
+        "local function used(",
+        "local function main()",
+        "return main()",
+    ):
+        assert kept in text
+    assert "\n\n\n" not in text
+    assert drop_unused_functions(text) == text
+
+
+def test_a_function_without_its_closing_end_is_refused() -> None:
+    with pytest.raises(TemplateError, match="no closing 'end'"):
+        drop_unused_functions("local function broken()\n  return 1\n  end\nreturn broken()", "x")
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_no_script_defines_a_function_it_never_calls(name: str) -> None:
+    # Lua builds a closure for every top-level local function on every call of the script.
+    text = SCRIPTS[name].text
+    for defined in re.findall(r"^local function (\w+)\(", text, re.M):
+        assert len(re.findall(rf"\b{defined}\b", text)) > 1, defined

@@ -47,6 +47,7 @@ __all__ = [
     "ScriptConfig",
     "ScriptSpec",
     "TemplateError",
+    "drop_unused_functions",
     "export",
     "function_name",
     "functions_library",
@@ -313,6 +314,64 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     )
 
 
+_FUNCTION_START = re.compile(r"^local function ([A-Za-z_][A-Za-z0-9_]*)\(", re.M)
+
+
+def drop_unused_functions(text: str, where: str = "script") -> str:
+    """``text`` without the top-level ``local function`` blocks that nothing else names.
+
+    Includes define more helpers than any one script uses, and Lua builds a closure for every
+    ``local function`` on every call (about a thousand server instructions each, allocation and
+    garbage collection included; docs/redis-notes.md), so an unused one is pure cost. A block runs
+    from ``local function NAME(`` at column 0 to the next line that is exactly ``end``; it goes
+    with the comment lines right above it (not ``--@``/``--%`` lines or ``-- ---`` rules). A name
+    counts as used when it appears as a word outside its own block on a line that is not a
+    comment (a trailing comment on a code line counts: the rule errs on keeping). Repeats until nothing more goes, so a helper used only by dropped
+    helpers goes too. Raises TemplateError for a block without its closing ``end``.
+    """
+    lines = text.split("\n")
+    while True:
+        blocks: list[tuple[str, int, int]] = []
+        for number, line in enumerate(lines):
+            match = _FUNCTION_START.match(line)
+            if not match:
+                continue
+            try:
+                last = lines.index("end", number + 1)
+            except ValueError:
+                raise TemplateError(
+                    f"{where}: local function {match.group(1)} has no closing 'end' at column 0"
+                ) from None
+            blocks.append((match.group(1), number, last))
+        unused = []
+        for name, first, last in blocks:
+            word = re.compile(rf"\b{name}\b")
+            outside = lines[:first] + lines[last + 1 :]
+            if not any(word.search(line) for line in outside if not _is_comment(line)):
+                unused.append((first, last))
+        if not unused:
+            return "\n".join(lines)
+        for first, last in sorted(unused, reverse=True):
+            while first > 0 and _is_doc_comment(lines[first - 1]):
+                first -= 1
+            if (
+                first > 0
+                and lines[first - 1] == ""
+                and last + 1 < len(lines)
+                and lines[last + 1] == ""
+            ):
+                last += 1
+            del lines[first : last + 1]
+
+
+def _is_doc_comment(line: str) -> bool:
+    return line.startswith("--") and not line.startswith(("--@", "--%", "-- ---"))
+
+
+def _is_comment(line: str) -> bool:
+    return line.lstrip().startswith("--")
+
+
 def render_all(config: ScriptConfig | None = None) -> Mapping[str, RenderedScript]:
     """Render every script for ``config`` (default ``ScriptConfig()``); each configuration once.
 
@@ -334,6 +393,7 @@ def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     for template_name in _template_names(directory):
         name = _script_name(template_name)
         text = environment.get_template(template_name).render(context, script_name=name)
+        text = drop_unused_functions(text, name)
         spec = parse_header(name, text)
         sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
         scripts[name] = RenderedScript(name=name, text=text, sha1=sha1, spec=spec)

@@ -103,21 +103,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -126,17 +111,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -186,13 +160,6 @@ local function read(...)
   end
   return result
 end
--- Fails with CORRUPT unless `key` is absent or of `expected` type.
-local function check_type(key, expected)
-  local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= expected then
-    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
-  end
-end
 
 -- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
@@ -236,17 +203,6 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --

@@ -95,21 +95,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -118,17 +103,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -178,67 +152,7 @@ local function read(...)
   end
   return result
 end
--- Fails with CORRUPT unless `key` is absent or of `expected` type.
-local function check_type(key, expected)
-  local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= expected then
-    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
-  end
-end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if raw == nil or raw == false then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
--- The reply recorded for `request_id` in `key`, or nil (none recorded, or no request id).
-local function recorded_reply(key, request_id)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', key)
-  if not raw then
-    return nil
-  end
-  local reply = {}
-  for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
-  end
-  if #reply == 0 then
-    fail('CORRUPT', 'the request record is empty')
-  end
-  return reply
-end
-
--- Records `reply` for `request_id` (a write: call it last). SET replaces any type: cannot fail.
-local function record_reply(key, request_id, reply)
-  if request_id == '' then
-    return
-  end
-  local fields = { reply[1] }
-  for position = 2, #reply do
-    fields[position] = decimal(reply[position])
-  end
-  redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
-end
-
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
@@ -262,11 +176,6 @@ local RECLAIM_LIMIT = 64
 local function lease_of(token)
   local score = read('ZSCORE', K_HOLDERS, token)
   return score and tonumber(score) or nil
-end
-
--- How many leases are live at now_ms. O(log n).
-local function live_count(now_ms)
-  return read('ZCOUNT', K_HOLDERS, '(' .. decimal(now_ms), '+inf')
 end
 
 -- Writes a lease and keeps the key alive at least until it lapses (key_ttl_ms: PTTL read before

@@ -84,34 +84,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -120,17 +92,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -271,14 +232,6 @@ local function live_count(now_ms)
   return read('ZCOUNT', K_HOLDERS, '(' .. decimal(now_ms), '+inf')
 end
 
--- Writes a lease and keeps the key alive at least until it lapses (key_ttl_ms: PTTL read before
--- the first write; -1 = a key without expiry, left so).
-local function write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-  redis.call('ZADD', K_HOLDERS, decimal(deadline_ms), token)
-  if key_ttl_ms ~= -1 and key_ttl_ms < deadline_ms - now_ms then
-    redis.call('PEXPIRE', K_HOLDERS, deadline_ms - now_ms)
-  end
-end
 local function main()
   key_count(SEMAPHORE_KEY_COUNT)
   arg_count(2, 2)

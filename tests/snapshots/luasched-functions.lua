@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 617a63f8a2ef1a9a54de4bcff72466006b568163)
+-- lock.acquire (sha1 5f3ec99fec6974ce00a0e6c35053d146b49e779d)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -135,21 +135,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -268,17 +253,6 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
 --
@@ -483,7 +457,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 129418d86508909b66ddcbfe3fc060d4e01bfbe4)
+-- lock.extend (sha1 b3c97ce249931dd094848f259b59ca06e9ba3b6e)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -594,21 +568,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -617,17 +576,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -677,13 +625,6 @@ local function read(...)
   end
   return result
 end
--- Fails with CORRUPT unless `key` is absent or of `expected` type.
-local function check_type(key, expected)
-  local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= expected then
-    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
-  end
-end
 
 -- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
@@ -696,48 +637,6 @@ local function stored_int(raw, what)
   return tonumber(raw)
 end
 
--- The reply recorded for `request_id` in `key`, or nil (none recorded, or no request id).
-local function recorded_reply(key, request_id)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', key)
-  if not raw then
-    return nil
-  end
-  local reply = {}
-  for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
-  end
-  if #reply == 0 then
-    fail('CORRUPT', 'the request record is empty')
-  end
-  return reply
-end
-
--- Records `reply` for `request_id` (a write: call it last). SET replaces any type: cannot fail.
-local function record_reply(key, request_id, reply)
-  if request_id == '' then
-    return
-  end
-  local fields = { reply[1] }
-  for position = 2, #reply do
-    fields[position] = decimal(reply[position])
-  end
-  redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
-end
-
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
 --
@@ -791,13 +690,6 @@ local function read_hold(now_ms)
   return hold, true
 end
 
--- Keeps a waiters' zset alive at least `ttl_ms` (queue_ttl_ms: its PTTL, read before the first
--- write; -1 = a key without expiry, left so). The keys vanish once every waiter is gone.
-local function keep_alive(key, queue_ttl_ms, ttl_ms)
-  if queue_ttl_ms ~= -1 and queue_ttl_ms < ttl_ms then
-    redis.call('PEXPIRE', key, ttl_ms)
-  end
-end
 local function main()
   key_count(LOCK_KEY_COUNT)
   arg_count(2, 2)
@@ -822,7 +714,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 737c281578e4f159e900cc7d034307f9a5390d8d)
+-- lock.release (sha1 c73e3a0609c56b54b3ee1b668c5d1b7078a764d0)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -922,34 +814,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -958,17 +822,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -1132,13 +985,6 @@ local function read_hold(now_ms)
   return hold, true
 end
 
--- Keeps a waiters' zset alive at least `ttl_ms` (queue_ttl_ms: its PTTL, read before the first
--- write; -1 = a key without expiry, left so). The keys vanish once every waiter is gone.
-local function keep_alive(key, queue_ttl_ms, ttl_ms)
-  if queue_ttl_ms ~= -1 and queue_ttl_ms < ttl_ms then
-    redis.call('PEXPIRE', key, ttl_ms)
-  end
-end
 local function main()
   key_count(LOCK_KEY_COUNT)
   arg_count(2, 2)
@@ -1200,7 +1046,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 118257458d9a828f119c3520d3490aaf084876a7)
+-- lock.semaphore_acquire (sha1 14a76ff463b3c8fc23f350f90055909bc16f64a8)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1310,21 +1156,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -1333,17 +1164,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -1393,13 +1213,6 @@ local function read(...)
   end
   return result
 end
--- Fails with CORRUPT unless `key` is absent or of `expected` type.
-local function check_type(key, expected)
-  local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= expected then
-    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
-  end
-end
 
 -- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
@@ -1443,17 +1256,6 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
@@ -1539,7 +1341,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 b07b9741cfd244a873b5b231927919d2b92577a2)
+-- lock.semaphore_extend (sha1 a140eb124f27b130cfadf04956ef43ec2e07c0f8)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -1641,21 +1443,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -1664,17 +1451,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -1724,67 +1500,7 @@ local function read(...)
   end
   return result
 end
--- Fails with CORRUPT unless `key` is absent or of `expected` type.
-local function check_type(key, expected)
-  local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= expected then
-    fail('CORRUPT', 'key ' .. show(key) .. ' holds a ' .. found .. ', expected a ' .. expected)
-  end
-end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if raw == nil or raw == false then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
--- The reply recorded for `request_id` in `key`, or nil (none recorded, or no request id).
-local function recorded_reply(key, request_id)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', key)
-  if not raw then
-    return nil
-  end
-  local reply = {}
-  for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
-  end
-  if #reply == 0 then
-    fail('CORRUPT', 'the request record is empty')
-  end
-  return reply
-end
-
--- Records `reply` for `request_id` (a write: call it last). SET replaces any type: cannot fail.
-local function record_reply(key, request_id, reply)
-  if request_id == '' then
-    return
-  end
-  local fields = { reply[1] }
-  for position = 2, #reply do
-    fields[position] = decimal(reply[position])
-  end
-  redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
-end
-
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
-  local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
-  end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
-end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
@@ -1808,11 +1524,6 @@ local RECLAIM_LIMIT = 64
 local function lease_of(token)
   local score = read('ZSCORE', K_HOLDERS, token)
   return score and tonumber(score) or nil
-end
-
--- How many leases are live at now_ms. O(log n).
-local function live_count(now_ms)
-  return read('ZCOUNT', K_HOLDERS, '(' .. decimal(now_ms), '+inf')
 end
 
 -- Writes a lease and keeps the key alive at least until it lapses (key_ttl_ms: PTTL read before
@@ -1843,7 +1554,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 03a77a1fb698db20ba237e005d7691c54dfce0b5)
+-- lock.semaphore_release (sha1 5ac48b15af4447cd0c2a74daf1749bd8475cfa8d)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -1934,34 +1645,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -1970,17 +1653,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -2121,14 +1793,6 @@ local function live_count(now_ms)
   return read('ZCOUNT', K_HOLDERS, '(' .. decimal(now_ms), '+inf')
 end
 
--- Writes a lease and keeps the key alive at least until it lapses (key_ttl_ms: PTTL read before
--- the first write; -1 = a key without expiry, left so).
-local function write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-  redis.call('ZADD', K_HOLDERS, decimal(deadline_ms), token)
-  if key_ttl_ms ~= -1 and key_ttl_ms < deadline_ms - now_ms then
-    redis.call('PEXPIRE', K_HOLDERS, deadline_ms - now_ms)
-  end
-end
 local function main()
   key_count(SEMAPHORE_KEY_COUNT)
   arg_count(2, 2)
@@ -2164,7 +1828,7 @@ return run(main)
 end,
 }
 
--- nodes.drain (sha1 d71180c4368084f0f969af7bb6d6a5ce8d2e4901)
+-- nodes.drain (sha1 d39e2f8b2495cfd84efe5ccc8a9ebbad31f59e8d)
 redis.register_function{
   function_name = 'luasched_nodes_drain_v0_1_0',
   flags = {},
@@ -2235,21 +1899,6 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -2267,34 +1916,6 @@ local function arg_count(low, high)
     fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
   end
   return count
-end
-
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
 end
 
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
@@ -2375,35 +1996,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
@@ -2433,57 +2025,6 @@ local function check_layout()
   end
 end
 
--- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
-local function read_owners()
-  local raw = redis.call('GET', K_SLOTS)
-  local owners = {}
-  if not raw then
-    for slot = 1, SLOT_COUNT do
-      owners[slot] = 0
-    end
-    return owners
-  end
-  if #raw ~= TABLE_BYTES then
-    fail('CORRUPT', 'the slot table is ' .. #raw .. ' bytes, expected ' .. TABLE_BYTES)
-  end
-  local byte = string.byte
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    -- first is a 1-based slot number; its high byte is at 1-based position 2 * first - 1.
-    local bytes = { byte(raw, 2 * first - 1, 2 * (first + SLOTS_PER_CHUNK - 1)) }
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      owners[first + offset] = bytes[2 * offset + 1] * 256 + bytes[2 * offset + 2]
-    end
-  end
-  return owners
-end
-
--- Writes the whole table from an owners array (one SET of 32768 bytes).
-local function write_owners(owners)
-  local parts = {}
-  local char = string.char
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    local bytes = {}
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      local owner = owners[first + offset]
-      bytes[2 * offset + 1] = floor(owner / 256)
-      bytes[2 * offset + 2] = owner % 256
-    end
-    parts[#parts + 1] = char(unpack(bytes))
-  end
-  redis.call('SET', K_SLOTS, table.concat(parts))
-end
-
--- How many slots each index owns: counts[index] (nil = none). O(16384).
-local function count_owned(owners)
-  local counts = {}
-  for slot = 1, SLOT_COUNT do
-    local owner = owners[slot]
-    if owner ~= 0 then
-      counts[owner] = (counts[owner] or 0) + 1
-    end
-  end
-  return counts
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -2548,12 +2089,6 @@ local function pick_leave(index)
   redis.call('ZREM', K_LRU, index)
 end
 
--- A node is removed: not eligible, and its load is forgotten with its index.
-local function pick_forget(index)
-  pick_leave(index)
-  redis.call('HDEL', K_LOAD, index)
-end
-
 -- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
 local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
@@ -2596,7 +2131,7 @@ return run(main)
 end,
 }
 
--- nodes.heartbeat (sha1 e03b4ca8208b668dc47e45b1fd8950378b76d830)
+-- nodes.heartbeat (sha1 e08043c16afebe180ef725446f6cf29313246c6a)
 redis.register_function{
   function_name = 'luasched_nodes_heartbeat_v0_1_0',
   flags = {},
@@ -2713,21 +2248,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -2736,17 +2256,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -2806,35 +2315,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -2851,21 +2331,6 @@ end
 -- ---------------------------------------------------------------------------------------------
 local UNLIMITED_CAPACITY = 1125899906842624
 
--- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
-local function effective_capacity(raw)
-  if not raw then
-    return UNLIMITED_CAPACITY
-  end
-  return tonumber(raw)
-end
-
--- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
-local function utilization_score(load, capacity)
-  if capacity <= 0 then
-    return '1'
-  end
-  return string.format('%.17g', load / capacity)
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
 -- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
@@ -2885,36 +2350,11 @@ end
 --     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
 -- ---------------------------------------------------------------------------------------------
 
--- A node becomes eligible (registered and not draining): scored by its current load.
-local function pick_join(index, load, capacity_raw)
-  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
-  redis.call('ZADD', K_RING, index, index)
-  redis.call('ZADD', K_LRU, 0, index)
-end
-
--- A node stops being eligible (draining); its load stays, for pick.release.
-local function pick_leave(index)
-  redis.call('ZREM', K_UTIL, index)
-  redis.call('ZREM', K_RING, index)
-  redis.call('ZREM', K_LRU, index)
-end
-
--- A node is removed: not eligible, and its load is forgotten with its index.
-local function pick_forget(index)
-  pick_leave(index)
-  redis.call('HDEL', K_LOAD, index)
-end
-
 -- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
 local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
 end
 
--- The current load of an index (a number; absent = 0). A read: call it before any write.
-local function pick_load_of(index)
-  local raw = redis.call('HGET', K_LOAD, index)
-  return raw and tonumber(raw) or 0
-end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(2, 2)
@@ -2940,7 +2380,7 @@ return run(main)
 end,
 }
 
--- nodes.list (sha1 62ab29f5b310623603dcc91df942bc9ead81ece3)
+-- nodes.list (sha1 96f8fde4027e7ba696e87c520ebdffe383f7fa56)
 redis.register_function{
   function_name = 'luasched_nodes_list_v0_1_0',
   flags = { 'no-writes' },
@@ -2995,27 +2435,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
 -- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
 -- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
 local function server_now_ms()
@@ -3040,55 +2459,6 @@ local function arg_count(low, high)
     fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
   end
   return count
-end
-
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -3142,69 +2512,12 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
 -- Raises CORRUPT (a registry key of another type, or a table of another length: changed by
 -- something other than luasched).
 -- ---------------------------------------------------------------------------------------------
-
--- Fails with CORRUPT unless every registry key is absent or of its layout type, and the slot
--- table is absent or 32768 bytes. Scripts that write more than one key call it before their
--- first write, so no write can fail on a wrong type after another write was made.
-local function check_layout()
-  local expected = {
-    { K_INDEX, 'hash' }, { K_ID, 'hash' }, { K_WEIGHT, 'hash' }, { K_CAPACITY, 'hash' },
-    { K_META, 'hash' }, { K_DEADLINE, 'zset' }, { K_DRAINING, 'set' }, { K_FREE, 'zset' },
-    { K_SLOTS, 'string' }, { K_LOAD, 'hash' }, { K_UTIL, 'zset' }, { K_RING, 'zset' },
-    { K_LRU, 'zset' }, { K_WEIGHTED, 'zset' },
-  }
-  for position, entry in ipairs(expected) do
-    local found = redis.call('TYPE', entry[1]).ok
-    if found ~= 'none' and found ~= entry[2] then
-      fail('CORRUPT', 'KEYS[' .. position .. '] holds a ' .. found .. ', expected a ' .. entry[2])
-    end
-  end
-  local length = redis.call('STRLEN', K_SLOTS)
-  if length ~= 0 and length ~= TABLE_BYTES then
-    fail('CORRUPT', 'the slot table is ' .. length .. ' bytes, expected ' .. TABLE_BYTES)
-  end
-end
 
 -- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
 local function read_owners()
@@ -3228,22 +2541,6 @@ local function read_owners()
     end
   end
   return owners
-end
-
--- Writes the whole table from an owners array (one SET of 32768 bytes).
-local function write_owners(owners)
-  local parts = {}
-  local char = string.char
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    local bytes = {}
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      local owner = owners[first + offset]
-      bytes[2 * offset + 1] = floor(owner / 256)
-      bytes[2 * offset + 2] = owner % 256
-    end
-    parts[#parts + 1] = char(unpack(bytes))
-  end
-  redis.call('SET', K_SLOTS, table.concat(parts))
 end
 
 -- How many slots each index owns: counts[index] (nil = none). O(16384).
@@ -3314,7 +2611,7 @@ return run(main)
 end,
 }
 
--- nodes.register (sha1 f2eb99d9052cc85670df0312881d466d8b0f5898)
+-- nodes.register (sha1 5c26840147111083568632eb23f5e63f713438ea)
 redis.register_function{
   function_name = 'luasched_nodes_register_v0_1_0',
   flags = {},
@@ -3437,21 +2734,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -3460,17 +2742,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -3530,35 +2801,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -3616,19 +2858,6 @@ local function pick_join(index, load, capacity_raw)
   redis.call('ZADD', K_LRU, 0, index)
 end
 
--- A node stops being eligible (draining); its load stays, for pick.release.
-local function pick_leave(index)
-  redis.call('ZREM', K_UTIL, index)
-  redis.call('ZREM', K_RING, index)
-  redis.call('ZREM', K_LRU, index)
-end
-
--- A node is removed: not eligible, and its load is forgotten with its index.
-local function pick_forget(index)
-  pick_leave(index)
-  redis.call('HDEL', K_LOAD, index)
-end
-
 -- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
 local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
@@ -3668,57 +2897,6 @@ local function check_layout()
   end
 end
 
--- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
-local function read_owners()
-  local raw = redis.call('GET', K_SLOTS)
-  local owners = {}
-  if not raw then
-    for slot = 1, SLOT_COUNT do
-      owners[slot] = 0
-    end
-    return owners
-  end
-  if #raw ~= TABLE_BYTES then
-    fail('CORRUPT', 'the slot table is ' .. #raw .. ' bytes, expected ' .. TABLE_BYTES)
-  end
-  local byte = string.byte
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    -- first is a 1-based slot number; its high byte is at 1-based position 2 * first - 1.
-    local bytes = { byte(raw, 2 * first - 1, 2 * (first + SLOTS_PER_CHUNK - 1)) }
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      owners[first + offset] = bytes[2 * offset + 1] * 256 + bytes[2 * offset + 2]
-    end
-  end
-  return owners
-end
-
--- Writes the whole table from an owners array (one SET of 32768 bytes).
-local function write_owners(owners)
-  local parts = {}
-  local char = string.char
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    local bytes = {}
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      local owner = owners[first + offset]
-      bytes[2 * offset + 1] = floor(owner / 256)
-      bytes[2 * offset + 2] = owner % 256
-    end
-    parts[#parts + 1] = char(unpack(bytes))
-  end
-  redis.call('SET', K_SLOTS, table.concat(parts))
-end
-
--- How many slots each index owns: counts[index] (nil = none). O(16384).
-local function count_owned(owners)
-  local counts = {}
-  for slot = 1, SLOT_COUNT do
-    local owner = owners[slot]
-    if owner ~= 0 then
-      counts[owner] = (counts[owner] or 0) + 1
-    end
-  end
-  return counts
-end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(5, 5)
@@ -3801,7 +2979,7 @@ return run(main)
 end,
 }
 
--- nodes.remove (sha1 a2e14f99d5e517ff8bd7bfb8803a74fe135cdf39)
+-- nodes.remove (sha1 4209e251abd3e4442d16c1266edd93a15b7496ce)
 redis.register_function{
   function_name = 'luasched_nodes_remove_v0_1_0',
   flags = {},
@@ -3858,34 +3036,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -3905,34 +3055,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -3941,17 +3063,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -4011,35 +3122,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -4056,21 +3138,6 @@ end
 -- ---------------------------------------------------------------------------------------------
 local UNLIMITED_CAPACITY = 1125899906842624
 
--- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
-local function effective_capacity(raw)
-  if not raw then
-    return UNLIMITED_CAPACITY
-  end
-  return tonumber(raw)
-end
-
--- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
-local function utilization_score(load, capacity)
-  if capacity <= 0 then
-    return '1'
-  end
-  return string.format('%.17g', load / capacity)
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
 -- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
@@ -4090,13 +3157,6 @@ end
 --     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
 -- ---------------------------------------------------------------------------------------------
 
--- A node becomes eligible (registered and not draining): scored by its current load.
-local function pick_join(index, load, capacity_raw)
-  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
-  redis.call('ZADD', K_RING, index, index)
-  redis.call('ZADD', K_LRU, 0, index)
-end
-
 -- A node stops being eligible (draining); its load stays, for pick.release.
 local function pick_leave(index)
   redis.call('ZREM', K_UTIL, index)
@@ -4115,11 +3175,6 @@ local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
 end
 
--- The current load of an index (a number; absent = 0). A read: call it before any write.
-local function pick_load_of(index)
-  local raw = redis.call('HGET', K_LOAD, index)
-  return raw and tonumber(raw) or 0
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
@@ -4189,17 +3244,6 @@ local function write_owners(owners)
   redis.call('SET', K_SLOTS, table.concat(parts))
 end
 
--- How many slots each index owns: counts[index] (nil = none). O(16384).
-local function count_owned(owners)
-  local counts = {}
-  for slot = 1, SLOT_COUNT do
-    local owner = owners[slot]
-    if owner ~= 0 then
-      counts[owner] = (counts[owner] or 0) + 1
-    end
-  end
-  return counts
-end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(1, 1)
@@ -4240,7 +3284,7 @@ return run(main)
 end,
 }
 
--- nodes.sweep (sha1 8227df88dbe3f2ab17f04d6115f6cb869af6c4f1)
+-- nodes.sweep (sha1 ec098053ed1cb900cad69dae1d79f25673dc2ade)
 redis.register_function{
   function_name = 'luasched_nodes_sweep_v0_1_0',
   flags = {},
@@ -4359,42 +3403,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -4446,12 +3454,6 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
 -- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
 local function live_indexes(now_ms)
   local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
@@ -4461,11 +3463,6 @@ local function live_indexes(now_ms)
   end
   table.sort(indexes)
   return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
 -- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
@@ -4497,21 +3494,6 @@ end
 -- ---------------------------------------------------------------------------------------------
 local UNLIMITED_CAPACITY = 1125899906842624
 
--- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
-local function effective_capacity(raw)
-  if not raw then
-    return UNLIMITED_CAPACITY
-  end
-  return tonumber(raw)
-end
-
--- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
-local function utilization_score(load, capacity)
-  if capacity <= 0 then
-    return '1'
-  end
-  return string.format('%.17g', load / capacity)
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
 -- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
@@ -4531,13 +3513,6 @@ end
 --     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
 -- ---------------------------------------------------------------------------------------------
 
--- A node becomes eligible (registered and not draining): scored by its current load.
-local function pick_join(index, load, capacity_raw)
-  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
-  redis.call('ZADD', K_RING, index, index)
-  redis.call('ZADD', K_LRU, 0, index)
-end
-
 -- A node stops being eligible (draining); its load stays, for pick.release.
 local function pick_leave(index)
   redis.call('ZREM', K_UTIL, index)
@@ -4556,11 +3531,6 @@ local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
 end
 
--- The current load of an index (a number; absent = 0). A read: call it before any write.
-local function pick_load_of(index)
-  local raw = redis.call('HGET', K_LOAD, index)
-  return raw and tonumber(raw) or 0
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
@@ -4817,7 +3787,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 699a6cd3d0c41f0392ae788edcbe04f3424e3381)
+-- pick.least_loaded (sha1 8ecded2d4d27cdf64963642e7e8a5f99ad27e9ce)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4926,42 +3896,6 @@ local function arg_int(index, name, low, high)
     fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
   end
   return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -5118,13 +4052,6 @@ local function walk(key, deadline_key, now_ms, first, wrap, accept)
 end
 
 
--- Fails for a walk of a strategy without capacity that took nothing: SCANLIMIT or NONODE.
-local function fail_no_live(why)
-  if why == 'limit' then
-    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were all dead; sweep dead nodes')
-  end
-  fail('NONODE', 'no live node that is not draining')
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
 -- pick.two_choices). Needs prelude, pick_score, pick and pick_walk. KEYS as in
@@ -5170,21 +4097,28 @@ local function charge(index, load, capacity, capacity_raw, cost)
   -- Writes: both keys were read above (types known); nothing below can fail.
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
-  return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
+  return { node_id, new_load, capacity_raw and capacity or -1 }
 end
 
 -- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
 local function pick_least_loaded(cost, random, now_ms)
-  local head = read('ZRANGE', K_UTIL, 0, 1, 'WITHSCORES')
+  -- Ranks as strings: a number argument to redis.call is formatted with snprintf.
+  local head = read('ZRANGE', K_UTIL, '0', '1', 'WITHSCORES')
   if #head == 0 then
     fail('NONODE', 'no live node that is not draining')
   end
   local index = head[1]
   if tonumber(head[2]) < 1 then
     if head[4] == head[2] then
-      -- A tie at the lowest score (equal scores have equal '%.17g' strings).
+      -- A tie at the lowest score (equal scores have equal '%.17g' strings). Ranks 0 and 1
+      -- are the two members the ZRANGE above answered; others take one more ZRANGE.
       local ties = read('ZCOUNT', K_UTIL, head[2], head[2])
-      index = read('ZRANGE', K_UTIL, fmod(random, ties), fmod(random, ties))[1]
+      local rank = fmod(random, ties)
+      if rank < 2 then
+        index = head[2 * rank + 1]
+      else
+        index = read('ZRANGE', K_UTIL, rank, rank)[1]
+      end
     end
     local load, capacity, capacity_raw = fits(index, cost, now_ms)
     if load then
@@ -5227,7 +4161,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 18674a1d518fc4f41387eb3bc522575526ed181a)
+-- pick.least_recent (sha1 dbc44b852d886a157086d87a5d9a7de8d4e421cd)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -5317,55 +4251,6 @@ local function arg_count(low, high)
     fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
   end
   return count
-end
-
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -5534,7 +4419,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 9eab260488508966f0e7fa38d022d0363df5439d)
+-- pick.release (sha1 1b8dd35c36e856f1c7f4857cd14f17e58b378b87)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5597,13 +4482,6 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -5636,21 +4514,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -5659,17 +4522,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -5758,11 +4610,6 @@ local function stored_int(raw, what)
   return value
 end
 
--- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
-  local deadline = read('ZSCORE', deadline_key, index)
-  return deadline and tonumber(deadline) > now_ms
-end
 local K_INDEX, K_LOAD, K_CAPACITY, K_UTIL = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 local function main()
@@ -5793,7 +4640,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 5b9f5f080e2520c696f348cfc5a7433d655d2dd8)
+-- pick.round_robin (sha1 cddad4c421ca6b43c6687f54016363cf11c30bd3)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -5884,55 +4731,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -5988,11 +4786,6 @@ local function stored_int(raw, what)
   return value
 end
 
--- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
-  local deadline = read('ZSCORE', deadline_key, index)
-  return deadline and tonumber(deadline) > now_ms
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
 -- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,
@@ -6091,7 +4884,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 bafbe120f6f409d8b4c9977a1a3ceedaeecaa7f4)
+-- pick.smooth_weighted (sha1 098ae55d5831a7a834fb8028cb09b71298c212a4)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -6185,55 +4978,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -6277,23 +5021,7 @@ local function read(...)
   end
   return result
 end
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
-  if not raw then
-    return 0
-  end
-  local value = tonumber(raw)
-  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
-  end
-  return value
-end
 
--- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
-  local deadline = read('ZSCORE', deadline_key, index)
-  return deadline and tonumber(deadline) > now_ms
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
 -- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every
@@ -6403,7 +5131,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 66b57044f2442d1659cf1d464255b333308ec924)
+-- pick.two_choices (sha1 58aff1fcfa5a298c4985c76e4c95fb020fd221cc)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6514,42 +5242,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -6704,13 +5396,6 @@ local function walk(key, deadline_key, now_ms, first, wrap, accept)
 end
 
 
--- Fails for a walk of a strategy without capacity that took nothing: SCANLIMIT or NONODE.
-local function fail_no_live(why)
-  if why == 'limit' then
-    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were all dead; sweep dead nodes')
-  end
-  fail('NONODE', 'no live node that is not draining')
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
 -- pick.two_choices). Needs prelude, pick_score, pick and pick_walk. KEYS as in
@@ -6756,21 +5441,28 @@ local function charge(index, load, capacity, capacity_raw, cost)
   -- Writes: both keys were read above (types known); nothing below can fail.
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
-  return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
+  return { node_id, new_load, capacity_raw and capacity or -1 }
 end
 
 -- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
 local function pick_least_loaded(cost, random, now_ms)
-  local head = read('ZRANGE', K_UTIL, 0, 1, 'WITHSCORES')
+  -- Ranks as strings: a number argument to redis.call is formatted with snprintf.
+  local head = read('ZRANGE', K_UTIL, '0', '1', 'WITHSCORES')
   if #head == 0 then
     fail('NONODE', 'no live node that is not draining')
   end
   local index = head[1]
   if tonumber(head[2]) < 1 then
     if head[4] == head[2] then
-      -- A tie at the lowest score (equal scores have equal '%.17g' strings).
+      -- A tie at the lowest score (equal scores have equal '%.17g' strings). Ranks 0 and 1
+      -- are the two members the ZRANGE above answered; others take one more ZRANGE.
       local ties = read('ZCOUNT', K_UTIL, head[2], head[2])
-      index = read('ZRANGE', K_UTIL, fmod(random, ties), fmod(random, ties))[1]
+      local rank = fmod(random, ties)
+      if rank < 2 then
+        index = head[2 * rank + 1]
+      else
+        index = read('ZRANGE', K_UTIL, rank, rank)[1]
+      end
     end
     local load, capacity, capacity_raw = fits(index, cost, now_ms)
     if load then
@@ -6839,7 +5531,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 ba8117b93cc68e0f6c74cef2bd18b6c325f1e586)
+-- pick.weighted (sha1 7b9a58a998b34ce80edb94db10823ba3e513bda8)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -6946,42 +5638,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -7024,17 +5680,6 @@ local function read(...)
     error(result.err, 0)
   end
   return result
-end
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
-  if not raw then
-    return 0
-  end
-  local value = tonumber(raw)
-  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
-  end
-  return value
 end
 
 -- Whether `index` (a member string) is live at now_ms.
@@ -7144,7 +5789,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 a65707d04ec03541240e8add524c9f1b2ce73152)
+-- queue.ack (sha1 8c084556a0f64390bcb9b7010bf4d515d36b0515)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -7225,13 +5870,6 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -7264,21 +5902,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -7287,17 +5910,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -7388,17 +6000,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -7415,32 +6016,6 @@ local function parse_meta(raw, task_id)
     at_ms = tonumber(at_ms),
     worker = worker,
   }
-end
-
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
-end
-
--- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
-local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
-end
-
--- The score of a ready task (see the budget above).
-local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
-end
-
--- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
-local function check_seq(seq)
-  if seq > MAX_SEQ then
-    fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
 end
 
 -- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
@@ -7469,27 +6044,6 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
-    return false
-  end
-  read('LLEN', K_WAKE)
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
-  local signals = {}
-  for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
-  end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
-  if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
-  end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
-end
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(4, 4)
@@ -7516,7 +6070,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 705cce9c37532ea4f8106d0661c8322964139dff)
+-- queue.dequeue (sha1 39be9ae3ec748ff539d9877d58aaeed2bff7e992)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -7649,21 +6203,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -7672,17 +6211,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -8147,7 +6675,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 d9849d2313254f2ed6d39fd48be1870f91b0760e)
+-- queue.enqueue (sha1 cf3d20ff6fe1d4c19b97adf62a79515b48c5341d)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -8270,21 +6798,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -8293,17 +6806,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -8421,14 +6923,6 @@ local function parse_meta(raw, task_id)
     at_ms = tonumber(at_ms),
     worker = worker,
   }
-end
-
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
@@ -8548,7 +7042,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 bd5d7e950958805e2753d955fe1bba4829583e30)
+-- queue.extend (sha1 0e4df81efc85cef0999d00dde14f66e2c0ce6298)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -8665,21 +7159,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -8688,17 +7167,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -8780,26 +7248,6 @@ end
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
-local function arg_request_id(index)
-  local raw = arg_string(index, 'request_id', 0, 64)
-  if not string.find(raw, '^[%w_%-]*$') then
-    fail('ARG', 'request_id may hold only letters, digits, "_" and "-", got ' .. show(raw))
-  end
-  return raw
-end
-
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -8818,79 +7266,12 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
-end
-
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
 local function format_meta(meta)
   return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
     meta.attempts, meta.token, meta.at_ms, meta.worker)
 end
 
--- The score of a ready task (see the budget above).
-local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
-end
-
--- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
-local function check_seq(seq)
-  if seq > MAX_SEQ then
-    fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
-end
-
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', K_REQUEST)
-  if not raw then
-    return nil
-  end
-  local ok, record = pcall(cmsgpack.unpack, raw)
-  if not ok or type(record) ~= 'table' or type(record[1]) ~= 'string' then
-    fail('CORRUPT', 'the request record is malformed')
-  end
-  if record[1] ~= op then
-    fail('ARG', 'request id ' .. show(request_id) .. ' was used by another call (' .. record[1] .. ')')
-  end
-  return record
-end
-
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
-  if request_id ~= '' then
-    redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
-  end
-end
-
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
-    return false
-  end
-  read('LLEN', K_WAKE)
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
-  local signals = {}
-  for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
-  end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
-  if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
-  end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
-end
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(3, 3)
@@ -8914,7 +7295,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 da1e78f3e81298653ba9cc897f339ab6fd5e061a)
+-- queue.nack (sha1 9767f5feb59c3eee33201fa14956f1d4540e40a3)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -9039,21 +7420,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -9062,17 +7428,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -9190,14 +7545,6 @@ local function parse_meta(raw, task_id)
     at_ms = tonumber(at_ms),
     worker = worker,
   }
-end
-
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
@@ -9330,7 +7677,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 0aea876bfa7a3a06ec8f49e9930a8ec940708cb4)
+-- queue.requeue_dead (sha1 ef71100956df476f4330a315e4cc7b108ec430c0)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -9396,14 +7743,6 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
 -- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
 -- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
 local function server_now_ms()
@@ -9430,34 +7769,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -9466,17 +7777,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -9558,15 +7858,6 @@ end
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
-local function arg_request_id(index)
-  local raw = arg_string(index, 'request_id', 0, 64)
-  if not string.find(raw, '^[%w_%-]*$') then
-    fail('ARG', 'request_id may hold only letters, digits, "_" and "-", got ' .. show(raw))
-  end
-  return raw
-end
-
 -- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
   if not raw then
@@ -9596,14 +7887,6 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
-end
-
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
 local function format_meta(meta)
   return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
@@ -9619,32 +7902,6 @@ end
 local function check_seq(seq)
   if seq > MAX_SEQ then
     fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
-end
-
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', K_REQUEST)
-  if not raw then
-    return nil
-  end
-  local ok, record = pcall(cmsgpack.unpack, raw)
-  if not ok or type(record) ~= 'table' or type(record[1]) ~= 'string' then
-    fail('CORRUPT', 'the request record is malformed')
-  end
-  if record[1] ~= op then
-    fail('ARG', 'request id ' .. show(request_id) .. ' was used by another call (' .. record[1] .. ')')
-  end
-  return record
-end
-
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
-  if request_id ~= '' then
-    redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
@@ -9701,7 +7958,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 6ed3d6d95562648a45c92163be065ca7cd3820c9)
+-- queue.stats (sha1 3a9a5f5408629d892be9d25142c15509780df4be)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -9804,55 +8061,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -9932,26 +8140,6 @@ end
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
-local function arg_request_id(index)
-  local raw = arg_string(index, 'request_id', 0, 64)
-  if not string.find(raw, '^[%w_%-]*$') then
-    fail('ARG', 'request_id may hold only letters, digits, "_" and "-", got ' .. show(raw))
-  end
-  return raw
-end
-
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -9978,71 +8166,6 @@ local function existing_meta(raw, task_id)
   return parse_meta(raw, task_id)
 end
 
--- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
-local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
-end
-
--- The score of a ready task (see the budget above).
-local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
-end
-
--- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
-local function check_seq(seq)
-  if seq > MAX_SEQ then
-    fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
-end
-
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', K_REQUEST)
-  if not raw then
-    return nil
-  end
-  local ok, record = pcall(cmsgpack.unpack, raw)
-  if not ok or type(record) ~= 'table' or type(record[1]) ~= 'string' then
-    fail('CORRUPT', 'the request record is malformed')
-  end
-  if record[1] ~= op then
-    fail('ARG', 'request id ' .. show(request_id) .. ' was used by another call (' .. record[1] .. ')')
-  end
-  return record
-end
-
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
-  if request_id ~= '' then
-    redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
-  end
-end
-
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
-    return false
-  end
-  read('LLEN', K_WAKE)
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
-  local signals = {}
-  for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
-  end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
-  if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
-  end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
-end
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(0, 0)
@@ -10080,7 +8203,7 @@ return run(main)
 end,
 }
 
--- slots.keyslot (sha1 a82ec25634f6e2a57ed499a85661ef4910c5097b)
+-- slots.keyslot (sha1 f52208cf17ec5107ba91f0d2d65e340bd2ffa372)
 redis.register_function{
   function_name = 'luasched_slots_keyslot_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
@@ -10115,34 +8238,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -10162,34 +8257,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -10198,17 +8265,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -10271,7 +8327,7 @@ return run(main)
 end,
 }
 
--- slots.owner (sha1 d22863bf2b2ec43ff3e7b87ef1659ecb7c7ab0bc)
+-- slots.owner (sha1 d0fd738506d806f4808d46be4bbd4a6bfdc54de1)
 redis.register_function{
   function_name = 'luasched_slots_owner_v0_1_0',
   flags = { 'no-writes' },
@@ -10328,19 +8384,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
 -- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
 local function decimal(value)
   if value == math.floor(value) and value > -1e16 and value < 1e16 then
@@ -10375,34 +8418,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -10411,17 +8426,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -10506,41 +8510,11 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
 -- Whether any node is live now. O(log n).
 local function any_live(now_ms)
   return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- lookup (lua/include/lookup.lua.j2): the live owner of a slot. Needs include/registry.lua.j2.
 --
@@ -10602,7 +8576,7 @@ return run(main)
 end,
 }
 
--- slots.owner_of_slot (sha1 08add7099f4f0ca048188b56ec2958fb34b0268a)
+-- slots.owner_of_slot (sha1 30388477852f773edf2afbab99707b19129df3c8)
 redis.register_function{
   function_name = 'luasched_slots_owner_of_slot_v0_1_0',
   flags = { 'no-writes' },
@@ -10717,42 +8691,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -10804,41 +8742,11 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
 -- Whether any node is live now. O(log n).
 local function any_live(now_ms)
   return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- lookup (lua/include/lookup.lua.j2): the live owner of a slot. Needs include/registry.lua.j2.
 --
@@ -10899,7 +8807,7 @@ return run(main)
 end,
 }
 
--- slots.owners (sha1 b3e7d7ee8470b2a5c3b6276da73d96811e79f951)
+-- slots.owners (sha1 dbfe0e45c82698726d1ec93c0075826d7e298383)
 redis.register_function{
   function_name = 'luasched_slots_owners_v0_1_0',
   flags = { 'no-writes' },
@@ -10955,19 +8863,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
 -- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
 local function decimal(value)
   if value == math.floor(value) and value > -1e16 and value < 1e16 then
@@ -11002,34 +8897,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -11038,17 +8905,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -11133,41 +8989,11 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
 -- Whether any node is live now. O(log n).
 local function any_live(now_ms)
   return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- lookup (lua/include/lookup.lua.j2): the live owner of a slot. Needs include/registry.lua.j2.
 --
@@ -11238,7 +9064,7 @@ return run(main)
 end,
 }
 
--- slots.rebalance (sha1 889f03d9df1c051eea4387df7dd5cd31a8dfd011)
+-- slots.rebalance (sha1 c2bc46df4742aba9dec21b1465f9ca377a116c02)
 redis.register_function{
   function_name = 'luasched_slots_rebalance_v0_1_0',
   flags = {},
@@ -11296,19 +9122,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
 -- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
 local function decimal(value)
   if value == math.floor(value) and value > -1e16 and value < 1e16 then
@@ -11341,55 +9154,6 @@ local function arg_count(low, high)
     fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
   end
   return count
-end
-
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -11443,12 +9207,6 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
 -- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
 local function live_indexes(now_ms)
   local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
@@ -11458,11 +9216,6 @@ local function live_indexes(now_ms)
   end
   table.sort(indexes)
   return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
 -- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
@@ -11484,28 +9237,6 @@ end
 -- Raises CORRUPT (a registry key of another type, or a table of another length: changed by
 -- something other than luasched).
 -- ---------------------------------------------------------------------------------------------
-
--- Fails with CORRUPT unless every registry key is absent or of its layout type, and the slot
--- table is absent or 32768 bytes. Scripts that write more than one key call it before their
--- first write, so no write can fail on a wrong type after another write was made.
-local function check_layout()
-  local expected = {
-    { K_INDEX, 'hash' }, { K_ID, 'hash' }, { K_WEIGHT, 'hash' }, { K_CAPACITY, 'hash' },
-    { K_META, 'hash' }, { K_DEADLINE, 'zset' }, { K_DRAINING, 'set' }, { K_FREE, 'zset' },
-    { K_SLOTS, 'string' }, { K_LOAD, 'hash' }, { K_UTIL, 'zset' }, { K_RING, 'zset' },
-    { K_LRU, 'zset' }, { K_WEIGHTED, 'zset' },
-  }
-  for position, entry in ipairs(expected) do
-    local found = redis.call('TYPE', entry[1]).ok
-    if found ~= 'none' and found ~= entry[2] then
-      fail('CORRUPT', 'KEYS[' .. position .. '] holds a ' .. found .. ', expected a ' .. entry[2])
-    end
-  end
-  local length = redis.call('STRLEN', K_SLOTS)
-  if length ~= 0 and length ~= TABLE_BYTES then
-    fail('CORRUPT', 'the slot table is ' .. length .. ' bytes, expected ' .. TABLE_BYTES)
-  end
-end
 
 -- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
 local function read_owners()
@@ -11697,5 +9428,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '975504ef9a58ad9c89d267ef3ebc53d667639451' end,
+  callback = function() return '4a1bcfa26a65a0b69180e4884dc5cc6f1ddd4ac8' end,
 }

@@ -116,21 +116,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -139,17 +124,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -209,35 +183,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -295,19 +240,6 @@ local function pick_join(index, load, capacity_raw)
   redis.call('ZADD', K_LRU, 0, index)
 end
 
--- A node stops being eligible (draining); its load stays, for pick.release.
-local function pick_leave(index)
-  redis.call('ZREM', K_UTIL, index)
-  redis.call('ZREM', K_RING, index)
-  redis.call('ZREM', K_LRU, index)
-end
-
--- A node is removed: not eligible, and its load is forgotten with its index.
-local function pick_forget(index)
-  pick_leave(index)
-  redis.call('HDEL', K_LOAD, index)
-end
-
 -- Membership, a weight or a liveness changed: the cumulative weights must be rebuilt.
 local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
@@ -347,57 +279,6 @@ local function check_layout()
   end
 end
 
--- The whole slot table as an array: owners[slot + 1] = owner index (0 = none). O(16384).
-local function read_owners()
-  local raw = redis.call('GET', K_SLOTS)
-  local owners = {}
-  if not raw then
-    for slot = 1, SLOT_COUNT do
-      owners[slot] = 0
-    end
-    return owners
-  end
-  if #raw ~= TABLE_BYTES then
-    fail('CORRUPT', 'the slot table is ' .. #raw .. ' bytes, expected ' .. TABLE_BYTES)
-  end
-  local byte = string.byte
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    -- first is a 1-based slot number; its high byte is at 1-based position 2 * first - 1.
-    local bytes = { byte(raw, 2 * first - 1, 2 * (first + SLOTS_PER_CHUNK - 1)) }
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      owners[first + offset] = bytes[2 * offset + 1] * 256 + bytes[2 * offset + 2]
-    end
-  end
-  return owners
-end
-
--- Writes the whole table from an owners array (one SET of 32768 bytes).
-local function write_owners(owners)
-  local parts = {}
-  local char = string.char
-  for first = 1, SLOT_COUNT, SLOTS_PER_CHUNK do
-    local bytes = {}
-    for offset = 0, SLOTS_PER_CHUNK - 1 do
-      local owner = owners[first + offset]
-      bytes[2 * offset + 1] = floor(owner / 256)
-      bytes[2 * offset + 2] = owner % 256
-    end
-    parts[#parts + 1] = char(unpack(bytes))
-  end
-  redis.call('SET', K_SLOTS, table.concat(parts))
-end
-
--- How many slots each index owns: counts[index] (nil = none). O(16384).
-local function count_owned(owners)
-  local counts = {}
-  for slot = 1, SLOT_COUNT do
-    local owner = owners[slot]
-    if owner ~= 0 then
-      counts[owner] = (counts[owner] or 0) + 1
-    end
-  end
-  return counts
-end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(5, 5)

@@ -50,34 +50,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -97,34 +69,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -133,17 +77,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -203,35 +136,6 @@ local function index_of(node_id)
   return index and tonumber(index) or nil
 end
 
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
-end
-
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -248,21 +152,6 @@ end
 -- ---------------------------------------------------------------------------------------------
 local UNLIMITED_CAPACITY = 1125899906842624
 
--- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
-local function effective_capacity(raw)
-  if not raw then
-    return UNLIMITED_CAPACITY
-  end
-  return tonumber(raw)
-end
-
--- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
-local function utilization_score(load, capacity)
-  if capacity <= 0 then
-    return '1'
-  end
-  return string.format('%.17g', load / capacity)
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
 -- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
@@ -282,13 +171,6 @@ end
 --     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
 -- ---------------------------------------------------------------------------------------------
 
--- A node becomes eligible (registered and not draining): scored by its current load.
-local function pick_join(index, load, capacity_raw)
-  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
-  redis.call('ZADD', K_RING, index, index)
-  redis.call('ZADD', K_LRU, 0, index)
-end
-
 -- A node stops being eligible (draining); its load stays, for pick.release.
 local function pick_leave(index)
   redis.call('ZREM', K_UTIL, index)
@@ -307,11 +189,6 @@ local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
 end
 
--- The current load of an index (a number; absent = 0). A read: call it before any write.
-local function pick_load_of(index)
-  local raw = redis.call('HGET', K_LOAD, index)
-  return raw and tonumber(raw) or 0
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.
@@ -381,17 +258,6 @@ local function write_owners(owners)
   redis.call('SET', K_SLOTS, table.concat(parts))
 end
 
--- How many slots each index owns: counts[index] (nil = none). O(16384).
-local function count_owned(owners)
-  local counts = {}
-  for slot = 1, SLOT_COUNT do
-    local owner = owners[slot]
-    if owner ~= 0 then
-      counts[owner] = (counts[owner] or 0) + 1
-    end
-  end
-  return counts
-end
 local function main()
   key_count(REGISTRY_KEY_COUNT)
   arg_count(1, 1)

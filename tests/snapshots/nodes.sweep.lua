@@ -112,42 +112,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -199,12 +163,6 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
 -- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
 local function live_indexes(now_ms)
   local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
@@ -214,11 +172,6 @@ local function live_indexes(now_ms)
   end
   table.sort(indexes)
   return indexes
-end
-
--- Whether any node is live now. O(log n).
-local function any_live(now_ms)
-  return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
 -- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
@@ -250,21 +203,6 @@ end
 -- ---------------------------------------------------------------------------------------------
 local UNLIMITED_CAPACITY = 1125899906842624
 
--- The effective capacity of a raw nodes:capacity value (nil/false = unlimited).
-local function effective_capacity(raw)
-  if not raw then
-    return UNLIMITED_CAPACITY
-  end
-  return tonumber(raw)
-end
-
--- The pick:util score (a string for ZADD) of `load` on `capacity` (effective capacity).
-local function utilization_score(load, capacity)
-  if capacity <= 0 then
-    return '1'
-  end
-  return string.format('%.17g', load / capacity)
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_registry (lua/include/pick_registry.lua.j2): how the nodes.* scripts keep the pick keys
 -- (KEYS 10..14 of the registry) in step with the registry. Needs registry.lua.j2 and
@@ -284,13 +222,6 @@ end
 --     deletes it (pick.weighted rebuilds it, and also when it lands on a node that died since).
 -- ---------------------------------------------------------------------------------------------
 
--- A node becomes eligible (registered and not draining): scored by its current load.
-local function pick_join(index, load, capacity_raw)
-  redis.call('ZADD', K_UTIL, utilization_score(load, effective_capacity(capacity_raw)), index)
-  redis.call('ZADD', K_RING, index, index)
-  redis.call('ZADD', K_LRU, 0, index)
-end
-
 -- A node stops being eligible (draining); its load stays, for pick.release.
 local function pick_leave(index)
   redis.call('ZREM', K_UTIL, index)
@@ -309,11 +240,6 @@ local function pick_invalidate()
   redis.call('DEL', K_WEIGHTED)
 end
 
--- The current load of an index (a number; absent = 0). A read: call it before any write.
-local function pick_load_of(index)
-  local raw = redis.call('HGET', K_LOAD, index)
-  return raw and tonumber(raw) or 0
-end
 -- ---------------------------------------------------------------------------------------------
 -- slot_table (lua/include/slot_table.lua.j2): whole-table reads and writes, and the layout
 -- check of scripts that write more than one key. Needs include/registry.lua.j2.

@@ -87,55 +87,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -179,23 +130,7 @@ local function read(...)
   end
   return result
 end
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
-  if not raw then
-    return 0
-  end
-  local value = tonumber(raw)
-  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
-  end
-  return value
-end
 
--- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
-  local deadline = read('ZSCORE', deadline_key, index)
-  return deadline and tonumber(deadline) > now_ms
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
 -- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every

@@ -104,42 +104,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -294,13 +258,6 @@ local function walk(key, deadline_key, now_ms, first, wrap, accept)
 end
 
 
--- Fails for a walk of a strategy without capacity that took nothing: SCANLIMIT or NONODE.
-local function fail_no_live(why)
-  if why == 'limit' then
-    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were all dead; sweep dead nodes')
-  end
-  fail('NONODE', 'no live node that is not draining')
-end
 -- ---------------------------------------------------------------------------------------------
 -- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
 -- pick.two_choices). Needs prelude, pick_score, pick and pick_walk. KEYS as in
@@ -346,21 +303,28 @@ local function charge(index, load, capacity, capacity_raw, cost)
   -- Writes: both keys were read above (types known); nothing below can fail.
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
-  return { node_id, new_load, capacity_raw and tonumber(capacity_raw) or -1 }
+  return { node_id, new_load, capacity_raw and capacity or -1 }
 end
 
 -- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
 local function pick_least_loaded(cost, random, now_ms)
-  local head = read('ZRANGE', K_UTIL, 0, 1, 'WITHSCORES')
+  -- Ranks as strings: a number argument to redis.call is formatted with snprintf.
+  local head = read('ZRANGE', K_UTIL, '0', '1', 'WITHSCORES')
   if #head == 0 then
     fail('NONODE', 'no live node that is not draining')
   end
   local index = head[1]
   if tonumber(head[2]) < 1 then
     if head[4] == head[2] then
-      -- A tie at the lowest score (equal scores have equal '%.17g' strings).
+      -- A tie at the lowest score (equal scores have equal '%.17g' strings). Ranks 0 and 1
+      -- are the two members the ZRANGE above answered; others take one more ZRANGE.
       local ties = read('ZCOUNT', K_UTIL, head[2], head[2])
-      index = read('ZRANGE', K_UTIL, fmod(random, ties), fmod(random, ties))[1]
+      local rank = fmod(random, ties)
+      if rank < 2 then
+        index = head[2 * rank + 1]
+      else
+        index = read('ZRANGE', K_UTIL, rank, rank)[1]
+      end
     end
     local load, capacity, capacity_raw = fits(index, cost, now_ms)
     if load then

@@ -74,13 +74,6 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -113,21 +106,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -136,17 +114,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -237,17 +204,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -264,32 +220,6 @@ local function parse_meta(raw, task_id)
     at_ms = tonumber(at_ms),
     worker = worker,
   }
-end
-
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
-end
-
--- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
-local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
-end
-
--- The score of a ready task (see the budget above).
-local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
-end
-
--- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
-local function check_seq(seq)
-  if seq > MAX_SEQ then
-    fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
 end
 
 -- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
@@ -318,27 +248,6 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
-    return false
-  end
-  read('LLEN', K_WAKE)
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
-  local signals = {}
-  for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
-  end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
-  if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
-  end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
-end
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(4, 4)

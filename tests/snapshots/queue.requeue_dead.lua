@@ -59,14 +59,6 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
 -- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
 -- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
 local function server_now_ms()
@@ -93,34 +85,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -129,17 +93,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
@@ -221,15 +174,6 @@ end
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- ARGV[index] as a request id: 0..64 bytes of [0-9A-Za-z_-] ("" = none).
-local function arg_request_id(index)
-  local raw = arg_string(index, 'request_id', 0, 64)
-  if not string.find(raw, '^[%w_%-]*$') then
-    fail('ARG', 'request_id may hold only letters, digits, "_" and "-", got ' .. show(raw))
-  end
-  return raw
-end
-
 -- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
   if not raw then
@@ -259,14 +203,6 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The meta of a task that must exist (it is a member of one of the zsets).
-local function existing_meta(raw, task_id)
-  if not raw then
-    fail('CORRUPT', 'task ' .. show(task_id) .. ' is queued but has no meta')
-  end
-  return parse_meta(raw, task_id)
-end
-
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
 local function format_meta(meta)
   return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
@@ -282,32 +218,6 @@ end
 local function check_seq(seq)
   if seq > MAX_SEQ then
     fail('CORRUPT', 'the sequence of the queue is exhausted (2^43 - 1)')
-  end
-end
-
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
-  if request_id == '' then
-    return nil
-  end
-  local raw = read('GET', K_REQUEST)
-  if not raw then
-    return nil
-  end
-  local ok, record = pcall(cmsgpack.unpack, raw)
-  if not ok or type(record) ~= 'table' or type(record[1]) ~= 'string' then
-    fail('CORRUPT', 'the request record is malformed')
-  end
-  if record[1] ~= op then
-    fail('ARG', 'request id ' .. show(request_id) .. ' was used by another call (' .. record[1] .. ')')
-  end
-  return record
-end
-
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
-  if request_id ~= '' then
-    redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 

@@ -28,34 +28,6 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
-local function show(value)
-  if value == nil then
-    return '(missing)'
-  end
-  value = tostring(value)
-  local suffix = ''
-  if #value > 40 then
-    value = string.sub(value, 1, 40)
-    suffix = '...'
-  end
-  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
-end
-
--- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
-local function decimal(value)
-  if value == math.floor(value) and value > -1e16 and value < 1e16 then
-    return string.format('%.0f', value)
-  end
-  return tostring(value)
-end
-
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
-local function server_now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -75,34 +47,6 @@ local function arg_count(low, high)
   return count
 end
 
--- ARGV[index] as an integer in [low, high].
-local function arg_int(index, name, low, high)
-  local raw = ARGV[index]
-  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
-  end
-  local value = tonumber(raw)
-  if value < low or value > high then
-    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
-  end
-  return value
-end
-
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
 -- ARGV[index] as a byte string whose length is in [min_length, max_length].
 local function arg_string(index, name, min_length, max_length)
   local raw = ARGV[index]
@@ -111,17 +55,6 @@ local function arg_string(index, name, min_length, max_length)
       .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
   end
   return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.

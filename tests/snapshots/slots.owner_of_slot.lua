@@ -108,42 +108,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- ARGV[index] as a finite decimal number in [low, high] ("1", "-0.5", "2.5e3"; no hex/inf/nan).
-local function arg_number(index, name, low, high)
-  local raw = ARGV[index]
-  local shaped = raw ~= nil and #raw <= 32
-    and (string.find(raw, '^%-?%d+%.?%d*[eE][%+%-]?%d+$') or string.find(raw, '^%-?%d+%.?%d*$')
-      or string.find(raw, '^%-?%.%d+$'))
-  local value = shaped and tonumber(raw)
-  -- value ~= value is NaN; the bounds reject +-inf (an exponent like 1e999 overflows to inf).
-  if not value or value ~= value or value < low or value > high then
-    fail('ARG', name .. ' must be a number between ' .. decimal(low) .. ' and ' .. decimal(high)
-      .. ', got ' .. show(raw))
-  end
-  return value
-end
-
--- ARGV[index] as a byte string whose length is in [min_length, max_length].
-local function arg_string(index, name, min_length, max_length)
-  local raw = ARGV[index]
-  if raw == nil or #raw < min_length or #raw > max_length then
-    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
-      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
-  end
-  return raw
-end
-
--- ARGV[index] as one of the strings in `choices` (a list).
-local function arg_enum(index, name, choices)
-  local raw = ARGV[index]
-  for _, choice in ipairs(choices) do
-    if raw == choice then
-      return raw
-    end
-  end
-  fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 local function run(main)
   local ok, result = pcall(main)
@@ -195,41 +159,11 @@ local SLOTS_PER_CHUNK = 2048
 local MAX_NODES = 65535
 local floor = math.floor
 
--- The index (a number) of a registered node id, or nil.
-local function index_of(node_id)
-  local index = redis.call('HGET', K_INDEX, node_id)
-  return index and tonumber(index) or nil
-end
-
--- The indexes (numbers, ascending) of live nodes: deadline strictly after now.
-local function live_indexes(now_ms)
-  local members = redis.call('ZRANGEBYSCORE', K_DEADLINE, '(' .. decimal(now_ms), '+inf')
-  local indexes = {}
-  for position, member in ipairs(members) do
-    indexes[position] = tonumber(member)
-  end
-  table.sort(indexes)
-  return indexes
-end
-
 -- Whether any node is live now. O(log n).
 local function any_live(now_ms)
   return redis.call('ZCOUNT', K_DEADLINE, '(' .. decimal(now_ms), '+inf') > 0
 end
 
--- HMGET of `indexes` (numbers) on a hash keyed by index, in chunks; values[position] (false
--- where absent).
-local function hash_values(key, indexes)
-  local values = {}
-  for first = 1, #indexes, 1000 do
-    local last = math.min(first + 999, #indexes)
-    local chunk = redis.call('HMGET', key, unpack(indexes, first, last))
-    for offset = 1, last - first + 1 do
-      values[first + offset - 1] = chunk[offset]
-    end
-  end
-  return values
-end
 -- ---------------------------------------------------------------------------------------------
 -- lookup (lua/include/lookup.lua.j2): the live owner of a slot. Needs include/registry.lua.j2.
 --
