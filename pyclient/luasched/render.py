@@ -392,7 +392,14 @@ def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     scripts: dict[str, RenderedScript] = {}
     for template_name in _template_names(directory):
         name = _script_name(template_name)
-        text = environment.get_template(template_name).render(context, script_name=name)
+        template = environment.get_template(template_name)
+        # Twice: the header (parsed from the first rendering) says the layout's key types,
+        # which scripts declaring CORRUPT get for their error path (prelude.lua.j2, run()).
+        spec = parse_header(name, template.render(context, script_name=name, layout_types=""))
+        layout_types = ""
+        if any(code == "CORRUPT" for code, _ in spec.errors):
+            layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
+        text = template.render(context, script_name=name, layout_types=layout_types)
         text = drop_unused_functions(text, name)
         spec = parse_header(name, text)
         sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()

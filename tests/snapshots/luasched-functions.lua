@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 5f3ec99fec6974ce00a0e6c35053d146b49e779d)
+-- lock.acquire (sha1 5c82d12edb93a84aedc209ae6482c53a072941ad)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -156,7 +156,22 @@ local function arg_enum(index, name, choices)
   fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -164,6 +179,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -188,21 +210,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- Fails with CORRUPT unless `key` is absent or of `expected` type.
 local function check_type(key, expected)
   local found = redis.call('TYPE', key).ok
@@ -457,7 +472,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 b3c97ce249931dd094848f259b59ca06e9ba3b6e)
+-- lock.extend (sha1 fcec84e5fe0dfaad1ba1326dba25935e9135098e)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -578,7 +593,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -586,6 +616,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -610,21 +647,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 
 -- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
@@ -714,7 +744,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 c73e3a0609c56b54b3ee1b668c5d1b7078a764d0)
+-- lock.release (sha1 633034d5588053451b1ae863f1f4cb5f05ac2be7)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -824,7 +854,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -832,6 +877,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -856,21 +908,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- Fails with CORRUPT unless `key` is absent or of `expected` type.
 local function check_type(key, expected)
   local found = redis.call('TYPE', key).ok
@@ -1046,7 +1091,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 14a76ff463b3c8fc23f350f90055909bc16f64a8)
+-- lock.semaphore_acquire (sha1 40c37d4507979b841bb5881d0716da9b6affd881)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1166,7 +1211,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -1174,6 +1234,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1198,21 +1265,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 
 -- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
 local function stored_int(raw, what)
@@ -1341,7 +1401,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 a140eb124f27b130cfadf04956ef43ec2e07c0f8)
+-- lock.semaphore_extend (sha1 c58b149f53c1890b3dd50c817b0e6a96c28efe5a)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -1453,7 +1513,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -1461,6 +1536,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1485,21 +1567,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
@@ -1554,7 +1629,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 5ac48b15af4447cd0c2a74daf1749bd8475cfa8d)
+-- lock.semaphore_release (sha1 0de09f49b0ef708ac95fd14aeb45f2f58045e824)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -1655,7 +1730,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'list', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -1663,6 +1753,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1687,21 +1784,14 @@ local WAKE_TTL_MS = 1000
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- Fails with CORRUPT unless `key` is absent or of `expected` type.
 local function check_type(key, expected)
   local found = redis.call('TYPE', key).ok
@@ -1828,7 +1918,7 @@ return run(main)
 end,
 }
 
--- nodes.drain (sha1 d39e2f8b2495cfd84efe5ccc8a9ebbad31f59e8d)
+-- nodes.drain (sha1 6120ce9c843f08ede0faf591911297e3ae55ec11)
 redis.register_function{
   function_name = 'luasched_nodes_drain_v0_1_0',
   flags = {},
@@ -1939,7 +2029,22 @@ local function arg_enum(index, name, choices)
   fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -1947,6 +2052,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -2380,7 +2492,7 @@ return run(main)
 end,
 }
 
--- nodes.list (sha1 96f8fde4027e7ba696e87c520ebdffe383f7fa56)
+-- nodes.list (sha1 7c1f07c81de6b855d5bd73dacfaa8bb527e8158b)
 redis.register_function{
   function_name = 'luasched_nodes_list_v0_1_0',
   flags = { 'no-writes' },
@@ -2435,6 +2547,19 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
 -- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
 -- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
 local function server_now_ms()
@@ -2461,7 +2586,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -2469,6 +2609,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -2611,7 +2758,7 @@ return run(main)
 end,
 }
 
--- nodes.register (sha1 5c26840147111083568632eb23f5e63f713438ea)
+-- nodes.register (sha1 0ed1f0b0806511f3ca2bb77a8f37a3ede07b6298)
 redis.register_function{
   function_name = 'luasched_nodes_register_v0_1_0',
   flags = {},
@@ -2744,7 +2891,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -2752,6 +2914,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -2979,7 +3148,7 @@ return run(main)
 end,
 }
 
--- nodes.remove (sha1 4209e251abd3e4442d16c1266edd93a15b7496ce)
+-- nodes.remove (sha1 afcf9c2d08376b5e5ac56704d255cf41b77b861d)
 redis.register_function{
   function_name = 'luasched_nodes_remove_v0_1_0',
   flags = {},
@@ -3036,6 +3205,19 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
 -- Exactly `count` keys.
 local function key_count(count)
   if #KEYS ~= count then
@@ -3065,7 +3247,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -3073,6 +3270,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -3284,7 +3488,7 @@ return run(main)
 end,
 }
 
--- nodes.sweep (sha1 ec098053ed1cb900cad69dae1d79f25673dc2ade)
+-- nodes.sweep (sha1 438b2558d4a4a05d377aed47577478eef97d16ff)
 redis.register_function{
   function_name = 'luasched_nodes_sweep_v0_1_0',
   flags = {},
@@ -3403,7 +3607,22 @@ local function arg_int(index, name, low, high)
   return value
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -3411,6 +3630,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -3787,7 +4013,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 8ecded2d4d27cdf64963642e7e8a5f99ad27e9ce)
+-- pick.least_loaded (sha1 394203ea1895faeb4886035cc4e73468fa89eb8b)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -3898,7 +4124,22 @@ local function arg_int(index, name, low, high)
   return value
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'hash', 'hash', 'zset', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -3906,6 +4147,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -3957,21 +4205,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -4161,7 +4402,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 dbc44b852d886a157086d87a5d9a7de8d4e421cd)
+-- pick.least_recent (sha1 e4abb9ed7861e1f7d432cd71f309e5d264d9fb2e)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -4253,7 +4494,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'hash', 'zset', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -4261,6 +4517,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4281,21 +4544,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -4419,7 +4675,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 1b8dd35c36e856f1c7f4857cd14f17e58b378b87)
+-- pick.release (sha1 3f71520fe8685df95f933baa6323492fe47c0cd5)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -4524,7 +4780,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -4532,6 +4803,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4583,21 +4861,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -4640,7 +4911,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 cddad4c421ca6b43c6687f54016363cf11c30bd3)
+-- pick.round_robin (sha1 1ef4969ae3ff18c223ede4267c5d8cfa1abd3903)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -4731,7 +5002,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'hash', 'zset', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -4739,6 +5025,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4759,21 +5052,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -4884,7 +5170,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 098ae55d5831a7a834fb8028cb09b71298c212a4)
+-- pick.smooth_weighted (sha1 f86de67985f20dd4bd2292d77248461fdaf92165)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -4978,7 +5264,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'string', 'zset', 'set', 'hash', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -4986,6 +5287,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5006,21 +5314,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
@@ -5131,7 +5432,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 58aff1fcfa5a298c4985c76e4c95fb020fd221cc)
+-- pick.two_choices (sha1 1164f744b91f87e1dfcfcfba25ce7281d3441267)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -5242,7 +5543,22 @@ local function arg_int(index, name, low, high)
   return value
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'hash', 'hash', 'zset', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -5250,6 +5566,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5301,21 +5624,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
 local function stored_int(raw, what)
   if not raw then
@@ -5531,7 +5847,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 7b9a58a998b34ce80edb94db10823ba3e513bda8)
+-- pick.weighted (sha1 5373a2b9dd02e2924633e34dad6aa283eb2c4a53)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -5638,7 +5954,22 @@ local function arg_int(index, name, low, high)
   return value
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'set', 'hash', 'hash' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -5646,6 +5977,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5666,21 +6004,14 @@ local fmod = math.fmod
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 
 -- Whether `index` (a member string) is live at now_ms.
 local function is_live(deadline_key, index, now_ms)
@@ -5789,7 +6120,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 8c084556a0f64390bcb9b7010bf4d515d36b0515)
+-- queue.ack (sha1 719ec5280810be45f2b160a61578f7b6faf08045)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -5912,7 +6243,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -5920,6 +6266,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5973,21 +6326,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -6070,7 +6416,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 39be9ae3ec748ff539d9877d58aaeed2bff7e992)
+-- queue.dequeue (sha1 8752be500a0d0404aa1f5ad9f5b7e204f1d141ed)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -6213,7 +6559,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -6221,6 +6582,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -6274,21 +6642,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -6675,7 +7036,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 cf3d20ff6fe1d4c19b97adf62a79515b48c5341d)
+-- queue.enqueue (sha1 99d9a63f2c1808a18bd91d65505cb3d3a3dc1da0)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -6808,7 +7169,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -6816,6 +7192,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -6869,21 +7252,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -7042,7 +7418,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 0e4df81efc85cef0999d00dde14f66e2c0ce6298)
+-- queue.extend (sha1 d0b5525b77fea11395160f2d4efe2571feebec29)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -7169,7 +7545,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -7177,6 +7568,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -7230,21 +7628,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -7295,7 +7686,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 9767f5feb59c3eee33201fa14956f1d4540e40a3)
+-- queue.nack (sha1 bab62049eeef4b51b8f0d904e17a09db1604eb5a)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -7430,7 +7821,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -7438,6 +7844,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -7491,21 +7904,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -7677,7 +8083,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 ef71100956df476f4330a315e4cc7b108ec430c0)
+-- queue.requeue_dead (sha1 c3864d9574ace78d954340c18b0f6b37cb57c21d)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -7779,7 +8185,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -7787,6 +8208,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -7840,21 +8268,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -7958,7 +8379,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 3a9a5f5408629d892be9d25142c15509780df4be)
+-- queue.stats (sha1 4e697a3ca4bc45df46d0e6873e3df63c85ce3be8)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -8061,7 +8482,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -8069,6 +8505,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -8122,21 +8565,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
@@ -9064,7 +9500,7 @@ return run(main)
 end,
 }
 
--- slots.rebalance (sha1 c2bc46df4742aba9dec21b1465f9ca377a116c02)
+-- slots.rebalance (sha1 f621f539f69af05172bf4b4621a63a62266f1dfa)
 redis.register_function{
   function_name = 'luasched_slots_rebalance_v0_1_0',
   flags = {},
@@ -9122,6 +9558,19 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
 -- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
 local function decimal(value)
   if value == math.floor(value) and value > -1e16 and value < 1e16 then
@@ -9156,7 +9605,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -9164,6 +9628,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -9428,5 +9899,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '4a1bcfa26a65a0b69180e4884dc5cc6f1ddd4ac8' end,
+  callback = function() return '2f270dea736a87618562530df3622eea7f27c223' end,
 }

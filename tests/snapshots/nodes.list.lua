@@ -48,6 +48,19 @@ local function fail(code, detail)
   error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
 end
 
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
 -- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
 -- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
 local function server_now_ms()
@@ -74,7 +87,22 @@ local function arg_count(low, high)
   return count
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -82,6 +110,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end

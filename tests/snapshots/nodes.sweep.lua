@@ -112,7 +112,22 @@ local function arg_int(index, name, low, high)
   return value
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -120,6 +135,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end

@@ -126,7 +126,22 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
+-- The key of KEYS that holds another type than this script's layout says (its --@key lines),
+-- for a CORRUPT detail; nil if none does. Runs on the error path only.
+local function wrong_type_key()
+  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
+  for position, key in ipairs(KEYS) do
+    local actual = redis.call('TYPE', key)['ok']
+    if actual ~= 'none' and actual ~= layout[position] then
+      return key
+    end
+  end
+end
+
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
 local function run(main)
   local ok, result = pcall(main)
   if ok then
@@ -134,6 +149,13 @@ local function run(main)
   end
   if type(result) == 'table' and result.luasched_error then
     return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    local key = wrong_type_key()
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
+      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -187,21 +209,14 @@ local floor = math.floor
 
 -- ---------------------------------------------------------------------------------------------
 -- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. A WRONGTYPE error (a key of the namespace holds another type
--- than the layout: something outside luasched wrote it) becomes CORRUPT, which leaves every key
--- as it was because nothing was written yet; any other error (OOM...) is raised unchanged, as a
--- string (Redis 6.2 cannot raise an error table). Scripts that include this declare CORRUPT.
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
 -- ---------------------------------------------------------------------------------------------
-local function read(...)
-  local result = redis.pcall(...)
-  if type(result) == 'table' and result.err then
-    if string.find(result.err, 'WRONGTYPE', 1, true) then
-      fail('CORRUPT', 'key ' .. show(select(2, ...)) .. ' holds another type than the layout')
-    end
-    error(result.err, 0)
-  end
-  return result
-end
+local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
