@@ -9,6 +9,10 @@ Contract for tests:
   reported as skipped).
 - ``r``: ``server.flush()``, then a fresh sync client (``RedisCluster`` on the cluster), closed
   after the test.
+- ``replicated``: a ``servers.ReplicatedCluster`` (three primaries, each with a replica) started
+  for this one test and stopped after it. Tests that ask for it are marked
+  ``@pytest.mark.replicated_cluster`` and run only when ``cluster`` is among the selected servers
+  (otherwise deselected, like the matrix).
 
 Options (or environment variables):
 
@@ -37,6 +41,7 @@ from servers import (
     COMPOSE_FILE,
     SERVER_NAMES,
     SPECS,
+    ReplicatedCluster,
     ServerHandle,
     ServerStartError,
     check_images,
@@ -47,6 +52,7 @@ from servers import (
     local_servers,
     parse_server_selection,
     ping,
+    replicated_cluster,
 )
 
 pytest_plugins = ("pytester",)  # tests/test_harness.py checks the parametrization in a sandbox
@@ -164,8 +170,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     keep, drop = [], []
     server_of = config.stash[SERVER_OF]
+    with_cluster = "cluster" in config.stash[SELECTED]
     for item in items:
         if item.get_closest_marker(UNSELECTED_MARK) is not None:
+            drop.append(item)
+            continue
+        if item.get_closest_marker("replicated_cluster") is not None and not with_cluster:
             drop.append(item)
             continue
         keep.append(item)
@@ -242,7 +252,7 @@ def luasched_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Serve
         )
         for spec in specs:
             if spec.is_cluster:
-                create_cluster(spec.ports)
+                create_cluster(spec.ports, replicas=spec.replicas)
         config.stash[STARTUP][backend] = time.monotonic() - started
         yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
     else:
@@ -273,6 +283,15 @@ def r(server: ServerHandle) -> Iterator[redis.Redis | redis.cluster.RedisCluster
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def replicated(request: pytest.FixtureRequest) -> Iterator[ReplicatedCluster]:
+    """A fresh replicated cluster for one failover/resharding test, stopped after it."""
+    if request.node.get_closest_marker("replicated_cluster") is None:
+        raise pytest.UsageError("tests using `replicated` must be marked replicated_cluster")
+    with replicated_cluster(_resolve_backend(request.config)) as cluster:
+        yield cluster
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ Two backends start the very same server binaries with the same arguments:
 
 Either way every server listens on 127.0.0.1 only, on the fixed ports below. The three cluster
 nodes are joined from the host with ``redis-cli --cluster create`` once they answer.
+
+``REPLICATED_CLUSTER`` (three primaries, each with a replica, cluster-node-timeout 1000 ms) is
+not in the matrix: only the failover and resharding tests start it (``ReplicatedCluster``), on
+the same backends, and stop it when they end.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ ROOT = TESTS_DIR.parent
 COMPOSE_FILE = TESTS_DIR / "docker-compose.yml"
 TOOLS_DIR = Path(os.environ.get("LUASCHED_TOOLS_DIR", ROOT / ".tools" / "servers"))
 CLUSTER_NODE_TIMEOUT_MS = 2000
+#: The replicated cluster of the failover tests: a short timeout, so a failover takes ~2-3 s.
+REPLICATED_NODE_TIMEOUT_MS = 1000
 #: Moves every port by this much, so two test sessions can run side by side on one machine.
 PORT_OFFSET = int(os.environ.get("LUASCHED_PORT_OFFSET", "0"))
 START_TIMEOUT_S = 30.0
@@ -59,6 +65,8 @@ class ServerSpec:
     services: tuple[str, ...]  # docker-compose service names, one per node
     image_env: str  # environment variable that overrides the image
     is_cluster: bool = False
+    replicas: int = 0  # replicas per primary (cluster only)
+    node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ports", tuple(port + PORT_OFFSET for port in self.ports))
@@ -103,8 +111,21 @@ SPECS: dict[str, ServerSpec] = {
 }
 SERVER_NAMES: tuple[str, ...] = tuple(SPECS)
 
+#: Not a matrix server: started by ReplicatedCluster for the failover/resharding tests only.
+REPLICATED_CLUSTER = ServerSpec(
+    "cluster-replicated",
+    "redis",
+    (7, 0),
+    (17011, 17012, 17013, 17014, 17015, 17016),
+    tuple(f"cluster-replicated-{n}" for n in range(1, 7)),
+    "LUASCHED_IMAGE_REDIS_7_0",
+    is_cluster=True,
+    replicas=1,
+    node_timeout_ms=REPLICATED_NODE_TIMEOUT_MS,
+)
+
 # docker-compose reads each service's port from LUASCHED_PORT_<SERVICE> (default: the fixed port).
-for _spec in SPECS.values():
+for _spec in (*SPECS.values(), REPLICATED_CLUSTER):
     for _service, _port in zip(_spec.services, _spec.ports, strict=True):
         _variable = "LUASCHED_PORT_" + _service.upper().replace("-", "_").replace(".", "_")
         os.environ[_variable] = str(_port)
@@ -141,7 +162,7 @@ def server_args(spec: ServerSpec, port: int, data_dir: str, cluster_dir: str) ->
         args += [
             "--cluster-enabled", "yes",
             "--cluster-config-file", f"{cluster_dir}/nodes-{port}.conf",
-            "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+            "--cluster-node-timeout", str(spec.node_timeout_ms),
         ]  # fmt: skip
     return args
 
@@ -270,8 +291,9 @@ def _slot_map(node: redis.Redis) -> list[tuple[int, int, int]]:
     return sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in ranges)
 
 
-def cluster_ready(ports: Sequence[int]) -> bool:
-    """Every node says cluster_state:ok and all agree on one full slot map."""
+def cluster_ready(ports: Sequence[int], replicas: int = 0) -> bool:
+    """Every node says cluster_state:ok and all agree on one full slot map; with replicas,
+    every primary has that many replicas whose link is up."""
     maps = []
     try:
         for port in ports:
@@ -280,18 +302,30 @@ def cluster_ready(ports: Sequence[int]) -> bool:
                 if info.get("cluster_state") != "ok":
                     return False
                 maps.append(_slot_map(node))
+                if replicas:
+                    replication = node.info("replication")
+                    if replication["role"] == "master":
+                        if int(replication["connected_slaves"]) != replicas:
+                            return False
+                    elif replication.get("master_link_status") != "up":
+                        return False
     except (redis.RedisError, OSError):
         return False
     first = maps[0]
     covered = sum(end - start + 1 for start, end, _ in first)
     owners = {owner for _, _, owner in first}
-    return covered == 16384 and owners == set(ports) and all(m == first for m in maps)
+    if len(owners) * (replicas + 1) != len(ports) or not owners <= set(ports):
+        return False
+    return covered == 16384 and all(m == first for m in maps)
 
 
-def create_cluster(ports: Sequence[int], timeout: float = START_TIMEOUT_S) -> None:
-    """Join fresh cluster-enabled nodes into one cluster of primaries, wait until it is ok."""
+def create_cluster(
+    ports: Sequence[int], timeout: float = START_TIMEOUT_S, replicas: int = 0
+) -> None:
+    """Join fresh cluster-enabled nodes into one cluster (``replicas`` per primary), wait until
+    it is ok."""
     cmd = [find_redis_cli(), "--cluster", "create", *(f"{HOST}:{p}" for p in ports)]
-    cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+    cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]
     try:
         proc = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
@@ -302,7 +336,9 @@ def create_cluster(ports: Sequence[int], timeout: float = START_TIMEOUT_S) -> No
         raise ServerStartError(
             f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
-    wait_until(lambda: cluster_ready(ports), timeout, "the cluster to report cluster_state:ok")
+    wait_until(
+        lambda: cluster_ready(ports, replicas), timeout, "the cluster to report cluster_state:ok"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +489,16 @@ class LocalServers:
                 )
         for spec in self.specs:
             if spec.is_cluster:
-                create_cluster(spec.ports)
+                create_cluster(spec.ports, replicas=spec.replicas)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (a crash: no shutdown, no last write)."""
+        for p in self.processes:
+            if p.port == port and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+                return
+        raise ValueError(f"no running node on port {port}")
 
     def _alive_and_ping(self, port: int) -> bool:
         for p in self.processes:
@@ -487,3 +532,101 @@ def local_servers(specs: Iterable[ServerSpec]) -> Iterator[LocalServers]:
         yield servers
     finally:
         servers.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The replicated cluster of the failover and resharding tests
+
+
+class ReplicatedCluster:
+    """``REPLICATED_CLUSTER`` on the docker or local backend: ``start``, ``kill(port)``, ``stop``.
+
+    Docker: its own compose project (``luasched<pid>r``), only the ``cluster-replicated-*``
+    services of ``tests/docker-compose.yml``; a node is killed with ``docker-compose kill``
+    (SIGKILL). Local: ``LocalServers`` processes, killed with SIGKILL. ``stop`` removes it all.
+    """
+
+    def __init__(self, backend: str, spec: ServerSpec = REPLICATED_CLUSTER) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.project = f"luasched{os.getpid()}r"
+        self._local: LocalServers | None = None
+        self._started = False
+
+    def _compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = ["docker-compose", "-f", str(COMPOSE_FILE), "-p", self.project, *args]
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        if check and proc.returncode != 0:
+            raise ServerStartError(f"`{' '.join(cmd)}` failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def start(self) -> None:
+        if self.backend == "docker":
+            check_images([self.spec])
+            check_ports_free([self.spec])
+            self._started = True
+            self._compose("up", "-d", *self.spec.services)
+            wait_until(
+                lambda: all(ping(port) for port in self.spec.ports),
+                START_TIMEOUT_S,
+                "the replicated cluster's nodes",
+            )
+            create_cluster(self.spec.ports, replicas=self.spec.replicas)
+        else:
+            self._local = LocalServers([self.spec])
+            self._started = True
+            self._local.start()
+
+    def kill(self, port: int) -> None:
+        """Crash the node on ``port`` (SIGKILL)."""
+        if self._local is not None:
+            self._local.kill(port)
+            return
+        service = self.spec.services[self.spec.ports.index(port)]
+        self._compose("kill", "-s", "SIGKILL", service)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+        else:
+            self._compose("down", "-v", "-t", "1", check=False)
+
+    def handle(self) -> ServerHandle:
+        return ServerHandle.from_spec(self.spec)
+
+    def roles(self) -> dict[int, str]:
+        """Port -> "master" / "slave" of every node that answers (dead nodes are left out)."""
+        roles = {}
+        for port in self.spec.ports:
+            try:
+                with redis.Redis(host=HOST, port=port, socket_timeout=0.5) as node:
+                    roles[port] = str(node.info("replication")["role"])
+            except (redis.RedisError, OSError):
+                continue
+        return roles
+
+    def replica_of(self, primary_port: int) -> int:
+        """The port of the replica that follows ``primary_port``."""
+        for port, role in self.roles().items():
+            if role != "slave":
+                continue
+            with redis.Redis(host=HOST, port=port, socket_timeout=0.5) as node:
+                if int(node.info("replication")["master_port"]) == primary_port:
+                    return port
+        raise LookupError(f"no replica follows {primary_port}")
+
+
+@contextlib.contextmanager
+def replicated_cluster(backend: str) -> Iterator[ReplicatedCluster]:
+    cluster = ReplicatedCluster(backend)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

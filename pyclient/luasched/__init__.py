@@ -27,7 +27,9 @@ from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
 from luasched.pick import Picked
 from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats
 from luasched.render import ScriptConfig
+from luasched.retry import RetryPolicy
 from luasched.scheduler import Scheduler, SchedulerPipeline
+from luasched.sharded import PartitionLease, ShardedQueue, ShardedStats
 from luasched.slots import Owner, Rebalance
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "NodeInfo",
     "NodeList",
     "Owner",
+    "PartitionLease",
     "PermitHandle",
     "Picked",
     "Queue",
@@ -53,11 +56,14 @@ __all__ = [
     "Rebalance",
     "RegistryFull",
     "Removal",
+    "RetryPolicy",
     "ScanLimitReached",
     "Scheduler",
     "SchedulerPipeline",
     "ScriptConfig",
     "Semaphore",
+    "ShardedQueue",
+    "ShardedStats",
     "StaleLease",
     "SweepResult",
     "TooManyNodes",

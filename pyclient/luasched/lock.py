@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from luasched.keys import Namespace, to_bytes
+from luasched.retry import NO_RETRY
 from luasched.scripts import Call, ScriptRunner
 
 __all__ = [
@@ -482,7 +483,9 @@ class Lock:
                     self._leave(token)  # give the waiter's place back
                 return None
             try:
-                self._runner.client.blpop([self.wake_key], pause / 1000.0)
+                getattr(self._runner, "retry", NO_RETRY).call(
+                    self._runner.client.blpop, [self.wake_key], pause / 1000.0
+                )
             except BaseException:
                 self._leave(token)
                 raise
@@ -601,7 +604,9 @@ class Semaphore:
             pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
             if pause is None:
                 return None
-            self._runner.client.blpop([self.wake_key], pause / 1000.0)
+            getattr(self._runner, "retry", NO_RETRY).call(
+                self._runner.client.blpop, [self.wake_key], pause / 1000.0
+            )
 
     def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
         try:

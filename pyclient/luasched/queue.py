@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from luasched.keys import Namespace, to_bytes
+from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -536,7 +537,8 @@ class Queue:
             if remaining_s <= 0:
                 return None if shape == "one" else []
             timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            self._client.blpop([self.keys.wake], timeout=timeout)
+            retry = getattr(self._runner, "retry", NO_RETRY)
+            retry.call(self._client.blpop, [self.keys.wake], timeout=timeout)
 
     def dequeue(
         self,

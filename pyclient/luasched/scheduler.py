@@ -12,7 +12,14 @@ from luasched.nodes import Nodes
 from luasched.pick import Pick, RandomSource
 from luasched.queue import Queue, check_eviction_policy
 from luasched.render import RenderedScript, ScriptConfig, render_all
+from luasched.retry import RetryPolicy
 from luasched.scripts import Batch, ScriptRunner, SyncClient
+from luasched.sharded import (
+    DEFAULT_BLOCK_SLICE_MS,
+    ShardedQueue,
+    partition_namespace,
+    sharded_layout,
+)
 from luasched.slots import Slots
 
 __all__ = ["Scheduler", "SchedulerPipeline"]
@@ -38,6 +45,9 @@ class Scheduler:
     functions survive restarts and failovers). False: always EVALSHA. True: FCALL without
     detecting. Either way a call whose function is missing falls back to EVALSHA. Pipelines
     always use EVALSHA (EVAL on a cluster).
+
+    ``retry``: how single calls ride out a failover or resharding (``luasched.retry``; default
+    ``RetryPolicy()``: up to 30 sends within 20 s, backoff 25 ms doubling to 500 ms).
     """
 
     def __init__(
@@ -48,12 +58,13 @@ class Scheduler:
         config: ScriptConfig | None = None,
         rng: RandomSource | None = None,
         use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = ScriptRunner(client, self.scripts, use_functions=use_functions)
+        self.runner = ScriptRunner(client, self.scripts, use_functions=use_functions, retry=retry)
         self.slots = Slots(self.runner, self.namespace)
         self.nodes = Nodes(self.runner, self.namespace)
         self.pick = Pick(self.runner, self.namespace, rng)
@@ -115,6 +126,31 @@ class Scheduler:
             self._eviction_checked = True
             check_eviction_policy(self.client, self.namespace)
         return Queue(self.runner, self.namespace, name, client=self.client, **options)
+
+    def sharded_queue(
+        self,
+        name: str | bytes,
+        partitions: int,
+        *,
+        block_slice_ms: int = DEFAULT_BLOCK_SLICE_MS,
+        **options: Any,
+    ) -> ShardedQueue:
+        """One logical queue ``name`` over ``partitions`` partition namespaces placed on
+        different primaries of a cluster (see ``luasched.sharded``); options as ``queue``.
+
+        Reads (the first time: plans and records) the partition layout: a GET, and on first use
+        CLUSTER SLOTS and a SET NX, in this namespace's slot. Warns like ``queue`` about an
+        evicting maxmemory-policy of each partition's primary. Raises ValueError when the queue
+        was created with another number of partitions.
+        """
+        raw = name.encode() if isinstance(name, str) else name
+        layout = sharded_layout(self.client, self.namespace, raw, partitions, self.runner.retry)
+        queues = []
+        for candidate in layout:
+            namespace = partition_namespace(self.namespace, candidate)
+            check_eviction_policy(self.client, namespace)
+            queues.append(Queue(self.runner, namespace, raw, client=self.client, **options))
+        return ShardedQueue(queues, block_slice_ms=block_slice_ms)
 
     def pipeline(self) -> SchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction); see SchedulerPipeline."""

@@ -45,6 +45,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
+from luasched.retry import RetryPolicy
 
 __all__ = ["Batch", "Call", "FunctionsRoute", "ScriptRunner"]
 
@@ -207,7 +208,8 @@ class ScriptRunner:
 
     Thread-safe as far as the client is. ``run`` is atomic per call (one script execution);
     a reply lost to a connection error may still have been executed: scripts that change state
-    take a request id for that reason.
+    take a request id for that reason. ``retry`` (default ``RetryPolicy()``) sends a call again,
+    bounded and with backoff, on the errors of a failover or resharding (``luasched.retry``).
     """
 
     def __init__(
@@ -216,11 +218,13 @@ class ScriptRunner:
         scripts: Mapping[str, RenderedScript],
         *,
         use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, Script] = {}
         self.route = FunctionsRoute(scripts, use_functions)
+        self.retry = retry or RetryPolicy()
 
     def _handle(self, name: str) -> Script:
         handle = self._handles.get(name)
@@ -257,10 +261,14 @@ class ScriptRunner:
 
     def run(self, call: Call[T]) -> T:
         """Run one call: FCALL if the library is installed (see ``FunctionsRoute``), else
-        EVALSHA, on NOSCRIPT load and retry once; parse the reply.
+        EVALSHA, on NOSCRIPT load and retry once; parse the reply. The same call is sent again
+        on a failover's or resharding's errors, as ``self.retry`` says.
 
         Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply.
         """
+        return self.retry.call(lambda: self._run_once(call))
+
+    def _run_once(self, call: Call[T]) -> T:
         if self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:

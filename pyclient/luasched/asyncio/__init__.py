@@ -7,6 +7,7 @@ the sync package's functions; only the I/O is awaited.
 from luasched.asyncio.lock import AsyncLock, AsyncLockHandle, AsyncPermitHandle, AsyncSemaphore
 from luasched.asyncio.scheduler import AsyncSchedulerPipeline, Scheduler
 from luasched.asyncio.scripts import AsyncBatch, AsyncScriptRunner
+from luasched.asyncio.sharded import AsyncShardedQueue
 
 __all__ = [
     "AsyncBatch",
@@ -16,5 +17,6 @@ __all__ = [
     "AsyncSchedulerPipeline",
     "AsyncScriptRunner",
     "AsyncSemaphore",
+    "AsyncShardedQueue",
     "Scheduler",
 ]

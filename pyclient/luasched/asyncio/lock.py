@@ -39,6 +39,7 @@ from luasched.lock import (
     semaphore_release_call,
     wait_ms,
 )
+from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
 __all__ = ["AsyncLock", "AsyncLockHandle", "AsyncPermitHandle", "AsyncSemaphore"]
@@ -201,7 +202,9 @@ class AsyncLock:
                     await _shielded(self._leave(token))
                 return None
             try:
-                await self._runner.client.blpop([self.wake_key], pause / 1000.0)
+                await getattr(self._runner, "retry", NO_RETRY).call_async(
+                    self._runner.client.blpop, [self.wake_key], pause / 1000.0
+                )
             except BaseException:
                 await _shielded(self._leave(token))
                 raise
@@ -310,7 +313,9 @@ class AsyncSemaphore:
             pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
             if pause is None:
                 return None
-            await self._runner.client.blpop([self.wake_key], pause / 1000.0)
+            await getattr(self._runner, "retry", NO_RETRY).call_async(
+                self._runner.client.blpop, [self.wake_key], pause / 1000.0
+            )
 
     async def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
         with contextlib.suppress(Exception):

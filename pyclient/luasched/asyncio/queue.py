@@ -30,6 +30,7 @@ from luasched.queue import (
     requeue_dead_call,
     stats_call,
 )
+from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
 __all__ = ["AsyncQueue", "check_eviction_policy_async"]
@@ -181,7 +182,8 @@ class AsyncQueue:
             if remaining_s <= 0:
                 return None if shape == "one" else []
             timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            await self._client.blpop([self.keys.wake], timeout=timeout)
+            retry = getattr(self._runner, "retry", NO_RETRY)
+            await retry.call_async(self._client.blpop, [self.keys.wake], timeout=timeout)
 
     async def dequeue(
         self,

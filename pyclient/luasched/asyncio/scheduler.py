@@ -11,11 +11,14 @@ from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.pick import AsyncPick
 from luasched.asyncio.queue import AsyncQueue, check_eviction_policy_async
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
+from luasched.asyncio.sharded import AsyncShardedQueue, sharded_layout_async
 from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.pick import RandomSource
 from luasched.render import RenderedScript, ScriptConfig, render_all
+from luasched.retry import RetryPolicy
+from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, partition_namespace
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
 
@@ -31,12 +34,15 @@ class Scheduler:
         config: ScriptConfig | None = None,
         rng: RandomSource | None = None,
         use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = AsyncScriptRunner(client, self.scripts, use_functions=use_functions)
+        self.runner = AsyncScriptRunner(
+            client, self.scripts, use_functions=use_functions, retry=retry
+        )
         self.slots = AsyncSlots(self.runner, self.namespace)
         self.nodes = AsyncNodes(self.runner, self.namespace)
         self.pick = AsyncPick(self.runner, self.namespace, rng)
@@ -100,6 +106,26 @@ class Scheduler:
         return AsyncQueue(
             self.runner, self.namespace, name, client=self.client, on_first_call=hook, **options
         )
+
+    async def sharded_queue(
+        self,
+        name: str | bytes,
+        partitions: int,
+        *,
+        block_slice_ms: int = DEFAULT_BLOCK_SLICE_MS,
+        **options: Any,
+    ) -> AsyncShardedQueue:
+        """See ``luasched.Scheduler.sharded_queue`` (awaited: it reads the layout)."""
+        raw = name.encode() if isinstance(name, str) else name
+        layout = await sharded_layout_async(
+            self.client, self.namespace, raw, partitions, self.runner.retry
+        )
+        queues = []
+        for candidate in layout:
+            namespace = partition_namespace(self.namespace, candidate)
+            await check_eviction_policy_async(self.client, namespace)
+            queues.append(AsyncQueue(self.runner, namespace, raw, client=self.client, **options))
+        return AsyncShardedQueue(queues, block_slice_ms=block_slice_ms)
 
     def pipeline(self) -> AsyncSchedulerPipeline:
         """A batch of calls sent in one round trip (not a transaction)."""

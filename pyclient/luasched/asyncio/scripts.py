@@ -12,6 +12,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from luasched.render import RenderedScript
+from luasched.retry import RetryPolicy
 from luasched.scripts import (
     Call,
     FunctionsRoute,
@@ -40,11 +41,13 @@ class AsyncScriptRunner:
         scripts: Mapping[str, RenderedScript],
         *,
         use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, AsyncScript] = {}
         self.route = FunctionsRoute(scripts, use_functions)
+        self.retry = retry or RetryPolicy()
 
     def _handle(self, name: str) -> AsyncScript:
         handle = self._handles.get(name)
@@ -80,7 +83,11 @@ class AsyncScriptRunner:
 
     async def run(self, call: Call[T]) -> T:
         """Run one call: FCALL if the library is installed, else EVALSHA, on NOSCRIPT load and
-        retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``)."""
+        retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``); sent again on
+        a failover's or resharding's errors, as ``self.retry`` says."""
+        return await self.retry.call_async(lambda: self._run_once(call))
+
+    async def _run_once(self, call: Call[T]) -> T:
         if await self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:
