@@ -8,6 +8,14 @@ from luasched.cli import install_functions
 from luasched.render import ScriptConfig
 from servers import ServerHandle
 
+#: CRC-16/XMODEM vectors (FIELD_NOTES.md), known independently of any code here.
+SLOT_VECTORS = {
+    "foo": 12182,
+    "{foo}bar": 12182,
+    "123456789": 12739,
+    "{user1000}.following": 3443,
+    "foo{}{bar}": 8363,
+}
 EVALSHA = "evalsha"
 FCALL = "fcall"
 

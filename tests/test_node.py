@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from crosslang import assert_route_taken, command_calls, routes, use_route
+from crosslang import SLOT_VECTORS, assert_route_taken, command_calls, routes, use_route
 from helpers import render_key
 from luasched import Scheduler, key_slot
 from luasched.keys import Namespace
@@ -34,14 +34,6 @@ TASKS = 60  # per direction; each a dequeue + ack round trip
 WORKERS = 4
 LEASE_MS = 30_000
 ONCE = {"request_id": "", "request_ttl_ms": 60_000}
-#: CRC-16/XMODEM vectors (FIELD_NOTES.md), known independently of any code here.
-SLOT_VECTORS = {
-    "foo": 12182,
-    "{foo}bar": 12182,
-    "123456789": 12739,
-    "{user1000}.following": 3443,
-    "foo{}{bar}": 8363,
-}
 
 
 @pytest.fixture(scope="module")
