@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from luasched.cli import install_functions
 from luasched.render import ScriptConfig
-from servers import ServerHandle
+from servers import ROOT, ServerHandle
+
+README_SECTION = "## One task from Python, redis-cli and Node"
 
 #: CRC-16/XMODEM vectors (FIELD_NOTES.md), known independently of any code here.
 SLOT_VECTORS = {
@@ -59,3 +61,11 @@ def assert_route_taken(server: ServerHandle, route: str, before: dict[str, int])
         assert calls["evalsha"] > 0 and calls["fcall"] == 0, calls
     else:
         assert calls["fcall"] + calls["fcall_ro"] > 0 and calls["evalsha"] == 0, calls
+
+
+def readme_block(language: str) -> str:
+    """The ``language`` code block of the README's "One task from Python, redis-cli and Node"."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(README_SECTION) :]
+    section = section[: section.index("\n## ", 1)]
+    return section.split(f"```{language}\n", 1)[1].split("```")[0]

@@ -19,7 +19,14 @@ from typing import Any
 
 import pytest
 
-from crosslang import SLOT_VECTORS, assert_route_taken, command_calls, routes, use_route
+from crosslang import (
+    SLOT_VECTORS,
+    assert_route_taken,
+    command_calls,
+    readme_block,
+    routes,
+    use_route,
+)
 from helpers import render_key
 from luasched import Scheduler, key_slot
 from luasched.keys import Namespace
@@ -334,6 +341,13 @@ def test_node_builds_the_keys_python_builds(server: ServerHandle, scripts_dir: P
 def test_node_example_from_the_readme_runs(server: ServerHandle, scripts_dir: Path) -> None:
     """examples/node/example.js (the README's Node snippet) on a real server, by both routes."""
     node = require_node()
+    # The README's Node block is this file's code: each of its lines, in order.
+    example = (ROOT / "examples" / "node" / "example.js").read_text().splitlines()
+    position = 0
+    for line in readme_block("js").splitlines():
+        stripped = [text.strip() for text in example[position:]]
+        assert line.strip() in stripped, f"README line not in example.js (in order): {line}"
+        position += stripped.index(line.strip()) + 1
     for route in routes(server):
         use_route(server, route)
         done = subprocess.run(

@@ -10,7 +10,9 @@ is the harness's (``servers.find_redis_cli``: the 6.2 one from the wheel, else t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from crosslang import (
     SLOT_VECTORS,
     assert_route_taken,
     command_calls,
+    readme_block,
     routes,
 )
 from helpers import render_key
@@ -213,3 +216,57 @@ def test_lock_acquired_from_redis_cli_refuses_python(
             client.close()
 
     each_route(server, scripts_dir, scenario)
+
+
+def queue_is_empty_after_one_task(server: ServerHandle) -> None:
+    """The README's task went through namespace "orders", queue "emails": one lease (fence 1),
+    acked, nothing left."""
+    client = server.client()
+    try:
+        stats = Scheduler(client, "orders").queue("emails").stats()
+        assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0), stats
+        assert client.hget(b"luasched:{orders}:q:tasks:emails", b"fence") == b"1"
+    finally:
+        client.close()
+
+
+@pytest.mark.standalone_only
+def test_readme_one_task_from_python_runs(
+    server: ServerHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.flush()
+    code = readme_block("python")
+    assert "redis.Redis()" in code
+    code = code.replace("redis.Redis()", f"redis.Redis(port={server.port})")
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "b'task-1' b'hello' 1"
+    queue_is_empty_after_one_task(server)
+
+
+@pytest.mark.standalone_only
+def test_readme_one_task_from_redis_cli_runs(server: ServerHandle, tmp_path: Path) -> None:
+    """The README's bash snippet as written, with `redis-cli` pointed at the test server and
+    `luasched` from this environment."""
+    server.flush()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "redis-cli"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {find_redis_cli()} -h {server.host} -p {server.port} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block("sh")],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert lines[:7] == ["1", "ready", "0", "task-1", "hello", "1", "1"], done.stdout
+    assert int(lines[7]) > 0 and lines[8:] == ["1"], done.stdout
+    queue_is_empty_after_one_task(server)
