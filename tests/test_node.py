@@ -189,6 +189,31 @@ def test_node_and_python_workers_race_for_one_queue(
     each_route(server, scripts_dir, scenario)
 
 
+def test_binary_payloads_cross_both_ways(server: ServerHandle, scripts_dir: Path) -> None:
+    to_node, to_python = bytes(range(256)), bytes(range(255, -1, -1)) + b"\r\n\x00"
+
+    def scenario(node: NodeDriver, route: str) -> None:
+        client = server.client()
+        try:
+            q = Scheduler(client, NS).queue("bin")
+            assert q.enqueue("py-bin", to_node).created
+            taken = node.request("take_hex", ns=NS, queue="bin")
+            assert (taken["task_id"], taken["payload_hex"]) == ("py-bin", to_node.hex())
+            assert taken["route"] == route
+            sent = node.request(
+                "enqueue_hex", ns=NS, queue="bin", task_id="node-bin", payload_hex=to_python.hex()
+            )
+            assert sent["reply"] == [1, "ready"]
+            lease = q.dequeue("py", LEASE_MS)
+            assert lease is not None and (lease.task_id, lease.payload) == (b"node-bin", to_python)
+            assert q.ack(lease)
+        finally:
+            client.close()
+        assert_queue_empty(server, "bin")
+
+    each_route(server, scripts_dir, scenario)
+
+
 def node_acquire(node: NodeDriver, token: str) -> list[Any]:
     return list(
         node.call(

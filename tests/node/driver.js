@@ -15,6 +15,9 @@
 //   work    ns, queue, workers, lease_ms  -> taken:[{task_id, payload, token, worker}], routes:
 //           `workers` workers, each on its own connection, dequeue + ack until the queue
 //           answers nothing ready.
+//   enqueue_hex ns, queue, task_id, payload_hex -> reply (the payload sent as bytes)
+//   take_hex    ns, queue                 -> task_id, payload_hex: one dequeue + ack, with
+//                                            replies as Buffers (binary payloads)
 //   quit                                  -> (closes the connections, exits 0)
 const path = require('path');
 const readline = require('readline');
@@ -52,6 +55,7 @@ function connect() {
 }
 
 const main = connect();
+let binary = null; // the same client, replies as Buffers (ops *_hex)
 const once = { request_id: '', request_ttl_ms: 60000 };
 
 async function worker(ls, op, name, taken) {
@@ -89,6 +93,23 @@ const handlers = {
       }));
     }
     return { replies, route: main.lastRoute };
+  },
+  async enqueue_hex(op) {
+    const reply = await main.call('queue.enqueue', { ns: op.ns, queue: op.queue }, {
+      task_id: op.task_id, payload: Buffer.from(op.payload_hex, 'hex'), priority: 0, delay_ms: 0,
+      max_attempts: 3, ...once,
+    });
+    return { reply, route: main.lastRoute };
+  },
+  async take_hex(op) {
+    binary = binary || new Luasched(main.client, main.manifest, main.texts, { buffers: true });
+    const places = { ns: op.ns, queue: op.queue };
+    const [, taskId, payload, , token] = await binary.call('queue.dequeue', places, {
+      worker_id: 'node-binary', count: 1, lease_ms: 30000, wait_ms: 0, ack_task_id: '',
+      ack_token: 0, ...once,
+    });
+    await binary.call('queue.ack', places, { task_id: taskId, token, ...once });
+    return { task_id: taskId.toString(), payload_hex: payload.toString('hex'), route: binary.lastRoute };
   },
   async work(op) {
     const workers = Array.from({ length: op.workers }, () => connect());
