@@ -159,7 +159,8 @@ def test_keyslot_from_redis_cli_equals_python(server: ServerHandle, scripts_dir:
 def test_enqueue_from_redis_cli_python_dequeues(server: ServerHandle, scripts_dir: Path) -> None:
     def scenario(cli: Cli) -> None:
         jobs = {"queue": b"jobs", "request_id": b""}
-        enqueue = {"task_id": "cli-task", "payload": f"hello from redis-cli ({cli.route})"}
+        enqueue: dict[str, Any] = {"task_id": "cli-task"}
+        enqueue |= {"payload": f"hello from redis-cli ({cli.route})"}
         enqueue |= {"priority": 5, "delay_ms": 0, "max_attempts": 3}
         enqueue |= {"request_id": "", "request_ttl_ms": 60_000}
         assert cli.call("queue.enqueue", jobs, enqueue) == ["1", "ready"]
