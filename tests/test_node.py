@@ -54,15 +54,16 @@ def scripts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def each_route(
     server: ServerHandle, scripts_dir: Path, scenario: Callable[[NodeDriver, str], None]
 ) -> None:
-    """Run ``scenario(node, route)`` once per route on an emptied server, with a fresh Node
-    process, and check afterwards that every script call took that route."""
-    require_node()
-    for route in routes(server):
-        use_route(server, route)
-        before = command_calls(server)
-        with NodeDriver(server, scripts_dir) as node:
+    """Run ``scenario(node, route)`` once per route on an emptied server (one Node process; it
+    detects the library again for each route), and check afterwards that every script call
+    took that route."""
+    with NodeDriver(server, scripts_dir) as node:
+        for route in routes(server):
+            use_route(server, route)
+            node.request("reset")
+            before = command_calls(server)
             scenario(node, route)
-        assert_route_taken(server, route, before)
+            assert_route_taken(server, route, before)
 
 
 def take_all(server: ServerHandle, queue: str, worker: str) -> list[dict[str, Any]]:

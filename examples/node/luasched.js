@@ -195,6 +195,12 @@ class Luasched {
     return installed;
   }
 
+  // Forget whether the library is installed (after installing or removing it): the next call
+  // asks again.
+  reset() {
+    this._functions = this.useFunctions;
+  }
+
   async _load(name) {
     const expected = this.script(name).sha1;
     const shas = await Promise.all(

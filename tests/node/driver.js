@@ -8,6 +8,7 @@
 //
 // Requests ({"op": ...}) and replies ({"ok": true, ...} or {"ok": false, "error", "code"}):
 //   hello                                 -> node and ioredis versions
+//   reset                                 -> forget whether the Functions library is installed
 //   keys    script, places                -> keys (the KEYS the client builds from the patterns)
 //   call    script, places, args          -> reply, route ("evalsha" | "fcall")
 //   enqueue ns, queue, tasks:[[id, payload]...], max_attempts
@@ -75,6 +76,11 @@ async function worker(ls, op, name, taken) {
 const handlers = {
   async hello() {
     return { node: process.version, ioredis: require('ioredis/package.json').version };
+  },
+  async reset() {
+    main.reset(); // the server was flushed, the library installed or removed
+    binary = null;
+    return {};
   },
   async keys(op) {
     return { keys: main.keys(op.script, op.places) };
