@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import nodejs
 from crosslang import (
     SLOT_VECTORS,
     assert_route_taken,
@@ -397,3 +398,16 @@ def test_node_example_from_the_readme_runs(server: ServerHandle, scripts_dir: Pa
             assert client.hget(b"luasched:{orders}:q:tasks:emails", b"fence") == b"1"
         finally:
             client.close()
+
+
+def test_missing_node_or_node_modules_fails_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without node, or without the npm dependencies, the Node tests fail (never skip) and say
+    what to install."""
+    monkeypatch.setattr(nodejs, "NODE_MODULES", tmp_path / "node_modules")
+    with pytest.raises(pytest.fail.Exception, match=r"make node-deps"):
+        require_node()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=r"node not found.*apt-get install nodejs npm"):
+        require_node()
