@@ -221,8 +221,14 @@ def node_acquire(node: NodeDriver, token: str) -> list[Any]:
         node.call(
             "lock.acquire",
             {"ns": NS, "name": "report"},
-            {"token": token, "ttl_ms": 10_000, "reentrant": 0, "fair": 0, "wait_ttl_ms": 0}
-            | {"request_id": ""},
+            {
+                "token": token,
+                "ttl_ms": 10_000,
+                "reentrant": 0,
+                "fair": 0,
+                "wait_ttl_ms": 0,
+                "request_id": "",
+            },
         )
     )
 
