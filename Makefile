@@ -10,7 +10,7 @@ SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=
 # make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
 BENCH_ARGS ?=
 
-.PHONY: all venv servers images test lint snapshots demo bench clean
+.PHONY: all venv servers images node-deps test lint snapshots demo bench clean
 
 all: test
 
@@ -30,8 +30,18 @@ servers:
 images:
 	tests/images/build_images.sh
 
+# The Node.js side of the cross-language tests (ioredis, pinned in package-lock.json); redone
+# when the lock file changes. Needs node and npm (`.ci/run` installs them on Debian).
+NODE_DEPS := tests/node/node_modules/.stamp
+$(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ and npm (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix tests/node --no-audit --no-fund
+	touch $@
+
+node-deps: $(NODE_DEPS)
+
 # Servers start inside pytest: Docker when reachable (images built here), else local processes.
-test: venv images
+test: venv images node-deps
 	$(VENV)/bin/pytest $(SERVER_FLAGS) $(PYTEST_ARGS)
 
 lint: venv
@@ -61,5 +71,5 @@ snapshots: venv
 	$(VENV)/bin/luasched reference > docs/scripts.md
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build dist tests/node/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -17,12 +18,27 @@ __all__ = [
     "assert_refused",
     "counts_of",
     "namespace_keys",
+    "render_key",
     "snapshot",
     "snapshot_ignoring_ttl",
     "table_owners",
 ]
 
 Client = redis.Redis | redis.cluster.RedisCluster
+PLACEHOLDER = re.compile(r"<([a-z_]+)>")
+
+
+def render_key(pattern: str, namespace: Namespace, values: Mapping[str, bytes]) -> bytes:
+    """The key named by a manifest ``pattern`` (``luasched:{ns}:lock:<name>``) in ``namespace``;
+    each ``<placeholder>`` is ``values[placeholder]`` (b"p" when absent)."""
+    head, found, tail = pattern.partition("{ns}")
+    assert found, pattern
+    out = head.encode() + b"{" + namespace.name + b"}"
+    position = 0
+    for match in PLACEHOLDER.finditer(tail):
+        out += tail[position : match.start()].encode() + values.get(match[1], b"p")
+        position = match.end()
+    return out + tail[position:].encode()
 
 
 def _prefix(namespace: Namespace | str | bytes) -> bytes:

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError, ResponseError
 
-from helpers import namespace_keys
+from helpers import namespace_keys, render_key
 from luasched.keys import Namespace
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
@@ -58,7 +58,6 @@ REQUEST_IDS = (b"", SEEDED_REQUEST_ID)
 #: are covered once per server by the catalog.
 HUGE_STRING_LIMIT = 1 << 20
 ERROR_REPLY = re.compile(r"LUASCHED_([A-Z][A-Z0-9_]*) (\S+): ")
-PLACEHOLDER = re.compile(r"<([a-z_]+)>")
 
 Conn = redis.Redis
 #: An argument past the declared ones: any bytes.
@@ -67,18 +66,6 @@ EXTRA: dict[str, Any] = {"name": "extra", "type": "string", "min_length": 0, "ma
 
 # --------------------------------------------------------------------------------------------
 # The manifest's contract, as predicates and values
-
-
-def render_key(pattern: str, namespace: Namespace, values: Mapping[str, bytes]) -> bytes:
-    """The key named by ``pattern`` (``luasched:{ns}:lock:<name>``) in ``namespace``."""
-    head, found, tail = pattern.partition("{ns}")
-    assert found, pattern
-    out = head.encode() + b"{" + namespace.name + b"}"
-    position = 0
-    for match in PLACEHOLDER.finditer(tail):
-        out += tail[position : match.start()].encode() + values.get(match[1], b"p")
-        position = match.end()
-    return out + tail[position:].encode()
 
 
 def key_values(request_id: bytes) -> dict[str, bytes]:
