@@ -35,17 +35,17 @@ from luasched.scripts import Call
 from luasched.slots import Runner
 
 __all__ = [
-    "DISPATCH_KEY_KINDS",
-    "DISPATCH_REGISTRY_KEYS",
-    "STRATEGIES",
     "DEFAULT_BACKOFF_BASE_MS",
     "DEFAULT_BACKOFF_MAX_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_POLL_MS",
     "DEFAULT_REQUEST_TTL_MS",
+    "DISPATCH_KEY_KINDS",
+    "DISPATCH_REGISTRY_KEYS",
     "MAX_PRIORITY",
     "MIN_PRIORITY",
     "QUEUE_KEY_KINDS",
+    "STRATEGIES",
     "Dequeued",
     "DispatchKeys",
     "DispatchStats",
@@ -576,9 +576,7 @@ def redispatch_call(
     return Call("queue.redispatch", keys.with_request(b""), args, _redispatched)
 
 
-def dispatch_stats_call(
-    keys: DispatchKeys, nodes: tuple[bytes, ...] = ()
-) -> Call[DispatchStats]:
+def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...] = ()) -> Call[DispatchStats]:
     """The ``queue.node_stats`` call for ``nodes`` (at most 100)."""
 
     def parse(reply: Any) -> DispatchStats:
@@ -591,7 +589,8 @@ def dispatch_stats_call(
             )
             for index, node in enumerate(nodes)
         }
-        return DispatchStats(*values[:5], nodes=per_node)
+        now_ms, ready, delayed, leased, dead = values[:5]
+        return DispatchStats(now_ms, ready, delayed, leased, dead, per_node)
 
     return Call("queue.node_stats", keys.with_request(b""), nodes, parse)
 
@@ -942,7 +941,9 @@ class Queue:
         """
         return self._runner.run(redispatch_call(self.dispatch_keys, node_id, self._rng, limit))
 
-    def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes] = ()) -> DispatchStats:
+    def dispatch_stats(
+        self, nodes: tuple[str | bytes, ...] | list[str | bytes] = ()
+    ) -> DispatchStats:
         """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes``."""
         return self._runner.run(
             dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
@@ -988,7 +989,7 @@ class NodeQueue:
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n`` of the node's ready tasks in one call, best first."""
-        return self.queue._runner.run(  # type: ignore[no-any-return]
+        return self.queue._runner.run(
             node_dequeue_call(
                 self.queue.dispatch_keys,
                 self.node,

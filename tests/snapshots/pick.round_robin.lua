@@ -193,6 +193,15 @@ local function is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
+
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
 -- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,
@@ -265,10 +274,19 @@ local function fail_no_live(why)
 end
 local K_RING, K_STATE, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local function main()
-  key_count(4)
-  arg_count(0, 0)
-  local now_ms = server_now_ms()
+-- ---------------------------------------------------------------------------------------------
+-- pick_round_robin (lua/include/pick_round_robin.lua.j2): the round-robin pick, shared by
+-- pick.round_robin and queue.dispatch. Needs prelude, pick and pick_walk; the includer binds
+-- K_RING (pick:ring), K_STATE (pick:state), K_DEADLINE (nodes:deadline), K_ID (nodes:id).
+--
+-- The next live member of pick:ring after the cursor (the index of the last pick), wrapping;
+-- the cursor moves to it. The cursor is an index, not a rank, so a join or leave changes only
+-- that node's own turns.
+-- ---------------------------------------------------------------------------------------------
+
+-- Picks (reads only): answers the node id and its index (a member string). Then
+-- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
+local function pick_round_robin(now_ms)
   local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
@@ -282,8 +300,18 @@ local function main()
   if not node_id then
     fail('CORRUPT', 'index ' .. show(member) .. ' of pick:ring has no node id')
   end
-  -- The only write (pick:state was read above).
+  return node_id, member
+end
+
+-- The pick's one write: the cursor (pick:state was read by pick_round_robin). Cannot fail.
+local function round_robin_commit(member)
   redis.call('HSET', K_STATE, 'cursor', member)
+end
+local function main()
+  key_count(4)
+  arg_count(0, 0)
+  local node_id, member = pick_round_robin(server_now_ms())
+  round_robin_commit(member)
   return node_id
 end
 

@@ -196,6 +196,15 @@ local function is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
+
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
 -- ---------------------------------------------------------------------------------------------
 -- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
 -- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every

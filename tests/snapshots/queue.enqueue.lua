@@ -196,6 +196,7 @@ end
 --     read (or is written by SET/PEXPIRE, which cannot fail) before the first write, and the
 --     first write goes through first_write(), so a refused call changes no key.
 -- ---------------------------------------------------------------------------------------------
+-- (The dispatch scripts bind these names to their own KEYS first: include/dispatch.lua.j2.)
 local K_READY, K_DELAYED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_TASKS, K_WAKE, K_WAITING, K_REQUEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local QUEUE_KEY_COUNT = 8
@@ -341,6 +342,38 @@ local function push_wake(count)
     redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
   end
   redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+end
+
+-- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
+-- that are still held under their token, as {0, task_id, payload, attempt, token, deadline}...
+local function replay_leases(record)
+  local fields = {}
+  for position = 3, #record, 2 do
+    local task_id = record[position]
+    fields[#fields + 1] = 'p' .. task_id
+    fields[#fields + 1] = 'm' .. task_id
+  end
+  local reply = { 0 }
+  if #fields == 0 then
+    return reply
+  end
+  local values = read('HMGET', K_TASKS, unpack(fields))
+  for position = 3, #record, 2 do
+    local offset = position - 2
+    local raw_meta = values[offset + 1]
+    if raw_meta then
+      local meta = parse_meta(raw_meta, record[position])
+      if meta.state == 'L' and meta.token == record[position + 1] then
+        local count = #reply
+        reply[count + 1] = record[position]
+        reply[count + 2] = values[offset]
+        reply[count + 3] = meta.attempts
+        reply[count + 4] = meta.token
+        reply[count + 5] = meta.at_ms
+      end
+    end
+  end
+  return reply
 end
 local function main()
   key_count(QUEUE_KEY_COUNT)
