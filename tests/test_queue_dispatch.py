@@ -67,7 +67,7 @@ def test_slot_strategy_routes_to_the_owner_of_the_routing_key(r: Client) -> None
     for node in (b"a", b"b", b"c"):
         for lease in drain_node(q, node):
             assert s.slots.owner(lease.payload).node == node
-    assert q.dispatch_stats().ready == 0
+    assert q.dispatch_stats(["a"]).ready == 0
 
 
 def test_least_loaded_follows_utilization_and_respects_capacity(r: Client) -> None:
@@ -239,7 +239,7 @@ def test_dead_node_tasks_are_redispatched_to_live_nodes_and_none_is_lost(r: Clie
         f"t{number}".encode() for number in range(total)
     )
     assert loads(r, s) == {b"a": 1, b"b": 0, b"c": 0}  # the delayed task, still on a
-    assert q.dispatch_stats().delayed == 1
+    assert q.dispatch_stats(["a"]).delayed == 1
 
 
 def test_removed_node_tasks_move_and_delayed_ones_stay_delayed(r: Client) -> None:
@@ -505,7 +505,8 @@ ERROR_CASES: list[tuple[Any, ...]] = [
     ("queue.redispatch", "crowd", "ok", (b"n000", 1, R), "SCANLIMIT", "the first 128"),
     ("queue.redispatch", "orphan_bad_route", "ok", (b"gone", 1, R), "CORRUPT", "malformed"),
     # queue.node_stats
-    ("queue.node_stats", "populated", "short", (), "ARG", "expected 19 key(s), got 18"),
+    ("queue.node_stats", "populated", "short", (b"a",), "ARG", "expected 19 key(s), got 18"),
+    ("queue.node_stats", "populated", "ok", (), "ARG", "expected 1 to 100 arguments, got 0"),
     ("queue.node_stats", "populated", "ok", (b"",), "ARG", "node_id must be 1 to 1024 bytes"),
     ("queue.node_stats", "wrong_ready", "ok", (b"a",), "CORRUPT", "holds another type"),
 ]

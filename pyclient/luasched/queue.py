@@ -576,8 +576,8 @@ def redispatch_call(
     return Call("queue.redispatch", keys.with_request(b""), args, _redispatched)
 
 
-def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...] = ()) -> Call[DispatchStats]:
-    """The ``queue.node_stats`` call for ``nodes`` (at most 100)."""
+def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...]) -> Call[DispatchStats]:
+    """The ``queue.node_stats`` call for ``nodes`` (1..100 node ids)."""
 
     def parse(reply: Any) -> DispatchStats:
         values = [int(value) for value in reply]
@@ -941,10 +941,8 @@ class Queue:
         """
         return self._runner.run(redispatch_call(self.dispatch_keys, node_id, self._rng, limit))
 
-    def dispatch_stats(
-        self, nodes: tuple[str | bytes, ...] | list[str | bytes] = ()
-    ) -> DispatchStats:
-        """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes``."""
+    def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes]) -> DispatchStats:
+        """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes`` (1..100)."""
         return self._runner.run(
             dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
         )

@@ -335,7 +335,7 @@ class AsyncQueue:
         return result
 
     async def dispatch_stats(
-        self, nodes: tuple[str | bytes, ...] | list[str | bytes] = ()
+        self, nodes: tuple[str | bytes, ...] | list[str | bytes]
     ) -> DispatchStats:
         """Counts of the dispatched tasks; see ``luasched.queue.Queue.dispatch_stats``."""
         result: DispatchStats = await self._run(
