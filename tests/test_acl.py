@@ -221,6 +221,21 @@ def every_operation(scheduler: Scheduler, tag: bytes = b"") -> list[str]:
     step("queue.ack_and_dequeue (blocking)")
     assert queue.stats().ready == 0
     step("queue.stats")
+    dispatched = queue.dispatch(task + b"-d", b"payload", strategy="slot", routing_key=b"user:1")
+    step("queue.dispatch")
+    mine = queue.for_node(dispatched.node)
+    lease = mine.dequeue(b"worker", HOUR)
+    assert lease is not None
+    step("queue.node_dequeue")
+    assert mine.nack(lease, delay_ms=0).state == "ready"
+    step("queue.node_nack")
+    lease = mine.dequeue(b"worker", HOUR)
+    assert lease is not None and mine.ack(lease)
+    step("queue.node_ack")
+    assert queue.redispatch(dispatched.node).node_state == "live"
+    step("queue.redispatch")
+    assert mine.stats().ready == 0
+    step("queue.node_stats")
 
     lock = scheduler.lock(b"mutex" + tag, ttl_ms=HOUR)
     handle = lock.acquire(blocking=False)

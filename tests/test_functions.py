@@ -62,6 +62,20 @@ DEAD: list[Step] = [
     ("queue.dequeue", ("w1", "1", "30000", "0", "", "0", "", "60000")),
     ("queue.nack", ("td", "1", "0", "bad", "0", "0", "", "60000")),
 ]
+# d1 dispatched round-robin to n1 (the first index), d2 least-loaded.
+DISPATCHED: list[Step] = [
+    *REBALANCED,
+    (
+        "queue.dispatch",
+        ("d1", "p1", "round_robin", "", "1", "0", "0", "3", "1", "2", "3", "", "60000"),
+    ),
+    (
+        "queue.dispatch",
+        ("d2", "p2", "least_loaded", "", "2", "0", "0", "3", "4", "5", "6", "", "60000"),
+    ),
+]
+# d1 leased with token 1.
+DISPATCH_LEASED = [*DISPATCHED, ("queue.node_dequeue", ("n1", "w1", "1", "30000", "", "60000"))]
 LOCKED: list[Step] = [("lock.acquire", ("tokA", "30000", "0", "0", "0", ""))]
 SEMAPHORE: list[Step] = [("lock.semaphore_acquire", ("tokA", "3", "30000", ""))]
 
@@ -90,6 +104,13 @@ VALID: dict[str, tuple[list[Step], tuple[str, ...]]] = {
     "queue.ack": (LEASED, ("t1", "1", "rq1", "60000")),
     "queue.dequeue": (QUEUE, ("w2", "2", "30000", "0", "", "0", "rq1", "60000")),
     "queue.enqueue": (QUEUE, ("t9", "payload-9", "7", "0", "2", "rq1", "60000")),
+    "queue.dispatch": (REBALANCED, ("d9", "p", "slot", "user:9", "2", "5", "0", "3", "11", "12",
+                                    "13", "rq1", "60000")),
+    "queue.node_ack": (DISPATCH_LEASED, ("d1", "1", "rq1", "60000")),
+    "queue.node_dequeue": (DISPATCHED, ("n1", "w2", "5", "30000", "rq1", "60000")),
+    "queue.node_nack": (DISPATCH_LEASED, ("d1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
+    "queue.node_stats": (DISPATCHED, ("n1", "n2")),
+    "queue.redispatch": ([*DISPATCHED, ("nodes.remove", ("n1",))], ("n1", "10", "77")),
     "queue.extend": (LEASED, ("t1", "1", "45000")),
     "queue.nack": (LEASED, ("t1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.requeue_dead": (DEAD, ("td",)),

@@ -27,10 +27,11 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from luasched.keys import Namespace, to_bytes
 from luasched.retry import NO_RETRY
+from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -40,23 +41,38 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_POLL_MS",
     "DEFAULT_REQUEST_TTL_MS",
+    "DISPATCH_KEY_KINDS",
+    "DISPATCH_REGISTRY_KEYS",
     "MAX_PRIORITY",
     "MIN_PRIORITY",
     "QUEUE_KEY_KINDS",
+    "STRATEGIES",
     "Dequeued",
+    "DispatchKeys",
+    "DispatchStats",
+    "Dispatched",
     "Enqueued",
     "Lease",
     "Nacked",
+    "NodeCounts",
+    "NodeQueue",
     "Queue",
     "QueueKeys",
     "QueueStats",
+    "Redispatched",
     "ack_call",
     "check_eviction_policy",
     "dequeue_call",
+    "dispatch_call",
+    "dispatch_stats_call",
     "enqueue_call",
     "extend_call",
     "nack_call",
     "new_request_id",
+    "node_ack_call",
+    "node_dequeue_call",
+    "node_nack_call",
+    "redispatch_call",
     "requeue_dead_call",
     "stats_call",
 ]
@@ -348,6 +364,238 @@ def stats_call(keys: QueueKeys) -> Call[QueueStats]:
     return Call("queue.stats", keys.with_request(b""), (), _stats)
 
 
+# --------------------------------------------------------------------------------------------
+# Dispatch to nodes (queue.dispatch, queue.node_*, queue.redispatch; docs/queue.md "Dispatch to
+# nodes"). A queue's dispatched tasks live in their own keys (``luasched:{ns}:d:<kind>:<queue>``),
+# beside the registry and pick keys the scripts charge and read.
+
+#: The strategies of ``queue.dispatch`` (the picks of the same names, and ``slot``: the live
+#: owner of a routing key's hash slot, as ``s.slots.owner``).
+Strategy = Literal["slot", "least_loaded", "two_choices", "weighted", "round_robin"]
+STRATEGIES: tuple[str, ...] = ("slot", "least_loaded", "two_choices", "weighted", "round_robin")
+
+#: The first 7 KEYS of the dispatch scripts: ``luasched:{ns}:d:<kind>:<queue>`` then the request
+#: key ``luasched:{ns}:d:req:<request_id>:<queue>`` (lua/include/dispatch.lua.j2).
+DISPATCH_KEY_KINDS: tuple[str, ...] = (
+    "ready",  # ZSET (score 0) hex(node) ":" 16-digit score, task id: one node = one lex range
+    "delayed",  # ZSET task ids by due time (server ms)
+    "leased",  # ZSET task ids by lease deadline (server ms)
+    "dead",  # ZSET dead letters by time of death
+    "tasks",  # HASH p/m/n/k/r + id (payload, meta, route, routing key, reason), seq, fence
+    "assigned",  # ZSET (score 0) hex(node) ":" task id of leased and delayed tasks
+)
+#: KEYS 8..19 of the dispatch scripts: the registry and pick keys (``Namespace.key`` names).
+DISPATCH_REGISTRY_KEYS: tuple[str, ...] = (
+    "nodes:index",
+    "nodes:id",
+    "nodes:weight",
+    "nodes:capacity",
+    "nodes:deadline",
+    "nodes:draining",
+    "slots:owner",
+    "pick:load",
+    "pick:util",
+    "pick:ring",
+    "pick:state",
+    "pick:weighted",
+)
+
+
+@dataclass(frozen=True)
+class DispatchKeys:
+    """The keys of the dispatch side of one queue (built once per ``Queue``)."""
+
+    namespace: Namespace
+    queue: bytes
+    fixed: tuple[bytes, ...]
+    registry: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, namespace: Namespace, queue: bytes) -> DispatchKeys:
+        fixed = tuple(
+            namespace.prefix + b"d:" + kind.encode() + b":" + queue for kind in DISPATCH_KEY_KINDS
+        )
+        registry = tuple(namespace.key(name) for name in DISPATCH_REGISTRY_KEYS)
+        return cls(namespace, queue, fixed, registry)
+
+    def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
+        """The 19 KEYS of a call with ``request_id`` (b"": none; the key is then unused)."""
+        request = self.namespace.prefix + b"d:req:" + request_id + b":" + self.queue
+        return (*self.fixed, request, *self.registry)
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What ``dispatch`` did: ``created`` False means the id existed and nothing changed (its
+    ``state`` and ``node`` are then the existing task's); else queued for ``node``, ``state``
+    ``ready`` or ``delayed``."""
+
+    created: bool
+    state: str
+    node: bytes
+
+
+@dataclass(frozen=True)
+class Redispatched:
+    """What one ``redispatch`` call did: ``moved`` tasks, ``more`` True if the node still has
+    tasks (call again), ``node_state`` ``dead``, ``draining``, ``absent`` or ``live`` (then
+    nothing moved: a live, non-draining node keeps its tasks)."""
+
+    moved: int
+    more: bool
+    node_state: str
+
+
+@dataclass(frozen=True)
+class NodeCounts:
+    """One node's share of a dispatch queue: ``ready`` tasks, ``assigned`` (leased or delayed)
+    and its ``load`` (pick:load; None when the node is not registered)."""
+
+    ready: int
+    assigned: int
+    load: int | None
+
+
+@dataclass(frozen=True)
+class DispatchStats:
+    """Counts of a queue's dispatched tasks at ``now_ms`` and per node asked about."""
+
+    now_ms: int
+    ready: int
+    delayed: int
+    leased: int
+    dead: int
+    nodes: dict[bytes, NodeCounts]
+
+
+def _dispatched(reply: Any) -> Dispatched:
+    return Dispatched(created=bool(int(reply[0])), state=_text(reply[1]), node=bytes(reply[2]))
+
+
+def dispatch_call(
+    keys: DispatchKeys,
+    task_id: str | bytes,
+    payload: str | bytes,
+    rng: RandomSource,
+    *,
+    strategy: str = "least_loaded",
+    routing_key: str | bytes | None = None,
+    cost: int = 1,
+    priority: int = 0,
+    delay_ms: int = 0,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[Dispatched]:
+    """The ``queue.dispatch`` call (three random integers from ``rng``)."""
+    if strategy == "slot" and routing_key is None:
+        raise ValueError("strategy 'slot' needs a routing_key")
+    rid = _request(request_id)
+    args = (
+        to_bytes(task_id),
+        to_bytes(payload),
+        strategy,
+        b"" if routing_key is None else to_bytes(routing_key),
+        cost,
+        priority,
+        delay_ms,
+        max_attempts,
+        rng.randrange(RANDOM_LIMIT),
+        rng.randrange(RANDOM_LIMIT),
+        rng.randrange(RANDOM_LIMIT),
+        rid,
+        request_ttl_ms,
+    )
+    return Call("queue.dispatch", keys.with_request(rid), args, _dispatched)
+
+
+def node_dequeue_call(
+    keys: DispatchKeys,
+    node_id: str | bytes,
+    worker_id: str | bytes,
+    count: int,
+    lease_ms: int,
+    *,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    shape: str = "reply",
+) -> Call[Any]:
+    """The ``queue.node_dequeue`` call; ``shape`` as in ``dequeue_call``."""
+    rid = _request(request_id)
+    args = (to_bytes(node_id), to_bytes(worker_id), count, lease_ms, rid, request_ttl_ms)
+    return Call("queue.node_dequeue", keys.with_request(rid), args, _SHAPES[shape])
+
+
+def node_ack_call(
+    keys: DispatchKeys,
+    lease: Lease,
+    *,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[bool]:
+    """The ``queue.node_ack`` call; parses True."""
+    rid = _request(request_id)
+    args = (lease.task_id, lease.token, rid, request_ttl_ms)
+    return Call("queue.node_ack", keys.with_request(rid), args, _one)
+
+
+def node_nack_call(
+    keys: DispatchKeys,
+    lease: Lease,
+    *,
+    delay_ms: int | None = None,
+    reason: str | bytes = b"",
+    backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
+    backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
+    request_id: str | bytes | None = None,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+) -> Call[Nacked]:
+    """The ``queue.node_nack`` call (delay_ms None: the script's exponential backoff)."""
+    rid = _request(request_id)
+    args = (
+        lease.task_id,
+        lease.token,
+        -1 if delay_ms is None else delay_ms,
+        to_bytes(reason),
+        backoff_base_ms,
+        backoff_max_ms,
+        rid,
+        request_ttl_ms,
+    )
+    return Call("queue.node_nack", keys.with_request(rid), args, _nacked)
+
+
+def _redispatched(reply: Any) -> Redispatched:
+    return Redispatched(moved=int(reply[0]), more=bool(int(reply[1])), node_state=_text(reply[2]))
+
+
+def redispatch_call(
+    keys: DispatchKeys, node_id: str | bytes, rng: RandomSource, limit: int = 100
+) -> Call[Redispatched]:
+    """The ``queue.redispatch`` call (one random seed from ``rng``)."""
+    args = (to_bytes(node_id), limit, rng.randrange(RANDOM_LIMIT))
+    return Call("queue.redispatch", keys.with_request(b""), args, _redispatched)
+
+
+def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...]) -> Call[DispatchStats]:
+    """The ``queue.node_stats`` call for ``nodes`` (1..100 node ids)."""
+
+    def parse(reply: Any) -> DispatchStats:
+        values = [int(value) for value in reply]
+        per_node = {
+            node: NodeCounts(
+                ready=values[5 + 3 * index],
+                assigned=values[6 + 3 * index],
+                load=None if values[7 + 3 * index] < 0 else values[7 + 3 * index],
+            )
+            for index, node in enumerate(nodes)
+        }
+        now_ms, ready, delayed, leased, dead = values[:5]
+        return DispatchStats(now_ms, ready, delayed, leased, dead, per_node)
+
+    return Call("queue.node_stats", keys.with_request(b""), nodes, parse)
+
+
 EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 
 
@@ -435,11 +683,14 @@ class Queue:
         backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
         request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
         poll_ms: int = DEFAULT_POLL_MS,
+        rng: RandomSource | None = None,
     ) -> None:
         self._runner = runner
         self._client = client
         self.keys = QueueKeys.of(namespace, name)
         self.name = self.keys.queue
+        self.dispatch_keys = DispatchKeys.of(namespace, self.name)
+        self._rng = rng if rng is not None else default_rng()
         self.max_attempts = max_attempts
         self.backoff_base_ms = backoff_base_ms
         self.backoff_max_ms = backoff_max_ms
@@ -636,3 +887,160 @@ class Queue:
     def stats(self) -> QueueStats:
         """Counts (ready, delayed, leased, dead), oldest ready age, next due. Read-only."""
         return self._runner.run(stats_call(self.keys))
+
+    # ----------------------------------------------------------------------------------------
+    # Dispatch to nodes
+
+    def dispatch(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes = b"",
+        *,
+        strategy: Strategy = "least_loaded",
+        routing_key: str | bytes | None = None,
+        cost: int = 1,
+        priority: int = 0,
+        delay_ms: int = 0,
+        max_attempts: int | None = None,
+        request_id: str | bytes | None = None,
+    ) -> Dispatched:
+        """Choose a node with ``strategy`` and queue the task for it, charging it ``cost``.
+
+        One script: the pick (``slot``: the live owner of ``routing_key``'s slot; the others
+        as ``s.pick.<strategy>``; capacities are respected by ``least_loaded`` and
+        ``two_choices`` only), the charge and the enqueue into the node's own queue
+        (``for_node(node)``). Idempotent by task id like ``enqueue``; a replay of
+        ``request_id`` acts once. Raises NoNode, AllNodesFull, ScanLimitReached,
+        InvalidArgument, CorruptState (nothing changed).
+        """
+        return self._runner.run(
+            dispatch_call(
+                self.dispatch_keys,
+                task_id,
+                payload,
+                self._rng,
+                strategy=strategy,
+                routing_key=routing_key,
+                cost=cost,
+                priority=priority,
+                delay_ms=delay_ms,
+                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+
+    def for_node(self, node_id: str | bytes) -> NodeQueue:
+        """The queue of the tasks dispatched to ``node_id``: what its workers take and finish."""
+        return NodeQueue(self, to_bytes(node_id))
+
+    def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
+        """Move up to ``limit`` (1..100) tasks off a dead, draining or removed node.
+
+        Each goes to a node chosen again with its own strategy; its leases are revoked (late
+        acks refused), its cost moves with it. A live, non-draining node is left alone. Call
+        again while ``more``. If a pick fails for the first task, raises (nothing changed).
+        """
+        return self._runner.run(redispatch_call(self.dispatch_keys, node_id, self._rng, limit))
+
+    def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes]) -> DispatchStats:
+        """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes`` (1..100)."""
+        return self._runner.run(
+            dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
+        )
+
+
+class NodeQueue:
+    """The tasks a queue dispatched to one node (``q.for_node(node_id)``).
+
+    Its workers take tasks with ``dequeue``/``dequeue_many`` (leases with fencing tokens, as
+    ``Queue.dequeue``) and finish them with ``ack``/``nack``, which give the task's cost back
+    to the node's load when the task leaves it (ack, dead letter). No blocking wait: poll.
+    """
+
+    def __init__(self, queue: Queue, node_id: bytes) -> None:
+        self.queue = queue
+        self.node = node_id
+
+    def dequeue(
+        self, worker_id: str | bytes, lease_ms: int, *, request_id: str | bytes | None = None
+    ) -> Lease | None:
+        """Take and lease the node's next ready task (None: none). Also promotes due delayed
+        tasks and reclaims expired leases of the dispatch queue (bounded). O(log n)."""
+        return self.queue._runner.run(  # type: ignore[no-any-return]
+            node_dequeue_call(
+                self.queue.dispatch_keys,
+                self.node,
+                worker_id,
+                1,
+                lease_ms,
+                request_id=request_id,
+                request_ttl_ms=self.queue.request_ttl_ms,
+                shape="one",
+            )
+        )
+
+    def dequeue_many(
+        self,
+        worker_id: str | bytes,
+        n: int,
+        lease_ms: int,
+        *,
+        request_id: str | bytes | None = None,
+    ) -> list[Lease]:
+        """Take up to ``n`` of the node's ready tasks in one call, best first."""
+        return self.queue._runner.run(
+            node_dequeue_call(
+                self.queue.dispatch_keys,
+                self.node,
+                worker_id,
+                n,
+                lease_ms,
+                request_id=request_id,
+                request_ttl_ms=self.queue.request_ttl_ms,
+                shape="many",
+            )
+        )
+
+    def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
+        """Finish the task and give its cost back to its node. Raises StaleLease."""
+        return self.queue._runner.run(
+            node_ack_call(
+                self.queue.dispatch_keys,
+                lease,
+                request_id=request_id,
+                request_ttl_ms=self.queue.request_ttl_ms,
+            )
+        )
+
+    def nack(
+        self,
+        lease: Lease,
+        delay_ms: int | None = None,
+        reason: str | bytes = b"",
+        *,
+        request_id: str | bytes | None = None,
+    ) -> Nacked:
+        """A failed attempt: back in the node's queue (after the backoff), or a dead letter
+        (its cost given back) after max_attempts. Raises StaleLease."""
+        q = self.queue
+        return q._runner.run(
+            node_nack_call(
+                q.dispatch_keys,
+                lease,
+                delay_ms=delay_ms,
+                reason=reason,
+                backoff_base_ms=q.backoff_base_ms,
+                backoff_max_ms=q.backoff_max_ms,
+                request_id=request_id,
+                request_ttl_ms=q.request_ttl_ms,
+            )
+        )
+
+    def stats(self) -> NodeCounts:
+        """This node's ready and assigned tasks and its load."""
+        call = dispatch_stats_call(self.queue.dispatch_keys, (self.node,))
+        node = self.node
+        return self.queue._runner.run(
+            Call(call.script, call.keys, call.args, lambda reply: call.parse(reply).nodes[node])
+        )

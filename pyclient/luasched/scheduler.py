@@ -125,6 +125,7 @@ class Scheduler:
         if not getattr(self, "_eviction_checked", False):
             self._eviction_checked = True
             check_eviction_policy(self.client, self.namespace)
+        options.setdefault("rng", self._rng)
         return Queue(self.runner, self.namespace, name, client=self.client, **options)
 
     def sharded_queue(
@@ -177,9 +178,11 @@ class SchedulerPipeline:
         self.nodes = Nodes(batch, namespace)
         self.pick = Pick(batch, namespace, rng)
         self._namespace = namespace
+        self._rng = rng
 
     def queue(self, name: str | bytes, **options: Any) -> Queue:
         """The queue ``name``, queued: its calls return None; no blocking dequeue here."""
+        options.setdefault("rng", self._rng)
         return Queue(self._batch, self._namespace, name, **options)
 
     def __len__(self) -> int:

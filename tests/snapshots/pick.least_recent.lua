@@ -160,6 +160,7 @@ local function is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
 -- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,

@@ -199,8 +199,64 @@ local function stored_int(raw, what)
   return value
 end
 
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
 local K_INDEX, K_LOAD, K_CAPACITY, K_UTIL = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_ID = nil  -- pick_charge's charge() is not used here (no node id is read)
 
+-- ---------------------------------------------------------------------------------------------
+-- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by
+-- the charging picks (pick_load), pick.release and the dispatch scripts (queue.dispatch and the
+-- node-queue scripts, which charge every dispatched task to its node). Needs prelude, pick_score
+-- and pick. The includer binds K_LOAD (pick:load), K_CAPACITY (nodes:capacity), K_UTIL
+-- (pick:util) and K_ID (nodes:id).
+--
+--   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
+--     the keys that charge() and release() write); charge() and release() only write.
+--   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
+--     load is still kept, for the release).
+-- ---------------------------------------------------------------------------------------------
+
+-- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
+local function load_and_capacity(index)
+  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local capacity_raw = read('HGET', K_CAPACITY, index)
+  return load, effective_capacity(capacity_raw), capacity_raw
+end
+
+-- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
+-- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost)
+  local node_id = node_id_of(K_ID, index)
+  local new_load = load + cost
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
+  redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
+  return { node_id, new_load, capacity_raw and capacity or -1 }
+end
+
+-- What giving back `cost` of `index`'s load will write: a table for release(). Reads only.
+local function release_plan(index, cost)
+  local load, capacity = load_and_capacity(index)
+  read('ZSCORE', K_UTIL, index)  -- a wrong type fails here, before the first write
+  return { index = index, load = math.max(0, load - cost), capacity = capacity }
+end
+
+-- Writes a release_plan (the load never goes below 0; 0 is stored as no field). Cannot fail.
+local function release(plan)
+  if plan.load == 0 then
+    redis.call('HDEL', K_LOAD, plan.index)
+  else
+    redis.call('HSET', K_LOAD, plan.index, decimal(plan.load))
+  end
+  redis.call('ZADD', K_UTIL, 'XX', utilization_score(plan.load, plan.capacity), plan.index)
+  return plan.load
+end
 local function main()
   key_count(4)
   arg_count(2, 2)
@@ -210,19 +266,7 @@ local function main()
   if not index then
     fail('NOSUCHNODE', 'node ' .. show(node_id) .. ' is not registered')
   end
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
-  local capacity = effective_capacity(read('HGET', K_CAPACITY, index))
-  read('ZSCORE', K_UTIL, index)  -- a wrong type fails here, before the first write
-  local new_load = math.max(0, load - cost)
-  -- Writes: both keys were read above; nothing below can fail.
-  if new_load == 0 then
-    redis.call('HDEL', K_LOAD, index)
-  else
-    redis.call('HSET', K_LOAD, index, decimal(new_load))
-  end
-  -- XX: a draining node is no candidate and stays out of pick:util.
-  redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
-  return new_load
+  return release(release_plan(index, cost))
 end
 
 return run(main)

@@ -226,10 +226,19 @@ local function fail_no_live(why)
 end
 local K_RING, K_STATE, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local function main()
-  key_count(4)
-  arg_count(0, 0)
-  local now_ms = server_now_ms()
+-- ---------------------------------------------------------------------------------------------
+-- pick_round_robin (lua/include/pick_round_robin.lua.j2): the round-robin pick, shared by
+-- pick.round_robin and queue.dispatch. Needs prelude, pick and pick_walk; the includer binds
+-- K_RING (pick:ring), K_STATE (pick:state), K_DEADLINE (nodes:deadline), K_ID (nodes:id).
+--
+-- The next live member of pick:ring after the cursor (the index of the last pick), wrapping;
+-- the cursor moves to it. The cursor is an index, not a rank, so a join or leave changes only
+-- that node's own turns.
+-- ---------------------------------------------------------------------------------------------
+
+-- Picks (reads only): answers the node id and its index (a member string). Then
+-- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
+local function pick_round_robin(now_ms)
   local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
@@ -243,8 +252,18 @@ local function main()
   if not node_id then
     fail('CORRUPT', 'index ' .. show(member) .. ' of pick:ring has no node id')
   end
-  -- The only write (pick:state was read above).
+  return node_id, member
+end
+
+-- The pick's one write: the cursor (pick:state was read by pick_round_robin). Cannot fail.
+local function round_robin_commit(member)
   redis.call('HSET', K_STATE, 'cursor', member)
+end
+local function main()
+  key_count(4)
+  arg_count(0, 0)
+  local node_id, member = pick_round_robin(server_now_ms())
+  round_robin_commit(member)
   return node_id
 end
 

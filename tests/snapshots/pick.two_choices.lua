@@ -210,6 +210,17 @@ local function is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
+
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
+local K_UTIL, K_LOAD, K_CAPACITY, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
 -- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,
@@ -274,9 +285,40 @@ end
 
 
 -- ---------------------------------------------------------------------------------------------
+-- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by
+-- the charging picks (pick_load), pick.release and the dispatch scripts (queue.dispatch and the
+-- node-queue scripts, which charge every dispatched task to its node). Needs prelude, pick_score
+-- and pick. The includer binds K_LOAD (pick:load), K_CAPACITY (nodes:capacity), K_UTIL
+-- (pick:util) and K_ID (nodes:id).
+--
+--   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
+--     the keys that charge() and release() write); charge() and release() only write.
+--   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
+--     load is still kept, for the release).
+-- ---------------------------------------------------------------------------------------------
+
+-- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
+local function load_and_capacity(index)
+  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local capacity_raw = read('HGET', K_CAPACITY, index)
+  return load, effective_capacity(capacity_raw), capacity_raw
+end
+
+-- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
+-- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost)
+  local node_id = node_id_of(K_ID, index)
+  local new_load = load + cost
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
+  redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
+  return { node_id, new_load, capacity_raw and capacity or -1 }
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
--- pick.two_choices). Needs prelude, pick_score, pick and pick_walk. KEYS as in
--- include/pick_load_keys.j2: util, load, capacity, deadline, node_id.
+-- pick.two_choices, and queue.dispatch with those strategies). Needs prelude, pick_score, pick,
+-- pick_walk and pick_charge. The includer binds K_UTIL, K_LOAD, K_CAPACITY, K_DEADLINE, K_ID
+-- (the keys of include/pick_load_keys.j2).
 --
 -- Least-loaded: the live member of pick:util with the lowest utilization that has room for
 -- the cost. Fast path (no dead node, no cost problem): ZRANGE 0 1 tells whether the lowest
@@ -286,15 +328,6 @@ end
 -- for any cost: every later one is too, see pick_score). Charging writes the load (pick:load)
 -- and the new score (pick:util), nothing else.
 -- ---------------------------------------------------------------------------------------------
-local K_UTIL, K_LOAD, K_CAPACITY, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local PICK_KEY_COUNT = 5
-
--- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
-local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
-  local capacity_raw = read('HGET', K_CAPACITY, index)
-  return load, effective_capacity(capacity_raw), capacity_raw
-end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
@@ -306,19 +339,6 @@ local function fits(index, cost, now_ms)
     return nil
   end
   return load, capacity, capacity_raw
-end
-
--- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}.
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = read('HGET', K_ID, index)
-  if not node_id then
-    fail('CORRUPT', 'index ' .. show(index) .. ' of pick:util has no node id')
-  end
-  local new_load = load + cost
-  -- Writes: both keys were read above (types known); nothing below can fail.
-  redis.call('HSET', K_LOAD, index, decimal(new_load))
-  redis.call('ZADD', K_UTIL, utilization_score(new_load, capacity), index)
-  return { node_id, new_load, capacity_raw and capacity or -1 }
 end
 
 -- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
@@ -370,14 +390,11 @@ local function pick_least_loaded(cost, random, now_ms)
   end
   fail('NONODE', 'no live node that is not draining')
 end
-local function main()
-  key_count(PICK_KEY_COUNT)
-  arg_count(4, 4)
-  local cost = arg_int(1, 'cost', 1, 1000000000000)
-  local random1 = arg_int(2, 'random1', 0, MAX_RANDOM)
-  local random2 = arg_int(3, 'random2', 0, MAX_RANDOM)
-  local random3 = arg_int(4, 'random3', 0, MAX_RANDOM)
-  local now_ms = server_now_ms()
+
+-- Power of two choices: two distinct ranks of pick:util from random1 and random2; the less
+-- utilized (the first drawn on a tie) that is live and has room is charged; if neither is, the
+-- least-loaded pick (ties broken with random3). Fails as pick_least_loaded.
+local function pick_two_choices(cost, random1, random2, random3, now_ms)
   local count = read('ZCARD', K_UTIL)
   if count == 0 then
     fail('NONODE', 'no live node that is not draining')
@@ -402,6 +419,15 @@ local function main()
     end
   end
   return pick_least_loaded(cost, random3, now_ms)
+end
+local function main()
+  key_count(5)
+  arg_count(4, 4)
+  local cost = arg_int(1, 'cost', 1, 1000000000000)
+  local random1 = arg_int(2, 'random1', 0, MAX_RANDOM)
+  local random2 = arg_int(3, 'random2', 0, MAX_RANDOM)
+  local random3 = arg_int(4, 'random3', 0, MAX_RANDOM)
+  return pick_two_choices(cost, random1, random2, random3, server_now_ms())
 end
 
 return run(main)

@@ -164,6 +164,15 @@ local function is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
+
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
 -- ---------------------------------------------------------------------------------------------
 -- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
 -- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every
@@ -201,29 +210,28 @@ local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
 end
 local K_WEIGHTED, K_DEADLINE, K_DRAINING, K_WEIGHT, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
--- The node id of `index`; CORRUPT if the registry lost it.
-local function node_id_of(index)
-  local node_id = read('HGET', K_ID, index)
-  if not node_id then
-    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
-  end
-  return node_id
-end
+-- ---------------------------------------------------------------------------------------------
+-- pick_weighted (lua/include/pick_weighted.lua.j2): the weighted random pick, shared by
+-- pick.weighted and queue.dispatch. Needs prelude, pick and pick_eligible; the includer binds
+-- K_WEIGHTED (pick:weighted), K_DEADLINE, K_DRAINING, K_WEIGHT, K_ID (nodes:*).
+--
+-- pick:weighted holds the live eligible indexes scored by cumulative weight; the pick is the
+-- first member whose cumulative weight exceeds random1 mod total (node i covers
+-- [cumulative(i-1), cumulative(i))). When the table is absent, or the draw lands on a node that
+-- died since it was built, it is rebuilt (O(n log n)) and the draw is made again with random2,
+-- so the probability stays exactly weight / total over the live nodes.
+-- ---------------------------------------------------------------------------------------------
 
-local function main()
-  key_count(5)
-  arg_count(2, 2)
-  local random1 = arg_int(1, 'random1', 0, MAX_RANDOM)
-  local random2 = arg_int(2, 'random2', 0, MAX_RANDOM)
-  local now_ms = server_now_ms()
+-- Picks (reads only): answers the node id, its index (a member string) and the rebuilt table
+-- (nil when the stored one was used), which weighted_commit() writes. Fails NONODE.
+local function pick_weighted(random1, random2, now_ms)
   local top = read('ZRANGE', K_WEIGHTED, -1, -1, 'WITHSCORES')
   if #top == 2 then
-    -- Node i covers [cumulative(i-1), cumulative(i)): the first cumulative above r owns r.
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
     if is_live(K_DEADLINE, member, now_ms) then
-      return node_id_of(member)
+      return node_id_of(K_ID, member), member
     end
   end
 
@@ -248,8 +256,15 @@ local function main()
       low = middle + 1
     end
   end
-  local node_id = node_id_of(indexes[low])
-  -- Writes: pick:weighted was read above (a zset or absent); nothing below can fail.
+  return node_id_of(K_ID, indexes[low]), decimal(indexes[low]), { indexes, cumulative }
+end
+
+-- Writes the table pick_weighted rebuilt (pick:weighted was read there). Cannot fail.
+local function weighted_commit(rebuilt)
+  if not rebuilt then
+    return
+  end
+  local indexes, cumulative = rebuilt[1], rebuilt[2]
   redis.call('DEL', K_WEIGHTED)
   for first = 1, #indexes, 1000 do
     local arguments = {}
@@ -259,6 +274,14 @@ local function main()
     end
     redis.call('ZADD', K_WEIGHTED, unpack(arguments))
   end
+end
+local function main()
+  key_count(5)
+  arg_count(2, 2)
+  local random1 = arg_int(1, 'random1', 0, MAX_RANDOM)
+  local random2 = arg_int(2, 'random2', 0, MAX_RANDOM)
+  local node_id, _, rebuilt = pick_weighted(random1, random2, server_now_ms())
+  weighted_commit(rebuilt)
   return node_id
 end
 

@@ -202,6 +202,7 @@ end
 --     read (or is written by SET/PEXPIRE, which cannot fail) before the first write, and the
 --     first write goes through first_write(), so a refused call changes no key.
 -- ---------------------------------------------------------------------------------------------
+-- (The dispatch scripts bind these names to their own KEYS first: include/dispatch.lua.j2.)
 local K_READY, K_DELAYED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_TASKS, K_WAKE, K_WAITING, K_REQUEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local QUEUE_KEY_COUNT = 8
@@ -341,8 +342,10 @@ local function push_wake(count)
   end
   redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
 end
--- The reply of a replayed call: the recorded leases still held under their token.
-local function replay(record)
+
+-- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
+-- that are still held under their token, as {0, task_id, payload, attempt, token, deadline}...
+local function replay_leases(record)
   local fields = {}
   for position = 3, #record, 2 do
     local task_id = record[position]
@@ -371,7 +374,6 @@ local function replay(record)
   end
   return reply
 end
-
 -- Nothing taken: register the waiter and say when the next delayed task is due.
 local function nothing_taken(now_ms, wait_ms)
   if wait_ms == 0 then
@@ -406,7 +408,7 @@ local function main()
   local now_ms = server_now_ms()
   local record = recorded(request_id, 'dequeue')
   if record then
-    return replay(record)
+    return replay_leases(record)
   end
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on both sweeps.

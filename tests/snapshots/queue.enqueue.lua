@@ -192,6 +192,7 @@ end
 --     read (or is written by SET/PEXPIRE, which cannot fail) before the first write, and the
 --     first write goes through first_write(), so a refused call changes no key.
 -- ---------------------------------------------------------------------------------------------
+-- (The dispatch scripts bind these names to their own KEYS first: include/dispatch.lua.j2.)
 local K_READY, K_DELAYED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_TASKS, K_WAKE, K_WAITING, K_REQUEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local QUEUE_KEY_COUNT = 8
@@ -323,6 +324,7 @@ local function push_wake(count)
   end
   redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
 end
+
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(7, 7)

@@ -176,7 +176,7 @@ end
 -- NONODE instead, since no rebalance could help. O(1) per slot (GETRANGE, ZSCORE, HGET).
 -- ---------------------------------------------------------------------------------------------
 
--- The node id of the live owner of `slot` (0-based), or nil.
+-- The node id of the live owner of `slot` (0-based) and its index (a number), or nil.
 local function live_owner(slot, now_ms)
   local pair = redis.call('GETRANGE', K_SLOTS, slot * 2, slot * 2 + 1)
   if #pair < 2 then
@@ -191,7 +191,11 @@ local function live_owner(slot, now_ms)
   if not deadline or tonumber(deadline) <= now_ms then
     return nil
   end
-  return redis.call('HGET', K_ID, index) or nil
+  local node_id = redis.call('HGET', K_ID, index)
+  if not node_id then
+    return nil
+  end
+  return node_id, index
 end
 
 -- The reply entry for `slot`: {slot, 1, node id} or {slot, 0, ""}.

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace
+from luasched.keys import Namespace, to_bytes
+from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
     DEFAULT_BACKOFF_BASE_MS,
     DEFAULT_BACKOFF_MAX_MS,
@@ -14,18 +15,30 @@ from luasched.queue import (
     DEFAULT_POLL_MS,
     DEFAULT_REQUEST_TTL_MS,
     Dequeued,
+    Dispatched,
+    DispatchKeys,
+    DispatchStats,
     Enqueued,
     Lease,
     Nacked,
+    NodeCounts,
     QueueKeys,
     QueueStats,
+    Redispatched,
+    Strategy,
     ack_call,
     dequeue_call,
+    dispatch_call,
+    dispatch_stats_call,
     enqueue_call,
     extend_call,
     nack_call,
     new_request_id,
+    node_ack_call,
+    node_dequeue_call,
+    node_nack_call,
     poll_timeout_s,
+    redispatch_call,
     remaining_ms,
     requeue_dead_call,
     stats_call,
@@ -33,7 +46,7 @@ from luasched.queue import (
 from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
-__all__ = ["AsyncQueue", "check_eviction_policy_async"]
+__all__ = ["AsyncNodeQueue", "AsyncQueue", "check_eviction_policy_async"]
 
 
 async def check_eviction_policy_async(client: Any, namespace: Namespace) -> str | None:
@@ -78,12 +91,15 @@ class AsyncQueue:
         request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
         poll_ms: int = DEFAULT_POLL_MS,
         on_first_call: Any = None,
+        rng: RandomSource | None = None,
     ) -> None:
         self._runner = runner
         self._client = client
         self._on_first_call = on_first_call
         self.keys = QueueKeys.of(namespace, name)
         self.name = self.keys.queue
+        self.dispatch_keys = DispatchKeys.of(namespace, self.name)
+        self._rng = rng if rng is not None else default_rng()
         self.max_attempts = max_attempts
         self.backoff_base_ms = backoff_base_ms
         self.backoff_max_ms = backoff_max_ms
@@ -273,3 +289,150 @@ class AsyncQueue:
         """Counts; see ``luasched.queue.Queue.stats``."""
         result: QueueStats = await self._run(stats_call(self.keys))
         return result
+
+    # ----------------------------------------------------------------------------------------
+    # Dispatch to nodes (see luasched.queue.Queue)
+
+    async def dispatch(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes = b"",
+        *,
+        strategy: Strategy = "least_loaded",
+        routing_key: str | bytes | None = None,
+        cost: int = 1,
+        priority: int = 0,
+        delay_ms: int = 0,
+        max_attempts: int | None = None,
+        request_id: str | bytes | None = None,
+    ) -> Dispatched:
+        """Choose a node and queue the task for it; see ``luasched.queue.Queue.dispatch``."""
+        result: Dispatched = await self._run(
+            dispatch_call(
+                self.dispatch_keys,
+                task_id,
+                payload,
+                self._rng,
+                strategy=strategy,
+                routing_key=routing_key,
+                cost=cost,
+                priority=priority,
+                delay_ms=delay_ms,
+                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+                request_id=request_id,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+        )
+        return result
+
+    def for_node(self, node_id: str | bytes) -> AsyncNodeQueue:
+        """The tasks dispatched to ``node_id``; see ``luasched.queue.Queue.for_node``."""
+        return AsyncNodeQueue(self, to_bytes(node_id))
+
+    async def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
+        """Move tasks off a dead node; see ``luasched.queue.Queue.redispatch``."""
+        result: Redispatched = await self._run(
+            redispatch_call(self.dispatch_keys, node_id, self._rng, limit)
+        )
+        return result
+
+    async def dispatch_stats(
+        self, nodes: tuple[str | bytes, ...] | list[str | bytes]
+    ) -> DispatchStats:
+        """Counts of the dispatched tasks; see ``luasched.queue.Queue.dispatch_stats``."""
+        result: DispatchStats = await self._run(
+            dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
+        )
+        return result
+
+
+class AsyncNodeQueue:
+    """Async twin of ``luasched.queue.NodeQueue`` (``q.for_node(node_id)``)."""
+
+    def __init__(self, queue: AsyncQueue, node_id: bytes) -> None:
+        self.queue = queue
+        self.node = node_id
+
+    async def dequeue(
+        self, worker_id: str | bytes, lease_ms: int, *, request_id: str | bytes | None = None
+    ) -> Lease | None:
+        """Take the node's next task; see ``luasched.queue.NodeQueue.dequeue``."""
+        q = self.queue
+        lease: Lease | None = await q._run(
+            node_dequeue_call(
+                q.dispatch_keys,
+                self.node,
+                worker_id,
+                1,
+                lease_ms,
+                request_id=request_id,
+                request_ttl_ms=q.request_ttl_ms,
+                shape="one",
+            )
+        )
+        return lease
+
+    async def dequeue_many(
+        self,
+        worker_id: str | bytes,
+        n: int,
+        lease_ms: int,
+        *,
+        request_id: str | bytes | None = None,
+    ) -> list[Lease]:
+        """Take up to ``n``; see ``luasched.queue.NodeQueue.dequeue_many``."""
+        q = self.queue
+        leases: list[Lease] = await q._run(
+            node_dequeue_call(
+                q.dispatch_keys,
+                self.node,
+                worker_id,
+                n,
+                lease_ms,
+                request_id=request_id,
+                request_ttl_ms=q.request_ttl_ms,
+                shape="many",
+            )
+        )
+        return leases
+
+    async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
+        """Finish the task; see ``luasched.queue.NodeQueue.ack``."""
+        q = self.queue
+        done: bool = await q._run(
+            node_ack_call(
+                q.dispatch_keys, lease, request_id=request_id, request_ttl_ms=q.request_ttl_ms
+            )
+        )
+        return done
+
+    async def nack(
+        self,
+        lease: Lease,
+        delay_ms: int | None = None,
+        reason: str | bytes = b"",
+        *,
+        request_id: str | bytes | None = None,
+    ) -> Nacked:
+        """A failed attempt; see ``luasched.queue.NodeQueue.nack``."""
+        q = self.queue
+        result: Nacked = await q._run(
+            node_nack_call(
+                q.dispatch_keys,
+                lease,
+                delay_ms=delay_ms,
+                reason=reason,
+                backoff_base_ms=q.backoff_base_ms,
+                backoff_max_ms=q.backoff_max_ms,
+                request_id=request_id,
+                request_ttl_ms=q.request_ttl_ms,
+            )
+        )
+        return result
+
+    async def stats(self) -> NodeCounts:
+        """This node's counts; see ``luasched.queue.NodeQueue.stats``."""
+        result: DispatchStats = await self.queue._run(
+            dispatch_stats_call(self.queue.dispatch_keys, (self.node,))
+        )
+        return result.nodes[self.node]

@@ -103,6 +103,7 @@ class Scheduler:
             async def hook() -> None:
                 await check_eviction_policy_async(self.client, self.namespace)
 
+        options.setdefault("rng", self._rng)
         return AsyncQueue(
             self.runner, self.namespace, name, client=self.client, on_first_call=hook, **options
         )
@@ -143,9 +144,11 @@ class AsyncSchedulerPipeline:
         self.nodes = AsyncNodes(batch, namespace)
         self.pick = AsyncPick(batch, namespace, rng)
         self._queue_namespace = namespace
+        self._rng = rng
 
     def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
         """The queue ``name``, queued: ``await pipe.queue(n).enqueue(...)`` queues the call."""
+        options.setdefault("rng", self._rng)
         return AsyncQueue(self._batch, self._queue_namespace, name, **options)
 
     def __len__(self) -> int:
