@@ -19,7 +19,11 @@ def script(body: str) -> str:
         + body
         + "\nend\nreturn run(main)\n"
     )
-    return _environment(templates_dir()).from_string(source).render(script_name="test.prelude", layout_types="")
+    return (
+        _environment(templates_dir())
+        .from_string(source)
+        .render(script_name="test.prelude", layout_types="")
+    )
 
 
 def call(client: Any, body: str, *args: bytes | str, keys: tuple[bytes, ...] = ()) -> Any:

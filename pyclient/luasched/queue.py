@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from luasched.keys import Namespace, to_bytes
-from luasched.retry import NO_RETRY
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
+from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 from luasched.slots import Runner
 

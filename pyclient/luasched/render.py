@@ -326,8 +326,9 @@ def drop_unused_functions(text: str, where: str = "script") -> str:
     from ``local function NAME(`` at column 0 to the next line that is exactly ``end``; it goes
     with the comment lines right above it (not ``--@``/``--%`` lines or ``-- ---`` rules). A name
     counts as used when it appears as a word outside its own block on a line that is not a
-    comment (a trailing comment on a code line counts: the rule errs on keeping). Repeats until nothing more goes, so a helper used only by dropped
-    helpers goes too. Raises TemplateError for a block without its closing ``end``.
+    comment (a trailing comment on a code line counts: the rule errs on keeping). Repeats until
+    nothing more goes, so a helper used only by dropped helpers goes too. Raises TemplateError
+    for a block without its closing ``end``.
     """
     lines = text.split("\n")
     while True:
