@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.pool
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import signal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -22,9 +26,37 @@ __all__ = [
     "snapshot",
     "snapshot_ignoring_ttl",
     "table_owners",
+    "worker_pool",
 ]
 
 Client = redis.Redis | redis.cluster.RedisCluster
+FORK = multiprocessing.get_context("fork")
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def worker_pool(processes: int) -> Iterator[multiprocessing.pool.Pool]:
+    """A fork ``Pool`` for tests: its workers die on SIGTERM, and it is closed and joined.
+
+    Forked workers inherit the session's SIGTERM handler (conftest turns SIGTERM into
+    KeyboardInterrupt), so ``Pool.terminate`` -- which ``with Pool() as pool`` calls on exit --
+    could leave a worker alive, blocked on the pool's queue lock, and the test hung forever
+    (seen in CI-style runs). The workers reset SIGTERM to the default, and after the work the pool
+    is closed and joined (workers leave on their own); terminate is only the error path.
+    """
+    pool = FORK.Pool(processes, initializer=_default_sigterm)
+    try:
+        yield pool
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 PLACEHOLDER = re.compile(r"<([a-z_]+)>")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from helpers import worker_pool
 from luasched import Scheduler
 from luasched.errors import StaleLease
 from luasched.queue import Lease
@@ -61,7 +62,7 @@ def _drain_with_workers(server: Any, r: Client, workers: int, tasks: int) -> Non
     s = Scheduler(r, namespace)
     _fill(s, queue, tasks)
     styles = ["single", "batch", "chain"]
-    with FORK.Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         results = pool.starmap(
             _work,
             [(server, namespace, queue, index, styles[index % 3]) for index in range(workers)],

@@ -4,7 +4,6 @@ every node's INFO commandstats), and every task is acknowledged exactly once."""
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from typing import Any
@@ -12,10 +11,10 @@ from typing import Any
 import pytest
 import redis
 
+from helpers import worker_pool
 from luasched import Scheduler
 from servers import ServerHandle
 
-FORK = multiprocessing.get_context("fork")
 TASKS = 20_000
 PRODUCERS = 4
 WORKERS = 6
@@ -63,10 +62,10 @@ def test_twenty_thousand_tasks_spread_over_three_primaries(
             node.config_resetstat()
     ids = [b"task-%05d" % index for index in range(TASKS)]
     started = time.monotonic()
-    with FORK.Pool(PRODUCERS) as pool:
+    with worker_pool(PRODUCERS) as pool:
         created = pool.starmap(_produce, [(server, ids[i::PRODUCERS]) for i in range(PRODUCERS)])
     filled = time.monotonic()
-    with FORK.Pool(WORKERS) as pool:
+    with worker_pool(WORKERS) as pool:
         results = pool.starmap(_drain, [(server, index) for index in range(WORKERS)])
     drained = time.monotonic()
     assert sum(created) == TASKS
