@@ -10,7 +10,8 @@ if the Python process that started it dies, so even a killed run leaves no serve
 
 ``ThrowawayServer(binary, persistent=True)`` keeps its data in an append-only file instead
 (``--appendonly yes``), and ``restart()`` shuts it down (SHUTDOWN, which syncs the AOF) and
-starts it again on the same port and directory: what a test of "survives a restart" needs.
+starts it again on the same port and directory: what a test of "survives a restart" needs;
+``restart(crash=True)`` kills it with SIGKILL instead (what a crash leaves behind).
 """
 
 from __future__ import annotations
@@ -141,17 +142,23 @@ class ThrowawayServer:
         )
         return self._wait_ready(10.0)
 
-    def restart(self) -> None:
-        """Shut the server down (plain SHUTDOWN: a persistent server syncs its AOF) and start it
-        again on the same port and directory. Its data survives only if ``persistent``."""
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop the server and start it again on the same port and directory.
+
+        By default with a plain SHUTDOWN (a persistent server syncs its AOF first). With
+        ``crash=True`` the process is killed with SIGKILL instead (``kill -9``: no shutdown, no
+        final sync), so only what the AOF already holds survives: with ``--appendfsync always``
+        every write the server acknowledged. Data survives only if ``persistent``.
+        """
         if self.process is None or self.directory is None:
             raise RuntimeError("the server is not running")
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
-        with contextlib.suppress(redis.ConnectionError):
-            client.shutdown()
-        client.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+        if not crash:
+            client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+            with contextlib.suppress(redis.ConnectionError):
+                client.shutdown()
+            client.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
         self._kill()
         for _ in range(20):  # the port was just released: it may take a moment to be free again
             if self._launch():
