@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,9 @@ def test_a_crash_restart_keeps_what_an_always_synced_aof_holds() -> None:
         client.close()
         port, directory, before = server.port, server.directory, server.process
         assert before is not None
-        server.restart(crash=True)
+        began = time.monotonic()
+        server.restart(crash=True, down_for_s=0.3)
+        assert time.monotonic() - began >= 0.3
         assert before.returncode == -9  # killed, not shut down
         assert (server.port, server.directory) == (port, directory)
         client = server.client()
