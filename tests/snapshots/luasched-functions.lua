@@ -7516,15 +7516,15 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 705cce9c37532ea4f8106d0661c8322964139dff)
+-- queue.dequeue (sha1 415de1ba48a28798398eec670bf879ed22b3ee2a)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
   callback = function(KEYS, ARGV)
 --@script     queue.dequeue
 --@summary    Takes the next `count` ready tasks and leases them to a worker, in one atomic step; optionally acks
---@+          one lease first (ack-and-take-next). Before taking, it promotes up to 100 due delayed tasks
---@+          and reclaims up to 100 expired leases (an expired lease is a failed attempt: the task
+--@+          one lease first (ack-and-take-next). Before taking, it promotes up to 16 due delayed tasks
+--@+          and reclaims up to 16 expired leases (an expired lease is a failed attempt: the task
 --@+          goes back to ready, or to the dead letters once it had max_attempts leases). Each taken task gets
 --@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token one above the last
 --@+          one of the queue (tokens only grow). When nothing is taken and wait_ms > 0, the caller is registered
@@ -7567,7 +7567,7 @@ redis.register_function{
 --@+          reverse), or a request id used by another call.
 --@error      STALE  The lease to ack is no longer held (finished, or expired and taken again: another token); nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
---@complexity O((count + 200) log n) for n tasks in the queue; O(log n) when nothing is due or expired
+--@complexity O((count + 32) log n) for n tasks in the queue; O(log n) when nothing is due or expired
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -7945,8 +7945,8 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on both sweeps.
   local now = decimal(now_ms)
-  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 100)
-  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 100)
+  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
+  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
     return nothing_taken(now_ms, wait_ms)
@@ -11697,5 +11697,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '975504ef9a58ad9c89d267ef3ebc53d667639451' end,
+  callback = function() return '6ce6b0bfac29c460e3c12b51e81c6fec60c4f299' end,
 }
