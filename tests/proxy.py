@@ -162,7 +162,12 @@ class ReplyDroppingProxy:
             server.start()
 
     def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection((HOST, self.upstream_port))
+        try:
+            upstream = socket.create_connection((HOST, self.upstream_port), timeout=5)
+        except OSError:
+            client.close()  # the client sees the server as down
+            return
+        upstream.settimeout(None)
         with self._guard:
             self._sockets.update((client, upstream))
         from_client, from_server = _Reader(client), _Reader(upstream)
