@@ -26,6 +26,7 @@ tests/test_bounded.py runs it in the suite (1,000,000 leases, 20,000 delayed, 30
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -111,6 +112,7 @@ class Figures:
     def line(self) -> str:
         ordered = sorted(self.usec)
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        cpu = "not measured" if math.isnan(self.cpu_usec) else f"{self.cpu_usec:.0f} us"
         return (
             f"backlog {self.backlog:>9,} expired leases: {self.calls:,} dequeue calls reclaimed "
             f"{self.reclaimed:,} ({self.reclaimed / self.calls:.0f} per call)"
@@ -121,7 +123,7 @@ class Figures:
             )
             + "; server time per "
             f"call: execution median {statistics.median(ordered):.0f} us, p99 {p99:.0f} us, "
-            f"max {ordered[-1]:.0f} us, main-thread CPU {self.cpu_usec:.0f} us; "
+            f"max {ordered[-1]:.0f} us, main-thread CPU {cpu}; "
             f"SLOWLOG > 1 ms: {self.slow_calls}; filled in {self.fill_s:.1f} s"
         )
 
