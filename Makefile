@@ -10,7 +10,7 @@ SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=
 # make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
 BENCH_ARGS ?=
 
-.PHONY: all venv servers images node-deps test lint snapshots demo bench clean
+.PHONY: all venv servers images node-deps test lint snapshots demo bench chaos clean
 
 all: test
 
@@ -62,6 +62,19 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 # stopped at the end; writes bench/results/latest.json and docs/bench.md.
 bench: $(VENV)/.bench-stamp servers
 	$(VENV)/bin/python -m bench --invoked-as "make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(BENCH_ARGS)
+
+# The chaos run (tests/chaos.py, docs/guarantees.md): 50,000 tasks, 8 worker processes SIGKILLed and
+# restarted, Redis killed -9 and restarted once (AOF appendfsync always), one SCRIPT FLUSH; then
+# checks that every task was acked exactly once and none was in two leases at once. Then the
+# bounded-work run (tests/bounded.py): 1,000,000 expired leases + 1,000,000 due delayed tasks
+# moved 16 + 16 per dequeue, server time per call. Each on its own throwaway server (Redis 7.0
+# from the PATH, else .tools/servers), stopped at the end.
+# make chaos CHAOS_ARGS='--seed 7 --tasks 100000' BOUNDED_ARGS='--delayed 0'  (--help of each)
+CHAOS_ARGS ?=
+BOUNDED_ARGS ?=
+chaos: venv servers
+	$(VENV)/bin/python tests/chaos.py --time-limit 280 $(CHAOS_ARGS)
+	$(VENV)/bin/python tests/bounded.py $(BOUNDED_ARGS)
 
 # Re-export the reviewed script snapshots and docs/scripts.md after a template change; review the
 # diff (SHA1 changes).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,22 @@ def test_find_server_binary_honours_the_environment(monkeypatch: pytest.MonkeyPa
 def test_a_missing_binary_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="not found"), ThrowawayServer("/no/such/binary"):
         pass
+
+
+def test_a_crash_restart_keeps_what_an_always_synced_aof_holds() -> None:
+    binary = find_server_binary(ROOT)
+    with ThrowawayServer(binary, ["--appendfsync", "always"], persistent=True) as server:
+        client = server.client()
+        client.set("kept", b"1")
+        client.close()
+        port, directory, before = server.port, server.directory, server.process
+        assert before is not None
+        began = time.monotonic()
+        server.restart(crash=True, down_for_s=0.3)
+        assert time.monotonic() - began >= 0.3
+        assert before.returncode == -9  # killed, not shut down
+        assert (server.port, server.directory) == (port, directory)
+        client = server.client()
+        assert client.get("kept") == b"1"
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+        client.close()

@@ -10,7 +10,8 @@ if the Python process that started it dies, so even a killed run leaves no serve
 
 ``ThrowawayServer(binary, persistent=True)`` keeps its data in an append-only file instead
 (``--appendonly yes``), and ``restart()`` shuts it down (SHUTDOWN, which syncs the AOF) and
-starts it again on the same port and directory: what a test of "survives a restart" needs.
+starts it again on the same port and directory: what a test of "survives a restart" needs;
+``restart(crash=True)`` kills it with SIGKILL instead (what a crash leaves behind).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = ["HOST", "ThrowawayServer", "find_server_binary", "free_port"]
 
@@ -141,18 +144,26 @@ class ThrowawayServer:
         )
         return self._wait_ready(10.0)
 
-    def restart(self) -> None:
-        """Shut the server down (plain SHUTDOWN: a persistent server syncs its AOF) and start it
-        again on the same port and directory. Its data survives only if ``persistent``."""
+    def restart(self, *, crash: bool = False, down_for_s: float = 0.0) -> None:
+        """Stop the server and start it again on the same port and directory.
+
+        By default with a plain SHUTDOWN (a persistent server syncs its AOF first). With
+        ``crash=True`` the process is killed with SIGKILL instead (``kill -9``: no shutdown, no
+        final sync), so only what the AOF already holds survives: with ``--appendfsync always``
+        every write the server acknowledged. ``down_for_s``: how long it stays down before it
+        starts again (an outage its clients must ride out). Data survives only if ``persistent``.
+        """
         if self.process is None or self.directory is None:
             raise RuntimeError("the server is not running")
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
-        with contextlib.suppress(redis.ConnectionError):
-            client.shutdown()
-        client.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+        if not crash:
+            client = self._admin(socket_timeout=5)
+            with contextlib.suppress(redis.ConnectionError):
+                client.shutdown()
+            client.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
         self._kill()
+        time.sleep(down_for_s)
         for _ in range(20):  # the port was just released: it may take a moment to be free again
             if self._launch():
                 return
@@ -160,9 +171,16 @@ class ThrowawayServer:
             time.sleep(0.1)
         raise RuntimeError(f"{self.binary} did not restart on {HOST}:\n{self._log_tail()}")
 
+    def _admin(self, socket_timeout: float) -> redis.Redis:
+        """A client for SHUTDOWN and the readiness PING: no retries (redis-py's default would
+        reconnect for seconds to a server that is going away or not up yet)."""
+        return redis.Redis(
+            host=HOST, port=self.port, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
+        )
+
     def _wait_ready(self, timeout: float) -> bool:
         assert self.process is not None
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1)
+        client = self._admin(socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -189,7 +207,7 @@ class ThrowawayServer:
     def stop(self) -> None:
         """Shut the server down (SHUTDOWN NOSAVE, then kill) and remove its directory."""
         if self.process is not None and self.process.poll() is None:
-            client = redis.Redis(host=HOST, port=self.port, socket_timeout=2)
+            client = self._admin(socket_timeout=2)
             with contextlib.suppress(redis.RedisError):
                 client.shutdown(nosave=True)
             client.close()

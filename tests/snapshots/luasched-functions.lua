@@ -6551,15 +6551,15 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 4b3a20ddc167952a062e0cfde1cd6c1b87ffe1da)
+-- queue.dequeue (sha1 90f779c101c6dbdddaf96baf76e59f06f3af3bd2)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
   callback = function(KEYS, ARGV)
 --@script     queue.dequeue
 --@summary    Takes the next `count` ready tasks and leases them to a worker, in one atomic step; optionally acks
---@+          one lease first (ack-and-take-next). Before taking, it promotes up to 100 due delayed tasks
---@+          and reclaims up to 100 expired leases (an expired lease is a failed attempt: the task
+--@+          one lease first (ack-and-take-next). Before taking, it promotes up to 16 due delayed tasks
+--@+          and reclaims up to 16 expired leases (an expired lease is a failed attempt: the task
 --@+          goes back to ready, or to the dead letters once it had max_attempts leases). Each taken task gets
 --@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token one above the last
 --@+          one of the queue (tokens only grow). When nothing is taken and wait_ms > 0, the caller is registered
@@ -6602,7 +6602,7 @@ redis.register_function{
 --@+          reverse), or a request id used by another call.
 --@error      STALE  The lease to ack is no longer held (finished, or expired and taken again: another token); nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
---@complexity O((count + 200) log n) for n tasks in the queue; O(log n) when nothing is due or expired
+--@complexity O((count + 32) log n) for n tasks in the queue; O(log n) when nothing is due or expired
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -6971,8 +6971,8 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on both sweeps.
   local now = decimal(now_ms)
-  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 100)
-  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 100)
+  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
+  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
     return nothing_taken(now_ms, wait_ms)
@@ -9724,7 +9724,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 cc09af8dba1c9a64bf6bef4880b7cb1fd24832b4)
+-- queue.node_dequeue (sha1 4a3d91962ab689e324fbee89de9acbf49025b0c6)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -9732,8 +9732,8 @@ redis.register_function{
 --@script     queue.node_dequeue
 --@summary    Takes the next `count` ready tasks dispatched to one node and leases them to a worker of that node, in
 --@+          one atomic step (the node's own queue of queue.dispatch). Before taking, it promotes up to
---@+          100 due delayed tasks (of any node, into their node's queue) and reclaims up to
---@+          100 expired leases (of any node: back into their node's queue, or, after max_attempts
+--@+          16 due delayed tasks (of any node, into their node's queue) and reclaims up to
+--@+          16 expired leases (of any node: back into their node's queue, or, after max_attempts
 --@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
@@ -9773,7 +9773,7 @@ redis.register_function{
 --@+          entries per taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
 --@error      ARG  Not 19 keys or 6 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
---@complexity O((count + 200) log n) for n tasks; O(log n) when nothing is due or expired
+--@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -10303,8 +10303,8 @@ local function main()
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
   local now = decimal(now_ms)
-  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 100)
-  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 100)
+  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
+  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
@@ -10990,7 +10990,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 2b31ba406cad3e09173bbc7e66dababf991d3083)
+-- queue.node_stats (sha1 14d43a3f542a227fa17290647524d3051be34e05)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -11024,10 +11024,10 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
---@arg        node_id[1..100]  string:1..1024  A node to report on.
+--@arg        node_id[1..16]  string:1..1024  A node to report on.
 --@reply      array{now_ms:int, ready:int, delayed:int, leased:int, dead:int, node...}  then 3 entries per node asked
 --@+          about: ready:int, assigned:int (leased or delayed), load:int (-1: the node is not registered).
---@error      ARG  Not 19 keys, no node or more than 100, or a node id out of its range.
+--@error      ARG  Not 19 keys, no node or more than 16, or a node id out of its range.
 --@error      CORRUPT  A key holds another type than the layout.
 --@complexity O(k log n) for k nodes asked about, n tasks
 --@since      6.2
@@ -11320,7 +11320,7 @@ end
 
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  local count = arg_count(1, 100)
+  local count = arg_count(1, 16)
   local node_ids = {}
   for position = 1, count do
     node_ids[position] = arg_string(position, 'node_id', 1, 1024)
@@ -11343,7 +11343,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 d107c34848bfafdb605d65aca347e23b3c0ca563)
+-- queue.redispatch (sha1 69acf5b91e7bec2f8732f920c0aa0fad2eec03ec)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -11383,7 +11383,7 @@ redis.register_function{
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
 --@arg        node_id  string:1..1024  The node whose tasks move.
---@arg        limit    int:1..100  Most tasks moved by this call.
+--@arg        limit    int:1..16  Most tasks moved by this call.
 --@arg        seed     int:0..9007199254740991  A random integer drawn by the client; the picks' random integers
 --@+          are drawn from it (a MINSTD sequence), never from math.random.
 --@reply      array{moved:int, more:int:0..1, state:string}  moved tasks; more = 1 if the node has tasks left (call
@@ -12267,7 +12267,7 @@ local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
   local node_id = arg_string(1, 'node_id', 1, 1024)
-  local limit = arg_int(2, 'limit', 1, 100)
+  local limit = arg_int(2, 'limit', 1, 16)
   local seed = arg_int(3, 'seed', 0, MAX_RANDOM)
   local now_ms = server_now_ms()
   local state_of_minstd = fmod(seed, MINSTD_MODULUS - 1) + 1
@@ -14211,5 +14211,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'ff4efa4119e2cae3ec7e1f0c8abb669b105156ca' end,
+  callback = function() return 'ef762f2a28fc23032e4d05a5f4d621a391816b29' end,
 }

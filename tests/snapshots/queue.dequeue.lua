@@ -1,7 +1,7 @@
 --@script     queue.dequeue
 --@summary    Takes the next `count` ready tasks and leases them to a worker, in one atomic step; optionally acks
---@+          one lease first (ack-and-take-next). Before taking, it promotes up to 100 due delayed tasks
---@+          and reclaims up to 100 expired leases (an expired lease is a failed attempt: the task
+--@+          one lease first (ack-and-take-next). Before taking, it promotes up to 16 due delayed tasks
+--@+          and reclaims up to 16 expired leases (an expired lease is a failed attempt: the task
 --@+          goes back to ready, or to the dead letters once it had max_attempts leases). Each taken task gets
 --@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token one above the last
 --@+          one of the queue (tokens only grow). When nothing is taken and wait_ms > 0, the caller is registered
@@ -44,7 +44,7 @@
 --@+          reverse), or a request id used by another call.
 --@error      STALE  The lease to ack is no longer held (finished, or expired and taken again: another token); nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
---@complexity O((count + 200) log n) for n tasks in the queue; O(log n) when nothing is due or expired
+--@complexity O((count + 32) log n) for n tasks in the queue; O(log n) when nothing is due or expired
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -413,8 +413,8 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on both sweeps.
   local now = decimal(now_ms)
-  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 100)
-  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 100)
+  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
+  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
     return nothing_taken(now_ms, wait_ms)

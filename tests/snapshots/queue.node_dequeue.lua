@@ -1,8 +1,8 @@
 --@script     queue.node_dequeue
 --@summary    Takes the next `count` ready tasks dispatched to one node and leases them to a worker of that node, in
 --@+          one atomic step (the node's own queue of queue.dispatch). Before taking, it promotes up to
---@+          100 due delayed tasks (of any node, into their node's queue) and reclaims up to
---@+          100 expired leases (of any node: back into their node's queue, or, after max_attempts
+--@+          16 due delayed tasks (of any node, into their node's queue) and reclaims up to
+--@+          16 expired leases (of any node: back into their node's queue, or, after max_attempts
 --@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
@@ -42,7 +42,7 @@
 --@+          entries per taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
 --@error      ARG  Not 19 keys or 6 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
---@complexity O((count + 200) log n) for n tasks; O(log n) when nothing is due or expired
+--@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
@@ -572,8 +572,8 @@ local function main()
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
   local now = decimal(now_ms)
-  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 100)
-  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 100)
+  local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
+  local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
