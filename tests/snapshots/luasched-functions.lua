@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 5c82d12edb93a84aedc209ae6482c53a072941ad)
+-- lock.acquire (sha1 9abb1de0d90078204aa080e1aa7c0414eace53e9)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -156,18 +156,6 @@ local function arg_enum(index, name, choices)
   fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -183,9 +171,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -472,7 +469,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 fcec84e5fe0dfaad1ba1326dba25935e9135098e)
+-- lock.extend (sha1 5f8492c5d3437d44c7294ed6e9a4b86901e038c6)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -593,18 +590,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -620,9 +605,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -744,7 +738,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 633034d5588053451b1ae863f1f4cb5f05ac2be7)
+-- lock.release (sha1 6e834acb4a9afc101df143efabe52da809007fae)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -854,18 +848,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -881,9 +863,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1091,7 +1082,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 40c37d4507979b841bb5881d0716da9b6affd881)
+-- lock.semaphore_acquire (sha1 3744aec2036607b8166a128eee1ab3e6f24a1096)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1211,18 +1202,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -1238,9 +1217,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1401,7 +1389,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 c58b149f53c1890b3dd50c817b0e6a96c28efe5a)
+-- lock.semaphore_extend (sha1 ea135309218c3b8fa5af051178f0cf1c369f2e2b)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -1513,18 +1501,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -1540,9 +1516,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1629,7 +1614,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 0de09f49b0ef708ac95fd14aeb45f2f58045e824)
+-- lock.semaphore_release (sha1 763e54790435c913c9d110dc410ecb8b9984b1a7)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -1730,18 +1715,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'list', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -1757,9 +1730,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -1918,7 +1900,7 @@ return run(main)
 end,
 }
 
--- nodes.drain (sha1 6120ce9c843f08ede0faf591911297e3ae55ec11)
+-- nodes.drain (sha1 051f2642c6955da3f5e125e203dcb30b2c8134d6)
 redis.register_function{
   function_name = 'luasched_nodes_drain_v0_1_0',
   flags = {},
@@ -2029,18 +2011,6 @@ local function arg_enum(index, name, choices)
   fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -2056,9 +2026,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -2492,7 +2471,7 @@ return run(main)
 end,
 }
 
--- nodes.list (sha1 7c1f07c81de6b855d5bd73dacfaa8bb527e8158b)
+-- nodes.list (sha1 d62a40da175bcb314d1d2aad4504b0b45627a34c)
 redis.register_function{
   function_name = 'luasched_nodes_list_v0_1_0',
   flags = { 'no-writes' },
@@ -2586,18 +2565,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -2613,9 +2580,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -2758,7 +2734,7 @@ return run(main)
 end,
 }
 
--- nodes.register (sha1 0ed1f0b0806511f3ca2bb77a8f37a3ede07b6298)
+-- nodes.register (sha1 5508598e3b9cd88831aa1675ce5f9a440a275184)
 redis.register_function{
   function_name = 'luasched_nodes_register_v0_1_0',
   flags = {},
@@ -2891,18 +2867,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -2918,9 +2882,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -3148,7 +3121,7 @@ return run(main)
 end,
 }
 
--- nodes.remove (sha1 afcf9c2d08376b5e5ac56704d255cf41b77b861d)
+-- nodes.remove (sha1 b2a3b56ae5de15c4c4ee369e8ce8402b2cb4c967)
 redis.register_function{
   function_name = 'luasched_nodes_remove_v0_1_0',
   flags = {},
@@ -3247,18 +3220,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -3274,9 +3235,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -3488,7 +3458,7 @@ return run(main)
 end,
 }
 
--- nodes.sweep (sha1 438b2558d4a4a05d377aed47577478eef97d16ff)
+-- nodes.sweep (sha1 8ff2a9be516322a715834d5a657d007a0137952e)
 redis.register_function{
   function_name = 'luasched_nodes_sweep_v0_1_0',
   flags = {},
@@ -3607,18 +3577,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -3634,9 +3592,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4013,7 +3980,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 ffb68511fbb4f1b11b0f4e3c13082b96f73864d1)
+-- pick.least_loaded (sha1 5d6176816846702154856e8689768e600edabedd)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4124,18 +4091,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'hash', 'hash', 'zset', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -4151,9 +4106,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'hash', 'hash', 'zset', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4423,7 +4387,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 da6924e3dd31b9389d6a9f55ccad23d1833c87b1)
+-- pick.least_recent (sha1 6d0e26eb8a4d5da3ded29e0fa015b4910dc6181e)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -4515,18 +4479,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'hash', 'zset', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -4542,9 +4494,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'hash', 'zset', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4697,7 +4658,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 0f8d3450c157cf881555205ca4e3654f3c4efdb2)
+-- pick.release (sha1 f35a031826a9860891460410d4c5daaa2de18d8a)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -4802,18 +4763,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -4829,9 +4778,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -4977,7 +4935,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 992363e7606760e32f2edb068017c4293fad8f81)
+-- pick.round_robin (sha1 b853ad98ad0ac8503b07cf0c28dc3e3df52f03c1)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -5068,18 +5026,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'hash', 'zset', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -5095,9 +5041,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'hash', 'zset', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5255,7 +5210,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 f86de67985f20dd4bd2292d77248461fdaf92165)
+-- pick.smooth_weighted (sha1 d6a15f556cbf52703bf500282691f1022b7461a7)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -5349,18 +5304,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'string', 'zset', 'set', 'hash', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -5376,9 +5319,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'string', 'zset', 'set', 'hash', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5517,7 +5469,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 b452cab6f67af51237a2eadebb379db18aa09ac0)
+-- pick.two_choices (sha1 fee3bd53a747b41be3ba4aef6fa5cdbf9527d6db)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -5628,18 +5580,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'hash', 'hash', 'zset', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -5655,9 +5595,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'hash', 'hash', 'zset', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -5958,7 +5907,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 e766f2f82878659ab5ffbd11d6cc272b47e7c3aa)
+-- pick.weighted (sha1 6949784d75f93789da795eefe56befc89b703892)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -6065,18 +6014,6 @@ local function arg_int(index, name, low, high)
   return value
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'set', 'hash', 'hash' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -6092,9 +6029,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'set', 'hash', 'hash' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -6254,7 +6200,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 5a7d569f80042ba7d2f9beaf0024c68fcedb2091)
+-- queue.ack (sha1 bf8c7c11a129290df0ed58f248f5a208062056ba)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -6377,18 +6323,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -6404,9 +6338,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -6551,7 +6494,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 90f779c101c6dbdddaf96baf76e59f06f3af3bd2)
+-- queue.dequeue (sha1 c44921da7fbf443550076732b827372808f80ca4)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -6694,18 +6637,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -6721,9 +6652,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -7173,7 +7113,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 b27af0b8791833492c69540b5ac05c5a8240035f)
+-- queue.dispatch (sha1 cbe017c4c7a112105c943e3d88359b18157c4fc6)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -7334,18 +7274,6 @@ local function arg_enum(index, name, choices)
   fail('ARG', name .. ' must be one of ' .. table.concat(choices, '|') .. ', got ' .. show(raw))
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -7361,9 +7289,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -8184,7 +8121,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 fe91612169cc3174bbe9b55260e015b2f3fb9e8f)
+-- queue.enqueue (sha1 c7a46199f678e7d7ed6f1b9547bd9c604fedad44)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -8317,18 +8254,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -8344,9 +8269,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -8568,7 +8502,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 5c9401ea0e277a98f946cd5aac5f61a04a2e3f29)
+-- queue.extend (sha1 364853c8efdfd4aa41be2ebaf2bb143bc0c79ec1)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -8695,18 +8629,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -8722,9 +8644,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -8837,7 +8768,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 efdab47fe7efd5539a6b341614692593ac6edd9d)
+-- queue.nack (sha1 99eb94831ff9f93ab43234c6cdf42345f5554a14)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -8972,18 +8903,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -8999,9 +8918,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -9236,7 +9164,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 8611658af0a8b0cab05ba7d551259c31377ac24d)
+-- queue.node_ack (sha1 7d939dd14986b679cd2934b03dba018d4f56047c)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -9364,18 +9292,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -9391,9 +9307,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -9724,7 +9649,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 4a3d91962ab689e324fbee89de9acbf49025b0c6)
+-- queue.node_dequeue (sha1 0fe3f6d05a7b901608e46be9491ed014c50ea340)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -9865,18 +9790,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -9892,9 +9805,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -10430,7 +10352,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 8d9b5eb7eb932dbb780efbc12a22ef946391b6ac)
+-- queue.node_nack (sha1 5757bab4b1014a12b53be67e851293aabbdc6f45)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -10571,18 +10493,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -10598,9 +10508,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -10990,7 +10909,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 14d43a3f542a227fa17290647524d3051be34e05)
+-- queue.node_stats (sha1 ed6b1b6219287a53cad07325cb3aee69195ec790)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -11101,18 +11020,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -11128,9 +11035,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -11343,7 +11259,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 69acf5b91e7bec2f8732f920c0aa0fad2eec03ec)
+-- queue.redispatch (sha1 4670a874b8b9cc9ed1d007ae127feed41230b3f6)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -11486,18 +11402,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -11513,9 +11417,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -12380,7 +12293,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 470f2ab5102c3026e4fa5bb900bb20242e438758)
+-- queue.requeue_dead (sha1 00a22545933755933ea2e0d9cb64e02f3ff9e4d6)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -12482,18 +12395,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -12509,9 +12410,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -12678,7 +12588,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 f0fe1d1c405a76a642454874f0c65c2035ac6eb1)
+-- queue.stats (sha1 d6cf8e7b2868785806f701b0630443d0e5247e4a)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -12781,18 +12691,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -12808,9 +12706,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -13812,7 +13719,7 @@ return run(main)
 end,
 }
 
--- slots.rebalance (sha1 f621f539f69af05172bf4b4621a63a62266f1dfa)
+-- slots.rebalance (sha1 58f24e0204d7eb59a4c930475fdf72a3c7537e47)
 redis.register_function{
   function_name = 'luasched_slots_rebalance_v0_1_0',
   flags = {},
@@ -13917,18 +13824,6 @@ local function arg_count(low, high)
   return count
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -13944,9 +13839,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'hash', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'zset', 'string', 'hash', 'zset', 'zset', 'zset', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
@@ -14211,5 +14115,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'ef762f2a28fc23032e4d05a5f4d621a391816b29' end,
+  callback = function() return '3b77a2ac846d7898360f5f07d12ac6d4fe0ddb02' end,
 }

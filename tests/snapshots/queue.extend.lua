@@ -120,18 +120,6 @@ local function arg_string(index, name, min_length, max_length)
   return raw
 end
 
--- The key of KEYS that holds another type than this script's layout says (its --@key lines),
--- for a CORRUPT detail; nil if none does. Runs on the error path only.
-local function wrong_type_key()
-  local layout = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }
-  for position, key in ipairs(KEYS) do
-    local actual = redis.call('TYPE', key)['ok']
-    if actual ~= 'none' and actual ~= layout[position] then
-      return key
-    end
-  end
-end
-
 -- Calls main() and turns a luasched failure into an error reply; any other error propagates.
 -- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
 -- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
@@ -147,9 +135,18 @@ local function run(main)
   -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
   local message = type(result) == 'table' and result.err or result
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
-    local key = wrong_type_key()
-    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': '
-      .. (key and ('key ' .. show(key)) or 'a key') .. ' holds another type than the layout')
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'list', 'string', 'string' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
   end
   error(result, 0)
 end
