@@ -4,19 +4,23 @@ Every decision (who holds the lock, which waiter is next, how many permits are o
 lapses) is taken by one script on the server, from the server's clock. This module only draws
 random owner tokens and request ids, shapes KEYS/ARGV, reads replies, and waits between attempts:
 
-* **Waiting** never polls in a tight loop: after a refused attempt the caller blocks on the
-  lock's wake list (``BLPOP``) for at most ``retry_ms`` (or until the hold lapses, if sooner).
-  A release that frees the lock while someone waits pushes signals on that list, so a waiter
-  usually retries at once; the timed retry is the authority when a signal is lost (a waiter
-  that died, a signal that expired), so nothing depends on the signal arriving.
-* **Idempotency**: every acquire and release attempt carries a fresh request id. redis-py may
-  resend a command whose reply was lost; the resent call answers the first reply instead of
-  acting twice (the server records it for 60 s).
+* **Waiting** never polls in a tight loop: after a refused attempt the caller blocks on a wake
+  list (``BLPOP``; the lock's, or a fair waiter's own) for at most ``retry_ms`` (or until the
+  hold lapses, if sooner). A release that frees a waited-for lock pushes one signal (to the
+  head of a fair queue), so a waiter usually retries at once; the timed retry is the authority
+  when a signal is lost (a waiter that died, a signal that expired), so nothing depends on the
+  signal arriving.
+* **Idempotency**: redis-py may resend a command whose reply was lost; the resent call acts
+  once. A non-reentrant lock draws a fresh owner token per ``acquire()``, and that single-use
+  token is the idempotency key of its acquire and release (the lock's state keeps the token of
+  its last grant; no request record, the scripts' lean path). A reentrant lock (one token for
+  many holds) sends a fresh request id per attempt, whose reply the server records for 60 s.
 * **Cancellation**: if an attempt is interrupted while its script may have run
   (``KeyboardInterrupt``, a lost connection, an asyncio cancellation), the wrapper replays the
-  same request id (which answers what the first attempt did, or does it now) and releases what
-  it got, so an interrupted acquire never leaves a hold or a queue place behind (best effort: if
-  the server cannot be reached, the hold lapses at its deadline and the place at its own).
+  same attempt (same token / request id: it answers what the first attempt did, or does it now)
+  and releases what it got, so an interrupted acquire never leaves a hold or a queue place
+  behind (best effort: if the server cannot be reached, the hold lapses at its deadline and the
+  place at its own).
 
 The call builders below are shared by the sync and asyncio wrappers; they hold no decision.
 What a lock guarantees and what it cannot: docs/locks.md.

@@ -58,18 +58,18 @@
 local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
-  if #token >= 1 and #token <= 256 and #ttl_raw <= 11 and #wait_raw <= 11
-    and string.find(ttl_raw, '^[1-9]%d*$') and string.find(wait_raw, '^%d+$')
-    and tonumber(ttl_raw) <= 31536000000 and tonumber(wait_raw) <= 31536000000 then
+  -- Up to 10 digits: below 1e10, within 1..max_ttl_ms (31536000000) with no comparison.
+  if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
+    and string.find(ttl_raw, '^[1-9]%d*$') and string.find(wait_raw, '^%d+$') then
     local time = redis.call('TIME')
     local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     FAST_NOW_MS = now_ms
     local raw = redis.pcall('GET', KEYS[1])
-    local fence, count, deadline, granted, waited, owner, free
+    local fence, count, deadline, owner, free
     if raw == false then
       fence, free = '0', true
     elseif type(raw) == 'string' then
-      fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+      fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
       free = fence ~= nil and #fence <= 13 and #deadline <= 16 and owner ~= token
         and (count == '0' or tonumber(deadline) <= now_ms)
     end

@@ -46,8 +46,9 @@ if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <=
   FAST_NOW_MS = now_ms
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
-    local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-    if owner == token and count == '1' and waited == '0' and #deadline <= 16 and tonumber(deadline) > now_ms then
+    -- The state of a single hold (count 1) that no waiter asked for (waited 0).
+    local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
+    if owner == token and #deadline <= 16 and tonumber(deadline) > now_ms then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
       return { 'released', 0, now_ms }
     end

@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 6e1d7237837b3d5a2b7b1c81f8a3307ce0c70bc3)
+-- lock.acquire (sha1 b35a02ca65b2fa509bab621601d87e68db2518ef)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -73,18 +73,18 @@ redis.register_function{
 local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
-  if #token >= 1 and #token <= 256 and #ttl_raw <= 11 and #wait_raw <= 11
-    and string.find(ttl_raw, '^[1-9]%d*$') and string.find(wait_raw, '^%d+$')
-    and tonumber(ttl_raw) <= 31536000000 and tonumber(wait_raw) <= 31536000000 then
+  -- Up to 10 digits: below 1e10, within 1..max_ttl_ms (31536000000) with no comparison.
+  if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
+    and string.find(ttl_raw, '^[1-9]%d*$') and string.find(wait_raw, '^%d+$') then
     local time = redis.call('TIME')
     local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     FAST_NOW_MS = now_ms
     local raw = redis.pcall('GET', KEYS[1])
-    local fence, count, deadline, granted, waited, owner, free
+    local fence, count, deadline, owner, free
     if raw == false then
       fence, free = '0', true
     elseif type(raw) == 'string' then
-      fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+      fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
       free = fence ~= nil and #fence <= 13 and #deadline <= 16 and owner ~= token
         and (count == '0' or tonumber(deadline) <= now_ms)
     end
@@ -940,7 +940,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 09ec8d7f6a251002a9eae89495d36ca0cdc810fe)
+-- lock.release (sha1 dbe2330460764c0c624d459277c3843d20222824)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -993,8 +993,9 @@ if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <=
   FAST_NOW_MS = now_ms
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
-    local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-    if owner == token and count == '1' and waited == '0' and #deadline <= 16 and tonumber(deadline) > now_ms then
+    -- The state of a single hold (count 1) that no waiter asked for (waited 0).
+    local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
+    if owner == token and #deadline <= 16 and tonumber(deadline) > now_ms then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
       return { 'released', 0, now_ms }
     end
@@ -11900,5 +11901,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '9bf97ebcd9840ccc2b090cde86818690a7ce885a' end,
+  callback = function() return 'a2b47fdcacf9ca3f489c7640a77848a104adb289' end,
 }

@@ -2,9 +2,9 @@
 
 Cancellation is safe: a cancelled ``acquire`` never leaves a hold or a fair queue place behind.
 If the cancellation hits while the acquire script may have run, a shielded clean-up replays the
-same request id (which answers what the first attempt did, or does it now) and releases what it
-got; a cancellation during the wait between attempts leaves the fair queue. The clean-up runs to
-its end even if the task is cancelled again.
+same attempt (same token / request id: it answers what the first attempt did, or does it now) and
+releases what it got; a cancellation during the wait between attempts leaves the fair queue.
+The clean-up runs to its end even if the task is cancelled again.
 """
 
 from __future__ import annotations
