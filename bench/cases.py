@@ -6,7 +6,7 @@ Groups (one report table each, ``--only GROUP``):
   ``LEASE_SCRIPT`` below, the least work any atomic lease-based queue does per dequeue.
 * ``slots``: ``slots.keyslot`` with 1 and with 100 keys per call.
 * ``nodes``: ``slots.owner`` with 10 and 10,000 registered nodes; ``slots.rebalance`` over 1,000.
-* ``locks``: luasched's lock (plain, without request ids, fair) and its peers (redis-py
+* ``locks``: luasched's lock (plain, with request ids, fair) and its peers (redis-py
   ``Lock``, python-redis-lock, pottery ``Redlock`` on one master): one uncontended acquire + one
   release per cycle. Under contention: bench/contention.py.
 * ``pick``: ``least_loaded``, ``two_choices``, ``weighted``, ``least_recent`` over 10 and 10,000
@@ -28,7 +28,7 @@ from typing import Any
 
 import luasched
 from luasched.keys import REGISTRY_KEYS, Namespace
-from luasched.lock import acquire_call, new_token, release_call
+from luasched.lock import acquire_call, new_request_id, new_token, release_call
 from luasched.queue import QueueKeys, enqueue_call
 
 from .engine import Case, Env, Worker, add
@@ -419,7 +419,8 @@ LOCK_NAMESPACE = "bench-lock"
 
 def luasched_lock_worker(fair: bool) -> Callable[[Env, Any, int], Worker]:
     """``s.lock(name).acquire(blocking=False)`` + ``handle.release()``, as a user writes it:
-    a fresh owner token and a fresh request id per call (the wrapper's default)."""
+    a fresh owner token per acquire, which is the calls' idempotency key (the wrapper's default
+    for a non-reentrant lock: no request id, the scripts' lean path)."""
 
     def make(env: Env, state: Any, index: int) -> Worker:
         scheduler = luasched.Scheduler(env.client(), LOCK_NAMESPACE)
@@ -439,19 +440,20 @@ def luasched_lock_worker(fair: bool) -> Callable[[Env, Any, int], Worker]:
     return make
 
 
-def luasched_lock_no_request_id_worker(env: Env, state: Any, index: int) -> Worker:
-    """The same two scripts through the call builders with ``request_id=b""`` (the wrapper does
-    not expose it): no idempotency record written or read."""
+def luasched_lock_request_id_worker(env: Env, state: Any, index: int) -> Worker:
+    """The same two scripts through the call builders with a fresh request id per call (what a
+    reentrant lock sends): the general path, a request record written per call."""
     scheduler = luasched.Scheduler(env.client(), LOCK_NAMESPACE)
     scheduler.load_scripts()
-    runner, namespace, name = scheduler.runner, scheduler.namespace, f"no-request-id-{index}"
+    runner, namespace, name = scheduler.runner, scheduler.namespace, f"request-id-{index}"
     ttl_ms = LOCK_TTL_S * 1000
 
     def cycle() -> None:
         token = new_token()
-        if not runner.run(acquire_call(namespace, name, token, ttl_ms)).acquired:
+        call = acquire_call(namespace, name, token, ttl_ms, request_id=new_request_id())
+        if not runner.run(call).acquired:
             raise RuntimeError("an uncontended lock was not acquired")
-        runner.run(release_call(namespace, name, token))
+        runner.run(release_call(namespace, name, token, new_request_id()))
 
     return Worker(call=cycle, close=scheduler.client.close)
 
@@ -472,17 +474,19 @@ LUASCHED_LOCKS: list[tuple[str, Callable[[Env, Any, int], Worker], str]] = [
     (
         "luasched lock acquire+release",
         luasched_lock_worker(fair=False),
-        "EVALSHA lock.acquire + EVALSHA lock.release; fencing token, request ids (default)",
+        "EVALSHA lock.acquire + EVALSHA lock.release; fencing token; the single-use owner token "
+        "is the idempotency key (default: the lean path, TIME+GET+SET each)",
     ),
     (
-        "luasched lock acquire+release, no request id",
-        luasched_lock_no_request_id_worker,
-        "the same scripts with request_id b'' (call builders): no idempotency record",
+        "luasched lock acquire+release, request ids",
+        luasched_lock_request_id_worker,
+        "the same scripts with a request id per call (call builders; what reentrant locks "
+        "send): the general path and a request record",
     ),
     (
         "luasched fair lock acquire+release",
         luasched_lock_worker(fair=True),
-        "fair=True, uncontended (the queue stays empty); request ids (default)",
+        "fair=True, uncontended (the queue stays empty); no request id (default)",
     ),
 ]
 

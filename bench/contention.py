@@ -81,12 +81,13 @@ CONTENDERS += [
     Contender(
         "luasched lock",
         luasched_cycle(fair=False),
-        "waiters BLPOP the wake list (retry_ms 200 as the authority)",
+        "waiters BLPOP the wake list (retry_ms 200 as the authority); one woken to lose "
+        "goes back to its timer",
     ),
     Contender(
         "luasched fair lock",
         luasched_cycle(fair=True),
-        "FIFO: a release hands the lock to the oldest waiter",
+        "FIFO: a release wakes the oldest waiter only (its own wake list)",
     ),
 ]
 

@@ -21,6 +21,7 @@ __all__ = [
     "assert_codes_covered",
     "assert_refused",
     "counts_of",
+    "lock_state",
     "namespace_keys",
     "render_key",
     "snapshot",
@@ -210,3 +211,20 @@ def assert_codes_covered(
         tested = {case[4] for case in cases if case[0] == name}
         tested |= {code for script, code in elsewhere if script == name}
         assert tested == declared, name
+
+
+def lock_state(client: Client, key: bytes) -> dict[str, Any] | None:
+    """The state string of a lock key (lua/include/lock_state.lua.j2), parsed independently of
+    the scripts: fence, count, deadline, granted, waited, owner; None if the key is absent."""
+    raw = client.get(key)
+    if raw is None:
+        return None
+    fence, count, deadline, granted, waited, owner = raw.split(b" ", 5)
+    return {
+        "fence": int(fence),
+        "count": int(count),
+        "deadline": int(deadline),
+        "granted": int(granted),
+        "waited": waited == b"1",
+        "owner": owner,
+    }

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from helpers import lock_state
 from luasched import Scheduler
 from luasched.lock import (
     ReleaseResult,
@@ -17,6 +18,7 @@ from luasched.lock import (
     extend_call,
     new_request_id,
     new_token,
+    place_ttl_ms,
     release_call,
 )
 
@@ -48,11 +50,15 @@ def test_replies_tell_every_outcome_apart(r: Any) -> None:
     assert s.runner.run(extend_call(s.namespace, b"job", b, 1000)).status == "not_owner"
     extended = s.runner.run(extend_call(s.namespace, b"job", a, 60_000))
     assert extended.status == "extended" and extended.deadline_ms == extended.now_ms + 60_000
-    assert 59_000 < r.pttl(s.namespace.key("lock", b"job")) <= 60_000
+    state = lock_state(r, s.namespace.key("lock", b"job"))
+    assert state is not None and state["deadline"] == extended.deadline_ms
+    assert (state["owner"], state["count"], state["fence"]) == (a, 1, 1)
+    assert r.pttl(s.namespace.key("lock", b"job")) == -1  # the state carries the fence: no expiry
     released = release(s, b"job", a)
     assert (released.status, released.count) == ("released", 0)
-    assert release(s, b"job", a).status == "expired"
+    assert release(s, b"job", a).status == "released"  # a replay: acts no second time
     assert s.runner.run(extend_call(s.namespace, b"job", a, 1000)).status == "expired"
+    assert release(s, b"job", new_token()).status == "expired"  # nobody holds it
     assert acquire(s, b"job", b).fence == 2
 
 
@@ -61,16 +67,16 @@ def test_a_lapsed_hold_is_free_and_fencing_tokens_keep_growing(r: Any) -> None:
     a, b = new_token(), new_token()
     assert acquire(s, b"x", a, 50).fence == 1
     time.sleep(0.08)
-    assert r.exists(s.namespace.key("lock", b"x")) == 0  # the key expired by itself
     assert s.runner.run(extend_call(s.namespace, b"x", a, 1000)).status == "expired"
     granted = acquire(s, b"x", b, 50)
-    assert granted.fence == 2  # the fence key survived the lock key's expiry
+    assert granted.fence == 2  # the lapsed hold was free; the fence went on
     assert release(s, b"x", a).status == "not_owner"
     time.sleep(0.08)
     assert release(s, b"x", b).status == "expired"
-    assert acquire(s, b"x", a).fence == 3
-    assert r.get(s.namespace.key("lock-fence", b"x")) == b"3"
-    assert r.pttl(s.namespace.key("lock-fence", b"x")) == -1
+    assert acquire(s, b"x", a).fence == 3  # b was granted since: a's token is a new owner again
+    state = lock_state(r, s.namespace.key("lock", b"x"))
+    assert state is not None and state["fence"] == 3
+    assert r.pttl(s.namespace.key("lock", b"x")) == -1
 
 
 def test_reentrant_owner_releases_as_many_times(r: Any) -> None:
@@ -101,16 +107,44 @@ def test_reentrant_counts(r: Any) -> None:
     assert other.acquire(blocking=False) is not None
 
 
-def test_plain_acquire_by_the_owner_is_a_retry_not_a_second_hold(r: Any) -> None:
+def test_plain_acquire_by_the_owner_is_a_replay_not_a_second_hold(r: Any) -> None:
     s = Scheduler(r, "lk")
     token = new_token()
     first = acquire(s, b"p", token, 1000)
+    time.sleep(0.002)
     again = acquire(s, b"p", token, 5000)
-    assert again.status == "acquired" and again.fence == first.fence and again.count == 1
-    assert again.deadline_ms == again.now_ms + 5000  # moved later, never shortened
-    shorter = acquire(s, b"p", token, 10)
-    assert shorter.deadline_ms == again.deadline_ms
+    assert again == first  # the first grant's reply: same fence, deadline, grant time; no change
+    assert acquire(s, b"p", token, 10) == first
     assert release(s, b"p", token).count == 0
+
+
+def test_plain_lock_replays_without_request_id_act_once(r: Any) -> None:
+    """No request id (what s.lock sends for a non-reentrant lock): the single-use owner token is
+    the idempotency key of both calls, kept in the lock's state, no record key written."""
+    s = Scheduler(r, "lk")
+    key = s.namespace.key("lock", b"tok")
+    a, b = new_token(), new_token()
+    first = acquire(s, b"tok", a, 10_000, wait_ttl_ms=1000)
+    assert first.status == "acquired" and first.fence == 1
+    assert acquire(s, b"tok", a, 10_000, wait_ttl_ms=1000) == first
+    released = release(s, b"tok", a)
+    assert (released.status, released.count) == ("released", 0)
+    # After the release: a replayed acquire answers the grant and takes nothing (no fence 2)...
+    assert acquire(s, b"tok", a, 10_000) == first
+    state = lock_state(r, key)
+    assert state is not None and (state["count"], state["fence"], state["owner"]) == (0, 1, a)
+    # ... and a replayed release answers "released" again and changes nothing.
+    before = r.get(key)
+    assert release(s, b"tok", a).status == "released"
+    assert r.get(key) == before
+    # Another owner: the replays never touch its hold.
+    granted = acquire(s, b"tok", b)
+    assert granted.fence == 2
+    assert acquire(s, b"tok", a).status == "held"
+    assert release(s, b"tok", a).status == "not_owner"
+    state = lock_state(r, key)
+    assert state is not None and (state["owner"], state["count"]) == (b, 1)
+    assert [k for k in r.scan_iter(match=s.namespace.key("lock-req", b"*"))] == []
 
 
 def test_replayed_request_ids_act_once(r: Any) -> None:
@@ -124,18 +158,21 @@ def test_replayed_request_ids_act_once(r: Any) -> None:
     assert released.status == "released"
     # A replayed acquire answers the first grant and takes nothing.
     assert acquire(s, b"id", a, 10_000, request_id=rid_acquire) == first
-    assert r.exists(s.namespace.key("lock", b"id")) == 0
+    state = lock_state(r, s.namespace.key("lock", b"id"))
+    assert state is not None and state["count"] == 0  # released, and still so
     # B takes it; a replayed release answers "released" again and leaves B's hold alone.
     assert acquire(s, b"id", b).fence == 2
     assert release(s, b"id", a, rid_release) == released
-    assert r.hget(s.namespace.key("lock", b"id"), "owner") == b
+    state = lock_state(r, s.namespace.key("lock", b"id"))
+    assert state is not None and (state["owner"], state["count"]) == (b, 1)
     # Reentrant: a replayed acquire does not add a hold.
     c = new_token()
     rid = new_request_id()
     release(s, b"id", b)
     assert acquire(s, b"id", c, reentrant=True, request_id=rid).count == 1
     assert acquire(s, b"id", c, reentrant=True, request_id=rid).count == 1
-    assert r.hget(s.namespace.key("lock", b"id"), "count") == b"1"
+    state = lock_state(r, s.namespace.key("lock", b"id"))
+    assert state is not None and state["count"] == 1
     ttl = r.pttl(s.namespace.key("lock-req", rid, b"id"))
     assert 0 < ttl <= 60_000
 
@@ -154,7 +191,7 @@ def test_handle_is_immutable_and_a_context_manager(r: Any) -> None:
 
 def test_lock_names_are_arbitrary_bytes_and_never_share_keys(r: Any) -> None:
     s = Scheduler(r, "lk")
-    names = [b"a", b"a:fence", b"{a}", b"\x00\xff", b"lock-fence:a", "é".encode()]
+    names = [b"a", b"a:x", b"{a}", b"\x00\xff", b"lock-queue:a", b"a b", "é".encode()]
     handles = [s.lock(name).acquire(blocking=False) for name in names]
     assert all(h is not None and h.fence == 1 for h in handles)
 
@@ -295,3 +332,44 @@ def test_one_hundred_thousand_acquisitions_never_overlap(luasched_servers: Any) 
     assert len(holds) == 100_000
     check_no_overlap(holds)
     print(f"\n100,000 acquisitions in {elapsed:.1f} s ({len(holds) / elapsed:.0f}/s)")
+
+
+def test_only_a_waited_for_hold_wakes_a_waiter(r: Any) -> None:
+    """A refused attempt that takes a place (wait_ttl_ms > 0) marks the hold; its release pushes
+    one signal on the wake list. A try (wait_ttl_ms=0) marks nothing; an unmarked release (the
+    lean path) writes no signal."""
+    s = Scheduler(r, "lk")
+    key, wake = s.namespace.key("lock", b"mark"), s.namespace.key("lock-wake", b"mark")
+    holder, waiter = new_token(), new_token()
+    assert acquire(s, b"mark", holder).acquired
+    assert acquire(s, b"mark", waiter, wait_ttl_ms=0).status == "held"
+    state = lock_state(r, key)
+    assert state is not None and not state["waited"]
+    assert acquire(s, b"mark", waiter, wait_ttl_ms=2_000).status == "held"
+    state = lock_state(r, key)
+    assert state is not None and state["waited"]
+    assert r.zscore(s.namespace.key("lock-places", b"mark"), waiter) is not None
+    assert release(s, b"mark", holder).released
+    assert r.lrange(wake, 0, -1) == [b"1"]
+    granted = acquire(s, b"mark", waiter, wait_ttl_ms=2_000)
+    assert granted.acquired and granted.fence == 2
+    assert r.zcard(s.namespace.key("lock-places", b"mark")) == 0  # its place is given back
+    r.delete(wake)
+    assert release(s, b"mark", waiter).released
+    assert r.exists(wake) == 0
+
+
+def test_a_woken_waiter_that_loses_asks_for_no_signal() -> None:
+    """The wrapper's policy (place_ttl_ms): a non-fair attempt right after a wake-up signal takes
+    no place, so a lock taken again and again by one caller is not slowed by woken waiters."""
+
+    class Options:
+        wait_ttl_ms = 1_000
+        fair = False
+
+    plain, fair = Options(), Options()
+    fair.fair = True
+    assert place_ttl_ms(plain, blocking=True, woken=False) == 1_000
+    assert place_ttl_ms(plain, blocking=True, woken=True) == 0
+    assert place_ttl_ms(fair, blocking=True, woken=True) == 1_000
+    assert place_ttl_ms(plain, blocking=False, woken=False) == 0

@@ -7,13 +7,15 @@ import random
 from typing import Any
 
 import luasched.asyncio
+from helpers import lock_state as state_of
 
 
 def lock_state(r: Any, s: Any, name: bytes) -> tuple[int, int, int]:
-    """(lock key exists, fair queue length, waiter places) of lock ``name``."""
+    """(holds of the lock, fair queue length, waiter places) of lock ``name``."""
     ns = s.namespace
+    state = state_of(r, ns.key("lock", name))
     return (
-        int(r.exists(ns.key("lock", name))),
+        state["count"] if state else 0,
         int(r.zcard(ns.key("lock-queue", name))),
         int(r.zcard(ns.key("lock-places", name))),
     )
@@ -119,7 +121,8 @@ def test_cancelling_at_any_moment_never_leaves_a_hold(r: Any, server: Any) -> No
                 assert handle is not None
                 await lock.release(handle)
             if outer is not None:
-                assert r.hget(s.namespace.key("lock", name), "count") == b"1"
+                state = state_of(r, s.namespace.key("lock", name))
+                assert state is not None and state["count"] == 1
                 assert (await lock.release(outer)).count == 0
             assert lock_state(r, s, name) == (0, 0, 0), attempt
         assert outcomes["cancelled"] > 0

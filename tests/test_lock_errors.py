@@ -46,7 +46,7 @@ def changed(script: str, position: int | None, value: bytes | None, keys: int = 
 
 
 ARG_CASES = [
-    ("lock.acquire", changed("lock.acquire", None, None, keys=1), "expected 6 key(s), got 5"),
+    ("lock.acquire", changed("lock.acquire", None, None, keys=1), "expected 5 key(s), got 4"),
     ("lock.acquire", changed("lock.acquire", 5, None), "expected 6 argument(s), got 5"),
     ("lock.acquire", changed("lock.acquire", 0, b""), "token must be 1 to 256 bytes long"),
     ("lock.acquire", changed("lock.acquire", 0, b"x" * 257), "token must be 1 to 256 bytes"),
@@ -57,14 +57,14 @@ ARG_CASES = [
     ("lock.acquire", changed("lock.acquire", 3, b"yes"), "fair must be one of 0|1"),
     ("lock.acquire", changed("lock.acquire", 4, b"-1"), "wait_ttl_ms must be between 0"),
     ("lock.acquire", changed("lock.acquire", 5, b"r" * 65), "request_id must be 0 to 64"),
-    ("lock.release", changed("lock.release", None, None, keys=6), "expected 6 key(s), got 0"),
+    ("lock.release", changed("lock.release", None, None, keys=5), "expected 5 key(s), got 0"),
     ("lock.release", changed("lock.release", 1, None), "expected 2 argument(s), got 1"),
     ("lock.release", changed("lock.release", 0, b""), "token must be 1 to 256 bytes"),
     ("lock.release", changed("lock.release", 1, b"r" * 65), "request_id must be 0 to 64"),
     ("lock.extend", changed("lock.extend", 1, b"0"), "ttl_ms must be between 1 and"),
     ("lock.extend", changed("lock.extend", 1, b" 5"), "ttl_ms must be an integer"),
     ("lock.extend", changed("lock.extend", 0, b"x" * 300), "token must be 1 to 256 bytes"),
-    ("lock.extend", changed("lock.extend", None, None, keys=1), "expected 6 key(s), got 5"),
+    ("lock.extend", changed("lock.extend", None, None, keys=1), "expected 5 key(s), got 4"),
     ("lock.semaphore_acquire", changed("lock.semaphore_acquire", 1, b"0"), "permits must be"),
     ("lock.semaphore_acquire", changed("lock.semaphore_acquire", 1, b"1000001"), "permits must"),
     ("lock.semaphore_acquire", changed("lock.semaphore_acquire", 2, b"0x10"), "ttl_ms must be an"),
@@ -98,9 +98,9 @@ def populate(r: Any) -> Scheduler:
     s.runner.run(acquire_call(s.namespace, b"e", new_token(), 60_000, wait_ttl_ms=60_000))
     for _ in range(2):
         s.runner.run(semaphore_acquire_call(s.namespace, b"e", new_token(), 2, 60_000))
-    r.set(LOCK[5], b"acquired 1 2 3 4 5 6")
-    r.lpush(LOCK[4], b"1")
-    r.zadd(LOCK[2], {b"q": 1})
+    r.set(LOCK[4], b"acquired 1 2 3 4 5 6")
+    r.lpush(LOCK[3], b"1")
+    r.zadd(LOCK[1], {b"q": 1})
     persist(r)
     return s
 
@@ -129,19 +129,23 @@ def test_bad_input_is_refused_and_changes_nothing(
 
 
 CORRUPT_CASES = [
-    # (script, ARGV, which key to break and how)
+    # (script, ARGV, which key to break and how); LOCK = lock, queue, places, wake, request
     ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 0, "string"),
-    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 1, "hash"),
-    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 1, "text"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 0, "hash"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 0, "text"),
     ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 0, "shape"),
-    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b"rid"], 5, "hash"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b""], 0, "long"),
+    ("lock.acquire", [TOKEN, b"1000", b"1", b"0", b"0", b""], 0, "shape"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"1", b"0", b""], 0, "hash"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"0", b"rid"], 4, "hash"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"1", b"500", b""], 1, "string"),
     ("lock.acquire", [TOKEN, b"1000", b"0", b"1", b"500", b""], 2, "string"),
-    ("lock.acquire", [TOKEN, b"1000", b"0", b"1", b"500", b""], 3, "string"),
-    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"500", b""], 3, "string"),
+    ("lock.acquire", [TOKEN, b"1000", b"0", b"0", b"500", b""], 2, "string"),
     ("lock.release", [TOKEN, b""], 0, "string"),
+    ("lock.release", [TOKEN, b""], 0, "hash"),
+    ("lock.release", [TOKEN, b""], 1, "string"),
     ("lock.release", [TOKEN, b""], 2, "string"),
-    ("lock.release", [TOKEN, b""], 3, "string"),
-    ("lock.release", [TOKEN, b"rid"], 5, "text"),
+    ("lock.release", [TOKEN, b"rid"], 4, "text"),
     ("lock.extend", [TOKEN, b"1000"], 0, "string"),
     ("lock.extend", [TOKEN, b"1000"], 0, "shape"),
 ]
@@ -156,7 +160,9 @@ def break_key(r: Any, key: bytes, how: str) -> None:
     elif how == "text":
         r.set(key, b"12 monkeys")
     elif how == "shape":
-        r.hset(key, mapping={b"owner": b"x", b"count": b"1"})  # no fence, no deadline
+        r.set(key, b"1 1 99 2 7 " + TOKEN)  # waited is not 0 or 1
+    elif how == "long":
+        r.set(key, b"12345678901234567 0 1 1 0 x")  # a fence of 17 digits
 
 
 @pytest.mark.parametrize(("script", "args", "key_index", "how"), CORRUPT_CASES)
@@ -165,9 +171,10 @@ def test_corrupt_keys_are_refused_and_nothing_changes(
 ) -> None:
     break_key(r, LOCK[key_index], how)
     if script == "lock.release" and key_index != 0:
-        r.hset(LOCK[0], mapping={b"owner": TOKEN, b"count": 1, b"fence": 1, b"deadline": 1 << 50})
-    if script == "lock.acquire" and key_index == 3:  # a waiter: the lock is held by another
-        r.hset(LOCK[0], mapping={b"owner": b"o", b"count": 1, b"fence": 1, b"deadline": 1 << 50})
+        # The caller holds it and a waiter was refused meanwhile: the release reads the waiters.
+        r.set(LOCK[0], b"1 1 %d 1 1 " % (1 << 50) + TOKEN)
+    if script == "lock.acquire" and key_index == 2:  # a waiter: the lock is held by another
+        r.set(LOCK[0], b"1 1 %d 1 0 o" % (1 << 50))
     before = snapshot(r, NS)
     with pytest.raises(redis.ResponseError) as raised:
         run_raw(r, script, list(LOCK), args)
@@ -180,7 +187,7 @@ def test_wake_list_of_another_type_is_refused_before_the_release(r: Any) -> None
     holder, waiter = new_token(), new_token()
     s.runner.run(acquire_call(s.namespace, b"e", holder, 60_000))
     s.runner.run(acquire_call(s.namespace, b"e", waiter, 60_000, wait_ttl_ms=60_000))
-    r.set(LOCK[4], b"not a list")
+    r.set(LOCK[3], b"not a list")
     persist(r)
     before = snapshot(r, NS)
     with pytest.raises(CorruptState):

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from luasched import Scheduler
-from luasched.lock import acquire_call, new_token, release_call
+from luasched.lock import acquire_call, new_token, release_call, waiter_wake_key
 
 
 def attempt(s: Scheduler, name: bytes, token: bytes, wait_ttl_ms: int, ttl_ms: int = 10_000) -> Any:
@@ -158,3 +158,71 @@ def test_fair_contention_spreads_grants_evenly(r: Any, server: Any) -> None:
     jain = sum(counts) ** 2 / (len(counts) * sum(count * count for count in counts))
     print(f"\n{server.name}: fair {sum(counts)} grants in 0.6 s, Jain {jain:.3f}, {counts}")
     assert jain > 0.9
+
+
+def test_a_release_wakes_the_head_of_the_queue_only(r: Any) -> None:
+    """The signal goes to the own list of the oldest live waiter, never to a shared list that
+    any waiter (or the releaser, queuing again) could pop first."""
+    s = Scheduler(r, "fair")
+    holder, w1, w2, w3 = new_token(), new_token(), new_token(), new_token()
+
+    def signals(token: bytes) -> int:
+        return int(r.llen(waiter_wake_key(s.namespace, b"head", token)))
+
+    assert attempt(s, b"head", holder, 0).status == "acquired"
+    for token in (w1, w2, w3):
+        assert attempt(s, b"head", token, 5_000).status == "held"
+    assert s.runner.run(release_call(s.namespace, b"head", holder)).released
+    assert [signals(t) for t in (w1, w2, w3)] == [1, 0, 0]
+    assert r.exists(s.namespace.key("lock-wake", b"head")) == 0
+    # w1 gives up instead of taking it: its release wakes the next head, w2.
+    assert s.runner.run(release_call(s.namespace, b"head", w1)).status == "expired"
+    assert [signals(t) for t in (w2, w3)] == [1, 0]
+    assert attempt(s, b"head", w2, 5_000).status == "acquired"
+    assert s.runner.run(release_call(s.namespace, b"head", w2)).released
+    assert signals(w3) == 1
+    assert attempt(s, b"head", w3, 5_000).status == "acquired"
+    r.delete(*(waiter_wake_key(s.namespace, b"head", t) for t in (w1, w2, w3)))
+    # Nobody waits any more: the last release writes no signal anywhere.
+    assert s.runner.run(release_call(s.namespace, b"head", w3)).released
+    assert [signals(t) for t in (w1, w2, w3)] == [0, 0, 0]
+
+
+def test_fair_waiters_are_woken_by_the_release_not_by_their_timer(r: Any, server: Any) -> None:
+    """retry_ms=5 s: every waiter here can only be served in time by the release's signal to
+    the head of the queue; a signal to the wrong waiter would cost a 5 s timed retry."""
+    s = Scheduler(r, "fair")
+    holder = s.lock("woken", fair=True).acquire()
+    assert holder is not None
+    order: list[int] = []
+    errors: list[BaseException] = []
+
+    def wait(index: int) -> None:
+        client = server.client()
+        try:
+            lock = Scheduler(client, "fair").lock("woken", fair=True, retry_ms=5_000)
+            handle = lock.acquire(timeout=30)
+            assert handle is not None
+            order.append(index)
+            assert lock.release(handle).released
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    threads = []
+    for index in range(4):
+        thread = threading.Thread(target=wait, args=(index,))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5
+        while queue_length(r, s, b"woken") < index + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    started = time.monotonic()
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    elapsed = time.monotonic() - started
+    assert not errors, errors[0]
+    assert order == [0, 1, 2, 3]
+    assert elapsed < 4.0, f"4 hand-overs took {elapsed:.2f} s: a waiter waited for its timer"

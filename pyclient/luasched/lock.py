@@ -4,19 +4,23 @@ Every decision (who holds the lock, which waiter is next, how many permits are o
 lapses) is taken by one script on the server, from the server's clock. This module only draws
 random owner tokens and request ids, shapes KEYS/ARGV, reads replies, and waits between attempts:
 
-* **Waiting** never polls in a tight loop: after a refused attempt the caller blocks on the
-  lock's wake list (``BLPOP``) for at most ``retry_ms`` (or until the hold lapses, if sooner).
-  A release that frees the lock while someone waits pushes signals on that list, so a waiter
-  usually retries at once; the timed retry is the authority when a signal is lost (a waiter
-  that died, a signal that expired), so nothing depends on the signal arriving.
-* **Idempotency**: every acquire and release attempt carries a fresh request id. redis-py may
-  resend a command whose reply was lost; the resent call answers the first reply instead of
-  acting twice (the server records it for 60 s).
+* **Waiting** never polls in a tight loop: after a refused attempt the caller blocks on a wake
+  list (``BLPOP``; the lock's, or a fair waiter's own) for at most ``retry_ms`` (or until the
+  hold lapses, if sooner). A release that frees a waited-for lock pushes one signal (to the
+  head of a fair queue), so a waiter usually retries at once; the timed retry is the authority
+  when a signal is lost (a waiter that died, a signal that expired), so nothing depends on the
+  signal arriving.
+* **Idempotency**: redis-py may resend a command whose reply was lost; the resent call acts
+  once. A non-reentrant lock draws a fresh owner token per ``acquire()``, and that single-use
+  token is the idempotency key of its acquire and release (the lock's state keeps the token of
+  its last grant; no request record, the scripts' lean path). A reentrant lock (one token for
+  many holds) sends a fresh request id per attempt, whose reply the server records for 60 s.
 * **Cancellation**: if an attempt is interrupted while its script may have run
   (``KeyboardInterrupt``, a lost connection, an asyncio cancellation), the wrapper replays the
-  same request id (which answers what the first attempt did, or does it now) and releases what
-  it got, so an interrupted acquire never leaves a hold or a queue place behind (best effort: if
-  the server cannot be reached, the hold lapses at its deadline and the place at its own).
+  same attempt (same token / request id: it answers what the first attempt did, or does it now)
+  and releases what it got, so an interrupted acquire never leaves a hold or a queue place
+  behind (best effort: if the server cannot be reached, the hold lapses at its deadline and the
+  place at its own).
 
 The call builders below are shared by the sync and asyncio wrappers; they hold no decision.
 What a lock guarantees and what it cannot: docs/locks.md.
@@ -56,6 +60,7 @@ __all__ = [
     "semaphore_extend_call",
     "semaphore_keys",
     "semaphore_release_call",
+    "waiter_wake_key",
 ]
 
 #: Defaults of ``s.lock`` / ``s.semaphore``.
@@ -78,21 +83,26 @@ def new_request_id() -> bytes:
 
 
 def lock_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
-    """The 6 KEYS of every ``lock.acquire/release/extend`` call, in order.
+    """The 5 KEYS of every ``lock.acquire/release/extend`` call, in order.
 
-    ``luasched:{ns}:<kind>:<name>`` for the kinds lock, lock-fence, lock-queue, lock-places,
-    lock-wake, and ``luasched:{ns}:lock-req:<request_id>:<name>``. The name (any bytes) is
-    always the tail after a fixed kind, so two names never share a key.
+    ``luasched:{ns}:<kind>:<name>`` for the kinds lock, lock-queue, lock-places, lock-wake, and
+    ``luasched:{ns}:lock-req:<request_id>:<name>``. The name (any bytes) is always the tail
+    after a fixed kind, so two names never share a key.
     """
     raw = to_bytes(name)
     return (
         namespace.key("lock", raw),
-        namespace.key("lock-fence", raw),
         namespace.key("lock-queue", raw),
         namespace.key("lock-places", raw),
         namespace.key("lock-wake", raw),
         namespace.key("lock-req", request_id, raw),
     )
+
+
+def waiter_wake_key(namespace: Namespace, name: str | bytes, token: bytes) -> bytes:
+    """The own wake list of a fair waiter: ``luasched:{ns}:lock-waiter:<token>:<name>`` (the
+    release pushes on the list of the queue's head only)."""
+    return namespace.key("lock-waiter", token, to_bytes(name))
 
 
 def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
@@ -212,25 +222,43 @@ def acquire_call(
     fair: bool = False,
     wait_ttl_ms: int = 0,
     request_id: bytes = b"",
+    keys: tuple[bytes, ...] | None = None,
 ) -> Call[AcquireResult]:
-    """The ``lock.acquire`` call (one attempt)."""
-    args = (token, ttl_ms, int(reentrant), int(fair), wait_ttl_ms, request_id)
-    return Call("lock.acquire", lock_keys(namespace, name, request_id), args, _acquire_result)
+    """The ``lock.acquire`` call (one attempt). ``keys``: ``lock_keys(namespace, name,
+    request_id)`` computed once by the caller (a ``Lock`` keeps them), else built here.
+
+    ``request_id=b""`` with ``reentrant=False``: the token is single-use and is the call's own
+    idempotency key (a replay answers its grant); reentrant acquires need a request id."""
+    args = (token, ttl_ms, 1 if reentrant else 0, 1 if fair else 0, wait_ttl_ms, request_id)
+    if keys is None:
+        keys = lock_keys(namespace, name, request_id)
+    return Call("lock.acquire", keys, args, _acquire_result)
 
 
 def release_call(
-    namespace: Namespace, name: str | bytes, token: bytes, request_id: bytes = b""
+    namespace: Namespace,
+    name: str | bytes,
+    token: bytes,
+    request_id: bytes = b"",
+    keys: tuple[bytes, ...] | None = None,
 ) -> Call[ReleaseResult]:
     """The ``lock.release`` call (also takes the token's place out of a fair queue)."""
-    keys = lock_keys(namespace, name, request_id)
+    if keys is None:
+        keys = lock_keys(namespace, name, request_id)
     return Call("lock.release", keys, (token, request_id), _release_result)
 
 
 def extend_call(
-    namespace: Namespace, name: str | bytes, token: bytes, ttl_ms: int
+    namespace: Namespace,
+    name: str | bytes,
+    token: bytes,
+    ttl_ms: int,
+    keys: tuple[bytes, ...] | None = None,
 ) -> Call[ExtendResult]:
     """The ``lock.extend`` call."""
-    return Call("lock.extend", lock_keys(namespace, name, b""), (token, ttl_ms), _extend_result)
+    if keys is None:
+        keys = lock_keys(namespace, name, b"")
+    return Call("lock.extend", keys, (token, ttl_ms), _extend_result)
 
 
 def semaphore_acquire_call(
@@ -263,6 +291,33 @@ def semaphore_extend_call(
     return Call("lock.semaphore_extend", keys, (token, ttl_ms), _extend_result)
 
 
+class LockKeys:
+    """The KEYS of one lock name, built once (a ``Lock`` makes many calls on one name).
+
+    ``attempt()`` is the request id and KEYS of one acquire or release attempt: a fresh request
+    id for a reentrant lock (its token serves many holds, so only a request id tells a replay
+    from a new acquire), none for the others (the single-use token is the idempotency key, and
+    the scripts take their lean path).
+    """
+
+    def __init__(self, namespace: Namespace, name: bytes, reentrant: bool) -> None:
+        self._namespace = namespace
+        self._name = name
+        self._reentrant = reentrant
+        self.plain = lock_keys(namespace, name, b"")
+
+    def attempt(self) -> tuple[bytes, tuple[bytes, ...]]:
+        if not self._reentrant:
+            return b"", self.plain
+        request_id = new_request_id()
+        request_key = self._namespace.key("lock-req", request_id, self._name)
+        return request_id, (*self.plain[:4], request_key)
+
+    def wake_key(self, token: bytes, fair: bool) -> bytes:
+        """Where a waiter blocks: its own list (fair: only the head is woken), else the lock's."""
+        return waiter_wake_key(self._namespace, self._name, token) if fair else self.plain[3]
+
+
 # ------------------------------------------------------------------------------------------
 # Waiting policy (no decision about the lock: only how long to sleep before the next attempt)
 
@@ -280,6 +335,18 @@ def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
         wait = min(wait, left)
     # BLPOP's timeout 0 means "forever": never send less than 1 ms.
     return max(1, math.ceil(wait))
+
+
+def place_ttl_ms(lock: Any, blocking: bool, woken: bool) -> int:
+    """The ``wait_ttl_ms`` of one acquire attempt: 0 (take no place) when not blocking, and
+    also for a non-fair waiter's attempt right after a wake-up signal: if another caller took
+    the lock first, that attempt neither renews the place nor asks the hold's release for a
+    signal, so a lock taken again and again by one caller is not slowed by waiters woken to
+    lose (they are back on the timed retry, which renews the place long before it lapses:
+    ``wait_ttl_ms`` > ``retry_ms``). A fair waiter is only woken at the head of the queue."""
+    if not blocking or (woken and not lock.fair):
+        return 0
+    return int(lock.wait_ttl_ms)
 
 
 def check_options(ttl_ms: int, retry_ms: int, wait_ttl_ms: int | None) -> int:
@@ -442,9 +509,11 @@ class Lock:
         self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _Renewer] = {}
         self._guard = threading.Lock()
-        self.wake_key = lock_keys(namespace, self.name, b"")[4]
+        self._keys = LockKeys(namespace, self.name, reentrant)
+        self.wake_key = self._keys.plain[3]
 
-    def _call(self, token: bytes, blocking: bool, request_id: bytes) -> Call[AcquireResult]:
+    def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
+        request_id, keys = self._keys.attempt()
         return acquire_call(
             self._namespace,
             self.name,
@@ -452,24 +521,31 @@ class Lock:
             self.ttl_ms,
             reentrant=self.reentrant,
             fair=self.fair,
-            wait_ttl_ms=self.wait_ttl_ms if blocking else 0,
+            wait_ttl_ms=wait_ttl_ms,
             request_id=request_id,
+            keys=keys,
         )
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        request_id, keys = self._keys.attempt()
+        return release_call(self._namespace, self.name, token, request_id, keys)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
         else at most ``timeout`` seconds, None: no limit).
 
-        Between attempts it blocks on the lock's wake list for at most ``retry_ms`` (less if
-        the hold lapses sooner); a waiter renews its place (``wait_ttl_ms``) at every attempt
-        and gives it back when it gives up. Raises the client's errors (a hold the failed call
-        may have taken is released first, best effort).
+        Between attempts it blocks on the lock's wake list (fair: its own) for at most
+        ``retry_ms`` (less if the hold lapses sooner); a waiter renews its place
+        (``wait_ttl_ms``) at its attempts (see ``place_ttl_ms``) and gives it back when it
+        gives up. Raises the client's errors (a hold the failed call may have taken is released
+        first, best effort).
         """
         token = self._token or new_token()
         deadline = None if timeout is None else time.monotonic() + timeout
+        wake_key = self._keys.wake_key(token, self.fair)
+        woken = False
         while True:
-            request_id = new_request_id()
-            call = self._call(token, blocking, request_id)
+            call = self._call(token, place_ttl_ms(self, blocking, woken))
             try:
                 result = self._runner.run(call)
             except BaseException:
@@ -483,9 +559,10 @@ class Lock:
                     self._leave(token)  # give the waiter's place back
                 return None
             try:
-                getattr(self._runner, "retry", NO_RETRY).call(
-                    self._runner.client.blpop, [self.wake_key], pause / 1000.0
+                popped = getattr(self._runner, "retry", NO_RETRY).call(
+                    self._runner.client.blpop, [wake_key], pause / 1000.0
                 )
+                woken = popped is not None
             except BaseException:
                 self._leave(token)
                 raise
@@ -496,7 +573,7 @@ class Lock:
                 if token not in self._renewers:
                     self._renewers[token] = _Renewer(
                         lambda ttl: self._runner.run(
-                            extend_call(self._namespace, self.name, token, ttl)
+                            extend_call(self._namespace, self.name, token, ttl, self._keys.plain)
                         ),
                         self.ttl_ms,
                     )
@@ -511,16 +588,16 @@ class Lock:
         )
 
     def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
-        """After an interrupted attempt: replay it (same request id: answers what it did, or
-        does it now), then give back what it got (a hold, or a waiter's place; the release
-        never touches another owner's hold). Best effort."""
+        """After an interrupted attempt: replay it (same token / request id: answers what it
+        did, or does it now), then give back what it got (a hold, or a waiter's place; the
+        release never touches another owner's hold). Best effort."""
         with contextlib.suppress(Exception):  # else the hold and place lapse by themselves
             self._runner.run(call)
-            self._runner.run(release_call(self._namespace, self.name, token, new_request_id()))
+            self._runner.run(self._release_call(token))
 
     def _leave(self, token: bytes) -> None:
         with contextlib.suppress(Exception):  # else the place lapses by itself
-            self._runner.run(release_call(self._namespace, self.name, token, new_request_id()))
+            self._runner.run(self._release_call(token))
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold of ``handle``; the result says whether it was still held.
@@ -528,10 +605,8 @@ class Lock:
         Stops the auto-renew thread (and waits for it) once the last hold is gone. Never
         touches a hold of another owner.
         """
-        result = self._runner.run(
-            release_call(self._namespace, self.name, handle.token, new_request_id())
-        )
-        if not result.released or result.count == 0:
+        result = self._runner.run(self._release_call(handle.token))
+        if (not result.released or result.count == 0) and self._renewers:
             self._stop_renewer(handle.token)
         return result
 
@@ -545,7 +620,9 @@ class Lock:
         """Move the hold's deadline to the server's now + ``ttl_ms`` (default: the lock's ttl),
         only while it is still held by ``handle``'s owner."""
         return self._runner.run(
-            extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
+            extend_call(
+                self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms, self._keys.plain
+            )
         )
 
     def renewal_lost(self, handle: Hold) -> bool:

@@ -2,17 +2,19 @@
 --@summary    Moves the deadline of the hold of `token` to the server's now + ttl_ms (longer or shorter), only
 --@+          while `token` owns the lock and its hold has not lapsed: a lapsed hold is never revived (another
 --@+          owner may have been granted in between). Keeps the fencing token and the hold count. Idempotent.
---@key        lock        hash    luasched:{ns}:lock:<name> -- the current hold: owner (token), count (holds by
---@+          the owner, reentrant), fence, deadline (server ms). Expires at its deadline; a hold whose deadline
---@+          is not after now is free.
---@key        fence       string  luasched:{ns}:lock-fence:<name> -- the last fencing token granted (decimal).
---@+          Never expires, so fencing tokens keep growing across holds and expiries of the lock key.
+--@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
+--@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
+--@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
+--@+          token. Never expires (it carries the fence, which keeps growing across holds); the hold is live while
+--@+          count >= 1 and deadline > now.
 --@key        queue       zset    luasched:{ns}:lock-queue:<name> -- fair waiters (token) scored by arrival order.
 --@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
 --@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
 --@+          while some place is live.
---@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals pushed when the lock
---@+          frees while someone waits (BLPOP it between attempts); expires 1000 ms after a push.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals of a non-fair lock, pushed
+--@+          when it frees while someone waits (BLPOP it between attempts); expires 1000 ms after
+--@+          a push. A fair waiter blocks on its own list luasched:{ns}:lock-waiter:<token>:<name> instead (built
+--@+          from the lock key), pushed when it is at the head of the queue and the lock frees.
 --@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token   string:1..256  The owner token given to lock.acquire.
@@ -20,7 +22,7 @@
 --@reply      array{status:string, deadline_ms:int, now_ms:int}  status "extended": deadline_ms = the new deadline
 --@+          (server ms). "not_owner": another owner holds the lock (deadline_ms 0). "expired": nobody holds it
 --@+          (deadline_ms 0). now_ms: the server's clock at the call.
---@error      ARG  Not 6 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 5 keys or 2 arguments, or an argument out of its range.
 --@error      CORRUPT  The lock key holds another type or shape than the layout; nothing changed.
 --@complexity O(1)
 --@since      6.2
@@ -131,7 +133,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -174,68 +176,73 @@ local WAKE_TTL_MS = 1000
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if raw == nil or raw == false then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%-?%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- ---------------------------------------------------------------------------------------------
--- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
+-- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
+-- written.
 --
--- Every lock.acquire/release/extend takes the same 6 KEYS, in this order (all under the
+-- Every lock.acquire/release/extend takes the same 5 KEYS, in this order (all under the
 -- namespace's hash tag, so one cluster slot; the lock name is arbitrary bytes and only ever the
 -- tail of a key name, after a fixed kind, so two names never share a key):
---   1 lock:<name>         HASH   owner, count, fence, deadline
---   2 lock-fence:<name>   STRING last fencing token granted (never expires)
---   3 lock-queue:<name>   ZSET   fair waiters by arrival order
---   4 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
---   5 lock-wake:<name>    LIST   wake-up signals
---   6 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+--   1 lock:<name>         STRING the lock's state (below); never expires
+--   2 lock-queue:<name>   ZSET   fair waiters by arrival order
+--   3 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
+--   4 lock-wake:<name>    LIST   wake-up signals of a non-fair lock
+--   5 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+-- A fair waiter's own wake list, lock-waiter:<token>:<name>, is built from KEYS[1] (same hash
+-- tag): a release pushes on the head of the queue's list only.
+--
+-- The state is one string: "<fence> <count> <deadline> <granted> <waited> <owner>" (five plain
+-- decimals, then the owner token, any bytes). fence: the last fencing token granted (>= 1);
+-- count: holds of the owner (0: released); deadline and granted: server ms of the last grant
+-- (deadline moved by extend / a reentrant acquire); waited: 1 if a waiter was refused during
+-- this hold (the release then looks at the waiters, else it skips them); owner: the last grantee.
 --
 -- Invariants:
---   * The lock hash is absent, or holds all of owner, count (>= 1), fence (>= 1), deadline. The
---     hold is live while deadline > now; a lapsed hold is free even before the key expires.
---   * fence only grows: each grant writes the fence key + 1 and copies it into the hold.
+--   * The key never expires: it carries the fence, which only grows (each grant writes
+--     fence + 1), across releases and lapses. The hold is live while count >= 1 and
+--     deadline > now; a released or lapsed hold is free.
+--   * owner is the token of the last grant: for a non-reentrant acquire the token is its own
+--     idempotency key (a replay finds it here and answers that grant; it never grants twice).
 --   * Every member of queue (fair waiters) is in places; places also holds the waiters of a
 --     non-fair lock, so a release knows whether anyone waits (a live place) and wakes them.
 --     A place is live while its deadline > now; for the fair grant order the caller's own place
 --     counts as live (it is renewing it right now).
 -- ---------------------------------------------------------------------------------------------
-local K_LOCK, K_FENCE, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local LOCK_KEY_COUNT = 6
+local K_LOCK, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local LOCK_KEY_COUNT = 5
 local QUEUE_SCAN = 64
 
--- The live hold as a table {owner, count, fence, deadline}, or nil when the lock is
--- free (no key, or its deadline passed). Second result: whether the key exists at all.
-local function read_hold(now_ms)
-  local fields = read('HMGET', K_LOCK, 'owner', 'count', 'fence', 'deadline')
-  local owner = fields[1]
-  if not owner then
-    if fields[2] or fields[3] or fields[4] then
-      fail('CORRUPT', 'the lock hash has no owner')
-    end
-    return nil, false
+-- The lock's state as a table {fence, count, deadline, granted, waited, owner}, or nil when the
+-- key does not exist. CORRUPT if it holds another type or shape.
+local function read_state()
+  local raw = read('GET', K_LOCK)
+  if not raw then
+    return nil
   end
-  local hold = {
+  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
+  end
+  return {
+    fence = tonumber(fence),
+    count = tonumber(count),
+    deadline = tonumber(deadline),
+    granted = tonumber(granted),
+    waited = waited == '1',
     owner = owner,
-    count = stored_int(fields[2], 'count'),
-    fence = stored_int(fields[3], 'fence'),
-    deadline = stored_int(fields[4], 'deadline'),
   }
-  if not hold.count or not hold.fence or not hold.deadline or hold.count < 1 then
-    fail('CORRUPT', 'the lock hash lacks count, fence or deadline')
-  end
-  if hold.deadline <= now_ms then
-    return nil, true
-  end
-  return hold, true
+end
+
+-- Whether `state` is a live hold at now_ms.
+local function is_live(state, now_ms)
+  return state ~= nil and state.count >= 1 and state.deadline > now_ms
+end
+
+-- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
+local function write_state(state)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
+    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
+    .. (state.waited and '1 ' or '0 ') .. state.owner)
 end
 
 local function main()
@@ -244,18 +251,16 @@ local function main()
   local token = arg_string(1, 'token', 1, 256)
   local ttl_ms = arg_int(2, 'ttl_ms', 1, 31536000000)
   local now_ms = server_now_ms()
-  local hold = read_hold(now_ms)
-  if hold == nil then
+  local state = read_state()
+  if not is_live(state, now_ms) then
     return { 'expired', 0, now_ms }
   end
-  if hold.owner ~= token then
+  if state.owner ~= token then
     return { 'not_owner', 0, now_ms }
   end
-  local deadline_ms = now_ms + ttl_ms
-  -- The only writes (K_LOCK was read as a hash).
-  redis.call('HSET', K_LOCK, 'deadline', decimal(deadline_ms))
-  redis.call('PEXPIRE', K_LOCK, ttl_ms)
-  return { 'extended', deadline_ms, now_ms }
+  state.deadline = now_ms + ttl_ms
+  write_state(state) -- the only write (K_LOCK was read as a string)
+  return { 'extended', state.deadline, now_ms }
 end
 
 return run(main)

@@ -1,20 +1,25 @@
 --@script     lock.release
 --@summary    Gives back one hold of the lock if `token` owns it (the last hold frees it), and takes the token's waiter
 --@+          place away if it has one (how a waiter that gives up leaves). When the lock is free after the call and a
---@+          waiter's place is live, pushes wake-up signals on the wake list (one per live fair waiter, at most
---@+          16; one for a plain lock). Never touches a hold of another owner. A non-empty request_id
---@+          records a call that changed something: replaying it answers the first reply and acts no second time.
---@key        lock        hash    luasched:{ns}:lock:<name> -- the current hold: owner (token), count (holds by
---@+          the owner, reentrant), fence, deadline (server ms). Expires at its deadline; a hold whose deadline
---@+          is not after now is free.
---@key        fence       string  luasched:{ns}:lock-fence:<name> -- the last fencing token granted (decimal).
---@+          Never expires, so fencing tokens keep growing across holds and expiries of the lock key.
+--@+          waiter's place is live, pushes one wake-up signal: on the wake list (plain lock), or on the own list of
+--@+          the fair queue's head (its oldest live place). Never touches a hold of another owner. A release by the
+--@+          last grantee of a lock it already released answers "released" again (a replay acts no second time). A
+--@+          non-empty request_id records a call that changed something: replaying it answers the first reply and
+--@+          acts no second time (what reentrant releases need). The common call, the owner's only hold, no waiter
+--@+          refused during it, request_id "", takes a lean path (TIME, GET, SET).
+--@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
+--@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
+--@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
+--@+          token. Never expires (it carries the fence, which keeps growing across holds); the hold is live while
+--@+          count >= 1 and deadline > now.
 --@key        queue       zset    luasched:{ns}:lock-queue:<name> -- fair waiters (token) scored by arrival order.
 --@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
 --@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
 --@+          while some place is live.
---@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals pushed when the lock
---@+          frees while someone waits (BLPOP it between attempts); expires 1000 ms after a push.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals of a non-fair lock, pushed
+--@+          when it frees while someone waits (BLPOP it between attempts); expires 1000 ms after
+--@+          a push. A fair waiter blocks on its own list luasched:{ns}:lock-waiter:<token>:<name> instead (built
+--@+          from the lock key), pushed when it is at the head of the queue and the lock frees.
 --@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The owner token given to lock.acquire.
@@ -22,10 +27,34 @@
 --@reply      array{status:string, count:int, now_ms:int}  status "released": count = holds the owner still has
 --@+          (0: the lock is free). "not_owner": another owner holds the lock (count 0). "expired": nobody holds
 --@+          it (the caller's hold, if it had one, lapsed; count 0). now_ms: the server's clock at the call.
---@error      ARG  Not 6 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 5 keys or 2 arguments, or an argument out of its range.
 --@error      CORRUPT  A key of the lock holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) with n waiters
 --@since      6.2
+
+-- The lean path: the owner's only hold, no waiter refused during it, no request id (what
+-- handle.release() of a plain lock sends). Like lock.acquire's, it runs before the helpers below
+-- are defined, accepts a subset of what main() accepts, and leaves everything else to main()
+-- (with FAST_NOW_MS: TIME is read once). Its one write (SET of the lock key, read as a string
+-- just before) cannot fail on a key's type. The state keeps fence, deadline, grant and owner, so
+-- a replayed acquire still finds its grant and a replayed release its release.
+local FAST_NOW_MS = nil
+if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <= 256 then
+  local token = ARGV[1]
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  FAST_NOW_MS = now_ms
+  local raw = redis.pcall('GET', KEYS[1])
+  if type(raw) == 'string' then
+    -- The state of a single hold (count 1) that no waiter asked for (waited 0).
+    local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
+    if owner == token and #deadline <= 16 and tonumber(deadline) > now_ms then
+      redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
+      return { 'released', 0, now_ms }
+    end
+  end
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -120,7 +149,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'hash', 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'string', 'zset', 'zset', 'list', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -224,56 +253,114 @@ local function push_wake(key, count)
   redis.call('PEXPIRE', key, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
--- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its hold is read.
+-- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
+-- written.
 --
--- Every lock.acquire/release/extend takes the same 6 KEYS, in this order (all under the
+-- Every lock.acquire/release/extend takes the same 5 KEYS, in this order (all under the
 -- namespace's hash tag, so one cluster slot; the lock name is arbitrary bytes and only ever the
 -- tail of a key name, after a fixed kind, so two names never share a key):
---   1 lock:<name>         HASH   owner, count, fence, deadline
---   2 lock-fence:<name>   STRING last fencing token granted (never expires)
---   3 lock-queue:<name>   ZSET   fair waiters by arrival order
---   4 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
---   5 lock-wake:<name>    LIST   wake-up signals
---   6 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+--   1 lock:<name>         STRING the lock's state (below); never expires
+--   2 lock-queue:<name>   ZSET   fair waiters by arrival order
+--   3 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
+--   4 lock-wake:<name>    LIST   wake-up signals of a non-fair lock
+--   5 lock-req:<request_id>:<name>  STRING recorded reply of a request id
+-- A fair waiter's own wake list, lock-waiter:<token>:<name>, is built from KEYS[1] (same hash
+-- tag): a release pushes on the head of the queue's list only.
+--
+-- The state is one string: "<fence> <count> <deadline> <granted> <waited> <owner>" (five plain
+-- decimals, then the owner token, any bytes). fence: the last fencing token granted (>= 1);
+-- count: holds of the owner (0: released); deadline and granted: server ms of the last grant
+-- (deadline moved by extend / a reentrant acquire); waited: 1 if a waiter was refused during
+-- this hold (the release then looks at the waiters, else it skips them); owner: the last grantee.
 --
 -- Invariants:
---   * The lock hash is absent, or holds all of owner, count (>= 1), fence (>= 1), deadline. The
---     hold is live while deadline > now; a lapsed hold is free even before the key expires.
---   * fence only grows: each grant writes the fence key + 1 and copies it into the hold.
+--   * The key never expires: it carries the fence, which only grows (each grant writes
+--     fence + 1), across releases and lapses. The hold is live while count >= 1 and
+--     deadline > now; a released or lapsed hold is free.
+--   * owner is the token of the last grant: for a non-reentrant acquire the token is its own
+--     idempotency key (a replay finds it here and answers that grant; it never grants twice).
 --   * Every member of queue (fair waiters) is in places; places also holds the waiters of a
 --     non-fair lock, so a release knows whether anyone waits (a live place) and wakes them.
 --     A place is live while its deadline > now; for the fair grant order the caller's own place
 --     counts as live (it is renewing it right now).
 -- ---------------------------------------------------------------------------------------------
-local K_LOCK, K_FENCE, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local LOCK_KEY_COUNT = 6
+local K_LOCK, K_QUEUE, K_PLACES, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local LOCK_KEY_COUNT = 5
 local QUEUE_SCAN = 64
 
--- The live hold as a table {owner, count, fence, deadline}, or nil when the lock is
--- free (no key, or its deadline passed). Second result: whether the key exists at all.
-local function read_hold(now_ms)
-  local fields = read('HMGET', K_LOCK, 'owner', 'count', 'fence', 'deadline')
-  local owner = fields[1]
-  if not owner then
-    if fields[2] or fields[3] or fields[4] then
-      fail('CORRUPT', 'the lock hash has no owner')
-    end
-    return nil, false
+-- The lock's state as a table {fence, count, deadline, granted, waited, owner}, or nil when the
+-- key does not exist. CORRUPT if it holds another type or shape.
+local function read_state()
+  local raw = read('GET', K_LOCK)
+  if not raw then
+    return nil
   end
-  local hold = {
+  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
+  end
+  return {
+    fence = tonumber(fence),
+    count = tonumber(count),
+    deadline = tonumber(deadline),
+    granted = tonumber(granted),
+    waited = waited == '1',
     owner = owner,
-    count = stored_int(fields[2], 'count'),
-    fence = stored_int(fields[3], 'fence'),
-    deadline = stored_int(fields[4], 'deadline'),
   }
-  if not hold.count or not hold.fence or not hold.deadline or hold.count < 1 then
-    fail('CORRUPT', 'the lock hash lacks count, fence or deadline')
+end
+
+-- Whether `state` is a live hold at now_ms.
+local function is_live(state, now_ms)
+  return state ~= nil and state.count >= 1 and state.deadline > now_ms
+end
+
+-- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
+local function write_state(state)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
+    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
+    .. (state.waited and '1 ' or '0 ') .. state.owner)
+end
+
+-- The wake list of the fair waiter `token`: lock-waiter:<token>:<name>, next to K_LOCK (nil if
+-- K_LOCK is not named luasched:{ns}:lock:<name>; then only the timed retry wakes that waiter).
+local function waiter_wake_key(token)
+  local tag_end = string.find(K_LOCK, '}:lock:', 1, true)
+  if not tag_end then
+    return nil
   end
-  if hold.deadline <= now_ms then
-    return nil, true
+  return string.sub(K_LOCK, 1, tag_end + 1) .. 'lock-waiter:' .. token .. ':'
+    .. string.sub(K_LOCK, tag_end + 7)
+end
+
+-- The wake list to push when the lock frees: the plain lock's list, or the own list of the fair
+-- queue's head (its oldest live place other than the caller's), or nil when nobody is to be woken
+-- (reads only; checks the list's type).
+local function wake_target(token, now_ms)
+  if read('ZCARD', K_QUEUE) == 0 then
+    local waiting = read('ZCOUNT', K_PLACES, '(' .. decimal(now_ms), '+inf')
+    local place = read('ZSCORE', K_PLACES, token)
+    if place and tonumber(place) > now_ms then
+      waiting = waiting - 1 -- the caller leaves
+    end
+    if waiting > 0 then
+      check_type(K_WAKE, 'list')
+      return K_WAKE
+    end
+    return nil
   end
-  return hold, true
+  local members = read('ZRANGE', K_QUEUE, 0, QUEUE_SCAN - 1)
+  local places = read('ZMSCORE', K_PLACES, unpack(members))
+  for position, member in ipairs(members) do
+    local place_deadline = places[position] and tonumber(places[position])
+    if member ~= token and place_deadline and place_deadline > now_ms then
+      local key = waiter_wake_key(member)
+      if key then
+        check_type(key, 'list')
+      end
+      return key
+    end
+  end
+  return nil
 end
 
 local function main()
@@ -281,19 +368,19 @@ local function main()
   arg_count(2, 2)
   local token = arg_string(1, 'token', 1, 256)
   local request_id = arg_string(2, 'request_id', 0, 64)
-  local now_ms = server_now_ms()
+  local now_ms = FAST_NOW_MS or server_now_ms()
   local recorded = recorded_reply(K_REQUEST, request_id)
   if recorded then
     return recorded
   end
-  local hold = read_hold(now_ms)
+  local state = read_state()
+  local hold = is_live(state, now_ms) and state or nil
+  -- The last grantee releasing a hold it already released: a replay, nothing to do.
+  if state and state.owner == token and state.count == 0 then
+    return { 'released', 0, now_ms }
+  end
   local queued = read('ZSCORE', K_QUEUE, token)
   local place = read('ZSCORE', K_PLACES, token)
-  local fair_waiters = read('ZCARD', K_QUEUE)
-  local waiting = read('ZCOUNT', K_PLACES, '(' .. decimal(now_ms), '+inf')
-  if place and tonumber(place) > now_ms then
-    waiting = waiting - 1 -- the caller leaves
-  end
   local status, left = 'expired', 0
   if hold and hold.owner == token then
     status, left = 'released', hold.count - 1
@@ -302,20 +389,19 @@ local function main()
   end
   local changed = status == 'released' or queued ~= false or place ~= false
   local free_after = hold == nil or (status == 'released' and left == 0)
-  -- Wake waiters when the lock is (still) free after a change and some waiter's place is live:
-  -- one signal for a plain lock (one waiter can take it), one per live place for a fair one (the
-  -- head may be any of them), at most WAKE_MAX.
-  local wake = changed and free_after and waiting > 0
-  if wake then
-    check_type(K_WAKE, 'list')
+  -- Wake a waiter when the lock is (still) free after a change and some waiter's place is live:
+  -- one signal, for the plain lock's waiters (one of them can take it) or the fair queue's head.
+  local wake = nil
+  if changed and free_after then
+    wake = wake_target(token, now_ms)
   end
   -- Writes from here on (none can fail: every key's type was checked above).
   if status == 'released' then
-    if left > 0 then
-      redis.call('HSET', K_LOCK, 'count', decimal(left))
-    else
-      redis.call('DEL', K_LOCK)
+    hold.count = left
+    if left == 0 then
+      hold.waited = false
     end
+    write_state(hold)
   end
   if queued then
     redis.call('ZREM', K_QUEUE, token)
@@ -324,7 +410,7 @@ local function main()
     redis.call('ZREM', K_PLACES, token)
   end
   if wake then
-    push_wake(K_WAKE, fair_waiters > 0 and waiting or 1)
+    push_wake(wake, 1)
   end
   local reply = { status, left, now_ms }
   if changed then

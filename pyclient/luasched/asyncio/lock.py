@@ -2,9 +2,9 @@
 
 Cancellation is safe: a cancelled ``acquire`` never leaves a hold or a fair queue place behind.
 If the cancellation hits while the acquire script may have run, a shielded clean-up replays the
-same request id (which answers what the first attempt did, or does it now) and releases what it
-got; a cancellation during the wait between attempts leaves the fair queue. The clean-up runs to
-its end even if the task is cancelled again.
+same attempt (same token / request id: it answers what the first attempt did, or does it now) and
+releases what it got; a cancellation during the wait between attempts leaves the fair queue.
+The clean-up runs to its end even if the task is cancelled again.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from luasched.lock import (
     AcquireResult,
     ExtendResult,
     Hold,
+    LockKeys,
     PermitResult,
     ReleaseResult,
     acquire_call,
     check_options,
     extend_call,
-    lock_keys,
     new_request_id,
     new_token,
+    place_ttl_ms,
     release_call,
     semaphore_acquire_call,
     semaphore_extend_call,
@@ -167,7 +168,12 @@ class AsyncLock:
         self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
         self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _AsyncRenewer] = {}
-        self.wake_key = lock_keys(namespace, self.name, b"")[4]
+        self._keys = LockKeys(namespace, self.name, reentrant)
+        self.wake_key = self._keys.plain[3]
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        request_id, keys = self._keys.attempt()
+        return release_call(self._namespace, self.name, token, request_id, keys)
 
     async def acquire(
         self, blocking: bool = True, timeout: float | None = None
@@ -175,7 +181,10 @@ class AsyncLock:
         """Take the lock; see ``luasched.lock.Lock.acquire``. Safe to cancel."""
         token = self._token or new_token()
         deadline = None if timeout is None else time.monotonic() + timeout
+        wake_key = self._keys.wake_key(token, self.fair)
+        woken = False
         while True:
+            request_id, keys = self._keys.attempt()
             call = acquire_call(
                 self._namespace,
                 self.name,
@@ -183,8 +192,9 @@ class AsyncLock:
                 self.ttl_ms,
                 reentrant=self.reentrant,
                 fair=self.fair,
-                wait_ttl_ms=self.wait_ttl_ms if blocking else 0,
-                request_id=new_request_id(),
+                wait_ttl_ms=place_ttl_ms(self, blocking, woken),
+                request_id=request_id,
+                keys=keys,
             )
             try:
                 result = await self._runner.run(call)
@@ -202,9 +212,10 @@ class AsyncLock:
                     await _shielded(self._leave(token))
                 return None
             try:
-                await getattr(self._runner, "retry", NO_RETRY).call_async(
-                    self._runner.client.blpop, [self.wake_key], pause / 1000.0
+                popped = await getattr(self._runner, "retry", NO_RETRY).call_async(
+                    self._runner.client.blpop, [wake_key], pause / 1000.0
                 )
+                woken = popped is not None
             except BaseException:
                 await _shielded(self._leave(token))
                 raise
@@ -217,7 +228,7 @@ class AsyncLock:
 
             async def extend(ttl_ms: int) -> ExtendResult:
                 return await self._runner.run(
-                    extend_call(self._namespace, self.name, token, ttl_ms)
+                    extend_call(self._namespace, self.name, token, ttl_ms, self._keys.plain)
                 )
 
             self._renewers[token] = _AsyncRenewer(extend, self.ttl_ms)
@@ -234,21 +245,15 @@ class AsyncLock:
     async def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
         with contextlib.suppress(Exception):
             await self._runner.run(call)  # answers what the attempt did, or does it now
-            await self._runner.run(
-                release_call(self._namespace, self.name, token, new_request_id())
-            )
+            await self._runner.run(self._release_call(token))
 
     async def _leave(self, token: bytes) -> None:
         with contextlib.suppress(Exception):
-            await self._runner.run(
-                release_call(self._namespace, self.name, token, new_request_id())
-            )
+            await self._runner.run(self._release_call(token))
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold; see ``luasched.lock.Lock.release``."""
-        result = await self._runner.run(
-            release_call(self._namespace, self.name, handle.token, new_request_id())
-        )
+        result = await self._runner.run(self._release_call(handle.token))
         if not result.released or result.count == 0:
             renewer = self._renewers.pop(handle.token, None)
             if renewer is not None:
@@ -258,7 +263,9 @@ class AsyncLock:
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the deadline; see ``luasched.lock.Lock.extend``."""
         return await self._runner.run(
-            extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
+            extend_call(
+                self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms, self._keys.plain
+            )
         )
 
     def renewal_lost(self, handle: Hold) -> bool:
