@@ -240,6 +240,59 @@ def test_least_loaded_breaks_ties_at_random(r: Client) -> None:
     assert len(firsts) >= 6  # a fixed order would always answer the same node
 
 
+def _least_loaded_raw(r: Client, s: Scheduler, cost: str, rnd: str) -> object:
+    keys = [s.namespace.key(name) for name in PICK_KEYS["pick.least_loaded"]]
+    try:
+        return r.eval(render_all()["pick.least_loaded"].text, len(keys), *keys, cost, rnd)
+    except redis.ResponseError as error:
+        return f"error: {error}"
+
+
+def _values(r: Client, s: Scheduler) -> dict[bytes, bytes]:
+    """Every key of the namespace by its name inside it, but nodes:deadline (dead nodes were
+    registered a millisecond apart in the two namespaces; no pick writes it)."""
+    prefix = s.namespace.prefix
+    values = {key[len(prefix) :]: value for key, value in snapshot(r, s.namespace).items()}
+    del values[b"nodes:deadline"]
+    return values
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_least_loaded_lean_path_decides_as_the_full_script(r: Client, seed: int) -> None:
+    """The script's lean path (top of lua/pick/least_loaded.lua.j2) and its full path (main())
+    make the same pick: the same calls on two equal namespaces, one with cost "3" (lean path)
+    and one with "03" (a leading zero: only main() takes it), answer the same and leave
+    byte-identical keys. States mix ties, full nodes, dead and draining nodes, unlimited and
+    zero capacities, so both the lean path and its fall-through to main() run."""
+    rng = random.Random(seed)
+    lean, full = Scheduler(r, f"lean-{seed}"), Scheduler(r, f"full-{seed}")
+    nodes = []
+    for index in range(12):
+        unlimited = seed == 1 and index == 0  # seed 1: one node with unlimited capacity
+        capacity = None if unlimited else rng.choice([0, 1, 2, 3, 5, 8, 40])
+        ttl_ms = 1 if index % 5 == 4 else 0  # every fifth node is dead by the first pick
+        nodes.append(b"n%02d" % index)
+        for s in (lean, full):
+            s.nodes.register(nodes[-1], capacity=capacity, ttl_ms=ttl_ms)
+    for s in (lean, full):
+        s.nodes.drain(nodes[3])
+    time.sleep(0.01)
+    answers = Counter()
+    for step in range(300):
+        cost, rnd = rng.choice([1, 1, 1, 2, 3, 7]), rng.randrange(1 << 53)
+        mine = _least_loaded_raw(r, lean, str(cost), str(rnd))
+        theirs = _least_loaded_raw(r, full, "0" + str(cost), str(rnd))
+        assert mine == theirs, step
+        answers["error" if isinstance(mine, str) else "pick"] += 1
+        if step % 7 == 6:
+            victim, amount = rng.choice(nodes), rng.choice([1, 2, 100])
+            assert lean.pick.release(victim, amount) == full.pick.release(victim, amount)
+        assert _values(r, lean) == _values(r, full), step
+    assert answers["pick"] > 50
+    if seed != 1:
+        assert answers["error"] > 5  # every node full at times: the refusals agree too
+
+
 def test_two_choices_takes_the_less_utilized_of_two(r: Client) -> None:
     s = Scheduler(r, "p2c", rng=random.Random(2))
     s.nodes.register("a", capacity=100)

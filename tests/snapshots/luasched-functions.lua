@@ -4151,7 +4151,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 5d6176816846702154856e8689768e600edabedd)
+-- pick.least_loaded (sha1 5000edbb0d7de98e4367667a722ed3f77797037c)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4182,6 +4182,60 @@ redis.register_function{
 --@complexity O(log n) for n eligible nodes; O(k log n) when the first k candidates are dead or too full for
 --@+          the cost (k <= 128)
 --@since      6.2
+
+-- The lean path: the common pick (the lowest-utilized node is live and has room), made before
+-- the helpers below are defined: defining them (a closure each, on every call) cost a quarter of
+-- the script's server instructions (docs/redis-notes.md). It takes the decision main() takes --
+-- the same lowest score, the same rank inside a tie (random mod tie size), the same fit and the
+-- same writes (tests/test_pick.py runs both paths on equal states and compares replies and keys)
+-- -- and only when every argument is one main() accepts (a subset: no leading zero in cost) and
+-- every read is of the layout's type and shape; anything else (an error reply, a dead or full
+-- node, an empty set) goes on to main(), which answers it, with LEAN_NOW_MS (TIME once per call).
+-- Reads come first (redis.pcall: a wrong type gives an error table, never a raise); the two
+-- writes last, on keys just read with their types checked, so they cannot fail.
+local LEAN_NOW_MS = nil
+if #KEYS == 5 and #ARGV == 2 then
+  local cost_raw, random_raw = ARGV[1], ARGV[2]
+  if #cost_raw <= 13 and #random_raw <= 16 and string.find(cost_raw, '^[1-9]%d*$')
+    and string.find(random_raw, '^%d+$') and tonumber(cost_raw) <= 1000000000000
+    and tonumber(random_raw) <= 9007199254740991 then
+    local time = redis.call('TIME')
+    local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    LEAN_NOW_MS = now_ms
+    local head = redis.pcall('ZRANGE', KEYS[1], '0', '1', 'WITHSCORES')
+    local lowest = head[2]
+    local index = head[1]
+    if type(lowest) == 'string' and tonumber(lowest) < 1 and head[4] == lowest then
+      local ties = redis.pcall('ZCOUNT', KEYS[1], lowest, lowest)
+      local rank = math.fmod(tonumber(random_raw), ties)
+      if rank >= 2 then
+        index = redis.pcall('ZRANGE', KEYS[1], rank, rank)[1]
+      else
+        index = head[2 * rank + 1]
+      end
+    end
+    if type(lowest) == 'string' and tonumber(lowest) < 1 and type(index) == 'string' then
+      local deadline = redis.pcall('ZSCORE', KEYS[4], index)
+      local load_raw = redis.pcall('HGET', KEYS[2], index)
+      local capacity_raw = redis.pcall('HGET', KEYS[3], index)
+      local node_id = redis.pcall('HGET', KEYS[5], index)
+      local capacity = capacity_raw == false and 1125899906842624
+        or (type(capacity_raw) == 'string' and tonumber(capacity_raw))
+      if type(deadline) == 'string' and tonumber(deadline) > now_ms and type(node_id) == 'string'
+        and node_id ~= '' and capacity
+        and (load_raw == false or (type(load_raw) == 'string' and #load_raw <= 16
+          and string.find(load_raw, '^%d+$'))) then
+        local new_load = (load_raw and tonumber(load_raw) or 0) + tonumber(cost_raw)
+        if new_load <= capacity and capacity > 0 then
+          redis.call('HSET', KEYS[2], index, string.format('%.0f', new_load))
+          redis.call('ZADD', KEYS[1], 'XX', string.format('%.17g', new_load / capacity), index)
+          return { node_id, new_load, capacity_raw and capacity or -1 }
+        end
+      end
+    end
+  end
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -4551,7 +4605,7 @@ local function main()
   arg_count(2, 2)
   local cost = arg_int(1, 'cost', 1, 1000000000000)
   local random = arg_int(2, 'random', 0, MAX_RANDOM)
-  return pick_least_loaded(cost, random, server_now_ms())
+  return pick_least_loaded(cost, random, LEAN_NOW_MS or server_now_ms())
 end
 
 return run(main)
@@ -11080,7 +11134,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 ed6b1b6219287a53cad07325cb3aee69195ec790)
+-- queue.node_stats (sha1 e699178ad0d5d5a63d846e3daacfffd428359018)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -11114,10 +11168,10 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
---@arg        node_id[1..16]  string:1..1024  A node to report on.
+--@arg        node_id[1..100]  string:1..1024  A node to report on.
 --@reply      array{now_ms:int, ready:int, delayed:int, leased:int, dead:int, node...}  then 3 entries per node asked
 --@+          about: ready:int, assigned:int (leased or delayed), load:int (-1: the node is not registered).
---@error      ARG  Not 19 keys, no node or more than 16, or a node id out of its range.
+--@error      ARG  Not 19 keys, no node or more than 100, or a node id out of its range.
 --@error      CORRUPT  A key holds another type than the layout.
 --@complexity O(k log n) for k nodes asked about, n tasks
 --@since      6.2
@@ -11407,7 +11461,7 @@ end
 
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  local count = arg_count(1, 16)
+  local count = arg_count(1, 100)
   local node_ids = {}
   for position = 1, count do
     node_ids[position] = arg_string(position, 'node_id', 1, 1024)
@@ -11430,7 +11484,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 4670a874b8b9cc9ed1d007ae127feed41230b3f6)
+-- queue.redispatch (sha1 e21904699fc40691ec1721a610d229397d175114)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -11470,7 +11524,7 @@ redis.register_function{
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
 --@arg        node_id  string:1..1024  The node whose tasks move.
---@arg        limit    int:1..16  Most tasks moved by this call.
+--@arg        limit    int:1..100  Most tasks moved by this call.
 --@arg        seed     int:0..9007199254740991  A random integer drawn by the client; the picks' random integers
 --@+          are drawn from it (a MINSTD sequence), never from math.random.
 --@reply      array{moved:int, more:int:0..1, state:string}  moved tasks; more = 1 if the node has tasks left (call
@@ -12351,7 +12405,7 @@ local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
   local node_id = arg_string(1, 'node_id', 1, 1024)
-  local limit = arg_int(2, 'limit', 1, 16)
+  local limit = arg_int(2, 'limit', 1, 100)
   local seed = arg_int(3, 'seed', 0, MAX_RANDOM)
   local now_ms = server_now_ms()
   local state_of_minstd = fmod(seed, MINSTD_MODULUS - 1) + 1
@@ -14286,5 +14340,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '1d5c1e175c295d0afd372bc11a93bca42aaa929a' end,
+  callback = function() return '2f5fef654a0cb465fc700ea4ccb03bd2c41fcd81' end,
 }

@@ -27,10 +27,10 @@
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
---@arg        node_id[1..16]  string:1..1024  A node to report on.
+--@arg        node_id[1..100]  string:1..1024  A node to report on.
 --@reply      array{now_ms:int, ready:int, delayed:int, leased:int, dead:int, node...}  then 3 entries per node asked
 --@+          about: ready:int, assigned:int (leased or delayed), load:int (-1: the node is not registered).
---@error      ARG  Not 19 keys, no node or more than 16, or a node id out of its range.
+--@error      ARG  Not 19 keys, no node or more than 100, or a node id out of its range.
 --@error      CORRUPT  A key holds another type than the layout.
 --@complexity O(k log n) for k nodes asked about, n tasks
 --@since      6.2
@@ -320,7 +320,7 @@ end
 
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  local count = arg_count(1, 16)
+  local count = arg_count(1, 100)
   local node_ids = {}
   for position = 1, count do
     node_ids[position] = arg_string(position, 'node_id', 1, 1024)

@@ -33,7 +33,7 @@
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
 --@arg        node_id  string:1..1024  The node whose tasks move.
---@arg        limit    int:1..16  Most tasks moved by this call.
+--@arg        limit    int:1..100  Most tasks moved by this call.
 --@arg        seed     int:0..9007199254740991  A random integer drawn by the client; the picks' random integers
 --@+          are drawn from it (a MINSTD sequence), never from math.random.
 --@reply      array{moved:int, more:int:0..1, state:string}  moved tasks; more = 1 if the node has tasks left (call
@@ -914,7 +914,7 @@ local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
   local node_id = arg_string(1, 'node_id', 1, 1024)
-  local limit = arg_int(2, 'limit', 1, 16)
+  local limit = arg_int(2, 'limit', 1, 100)
   local seed = arg_int(3, 'seed', 0, MAX_RANDOM)
   local now_ms = server_now_ms()
   local state_of_minstd = fmod(seed, MINSTD_MODULUS - 1) + 1
