@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .report import FLOOR
+
 #: file name -> (title, x-axis label, [(series label, row name pattern with one number)]).
 PLOTS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "bench-queue-scaling.png": (
@@ -75,6 +77,17 @@ def draw(document: dict[str, Any], directory: Path) -> list[str]:
         if not drawn:
             plt.close(figure)
             continue
+        floor = next((row for row in document["rows"] if row["name"] == FLOOR), None)
+        for mode, view, style in VIEWS if floor is not None else []:
+            result = floor["modes"].get(mode)
+            if result is not None:
+                axes.axhline(
+                    result["median"]["cpu_us_per_op"],
+                    linestyle=style,
+                    color="gray",
+                    linewidth=1,
+                    label=f"floor ({FLOOR}), {view}",
+                )
         axes.set_xscale("log")
         axes.set_ylim(bottom=0)
         axes.set_xlabel(xlabel)

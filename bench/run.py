@@ -217,6 +217,12 @@ def _main(argv: list[str] | None = None) -> int:
     if args.list:
         for case in rows:
             print(f"{case.group:<6} {case.name}")
+        if args.only in (None, "locks"):
+            for contender in contention.CONTENDERS:
+                print(f"{'locks':<6} contention: {contender.name}")
+        if args.only in (None, "queue"):
+            for system in queue_peers.installed():
+                print(f"{'queue':<6} queue peer: {system.name}")
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     command = args.invoked_as or shlex.join(["python", "-m", "bench", *sys.argv[1:]])
@@ -322,7 +328,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _relative(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    # Not resolved first: .tools may be a symlink to a shared folder outside the checkout.
+    for candidate in (path.absolute(), path.resolve()):
+        try:
+            return str(candidate.relative_to(ROOT))
+        except ValueError:
+            continue
+    return str(path)
