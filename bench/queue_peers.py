@@ -160,6 +160,25 @@ def luasched_work(env: Env, stop: Any, gate: Callable[[], object]) -> None:
         client.close()
 
 
+def luasched_one_at_a_time_work(env: Env, stop: Any, gate: Callable[[], object]) -> None:
+    """The plain worker loop: q.dequeue, then q.ack_and_dequeue (the ack of a task and the lease
+    of the next in one call)."""
+    client = env.control()
+    _scheduler, queue = _luasched_queue(client)
+    worker = f"worker-{os.getpid()}".encode()
+    gate()
+    try:
+        lease = queue.dequeue(worker, LEASE_MS)
+        while lease is not None:
+            count_task(lease.payload)
+            if stop.is_set():
+                queue.ack(lease)
+                return
+            lease = queue.ack_and_dequeue(lease, worker, LEASE_MS)
+    finally:
+        client.close()
+
+
 # RQ ---------------------------------------------------------------------------------------
 
 
@@ -341,6 +360,16 @@ SYSTEMS = [
         luasched_enqueue,
         luasched_fill,
         luasched_work,
+        (f"luasched:{{{LUASCHED_NAMESPACE}}}:*",),
+    ),
+    System(
+        "luasched, one task per call",
+        "luasched",
+        "the same enqueue; worker: q.dequeue once, then q.ack_and_dequeue per task (one call "
+        "per task, no batch); not used by the targets",
+        luasched_enqueue,
+        luasched_fill,
+        luasched_one_at_a_time_work,
         (f"luasched:{{{LUASCHED_NAMESPACE}}}:*",),
     ),
     System(
