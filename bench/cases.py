@@ -13,6 +13,7 @@ Groups (one report table each, ``--only GROUP``):
   registered nodes.
 * ``queue``: a task's whole life (enqueue + dequeue-and-lock + ack) against a bare three-script
   reference queue; dequeue with 1,000 / 100,000 / 1,000,000 tasks queued; ``dequeue_many``.
+  The other task queues (RQ, BullMQ, Dramatiq) against luasched's: bench/queue_peers.py.
 
 A worker gets its own client from ``env.client()`` (its commands are counted for the
 commandstats view); setup and teardown use ``env.control()``.
