@@ -53,13 +53,14 @@ lint: venv
 demo: venv servers
 	$(VENV)/bin/python examples/demo.py
 
-# The bench extra (the peers: lock libraries), on top of the venv; redone with pyproject.toml.
+# The bench extra (the peers: lock libraries, RQ, BullMQ, Dramatiq; matplotlib), on top of the
+# venv; redone with pyproject.toml.
 $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 	$(PIP) install --quiet --disable-pip-version-check -e '.[bench]'
 	touch $@
 
 # Its own throwaway server on 127.0.0.1 (Redis 8.2.3 from .tools/servers unless --server PATH),
-# stopped at the end; writes bench/results/latest.json and docs/bench.md.
+# stopped at the end; writes bench/results/latest.json, docs/bench.md and docs/bench-*.png.
 bench: $(VENV)/.bench-stamp servers
 	$(VENV)/bin/python -m bench --invoked-as "make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(BENCH_ARGS)
 

@@ -13,6 +13,7 @@ Groups (one report table each, ``--only GROUP``):
   registered nodes.
 * ``queue``: a task's whole life (enqueue + dequeue-and-lock + ack) against a bare three-script
   reference queue; dequeue with 1,000 / 100,000 / 1,000,000 tasks queued; ``dequeue_many``.
+  The other task queues (RQ, BullMQ, Dramatiq) against luasched's: bench/queue_peers.py.
 
 A worker gets its own client from ``env.client()`` (its commands are counted for the
 commandstats view); setup and teardown use ``env.control()``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -752,7 +754,6 @@ DEQUEUE_ROUND_CALLS = 3_000
 DEQUEUE_MANY_N = 100
 DEQUEUE_MANY_ROUND_CALLS = 50
 DEQUEUE_QUEUE = "deep"
-FILL_BATCH = 5_000
 
 
 @dataclass
@@ -765,25 +766,68 @@ class DeepQueue:
 
 
 def _fill(env: Env, state: DeepQueue, target: int) -> None:
-    """Enqueue (raw pipelined EVALSHA of queue.enqueue, no request id) up to ``target`` ready."""
+    """Enqueue (``fill_queue``: the real queue.enqueue, no request id) up to ``target`` ready."""
     control = env.control()
     try:
         scheduler = luasched.Scheduler(control, state.namespace)
         ready = scheduler.queue(DEQUEUE_QUEUE).stats().ready
-        template = enqueue_call(
-            QueueKeys.of(scheduler.namespace, DEQUEUE_QUEUE), b"x", PAYLOAD, request_id=b""
-        )
-        keys, rest = template.keys, template.args[1:]
-        missing = target - ready
-        while missing > 0:
-            pipe: Any = control.pipeline(transaction=False)
-            for _ in range(min(FILL_BATCH, missing)):
-                pipe.execute_command(
-                    "EVALSHA", state.enqueue_sha, len(keys), *keys, next(state.ids), *rest
-                )
-            missing -= len(pipe.execute())
     finally:
         control.close()
+    if target > ready:
+        keys = QueueKeys.of(Namespace(state.namespace), DEQUEUE_QUEUE)
+        fill_queue(env.host, env.port, state.enqueue_sha, keys, target - ready, state.ids)
+
+
+def fill_queue(
+    host: str, port: int, sha: str, keys: QueueKeys, count: int, ids: Iterator[bytes]
+) -> int:
+    """Enqueue ``count`` ready tasks through the real ``queue.enqueue`` script (no request id),
+    ids from ``ids`` (new ones: an existing id fails the fill), in large raw pipelines over one
+    socket: the client packs RESP itself and checks every reply byte for byte, so the fill runs
+    at the server's pace (10,000 commands in flight). Returns the tasks added."""
+    call = enqueue_call(keys, b"x", PAYLOAD, request_id=b"")
+    head = [b"EVALSHA", sha.encode(), str(len(call.keys)).encode(), *call.keys]
+    tail = [_arg(value) for value in call.args[1:]]
+    prefix = f"*{len(head) + 1 + len(tail)}\r\n".encode() + b"".join(_bulk(part) for part in head)
+    suffix = b"".join(_bulk(part) for part in tail)
+    expected = b"*2\r\n:1\r\n$5\r\nready\r\n"
+    chunk_size = 10_000
+    with socket.create_connection((host, port), timeout=120) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = 0
+        done = 0
+        while done < count:
+            size = min(chunk_size, count - done - pending)
+            if size > 0:
+                sock.sendall(b"".join(prefix + _bulk(next(ids)) + suffix for _ in range(size)))
+            if pending:
+                _expect(sock, expected * pending)
+                done += pending
+            pending = max(size, 0)
+    return done
+
+
+def _arg(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$" + str(len(value)).encode() + b"\r\n" + value + b"\r\n"
+
+
+def _expect(sock: socket.socket, expected: bytes) -> None:
+    """Read exactly ``len(expected)`` bytes (replies of later commands stay in the socket);
+    raise unless they are ``expected``."""
+    view = memoryview(bytearray(len(expected)))
+    got = 0
+    while got < len(expected):
+        size = sock.recv_into(view[got:])
+        if not size:
+            raise RuntimeError("the server closed the fill connection")
+        if view[got : got + size] != expected[got : got + size]:
+            start = max(0, got - 100)
+            raise RuntimeError(f"queue.enqueue refused a fill task: {bytes(view[start:])!r}")
+        got += size
 
 
 def _deep_setup(depth: int, ops_per_call: int, round_calls: int) -> Callable[[Env], DeepQueue]:
@@ -857,7 +901,11 @@ for queue_depth, queue_full_only in DEQUEUE_DEPTHS:
             ),
             note=f"q.dequeue, no ack; each round takes at most {DEQUEUE_ROUND_CALLS:,} "
             "(refilled before it, pipelined enqueues)"
-            + ("; full run only (the fill takes about a minute)" if queue_full_only else ""),
+            + (
+                "; full run only (its fill: 1,000,000 queue.enqueue calls)"
+                if queue_full_only
+                else ""
+            ),
         )
     )
 

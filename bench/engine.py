@@ -74,6 +74,9 @@ class Settings:
     clients: int = 4  # processes in the multi mode
     warmup_calls: int = 20
     contention_seconds: float = 5.0  # per contention row (bench/contention.py)
+    peer_rounds: int = 3  # enqueue + 1-worker rounds per queue system (bench/queue_peers.py)
+    drain_tasks: int = 20_000  # tasks the multi-worker drain of bench/queue_peers.py takes
+    drain_seconds: float = 60.0  # at most this long (a slow system drains part of them)
     full_only: bool = True  # run the rows marked full_only (``--quick`` turns it off)
 
 
@@ -308,13 +311,26 @@ def _warm(worker: Worker, batch: int, calls: int) -> None:
         worker.call()
 
 
+#: Called before every round: ``on_round(mode, round number (1-based), rounds)``.
+OnRound = Callable[[str, int, int], object]
+
+
 def _run_local(
-    case: Case, env: Env, state: Any, control: redis.Redis, worker: Worker, batch: int
+    case: Case,
+    env: Env,
+    state: Any,
+    control: redis.Redis,
+    worker: Worker,
+    batch: int,
+    on_round: OnRound | None = None,
 ) -> list[Round]:
     settings = env.settings
     max_calls = min(case.max_calls or settings.max_calls, settings.max_calls)
     rounds = []
-    for _ in range(case.rounds or settings.rounds):
+    count = case.rounds or settings.rounds
+    for number in range(count):
+        if on_round is not None:
+            on_round("pipelined" if batch > 1 else "1 client", number + 1, count)
         if case.before_round is not None:
             case.before_round(env, state)
         SENT.clear()
@@ -380,13 +396,18 @@ def _child(
                 worker.close()
 
 
-def _run_multi(case: Case, env: Env, state: Any, control: redis.Redis) -> list[Round]:
+def _run_multi(
+    case: Case, env: Env, state: Any, control: redis.Redis, on_round: OnRound | None = None
+) -> list[Round]:
     settings = env.settings
     context = multiprocessing.get_context("fork")
     clients = settings.clients
     per_client = max(1, min(case.max_calls or settings.max_calls, settings.max_calls) // clients)
     rounds = []
-    for _ in range(case.rounds or settings.rounds):
+    count = case.rounds or settings.rounds
+    for number in range(count):
+        if on_round is not None:
+            on_round(f"{clients} clients", number + 1, count)
         if case.before_round is not None:
             case.before_round(env, state)
         barrier = context.Barrier(clients + 1)
@@ -467,9 +488,13 @@ class RowResult:
         return None if result is None else result.median[name]
 
 
-def run_case(case: Case, env: Env, control: redis.Redis) -> RowResult:
+def run_case(
+    case: Case, env: Env, control: redis.Redis, on_round: OnRound | None = None
+) -> RowResult:
     """Measure ``case`` in each of its modes; setup and teardown around it."""
     started = time.perf_counter()
+    if on_round is not None and case.setup is not None:
+        on_round("setup", 1, 1)
     state = case.setup(env) if case.setup is not None else None
     setup_seconds = time.perf_counter() - started
     modes: dict[str, ModeResult] = {}
@@ -483,13 +508,13 @@ def run_case(case: Case, env: Env, control: redis.Redis) -> RowResult:
                     if batch > 1 and worker.batch is None:
                         continue
                     _warm(worker, batch, env.settings.warmup_calls)
-                    rounds = _run_local(case, env, state, control, worker, batch)
+                    rounds = _run_local(case, env, state, control, worker, batch, on_round)
                     modes[mode] = ModeResult(rounds)
             finally:
                 if worker.close is not None:
                     worker.close()
         if "multi" in case.modes and env.settings.clients > 0:
-            modes["multi"] = ModeResult(_run_multi(case, env, state, control))
+            modes["multi"] = ModeResult(_run_multi(case, env, state, control, on_round))
     finally:
         if case.teardown is not None:
             case.teardown(env, state)

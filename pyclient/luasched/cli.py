@@ -1,14 +1,16 @@
-"""The ``luasched`` command: render and export the scripts for other languages."""
+"""The ``luasched`` command: render and export the scripts for other languages; ``stats``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 from luasched import __version__
+from luasched.keys import Namespace
 from luasched.render import (
     ScriptConfig,
     export,
@@ -17,6 +19,7 @@ from luasched.render import (
     reference_markdown,
     render_all,
 )
+from luasched.stats import DEFAULT_MAX_SCAN
 
 __all__ = ["main"]
 
@@ -57,6 +60,23 @@ def _parser() -> argparse.ArgumentParser:
         help="FUNCTION LOAD REPLACE the library on the server (every primary of a cluster)",
     )
     install_parser.add_argument("url", metavar="REDIS_URL", help="e.g. redis://127.0.0.1:6379/0")
+    stats_parser = commands.add_parser(
+        "stats",
+        help="what is in a namespace now: nodes, slots, queues, locks (read-only, bounded SCAN)",
+    )
+    stats_parser.add_argument("namespace", metavar="NAMESPACE")
+    stats_parser.add_argument(
+        "--url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="the server (default: $REDIS_URL, else %(default)s)",
+    )
+    stats_parser.add_argument("--json", action="store_true", help="print JSON")
+    stats_parser.add_argument(
+        "--max-scan",
+        type=int,
+        default=DEFAULT_MAX_SCAN,
+        help="examine at most this many keys with SCAN (default %(default)s)",
+    )
     return parser
 
 
@@ -122,6 +142,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = functions_library(config).split("\n", 1)[0].split("name=", 1)[1]
         for node in nodes:
             print(f"{node}\t{name}")
+    elif options.command == "stats":
+        return _stats(options, config)
+    return 0
+
+
+def _stats(options: argparse.Namespace, config: ScriptConfig) -> int:
+    import redis
+    from redis.cluster import RedisCluster
+
+    from luasched.stats import namespace_stats, render_text
+
+    if options.max_scan < 1:
+        print("luasched: --max-scan must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        Namespace(options.namespace)
+    except ValueError as error:
+        print(f"luasched: {error}", file=sys.stderr)
+        return 2
+    client: Any = None
+    try:
+        client = redis.Redis.from_url(options.url)
+        if client.info("cluster").get("cluster_enabled") in (1, "1"):
+            client.close()
+            client = RedisCluster.from_url(options.url)
+        stats = namespace_stats(client, options.namespace, options.max_scan, config)
+    except redis.RedisError as error:
+        print(f"luasched: stats failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    if options.json:
+        print(json.dumps(stats.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render_text(stats))
     return 0
 
 
