@@ -240,10 +240,11 @@ def test_timeout_and_non_blocking_give_up(r: Any) -> None:
 
 def test_auto_renew_keeps_the_hold_and_stops_for_sure(r: Any) -> None:
     s = Scheduler(r, "lk")
-    lock = s.lock("renew", ttl_ms=300, auto_renew=True)
+    # A ttl long enough for a starved renewer thread on a loaded 2-core box (300 ms was not).
+    lock = s.lock("renew", ttl_ms=900, auto_renew=True)
     handle = lock.acquire()
     assert handle is not None
-    time.sleep(0.9)  # three ttls
+    time.sleep(2.0)  # more than two ttls: the hold lives only through renewals
     assert s.lock("renew").acquire(blocking=False) is None
     assert not lock.renewal_lost(handle)
     renewer = lock._renewers[handle.token]
