@@ -191,6 +191,69 @@ def test_node_and_python_workers_race_for_one_queue(
     each_route(server, scripts_dir, scenario)
 
 
+def test_python_dispatches_node_workers_take_from_their_node_queue(
+    server: ServerHandle, scripts_dir: Path
+) -> None:
+    """Python dispatches to two nodes (queue.dispatch, round robin); a Node worker per node takes
+    its node's tasks (queue.node_dequeue) and acks them (queue.node_ack): each node's worker gets
+    exactly the tasks dispatched to its node, each once, and the loads go back to zero."""
+
+    def scenario(node: NodeDriver, route: str) -> None:
+        client = server.client()
+        try:
+            s = Scheduler(client, NS)
+            for name in ("n1", "n2"):
+                s.nodes.register(name, capacity=1000)
+            q = s.queue("dispatched")
+            sent: dict[str, dict[str, str]] = {"n1": {}, "n2": {}}
+            for i in range(TASKS):
+                task_id, payload = f"d-{i}", f"for a node {i} ({route})"
+                placed = q.dispatch(task_id, payload, strategy="round_robin")
+                assert placed.created
+                sent[placed.node.decode()][task_id] = payload
+            assert all(sent.values())  # round robin used both nodes
+            places = {"ns": NS, "queue": "dispatched"}
+            for name, tasks in sent.items():
+                taken = []
+                while True:
+                    reply = node.request(
+                        "call",
+                        script="queue.node_dequeue",
+                        places=places,
+                        args={
+                            "node_id": name,
+                            "worker_id": f"node-{name}",
+                            "count": 7,
+                            "lease_ms": LEASE_MS,
+                            **ONCE,
+                        },
+                    )["reply"]
+                    if len(reply) == 1:
+                        break
+                    for at in range(1, len(reply), 5):
+                        task_id, payload, _, token = reply[at : at + 4]
+                        acked = node.request(
+                            "call",
+                            script="queue.node_ack",
+                            places=places,
+                            args={"task_id": task_id, "token": token, **ONCE},
+                        )
+                        assert acked["reply"] == 1
+                        taken.append({"task_id": task_id, "payload": payload, "token": token})
+                assert sorted(item["task_id"] for item in taken) == sorted(tasks)
+                assert all(item["payload"] == tasks[item["task_id"]] for item in taken)
+            stats = q.dispatch_stats(["n1", "n2"])
+            assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0)
+            assert {name: counts.load for name, counts in stats.nodes.items()} == {
+                b"n1": 0,
+                b"n2": 0,
+            }
+        finally:
+            client.close()
+
+    each_route(server, scripts_dir, scenario)
+
+
 def test_binary_payloads_cross_both_ways(server: ServerHandle, scripts_dir: Path) -> None:
     to_node, to_python = bytes(range(256)), bytes(range(255, -1, -1)) + b"\r\n\x00"
 
