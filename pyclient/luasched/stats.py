@@ -198,13 +198,16 @@ def namespace_stats(
     now_ms = listing.now_ms
     locks = []
     for name in sorted(lock_names):
-        fence, count, deadline = client.hmget(space.key("lock", name), "fence", "count", "deadline")
-        if deadline is None or int(deadline) <= now_ms:
-            continue  # released or lapsed since the scan
+        # One string "<fence> <count> <deadline> <granted> <waited> <owner>" that never expires
+        # (lua/include/lock_state.lua.j2): held while count >= 1 and deadline > now.
+        raw = client.get(space.key("lock", name))
+        if raw is None:
+            continue
+        fence, count, deadline = (int(part) for part in raw.split(b" ", 5)[:3])
+        if count < 1 or deadline <= now_ms:
+            continue  # released or lapsed
         waiters = int(client.zcard(space.key("lock-queue", name)))
-        locks.append(
-            LockStat(_text(name), int(fence or 0), int(count or 0), int(deadline) - now_ms, waiters)
-        )
+        locks.append(LockStat(_text(name), fence, count, deadline - now_ms, waiters))
     semaphores = []
     for name in sorted(semaphore_names):
         held = int(client.zcount(space.key("sem", name), f"({now_ms}", "+inf"))
