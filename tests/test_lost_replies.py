@@ -17,6 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from helpers import lock_state
 from luasched import Scheduler
 from luasched.errors import StaleLease
 from proxy import Command, ReplyDroppingProxy
@@ -157,12 +158,20 @@ def test_lock_acquire_acts_once(proxy: ReplyDroppingProxy, via: redis.Redis, r: 
     handle = s.lock("job", ttl_ms=60_000).acquire(blocking=False)
     assert handle is not None and handle.fence == 1  # the first grant, replayed
     assert proxy.count(match) == 2 and len(proxy.dropped) == 1
-    assert r.hget(direct.namespace.key("lock", b"job"), "owner") == handle.token
-    assert r.hget(direct.namespace.key("lock", b"job"), "count") == b"1"
-    assert r.get(direct.namespace.key("lock-fence", b"job")) == b"1"  # one grant
+    state = lock_state(r, direct.namespace.key("lock", b"job"))
+    assert state is not None
+    assert (state["owner"], state["count"]) == (handle.token, 1)
+    assert state["fence"] == 1  # one grant
     # The hold is the caller's: another owner is refused, its own release works.
     assert direct.lock("job").acquire(blocking=False) is None
     assert s.lock("job").release(handle).released
+
+
+def hold_count(r: Client, s: Scheduler, name: bytes) -> int:
+    """The hold count in a lock's state string (lua/include/lock_state.lua.j2)."""
+    state = lock_state(r, s.namespace.key("lock", name))
+    assert state is not None
+    return int(state["count"])
 
 
 def test_lock_release_acts_once(proxy: ReplyDroppingProxy, via: redis.Redis, r: Client) -> None:
@@ -172,12 +181,13 @@ def test_lock_release_acts_once(proxy: ReplyDroppingProxy, via: redis.Redis, r: 
     handle = lock.acquire(blocking=False)
     again = lock.acquire(blocking=False)  # reentrant: count 2, so a double release would show
     assert first is not None and handle is not None and again is not None
-    assert r.hget(direct.namespace.key("lock", b"job"), "count") == b"2"
+    assert hold_count(r, direct, b"job") == 2
     match = evalsha_of(s, "lock.release")
     proxy.drop_reply_of(match)
     result = lock.release(handle)
     assert (result.status, result.count) == ("released", 1)  # the first reply, replayed
     assert proxy.count(match) == 2 and len(proxy.dropped) == 1
-    assert r.hget(direct.namespace.key("lock", b"job"), "count") == b"1"  # released once
-    assert r.hget(direct.namespace.key("lock", b"other"), "owner") == first.token
+    assert hold_count(r, direct, b"job") == 1  # released once
+    other = lock_state(r, direct.namespace.key("lock", b"other"))
+    assert other is not None and other["owner"] == first.token
     assert lock.release(again).count == 0
