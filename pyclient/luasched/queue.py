@@ -297,16 +297,18 @@ def _one(reply: Any) -> bool:
 
 
 def ack_call(
-    keys: QueueKeys,
+    keys: QueueKeys | DispatchKeys,
     lease: Lease,
     *,
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    script: str = "queue.ack",
 ) -> Call[bool]:
-    """The ``queue.ack`` call; parses True (an ack either succeeds or raises)."""
+    """The ``queue.ack`` call (``queue.node_ack`` with DispatchKeys: the same ARGV); parses True
+    (an ack either succeeds or raises)."""
     rid = _request(request_id)
     args = (lease.task_id, lease.token, rid, request_ttl_ms)
-    return Call("queue.ack", keys.with_request(rid), args, _one)
+    return Call(script, keys.with_request(rid), args, _one)
 
 
 def _nacked(reply: Any) -> Nacked:
@@ -314,7 +316,7 @@ def _nacked(reply: Any) -> Nacked:
 
 
 def nack_call(
-    keys: QueueKeys,
+    keys: QueueKeys | DispatchKeys,
     lease: Lease,
     *,
     delay_ms: int | None = None,
@@ -323,8 +325,10 @@ def nack_call(
     backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    script: str = "queue.nack",
 ) -> Call[Nacked]:
-    """The ``queue.nack`` call (delay_ms None: the script's exponential backoff)."""
+    """The ``queue.nack`` call (``queue.node_nack`` with DispatchKeys: the same ARGV; delay_ms
+    None: the script's exponential backoff)."""
     rid = _request(request_id)
     args = (
         lease.task_id,
@@ -336,7 +340,7 @@ def nack_call(
         rid,
         request_ttl_ms,
     )
-    return Call("queue.nack", keys.with_request(rid), args, _nacked)
+    return Call(script, keys.with_request(rid), args, _nacked)
 
 
 def extend_call(keys: QueueKeys, lease: Lease, lease_ms: int) -> Call[int]:
@@ -534,9 +538,9 @@ def node_ack_call(
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
 ) -> Call[bool]:
     """The ``queue.node_ack`` call; parses True."""
-    rid = _request(request_id)
-    args = (lease.task_id, lease.token, rid, request_ttl_ms)
-    return Call("queue.node_ack", keys.with_request(rid), args, _one)
+    return ack_call(
+        keys, lease, request_id=request_id, request_ttl_ms=request_ttl_ms, script="queue.node_ack"
+    )
 
 
 def node_nack_call(
@@ -551,18 +555,17 @@ def node_nack_call(
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
 ) -> Call[Nacked]:
     """The ``queue.node_nack`` call (delay_ms None: the script's exponential backoff)."""
-    rid = _request(request_id)
-    args = (
-        lease.task_id,
-        lease.token,
-        -1 if delay_ms is None else delay_ms,
-        to_bytes(reason),
-        backoff_base_ms,
-        backoff_max_ms,
-        rid,
-        request_ttl_ms,
+    return nack_call(
+        keys,
+        lease,
+        delay_ms=delay_ms,
+        reason=reason,
+        backoff_base_ms=backoff_base_ms,
+        backoff_max_ms=backoff_max_ms,
+        request_id=request_id,
+        request_ttl_ms=request_ttl_ms,
+        script="queue.node_nack",
     )
-    return Call("queue.node_nack", keys.with_request(rid), args, _nacked)
 
 
 def _redispatched(reply: Any) -> Redispatched:
