@@ -4151,7 +4151,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 5000edbb0d7de98e4367667a722ed3f77797037c)
+-- pick.least_loaded (sha1 d605260f050f075cae9d170fcf0439012f7f4d14)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4514,9 +4514,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -4883,7 +4885,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 f35a031826a9860891460410d4c5daaa2de18d8a)
+-- pick.release (sha1 4c4bc4d7654658ff4b32e19bf8ffddcd83c0eb84)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5118,9 +5120,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -5694,7 +5698,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 fee3bd53a747b41be3ba4aef6fa5cdbf9527d6db)
+-- pick.two_choices (sha1 1e15c7c311c0228cd627ed454dba2b63676a9ada)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6003,9 +6007,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -7338,7 +7344,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 cbe017c4c7a112105c943e3d88359b18157c4fc6)
+-- queue.dispatch (sha1 8fa4f264e5db4495d8cab7e30488efb06c7cfdbb)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -7805,9 +7811,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -8266,7 +8274,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost)
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   return node_id
 end
 local function main()
@@ -11484,7 +11492,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 e21904699fc40691ec1721a610d229397d175114)
+-- queue.redispatch (sha1 7bcc88ad3479bf1e5c20475570a57b40a795e6de)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -11906,9 +11914,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -12395,7 +12405,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost)
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   return node_id
 end
 -- MINSTD (Park-Miller): exact in doubles (state < 2^31, state * 48271 < 2^47).
@@ -14340,5 +14350,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '2f5fef654a0cb465fc700ea4ccb03bd2c41fcd81' end,
+  callback = function() return '30ef47190de3990a1e57fe81e3a555700e5ba479' end,
 }

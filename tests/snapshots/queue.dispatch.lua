@@ -460,9 +460,11 @@ local function load_and_capacity(index)
 end
 
 -- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
--- node id first; its writes come last and cannot fail (both keys were read by load_and_capacity).
-local function charge(index, load, capacity, capacity_raw, cost)
-  local node_id = node_id_of(K_ID, index)
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -921,7 +923,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost)
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   return node_id
 end
 local function main()
