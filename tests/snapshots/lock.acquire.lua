@@ -54,35 +54,44 @@
 -- a lock that is held, a replay (the owner is the caller), or a key main() would call CORRUPT
 -- goes on to main(), which answers it (with FAST_NOW_MS: TIME is read once per call). It reads
 -- everything before its writes, and its writes (SET of the lock key, ZREM of the caller's place,
--- whose type ZSCORE checked) cannot fail on a key's type.
+-- whose type ZSCORE checked) cannot fail on a key's type. Cheap forms (counted with callgrind,
+-- docs/locks.md): strings that are decimals by their pattern are turned into numbers by
+-- arithmetic (`s + 0`: the same conversion as tonumber, without a function call), and the new
+-- state is one string.format of integers ('%d': an integer snprintf; concatenating a number
+-- costs a "%.14g" one, twice as much). The token is appended with `..` (string.format's %s
+-- would cut it at a zero byte).
 local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
   -- Up to 10 digits: below 1e10, within 1..max_ttl_ms (31536000000) with no comparison.
   if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
-    and string.find(ttl_raw, '^[1-9]%d*$') and string.find(wait_raw, '^%d+$') then
+    and string.find(ttl_raw, '^[1-9]%d*$')
+    and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
     local time = redis.call('TIME')
-    local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
     FAST_NOW_MS = now_ms
     local raw = redis.pcall('GET', KEYS[1])
     local fence, count, deadline, owner, free
     if raw == false then
-      fence, free = '0', true
+      fence, free = 0, true
     elseif type(raw) == 'string' then
       fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
       free = fence ~= nil and #fence <= 13 and #deadline <= 16 and owner ~= token
-        and (count == '0' or tonumber(deadline) <= now_ms)
+        and (count == '0' or deadline + 0 <= now_ms)
     end
     local place = nil
-    if free and wait_raw ~= '0' then
-      place = redis.pcall('ZSCORE', KEYS[3], token) -- a waiter's place to give back
+    if free then
+      -- A waiter's place to give back, whatever wait_ttl_ms is: a waiter's attempt right after a
+      -- wake-up sends 0 (luasched/lock.py place_ttl_ms) and still has its place, which main() removes.
+      place = redis.pcall('ZSCORE', KEYS[3], token)
       free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
     end
     if free then
-      local granted_fence = tonumber(fence) + 1
-      local deadline_ms = now_ms + tonumber(ttl_raw)
-      -- Plain concatenation: every number here is an integer below 1e14 ("%.14g" is exact).
-      redis.call('SET', KEYS[1], granted_fence .. ' 1 ' .. deadline_ms .. ' ' .. now_ms .. ' 0 ' .. token)
+      local granted_fence = fence + 1
+      local deadline_ms = now_ms + ttl_raw
+      -- Every number here is an integer below 1e14: '%d' writes it exactly.
+      local state = string.format('%d 1 %d %d 0 ', granted_fence, deadline_ms, now_ms) .. token
+      redis.call('SET', KEYS[1], state)
       if place then
         redis.call('ZREM', KEYS[3], token)
       end

@@ -42,13 +42,13 @@ local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <= 256 then
   local token = ARGV[1]
   local time = redis.call('TIME')
-  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000) -- decimals: arithmetic converts
   FAST_NOW_MS = now_ms
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
     -- The state of a single hold (count 1) that no waiter asked for (waited 0).
     local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
-    if owner == token and #deadline <= 16 and tonumber(deadline) > now_ms then
+    if owner == token and #deadline <= 16 and deadline + 0 > now_ms then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
       return { 'released', 0, now_ms }
     end
