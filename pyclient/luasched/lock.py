@@ -513,7 +513,8 @@ class Lock:
     the lock several times and must release it as many times; otherwise every ``acquire`` is a
     new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
     Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
-    ``ttl_ms / 3`` until it is released or lost.
+    ``ttl_ms / 3`` until it is released or lost. The options are fixed at construction (the
+    calls' arguments are encoded once).
     """
 
     def __init__(

@@ -13,7 +13,7 @@
 --@+          Do not mix fair and non-fair acquires on one lock name. A non-empty request_id records a grant: replaying
 --@+          the same request id (within 60000 ms) answers the first reply and acts no second time
 --@+          (what reentrant acquires need). The common call, reentrant=0, fair=0, request_id "", takes a lean path
---@+          (3 redis calls to grant: TIME, GET, SET) before the shared helpers are even defined.
+--@+          (4 redis calls to grant: TIME, GET, ZSCORE, SET) before the shared helpers are even defined.
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's

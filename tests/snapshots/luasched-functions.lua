@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 411adf284291ebd69715054e9e7a78eb6e7b7975)
+-- lock.acquire (sha1 e8390bfcd71d7ca6c63926a14d9ca72106326071)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -28,7 +28,7 @@ redis.register_function{
 --@+          Do not mix fair and non-fair acquires on one lock name. A non-empty request_id records a grant: replaying
 --@+          the same request id (within 60000 ms) answers the first reply and acts no second time
 --@+          (what reentrant acquires need). The common call, reentrant=0, fair=0, request_id "", takes a lean path
---@+          (3 redis calls to grant: TIME, GET, SET) before the shared helpers are even defined.
+--@+          (4 redis calls to grant: TIME, GET, ZSCORE, SET) before the shared helpers are even defined.
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
@@ -14359,5 +14359,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'ff5b22e831cb885f90460e4c609ab6f0064cf3ee' end,
+  callback = function() return '1f58fc49f45cb8912b06a6b74ca1ec1d216697d7' end,
 }
