@@ -297,28 +297,14 @@ class LockKeys:
     ``attempt()`` is the request id and KEYS of one acquire or release attempt: a fresh request
     id for a reentrant lock (its token serves many holds, so only a request id tells a replay
     from a new acquire), none for the others (the single-use token is the idempotency key, and
-    the scripts take their lean path). ``acquire_call`` / ``release_call`` build one attempt's
-    call with the lock's fixed arguments encoded once (the same bytes ``acquire_call`` would
-    send: decimals, ``0``/``1``).
+    the scripts take their lean path).
     """
 
-    def __init__(
-        self,
-        namespace: Namespace,
-        name: bytes,
-        reentrant: bool,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        wait_ttl_ms: int = 0,
-    ) -> None:
+    def __init__(self, namespace: Namespace, name: bytes, reentrant: bool) -> None:
         self._namespace = namespace
         self._name = name
         self._reentrant = reentrant
         self.plain = lock_keys(namespace, name, b"")
-        self._fixed = (b"%d" % ttl_ms, b"1" if reentrant else b"0", b"1" if fair else b"0")
-        self._wait_ttl_ms = wait_ttl_ms
-        self._wait_arg = b"%d" % wait_ttl_ms
 
     def attempt(self) -> tuple[bytes, tuple[bytes, ...]]:
         if not self._reentrant:
@@ -326,24 +312,6 @@ class LockKeys:
         request_id = new_request_id()
         request_key = self._namespace.key("lock-req", request_id, self._name)
         return request_id, (*self.plain[:4], request_key)
-
-    def acquire_call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
-        """One ``lock.acquire`` attempt of this lock (see ``place_ttl_ms`` for ``wait_ttl_ms``)."""
-        request_id, keys = self.attempt()
-        ttl, reentrant, fair = self._fixed
-        if wait_ttl_ms == 0:
-            wait = b"0"
-        elif wait_ttl_ms == self._wait_ttl_ms:
-            wait = self._wait_arg
-        else:
-            wait = b"%d" % wait_ttl_ms
-        args = (token, ttl, reentrant, fair, wait, request_id)
-        return Call("lock.acquire", keys, args, _acquire_result)
-
-    def release_call(self, token: bytes) -> Call[ReleaseResult]:
-        """One ``lock.release`` attempt of this lock."""
-        request_id, keys = self.attempt()
-        return Call("lock.release", keys, (token, request_id), _release_result)
 
     def wake_key(self, token: bytes, fair: bool) -> bytes:
         """Where a waiter blocks: its own list (fair: only the head is woken), else the lock's."""
@@ -513,8 +481,7 @@ class Lock:
     the lock several times and must release it as many times; otherwise every ``acquire`` is a
     new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
     Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
-    ``ttl_ms / 3`` until it is released or lost. The options are fixed at construction (the
-    calls' arguments are encoded once).
+    ``ttl_ms / 3`` until it is released or lost.
     """
 
     def __init__(
@@ -542,12 +509,26 @@ class Lock:
         self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _Renewer] = {}
         self._guard = threading.Lock()
-        self._keys = LockKeys(
-            namespace, self.name, reentrant, ttl_ms=ttl_ms, fair=fair, wait_ttl_ms=self.wait_ttl_ms
-        )
+        self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
-        self._call = self._keys.acquire_call
-        self._release_call = self._keys.release_call
+
+    def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
+        request_id, keys = self._keys.attempt()
+        return acquire_call(
+            self._namespace,
+            self.name,
+            token,
+            self.ttl_ms,
+            reentrant=self.reentrant,
+            fair=self.fair,
+            wait_ttl_ms=wait_ttl_ms,
+            request_id=request_id,
+            keys=keys,
+        )
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        request_id, keys = self._keys.attempt()
+        return release_call(self._namespace, self.name, token, request_id, keys)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;

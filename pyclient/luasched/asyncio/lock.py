@@ -27,11 +27,13 @@ from luasched.lock import (
     LockKeys,
     PermitResult,
     ReleaseResult,
+    acquire_call,
     check_options,
     extend_call,
     new_request_id,
     new_token,
     place_ttl_ms,
+    release_call,
     semaphore_acquire_call,
     semaphore_extend_call,
     semaphore_keys,
@@ -166,11 +168,12 @@ class AsyncLock:
         self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
         self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _AsyncRenewer] = {}
-        self._keys = LockKeys(
-            namespace, self.name, reentrant, ttl_ms=ttl_ms, fair=fair, wait_ttl_ms=self.wait_ttl_ms
-        )
+        self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
-        self._release_call = self._keys.release_call
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        request_id, keys = self._keys.attempt()
+        return release_call(self._namespace, self.name, token, request_id, keys)
 
     async def acquire(
         self, blocking: bool = True, timeout: float | None = None
@@ -181,7 +184,18 @@ class AsyncLock:
         wake_key = self._keys.wake_key(token, self.fair)
         woken = False
         while True:
-            call = self._keys.acquire_call(token, place_ttl_ms(self, blocking, woken))
+            request_id, keys = self._keys.attempt()
+            call = acquire_call(
+                self._namespace,
+                self.name,
+                token,
+                self.ttl_ms,
+                reentrant=self.reentrant,
+                fair=self.fair,
+                wait_ttl_ms=place_ttl_ms(self, blocking, woken),
+                request_id=request_id,
+                keys=keys,
+            )
             try:
                 result = await self._runner.run(call)
             except BaseException:
