@@ -50,11 +50,7 @@ def _contents(client: Any, s: Scheduler) -> dict[bytes, dict[bytes, Any]]:
     reads = {"string": "GET", "hash": "HGETALL", "list": "LRANGE", "zset": "ZRANGE"}
     pipe = client.pipeline(transaction=True)
     for key, kind in zip(keys, types, strict=True):
-        extra = (
-            []
-            if kind in ("string", "hash")
-            else [0, -1] + (["WITHSCORES"] if kind == "zset" else [])
-        )
+        extra = {"list": [0, -1], "zset": [0, -1, "WITHSCORES"]}.get(kind, [])  # "none": expired
         pipe.execute_command(reads.get(kind, "TYPE"), key, *extra)
         pipe.pttl(key)
     replies = pipe.execute(raise_on_error=False)
@@ -69,20 +65,34 @@ def _contents(client: Any, s: Scheduler) -> dict[bytes, dict[bytes, Any]]:
 
 
 def _save(client: Any, s: Scheduler) -> dict[bytes, tuple[bytes, int]]:
-    return {
-        key: (client.dump(key), client.pttl(key)) for key in namespace_keys(client, s.namespace)
+    """Every key of the namespace: its DUMP and its absolute deadline (0: none), read in one MULTI
+    (a key of queue "full" takes the deadline of its "lean" twin: they were set in the same ms)."""
+    keys = namespace_keys(client, s.namespace)
+    pipe = client.pipeline(transaction=True)
+    pipe.time()
+    for key in keys:
+        pipe.dump(key)
+        pipe.pttl(key)
+    replies = pipe.execute()
+    now_ms = _ms(replies[0])
+    saved = {
+        key: (replies[1 + 2 * at], now_ms + replies[2 + 2 * at] if replies[2 + 2 * at] > 0 else 0)
+        for at, key in enumerate(keys)
+        if replies[1 + 2 * at] is not None
     }
+    for key in saved:
+        twin = key[:-5] + b":lean"
+        if key.endswith(b":full") and twin in saved:
+            saved[key] = (saved[key][0], saved[twin][1])
+    return saved
 
 
 def _restore(client: Any, s: Scheduler, saved: dict[bytes, tuple[bytes, int]]) -> None:
-    """Puts `saved` back; a key of queue "full" takes the TTL of its "lean" twin (one deadline)."""
+    """Puts `saved` back, each key with its absolute deadline (RESTORE ... ABSTTL)."""
     for key in namespace_keys(client, s.namespace):
         client.delete(key)
-    for key, (dumped, ttl) in saved.items():
-        if key.endswith(b":full"):
-            ttl = saved.get(key[:-5] + b":lean", (None, ttl))[1]
-        if dumped is not None and ttl != -2:
-            client.restore(key, max(ttl, 0), dumped, replace=True)
+    for key, (dumped, deadline_ms) in saved.items():
+        client.restore(key, deadline_ms, dumped, replace=True, absttl=deadline_ms > 0)
 
 
 def _without_ttl(contents: dict[bytes, Any]) -> dict[bytes, Any]:
@@ -161,12 +171,13 @@ def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
         else:
             name = "waiters"  # a dequeuer starts or stops blocking (enqueue then pushes wake-ups)
             present = waiting = rng.random() < 0.6
+            now_ms = _ms(client.time())  # one absolute deadline per key pair
             for queue in QUEUES:
                 if present:
-                    client.set(keys[queue].fixed[6], b"1", px=LONG_MS)
+                    client.set(keys[queue].fixed[6], b"1", pxat=now_ms + LONG_MS)
                     if seed != 1:  # a wake list at its cap: the next pushes trim it
                         client.rpush(keys[queue].fixed[5], *[b"1"] * 15)
-                        client.pexpire(keys[queue].fixed[5], 2000)
+                        client.pexpireat(keys[queue].fixed[5], now_ms + 2000)
                 else:
                     client.delete(keys[queue].fixed[6], keys[queue].fixed[5])
             continue
