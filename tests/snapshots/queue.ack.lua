@@ -3,7 +3,9 @@
 --@+          lease is no longer held under that fencing token (finished already, or expired and leased again), so
 --@+          a slow worker cannot finish a task someone else now owns. A lease past its deadline that no dequeue
 --@+          has reclaimed yet is still held. A non-empty request_id records the ack: replaying it within
---@+          request_ttl_ms answers 1 again instead of STALE.
+--@+          request_ttl_ms answers 1 again instead of STALE. The common call (the lease held, request_id "" or
+--@+          one not recorded yet, arguments in canonical decimal) takes a lean path (HGET, ZREM, HDEL, SET of the
+--@+          record; GET of it first) before the shared helpers are even defined.
 --@key        ready     zset    luasched:{ns}:q:ready:<queue> -- ready task ids, scored (511 - priority) * 2^43 + seq
 --@+          (an exact integer below 2^53): highest priority first, FIFO (seq) within a priority; ZRANGE 0 0 is the next task.
 --@key        delayed   zset    luasched:{ns}:q:delayed:<queue> -- delayed task ids (and nacked ones waiting for
@@ -33,6 +35,36 @@
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
+
+-- The lean path: the call the wrapper makes for q.ack(lease) (8 KEYS, 4 ARGV in their canonical
+-- form, request_id "" or one with no record yet, the lease held under that token). It runs
+-- before the helpers below are defined. Its checks accept only arguments main() accepts too;
+-- anything else, a recorded request id, a stale token (STALE), a meta it does not read exactly
+-- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
+-- argument, or a key of another type (redis.pcall: an error table) goes on to main(), which
+-- answers it. Its first write, the ZREM, goes through redis.pcall: if it fails (not a zset)
+-- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) spelled
+-- out, the bytes record_reply() writes.
+if #KEYS == 8 and #ARGV == 4 then
+  local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+  if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
+    and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
+    and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
+    and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
+    -- false: no record (an error table or a string goes to main()).
+    local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
+    local raw = record == false and redis.pcall('HGET', KEYS[5], 'm' .. task_id)
+    if type(raw) == 'string' and string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') == token
+      and type(redis.pcall('ZREM', KEYS[3], task_id)) == 'number' then
+      redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
+      if request_id ~= '' then
+        redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+      end
+      return 1
+    end
+  end
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --

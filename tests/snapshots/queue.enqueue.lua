@@ -3,7 +3,9 @@
 --@+          A task id that exists in the queue (ready, delayed, leased or dead) is left exactly as it is and the
 --@+          reply says so (created = 0 and its state). Ready tasks are served highest priority first, FIFO within
 --@+          a priority. A non-empty request_id records the reply for request_ttl_ms: replaying the same request id
---@+          answers the first reply and acts no second time.
+--@+          answers the first reply and acts no second time. The common call (a new task id, request_id "" or one
+--@+          not recorded yet, arguments in canonical decimal) takes a lean path (TIME, GET of the record, HMGET,
+--@+          EXISTS, ZADD, HSET, SET of the record) before the shared helpers are even defined.
 --@key        ready     zset    luasched:{ns}:q:ready:<queue> -- ready task ids, scored (511 - priority) * 2^43 + seq
 --@+          (an exact integer below 2^53): highest priority first, FIFO (seq) within a priority; ZRANGE 0 0 is the next task.
 --@key        delayed   zset    luasched:{ns}:q:delayed:<queue> -- delayed task ids (and nacked ones waiting for
@@ -36,6 +38,92 @@
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
+
+-- The lean path: the call the wrapper makes for q.enqueue(id, payload) (8 KEYS, 7 ARGV in their
+-- canonical form, a task id the queue does not hold, request_id "" or one with no record yet,
+-- delay_ms 0 or > 0). It runs before the helpers below are defined (defining them costs about a
+-- quarter of the call). Its checks accept only arguments main() accepts too (no leading zeros,
+-- no "-0"...); anything else, an existing task id, a recorded request id, a seq main() would
+-- call CORRUPT or exhausted, or a key of another type (redis.pcall: an error table) goes on to
+-- main(), which answers it (with FAST_NOW_MS: TIME is read once per call). It reads everything
+-- before its first write, a ZADD through redis.pcall: if that fails (not a zset) nothing was
+-- written and main() answers CORRUPT; the later writes hit keys already read (HMGET, LLEN) or
+-- SET. It writes what main() writes, byte for byte: the record is cmsgpack.pack of
+-- {'enqueue', 1, state} spelled out, the meta format_meta()'s string, the numbers passed as
+-- main() passes them (scores up to 2^53 - 1 are formatted by Redis, exactly).
+local FAST_NOW_MS = nil
+if #KEYS == 8 and #ARGV == 7 then
+  local task_id, payload, priority, delay, attempts, request_id, request_ttl =
+    ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  if #task_id >= 1 and #task_id <= 1024 and #payload <= 16777216
+    and #priority <= 4 and #delay <= 11 and #attempts <= 7 and #request_ttl <= 8
+    and #request_id <= 64
+    and (priority == '0' or string.find(priority, '^%-?[1-9]%d*$'))
+    and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
+    and string.find(attempts, '^[1-9]%d*$') and string.find(request_ttl, '^[1-9]%d*$')
+    and string.find(request_id, '^[%w_%-]*$') then
+    local priority_n, delay_n = tonumber(priority), tonumber(delay)
+    if priority_n >= -512 and priority_n <= 511 and delay_n <= 31536000000
+      and tonumber(attempts) <= 1000000 and tonumber(request_ttl) <= 86400000 then
+      local time = redis.call('TIME')
+      local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      FAST_NOW_MS = now_ms
+      -- false: no record (an error table or a string goes to main()).
+      local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
+      local fields = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq')
+      local seq = nil
+      if fields and fields[1] == false then
+        local raw = fields[2]
+        if raw == false then
+          seq = 0
+        elseif #raw <= 17 and string.find(raw, '^%d+$') then
+          seq = tonumber(raw)
+        end
+      end
+      -- A waiting dequeuer: LLEN checks the wake list's type before the first write.
+      local waiting = seq and redis.call('EXISTS', KEYS[7]) == 1
+      if waiting and type(redis.pcall('LLEN', KEYS[6])) ~= 'number' then
+        seq = nil
+      end
+      local state, written = nil, nil
+      if seq and delay == '0' then
+        seq = seq + 1
+        if seq <= 8796093022207 then
+          state = 'ready'
+          written = type(redis.pcall('ZADD', KEYS[1], (511 - priority_n) * 8796093022208 + seq, task_id)) == 'number'
+          if written then
+            -- Plain concatenation: now_ms is an integer below 1e14 ("%.14g" is exact).
+            redis.call('HSET', KEYS[5], 'p' .. task_id, payload,
+              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_ms .. ' ', 'seq', seq)
+          end
+        end
+      elseif seq then
+        local at_ms = now_ms + delay_n
+        state = 'delayed'
+        written = type(redis.pcall('ZADD', KEYS[2], at_ms, task_id)) == 'number'
+        if written then
+          redis.call('HSET', KEYS[5], 'p' .. task_id, payload,
+            'm' .. task_id, 'D ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. at_ms .. ' ')
+        end
+      end
+      if written then
+        if waiting then
+          if redis.call('LPUSH', KEYS[6], '1') > 16 then
+            redis.call('LTRIM', KEYS[6], '0', '15')
+          end
+          redis.call('PEXPIRE', KEYS[6], '2000')
+        end
+        if request_id ~= '' then
+          -- cmsgpack.pack({ 'enqueue', 1, state }), as record_reply() writes it.
+          redis.call('SET', KEYS[8], state == 'ready' and '\147\167enqueue\1\165ready'
+            or '\147\167enqueue\1\167delayed', 'PX', request_ttl)
+        end
+        return { 1, state }
+      end
+    end
+  end
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -332,7 +420,7 @@ local function main()
   local max_attempts = arg_int(5, 'max_attempts', 1, 1000000)
   local request_id = arg_request_id(6)
   local request_ttl_ms = arg_int(7, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
-  local now_ms = server_now_ms()
+  local now_ms = FAST_NOW_MS or server_now_ms()
   local record = recorded(request_id, 'enqueue')
   if record then
     return { record[2], record[3] }
