@@ -14,6 +14,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ Client = Any  # redis.Redis or RedisCluster
 QUEUES = (b"lean", b"full")  # the same length: equal keys have equal encodings
 SCRIPTS = ("queue.enqueue", "queue.dequeue", "queue.ack", "queue.nack")
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small
-Maker = Callable[[QueueKeys, bool], "Call[Any]"]
+Maker = Callable[..., "Call[Any]"]  # keys -> the call on that queue
 
 
 def _plain(r: Client, s: Scheduler) -> redis.Redis:
@@ -95,17 +96,17 @@ class Twins:
         pipe.evalsha(self.sha[call.script], len(call.keys), *call.keys, *call.args)
 
     def step(self, make: Maker) -> tuple[Any, Any]:
-        """Runs make(keys, full) on both queues at one server millisecond; both replies (an
-        error reply as its text)."""
+        """Runs make(keys) on both queues at one server millisecond (a dequeue of the full queue
+        in its main()-only form); both replies (an error reply as its text)."""
         for _ in range(100):
             saved = self._saved()
             pipe = self.conn.pipeline(transaction=True)
             pipe.time()
             pipe.info("commandstats")
-            lean_call = make(self.keys[b"lean"], False)
+            lean_call = make(self.keys[b"lean"])
             self._add(pipe, lean_call)
             pipe.info("commandstats")
-            self._add(pipe, make(self.keys[b"full"], True))
+            self._add(pipe, _full_form(make(self.keys[b"full"])))
             pipe.time()
             before, stats_0, lean, stats_1, full, after = pipe.execute(raise_on_error=False)
             if _ms(before) == _ms(after):
@@ -169,9 +170,9 @@ def _text(reply: Any) -> Any:
     return reply
 
 
-def _full_form(call: Call[Any], full: bool) -> Call[Any]:
-    """The dequeue call with wait_ms as "00"-style text (leading zero) for the full queue."""
-    if not full:
+def _full_form(call: Call[Any]) -> Call[Any]:
+    """A dequeue call with wait_ms as "00"-style text (a leading zero: main() only)."""
+    if call.script != "queue.dequeue":
         return call
     args = list(call.args)
     args[3] = "0" + str(args[3])
@@ -221,10 +222,16 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
             delay_ms = rng.choice([0] * 8 + [2, 15])
             max_attempts = rng.choice([1, 2, 5])
 
-            def make(keys: QueueKeys, full: bool) -> Call[Any]:
-                return enqueue_call(keys, task_id, b"payload-" + task_id, priority=priority,
-                                    delay_ms=delay_ms, max_attempts=max_attempts, request_id=rid,
-                                    request_ttl_ms=TTL_MS)
+            make: Maker = partial(
+                enqueue_call,
+                task_id=task_id,
+                payload=b"payload-" + task_id,
+                priority=priority,
+                delay_ms=delay_ms,
+                max_attempts=max_attempts,
+                request_id=rid,
+                request_ttl_ms=TTL_MS,
+            )
         elif roll < 0.58 and held:
             kind = "ack" if rng.random() < 0.5 else "nack"
             task_id, token = rng.choice(held)
@@ -233,11 +240,17 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
             other_rids.append(rid)
             delay, base_ms = rng.choice([None, 0, 3]), rng.choice([1, 5, 1000])
 
-            def make(keys: QueueKeys, full: bool) -> Call[Any]:
-                if kind == "ack":
-                    return ack_call(keys, lease, request_id=rid, request_ttl_ms=TTL_MS)
-                return nack_call(keys, lease, delay_ms=delay, request_id=rid, request_ttl_ms=TTL_MS,
-                                 backoff_base_ms=base_ms)
+            if kind == "ack":
+                make = partial(ack_call, lease=lease, request_id=rid, request_ttl_ms=TTL_MS)
+            else:
+                make = partial(
+                    nack_call,
+                    lease=lease,
+                    delay_ms=delay,
+                    request_id=rid,
+                    request_ttl_ms=TTL_MS,
+                    backoff_base_ms=base_ms,
+                )
         elif roll < 0.60:
             kind = "corrupt"  # a non-canonical seq or fence: main() takes it, rewrites it
 
@@ -245,16 +258,14 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
             for queue in QUEUES:
                 tasks = twins.keys[queue].fixed[4]
                 twins.conn.hset(tasks, field, b"0" + (twins.conn.hget(tasks, field) or b"0"))
-
-            def make(keys: QueueKeys, full: bool) -> Call[Any]:
-                return _full_form(dequeue_call(keys, b"w", 1, 60000, request_id=b""), full)
+            make = partial(dequeue_call, worker_id=b"w", count=1, lease_ms=60000, request_id=b"")
         else:
             count = rng.choice([1, 1, 1, 2, 3, 5])
             lease_ms = rng.choice([60000] * 5 + [4, 20])
             wait_ms = rng.choice([0, 0, 0, 600000])
             rid = request_id(dequeue_rids)
             # string.format's %s (format_meta) cuts a worker id at a NUL byte below 100 bytes.
-            worker = rng.choice([b"worker-%d" % seed] * 4 + [b"", b"w\x00nul", b"x" * 150 + b"\x00y"])
+            worker = rng.choice([b"w%d" % seed] * 4 + [b"", b"w\x00nul", b"x" * 150 + b"\x00y"])
             request_ttl_ms = rng.choice([TTL_MS, 5000])
             dequeue_rids.append(rid)
             ack = None
@@ -265,11 +276,16 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
                 count = 1
             elif count > 1:
                 kind = "dequeue_many"
-
-            def make(keys: QueueKeys, full: bool) -> Call[Any]:
-                call = dequeue_call(keys, worker, count, lease_ms, wait_ms=wait_ms,
-                                    ack=ack, request_id=rid, request_ttl_ms=request_ttl_ms)
-                return _full_form(call, full)
+            make = partial(
+                dequeue_call,
+                worker_id=worker,
+                count=count,
+                lease_ms=lease_ms,
+                wait_ms=wait_ms,
+                ack=ack,
+                request_id=rid,
+                request_ttl_ms=request_ttl_ms,
+            )
         lean, full = twins.step(make)
         paths[kind + ":" + twins.path] += 1
         assert lean == full, (step, kind)
@@ -278,7 +294,6 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
         twins.assert_same_keys((step, kind))
         if rng.random() < 0.15:
             time.sleep(rng.choice([0.002, 0.01, 0.025]))  # short leases and delays lapse
-    print(twins.retries, sorted(paths.items()))
     for kind in ("dequeue", "dequeue_many", "ack_and_dequeue"):
         assert paths[kind + ":lean"] >= 5, paths  # the lean path answered
         assert paths[kind + ":main"] >= 5, paths  # and fell through
