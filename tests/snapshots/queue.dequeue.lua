@@ -9,6 +9,9 @@
 --@+          the reply says when the next delayed task is due. A non-empty request_id records the leases taken
 --@+          (and the ack): replaying it within request_ttl_ms answers those leases that are still held under the
 --@+          same token, takes nothing new and acks nothing again. A call that changed nothing is not recorded.
+--@+          The common take (nothing due, no expired lease, ready tasks present, a request id not seen before,
+--@+          canonical decimal arguments), with or without an ack, takes a lean path before the shared helpers
+--@+          are even defined; it writes and answers exactly what the full path would.
 --@key        ready     zset    luasched:{ns}:q:ready:<queue> -- ready task ids, scored (511 - priority) * 2^43 + seq
 --@+          (an exact integer below 2^53): highest priority first, FIFO (seq) within a priority; ZRANGE 0 0 is the next task.
 --@key        delayed   zset    luasched:{ns}:q:delayed:<queue> -- delayed task ids (and nacked ones waiting for
@@ -46,6 +49,192 @@
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks in the queue; O(log n) when nothing is due or expired
 --@since      6.2
+-- The lean path: the common take (nothing due in delayed, no expired lease in leased, ready tasks
+-- present, no request record yet), with or without the ack of one lease first: the calls the
+-- wrapper makes for dequeue, dequeue_many and ack_and_dequeue. It runs before the helpers below
+-- are defined (defining them costs about as much as the take). Its checks accept only arguments
+-- main() accepts too (canonical decimals: no leading zeros, short enough to be exact); anything
+-- else, a recorded request id (a replay), anything due or expired, nothing to take, an acked
+-- lease that is not held, a malformed meta/seq/fence or a key of another type (redis.pcall: an
+-- error table, not a raise) goes on to main(), with FAST_NOW_MS (TIME is read once per call) and
+-- nothing written. With no task moved into ready, the head of ready is exactly what main() takes
+-- (no candidates to sort, no waiter to wake: every candidate is taken), so it writes what main()
+-- writes: ZREM ready, the ack's ZREM leased + HDEL, ZADD leased (deadlines), one HSET of the
+-- metas (format_meta's format) + seq + fence, the request record; and answers main()'s reply.
+-- Numbers go to redis.call as numbers (integers below 2^53: redis formats them exactly, and
+-- cheaper than Lua's own "%.14g" concatenation), so it writes what main() writes.
+local FAST_NOW_MS = nil
+if #KEYS == 8 and #ARGV == 8 then
+  repeat
+    local worker_id, count_raw, lease_raw, wait_raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    local ack_task_id, ack_token_raw, request_id, request_ttl_raw = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+    local acking = ack_task_id ~= ''
+    -- Canonical decimals, their bounds by length (a tonumber only at a bound's own length):
+    -- count 1..1000, lease_ms and wait_ms below 1e10 (bound 31536000000),
+    -- request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
+    if #worker_id > 256 or #ack_task_id > 1024 or #request_id > 64
+      or #count_raw > 4 or #lease_raw > 10 or #wait_raw > 10 or #request_ttl_raw > 8
+      or not string.find(count_raw .. ' ' .. lease_raw .. ' ' .. request_ttl_raw, '^[1-9]%d* [1-9]%d* [1-9]%d*$')
+      or (#count_raw == 4 and tonumber(count_raw) > 1000)
+      or (#request_ttl_raw == 8 and tonumber(request_ttl_raw) > 86400000)
+      or (wait_raw ~= '0' and not string.find(wait_raw, '^[1-9]%d*$'))
+      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]+$')) then
+      break
+    end
+    if acking then
+      if #ack_token_raw > 16 or not string.find(ack_token_raw, '^[1-9]%d*$')
+        or (#ack_token_raw == 16 and tonumber(ack_token_raw) > 9007199254740991) then
+        break
+      end
+    elseif ack_token_raw ~= '0' then
+      break
+    end
+    local time = redis.call('TIME')
+    -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
+    local micros = time[2] + 0
+    local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
+    FAST_NOW_MS = now_ms
+    -- No request record (false: no key; a string is a replay, an error table a key of another type).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    -- Nothing due, nothing expired: ZCOUNT answers 0 (an error table is no 0 either).
+    if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
+      break
+    end
+    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or tonumber(count_raw) - 1)
+    local taken = #head -- 0 for an error table too
+    if taken == 0 then
+      break
+    end
+    -- seq, fence, then payload and meta of each task, then the acked task's meta.
+    local values, fields
+    if taken == 1 then
+      local task_id = head[1]
+      if acking then
+        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id, 'm' .. ack_task_id)
+      else
+        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id)
+      end
+    else
+      fields = { 'seq', 'fence' }
+      for index = 1, taken do
+        local task_id = head[index]
+        fields[2 * index + 1] = 'p' .. task_id
+        fields[2 * index + 2] = 'm' .. task_id
+      end
+      if acking then
+        fields[2 * taken + 3] = 'm' .. ack_task_id
+      end
+      values = redis.pcall('HMGET', KEYS[5], unpack(fields))
+    end
+    if values.err then
+      break
+    end
+    -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
+    -- fence (main(): any digits) grows by `taken`, far below 2^53 with 15 digits.
+    local seq, fence = values[1], values[2]
+    if seq == false then
+      seq = '0'
+    elseif #seq > 13 or not string.find(seq, '^[1-9]%d*$') or (#seq == 13 and tonumber(seq) > 8796093022207) then
+      break
+    end
+    if fence == false then
+      fence = 0
+    elseif #fence > 15 or not string.find(fence, '^%d+$') then
+      break
+    else
+      fence = tonumber(fence)
+    end
+    -- The acked lease is held: leased (L) under ack_token (compared as canonical text); anything
+    -- else (main() compares numbers) goes on to main(), which answers STALE or acks.
+    if acking then
+      local raw = values[2 * taken + 3]
+      if not raw or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= ack_token_raw then
+        break
+      end
+    end
+    local deadline_ms = now_ms + tonumber(lease_raw)
+    local acked = acking and 1 or 0
+    -- The new meta: main()'s format_meta (string.format converts the captured digits as
+    -- tonumber does, and so does the arithmetic of attempts + 1).
+    if taken == 1 then
+      local task_id, raw = head[1], values[4]
+      local priority, max_attempts, attempts -- (not `raw and match()`: one value)
+      if raw then
+        priority, max_attempts, attempts = string.match(raw, '^[RDLX] (%-?%d+) (%d+) (%d+) %d+ %d+ ')
+      end
+      if not priority then
+        break
+      end
+      attempts = attempts + 1
+      local token = fence + 1
+      local meta = string.format('L %d %d %d %d %d %s', priority, max_attempts, attempts, token, deadline_ms, worker_id)
+      -- Writes, in main()'s order; every key was read above, so none can fail on its type.
+      redis.call('ZREM', KEYS[1], task_id)
+      if acking then
+        redis.call('ZREM', KEYS[3], ack_task_id)
+        redis.call('HDEL', KEYS[5], 'p' .. ack_task_id, 'm' .. ack_task_id, 'r' .. ack_task_id)
+      end
+      redis.call('ZADD', KEYS[3], deadline_ms, task_id)
+      redis.call('HSET', KEYS[5], 'm' .. task_id, meta, 'seq', seq, 'fence', token)
+      if request_id ~= '' then
+        redis.call('SET', KEYS[8], cmsgpack.pack({ 'dequeue', acked, task_id, token }), 'PX', request_ttl_raw)
+      end
+      return { 0, task_id, values[3], attempts, token, deadline_ms }
+    end
+    -- Each meta is format_meta's output in two parts: the tail (deadline and worker: '%s' as
+    -- format_meta, which cuts the worker at a NUL byte below 100 bytes) is the same for all.
+    local tail = string.format(' %d %s', deadline_ms, worker_id)
+    local leased_args, meta_args, reply, entry = {}, {}, { 0 }, { 'dequeue', acked }
+    local malformed = false
+    for index = 1, taken do
+      local task_id, raw = head[index], values[2 * index + 2]
+      local priority, max_attempts, attempts -- (not `raw and match()`: one value)
+      if raw then
+        priority, max_attempts, attempts = string.match(raw, '^[RDLX] (%-?%d+) (%d+) (%d+) %d+ %d+ ')
+      end
+      if not priority then
+        malformed = true
+        break
+      end
+      attempts = attempts + 1
+      local token = fence + index
+      leased_args[2 * index - 1] = deadline_ms
+      leased_args[2 * index] = task_id
+      meta_args[2 * index - 1] = fields[2 * index + 2] -- 'm' .. task_id
+      meta_args[2 * index] = string.format('L %d %d %d %d', priority, max_attempts, attempts, token) .. tail
+      local size = 5 * index - 4
+      reply[size + 1] = task_id
+      reply[size + 2] = values[2 * index + 1]
+      reply[size + 3] = attempts
+      reply[size + 4] = token
+      reply[size + 5] = deadline_ms
+      entry[2 * index + 1] = task_id
+      entry[2 * index + 2] = token
+    end
+    if malformed then
+      break
+    end
+    meta_args[2 * taken + 1] = 'seq'
+    meta_args[2 * taken + 2] = seq
+    meta_args[2 * taken + 3] = 'fence'
+    meta_args[2 * taken + 4] = fence + taken
+    -- Writes, in main()'s order (as above).
+    redis.call('ZREM', KEYS[1], unpack(head))
+    if acking then
+      redis.call('ZREM', KEYS[3], ack_task_id)
+      redis.call('HDEL', KEYS[5], 'p' .. ack_task_id, 'm' .. ack_task_id, 'r' .. ack_task_id)
+    end
+    redis.call('ZADD', KEYS[3], unpack(leased_args))
+    redis.call('HSET', KEYS[5], unpack(meta_args))
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], cmsgpack.pack(entry), 'PX', request_ttl_raw)
+    end
+    return reply
+  until true
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -402,7 +591,7 @@ local function main()
   if acking ~= (ack_token > 0) then
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
-  local now_ms = server_now_ms()
+  local now_ms = FAST_NOW_MS or server_now_ms()
   local record = recorded(request_id, 'dequeue')
   if record then
     return replay_leases(record)
