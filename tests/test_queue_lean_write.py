@@ -4,9 +4,8 @@ of calls runs on two queues of one namespace, queue "lean" with canonical argume
 takes what it can) and queue "full" with request_ttl_ms "060000" (a leading zero: only main()
 takes it), and after every step the replies and every key's contents must be equal.
 
-Both calls of a step run in one MULTI/EXEC between two TIME reads, so both scripts read the same
-server millisecond (the meta, delayed and leased scores hold server times); a step whose TIME
-reads straddle a millisecond is undone (every key of the namespace restored) and run again."""
+Both calls of a step run at one server millisecond (tests/twins.py): the meta, delayed and
+leased scores hold server times."""
 
 from __future__ import annotations
 
@@ -16,108 +15,21 @@ from collections import Counter
 from typing import Any
 
 import pytest
-import redis
-import redis.cluster
 
-from helpers import namespace_keys
 from luasched import Scheduler
-from luasched.queue import QueueKeys
-from luasched.render import render_all
+from twins import QUEUES, QueueTwins, raw_call, server_ms
 
 Client = Any  # redis.Redis or RedisCluster
-
-QUEUES = (b"lean", b"full")
 IDS = [b"t%d" % number for number in range(24)] + [b"", b"\x00bin\xff id"]
 LONG_MS = 10**9  # delays and leases that never come due during the test
-
-
-def _direct(r: Client, prefix: bytes) -> Any:
-    """A plain connection to the primary of the namespace's slot (MULTI with TIME on a cluster)."""
-    if isinstance(r, redis.cluster.RedisCluster):
-        return r.get_redis_connection(r.get_node_from_key(prefix))
-    return r
-
-
-def _contents(client: Any, s: Scheduler) -> dict[bytes, dict[bytes, Any]]:
-    """Every key of each queue by its name without the queue: (type, contents, PTTL), read in one
-    MULTI, so a key that expires (the wake list lives 2 s) is gone from both or neither."""
-    found: dict[bytes, dict[bytes, Any]] = {queue: {} for queue in QUEUES}
-    keys = namespace_keys(client, s.namespace)
-    types = [
-        kind.decode() if isinstance(kind, bytes) else kind
-        for kind in [client.type(key) for key in keys]
-    ]
-    reads = {"string": "GET", "hash": "HGETALL", "list": "LRANGE", "zset": "ZRANGE"}
-    pipe = client.pipeline(transaction=True)
-    for key, kind in zip(keys, types, strict=True):
-        extra = {"list": [0, -1], "zset": [0, -1, "WITHSCORES"]}.get(kind, [])  # "none": expired
-        pipe.execute_command(reads.get(kind, "TYPE"), key, *extra)
-        pipe.pttl(key)
-    replies = pipe.execute(raise_on_error=False)
-    for position, (key, kind) in enumerate(zip(keys, types, strict=True)):
-        value, ttl = replies[2 * position], replies[2 * position + 1]
-        if ttl == -2:  # expired (or deleted) since the scan
-            continue
-        for queue in QUEUES:
-            if key.endswith(b":" + queue):
-                found[queue][key[: -len(queue) - 1]] = (kind, value, ttl)
-    return found
-
-
-def _save(client: Any, s: Scheduler) -> dict[bytes, tuple[bytes, int]]:
-    """Every key of the namespace: its DUMP and its absolute deadline (0: none), read in one MULTI
-    (a key of queue "full" takes the deadline of its "lean" twin: they were set in the same ms)."""
-    keys = namespace_keys(client, s.namespace)
-    pipe = client.pipeline(transaction=True)
-    pipe.time()
-    for key in keys:
-        pipe.dump(key)
-        pipe.pttl(key)
-    replies = pipe.execute()
-    now_ms = _ms(replies[0])
-    saved = {
-        key: (replies[1 + 2 * at], now_ms + replies[2 + 2 * at] if replies[2 + 2 * at] > 0 else 0)
-        for at, key in enumerate(keys)
-        if replies[1 + 2 * at] is not None
-    }
-    for key in saved:
-        twin = key[:-5] + b":lean"
-        if key.endswith(b":full") and twin in saved:
-            saved[key] = (saved[key][0], saved[twin][1])
-    return saved
-
-
-def _restore(client: Any, s: Scheduler, saved: dict[bytes, tuple[bytes, int]]) -> None:
-    """Puts `saved` back, each key with its absolute deadline (RESTORE ... ABSTTL)."""
-    for key in namespace_keys(client, s.namespace):
-        client.delete(key)
-    for key, (dumped, deadline_ms) in saved.items():
-        client.restore(key, deadline_ms, dumped, replace=True, absttl=deadline_ms > 0)
-
-
-def _without_ttl(contents: dict[bytes, Any]) -> dict[bytes, Any]:
-    return {key: (kind, value, ttl > 0) for key, (kind, value, ttl) in contents.items()}
-
-
-def _ms(reply: Any) -> int:
-    return int(reply[0]) * 1000 + int(reply[1]) // 1000
-
-
-def _answer(value: Any) -> Any:
-    return f"error: {value}" if isinstance(value, Exception) else value
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
     rng = random.Random(seed)
     s = Scheduler(r, f"leanw-{seed}")
-    client = _direct(r, s.namespace.prefix)
-    keys = {queue: QueueKeys.of(s.namespace, queue) for queue in QUEUES}
-    scripts = render_all()
-    texts = {
-        name: scripts[name].text
-        for name in ("queue.enqueue", "queue.ack", "queue.dequeue", "queue.nack")
-    }
+    twins = QueueTwins(r, s)
+    client, keys = twins.conn, twins.keys
     if seed == 2:  # the sequence is near its end: big scores, then exhaustion (CORRUPT via main())
         for queue in QUEUES:
             client.hset(keys[queue].fixed[4], b"seq", str((1 << 43) - 25))
@@ -171,7 +83,7 @@ def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
         else:
             name = "waiters"  # a dequeuer starts or stops blocking (enqueue then pushes wake-ups)
             present = waiting = rng.random() < 0.6
-            now_ms = _ms(client.time())  # one absolute deadline per key pair
+            now_ms = server_ms(client.time())  # one absolute deadline per key pair
             for queue in QUEUES:
                 if present:
                     client.set(keys[queue].fixed[6], b"1", pxat=now_ms + LONG_MS)
@@ -181,30 +93,18 @@ def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
                 else:
                     client.delete(keys[queue].fixed[6], keys[queue].fixed[5])
             continue
-        for _attempt in range(50):
-            saved = _save(client, s)
-            pipe = client.pipeline(transaction=True)
-            pipe.time()
-            for queue in QUEUES:
-                call_keys = keys[queue].with_request(rid)
-                pipe.eval(texts[name], len(call_keys), *call_keys, *per_queue[queue])
-            pipe.time()
-            before, lean, full, after = pipe.execute(raise_on_error=False)
-            if _ms(before) == _ms(after):
-                break
-            _restore(client, s, saved)  # the two calls may have read different milliseconds
-        else:
-            pytest.fail("no step within one millisecond in 50 attempts")
-        assert _answer(lean) == _answer(full), (step, name, per_queue[b"lean"])
-        contents = _contents(client, s)
-        assert _without_ttl(contents[b"lean"]) == _without_ttl(contents[b"full"]), (step, name)
-        for key, (_kind, _value, ttl) in contents[b"lean"].items():
-            # Both set in the same millisecond, read in one MULTI: at most 1 ms apart.
-            assert abs(ttl - contents[b"full"][key][2]) <= 1, (step, name, key)
-        if name == "queue.dequeue" and not isinstance(lean, Exception):
+        calls = {
+            queue: raw_call(name, keys[queue].with_request(rid), per_queue[queue])
+            for queue in QUEUES
+        }
+        lean, full = twins.step(calls[b"lean"], calls[b"full"])
+        assert lean == full, (step, name, per_queue[b"lean"])
+        twins.assert_same_keys((step, name))
+        failed = isinstance(lean, str) and lean.startswith("error: ")  # as_text of an error
+        if name == "queue.dequeue" and not failed:
             leases.extend((bytes(lean[at]), int(lean[at + 3])) for at in range(1, len(lean), 5))
-        outcome = str(lean).split(":")[0] if isinstance(lean, Exception) else "ok"
-        if name == "queue.enqueue" and not isinstance(lean, Exception):
+        outcome = lean[len("error: ") :].split(":")[0] if failed else "ok"
+        if name == "queue.enqueue" and not failed:
             outcome = f"created={lean[0]} {lean[1].decode()}"
             seen["woken"] += waiting and lean[0] == 1
         seen[f"{name} {outcome}"] += 1
