@@ -83,7 +83,10 @@ def test_cancelled_waiters_leave_nothing_behind(r: Any, server: Any) -> None:
                 asyncio.ensure_future(s.lock(name, fair=fair, retry_ms=50).acquire())
                 for _ in range(3)
             ]
-            await asyncio.sleep(0.2)
+            for _ in range(100):  # each waiter's first refused attempt takes a place
+                if lock_state(r, s, name)[2] == 3:
+                    break
+                await asyncio.sleep(0.05)
             assert lock_state(r, s, name)[2] == 3  # three waiter places
             for task in waiters:
                 task.cancel()

@@ -164,8 +164,10 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
         if rng.random() < 0.15:
             time.sleep(rng.choice([0.002, 0.01, 0.025]))  # short leases and delays lapse
     for kind in ("dequeue", "dequeue_many", "ack_and_dequeue"):
-        assert paths[kind + ":lean"] >= 5, paths  # the lean path answered
-        assert paths[kind + ":main"] >= 5, paths  # and fell through
+        # Which path a call takes depends on what lapsed by then (short leases, sleeps): at
+        # least twice each, not an exact count (a loaded cluster run saw 4 of one kind).
+        assert paths[kind + ":lean"] >= 2, paths  # the lean path answered
+        assert paths[kind + ":main"] >= 2, paths  # and fell through
 
 
 def _lease(task_id: bytes, token: int) -> Lease:
