@@ -460,16 +460,20 @@ def luasched_lock_request_id_worker(env: Env, state: Any, index: int) -> Worker:
     return Worker(call=cycle, close=scheduler.client.close)
 
 
-def _drop_prefix(env: Env, namespace: str) -> None:
-    """Delete every key of ``namespace`` (SCAN + UNLINK)."""
+def _drop_pattern(env: Env, pattern: str | bytes) -> None:
+    """Delete every key matching ``pattern`` (SCAN + UNLINK)."""
     control = env.control()
     try:
-        pattern = Namespace(namespace).prefix + b"*"
         keys = list(control.scan_iter(match=pattern, count=10_000))
         for start in range(0, len(keys), 10_000):
             control.unlink(*keys[start : start + 10_000])
     finally:
         control.close()
+
+
+def _drop_prefix(env: Env, namespace: str) -> None:
+    """Delete every key of ``namespace`` (SCAN + UNLINK)."""
+    _drop_pattern(env, Namespace(namespace).prefix + b"*")
 
 
 LUASCHED_LOCKS: list[tuple[str, Callable[[Env, Any, int], Worker], str]] = [
@@ -589,6 +593,53 @@ redis.call('HDEL', KEYS[3], ARGV[1], 'o:' .. ARGV[1])
 return 1
 """
 REFERENCE_QUEUE_ROW = "bare reference queue enqueue+dequeue+ack"
+
+#: The featured floor: the least a queue with the features of issue #5 must do on top of the
+#: bare reference, with no argument checks, no stats fields, no wake-ups and no dead letters.
+#: Each call keeps a request record (GET first, SET PX last) so a replay acts once; enqueue is
+#: idempotent by task id (HSETNX) and orders FIFO within a priority (a seq counter); dequeue reads
+#: server time, checks for due delayed tasks and expired leases (ZCOUNT: it must promote and
+#: reclaim them), counts the attempt and issues a fencing token (HINCRBY each); ack checks the
+#: lease's token. KEYS: ready, delayed, leased, tasks (hash: "p" payload, "m" priority, "a"
+#: attempts, "o" token of the lease, "seq", "fence"), request.
+FEATURED_ENQUEUE = """\
+if redis.call('GET', KEYS[5]) then return 0 end
+if redis.call('HSETNX', KEYS[4], 'p' .. ARGV[1], ARGV[2]) == 0 then return 0 end
+local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+redis.call('HSET', KEYS[4], 'm' .. ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[3] * 8796093022208 + seq, ARGV[1])
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[4])
+return 1
+"""
+FEATURED_DEQUEUE = """\
+if redis.call('GET', KEYS[5]) then return 0 end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+if redis.call('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 then return 0 end
+if redis.call('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then return 0 end
+local id = redis.call('ZPOPMIN', KEYS[1])[1]
+if not id then return false end
+local token = redis.call('HINCRBY', KEYS[4], 'fence', 1)
+local attempt = redis.call('HINCRBY', KEYS[4], 'a' .. id, 1)
+local deadline_ms = now_ms + ARGV[1]
+redis.call('ZADD', KEYS[3], deadline_ms, id)
+redis.call('HSET', KEYS[4], 'o' .. id, token)
+local payload = redis.call('HGET', KEYS[4], 'p' .. id)
+redis.call('SET', KEYS[5], token, 'PX', ARGV[3])
+return {id, payload, attempt, token, deadline_ms}
+"""
+FEATURED_ACK = """\
+if redis.call('GET', KEYS[5]) then return 0 end
+if redis.call('HGET', KEYS[4], 'o' .. ARGV[1]) ~= ARGV[2] then
+  return redis.error_reply('STALE')
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], 'p' .. ARGV[1], 'm' .. ARGV[1], 'a' .. ARGV[1], 'o' .. ARGV[1])
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
+return 1
+"""
+FEATURED_QUEUE_ROW = "featured floor queue enqueue+dequeue+ack"
+FEATURED_REQUEST_TTL_MS = 60_000
 LUASCHED_CYCLE_ROW = "queue enqueue+dequeue+ack"
 
 
@@ -637,13 +688,51 @@ def _reference_setup(env: Env) -> tuple[str, str, str]:
 
 
 def _reference_teardown(env: Env, state: Any) -> None:
-    control = env.control()
-    try:
-        keys = list(control.scan_iter(match="bench:{refq-*", count=10_000))
-        if keys:
-            control.unlink(*keys)
-    finally:
-        control.close()
+    _drop_pattern(env, "bench:{refq-*")
+
+
+def featured_queue_worker(env: Env, shas: tuple[str, str, str], index: int) -> Worker:
+    client = env.client()
+    prefix = f"bench:{{featq-{index}}}:"
+    keys = tuple(prefix + kind for kind in ("ready", "delayed", "leased", "tasks"))
+    enqueue_sha, dequeue_sha, ack_sha = shas
+    ids = _task_ids()
+    ttl = FEATURED_REQUEST_TTL_MS
+    execute: Any = client.execute_command
+
+    def request() -> str:  # a fresh request key per call, as the wrapper's request ids
+        return prefix + "req:" + new_request_id().decode()
+
+    def call() -> None:
+        execute("EVALSHA", enqueue_sha, 5, *keys, request(), next(ids), PAYLOAD, 0, ttl)
+        taken = execute(
+            "EVALSHA", dequeue_sha, 5, *keys, request(), QUEUE_LEASE_MS, QUEUE_WORKER, ttl
+        )
+        if not taken:
+            raise RuntimeError("the featured floor queue was empty")
+        execute("EVALSHA", ack_sha, 5, *keys, request(), taken[0], taken[3], ttl)
+
+    def batch(size: int) -> None:
+        pipe: Any = client.pipeline(transaction=False)
+        for _ in range(size):
+            pipe.execute_command(
+                "EVALSHA", enqueue_sha, 5, *keys, request(), next(ids), PAYLOAD, 0, ttl
+            )
+        for _ in range(size):
+            pipe.execute_command(
+                "EVALSHA", dequeue_sha, 5, *keys, request(), QUEUE_LEASE_MS, QUEUE_WORKER, ttl
+            )
+        taken = pipe.execute()[size:]
+        pipe = client.pipeline(transaction=False)
+        for task in taken:
+            pipe.execute_command("EVALSHA", ack_sha, 5, *keys, request(), task[0], task[3], ttl)
+        pipe.execute()
+
+    return Worker(call=call, batch=batch, close=client.close)
+
+
+def _featured_setup(env: Env) -> tuple[str, str, str]:
+    return (_sha(env, FEATURED_ENQUEUE), _sha(env, FEATURED_DEQUEUE), _sha(env, FEATURED_ACK))
 
 
 QUEUE_NAMESPACE = "bench-queue"
@@ -718,6 +807,20 @@ add(
         note="bench/cases.py REFERENCE_*: HSET+ZADD / TIME+ZPOPMIN+ZADD+HSET+HGET / "
         "owner check+ZREM+HDEL; pipelined: the enqueues and dequeues in one round trip, the "
         "acks in a second",
+    )
+)
+add(
+    Case(
+        name=FEATURED_QUEUE_ROW,
+        group="queue",
+        setup=_featured_setup,
+        teardown=lambda env, state: _drop_pattern(env, "bench:{featq-*"),
+        worker=featured_queue_worker,
+        unit="task",
+        reference=REFERENCE_QUEUE_ROW,
+        note="bench/cases.py FEATURED_*: the reference plus what #5 asks of every call (request "
+        "record GET + SET PX, HSETNX, seq, TIME, due/expired checks, attempt and fence HINCRBY, "
+        "token check), no argument checks; pipelined as the reference",
     )
 )
 add(
