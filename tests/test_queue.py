@@ -94,8 +94,14 @@ def test_any_bytes_for_ids_payloads_and_queue_names(r: Client) -> None:
         for lease in leases[3:]:
             assert q.nack(lease, reason=b"\xff bad").state == "dead"
         assert q.stats().dead == len(ids) - 3
+        # The meta keeps the whole worker id (a NUL byte included): the lean path of the batch
+        # wrote the leases, format_meta (main()) the dead letters, the lean single take the last.
+        tasks = q.keys.with_request(b"")[4]
+        assert all(r.hget(tasks, b"m" + t).endswith(b" \x00worker \xff") for t in ids[3:])
         assert all(q.requeue_dead(task_id) for task_id in ids[3:])
         assert q.stats().ready == len(ids) - 3
+        lease = q.dequeue(b"w\x00", 10_000)
+        assert lease is not None and r.hget(tasks, b"m" + lease.task_id).endswith(b" w\x00")
 
 
 # --------------------------------------------------------------------------------------------

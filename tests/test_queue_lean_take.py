@@ -133,7 +133,7 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
             lease_ms = rng.choice([60000] * 5 + [4, 20])
             wait_ms = rng.choice([0, 0, 0, 600000])
             rid = request_id(dequeue_rids)
-            # string.format's %s (format_meta) cuts a worker id at a NUL byte below 100 bytes.
+            # Worker ids with NUL bytes, short and long (Lua 5.1's %s cuts one below 100 bytes).
             worker = rng.choice([b"w%d" % seed] * 4 + [b"", b"w\x00nul", b"x" * 150 + b"\x00y"])
             request_ttl_ms = rng.choice([TTL_MS, 5000])
             dequeue_rids.append(rid)

@@ -6766,7 +6766,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 b24f620991666d926aae874176f8edc087d5b0ad)
+-- queue.dequeue (sha1 278c1ff1aaf425d20e49d164f96ae870c23c9ea1)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -6942,7 +6942,7 @@ if #KEYS == 8 and #ARGV == 8 then
       end
       attempts = attempts + 1
       local token = fence + 1
-      local meta = string.format('L %d %d %d %d %d %s', priority, max_attempts, attempts, token, deadline_ms, worker_id)
+      local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
       -- Writes, in main()'s order; every key was read above, so none can fail on its type.
       redis.call('ZREM', KEYS[1], task_id)
       if acking then
@@ -6956,9 +6956,9 @@ if #KEYS == 8 and #ARGV == 8 then
       end
       return { 0, task_id, values[3], attempts, token, deadline_ms }
     end
-    -- Each meta is format_meta's output in two parts: the tail (deadline and worker: '%s' as
-    -- format_meta, which cuts the worker at a NUL byte below 100 bytes) is the same for all.
-    local tail = string.format(' %d %s', deadline_ms, worker_id)
+    -- Each meta is format_meta's output in two parts: the tail (deadline and worker id, appended
+    -- with `..` as format_meta does) is the same for all.
+    local tail = string.format(' %d ', deadline_ms) .. worker_id
     local leased_args, meta_args, reply, entry = {}, {}, { 0 }, { 'dequeue', acked }
     local malformed = false
     for index = 1, taken do
@@ -7237,9 +7237,10 @@ local function existing_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -7574,7 +7575,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 8fa4f264e5db4495d8cab7e30488efb06c7cfdbb)
+-- queue.dispatch (sha1 7405e284e5defe8984ce3daa848d0547f4e25db9)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -7894,9 +7895,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -8584,7 +8586,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 2825ba0486274969e63f5461e2d2a8c99b45c06c)
+-- queue.enqueue (sha1 e7a7a8ad84525f44703c47f6f687fa59fc5c20e1)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -8936,9 +8938,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -9053,7 +9056,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 364853c8efdfd4aa41be2ebaf2bb143bc0c79ec1)
+-- queue.extend (sha1 fd6d656a9ff8324177e179e2b045258734ada7e5)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -9291,9 +9294,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 local function main()
@@ -9319,7 +9323,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 99eb94831ff9f93ab43234c6cdf42345f5554a14)
+-- queue.nack (sha1 32b3e83eecdccea18b7dde50f1a3812c7d48c138)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -9585,9 +9589,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -10200,7 +10205,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 0fe3f6d05a7b901608e46be9491ed014c50ea340)
+-- queue.node_dequeue (sha1 3f2148a109413ad5218d42a03e8d0ab6ebaca3a2)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -10508,9 +10513,10 @@ local function existing_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -10903,7 +10909,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 5757bab4b1014a12b53be67e851293aabbdc6f45)
+-- queue.node_nack (sha1 8b07e8334cbf100d24ec856d37029a32b097c8bf)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -11203,9 +11209,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -11810,7 +11817,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 7bcc88ad3479bf1e5c20475570a57b40a795e6de)
+-- queue.redispatch (sha1 cadd8336d797f0914d3229aa764a49a517218c73)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -12111,9 +12118,10 @@ local function existing_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -12846,7 +12854,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 00a22545933755933ea2e0d9cb64e02f3ff9e4d6)
+-- queue.requeue_dead (sha1 33733c375422030df7556aa13b4ad020dc9f77eb)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -13070,9 +13078,10 @@ local function parse_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
@@ -14668,5 +14677,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'b9499e55ed19371e28045070075895906a943200' end,
+  callback = function() return '067636f6af68daa1b7c2d8e75d8bae8d466ccf87' end,
 }

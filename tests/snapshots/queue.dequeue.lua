@@ -169,7 +169,7 @@ if #KEYS == 8 and #ARGV == 8 then
       end
       attempts = attempts + 1
       local token = fence + 1
-      local meta = string.format('L %d %d %d %d %d %s', priority, max_attempts, attempts, token, deadline_ms, worker_id)
+      local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
       -- Writes, in main()'s order; every key was read above, so none can fail on its type.
       redis.call('ZREM', KEYS[1], task_id)
       if acking then
@@ -183,9 +183,9 @@ if #KEYS == 8 and #ARGV == 8 then
       end
       return { 0, task_id, values[3], attempts, token, deadline_ms }
     end
-    -- Each meta is format_meta's output in two parts: the tail (deadline and worker: '%s' as
-    -- format_meta, which cuts the worker at a NUL byte below 100 bytes) is the same for all.
-    local tail = string.format(' %d %s', deadline_ms, worker_id)
+    -- Each meta is format_meta's output in two parts: the tail (deadline and worker id, appended
+    -- with `..` as format_meta does) is the same for all.
+    local tail = string.format(' %d ', deadline_ms) .. worker_id
     local leased_args, meta_args, reply, entry = {}, {}, { 0 }, { 'dequeue', acked }
     local malformed = false
     for index = 1, taken do
@@ -464,9 +464,10 @@ local function existing_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).

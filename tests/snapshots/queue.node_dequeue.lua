@@ -301,9 +301,10 @@ local function existing_meta(raw, task_id)
 end
 
 -- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
 local function format_meta(meta)
-  return string.format('%s %d %d %d %d %d %s', meta.state, meta.priority, meta.max_attempts,
-    meta.attempts, meta.token, meta.at_ms, meta.worker)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
 -- The score of a ready task (see the budget above).
