@@ -93,6 +93,8 @@ class Target:
 
 LOCK = "luasched lock acquire+release"
 CYCLE = "queue enqueue+dequeue+ack"
+FEATURED = "featured floor queue enqueue+dequeue+ack"
+REFERENCE = "bare reference queue enqueue+dequeue+ack"
 
 
 def _cpu(row: str, mode: str = "single") -> tuple[str, str, str]:
@@ -177,14 +179,14 @@ TARGETS = [
         5,
         "enqueue+dequeue+ack: Redis CPU / the bare reference queue (1 client)",
         _cpu(CYCLE),
-        _cpu("bare reference queue enqueue+dequeue+ack"),
+        _cpu(REFERENCE),
         1.25,
     ),
     Target(
         5,
         "enqueue+dequeue+ack: Redis CPU / the bare reference queue (pipelined)",
         _cpu(CYCLE, "pipelined"),
-        _cpu("bare reference queue enqueue+dequeue+ack", "pipelined"),
+        _cpu(REFERENCE, "pipelined"),
         1.25,
     ),
     Target(
@@ -249,6 +251,31 @@ TARGETS = [
         at_most=False,
     ),
     *PEER_TARGETS,
+]
+
+#: Ratios that explain targets without being targets: (label, value, of).
+CONTEXT = [
+    (
+        "featured floor queue / the bare reference queue (1 client)",
+        _cpu(FEATURED),
+        _cpu(REFERENCE),
+    ),
+    (
+        "featured floor queue / the bare reference queue (pipelined)",
+        _cpu(FEATURED, "pipelined"),
+        _cpu(REFERENCE, "pipelined"),
+    ),
+    ("enqueue+dequeue+ack / the featured floor queue (1 client)", _cpu(CYCLE), _cpu(FEATURED)),
+    (
+        "enqueue+dequeue+ack / the featured floor queue (pipelined)",
+        _cpu(CYCLE, "pipelined"),
+        _cpu(FEATURED, "pipelined"),
+    ),
+    (
+        "enqueue+ack_and_dequeue (2 calls a task) / the bare reference queue (1 client)",
+        _cpu("queue enqueue+ack_and_dequeue"),
+        _cpu(REFERENCE),
+    ),
 ]
 
 #: Per group, the row the others are compared with (a row's own ``reference`` wins).
@@ -404,6 +431,10 @@ def add_derived(document: dict[str, Any]) -> None:
             }
         )
     document["targets"] = sorted(targets, key=lambda entry: entry["issue"])
+    document["context"] = [
+        {"label": label, "value": _round(_ratio(_figure(document, value), _figure(document, of)))}
+        for label, value, of in CONTEXT
+    ]
     busy = document["meta"]["server"].get("busy_reply_threshold_ms")
     rebalance = {}
     for row in rows:
@@ -601,6 +632,11 @@ def _targets_section(document: dict[str, Any]) -> list[str]:
             f"| {target['issue']} | {target['label']} | {shown} | {sign} {target['limit']} "
             f"| {met} |"
         )
+    context = [entry for entry in document.get("context", []) if entry["value"] is not None]
+    if context:
+        lines += ["", "Context (Redis CPU ratios of this run, no target):", ""]
+        lines += ["| figure | value |", "|---|--:|"]
+        lines += [f"| {entry['label']} | {entry['value']:.3f} |" for entry in context]
     return [*lines, ""]
 
 
