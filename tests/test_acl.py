@@ -227,11 +227,22 @@ def every_operation(scheduler: Scheduler, tag: bytes = b"") -> list[str]:
     lease = mine.dequeue(b"worker", HOUR)
     assert lease is not None
     step("queue.node_dequeue")
+    assert mine.extend(lease, HOUR) > 0
+    step("queue.node_extend")
     assert mine.nack(lease, delay_ms=0).state == "ready"
     step("queue.node_nack")
     lease = mine.dequeue(b"worker", HOUR)
     assert lease is not None and mine.ack(lease)
     step("queue.node_ack")
+    doomed = queue.dispatch(
+        task + b"-x", b"", strategy="slot", routing_key=b"user:1", max_attempts=1
+    )
+    lease = mine.dequeue(b"worker", HOUR)
+    assert lease is not None and mine.nack(lease).state == "dead"
+    assert queue.requeue_dead_dispatched(task + b"-x").node == doomed.node
+    step("queue.dispatch_requeue_dead")
+    lease = mine.dequeue(b"worker", HOUR)
+    assert lease is not None and mine.ack(lease)
     assert queue.redispatch(dispatched.node).node_state == "live"
     step("queue.redispatch")
     assert mine.stats().ready == 0

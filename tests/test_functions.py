@@ -76,6 +76,18 @@ DISPATCHED: list[Step] = [
 ]
 # d1 leased with token 1.
 DISPATCH_LEASED = [*DISPATCHED, ("queue.node_dequeue", ("n1", "w1", "1", "30000", "", "60000"))]
+# d1 dead (max_attempts 3: three leases, each nacked).
+DISPATCH_DEAD: list[Step] = [
+    *DISPATCHED,
+    *[
+        step
+        for token in ("1", "2", "3")
+        for step in (
+            ("queue.node_dequeue", ("n1", "w1", "1", "30000", "", "60000")),
+            ("queue.node_nack", ("d1", token, "0", "bad", "0", "0", "", "60000")),
+        )
+    ],
+]
 LOCKED: list[Step] = [("lock.acquire", ("tokA", "30000", "0", "0", "0", ""))]
 SEMAPHORE: list[Step] = [("lock.semaphore_acquire", ("tokA", "3", "30000", ""))]
 
@@ -107,6 +119,8 @@ VALID: dict[str, tuple[list[Step], tuple[str, ...]]] = {
     "queue.dispatch": (REBALANCED, ("d9", "p", "slot", "user:9", "2", "5", "0", "3", "11", "12",
                                     "13", "rq1", "60000")),
     "queue.node_ack": (DISPATCH_LEASED, ("d1", "1", "rq1", "60000")),
+    "queue.node_extend": (DISPATCH_LEASED, ("d1", "1", "45000")),
+    "queue.dispatch_requeue_dead": (DISPATCH_DEAD, ("d1", "4242")),
     "queue.node_dequeue": (DISPATCHED, ("n1", "w2", "5", "30000", "rq1", "60000")),
     "queue.node_nack": (DISPATCH_LEASED, ("d1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.node_stats": (DISPATCHED, ("n1", "n2")),

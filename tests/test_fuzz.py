@@ -362,7 +362,8 @@ def invalid_call(draw: st.DrawFn, script: str) -> Call:
 
 
 def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
-    """Some state in every part of the namespace: nodes, slots, picks, a queue, a lock."""
+    """Some state in every part of the namespace: nodes, slots, picks, a queue (plain and
+    dispatched), a lock."""
     hour = 3_600_000
     scheduler = Scheduler(client, NAMESPACE.name, rng=random.Random(7))
     nodes = scheduler.nodes
@@ -389,6 +390,16 @@ def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
     queue.enqueue("t-2", b"", priority=-3, request_id="")
     queue.enqueue("t-3", b"later", delay_ms=hour, request_id="")
     assert queue.dequeue("worker-2", hour, request_id="") is not None
+    # Dispatched tasks: a dead letter, a leased one, a ready one and a delayed one.
+    doomed = queue.dispatch("d-dead", b"x", strategy="round_robin", priority=511, max_attempts=1,
+                            request_id="")  # fmt: skip
+    lease = queue.for_node(doomed.node).dequeue("worker-3", hour, request_id="")
+    assert lease is not None and lease.task_id == b"d-dead"
+    assert queue.for_node(doomed.node).nack(lease, reason=b"boom", request_id="").state == "dead"
+    held = queue.dispatch("d-held", b"h", strategy="least_loaded", priority=511, request_id="")
+    assert queue.for_node(held.node).dequeue("worker-3", hour, request_id="") is not None
+    queue.dispatch("d-ready", b"r", strategy="slot", routing_key=b"user:1", request_id="")
+    queue.dispatch("d-later", b"l", strategy="weighted", delay_ms=hour, request_id="")
     assert scheduler.lock(PLACEHOLDERS["name"], ttl_ms=hour).acquire(blocking=False)
     semaphore = scheduler.semaphore(PLACEHOLDERS["name"], 2, ttl_ms=hour)
     assert semaphore.acquire(blocking=False)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import luasched.asyncio
-from helpers import assert_codes_covered, assert_refused, snapshot
+from helpers import assert_codes_covered, assert_refused, snapshot, snapshot_ignoring_ttl
 from luasched import Scheduler
 from luasched.errors import AllNodesFull, NoNode, StaleLease
 from luasched.queue import DispatchKeys, Lease
@@ -39,6 +39,21 @@ def loads(r: Client, s: Scheduler) -> dict[bytes, int]:
     ids = r.hgetall(s.namespace.key("nodes:id"))
     raw = r.hgetall(s.namespace.key("pick:load"))
     return {node: int(raw.get(index, 0)) for index, node in ids.items()}
+
+
+def server_ms(q: Any, node: str = "a") -> int:
+    """The server's clock (the node holding the namespace), in ms."""
+    return int(q.dispatch_stats([node]).now_ms)
+
+
+def kill(q: Any, node: str | bytes, task_id: bytes) -> None:
+    """Lease and nack ``task_id`` on ``node`` until it is a dead letter (attempts exhausted)."""
+    view = q.for_node(node)
+    while True:
+        lease = view.dequeue("killer", HOUR)
+        assert lease is not None and lease.task_id == task_id
+        if view.nack(lease, delay_ms=0, reason=b"boom").state == "dead":
+            return
 
 
 def drain_node(q: Any, node: bytes, worker: str = "w") -> list[Lease]:
@@ -204,6 +219,187 @@ def test_delayed_dispatch_waits_for_the_server_clock(r: Client) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Node leases: extend
+
+
+def test_node_extend_moves_the_deadline_on_the_server_clock(r: Client) -> None:
+    s = scheduler(r, "dext", [("a", 1, None)])
+    q = s.queue("jobs")
+    q.dispatch("t", b"p", strategy="least_loaded", cost=4, max_attempts=3)
+    view = q.for_node("a")
+    lease = view.dequeue("w", 200)
+    assert lease is not None
+    before = server_ms(q)
+    deadline = view.extend(lease, 60_000)
+    after = server_ms(q)
+    assert before + 60_000 <= deadline <= after + 60_000
+    leased = DispatchKeys.of(s.namespace, b"jobs").fixed[2]
+    assert r.zscore(leased, b"t") == deadline
+    # Shorter works too: the deadline is now + lease_ms, not the old one + lease_ms.
+    shorter = view.extend(lease, 50)
+    assert shorter < deadline and shorter >= after + 50
+    assert view.extend(lease, 60_000) >= shorter
+    time.sleep(0.3)  # past the first deadline (200 ms) and the shorter one
+    # Not reclaimed by a dequeue after the old deadline: still held, still on a, still charged.
+    assert view.dequeue("w2", 1000) is None
+    stats = q.dispatch_stats(["a"])
+    assert (stats.ready, stats.leased) == (0, 1)
+    assert stats.nodes[b"a"] == type(stats.nodes[b"a"])(ready=0, assigned=1, load=4)
+    assert view.ack(lease)
+    assert loads(r, s) == {b"a": 0}
+
+
+def test_node_extend_revives_an_unreclaimed_lapsed_lease(r: Client) -> None:
+    s = scheduler(r, "dextlate", [("a", 1, None)])
+    q = s.queue("jobs")
+    q.dispatch("t", b"p", strategy="round_robin", max_attempts=3)
+    view = q.for_node("a")
+    lease = view.dequeue("w", 50)
+    assert lease is not None
+    time.sleep(0.1)
+    assert view.extend(lease, HOUR) > lease.deadline_ms  # past its deadline, not reclaimed: held
+    assert view.dequeue("w2", 1000) is None
+    assert view.dequeue("w2", 1000) is None  # nothing was reclaimed in between either
+    assert view.ack(lease)
+
+
+def test_node_extend_refuses_stale_leases_and_changes_nothing(r: Client) -> None:
+    s = scheduler(r, "dextstale", [("a", 1, None)])
+    q = s.queue("jobs")
+    view = q.for_node("a")
+    q.dispatch("acked", b"", strategy="round_robin")
+    acked = view.dequeue("w", HOUR)
+    assert acked is not None and view.ack(acked)
+    q.dispatch("slow", b"", strategy="round_robin", max_attempts=3)
+    old = view.dequeue("w", 50)
+    assert old is not None
+    time.sleep(0.1)
+    assert view.dequeue("w2", HOUR) is None  # reclaims the lapsed lease...
+    new = view.dequeue("w2", HOUR)  # ...which the next call takes again
+    assert new is not None and new.task_id == b"slow" and new.token > old.token
+    wrong = Lease(new.task_id, new.payload, new.attempt, new.token + 1, new.deadline_ms)
+    before = snapshot_ignoring_ttl(r, s.namespace)
+    for stale in (acked, old, wrong):
+        with pytest.raises(StaleLease):
+            view.extend(stale, HOUR)
+    assert snapshot_ignoring_ttl(r, s.namespace) == before
+    assert view.extend(new, HOUR) > new.deadline_ms - 60_000
+
+
+def test_node_extend_and_requeue_dead_in_a_pipeline(r: Client) -> None:
+    s = scheduler(r, "dextpipe", [("a", 1, None)])
+    q = s.queue("jobs")
+    q.dispatch("held", b"", strategy="round_robin")
+    lease = q.for_node("a").dequeue("w", 100)
+    assert lease is not None
+    q.dispatch("doomed", b"", strategy="round_robin", max_attempts=1)
+    kill(q, "a", b"doomed")
+    with s.pipeline() as pipe:
+        queued = pipe.queue("jobs")
+        assert queued.for_node("a").extend(lease, HOUR) is None  # queued, not sent
+        assert queued.requeue_dead_dispatched("doomed") is None
+        assert queued.requeue_dead_dispatched("held") is None
+        deadline, requeued, held = pipe.execute()
+    assert deadline >= server_ms(q) + HOUR - 5_000
+    assert (requeued.state, requeued.node, requeued.requeued) == ("requeued", b"a", True)
+    assert (held.state, held.node, held.requeued) == ("leased", None, False)
+
+
+# --------------------------------------------------------------------------------------------
+# Dead letters: dispatched again
+
+
+def test_requeue_dead_dispatched_redispatches_charges_and_resets_attempts(r: Client) -> None:
+    s = scheduler(r, "drequeue", [("a", 1, None), ("b", 1, None)])
+    q = s.queue("jobs")
+    sent = q.dispatch("t", b"payload", strategy="round_robin", cost=3, priority=7, max_attempts=2)
+    assert sent.node == b"a"
+    kill(q, "a", b"t")
+    tasks = DispatchKeys.of(s.namespace, b"jobs").fixed[4]
+    assert r.hget(tasks, b"rt") == b"boom"
+    assert loads(r, s) == {b"a": 0, b"b": 0}  # a dead letter gave its cost back
+    assert q.dispatch_stats(["a"]).dead == 1
+
+    again = q.requeue_dead_dispatched("t")
+    # round_robin, the task's own strategy: the cursor moved on to b (a took the last pick).
+    assert (again.state, again.node, again.requeued) == ("requeued", b"b", True)
+    assert loads(r, s) == {b"a": 0, b"b": 3}  # charged as dispatch charges
+    stats = q.dispatch_stats(["a", "b"])
+    assert (stats.ready, stats.leased, stats.dead) == (1, 0, 0)
+    assert stats.nodes[b"b"] == type(stats.nodes[b"b"])(ready=1, assigned=0, load=3)
+    assert r.hget(tasks, b"rt") is None  # reason cleared
+    # Its priority kept: ahead of a lower one dispatched after it to the same node.
+    assert q.dispatch("other", b"", strategy="round_robin", priority=9).node == b"a"
+    assert q.dispatch("low", b"", strategy="round_robin", priority=0).node == b"b"
+    view = q.for_node("b")
+    lease = view.dequeue("w", HOUR)
+    assert lease is not None
+    assert (lease.task_id, lease.payload, lease.attempt) == (b"t", b"payload", 1)
+    # max_attempts kept (2): one failed attempt keeps it alive, the second kills it again.
+    assert view.nack(lease, delay_ms=0).state == "ready"
+    lease = view.dequeue("w", HOUR)
+    assert lease is not None and (lease.task_id, lease.attempt) == (b"t", 2)
+    assert loads(r, s)[b"b"] == 4
+    assert view.ack(lease)
+    assert loads(r, s)[b"b"] == 1  # its 3 given back on ack: only "low" is left on b
+
+
+def test_requeue_dead_dispatched_slot_task_goes_to_the_slot_owner(r: Client) -> None:
+    s = scheduler(r, "drequeueslot", [("a", 1, None), ("b", 1, None), ("c", 1, None)])
+    q = s.queue("jobs")
+    first = q.dispatch("t", b"", strategy="slot", routing_key="user:42", cost=2, max_attempts=1)
+    kill(q, first.node, b"t")
+    s.nodes.remove(first.node)
+    s.slots.rebalance()
+    owner = s.slots.owner("user:42").node
+    assert owner is not None and owner != first.node
+    again = q.requeue_dead_dispatched("t")
+    assert (again.state, again.node) == ("requeued", owner)
+    assert loads(r, s)[owner] == 2
+    lease = q.for_node(owner).dequeue("w", HOUR)
+    assert lease is not None and (lease.task_id, lease.attempt) == (b"t", 1)
+    assert q.for_node(owner).ack(lease)
+    assert sum(loads(r, s).values()) == 0
+
+
+def test_requeue_dead_dispatched_without_a_live_node_raises_and_changes_nothing(r: Client) -> None:
+    s = Scheduler(r, "drequeuenone", rng=random.Random(7))
+    s.nodes.register("a", ttl_ms=300)
+    s.nodes.register("b", ttl_ms=300)
+    q = s.queue("jobs")
+    for strategy in ("least_loaded", "weighted", "round_robin", "two_choices"):
+        node = q.dispatch(strategy, b"", strategy=strategy, max_attempts=1).node  # type: ignore[arg-type]
+        kill(q, node, strategy.encode())
+    time.sleep(0.4)  # every node's heartbeat lapsed (not swept)
+    before = snapshot_ignoring_ttl(r, s.namespace)
+    for strategy in ("least_loaded", "weighted", "round_robin", "two_choices"):
+        with pytest.raises(NoNode):
+            q.requeue_dead_dispatched(strategy)
+    assert snapshot_ignoring_ttl(r, s.namespace) == before
+    assert q.dispatch_stats(["a"]).dead == 4
+
+
+def test_requeue_dead_dispatched_answers_the_state_of_a_task_that_is_not_dead(r: Client) -> None:
+    s = scheduler(r, "drequeuestate", [("a", 1, None)])
+    q = s.queue("jobs")
+    q.dispatch("ready", b"", strategy="round_robin")
+    q.dispatch("leased", b"", strategy="round_robin", priority=5)
+    assert q.for_node("a").dequeue("w", HOUR) is not None
+    q.dispatch("delayed", b"", strategy="round_robin", delay_ms=HOUR)
+    before = snapshot_ignoring_ttl(r, s.namespace)
+    for task_id in ("ready", "leased", "delayed", "absent"):
+        answer = q.requeue_dead_dispatched(task_id)
+        assert (answer.state, answer.node, answer.requeued) == (task_id, None, False)
+    assert snapshot_ignoring_ttl(r, s.namespace) == before
+    # The plain queue's dead letters are not the dispatch queue's.
+    plain = s.queue("jobs")
+    plain.enqueue("plain", b"", max_attempts=1)
+    held = plain.dequeue("w", HOUR)
+    assert held is not None and plain.nack(held).state == "dead"
+    assert q.requeue_dead_dispatched("plain").state == "absent"
+
+
+# --------------------------------------------------------------------------------------------
 # A node dies: its queued, leased and delayed tasks are dispatched again
 
 
@@ -234,6 +430,8 @@ def test_dead_node_tasks_are_redispatched_to_live_nodes_and_none_is_lost(r: Clie
     for lease in held:
         with pytest.raises(StaleLease):  # ...so its worker's late acks are refused
             c.ack(lease)
+        with pytest.raises(StaleLease):  # ...and so are its extends
+            c.extend(lease, HOUR)
     done = drain_node(q, b"a") + drain_node(q, b"b")
     assert sorted(lease.task_id for lease in done) == sorted(
         f"t{number}".encode() for number in range(total)
@@ -306,7 +504,18 @@ def test_async_twin(r: Client, server: Any) -> None:
             assert (await view.nack(leases[1], delay_ms=0)).state == "ready"
             assert (await view.stats()).load == 1
             assert (await q.redispatch("a")).node_state == "live"
-            assert (await q.dispatch_stats(["b"])).nodes[b"b"].ready == 2
+            lease = await view.dequeue("w", 100)
+            assert lease is not None and lease.task_id == b"t2"
+            assert await view.extend(lease, HOUR) > lease.deadline_ms
+            assert (await q.requeue_dead_dispatched("t2")).state == "leased"
+            assert await view.ack(lease)
+            await q.dispatch("dead", b"", strategy="round_robin", max_attempts=1)  # to a
+            doomed = await view.dequeue("w", HOUR)
+            assert doomed is not None and doomed.task_id == b"dead"
+            assert (await view.nack(doomed)).state == "dead"
+            again = await q.requeue_dead_dispatched("dead")  # round robin: b is next
+            assert (again.state, again.node) == ("requeued", b"b")
+            assert (await q.dispatch_stats(["b"])).nodes[b"b"].ready == 3
         finally:
             await client.aclose()
 
@@ -340,7 +549,7 @@ def _empty_registry(r: Client, s: Scheduler) -> None:
 
 def _dead_crowd(r: Client, s: Scheduler) -> None:
     # 130 nodes whose heartbeat lapsed (not swept): the walks give up after 128 of them. t0 was
-    # dispatched to the first one while it lived.
+    # dispatched to the first one while it lived; t1 (least_loaded) died there.
     def register_all(ttl_ms: int) -> None:
         with s.pipeline() as pipe:
             for number in range(130):
@@ -348,18 +557,24 @@ def _dead_crowd(r: Client, s: Scheduler) -> None:
             pipe.execute()
 
     register_all(HOUR)
-    assert s.queue(QUEUE).dispatch("t0", b"", strategy="round_robin").node == b"n000"
+    q = s.queue(QUEUE)
+    assert q.dispatch("t0", b"", strategy="round_robin").node == b"n000"
+    kill(q, q.dispatch("t1", b"", strategy="least_loaded", max_attempts=1).node, b"t1")
     register_all(1)
     time.sleep(0.02)
 
 
 def _orphan(strategy: str, capacity: int | None = None) -> Any:
     # t0 (then t1) dispatched with `strategy` to "gone", which was removed since; with
-    # `capacity`, node "a" (that capacity) registered afterwards.
+    # `capacity`, node "a" (that capacity) registered afterwards. td (`strategy`, routing key
+    # "k") died on "gone" before.
     def setup(r: Client, s: Scheduler) -> None:
         s.nodes.register("gone", ttl_ms=HOUR)
+        s.slots.rebalance()
         q = s.queue(QUEUE)
-        q.dispatch("t0", b"", strategy=strategy)  # type: ignore[arg-type]
+        q.dispatch("td", b"", strategy=strategy, routing_key="k", max_attempts=1)  # type: ignore[arg-type]
+        kill(q, "gone", b"td")
+        q.dispatch("t0", b"", strategy=strategy, routing_key="k")  # type: ignore[arg-type]
         q.dispatch("t1", b"", strategy="least_loaded")
         s.nodes.remove("gone")
         if capacity is not None:
@@ -368,9 +583,9 @@ def _orphan(strategy: str, capacity: int | None = None) -> Any:
     return setup
 
 
-def _wrong(kind: int) -> Any:
+def _wrong(kind: int, base: Any = _populated) -> Any:
     def setup(r: Client, s: Scheduler) -> None:
-        _populated(r, s)
+        base(r, s)
         key = DispatchKeys.of(s.namespace, QUEUE).fixed[kind]
         r.delete(key)
         r.set(key, b"not the layout's type")
@@ -378,10 +593,10 @@ def _wrong(kind: int) -> Any:
     return setup
 
 
-def _bad_route(base: Any) -> Any:
+def _bad_route(base: Any, task: bytes = b"t0") -> Any:
     def setup(r: Client, s: Scheduler) -> None:
         base(r, s)
-        r.hset(DispatchKeys.of(s.namespace, QUEUE).fixed[4], b"nt0", b"garbage")
+        r.hset(DispatchKeys.of(s.namespace, QUEUE).fixed[4], b"n" + task, b"garbage")
 
     return setup
 
@@ -396,6 +611,9 @@ SETUPS = {
     "wrong_ready": _wrong(0),
     "bad_route": _bad_route(_populated),
     "orphan_bad_route": _bad_route(_orphan("round_robin")),
+    "orphan_slot": _orphan("slot"),
+    "dead_wrong_ready": _wrong(0, _orphan("least_loaded", capacity=5)),
+    "dead_bad_route": _bad_route(_orphan("least_loaded", capacity=5), b"td"),
 }
 
 
@@ -504,6 +722,32 @@ ERROR_CASES: list[tuple[Any, ...]] = [
     ("queue.redispatch", "orphan_full", "ok", (b"gone", 1, R), "ATCAPACITY", "every live node"),
     ("queue.redispatch", "crowd", "ok", (b"n000", 1, R), "SCANLIMIT", "the first 128"),
     ("queue.redispatch", "orphan_bad_route", "ok", (b"gone", 1, R), "CORRUPT", "malformed"),
+    # queue.node_extend
+    ("queue.node_extend", "populated", "short", (b"t1", 1, 10), "ARG", "got 18"),
+    ("queue.node_extend", "populated", "ok", (b"t1", 1), "ARG", "expected 3 argument(s), got 2"),
+    ("queue.node_extend", "populated", "ok", (b"t1", 1, 0), "ARG", "lease_ms must be between 1"),
+    ("queue.node_extend", "populated", "ok", (b"t1", 2, 10), "STALE", 'task "t1" with token 2'),
+    ("queue.node_extend", "populated", "ok", (b"t0", 1, 10), "STALE", "is no longer held"),
+    ("queue.node_extend", "populated", "ok", (b"zz", 1, 10), "STALE", "is no longer held"),
+    ("queue.node_extend", "wrong_tasks", "ok", (b"t1", 1, 10), "CORRUPT", "another type"),
+    # queue.dispatch_requeue_dead
+    ("queue.dispatch_requeue_dead", "orphan", "long", (b"td", R), "ARG", "got 20"),
+    ("queue.dispatch_requeue_dead", "orphan", "ok", (b"td",), "ARG", "expected 2 argument(s)"),
+    ("queue.dispatch_requeue_dead", "orphan", "ok", (b"", R), "ARG", "task_id must be 1 to"),
+    ("queue.dispatch_requeue_dead", "orphan", "ok", (b"td", -1), "ARG", "seed must be between"),
+    ("queue.dispatch_requeue_dead", "orphan", "ok", (b"td", R), "NONODE", "no live node"),
+    ("queue.dispatch_requeue_dead", "orphan_slot", "ok", (b"td", R), "NONODE", "no live owner"),
+    ("queue.dispatch_requeue_dead", "orphan_full", "ok", (b"td", R), "ATCAPACITY", "every live"),
+    ("queue.dispatch_requeue_dead", "crowd", "ok", (b"t1", R), "SCANLIMIT", "the first 128"),
+    ("queue.dispatch_requeue_dead", "dead_bad_route", "ok", (b"td", R), "CORRUPT", "malformed"),
+    (
+        "queue.dispatch_requeue_dead",
+        "dead_wrong_ready",
+        "ok",
+        (b"td", R),
+        "CORRUPT",
+        "another type",
+    ),
     # queue.node_stats
     ("queue.node_stats", "populated", "short", (b"a",), "ARG", "expected 19 key(s), got 18"),
     ("queue.node_stats", "populated", "ok", (), "ARG", "expected 1 to 100 arguments, got 0"),
@@ -519,7 +763,7 @@ DISPATCH_SCRIPTS = {
 
 
 def test_every_dispatch_script_and_error_code_is_covered() -> None:
-    assert len(DISPATCH_SCRIPTS) == 6
+    assert len(DISPATCH_SCRIPTS) == 8
     assert_codes_covered(ERROR_CASES, DISPATCH_SCRIPTS)
 
 

@@ -60,10 +60,12 @@ __all__ = [
     "QueueKeys",
     "QueueStats",
     "Redispatched",
+    "RequeuedDispatched",
     "ack_call",
     "check_eviction_policy",
     "dequeue_call",
     "dispatch_call",
+    "dispatch_requeue_dead_call",
     "dispatch_stats_call",
     "enqueue_call",
     "extend_call",
@@ -71,6 +73,7 @@ __all__ = [
     "new_request_id",
     "node_ack_call",
     "node_dequeue_call",
+    "node_extend_call",
     "node_nack_call",
     "redispatch_call",
     "requeue_dead_call",
@@ -343,10 +346,13 @@ def nack_call(
     return Call(script, keys.with_request(rid), args, _nacked)
 
 
-def extend_call(keys: QueueKeys, lease: Lease, lease_ms: int) -> Call[int]:
-    """The ``queue.extend`` call; parses the new deadline (server ms)."""
+def extend_call(
+    keys: QueueKeys | DispatchKeys, lease: Lease, lease_ms: int, *, script: str = "queue.extend"
+) -> Call[int]:
+    """The ``queue.extend`` call (``queue.node_extend`` with DispatchKeys: the same ARGV); parses
+    the new deadline (server ms)."""
     args = (lease.task_id, lease.token, lease_ms)
-    return Call("queue.extend", keys.with_request(b""), args, int)
+    return Call(script, keys.with_request(b""), args, int)
 
 
 def _requeued(reply: Any) -> str:
@@ -448,6 +454,21 @@ class Redispatched:
     moved: int
     more: bool
     node_state: str
+
+
+@dataclass(frozen=True)
+class RequeuedDispatched:
+    """What ``requeue_dead_dispatched`` did: ``state`` ``requeued`` (dispatched again, ready now
+    on ``node``), or the state of a task that was not dead (``ready``, ``delayed``, ``leased``)
+    or ``absent``; ``node`` is then None and nothing changed."""
+
+    state: str
+    node: bytes | None
+
+    @property
+    def requeued(self) -> bool:
+        """Whether the dead task was dispatched again."""
+        return self.state == "requeued"
 
 
 @dataclass(frozen=True)
@@ -568,6 +589,11 @@ def node_nack_call(
     )
 
 
+def node_extend_call(keys: DispatchKeys, lease: Lease, lease_ms: int) -> Call[int]:
+    """The ``queue.node_extend`` call; parses the new deadline (server ms)."""
+    return extend_call(keys, lease, lease_ms, script="queue.node_extend")
+
+
 def _redispatched(reply: Any) -> Redispatched:
     return Redispatched(moved=int(reply[0]), more=bool(int(reply[1])), node_state=_text(reply[2]))
 
@@ -578,6 +604,19 @@ def redispatch_call(
     """The ``queue.redispatch`` call (one random seed from ``rng``)."""
     args = (to_bytes(node_id), limit, rng.randrange(RANDOM_LIMIT))
     return Call("queue.redispatch", keys.with_request(b""), args, _redispatched)
+
+
+def _requeued_dispatched(reply: Any) -> RequeuedDispatched:
+    state = _text(reply[0])
+    return RequeuedDispatched(state=state, node=bytes(reply[1]) if state == "requeued" else None)
+
+
+def dispatch_requeue_dead_call(
+    keys: DispatchKeys, task_id: str | bytes, rng: RandomSource
+) -> Call[RequeuedDispatched]:
+    """The ``queue.dispatch_requeue_dead`` call (one random seed from ``rng``)."""
+    args = (to_bytes(task_id), rng.randrange(RANDOM_LIMIT))
+    return Call("queue.dispatch_requeue_dead", keys.with_request(b""), args, _requeued_dispatched)
 
 
 def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...]) -> Call[DispatchStats]:
@@ -946,6 +985,18 @@ class Queue:
         """
         return self._runner.run(redispatch_call(self.dispatch_keys, node_id, self._rng, limit))
 
+    def requeue_dead_dispatched(self, task_id: str | bytes) -> RequeuedDispatched:
+        """Dispatch a dead-letter dispatched task again: ready now, attempts reset, reason cleared.
+
+        One script: the node is chosen with the task's own strategy and cost (``slot``: the live
+        owner of its routing key's slot, as ``redispatch`` re-picks), charged the cost as
+        ``dispatch`` charges, and the task queued for it (payload, priority, max_attempts kept).
+        A task that is not dead is left as it is: the reply says its state (``node`` None).
+        O(log n) plus the pick. Raises NoNode, AllNodesFull, ScanLimitReached, CorruptState
+        (nothing changed: the task stays dead).
+        """
+        return self._runner.run(dispatch_requeue_dead_call(self.dispatch_keys, task_id, self._rng))
+
     def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes]) -> DispatchStats:
         """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes`` (1..100)."""
         return self._runner.run(
@@ -957,8 +1008,10 @@ class NodeQueue:
     """The tasks a queue dispatched to one node (``q.for_node(node_id)``).
 
     Its workers take tasks with ``dequeue``/``dequeue_many`` (leases with fencing tokens, as
-    ``Queue.dequeue``) and finish them with ``ack``/``nack``, which give the task's cost back
-    to the node's load when the task leaves it (ack, dead letter). No blocking wait: poll.
+    ``Queue.dequeue``), keep long ones with ``extend`` and finish them with ``ack``/``nack``,
+    which give the task's cost back to the node's load when the task leaves it (ack, dead
+    letter; ``Queue.requeue_dead_dispatched`` dispatches a dead one again). No blocking wait:
+    poll.
     """
 
     def __init__(self, queue: Queue, node_id: bytes) -> None:
@@ -1039,6 +1092,16 @@ class NodeQueue:
                 request_ttl_ms=q.request_ttl_ms,
             )
         )
+
+    def extend(self, lease: Lease, lease_ms: int) -> int:
+        """Move ``lease``'s deadline to the server's now + ``lease_ms``; the new deadline.
+
+        As ``Queue.extend``: a lease past its deadline that no dequeue of the dispatch queue has
+        reclaimed yet is still held and live again after this call; the task stays on its node
+        and keeps its charge. Raises StaleLease (finished, expired and taken again, or
+        redispatched; nothing changed). O(log n).
+        """
+        return self.queue._runner.run(node_extend_call(self.queue.dispatch_keys, lease, lease_ms))
 
     def stats(self) -> NodeCounts:
         """This node's ready and assigned tasks and its load."""

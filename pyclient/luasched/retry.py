@@ -15,7 +15,8 @@ Sending a call again is safe because it is the same call: the same request id, s
 that did run before its reply was lost answers its first reply instead of acting twice
 (``enqueue``, ``dequeue``, ``ack``, ``nack``, ``dispatch``, lock acquire and release). Calls
 without a request id either do no harm twice (``extend`` moves a deadline to the same place,
-``nodes.*`` set the same state, reads read) or are picks: a charging pick whose reply was lost
+``requeue_dead`` and ``requeue_dead_dispatched`` answer where the task is by then, ``nodes.*``
+set the same state, reads read) or are picks: a charging pick whose reply was lost
 has charged a node the caller never learns of, retried or not (redis-py's own connection retries
 already resend it); release such a charge by the node's stats if it matters.
 """

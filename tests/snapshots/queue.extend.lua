@@ -237,8 +237,18 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
-local function main()
-  key_count(QUEUE_KEY_COUNT)
+-- ---------------------------------------------------------------------------------------------
+-- extend_lease (lua/include/extend_lease.lua.j2): the whole of queue.extend and queue.node_extend.
+-- Needs include/queue.lua.j2, directly (queue.extend) or through include/dispatch.lua.j2
+-- (queue.node_extend), whose K_TASKS / K_LEASED it writes.
+-- ---------------------------------------------------------------------------------------------
+-- Both scripts take the same ARGV and answer the same (`key_total`: the script's KEYS count):
+-- moves a held lease's deadline to now + lease_ms and answers it. The deadline lives in the
+-- leased zset and the meta (the dispatch side's d:assigned member carries none), so both layouts
+-- write the same two keys. A lease is held while its meta says L with that token (past its
+-- deadline too, until a dequeue reclaims it).
+local function extend_lease(key_total)
+  key_count(key_total)
   arg_count(3, 3)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
@@ -254,6 +264,10 @@ local function main()
   first_write('ZADD', K_LEASED, meta.at_ms, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta))
   return meta.at_ms
+end
+
+local function main()
+  return extend_lease(QUEUE_KEY_COUNT)
 end
 
 return run(main)

@@ -874,6 +874,21 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
+-- The random integers of a call that takes one client seed (queue.redispatch,
+-- queue.dispatch_requeue_dead), never math.random: a function that answers the next integer in
+-- 0..2^53-1 of the seed's sequence at each call, from two MINSTD (Park-Miller) steps (31 + 22
+-- bits). Exact in doubles: state < 2^31, state * 48271 < 2^47.
+local function seeded_draws(seed)
+  local modulus = 2147483647
+  local state = fmod(seed, modulus - 1) + 1
+  return function()
+    state = fmod(state * 48271, modulus)
+    local high = state
+    state = fmod(state * 48271, modulus)
+    return high * 4194304 + fmod(state, 4194304)
+  end
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
 -- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
 -- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
@@ -910,9 +925,6 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   return node_id
 end
--- MINSTD (Park-Miller): exact in doubles (state < 2^31, state * 48271 < 2^47).
-local MINSTD_MODULUS = 2147483647
-
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
@@ -920,14 +932,7 @@ local function main()
   local limit = arg_int(2, 'limit', 1, 100)
   local seed = arg_int(3, 'seed', 0, MAX_RANDOM)
   local now_ms = server_now_ms()
-  local state_of_minstd = fmod(seed, MINSTD_MODULUS - 1) + 1
-  -- A random integer in 0..2^53-1 from two MINSTD steps (31 + 22 bits).
-  local function draw()
-    state_of_minstd = fmod(state_of_minstd * 48271, MINSTD_MODULUS)
-    local high = state_of_minstd
-    state_of_minstd = fmod(state_of_minstd * 48271, MINSTD_MODULUS)
-    return high * 4194304 + fmod(state_of_minstd, 4194304)
-  end
+  local draw = seeded_draws(seed)
 
   local index = read('HGET', K_INDEX, node_id)
   local state = 'absent'

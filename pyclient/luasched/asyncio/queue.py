@@ -25,10 +25,12 @@ from luasched.queue import (
     QueueKeys,
     QueueStats,
     Redispatched,
+    RequeuedDispatched,
     Strategy,
     ack_call,
     dequeue_call,
     dispatch_call,
+    dispatch_requeue_dead_call,
     dispatch_stats_call,
     enqueue_call,
     extend_call,
@@ -36,6 +38,7 @@ from luasched.queue import (
     new_request_id,
     node_ack_call,
     node_dequeue_call,
+    node_extend_call,
     node_nack_call,
     poll_timeout_s,
     redispatch_call,
@@ -336,6 +339,13 @@ class AsyncQueue:
         )
         return result
 
+    async def requeue_dead_dispatched(self, task_id: str | bytes) -> RequeuedDispatched:
+        """Dispatch a dead letter again; see ``luasched.queue.Queue.requeue_dead_dispatched``."""
+        result: RequeuedDispatched = await self._run(
+            dispatch_requeue_dead_call(self.dispatch_keys, task_id, self._rng)
+        )
+        return result
+
     async def dispatch_stats(
         self, nodes: tuple[str | bytes, ...] | list[str | bytes]
     ) -> DispatchStats:
@@ -429,6 +439,13 @@ class AsyncNodeQueue:
             )
         )
         return result
+
+    async def extend(self, lease: Lease, lease_ms: int) -> int:
+        """Move the deadline; see ``luasched.queue.NodeQueue.extend``."""
+        deadline: int = await self.queue._run(
+            node_extend_call(self.queue.dispatch_keys, lease, lease_ms)
+        )
+        return deadline
 
     async def stats(self) -> NodeCounts:
         """This node's counts; see ``luasched.queue.NodeQueue.stats``."""

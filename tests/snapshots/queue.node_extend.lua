@@ -1,0 +1,393 @@
+--@script     queue.node_extend
+--@summary    Moves the deadline of a held lease of a dispatched task (taken with queue.node_dequeue) to the
+--@+          server's now + lease_ms (shorter or longer); answers it. Refused with STALE when the lease is no longer
+--@+          held under that fencing token (finished, expired and taken again, or redispatched). A lease past its
+--@+          deadline that no node_dequeue has reclaimed yet is still held, and is live again after this call. The
+--@+          task stays on its node and keeps its charge.
+--@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
+--@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
+--@+          tasks are one lex range, best first.
+--@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
+--@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
+--@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
+--@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
+--@+          member hex(node id) ":" task id.
+--@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
+--@+          (unused when request_id is empty); lives request_ttl_ms.
+--@key        node_index  hash    luasched:{ns}:nodes:index -- node id -> its index.
+--@key        node_id     hash    luasched:{ns}:nodes:id -- index -> node id.
+--@key        weight      hash    luasched:{ns}:nodes:weight -- index -> weight.
+--@key        capacity    hash    luasched:{ns}:nodes:capacity -- index -> capacity (absent: unlimited).
+--@key        deadline    zset    luasched:{ns}:nodes:deadline -- index scored by its heartbeat deadline
+--@+          (server ms); live while deadline > now.
+--@key        draining    set     luasched:{ns}:nodes:draining -- indexes of draining nodes.
+--@key        slot_table  string  luasched:{ns}:slots:owner -- the slot table (slot s: bytes 2s, 2s+1, owner index).
+--@key        load        hash    luasched:{ns}:pick:load -- index -> current load (absent: 0).
+--@key        util        zset    luasched:{ns}:pick:util -- registered, non-draining indexes by utilization.
+--@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
+--@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
+--@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@arg        task_id   string:1..1024  The leased task.
+--@arg        token     int:1..9007199254740991  The fencing token of the lease.
+--@arg        lease_ms  int:1..31536000000  The new deadline is the server's now + lease_ms.
+--@reply      int  The new deadline, in ms of the server's clock (Unix time).
+--@error      ARG  Not 19 keys or 3 arguments, or an argument out of its range.
+--@error      STALE  The lease is no longer held (finished, expired and taken again, or redispatched: another token or
+--@+          state); nothing changed.
+--@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
+--@complexity O(log n) for n tasks
+--@since      6.2
+-- ---------------------------------------------------------------------------------------------
+-- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
+--
+-- Invariants every script relies on:
+--   * fail() raises; run() turns a raised failure into the reply
+--     "LUASCHED_<CODE> <script>: <detail>". Scripts validate everything before their first
+--     write, so a failure never leaves a partial change behind (Redis does not roll back).
+--   * Integers are accepted only in plain decimal ("-12", "0", "42"): no hex, no exponent, no
+--     spaces, no "inf"/"nan" (Lua's tonumber would take all of these). Their magnitude stays
+--     below 2^53 so they are exact in Lua's doubles.
+--   * Details echo at most 40 bytes of the offending value, with non-printable bytes shown as
+--     "?", so a reply stays short and printable whatever the input.
+-- ---------------------------------------------------------------------------------------------
+local SCRIPT_NAME = 'queue.node_extend'
+local MAX_SAFE_INTEGER = 9007199254740991
+
+local function fail(code, detail)
+  error({ luasched_error = 'LUASCHED_' .. code .. ' ' .. SCRIPT_NAME .. ': ' .. detail }, 0)
+end
+
+local function show(value)
+  if value == nil then
+    return '(missing)'
+  end
+  value = tostring(value)
+  local suffix = ''
+  if #value > 40 then
+    value = string.sub(value, 1, 40)
+    suffix = '...'
+  end
+  return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
+end
+
+-- A number for a message: integers in full ("9007199254740991", not tostring's "9.007199254741e+15").
+local function decimal(value)
+  if value == math.floor(value) and value > -1e16 and value < 1e16 then
+    return string.format('%.0f', value)
+  end
+  return tostring(value)
+end
+
+-- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
+-- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+local function server_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Exactly `count` keys.
+local function key_count(count)
+  if #KEYS ~= count then
+    fail('ARG', 'expected ' .. count .. ' key(s), got ' .. #KEYS)
+  end
+end
+
+-- Between `low` and `high` ARGV entries; returns how many there are.
+local function arg_count(low, high)
+  local count = #ARGV
+  if count < low or count > high then
+    if low == high then
+      fail('ARG', 'expected ' .. low .. ' argument(s), got ' .. count)
+    end
+    fail('ARG', 'expected ' .. low .. ' to ' .. high .. ' arguments, got ' .. count)
+  end
+  return count
+end
+
+-- ARGV[index] as an integer in [low, high].
+local function arg_int(index, name, low, high)
+  local raw = ARGV[index]
+  if raw == nil or #raw > 17 or not string.find(raw, '^%-?%d+$') then
+    fail('ARG', name .. ' must be an integer, got ' .. show(raw))
+  end
+  local value = tonumber(raw)
+  if value < low or value > high then
+    fail('ARG', name .. ' must be between ' .. decimal(low) .. ' and ' .. decimal(high) .. ', got ' .. raw)
+  end
+  return value
+end
+
+-- ARGV[index] as a byte string whose length is in [min_length, max_length].
+local function arg_string(index, name, min_length, max_length)
+  local raw = ARGV[index]
+  if raw == nil or #raw < min_length or #raw > max_length then
+    fail('ARG', name .. ' must be ' .. min_length .. ' to ' .. max_length .. ' bytes long, got '
+      .. (raw == nil and 'nothing' or (#raw .. ' bytes')))
+  end
+  return raw
+end
+
+-- Calls main() and turns a luasched failure into an error reply; any other error propagates.
+-- A WRONGTYPE error of a redis.call (read.lua.j2: reads are plain redis.call, made before the
+-- first write) becomes CORRUPT, naming the key: a key of the namespace holds another type than
+-- the layout (something outside luasched wrote it) and nothing was written yet.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.luasched_error then
+    return redis.error_reply(result.luasched_error)
+  end
+  -- Redis 7+ raises redis.call errors as tables, 6.2 as strings.
+  local message = type(result) == 'table' and result.err or result
+  if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
+    -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
+    -- a helper: every local function costs a closure on every call, error or not.
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    for position, key in ipairs(KEYS) do
+      local actual = redis.call('TYPE', key)['ok']
+      if actual ~= 'none' and actual ~= layout[position] then
+        culprit = 'key ' .. show(key)
+        break
+      end
+    end
+    return redis.error_reply('LUASCHED_CORRUPT ' .. SCRIPT_NAME .. ': ' .. culprit
+      .. ' holds another type than the layout')
+  end
+  error(result, 0)
+end
+-- ---------------------------------------------------------------------------------------------
+-- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
+-- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
+-- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
+-- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+--   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
+--   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
+--   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
+--   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
+--   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
+--         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--
+-- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
+--   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
+--     and the strategy that chose it (slot, least_loaded, two_choices, weighted, round_robin;
+--     slot-routed tasks keep their routing key in "k"..id). A ready task is the member
+--     hex(node) ":" %016d(score) id of d:ready; a leased or delayed one is also the member
+--     hex(node) ":" id of d:assigned. hex() has no ":" so one node's members are one lex range.
+--   * Load: every task counts `cost` on its node's pick:load from dispatch until it leaves the
+--     node (acked, dead, redispatched); the scripts doing that give it back in the same call.
+--     A node that was removed (or swept) lost its load with its index: nothing is given back.
+-- ---------------------------------------------------------------------------------------------
+local K_READY, K_DELAYED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
+local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
+local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
+-- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
+local K_WAKE, K_WAITING = nil, nil
+local DISPATCH_KEY_COUNT = 19
+-- ---------------------------------------------------------------------------------------------
+-- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
+-- scripts.
+--
+-- Every queue.* script takes the same 8 KEYS, in this order (all under the namespace's hash
+-- tag, so one cluster slot; the queue name is arbitrary bytes and only ever the tail of a key
+-- name, after a fixed kind, so two queues never share a key):
+--   1 q:ready:<queue>     ZSET   ready task ids by (511 - priority) * 2^43 + seq
+--   2 q:delayed:<queue>   ZSET   delayed task ids by due time (server ms)
+--   3 q:leased:<queue>    ZSET   leased task ids by lease deadline (server ms)
+--   4 q:dead:<queue>      ZSET   dead letters by time of death (server ms)
+--   5 q:tasks:<queue>     HASH   "p"..id payload, "m"..id meta, "r"..id reason, "seq", "fence"
+--   6 q:wake:<queue>      LIST   wake-up signals for blocked dequeuers
+--   7 q:waiting:<queue>   STRING present while a dequeuer blocks
+--   8 q:req:<request_id>:<queue>  STRING recorded reply of a request id
+-- Task ids are arbitrary bytes: they are only ever zset members and (after a one-byte prefix)
+-- hash fields, never part of a key name.
+--
+-- Invariants the scripts rely on (and keep):
+--   * A task exists exactly while its meta field "m"..id exists; then it is in exactly one of
+--     ready, delayed, leased, dead, the one its meta's state letter names (R, D, L, X), and its
+--     payload field exists. Finished (acked) tasks leave no trace.
+--   * Score budget of ready: priority in [-512, 511] gives a band
+--     511 - priority in [0, 1023] (10 bits), seq in [1, 2^43 - 1] (43 bits):
+--     band * 2^43 + seq <= 2^53 - 1, an exact integer in a double. Lower score = served first.
+--   * "seq" and "fence" (fields of the tasks hash, never deleted) only grow: each task that
+--     becomes ready takes seq + 1, each lease takes fence + 1 as its fencing token.
+--   * A lease is current while the task is leased with that token; it stays current after its
+--     deadline until a dequeue reclaims it (an expired lease = a failed attempt).
+--   * Reads go through read(), which turns WRONGTYPE into CORRUPT; every key a script writes was
+--     read (or is written by SET/PEXPIRE, which cannot fail) before the first write, and the
+--     first write goes through first_write(), so a refused call changes no key.
+-- ---------------------------------------------------------------------------------------------
+-- (The dispatch scripts bind these names to their own KEYS first: include/dispatch.lua.j2.)
+local MIN_PRIORITY = -512
+local MAX_PRIORITY = 511
+local SEQ_SPAN = 8796093022208
+local MAX_SEQ = 8796093022207
+local MAX_TASK_ID_BYTES = 1024
+local MAX_TTL_MS = 31536000000
+local MAX_REQUEST_TTL_MS = 86400000
+local WAKE_MAX = 16
+local WAKE_TTL_MS = 2000
+local STATE_NAMES = { R = 'ready', D = 'delayed', L = 'leased', X = 'dead' }
+local floor = math.floor
+
+-- ---------------------------------------------------------------------------------------------
+-- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
+-- ---------------------------------------------------------------------------------------------
+local read = redis.call
+-- The first write of a script: if it fails (a key of another type), nothing was changed yet.
+local first_write = read
+
+-- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
+local function stored_int(raw, what)
+  if not raw then
+    return nil
+  end
+  if #raw > 17 or not string.find(raw, '^%d+$') then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
+  end
+  return tonumber(raw)
+end
+
+-- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
+local function parse_meta(raw, task_id)
+  local state, priority, max_attempts, attempts, token, at_ms, worker =
+    string.match(raw, '^([RDLX]) (%-?%d+) (%d+) (%d+) (%d+) (%d+) (.*)$')
+  if not state then
+    fail('CORRUPT', 'task ' .. show(task_id) .. ' has a malformed meta ' .. show(raw))
+  end
+  return {
+    state = state,
+    priority = tonumber(priority),
+    max_attempts = tonumber(max_attempts),
+    attempts = tonumber(attempts),
+    token = tonumber(token),
+    at_ms = tonumber(at_ms),
+    worker = worker,
+  }
+end
+
+-- One string.format call (cheaper than a decimal() per field); %d is a 64-bit integer here.
+-- (The worker id is appended with `..`: Lua 5.1's '%s' would cut one below 100 bytes at a NUL.)
+local function format_meta(meta)
+  return string.format('%s %d %d %d %d %d ', meta.state, meta.priority, meta.max_attempts,
+    meta.attempts, meta.token, meta.at_ms) .. meta.worker
+end
+
+-- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
+-- ---------------------------------------------------------------------------------------------
+-- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
+-- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
+--
+--   utilization = load / capacity, a double; ZADD gets it as '%.17g', which round-trips exactly,
+--   so equal fractions (1/2, 2/4) get bit-identical scores and tie.
+--   A node with unlimited capacity counts as capacity UNLIMITED_CAPACITY (2^50): it is never
+--   full and ranks by its load among the unlimited ones, ahead of any busy limited node.
+--   Capacity 0: the node never takes work; its score is 1 (full).
+--   Full for a cost: load + cost > capacity. A node with score < 1 has room for cost 1 (integer
+--   load < capacity), one with score >= 1 has room for no cost: so when the node with the
+--   lowest score is full for cost 1, every node is.
+-- Loads stay <= capacity <= 2^50 (a pick never charges past capacity), so integers stay exact.
+-- ---------------------------------------------------------------------------------------------
+local UNLIMITED_CAPACITY = 1125899906842624
+
+-- ---------------------------------------------------------------------------------------------
+-- pick (lua/include/pick.lua.j2): what the pick.* scripts share. Needs prelude.lua.j2.
+-- Binds no KEYS: each pick script declares only the keys it touches and passes them here.
+--
+--   * Reads go through read(), which turns a wrong-type reply into CORRUPT; every key a pick
+--     writes is read first, so no write can fail after another write was made.
+--   * A candidate is live while its deadline (nodes:deadline) is strictly after the server's
+--     now; the candidate sets (pick:util, pick:ring, pick:lru) also hold dead nodes until
+--     nodes.sweep removes them, so walks skip them, examining at most SCAN_LIMIT members.
+--   * Client randomness: ARGV integers in 0..2^53-1, reduced with math.fmod (exact for
+--     doubles); the bias of r mod m is below m / 2^53, under 1e-5 for any m the registry allows.
+-- ---------------------------------------------------------------------------------------------
+local MAX_RANDOM = 9007199254740991
+local fmod = math.fmod
+
+-- ---------------------------------------------------------------------------------------------
+-- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
+-- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
+-- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
+-- holds another type than the layout: something outside luasched wrote it) is turned into
+-- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
+-- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Scripts that
+-- include this declare CORRUPT, which is what makes the renderer give run() that conversion.
+-- ---------------------------------------------------------------------------------------------
+local read = redis.call
+-- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
+local function stored_int(raw, what)
+  if not raw then
+    return 0
+  end
+  local value = tonumber(raw)
+  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
+  end
+  return value
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by
+-- the charging picks (pick_load), pick.release and the dispatch scripts (queue.dispatch and the
+-- node-queue scripts, which charge every dispatched task to its node). Needs prelude, pick_score
+-- and pick. The includer binds K_LOAD (pick:load), K_CAPACITY (nodes:capacity), K_UTIL
+-- (pick:util) and K_ID (nodes:id).
+--
+--   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
+--     the keys that charge() and release() write); charge() and release() only write.
+--   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
+--     load is still kept, for the release).
+-- ---------------------------------------------------------------------------------------------
+
+local STRATEGY_LETTERS = {
+  slot = 'S', least_loaded = 'L', two_choices = 'T', weighted = 'W', round_robin = 'R',
+}
+local STRATEGY_NAMES = { 'slot', 'least_loaded', 'two_choices', 'weighted', 'round_robin' }
+
+-- ---------------------------------------------------------------------------------------------
+-- extend_lease (lua/include/extend_lease.lua.j2): the whole of queue.extend and queue.node_extend.
+-- Needs include/queue.lua.j2, directly (queue.extend) or through include/dispatch.lua.j2
+-- (queue.node_extend), whose K_TASKS / K_LEASED it writes.
+-- ---------------------------------------------------------------------------------------------
+-- Both scripts take the same ARGV and answer the same (`key_total`: the script's KEYS count):
+-- moves a held lease's deadline to now + lease_ms and answers it. The deadline lives in the
+-- leased zset and the meta (the dispatch side's d:assigned member carries none), so both layouts
+-- write the same two keys. A lease is held while its meta says L with that token (past its
+-- deadline too, until a dequeue reclaims it).
+local function extend_lease(key_total)
+  key_count(key_total)
+  arg_count(3, 3)
+  local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
+  local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
+  local lease_ms = arg_int(3, 'lease_ms', 1, MAX_TTL_MS)
+  local now_ms = server_now_ms()
+  local raw = read('HGET', K_TASKS, 'm' .. task_id)
+  local meta = raw and parse_meta(raw, task_id)
+  if not meta or meta.state ~= 'L' or meta.token ~= token then
+    fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
+      .. ' is no longer held')
+  end
+  meta.at_ms = now_ms + lease_ms
+  first_write('ZADD', K_LEASED, meta.at_ms, task_id)
+  redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta))
+  return meta.at_ms
+end
+
+local function main()
+  return extend_lease(DISPATCH_KEY_COUNT)
+end
+
+return run(main)
