@@ -4160,7 +4160,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 d605260f050f075cae9d170fcf0439012f7f4d14)
+-- pick.least_loaded (sha1 ca40eb7e72c5f9e766eac7606bd251c06d48cdb7)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4515,6 +4515,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -4528,6 +4533,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -4894,7 +4902,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 4c4bc4d7654658ff4b32e19bf8ffddcd83c0eb84)
+-- pick.release (sha1 2c2275ffdf576c3924202671442a188d2c0f274f)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5121,6 +5129,11 @@ local K_ID = nil  -- pick_charge's charge() is not used here (no node id is read
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -5134,6 +5147,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -5707,7 +5723,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 1e15c7c311c0228cd627ed454dba2b63676a9ada)
+-- pick.two_choices (sha1 a4e7ca72545fa9bf3c6267327a2178cc5247f579)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6008,6 +6024,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -6021,6 +6042,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -6766,7 +6790,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 b24f620991666d926aae874176f8edc087d5b0ad)
+-- queue.dequeue (sha1 8458d8101fe804b79c12c32ea61de7c296cdcc4a)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -7280,26 +7304,49 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
 end
 
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
@@ -7333,22 +7380,6 @@ local function replay_leases(record)
   end
   return reply
 end
--- Nothing taken: register the waiter and say when the next delayed task is due.
-local function nothing_taken(now_ms, wait_ms)
-  if wait_ms == 0 then
-    return { -1 }
-  end
-  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  local waiting_ttl = redis.call('PTTL', K_WAITING)
-  if waiting_ttl < wait_ms then
-    redis.call('SET', K_WAITING, '1', 'PX', wait_ms)
-  end
-  if not next_due[1] then
-    return { -1 }
-  end
-  return { math.max(1, tonumber(next_due[2]) - now_ms) }
-end
-
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(8, 8)
@@ -7376,7 +7407,7 @@ local function main()
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
-    return nothing_taken(now_ms, wait_ms)
+    return nothing_taken(now_ms, wait_ms, K_WAITING)
   end
 
   -- One HMGET for everything: seq, fence, the acked task's meta, and payload + meta of every
@@ -7457,7 +7488,7 @@ local function main()
     read('ZCARD', K_DEAD)
   end
   local woken = #candidates - taken
-  local waiting = woken > 0 and waiters_present()
+  local waiting = woken > 0 and waiters_present(K_WAITING, K_WAKE)
 
   -- Writes. The first one goes through first_write; every key below was read above.
   local wrote = false
@@ -7553,11 +7584,11 @@ local function main()
   meta_args[#meta_args + 1] = fence
   write('HSET', K_TASKS, unpack(meta_args))
   if waiting then
-    push_wake(woken)
+    push_wake(K_WAKE, woken)
   end
 
   if taken == 0 then
-    reply = nothing_taken(now_ms, wait_ms)
+    reply = nothing_taken(now_ms, wait_ms, K_WAITING)
   end
   if acking or taken > 0 then
     local entry = { 'dequeue', acking and 1 or 0 }
@@ -7574,7 +7605,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 8fa4f264e5db4495d8cab7e30488efb06c7cfdbb)
+-- queue.dispatch (sha1 8a7e7c14b76bcca63bfebf3d3739b229dc68c87b)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -7589,7 +7620,11 @@ redis.register_function{
 --@+          it within request_ttl_ms answers the first reply and acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -7775,6 +7810,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -7793,8 +7831,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -7937,6 +7973,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -8033,6 +8096,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -8046,6 +8114,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -8068,6 +8139,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -8471,16 +8568,29 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -8501,11 +8611,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -8550,9 +8661,10 @@ local function main()
     check_seq(seq + 1)
   end
 
-  -- The pick and the charge (their reads, then their writes); only writes that cannot fail follow.
-  local node_id = choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms)
-  local node_hex = hex(node_id)
+  -- The pick and the charge (their reads, the chosen node's waiting marker, then their writes);
+  -- only writes that cannot fail follow.
+  local node_id, node_hex, wake = choose_and_charge(letter, routing_key, cost, random1, random2,
+    random3, now_ms)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local route = { cost = cost, letter = letter, node_hex = node_hex }
   local task_fields = { 'p' .. task_id, payload, 'n' .. task_id, format_route(route) }
@@ -8576,6 +8688,11 @@ local function main()
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
   redis.call('HSET', K_TASKS, unpack(task_fields))
+  -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
+  -- that worker waits for.
+  if wake then
+    push_wake(wake, 1)
+  end
   record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }
 end
@@ -8584,7 +8701,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 2825ba0486274969e63f5461e2d2a8c99b45c06c)
+-- queue.enqueue (sha1 e680d756f5b2755325c1c5b8d037160baf1ca287)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -8979,26 +9096,31 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -9025,7 +9147,7 @@ local function main()
     return reply
   end
   local seq = stored_int(fields[2], 'the seq field') or 0
-  local waiting = waiters_present()
+  local waiting = waiters_present(K_WAITING, K_WAKE)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local state
   if delay_ms == 0 then
@@ -9043,7 +9165,7 @@ local function main()
   end
   -- A blocked dequeuer wakes for a delayed task too: it may be due before the time it waits for.
   if waiting then
-    push_wake(1)
+    push_wake(K_WAKE, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'enqueue', 1, state })
   return { 1, state }
@@ -9319,7 +9441,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 99eb94831ff9f93ab43234c6cdf42345f5554a14)
+-- queue.nack (sha1 c9ecf000673523d81184827626b09b861b49a356)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -9628,26 +9750,31 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -9688,7 +9815,7 @@ local function main()
       local exponent = math.min(meta.attempts - 1, 60)
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
-    local waiting = waiters_present()
+    local waiting = waiters_present(K_WAITING, K_WAKE)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -9702,7 +9829,7 @@ local function main()
       first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     end
     if waiting then
-      push_wake(1)
+      push_wake(K_WAKE, 1)
     end
   end
   redis.call('ZREM', K_LEASED, task_id)
@@ -9715,7 +9842,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 7d939dd14986b679cd2934b03dba018d4f56047c)
+-- queue.node_ack (sha1 80c6e7e5d6ad47d2e12f36496aa014a50f222832)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -9727,7 +9854,11 @@ redis.register_function{
 --@+          ack: replaying it within request_ttl_ms answers 1 again instead of STALE.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -9883,6 +10014,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -9901,8 +10035,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -10109,6 +10241,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -10200,7 +10337,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 0fe3f6d05a7b901608e46be9491ed014c50ea340)
+-- queue.node_dequeue (sha1 b06a4273cafc4bddc3e117bb6626153815614ea2)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -10213,10 +10350,18 @@ redis.register_function{
 --@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
---@+          request_ttl_ms answers those still held under the same token and takes nothing new. No blocking wait.
+--@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
+--@+          taken and wait_ms > 0, the caller is registered as waiting on the node's waiting marker
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> for wait_ms (built from the ready key; dispatch, node_nack,
+--@+          redispatch and promotion/reclaim then push wake-up signals on the node's wake list
+--@+          luasched:{ns}:d:wake:<hex node id>:<queue>: BLPOP it) and the reply says when to ask again.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -10245,9 +10390,12 @@ redis.register_function{
 --@arg        lease_ms        int:1..31536000000  Each lease lasts until the server's now + lease_ms.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
---@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed), else -1; then 5
---@+          entries per taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
---@error      ARG  Not 19 keys or 6 arguments, an argument out of its range, or a request id used by another call.
+--@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the node's wake list (0: it will not).
+--@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed); otherwise, with
+--@+          wait_ms > 0, ms until the next delayed task of the dispatch queue is due (-1: none delayed; 1 when this
+--@+          call made tasks of this node ready: ask again now), and -1 with wait_ms = 0 or absent; then 5 entries per
+--@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
+--@error      ARG  Not 19 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
@@ -10381,6 +10529,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -10399,8 +10550,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -10551,6 +10700,51 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
+end
+
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
 -- that are still held under their token, as {0, task_id, payload, attempt, token, deadline}...
 local function replay_leases(record)
@@ -10664,6 +10858,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -10704,6 +10903,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -10760,13 +10985,14 @@ local function release_all(plans)
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  arg_count(6, 6)
+  arg_count(6, 7)
   local node_id = arg_string(1, 'node_id', 1, 1024)
   local worker_id = arg_string(2, 'worker_id', 0, 256)
   local count = arg_int(3, 'count', 1, 1000)
   local lease_ms = arg_int(4, 'lease_ms', 1, MAX_TTL_MS)
   local request_id = arg_request_id(5)
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
   local now_ms = server_now_ms()
   local record = recorded(request_id, 'node_dequeue')
   if record then
@@ -10775,13 +11001,15 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
+  -- The waiting marker this call registers when it takes nothing (only with wait_ms > 0).
+  local waiting = wait_ms > 0 and select(2, node_wait_keys(node_hex)) or nil
   local now = decimal(now_ms)
   local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
-    return { -1 }
+    return nothing_taken(now_ms, wait_ms, waiting)
   end
   read('ZCARD', K_ASSIGNED)
   read('ZCARD', K_DEAD)
@@ -10816,7 +11044,7 @@ local function main()
 
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}
   local leased_add, leased_rem, delayed_rem, dead_add, task_args = {}, {}, {}, {}, {}
-  local releases = {}
+  local releases, woken = {}, {}
   local reply = { 0 }
   for position, task_id in ipairs(taken_ids) do
     local meta = existing_meta(values[2 + 2 * position], task_id)
@@ -10853,6 +11081,7 @@ local function main()
       meta.state, meta.at_ms = 'R', now_ms
       ready_add[#ready_add + 1] = 0
       ready_add[#ready_add + 1] = ready_member(route.node_hex, ready_score(meta.priority, seq), task_id)
+      woken[route.node_hex] = (woken[route.node_hex] or 0) + 1
     else
       -- An expired lease is a failed attempt: the last one sends the task to the dead letters.
       meta.state, meta.at_ms = 'X', now_ms
@@ -10867,6 +11096,11 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
+  -- The blocked workers of the nodes that got ready tasks (their wake lists' types, read now).
+  local wakes = {}
+  for woken_hex, woken_count in pairs(woken) do
+    wakes[#wakes + 1] = { blocked_wake(woken_hex), woken_count }
+  end
 
   -- Writes: every key was read above; none of these can fail.
   task_args[#task_args + 1] = 'seq'
@@ -10886,9 +11120,19 @@ local function main()
     end
   end
   release_all(plans)
+  for _, wake in ipairs(wakes) do
+    if wake[1] then
+      push_wake(wake[1], wake[2])
+    end
+  end
 
   if #taken_ids == 0 then
-    return { -1 }
+    local nothing = nothing_taken(now_ms, wait_ms, waiting)
+    if wait_ms > 0 and woken[node_hex] then
+      -- Tasks of this node became ready in this call (the next call takes them): ask again now.
+      return { 1 }
+    end
+    return nothing
   end
   local entry = { 'node_dequeue', 0 }
   for position = 1, #taken_ids do
@@ -10903,7 +11147,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 5757bab4b1014a12b53be67e851293aabbdc6f45)
+-- queue.node_nack (sha1 fb646fd87e264ddf3cf84217eac540bc32ea3883)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -10916,7 +11160,11 @@ redis.register_function{
 --@+          non-empty request_id records the reply: replaying it within request_ttl_ms acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -11084,6 +11332,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -11102,8 +11353,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -11246,6 +11495,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -11328,6 +11604,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -11361,6 +11642,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -11415,7 +11722,7 @@ local function main()
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
-  local reply, plan
+  local reply, plan, wake
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
   if meta.attempts >= meta.max_attempts then
@@ -11431,6 +11738,8 @@ local function main()
       local exponent = math.min(meta.attempts - 1, 60)
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
+    -- A blocked worker of the node wakes (for a delayed retry too, as queue.nack does).
+    wake = blocked_wake(route.node_hex)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -11452,6 +11761,9 @@ local function main()
   if plan then
     release(plan)
   end
+  if wake then
+    push_wake(wake, 1)
+  end
   record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply
 end
@@ -11460,7 +11772,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 e699178ad0d5d5a63d846e3daacfffd428359018)
+-- queue.node_stats (sha1 3bd4cd4442e05c5b1cb3d0d78b24af95c771e840)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -11471,7 +11783,11 @@ redis.register_function{
 --@+          clock. Reads only. Expired leases count as leased until a node_dequeue reclaims them.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -11611,6 +11927,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -11629,8 +11948,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -11769,6 +12086,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 local STRATEGY_LETTERS = {
   slot = 'S', least_loaded = 'L', two_choices = 'T', weighted = 'W', round_robin = 'R',
 }
@@ -11810,7 +12132,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 7bcc88ad3479bf1e5c20475570a57b40a795e6de)
+-- queue.redispatch (sha1 e25f855b3a7dfc7ba6afa61362e45d87824cae58)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -11826,7 +12148,11 @@ redis.register_function{
 --@+          and answers more = 1; if it fails for the first task, the call fails and nothing changed.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -11993,6 +12319,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -12011,8 +12340,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -12128,6 +12455,33 @@ local function check_seq(seq)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -12224,6 +12578,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -12237,6 +12596,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -12276,6 +12638,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -12690,16 +13078,29 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -12720,11 +13121,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 -- MINSTD (Park-Miller): exact in doubles (state < 2^31, state * 48271 < 2^47).
 local MINSTD_MODULUS = 2147483647
@@ -12799,12 +13201,11 @@ local function main()
   local function move(entry)
     local route, meta, task_id = entry.route, entry.meta, entry.id
     local plan = route_release_plan(route)
-    local new_id = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(), draw(),
-      now_ms, node_id)
+    local _, new_hex, wake = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(),
+      draw(), now_ms, node_id)
     if plan then
       release(plan)
     end
-    local new_hex = hex(new_id)
     if entry.ready then
       -- Keeps its place (priority and sequence number) in the new node's queue.
       local score = string.sub(entry.member, #node_hex + 2, #node_hex + 17)
@@ -12825,6 +13226,10 @@ local function main()
     end
     route.node_hex = new_hex
     redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'n' .. task_id, format_route(route))
+    -- A blocked worker of the new node wakes (for a delayed task too: it may be due sooner).
+    if wake then
+      push_wake(wake, 1)
+    end
   end
 
   local moved = 0
@@ -12846,7 +13251,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 00a22545933755933ea2e0d9cb64e02f3ff9e4d6)
+-- queue.requeue_dead (sha1 07885ea3ac1687ba520c374135e10a2b367d7a31)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -13087,26 +13492,31 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -13125,14 +13535,14 @@ local function main()
   local seq = (stored_int(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)
   read('ZSCORE', K_DEAD, task_id)
-  local waiting = waiters_present()
+  local waiting = waiters_present(K_WAITING, K_WAKE)
   meta.state, meta.at_ms, meta.attempts = 'R', now_ms, 0
   first_write('ZADD', K_READY, ready_score(meta.priority, seq), task_id)
   redis.call('ZREM', K_DEAD, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'seq', seq)
   redis.call('HDEL', K_TASKS, 'r' .. task_id)
   if waiting then
-    push_wake(1)
+    push_wake(K_WAKE, 1)
   end
   return 'requeued'
 end
@@ -14668,5 +15078,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'b9499e55ed19371e28045070075895906a943200' end,
+  callback = function() return '97a5087083e1e1faa26e2bfcc201de7ef20dcfc9' end,
 }
