@@ -221,9 +221,12 @@ def catalog(entry: Mapping[str, Any]) -> Iterator[Call]:
                 canonical(spec_at(entry, i), request_id) for i in range(least, count)
             ]
             yield f"{count} args", keys, extended[:count]
-        for position in range(len(args)):
+        # An optional last argument (repeat min 0: queue.node_dequeue's wait_ms) is broken too.
+        optional = len(entry["argv"]) > least
+        filled = args + [canonical(spec_at(entry, least), request_id)] * optional
+        for position in range(len(filled)):
             for bad in bad_values(spec_at(entry, position), huge=request_id == b""):
-                broken = list(args)
+                broken = list(filled)
                 broken[position] = bad
                 yield f"ARGV[{position + 1}]={bad[:20]!r}", keys, broken
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -16,8 +17,8 @@ import pytest
 import luasched.asyncio
 from helpers import assert_codes_covered, assert_refused, snapshot, snapshot_ignoring_ttl
 from luasched import Scheduler
-from luasched.errors import AllNodesFull, NoNode, StaleLease
-from luasched.queue import DispatchKeys, Lease
+from luasched.errors import AllNodesFull, CorruptState, NoNode, StaleLease
+from luasched.queue import DispatchKeys, Lease, node_dequeue_call
 from luasched.render import render_all
 
 Client = Any  # redis.Redis or RedisCluster
@@ -459,6 +460,20 @@ def test_removed_node_tasks_move_and_delayed_ones_stay_delayed(r: Client) -> Non
     assert stats.delayed == 1
 
 
+def test_redispatch_with_an_exhausted_seq_fails_before_any_write(r: Client) -> None:
+    s = scheduler(r, "dseqmax", [("a", 1, None), ("b", 1, None)])
+    q = s.queue("jobs")
+    node = q.dispatch("held", b"", strategy="round_robin").node
+    lease = q.for_node(node).dequeue("w", HOUR)
+    assert lease is not None
+    s.nodes.remove(node)
+    r.hset(q.dispatch_keys.fixed[4], "seq", 8796093022207)  # the last sequence number (2^43 - 1)
+    before = snapshot_ignoring_ttl(r, s.namespace)
+    with pytest.raises(CorruptState, match="sequence"):  # the revoked lease needs a new seq
+        q.redispatch(node)
+    assert snapshot_ignoring_ttl(r, s.namespace) == before  # the other node was not charged
+
+
 # --------------------------------------------------------------------------------------------
 # Idempotency
 
@@ -520,6 +535,151 @@ def test_async_twin(r: Client, server: Any) -> None:
             await client.aclose()
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------------
+# Blocking wait of node queues: each node's own wake list
+
+
+def _owned_key(s: Scheduler, node: bytes) -> str:
+    """A routing key whose slot node ``node`` owns (strategy slot sends it there)."""
+    return next(key for n in range(10_000) if s.slots.owner(key := f"k{n}").node == node)
+
+
+def _blocked_node_take(view: Any, block_ms: int, out: list[Any]) -> None:
+    started = time.monotonic()
+    lease = view.dequeue("sleeper", 10_000, block_ms=block_ms)
+    out.append((lease, time.monotonic() - started))
+
+
+def _block_in_thread(view: Any, block_ms: int) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    waiter = threading.Thread(target=_blocked_node_take, args=(view, block_ms, out), daemon=True)
+    waiter.start()
+    time.sleep(0.3)  # registered and in its BLPOP
+    return waiter, out
+
+
+def test_node_worker_wakes_on_dispatch_to_its_node_only(server: Any, r: Client) -> None:
+    s = scheduler(server.client(), "dwait", [("a", 1, None), ("b", 1, None)])
+    q = s.queue("jobs", poll_ms=5_000)  # a wake-up well under 5 s came from the signal
+    producer = scheduler(r, "dwait", []).queue("jobs")
+    wake_a, waiting_a = q.dispatch_keys.node_wait(b"a")
+    wake_b, waiting_b = q.dispatch_keys.node_wait(b"b")
+    assert (wake_a, waiting_b) == (b"luasched:{dwait}:d:wake:61:jobs",
+                                   b"luasched:{dwait}:d:waiting:62:jobs")  # fmt: skip
+    waiter, out = _block_in_thread(q.for_node("a"), 8_000)
+    assert 7_000 < r.pttl(waiting_a) <= 8_000 and not r.exists(waiting_b)
+    # A task for b: no signal for a (nor for b, where nobody waits); a stays blocked.
+    assert (
+        producer.dispatch("for-b", b"", strategy="slot", routing_key=_owned_key(s, b"b")).node
+        == b"b"
+    )
+    time.sleep(0.6)
+    assert waiter.is_alive() and not out
+    assert not r.exists(wake_a) and not r.exists(wake_b)
+    # A task for a wakes it at once.
+    sent = time.monotonic()
+    assert (
+        producer.dispatch("for-a", b"x", strategy="slot", routing_key=_owned_key(s, b"a")).node
+        == b"a"
+    )
+    waiter.join(5)
+    lease, _ = out[0]
+    assert lease is not None and lease.task_id == b"for-a"
+    assert time.monotonic() - sent < 1.0
+    assert r.llen(wake_a) <= 16
+    # Nothing arrives: the wait ends at block_ms with None (b's task stays b's).
+    started = time.monotonic()
+    assert q.for_node("a").dequeue_many("w", 5, 1000, block_ms=200) == []
+    assert 0.19 < time.monotonic() - started < 1.5
+    assert [lease.task_id for lease in drain_node(q, b"b")] == [b"for-b"]
+
+
+def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, r: Client) -> None:
+    s = scheduler(server.client(), "dwake", [("a", 1, None), ("b", 1, None)])
+    q = s.queue("jobs", poll_ms=5_000)
+    producer = scheduler(r, "dwake", []).queue("jobs")
+    key_a = _owned_key(s, b"a")
+    view = q.for_node("a")
+    # Dispatched delayed before the wait: the worker wakes when it is due (promotion).
+    producer.dispatch("soon", b"", strategy="slot", routing_key=key_a, delay_ms=400)
+    out: list[Any] = []
+    _blocked_node_take(view, 5_000, out)
+    lease, waited = out[0]
+    assert lease is not None and lease.task_id == b"soon"
+    assert 0.35 < waited < 1.0
+    # Dispatched delayed while it waits: woken by the dispatch, it waits for the due time.
+    waiter, out = _block_in_thread(view, 5_000)
+    sent = time.monotonic()
+    producer.dispatch("later", b"", strategy="slot", routing_key=key_a, delay_ms=300)
+    waiter.join(5)
+    assert out[0][0] is not None and out[0][0].task_id == b"later"
+    assert 0.25 < time.monotonic() - sent < 1.0
+    # A nack with no delay wakes another worker of the node.
+    waiter, out = _block_in_thread(view, 5_000)
+    nacked = time.monotonic()
+    assert producer.for_node("a").nack(lease, delay_ms=0).state == "ready"
+    waiter.join(5)
+    assert out[0][0] is not None and out[0][0].task_id == b"soon" and out[0][0].attempt == 2
+    assert time.monotonic() - nacked < 1.0
+    # Redispatch off a drained node wakes the worker of the node the task moves to.
+    assert producer.dispatch("moved", b"", strategy="least_loaded").node == b"b"  # a: load 2
+    s.nodes.drain("b")
+    waiter, out = _block_in_thread(view, 5_000)
+    moved = time.monotonic()
+    assert producer.redispatch("b").moved == 1
+    waiter.join(5)
+    assert out[0][0] is not None and out[0][0].task_id == b"moved"
+    assert time.monotonic() - moved < 1.0
+
+
+def test_wait_ms_registers_the_node_waiting_key(r: Client) -> None:
+    s = scheduler(r, "dreg", [("a", 1, None)])
+    q = s.queue("jobs")
+    keys = q.dispatch_keys
+    wake, waiting = keys.node_wait(b"a")
+
+    def take(node: bytes, wait_ms: int) -> Any:
+        return s.runner.run(node_dequeue_call(keys, node, "w", 1, 1000, wait_ms=wait_ms))
+
+    assert len(node_dequeue_call(keys, b"a", "w", 1, 1000).args) == 6  # as before: no wait_ms
+    assert take(b"a", 0).next_due_ms is None and not r.exists(waiting)
+    assert take(b"a", 2_500).next_due_ms is None  # -1: nothing delayed
+    assert 2_000 < r.pttl(waiting) <= 2_500 and r.get(waiting) == b"1"
+    take(b"a", 1_000)  # only ever lengthened
+    assert r.pttl(waiting) > 1_500
+    q.dispatch("later", b"", strategy="least_loaded", delay_ms=60_000)
+    assert 59_000 < take(b"other", 100).next_due_ms <= 60_000  # the dispatch queue's next due
+    assert 0 < r.pttl(keys.node_wait(b"other")[1]) <= 100
+    assert r.llen(wake) == 1 and 0 < r.pttl(wake) <= 2_000  # the delayed dispatch woke a
+
+
+def test_blocking_node_dequeue_twins(server: Any, r: Client) -> None:
+    s = scheduler(r, "dtwin", [("a", 1, None)])
+    with s.pipeline() as pipe, pytest.raises(ValueError, match="pipeline"):
+        pipe.queue("jobs").for_node("a").dequeue("w", 1000, block_ms=100)
+
+    async def run() -> tuple[Any, float]:
+        client = server.async_client()
+        try:
+            q = luasched.asyncio.Scheduler(client, "dtwin").queue("jobs", poll_ms=5_000)
+            view = q.for_node("a")
+            assert await view.dequeue_many("w", 2, 1000, block_ms=100) == []
+
+            async def later() -> None:
+                await asyncio.sleep(0.3)
+                await q.dispatch("t", b"", strategy="least_loaded")
+
+            started = time.monotonic()
+            lease, _ = await asyncio.gather(view.dequeue("w", 1000, block_ms=4_000), later())
+            return lease, time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    lease, waited = asyncio.run(run())
+    assert lease is not None and lease.task_id == b"t"
+    assert 0.25 < waited < 1.3
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,8 +761,27 @@ def _bad_route(base: Any, task: bytes = b"t0") -> Any:
     return setup
 
 
+def _wrong_wake(drain: bool) -> Any:
+    # Workers of a and b wait (waiting markers set) but their wake lists hold strings; t2 is a
+    # delayed task of a, due now (a node_dequeue promotes it); with `drain`, a is draining.
+    def setup(r: Client, s: Scheduler) -> None:
+        _populated(r, s)
+        s.queue(QUEUE).dispatch("t2", b"", strategy="round_robin", delay_ms=1)
+        for node in (b"a", b"b"):
+            wake, waiting = DispatchKeys.of(s.namespace, QUEUE).node_wait(node)
+            r.set(waiting, b"1")
+            r.set(wake, b"not a list")
+        if drain:
+            s.nodes.drain("a")
+        time.sleep(0.01)
+
+    return setup
+
+
 SETUPS = {
     "populated": _populated,
+    "wrong_wake": _wrong_wake(drain=False),
+    "drained_wrong_wake": _wrong_wake(drain=True),
     "empty": _empty_registry,
     "crowd": _dead_crowd,
     "orphan": _orphan("round_robin"),
@@ -697,6 +876,19 @@ ERROR_CASES: list[tuple[Any, ...]] = [
         "CORRUPT",
         "holds another type",
     ),
+    ("queue.node_dequeue", "populated", "ok", (b"a", b"w", 1, 10, b"", T, 0, 0), "ARG", "6 to 7"),
+    (
+        "queue.node_dequeue",
+        "populated",
+        "ok",
+        (b"a", b"w", 1, 10, b"", T, -1),
+        "ARG",
+        "wait_ms must be between 0 and 31536000000, got -1",
+    ),
+    ("queue.node_dequeue", "wrong_wake", "ok", (b"c", b"w", 1, 10, b"", T), "CORRUPT", "d:wake:61"),
+    ("queue.dispatch", "wrong_wake", "ok", _dispatch(b"n", b"round_robin"), "CORRUPT", "d:wake:"),
+    ("queue.node_nack", "wrong_wake", "ok", (b"t1", 1, 0, b"", 1, 1, b"", T), "CORRUPT", "wake:62"),
+    ("queue.redispatch", "drained_wrong_wake", "ok", (b"a", 1, R), "CORRUPT", "d:wake:62"),
     # queue.node_ack
     ("queue.node_ack", "populated", "short", (b"t1", 1, b"", T), "ARG", "got 18"),
     ("queue.node_ack", "populated", "ok", (b"t1", 0, b"", T), "ARG", "token must be between"),

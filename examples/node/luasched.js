@@ -13,7 +13,8 @@
 //   namespace replaces `ns`, `places` (or an ARGV of the same name, e.g. request_id) fills
 //   every `<placeholder>`.
 // - ARGV are given by their manifest names and sent in the manifest's order; integers as
-//   plain decimals. The last ARGV may `repeat` (slots.keyslot's keys): pass an array.
+//   plain decimals. The last ARGV may `repeat` (slots.keyslot's keys): pass an array; one that
+//   may repeat 0 times is optional (queue.node_dequeue's wait_ms: leave it out, or pass [ms]).
 // - The call is EVALSHA with the manifest's sha1; on NOSCRIPT the script file is loaded
 //   (SCRIPT LOAD, on every primary of a cluster) and the call retried once. A script that got
 //   NOSCRIPT never ran, so the retry cannot act twice.
@@ -146,6 +147,8 @@ class Luasched {
     for (const spec of this.script(name).argv) {
       if (spec.repeat) {
         const values = args[spec.name];
+        // A repeat with min 0 is optional (queue.node_dequeue's wait_ms): absent = none.
+        if ((values === undefined || values === null) && spec.repeat.min === 0) continue;
         if (!Array.isArray(values)) throw new TypeError(`ARGV ${spec.name} repeats: pass an array`);
         for (const value of values) out.push(toArg(spec, value));
       } else {

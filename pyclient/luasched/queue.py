@@ -26,6 +26,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,6 +76,7 @@ __all__ = [
     "node_dequeue_call",
     "node_extend_call",
     "node_nack_call",
+    "node_take",
     "redispatch_call",
     "requeue_dead_call",
     "stats_call",
@@ -295,6 +297,10 @@ def dequeue_call(
     return Call("queue.dequeue", keys.with_request(rid), args, _SHAPES[shape])
 
 
+#: A dequeue script call by (wait_ms, ack, request id, reply shape): what a blocking take repeats.
+TakeCall = Callable[[int, Lease | None, str | bytes | None, str], Call[Any]]
+
+
 def _one(reply: Any) -> bool:
     return bool(int(reply))
 
@@ -433,6 +439,17 @@ class DispatchKeys:
         request = self.namespace.prefix + b"d:req:" + request_id + b":" + self.queue
         return (*self.fixed, request, *self.registry)
 
+    def node_wait(self, node_id: bytes) -> tuple[bytes, bytes]:
+        """The wake list and waiting marker of ``node_id``'s queue:
+        ``luasched:{ns}:d:wake:<hex node id>:<queue>`` and ``...:d:waiting:<hex node id>:<queue>``.
+
+        The scripts build the same names from KEYS[1] (``node_wait_keys`` in
+        lua/include/dispatch.lua.j2); a blocked worker BLPOPs the wake list.
+        """
+        tail = b":" + node_id.hex().encode() + b":" + self.queue
+        prefix = self.namespace.prefix + b"d:"
+        return prefix + b"wake" + tail, prefix + b"waiting" + tail
+
 
 @dataclass(frozen=True)
 class Dispatched:
@@ -541,14 +558,46 @@ def node_dequeue_call(
     count: int,
     lease_ms: int,
     *,
+    wait_ms: int = 0,
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
     shape: str = "reply",
 ) -> Call[Any]:
-    """The ``queue.node_dequeue`` call; ``shape`` as in ``dequeue_call``."""
+    """The ``queue.node_dequeue`` call; ``shape`` as in ``dequeue_call``. ``wait_ms`` 0 sends
+    the 6 arguments of a non-blocking call (the 7th, wait_ms, is optional)."""
     rid = _request(request_id)
-    args = (to_bytes(node_id), to_bytes(worker_id), count, lease_ms, rid, request_ttl_ms)
+    args: tuple[Any, ...] = (to_bytes(node_id), to_bytes(worker_id), count, lease_ms, rid,
+                             request_ttl_ms)  # fmt: skip
+    if wait_ms:
+        args = (*args, wait_ms)
     return Call("queue.node_dequeue", keys.with_request(rid), args, _SHAPES[shape])
+
+
+def node_take(
+    keys: DispatchKeys,
+    node_id: bytes,
+    worker_id: str | bytes,
+    count: int,
+    lease_ms: int,
+    request_ttl_ms: int,
+) -> TakeCall:
+    """The ``node_dequeue_call`` of one take (``NodeQueue.dequeue``/``dequeue_many``), by wait_ms,
+    request id and shape, for ``Queue._blocking_take`` (a node queue acks nothing while taking)."""
+
+    def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
+        return node_dequeue_call(
+            keys,
+            node_id,
+            worker_id,
+            count,
+            lease_ms,
+            wait_ms=wait_ms,
+            request_id=rid,
+            request_ttl_ms=request_ttl_ms,
+            shape=shape,
+        )
+
+    return call
 
 
 def node_ack_call(
@@ -809,19 +858,31 @@ class Queue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
+            return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
+
+        return self._blocking_take(call, self.keys.wake, block_ms, ack, request_id, shape)
+
+    def _blocking_take(
+        self,
+        call: TakeCall,
+        wake: bytes,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape),
+        blocking up to ``block_ms``: the script registers the waiter, the wait is a BLPOP on
+        ``wake`` (the plain queue's or a node queue's wake list), and the script decides again."""
         if block_ms <= 0:  # one call (also what a pipeline queues)
-            return self._runner.run(
-                self._call(worker_id, count, lease_ms, 0, ack, request_id, shape)
-            )
+            return self._runner.run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
         rid = _request(request_id)
         deadline = time.monotonic() + block_ms / 1000
         while True:
-            wait_ms = remaining_ms(deadline)
-            reply: Dequeued = self._runner.run(
-                self._call(worker_id, count, lease_ms, wait_ms, ack, rid, "reply")
-            )
+            reply: Dequeued = self._runner.run(call(remaining_ms(deadline), ack, rid, "reply"))
             if reply.leases:
                 return reply.leases[0] if shape == "one" else list(reply.leases)
             if ack is not None:  # acked (and recorded under rid): the next tries only take
@@ -831,7 +892,7 @@ class Queue:
                 return None if shape == "one" else []
             timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
             retry = getattr(self._runner, "retry", NO_RETRY)
-            retry.call(self._client.blpop, [self.keys.wake], timeout=timeout)
+            retry.call(self._client.blpop, [wake], timeout=timeout)
 
     def dequeue(
         self,
@@ -1008,33 +1069,45 @@ class NodeQueue:
     """The tasks a queue dispatched to one node (``q.for_node(node_id)``).
 
     Its workers take tasks with ``dequeue``/``dequeue_many`` (leases with fencing tokens, as
-    ``Queue.dequeue``), keep long ones with ``extend`` and finish them with ``ack``/``nack``,
-    which give the task's cost back to the node's load when the task leaves it (ack, dead
-    letter; ``Queue.requeue_dead_dispatched`` dispatches a dead one again). No blocking wait:
-    poll.
+    ``Queue.dequeue``; ``block_ms`` waits on the node's own wake list, ``keys.node_wait``), keep
+    long ones with ``extend`` and finish them with ``ack``/``nack``, which give the task's cost
+    back to the node's load when the task leaves it (ack, dead letter;
+    ``Queue.requeue_dead_dispatched`` dispatches a dead one again).
     """
 
     def __init__(self, queue: Queue, node_id: bytes) -> None:
         self.queue = queue
         self.node = node_id
 
+    def _take(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        q = self.queue
+        keys = q.dispatch_keys
+        call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
+        wake = keys.node_wait(self.node)[0]
+        return q._blocking_take(call, wake, block_ms, None, request_id, shape)
+
     def dequeue(
-        self, worker_id: str | bytes, lease_ms: int, *, request_id: str | bytes | None = None
+        self,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
     ) -> Lease | None:
-        """Take and lease the node's next ready task (None: none). Also promotes due delayed
-        tasks and reclaims expired leases of the dispatch queue (bounded). O(log n)."""
-        return self.queue._runner.run(  # type: ignore[no-any-return]
-            node_dequeue_call(
-                self.queue.dispatch_keys,
-                self.node,
-                worker_id,
-                1,
-                lease_ms,
-                request_id=request_id,
-                request_ttl_ms=self.queue.request_ttl_ms,
-                shape="one",
-            )
-        )
+        """Take and lease the node's next ready task (None: none, after waiting up to
+        ``block_ms``: a BLPOP on the node's wake list, woken by dispatch, nack, redispatch and
+        promotion into this node's queue, capped by the next due time and ``poll_ms``, as
+        ``Queue.dequeue``). Also promotes due delayed tasks and reclaims expired leases of the
+        dispatch queue (bounded). O(log n)."""
+        return self._take(worker_id, 1, lease_ms, block_ms, request_id, "one")  # type: ignore[no-any-return]
 
     def dequeue_many(
         self,
@@ -1042,21 +1115,12 @@ class NodeQueue:
         n: int,
         lease_ms: int,
         *,
+        block_ms: int = 0,
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
-        """Take up to ``n`` of the node's ready tasks in one call, best first."""
-        return self.queue._runner.run(
-            node_dequeue_call(
-                self.queue.dispatch_keys,
-                self.node,
-                worker_id,
-                n,
-                lease_ms,
-                request_id=request_id,
-                request_ttl_ms=self.queue.request_ttl_ms,
-                shape="many",
-            )
-        )
+        """Take up to ``n`` of the node's ready tasks in one call, best first (``block_ms`` as
+        in ``dequeue``)."""
+        return self._take(worker_id, n, lease_ms, block_ms, request_id, "many")  # type: ignore[no-any-return]
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish the task and give its cost back to its node. Raises StaleLease."""

@@ -4160,7 +4160,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 d605260f050f075cae9d170fcf0439012f7f4d14)
+-- pick.least_loaded (sha1 ca40eb7e72c5f9e766eac7606bd251c06d48cdb7)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4515,6 +4515,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -4528,6 +4533,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -4894,7 +4902,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 4c4bc4d7654658ff4b32e19bf8ffddcd83c0eb84)
+-- pick.release (sha1 2c2275ffdf576c3924202671442a188d2c0f274f)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5121,6 +5129,11 @@ local K_ID = nil  -- pick_charge's charge() is not used here (no node id is read
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -5134,6 +5147,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -5707,7 +5723,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 1e15c7c311c0228cd627ed454dba2b63676a9ada)
+-- pick.two_choices (sha1 a4e7ca72545fa9bf3c6267327a2178cc5247f579)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6008,6 +6024,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -6021,6 +6042,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -6766,7 +6790,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 278c1ff1aaf425d20e49d164f96ae870c23c9ea1)
+-- queue.dequeue (sha1 e712725e1f9eee79bdba7972ce92ca8b84198f5b)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -7281,26 +7305,49 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
 end
 
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
@@ -7334,22 +7381,6 @@ local function replay_leases(record)
   end
   return reply
 end
--- Nothing taken: register the waiter and say when the next delayed task is due.
-local function nothing_taken(now_ms, wait_ms)
-  if wait_ms == 0 then
-    return { -1 }
-  end
-  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  local waiting_ttl = redis.call('PTTL', K_WAITING)
-  if waiting_ttl < wait_ms then
-    redis.call('SET', K_WAITING, '1', 'PX', wait_ms)
-  end
-  if not next_due[1] then
-    return { -1 }
-  end
-  return { math.max(1, tonumber(next_due[2]) - now_ms) }
-end
-
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(8, 8)
@@ -7377,7 +7408,7 @@ local function main()
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
-    return nothing_taken(now_ms, wait_ms)
+    return nothing_taken(now_ms, wait_ms, K_WAITING)
   end
 
   -- One HMGET for everything: seq, fence, the acked task's meta, and payload + meta of every
@@ -7458,7 +7489,7 @@ local function main()
     read('ZCARD', K_DEAD)
   end
   local woken = #candidates - taken
-  local waiting = woken > 0 and waiters_present()
+  local waiting = woken > 0 and waiters_present(K_WAITING, K_WAKE)
 
   -- Writes. The first one goes through first_write; every key below was read above.
   local wrote = false
@@ -7554,11 +7585,11 @@ local function main()
   meta_args[#meta_args + 1] = fence
   write('HSET', K_TASKS, unpack(meta_args))
   if waiting then
-    push_wake(woken)
+    push_wake(K_WAKE, woken)
   end
 
   if taken == 0 then
-    reply = nothing_taken(now_ms, wait_ms)
+    reply = nothing_taken(now_ms, wait_ms, K_WAITING)
   end
   if acking or taken > 0 then
     local entry = { 'dequeue', acking and 1 or 0 }
@@ -7575,7 +7606,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 7405e284e5defe8984ce3daa848d0547f4e25db9)
+-- queue.dispatch (sha1 ad1c08862c83df07167252b4f2b439698a3ed06d)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -7590,7 +7621,11 @@ redis.register_function{
 --@+          it within request_ttl_ms answers the first reply and acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -7776,6 +7811,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -7794,8 +7832,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -7939,6 +7975,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -8035,6 +8098,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -8048,6 +8116,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -8070,6 +8141,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -8473,16 +8570,29 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -8503,11 +8613,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -8552,9 +8663,10 @@ local function main()
     check_seq(seq + 1)
   end
 
-  -- The pick and the charge (their reads, then their writes); only writes that cannot fail follow.
-  local node_id = choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms)
-  local node_hex = hex(node_id)
+  -- The pick and the charge (their reads, the chosen node's waiting marker, then their writes);
+  -- only writes that cannot fail follow.
+  local node_id, node_hex, wake = choose_and_charge(letter, routing_key, cost, random1, random2,
+    random3, now_ms)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local route = { cost = cost, letter = letter, node_hex = node_hex }
   local task_fields = { 'p' .. task_id, payload, 'n' .. task_id, format_route(route) }
@@ -8578,6 +8690,11 @@ local function main()
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
   redis.call('HSET', K_TASKS, unpack(task_fields))
+  -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
+  -- that worker waits for.
+  if wake then
+    push_wake(wake, 1)
+  end
   record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }
 end
@@ -8586,7 +8703,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 26d89f310f7c9d6bc0c3ee800d18805012d8af08)
+-- queue.dispatch_requeue_dead (sha1 74a44ac1cbbfb9cb0154313474eba8108fbe48f1)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -8597,11 +8714,16 @@ redis.register_function{
 --@+          the pick of that name, as queue.redispatch re-picks), charges that node the cost as queue.dispatch
 --@+          does, and queues it there ready now, with its attempts reset to 0 and its reason cleared (payload,
 --@+          priority and max_attempts kept; it queues behind the node's ready tasks of its priority). A task that
---@+          is not dead is left as it is and the reply says where it is. If no node can take it the call fails
---@+          and nothing changed (the task stays dead).
+--@+          is not dead is left as it is and the reply says where it is. A worker of the chosen node blocked on its
+--@+          wake list is woken (as queue.dispatch wakes it). If no node can take it the call fails and nothing
+--@+          changed (the task stays dead).
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -8767,6 +8889,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -8785,8 +8910,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -8895,6 +9018,33 @@ local function check_seq(seq)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -8991,6 +9141,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -9004,6 +9159,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -9020,6 +9178,32 @@ local function hex(raw)
   return (string.gsub(raw, '.', function(char)
     return string.format('%02x', string.byte(char))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -9434,16 +9618,29 @@ local function seeded_draws(seed)
   end
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -9464,11 +9661,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -9494,15 +9692,19 @@ local function main()
 
   -- The pick and the charge (their reads, then their writes); only writes that cannot fail follow.
   local draw = seeded_draws(seed)
-  local node_id = choose_and_charge(route.letter, fields[3] or '', route.cost, draw(), draw(), draw(),
-    now_ms)
-  route.node_hex = hex(node_id)
+  local node_id, node_hex, wake = choose_and_charge(route.letter, fields[3] or '', route.cost, draw(),
+    draw(), draw(), now_ms)
+  route.node_hex = node_hex
   meta.state, meta.at_ms, meta.attempts = 'R', now_ms, 0
   redis.call('ZREM', K_DEAD, task_id)
   redis.call('ZADD', K_READY, 0, ready_member(route.node_hex, ready_score(meta.priority, seq), task_id))
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'n' .. task_id, format_route(route),
     'seq', seq)
   redis.call('HDEL', K_TASKS, 'r' .. task_id)
+  -- A blocked worker of the chosen node wakes (its waiting marker was read before the charge).
+  if wake then
+    push_wake(wake, 1)
+  end
   return { 'requeued', node_id }
 end
 
@@ -9510,7 +9712,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 e7a7a8ad84525f44703c47f6f687fa59fc5c20e1)
+-- queue.enqueue (sha1 2d142c60df1dfa9fe4d154e1e18150358ba8fb65)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -9906,26 +10108,31 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -9952,7 +10159,7 @@ local function main()
     return reply
   end
   local seq = stored_int(fields[2], 'the seq field') or 0
-  local waiting = waiters_present()
+  local waiting = waiters_present(K_WAITING, K_WAKE)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local state
   if delay_ms == 0 then
@@ -9970,7 +10177,7 @@ local function main()
   end
   -- A blocked dequeuer wakes for a delayed task too: it may be due before the time it waits for.
   if waiting then
-    push_wake(1)
+    push_wake(K_WAKE, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'enqueue', 1, state })
   return { 1, state }
@@ -10261,7 +10468,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 32b3e83eecdccea18b7dde50f1a3812c7d48c138)
+-- queue.nack (sha1 68dfad3f0c738d230e7d19e1b30a6d4fa59351ad)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -10571,26 +10778,31 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -10631,7 +10843,7 @@ local function main()
       local exponent = math.min(meta.attempts - 1, 60)
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
-    local waiting = waiters_present()
+    local waiting = waiters_present(K_WAITING, K_WAKE)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -10645,7 +10857,7 @@ local function main()
       first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     end
     if waiting then
-      push_wake(1)
+      push_wake(K_WAKE, 1)
     end
   end
   redis.call('ZREM', K_LEASED, task_id)
@@ -10658,7 +10870,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 7d939dd14986b679cd2934b03dba018d4f56047c)
+-- queue.node_ack (sha1 80c6e7e5d6ad47d2e12f36496aa014a50f222832)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -10670,7 +10882,11 @@ redis.register_function{
 --@+          ack: replaying it within request_ttl_ms answers 1 again instead of STALE.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -10826,6 +11042,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -10844,8 +11063,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -11052,6 +11269,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -11143,7 +11365,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 3f2148a109413ad5218d42a03e8d0ab6ebaca3a2)
+-- queue.node_dequeue (sha1 99a3aa08479ba36733ff5055201943d3959fd827)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -11156,10 +11378,18 @@ redis.register_function{
 --@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
---@+          request_ttl_ms answers those still held under the same token and takes nothing new. No blocking wait.
+--@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
+--@+          taken and wait_ms > 0, the caller is registered as waiting on the node's waiting marker
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> for wait_ms (built from the ready key; dispatch, node_nack,
+--@+          redispatch and promotion/reclaim then push wake-up signals on the node's wake list
+--@+          luasched:{ns}:d:wake:<hex node id>:<queue>: BLPOP it) and the reply says when to ask again.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -11188,9 +11418,12 @@ redis.register_function{
 --@arg        lease_ms        int:1..31536000000  Each lease lasts until the server's now + lease_ms.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
---@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed), else -1; then 5
---@+          entries per taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
---@error      ARG  Not 19 keys or 6 arguments, an argument out of its range, or a request id used by another call.
+--@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the node's wake list (0: it will not).
+--@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed); otherwise, with
+--@+          wait_ms > 0, ms until the next delayed task of the dispatch queue is due (-1: none delayed; 1 when this
+--@+          call made tasks of this node ready: ask again now), and -1 with wait_ms = 0 or absent; then 5 entries per
+--@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
+--@error      ARG  Not 19 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
@@ -11324,6 +11557,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -11342,8 +11578,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -11495,6 +11729,51 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
+end
+
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
 -- that are still held under their token, as {0, task_id, payload, attempt, token, deadline}...
 local function replay_leases(record)
@@ -11608,6 +11887,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -11648,6 +11932,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -11704,13 +12014,14 @@ local function release_all(plans)
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  arg_count(6, 6)
+  arg_count(6, 7)
   local node_id = arg_string(1, 'node_id', 1, 1024)
   local worker_id = arg_string(2, 'worker_id', 0, 256)
   local count = arg_int(3, 'count', 1, 1000)
   local lease_ms = arg_int(4, 'lease_ms', 1, MAX_TTL_MS)
   local request_id = arg_request_id(5)
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
   local now_ms = server_now_ms()
   local record = recorded(request_id, 'node_dequeue')
   if record then
@@ -11719,13 +12030,15 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
+  -- The waiting marker this call registers when it takes nothing (only with wait_ms > 0).
+  local waiting = wait_ms > 0 and select(2, node_wait_keys(node_hex)) or nil
   local now = decimal(now_ms)
   local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
-    return { -1 }
+    return nothing_taken(now_ms, wait_ms, waiting)
   end
   read('ZCARD', K_ASSIGNED)
   read('ZCARD', K_DEAD)
@@ -11760,7 +12073,7 @@ local function main()
 
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}
   local leased_add, leased_rem, delayed_rem, dead_add, task_args = {}, {}, {}, {}, {}
-  local releases = {}
+  local releases, woken = {}, {}
   local reply = { 0 }
   for position, task_id in ipairs(taken_ids) do
     local meta = existing_meta(values[2 + 2 * position], task_id)
@@ -11797,6 +12110,7 @@ local function main()
       meta.state, meta.at_ms = 'R', now_ms
       ready_add[#ready_add + 1] = 0
       ready_add[#ready_add + 1] = ready_member(route.node_hex, ready_score(meta.priority, seq), task_id)
+      woken[route.node_hex] = (woken[route.node_hex] or 0) + 1
     else
       -- An expired lease is a failed attempt: the last one sends the task to the dead letters.
       meta.state, meta.at_ms = 'X', now_ms
@@ -11811,6 +12125,11 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
+  -- The blocked workers of the nodes that got ready tasks (their wake lists' types, read now).
+  local wakes = {}
+  for woken_hex, woken_count in pairs(woken) do
+    wakes[#wakes + 1] = { blocked_wake(woken_hex), woken_count }
+  end
 
   -- Writes: every key was read above; none of these can fail.
   task_args[#task_args + 1] = 'seq'
@@ -11830,9 +12149,19 @@ local function main()
     end
   end
   release_all(plans)
+  for _, wake in ipairs(wakes) do
+    if wake[1] then
+      push_wake(wake[1], wake[2])
+    end
+  end
 
   if #taken_ids == 0 then
-    return { -1 }
+    local nothing = nothing_taken(now_ms, wait_ms, waiting)
+    if wait_ms > 0 and woken[node_hex] then
+      -- Tasks of this node became ready in this call (the next call takes them): ask again now.
+      return { 1 }
+    end
+    return nothing
   end
   local entry = { 'node_dequeue', 0 }
   for position = 1, #taken_ids do
@@ -11847,7 +12176,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 db27924fdd037ec005b20eea706e104a9b6d9273)
+-- queue.node_extend (sha1 8291c28ce631358b53eede133a47f0a1afd67ea8)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -11860,7 +12189,11 @@ redis.register_function{
 --@+          task stays on its node and keeps its charge.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -12023,6 +12356,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -12041,8 +12377,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -12206,6 +12540,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 local STRATEGY_LETTERS = {
   slot = 'S', least_loaded = 'L', two_choices = 'T', weighted = 'W', round_robin = 'R',
 }
@@ -12248,7 +12587,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 8b07e8334cbf100d24ec856d37029a32b097c8bf)
+-- queue.node_nack (sha1 ec8a48ec5fe036c50136e4f5081fac3a0735bb72)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -12261,7 +12600,11 @@ redis.register_function{
 --@+          non-empty request_id records the reply: replaying it within request_ttl_ms acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -12429,6 +12772,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -12447,8 +12793,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -12592,6 +12936,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -12674,6 +13045,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -12707,6 +13083,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -12761,7 +13163,7 @@ local function main()
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
-  local reply, plan
+  local reply, plan, wake
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
   if meta.attempts >= meta.max_attempts then
@@ -12777,6 +13179,8 @@ local function main()
       local exponent = math.min(meta.attempts - 1, 60)
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
+    -- A blocked worker of the node wakes (for a delayed retry too, as queue.nack does).
+    wake = blocked_wake(route.node_hex)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -12798,6 +13202,9 @@ local function main()
   if plan then
     release(plan)
   end
+  if wake then
+    push_wake(wake, 1)
+  end
   record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply
 end
@@ -12806,7 +13213,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 e699178ad0d5d5a63d846e3daacfffd428359018)
+-- queue.node_stats (sha1 3bd4cd4442e05c5b1cb3d0d78b24af95c771e840)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -12817,7 +13224,11 @@ redis.register_function{
 --@+          clock. Reads only. Expired leases count as leased until a node_dequeue reclaims them.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -12957,6 +13368,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -12975,8 +13389,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -13115,6 +13527,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 local STRATEGY_LETTERS = {
   slot = 'S', least_loaded = 'L', two_choices = 'T', weighted = 'W', round_robin = 'R',
 }
@@ -13156,7 +13573,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 8e889c658eba8d1e874a243f17eb6c3aedc8af39)
+-- queue.redispatch (sha1 9fed0448dcb3ada052c61183f7e0baffed9cfc98)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -13172,7 +13589,11 @@ redis.register_function{
 --@+          and answers more = 1; if it fails for the first task, the call fails and nothing changed.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -13339,6 +13760,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -13357,8 +13781,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -13475,6 +13897,33 @@ local function check_seq(seq)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -13571,6 +14020,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -13584,6 +14038,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -13623,6 +14080,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -14052,16 +14535,29 @@ local function seeded_draws(seed)
   end
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -14082,11 +14578,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -14151,12 +14648,17 @@ local function main()
   local function move(entry)
     local route, meta, task_id = entry.route, entry.meta, entry.id
     local plan = route_release_plan(route)
-    local new_id = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(), draw(),
-      now_ms, node_id)
+    if not entry.ready and meta.state == 'L' then
+      -- A revoked lease queues again under a new sequence number: checked before the charge, so
+      -- an exhausted seq fails this move before anything of it is written.
+      seq = seq + 1
+      check_seq(seq)
+    end
+    local _, new_hex, wake = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(),
+      draw(), now_ms, node_id)
     if plan then
       release(plan)
     end
-    local new_hex = hex(new_id)
     if entry.ready then
       -- Keeps its place (priority and sequence number) in the new node's queue.
       local score = string.sub(entry.member, #node_hex + 2, #node_hex + 17)
@@ -14164,8 +14666,6 @@ local function main()
       redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
     elseif meta.state == 'L' then
       -- Revoked: ready on the new node (the old token no longer matches a leased state).
-      seq = seq + 1
-      check_seq(seq)
       meta.state, meta.at_ms = 'R', now_ms
       redis.call('ZREM', K_LEASED, task_id)
       redis.call('ZREM', K_ASSIGNED, entry.member)
@@ -14177,6 +14677,10 @@ local function main()
     end
     route.node_hex = new_hex
     redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'n' .. task_id, format_route(route))
+    -- A blocked worker of the new node wakes (for a delayed task too: it may be due sooner).
+    if wake then
+      push_wake(wake, 1)
+    end
   end
 
   local moved = 0
@@ -14198,7 +14702,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 33733c375422030df7556aa13b4ad020dc9f77eb)
+-- queue.requeue_dead (sha1 4af8a197a8650c02757595ea413e6e4c401783f9)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -14440,26 +14944,31 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -14478,14 +14987,14 @@ local function main()
   local seq = (stored_int(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)
   read('ZSCORE', K_DEAD, task_id)
-  local waiting = waiters_present()
+  local waiting = waiters_present(K_WAITING, K_WAKE)
   meta.state, meta.at_ms, meta.attempts = 'R', now_ms, 0
   first_write('ZADD', K_READY, ready_score(meta.priority, seq), task_id)
   redis.call('ZREM', K_DEAD, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'seq', seq)
   redis.call('HDEL', K_TASKS, 'r' .. task_id)
   if waiting then
-    push_wake(1)
+    push_wake(K_WAKE, 1)
   end
   return 'requeued'
 end
@@ -16021,5 +16530,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'c8b279b819498f7e341a074db61a37d64647a9f8' end,
+  callback = function() return 'f7e5f3ed76536e4952533942058c48f492f2b1a4' end,
 }

@@ -220,6 +220,11 @@ local K_ID = nil  -- pick_charge's charge() is not used here (no node id is read
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -233,6 +238,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)

@@ -508,26 +508,49 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
 end
 
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
@@ -561,22 +584,6 @@ local function replay_leases(record)
   end
   return reply
 end
--- Nothing taken: register the waiter and say when the next delayed task is due.
-local function nothing_taken(now_ms, wait_ms)
-  if wait_ms == 0 then
-    return { -1 }
-  end
-  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  local waiting_ttl = redis.call('PTTL', K_WAITING)
-  if waiting_ttl < wait_ms then
-    redis.call('SET', K_WAITING, '1', 'PX', wait_ms)
-  end
-  if not next_due[1] then
-    return { -1 }
-  end
-  return { math.max(1, tonumber(next_due[2]) - now_ms) }
-end
-
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(8, 8)
@@ -604,7 +611,7 @@ local function main()
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local head = read('ZRANGE', K_READY, 0, count - 1, 'WITHSCORES')
   if #head == 0 and #due == 0 and #expired == 0 and not acking then
-    return nothing_taken(now_ms, wait_ms)
+    return nothing_taken(now_ms, wait_ms, K_WAITING)
   end
 
   -- One HMGET for everything: seq, fence, the acked task's meta, and payload + meta of every
@@ -685,7 +692,7 @@ local function main()
     read('ZCARD', K_DEAD)
   end
   local woken = #candidates - taken
-  local waiting = woken > 0 and waiters_present()
+  local waiting = woken > 0 and waiters_present(K_WAITING, K_WAKE)
 
   -- Writes. The first one goes through first_write; every key below was read above.
   local wrote = false
@@ -781,11 +788,11 @@ local function main()
   meta_args[#meta_args + 1] = fence
   write('HSET', K_TASKS, unpack(meta_args))
   if waiting then
-    push_wake(woken)
+    push_wake(K_WAKE, woken)
   end
 
   if taken == 0 then
-    reply = nothing_taken(now_ms, wait_ms)
+    reply = nothing_taken(now_ms, wait_ms, K_WAITING)
   end
   if acking or taken > 0 then
     local entry = { 'dequeue', acking and 1 or 0 }

@@ -8,7 +8,11 @@
 --@+          it within request_ttl_ms answers the first reply and acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -194,6 +198,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -212,8 +219,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -357,6 +362,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -453,6 +485,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -466,6 +503,9 @@ end
 -- load_and_capacity).
 local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
   local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
   local new_load = load + cost
   redis.call('HSET', K_LOAD, index, decimal(new_load))
   redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
@@ -488,6 +528,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -891,16 +957,29 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
+-- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
+-- of it blocks (nil: none), both set by charge() before its first write (before_charge).
+local chosen_hex, chosen_wake = nil, nil
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_wake = blocked_wake(chosen_hex)
+end
+
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first; the pick's own writes and the charge come last. Answers the node id.
--- S, W and R charge without a capacity check (only L and T respect capacities). `exclude`:
--- a node id a slot owner must not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
+-- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
+-- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
+-- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
+-- not be (redispatch away from a draining owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
+  before_charge = note_chosen
   if letter == 'L' then
-    return pick_least_loaded(cost, random1, now_ms)[1]
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   elseif letter == 'T' then
-    return pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_wake
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -921,11 +1000,12 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
   read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
   if commit then
     commit()
   end
-  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
-  return node_id
+  return node_id, chosen_hex, chosen_wake
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -970,9 +1050,10 @@ local function main()
     check_seq(seq + 1)
   end
 
-  -- The pick and the charge (their reads, then their writes); only writes that cannot fail follow.
-  local node_id = choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms)
-  local node_hex = hex(node_id)
+  -- The pick and the charge (their reads, the chosen node's waiting marker, then their writes);
+  -- only writes that cannot fail follow.
+  local node_id, node_hex, wake = choose_and_charge(letter, routing_key, cost, random1, random2,
+    random3, now_ms)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local route = { cost = cost, letter = letter, node_hex = node_hex }
   local task_fields = { 'p' .. task_id, payload, 'n' .. task_id, format_route(route) }
@@ -996,6 +1077,11 @@ local function main()
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
   redis.call('HSET', K_TASKS, unpack(task_fields))
+  -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
+  -- that worker waits for.
+  if wake then
+    push_wake(wake, 1)
+  end
   record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }
 end

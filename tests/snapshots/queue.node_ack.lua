@@ -5,7 +5,11 @@
 --@+          ack: replaying it within request_ttl_ms answers 1 again instead of STALE.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -161,6 +165,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -179,8 +186,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -386,6 +391,11 @@ end
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
+
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)

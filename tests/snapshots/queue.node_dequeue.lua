@@ -6,10 +6,18 @@
 --@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
---@+          request_ttl_ms answers those still held under the same token and takes nothing new. No blocking wait.
+--@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
+--@+          taken and wait_ms > 0, the caller is registered as waiting on the node's waiting marker
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> for wait_ms (built from the ready key; dispatch, node_nack,
+--@+          redispatch and promotion/reclaim then push wake-up signals on the node's wake list
+--@+          luasched:{ns}:d:wake:<hex node id>:<queue>: BLPOP it) and the reply says when to ask again.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -38,9 +46,12 @@
 --@arg        lease_ms        int:1..31536000000  Each lease lasts until the server's now + lease_ms.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
---@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed), else -1; then 5
---@+          entries per taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
---@error      ARG  Not 19 keys or 6 arguments, an argument out of its range, or a request id used by another call.
+--@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the node's wake list (0: it will not).
+--@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed); otherwise, with
+--@+          wait_ms > 0, ms until the next delayed task of the dispatch queue is due (-1: none delayed; 1 when this
+--@+          call made tasks of this node ready: ask again now), and -1 with wait_ms = 0 or absent; then 5 entries per
+--@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
+--@error      ARG  Not 19 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
@@ -174,6 +185,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -192,8 +206,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -345,6 +357,51 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
+-- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
+-- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
+-- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
+-- fail (any type), and K_DELAYED was read before, so this may follow the writes.
+local function nothing_taken(now_ms, wait_ms, waiting)
+  if wait_ms == 0 then
+    return { -1 }
+  end
+  local next_due = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if waiting and redis.call('PTTL', waiting) < wait_ms then
+    redis.call('SET', waiting, '1', 'PX', wait_ms)
+  end
+  if not next_due[1] then
+    return { -1 }
+  end
+  return { math.max(1, tonumber(next_due[2]) - now_ms) }
+end
+
 -- The reply of a replayed dequeue: the leases of `record` ({op, acked, task_id, token, ...})
 -- that are still held under their token, as {0, task_id, payload, attempt, token, deadline}...
 local function replay_leases(record)
@@ -458,6 +515,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -498,6 +560,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -554,13 +642,14 @@ local function release_all(plans)
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  arg_count(6, 6)
+  arg_count(6, 7)
   local node_id = arg_string(1, 'node_id', 1, 1024)
   local worker_id = arg_string(2, 'worker_id', 0, 256)
   local count = arg_int(3, 'count', 1, 1000)
   local lease_ms = arg_int(4, 'lease_ms', 1, MAX_TTL_MS)
   local request_id = arg_request_id(5)
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
   local now_ms = server_now_ms()
   local record = recorded(request_id, 'node_dequeue')
   if record then
@@ -569,13 +658,15 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
+  -- The waiting marker this call registers when it takes nothing (only with wait_ms > 0).
+  local waiting = wait_ms > 0 and select(2, node_wait_keys(node_hex)) or nil
   local now = decimal(now_ms)
   local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
-    return { -1 }
+    return nothing_taken(now_ms, wait_ms, waiting)
   end
   read('ZCARD', K_ASSIGNED)
   read('ZCARD', K_DEAD)
@@ -610,7 +701,7 @@ local function main()
 
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}
   local leased_add, leased_rem, delayed_rem, dead_add, task_args = {}, {}, {}, {}, {}
-  local releases = {}
+  local releases, woken = {}, {}
   local reply = { 0 }
   for position, task_id in ipairs(taken_ids) do
     local meta = existing_meta(values[2 + 2 * position], task_id)
@@ -647,6 +738,7 @@ local function main()
       meta.state, meta.at_ms = 'R', now_ms
       ready_add[#ready_add + 1] = 0
       ready_add[#ready_add + 1] = ready_member(route.node_hex, ready_score(meta.priority, seq), task_id)
+      woken[route.node_hex] = (woken[route.node_hex] or 0) + 1
     else
       -- An expired lease is a failed attempt: the last one sends the task to the dead letters.
       meta.state, meta.at_ms = 'X', now_ms
@@ -661,6 +753,11 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
+  -- The blocked workers of the nodes that got ready tasks (their wake lists' types, read now).
+  local wakes = {}
+  for woken_hex, woken_count in pairs(woken) do
+    wakes[#wakes + 1] = { blocked_wake(woken_hex), woken_count }
+  end
 
   -- Writes: every key was read above; none of these can fail.
   task_args[#task_args + 1] = 'seq'
@@ -680,9 +777,19 @@ local function main()
     end
   end
   release_all(plans)
+  for _, wake in ipairs(wakes) do
+    if wake[1] then
+      push_wake(wake[1], wake[2])
+    end
+  end
 
   if #taken_ids == 0 then
-    return { -1 }
+    local nothing = nothing_taken(now_ms, wait_ms, waiting)
+    if wait_ms > 0 and woken[node_hex] then
+      -- Tasks of this node became ready in this call (the next call takes them): ask again now.
+      return { 1 }
+    end
+    return nothing
   end
   local entry = { 'node_dequeue', 0 }
   for position = 1, #taken_ids do

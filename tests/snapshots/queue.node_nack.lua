@@ -6,7 +6,11 @@
 --@+          non-empty request_id records the reply: replaying it within request_ttl_ms acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first.
+--@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
+--@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
+--@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
+--@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
+--@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -174,6 +178,9 @@ end
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
+--   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
+--     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
+--     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
 --
@@ -192,8 +199,6 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
--- Node queues have no blocking wait: waiters_present()/push_wake() of queue.lua.j2 are unused.
-local K_WAKE, K_WAITING = nil, nil
 local DISPATCH_KEY_COUNT = 19
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
@@ -337,6 +342,33 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
+    return false
+  end
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
+  return true
+end
+
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
+  local signals = {}
+  for position = 1, math.min(count, WAKE_MAX) do
+    signals[position] = '1'
+  end
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+
 -- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -419,6 +451,11 @@ end
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
 
+-- A read of the includer about the node a charge goes to, run by charge() with the node id
+-- before its writes (nil: none): queue.dispatch and queue.redispatch look at that node's
+-- waiting marker there (include/dispatch_pick.lua.j2), before anything is written.
+local before_charge = nil
+
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
   local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
@@ -452,6 +489,32 @@ local function unhex(digits)
   return (string.gsub(digits, '%x%x', function(pair)
     return string.char(tonumber(pair, 16))
   end))
+end
+
+-- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
+-- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
+-- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
+-- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
+-- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
+-- wait out their poll_ms). One match and two concatenations (each string op costs).
+local function node_wait_keys(node_hex)
+  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
+  if not prefix then
+    return nil, nil
+  end
+  local tail = ':' .. node_hex .. ':' .. queue
+  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+end
+
+-- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
+-- of the waiting marker; with a waiter also the wake list's type): call it before the first
+-- write, push_wake() after the writes.
+local function blocked_wake(node_hex)
+  local wake, waiting = node_wait_keys(node_hex)
+  if waiters_present(waiting, wake) then
+    return wake
+  end
+  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -506,7 +569,7 @@ local function main()
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
-  local reply, plan
+  local reply, plan, wake
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
   if meta.attempts >= meta.max_attempts then
@@ -522,6 +585,8 @@ local function main()
       local exponent = math.min(meta.attempts - 1, 60)
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
+    -- A blocked worker of the node wakes (for a delayed retry too, as queue.nack does).
+    wake = blocked_wake(route.node_hex)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -542,6 +607,9 @@ local function main()
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), unpack(extra))
   if plan then
     release(plan)
+  end
+  if wake then
+    push_wake(wake, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply

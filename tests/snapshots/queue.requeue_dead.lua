@@ -235,26 +235,31 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks now (reads, before the first write; also checks the wake list's type).
-local function waiters_present()
-  if redis.call('EXISTS', K_WAITING) == 0 then
+-- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
+-- reads only, before the first write; it also checks the type of the wake list `wake` (named
+-- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+local function waiters_present(waiting, wake)
+  if not waiting or redis.call('EXISTS', waiting) == 0 then
     return false
   end
-  read('LLEN', K_WAKE)
+  if type(redis.pcall('LLEN', wake)) ~= 'number' then
+    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
+  end
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) and keeps the list short and short-lived.
-local function push_wake(count)
+-- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
+-- short-lived. Cannot fail once waiters_present() read the list.
+local function push_wake(wake, count)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = '1'
   end
-  local length = redis.call('LPUSH', K_WAKE, unpack(signals))
+  local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
-    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL_MS)
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
 local function main()
@@ -273,14 +278,14 @@ local function main()
   local seq = (stored_int(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)
   read('ZSCORE', K_DEAD, task_id)
-  local waiting = waiters_present()
+  local waiting = waiters_present(K_WAITING, K_WAKE)
   meta.state, meta.at_ms, meta.attempts = 'R', now_ms, 0
   first_write('ZADD', K_READY, ready_score(meta.priority, seq), task_id)
   redis.call('ZREM', K_DEAD, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'seq', seq)
   redis.call('HDEL', K_TASKS, 'r' .. task_id)
   if waiting then
-    push_wake(1)
+    push_wake(K_WAKE, 1)
   end
   return 'requeued'
 end

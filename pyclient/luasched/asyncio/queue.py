@@ -27,6 +27,7 @@ from luasched.queue import (
     Redispatched,
     RequeuedDispatched,
     Strategy,
+    TakeCall,
     ack_call,
     dequeue_call,
     dispatch_call,
@@ -37,9 +38,9 @@ from luasched.queue import (
     nack_call,
     new_request_id,
     node_ack_call,
-    node_dequeue_call,
     node_extend_call,
     node_nack_call,
+    node_take,
     poll_timeout_s,
     redispatch_call,
     remaining_ms,
@@ -180,19 +181,29 @@ class AsyncQueue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
+            return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
+
+        return await self._blocking_take(call, self.keys.wake, block_ms, ack, request_id, shape)
+
+    async def _blocking_take(
+        self,
+        call: TakeCall,
+        wake: bytes,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        """Async twin of ``luasched.queue.Queue._blocking_take``."""
         if block_ms <= 0:
-            return await self._run(
-                self._call(worker_id, count, lease_ms, 0, ack, request_id, shape)
-            )
+            return await self._run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
         rid = new_request_id() if request_id is None else request_id
         deadline = time.monotonic() + block_ms / 1000
         while True:
-            wait_ms = remaining_ms(deadline)
-            reply: Dequeued = await self._run(
-                self._call(worker_id, count, lease_ms, wait_ms, ack, rid, "reply")
-            )
+            reply: Dequeued = await self._run(call(remaining_ms(deadline), ack, rid, "reply"))
             if reply.leases:
                 return reply.leases[0] if shape == "one" else list(reply.leases)
             if ack is not None:
@@ -202,7 +213,7 @@ class AsyncQueue:
                 return None if shape == "one" else []
             timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
             retry = getattr(self._runner, "retry", NO_RETRY)
-            await retry.call_async(self._client.blpop, [self.keys.wake], timeout=timeout)
+            await retry.call_async(self._client.blpop, [wake], timeout=timeout)
 
     async def dequeue(
         self,
@@ -363,23 +374,31 @@ class AsyncNodeQueue:
         self.queue = queue
         self.node = node_id
 
+    async def _take(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Any:
+        q = self.queue
+        keys = q.dispatch_keys
+        call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
+        wake = keys.node_wait(self.node)[0]
+        return await q._blocking_take(call, wake, block_ms, None, request_id, shape)
+
     async def dequeue(
-        self, worker_id: str | bytes, lease_ms: int, *, request_id: str | bytes | None = None
+        self,
+        worker_id: str | bytes,
+        lease_ms: int,
+        *,
+        block_ms: int = 0,
+        request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Take the node's next task; see ``luasched.queue.NodeQueue.dequeue``."""
-        q = self.queue
-        lease: Lease | None = await q._run(
-            node_dequeue_call(
-                q.dispatch_keys,
-                self.node,
-                worker_id,
-                1,
-                lease_ms,
-                request_id=request_id,
-                request_ttl_ms=q.request_ttl_ms,
-                shape="one",
-            )
-        )
+        lease: Lease | None = await self._take(worker_id, 1, lease_ms, block_ms, request_id, "one")
         return lease
 
     async def dequeue_many(
@@ -388,22 +407,11 @@ class AsyncNodeQueue:
         n: int,
         lease_ms: int,
         *,
+        block_ms: int = 0,
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n``; see ``luasched.queue.NodeQueue.dequeue_many``."""
-        q = self.queue
-        leases: list[Lease] = await q._run(
-            node_dequeue_call(
-                q.dispatch_keys,
-                self.node,
-                worker_id,
-                n,
-                lease_ms,
-                request_id=request_id,
-                request_ttl_ms=q.request_ttl_ms,
-                shape="many",
-            )
-        )
+        leases: list[Lease] = await self._take(worker_id, n, lease_ms, block_ms, request_id, "many")
         return leases
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
