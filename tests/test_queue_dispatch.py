@@ -634,6 +634,20 @@ def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, 
     assert time.monotonic() - moved < 1.0
 
 
+def test_requeued_dead_letter_wakes_the_chosen_nodes_worker(server: Any, r: Client) -> None:
+    s = scheduler(server.client(), "dwakedead", [("a", 1, None)])
+    q = s.queue("jobs", poll_ms=5_000)
+    producer = scheduler(r, "dwakedead", []).queue("jobs")
+    producer.dispatch("dead", b"", strategy="least_loaded", max_attempts=1)
+    kill(producer, b"a", b"dead")
+    waiter, out = _block_in_thread(q.for_node("a"), 5_000)
+    sent = time.monotonic()
+    assert producer.requeue_dead_dispatched("dead").node == b"a"
+    waiter.join(5)
+    assert out[0][0] is not None and out[0][0].task_id == b"dead" and out[0][0].attempt == 1
+    assert time.monotonic() - sent < 1.0
+
+
 def test_wait_ms_registers_the_node_waiting_key(r: Client) -> None:
     s = scheduler(r, "dreg", [("a", 1, None)])
     q = s.queue("jobs")
