@@ -4160,7 +4160,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 ca40eb7e72c5f9e766eac7606bd251c06d48cdb7)
+-- pick.least_loaded (sha1 e30cb0a1d00498675f2c7899aa2cc6970fde41d7)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -4510,7 +4510,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -4902,7 +4903,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 2c2275ffdf576c3924202671442a188d2c0f274f)
+-- pick.release (sha1 291692ff3899fa21e3af8fce2d61c4c5f9652289)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -5124,7 +5125,8 @@ local K_ID = nil  -- pick_charge's charge() is not used here (no node id is read
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -5723,7 +5725,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 a4e7ca72545fa9bf3c6267327a2178cc5247f579)
+-- pick.two_choices (sha1 0b63c70c79571c2bc1446ac4779cc59ce2c5b6b9)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -6019,7 +6021,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -7606,7 +7609,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 ad1c08862c83df07167252b4f2b439698a3ed06d)
+-- queue.dispatch (sha1 2ac8e253d413b7f53418313e3a24bcb9569721fb)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -8093,7 +8096,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -8194,7 +8198,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- dispatch_pick (lua/include/dispatch_pick.lua.j2): choosing a node for a dispatched task with
 -- the very picks of lua/pick/ (include/pick_*.lua.j2) and slots.owner (include/lookup.lua.j2),
--- for queue.dispatch and queue.redispatch. Needs include/dispatch.lua.j2 (its KEYS bindings).
+-- for queue.dispatch, queue.redispatch and queue.dispatch_requeue_dead. Needs
+-- include/dispatch.lua.j2 (its KEYS bindings).
 -- ---------------------------------------------------------------------------------------------
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
@@ -8703,7 +8708,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 74a44ac1cbbfb9cb0154313474eba8108fbe48f1)
+-- queue.dispatch_requeue_dead (sha1 2d66c7e9e565885622f878596cf7ddb0c61c2771)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -9136,7 +9141,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -9227,7 +9233,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- dispatch_pick (lua/include/dispatch_pick.lua.j2): choosing a node for a dispatched task with
 -- the very picks of lua/pick/ (include/pick_*.lua.j2) and slots.owner (include/lookup.lua.j2),
--- for queue.dispatch and queue.redispatch. Needs include/dispatch.lua.j2 (its KEYS bindings).
+-- for queue.dispatch, queue.redispatch and queue.dispatch_requeue_dead. Needs
+-- include/dispatch.lua.j2 (its KEYS bindings).
 -- ---------------------------------------------------------------------------------------------
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
@@ -10870,7 +10877,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 80c6e7e5d6ad47d2e12f36496aa014a50f222832)
+-- queue.node_ack (sha1 25ae5047e6ed1f4bbee0afab600a40ffd142e8cb)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -11264,7 +11271,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -11365,7 +11373,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 99a3aa08479ba36733ff5055201943d3959fd827)
+-- queue.node_dequeue (sha1 b1cfb5c223b4df46ae24f5c9388021a1d098e9c4)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -11882,7 +11890,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -12176,7 +12185,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 8291c28ce631358b53eede133a47f0a1afd67ea8)
+-- queue.node_extend (sha1 fc76643377d9058240481363a22911e61eb89930)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -12535,7 +12544,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -12587,7 +12597,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 ec8a48ec5fe036c50136e4f5081fac3a0735bb72)
+-- queue.node_nack (sha1 3bd0def43a912153022204e3162eeebea45c7bc8)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -13040,7 +13050,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -13213,7 +13224,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 3bd4cd4442e05c5b1cb3d0d78b24af95c771e840)
+-- queue.node_stats (sha1 1ad72242c226476fbdfbd6548351b0461dbf5559)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -13522,7 +13533,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -13573,7 +13585,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 9fed0448dcb3ada052c61183f7e0baffed9cfc98)
+-- queue.redispatch (sha1 c5de29df01844d1eee4e29f563ad5aadaea7a109)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -14015,7 +14027,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -14144,7 +14157,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- dispatch_pick (lua/include/dispatch_pick.lua.j2): choosing a node for a dispatched task with
 -- the very picks of lua/pick/ (include/pick_*.lua.j2) and slots.owner (include/lookup.lua.j2),
--- for queue.dispatch and queue.redispatch. Needs include/dispatch.lua.j2 (its KEYS bindings).
+-- for queue.dispatch, queue.redispatch and queue.dispatch_requeue_dead. Needs
+-- include/dispatch.lua.j2 (its KEYS bindings).
 -- ---------------------------------------------------------------------------------------------
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
@@ -16530,5 +16544,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'f7e5f3ed76536e4952533942058c48f492f2b1a4' end,
+  callback = function() return 'e8711db07a3e50818754054e9e4ef71b4766355c' end,
 }

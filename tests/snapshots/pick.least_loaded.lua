@@ -343,7 +343,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------

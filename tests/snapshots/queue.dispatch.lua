@@ -480,7 +480,8 @@ end
 -- (pick:util) and K_ID (nodes:id).
 --
 --   * Reads first: load_and_capacity() and release_plan() only read (and so check the types of
---     the keys that charge() and release() write); charge() and release() only write.
+--     the keys that charge() and release() write); charge() and release() only write (charge()
+--     first runs the includer's before_charge read, if any).
 --   * pick:util is written with XX: a draining node is no candidate and stays out of it (its
 --     load is still kept, for the release).
 -- ---------------------------------------------------------------------------------------------
@@ -581,7 +582,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- dispatch_pick (lua/include/dispatch_pick.lua.j2): choosing a node for a dispatched task with
 -- the very picks of lua/pick/ (include/pick_*.lua.j2) and slots.owner (include/lookup.lua.j2),
--- for queue.dispatch and queue.redispatch. Needs include/dispatch.lua.j2 (its KEYS bindings).
+-- for queue.dispatch, queue.redispatch and queue.dispatch_requeue_dead. Needs
+-- include/dispatch.lua.j2 (its KEYS bindings).
 -- ---------------------------------------------------------------------------------------------
 -- ---------------------------------------------------------------------------------------------
 -- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
