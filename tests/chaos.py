@@ -468,8 +468,7 @@ class Driver:
                 self.start_worker(slot)
             # The kill moments, in tasks done: random points of the run's progress.
             kill_at = sorted(
-                self.rng.uniform(0.02, LAST_KILL_SHARE) * config.tasks
-                for _ in range(config.kills)
+                self.rng.uniform(0.02, LAST_KILL_SHARE) * config.tasks for _ in range(config.kills)
             )
             if not kill_at:
                 self.kills_done.set()

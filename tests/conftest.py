@@ -272,7 +272,9 @@ def luasched_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Serve
 def _record_startup(config: pytest.Config, backend: str, seconds: float) -> None:
     """Note how long this process took to start its servers; an xdist worker also hands it to
     the controller (``workeroutput``), which prints one line per worker."""
-    label = f"{backend}, worker {os.environ['PYTEST_XDIST_WORKER']}" if _is_worker(config) else backend
+    label = (
+        f"{backend}, worker {os.environ['PYTEST_XDIST_WORKER']}" if _is_worker(config) else backend
+    )
     config.stash[STARTUP][label] = seconds
     if _is_worker(config):
         config.workeroutput.setdefault("luasched_startup", {})[label] = seconds  # type: ignore[attr-defined]
@@ -381,7 +383,9 @@ def pytest_terminal_summary(
             f"{name:<12}" + "".join(f"{counts[c]:>9}" for c in columns) + f"{seconds:>10.1f}"
         )
     seconds = sum(config.stash[SECONDS].values())
-    tr.write_line(f"{'total':<12}" + "".join(f"{total[c]:>9}" for c in columns) + f"{seconds:>10.1f}")
+    tr.write_line(
+        f"{'total':<12}" + "".join(f"{total[c]:>9}" for c in columns) + f"{seconds:>10.1f}"
+    )
     tr.write_line("(seconds: the tests' own setup + call + teardown time, summed over workers)")
     for label, seconds in sorted(config.stash[STARTUP].items()):
         tr.write_line(f"servers started in {seconds:.2f}s (backend: {label})")
