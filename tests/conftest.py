@@ -345,6 +345,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         outcomes["skipped"] += 1
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown when xdist is not loaded
 def pytest_testnodedown(node: Any, error: object) -> None:
     """xdist controller: collect each worker's server start-up time."""
     config = _CONFIG.get("config")
