@@ -247,3 +247,47 @@ def test_functions_library_needs_redis_cli_x() -> None:
     """docs/manifest.md loads the library with ``redis-cli -x`` because it is longer than one
     command-line argument may be on Linux (128 KiB)."""
     assert len(functions_library().encode()) > 128 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# README's benchmark summary
+
+
+def tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every table of ``markdown``: its header cells and its rows' cells."""
+    found = []
+    for block in re.findall(r"(?:^\|.*\|\n)+", markdown, re.MULTILINE):
+        lines = [
+            [cell.strip() for cell in line.strip()[1:-1].split("|")] for line in block.splitlines()
+        ]
+        found.append((lines[0], lines[2:]))
+    return found
+
+
+def test_readme_benchmark_figures_are_those_of_docs_bench_md() -> None:
+    """README's Benchmarks section quotes rows of the generated docs/bench.md: each figure must
+    be the one in the row of the same name and the column of the same header there, so a
+    `make bench` that changes them fails here until README quotes the new run."""
+    readme = README.read_text()
+    section = readme[readme.index("\n## Benchmarks\n") + 1 :]
+    if "\n## " in section:  # a section after it
+        section = section[: section.index("\n## ")]
+    assert "`make bench`" in section and "(docs/bench.md)" in section
+    generated = tables((DOCS / "bench.md").read_text())
+    quoted = tables(section)
+    assert quoted, "README's Benchmarks section has no table"
+    compared = 0
+    for header, rows in quoted:
+        for row in rows:
+            sources = [
+                (bench_header, bench_row)
+                for bench_header, bench_rows in generated
+                for bench_row in bench_rows
+                if bench_row[0] == row[0] and set(header[1:]) <= set(bench_header)
+            ]
+            assert len(sources) == 1, f"{row[0]!r} with {header[1:]}: {len(sources)} rows match"
+            bench_header, bench_row = sources[0]
+            for column, value in zip(header[1:], row[1:], strict=True):
+                assert value == bench_row[bench_header.index(column)], (row[0], column)
+                compared += 1
+    assert compared >= 10, compared
