@@ -5,6 +5,7 @@
 - README's Quick start is exactly the two commands ``make demo`` and ``make test``.
 - Every README snippet runs as printed, in the README's order, on one server where the earlier
   snippets already ran (``test_readme_snippets_run_in_order_on_one_server``).
+- README's benchmark figures are those of the generated docs/bench.md.
 """
 
 from __future__ import annotations
