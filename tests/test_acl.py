@@ -38,13 +38,13 @@ from redis.exceptions import NoPermissionError
 
 import luasched.asyncio
 from helpers import namespace_keys, snapshot_ignoring_ttl
-from luasched.acl import acl_commands, script_commands
+from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
 from luasched.cli import main
 from luasched.keys import Namespace
-from luasched.queue import Lease
+from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
-from servers import ServerHandle, find_redis_cli
+from servers import ROOT, ServerHandle, find_redis_cli
 
 TENANT_A = "ten*"  # a glob character: its rule must not reach tenant-b
 TENANT_B = "tenant-b"
@@ -334,6 +334,48 @@ def every_path(
     batch_after_flush(server, scheduler)
 
 
+def test_docs_explain_every_command() -> None:
+    """docs/acl.md's table is ``reasons_markdown()``: every command the rule can grant, and why."""
+    text = (ROOT / "docs" / "acl.md").read_text()
+    table = text.split("tests/test_acl.py checks it -->\n", 1)[1].split("<!-- end generated", 1)[0]
+    assert table == reasons_markdown(), (
+        "docs/acl.md's table is stale: paste the output of "
+        "python -c 'from luasched.acl import reasons_markdown; print(reasons_markdown())'"
+    )
+    rows = re.findall(r"^\| `([a-z_\\|]+)` \|", table, re.M)
+    assert [row.replace("\\", "") for row in rows] == acl_commands(functions=True, cluster=True)
+
+
+def test_a_narrower_rule_leaves_partial_writes(
+    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle
+) -> None:
+    """What docs/acl.md warns of: with HSET refused, enqueue aborts after its first write (no
+    rollback): the task sits in ``ready`` with no meta."""
+    rules = acl_rule(Namespace(TENANT_A), cluster=server.is_cluster)
+    narrower = [rule for rule in rules if rule != b"+hset"]
+    assert len(narrower) == len(rules) - 1
+    password = secrets.token_hex(16)
+    try:
+        for conn in server.primaries():
+            with conn:
+                conn.execute_command("ACL", "SETUSER", USER, *narrower, f">{password}")
+        client = server.client(username=USER, password=password)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                queue = Scheduler(client, TENANT_A).queue("jobs")
+            with pytest.raises(redis.ResponseError, match="can't run this command"):
+                queue.enqueue("t1", b"payload")
+        finally:
+            client.close()
+    finally:
+        delete_user(server)
+    keys = QueueKeys.of(Namespace(TENANT_A), "jobs").fixed
+    ready, tasks = keys[0], keys[4]
+    assert r.zrange(ready, 0, -1) == [b"t1"]
+    assert r.hget(tasks, b"mt1") is None and r.hget(tasks, b"pt1") is None
+
+
 #: A quoted upper-case word in a script: every command the templates name is spelled so.
 _QUOTED_WORD = re.compile(r"""['"]([A-Z][A-Z_]*)['"]""")
 
@@ -379,8 +421,8 @@ def _issued_commands(server: ServerHandle) -> set[str]:
 
 #: What the server counts that the rule need not grant: the test's own INFO, CONFIG RESETSTAT
 #: and SCRIPT FLUSH, the queue's eviction-policy check (CONFIG GET: refused to the tenant, and
-#: then skipped), redis-py's CLIENT SETINFO and the asyncio client's HELLO on connect (a refusal
-#: is ignored).
+#: then skipped), redis-py's CLIENT SETINFO on connect (a refusal is ignored), and the asyncio
+#: client's HELLO (allowed to every user, like AUTH).
 _NOT_NEEDED = {"info", "config|resetstat", "script|flush", "config|get", "client|setinfo", "hello"}
 #: Without --functions: the wrapper's probe of the Functions library (refused: EVALSHA then).
 _PROBE = "fcall_ro"

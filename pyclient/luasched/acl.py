@@ -36,6 +36,8 @@ __all__ = [
     "acl_commands",
     "acl_rule",
     "default_user",
+    "reasons",
+    "reasons_markdown",
     "script_commands",
     "setuser_line",
 ]
@@ -50,8 +52,8 @@ WRAPPER_COMMANDS: dict[str, str] = {
 
 #: Added by ``--cluster``: what a ``RedisCluster`` client and the wrapper send on a cluster.
 CLUSTER_COMMANDS: dict[str, str] = {
-    "eval": "batches (pipelines) on a cluster: redis-py's ClusterPipeline refuses EVALSHA, so "
-    "they send the script text",
+    "eval": "batches (pipelines): redis-py's ClusterPipeline refuses EVALSHA, so they send the "
+    "script text",
     "cluster|slots": "redis-py's RedisCluster learns which primary serves which slot",
     "command": "redis-py's RedisCluster reads the command table to find each command's keys",
 }
@@ -102,13 +104,51 @@ def acl_commands(
     *, functions: bool = False, cluster: bool = False, config: ScriptConfig | None = None
 ) -> list[str]:
     """The commands a luasched user needs, sorted: the scripts' data commands, the wrapper's,
-    and with ``functions`` / ``cluster`` their additions."""
-    commands = set(script_commands(render_all(config))) | set(WRAPPER_COMMANDS)
-    if functions:
-        commands |= set(FUNCTIONS_COMMANDS)
+    and with ``functions`` / ``cluster`` their additions (the keys of ``reasons``)."""
+    return list(reasons(functions=functions, cluster=cluster, config=config))
+
+
+def _scripts_phrase(names: list[str], every: list[str]) -> str:
+    """``names`` (script names) shortly: ``every queue.* script`` for a whole area, else the
+    area once and the operations (``lock.acquire, release``)."""
+    parts = []
+    for area in sorted({name.split(".")[0] for name in names}):
+        mine = [name.split(".", 1)[1] for name in names if name.startswith(area + ".")]
+        all_of_area = [name for name in every if name.startswith(area + ".")]
+        parts.append(
+            f"every {area}.* script"
+            if len(mine) == len(all_of_area)
+            else f"{area}.{', '.join(mine)}"
+        )
+    return "; ".join(parts)
+
+
+def reasons(
+    *, functions: bool = False, cluster: bool = False, config: ScriptConfig | None = None
+) -> dict[str, str]:
+    """Why each command of ``acl_commands`` is granted, command -> reason, sorted."""
+    scripts = render_all(config)
+    why = {
+        command: "run by the scripts, as the caller: " + _scripts_phrase(names, sorted(scripts))
+        for command, names in script_commands(scripts).items()
+    }
+    for extra in (WRAPPER_COMMANDS, FUNCTIONS_COMMANDS if functions else {}):
+        why.update({command: "the wrapper: " + reason for command, reason in extra.items()})
     if cluster:
-        commands |= set(CLUSTER_COMMANDS)
-    return sorted(commands)
+        why.update(
+            {command: "on a cluster: " + reason for command, reason in CLUSTER_COMMANDS.items()}
+        )
+    return {command: why[command] for command in sorted(why)}
+
+
+def reasons_markdown(config: ScriptConfig | None = None) -> str:
+    """The table of docs/acl.md: every command ``luasched acl --functions --cluster`` grants,
+    and why."""
+    rows = []
+    for command, reason in reasons(functions=True, cluster=True, config=config).items():
+        escaped = command.replace("|", "\\|")  # a | inside a table cell
+        rows.append(f"| `{escaped}` | {reason} |")
+    return "\n".join(["| command | why |", "|---|---|", *rows]) + "\n"
 
 
 def default_user(namespace: Namespace) -> str:

@@ -141,21 +141,28 @@ def _namespace(raw: str, parser: _Parser) -> Namespace:
         parser.error(f"NAMESPACE: {error}")
 
 
-def _client(options: argparse.Namespace, parser: _Parser) -> Any:
-    """A client of the server of ``--url`` / ``$REDIS_URL``: ``RedisCluster`` when it is a
-    cluster node, else ``Redis``. Exits with status 2 when no URL is given or it is malformed;
-    raises ``redis.RedisError`` when the server cannot be reached."""
-    import redis
-    from redis.cluster import RedisCluster
+def _url(options: argparse.Namespace, parser: _Parser) -> str:
+    """The server's URL: ``--url``, else ``$REDIS_URL``. Exits with status 2 when neither is
+    given or the URL is malformed."""
+    from redis.connection import parse_url
 
-    url = options.url or os.environ.get(URL_VARIABLE)
+    url: str | None = options.url or os.environ.get(URL_VARIABLE)
     if not url:
         parser.error(f"no server: pass --url URL or set {URL_VARIABLE}")
     try:
-        plain = redis.Redis.from_url(url)
+        parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as error:
-        source = "--url" if options.url else URL_VARIABLE
-        parser.error(f"{source}: {error}")
+        parser.error(f"{'--url' if options.url else URL_VARIABLE}: {error}")
+    return url
+
+
+def connect(url: str) -> Any:
+    """A client of the server at ``url``: ``RedisCluster`` when it is a cluster node, else
+    ``Redis``; close it yourself. Raises ``redis.RedisError`` when the server cannot be reached."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    plain = redis.Redis.from_url(url)
     try:
         if plain.info("cluster").get("cluster_enabled") not in (1, "1"):
             return plain
@@ -166,16 +173,20 @@ def _client(options: argparse.Namespace, parser: _Parser) -> Any:
     return RedisCluster.from_url(url)
 
 
-def install_functions(client: Any, config: ScriptConfig) -> list[str]:
-    """Load the Functions library through ``client`` (on every primary of a cluster); returns
-    the addresses it was loaded on."""
+def install_functions(url: str, config: ScriptConfig) -> list[str]:
+    """Load the Functions library on the server at ``url`` (on every primary when it is a
+    cluster node); returns the addresses it was loaded on."""
     from luasched.scripts import ScriptRunner, is_cluster
 
-    ScriptRunner(client, render_all(config)).install_functions()
-    if is_cluster(client):
-        return [str(node.name) for node in client.get_primaries()]
-    kwargs = client.get_connection_kwargs()
-    return [f"{kwargs.get('host')}:{kwargs.get('port')}"]
+    client = connect(url)
+    try:
+        ScriptRunner(client, render_all(config)).install_functions()
+        if is_cluster(client):
+            return [str(node.name) for node in client.get_primaries()]
+        kwargs = client.get_connection_kwargs()
+        return [f"{kwargs.get('host')}:{kwargs.get('port')}"]
+    finally:
+        client.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,33 +252,32 @@ def _acl(options: argparse.Namespace, config: ScriptConfig, parser: _Parser) -> 
 
 
 def _server_command(options: argparse.Namespace, config: ScriptConfig, parser: _Parser) -> int:
-    """``install-functions`` and ``stats``: one client, one line and status 1 on server errors."""
+    """``install-functions`` and ``stats``: one line and status 1 when the server fails."""
     import redis
+
+    from luasched.stats import namespace_stats, render_text
 
     namespace = None
     if options.command == "stats":
         if options.max_scan < 1:
             parser.error(f"--max-scan: must be at least 1, got {options.max_scan}")
         namespace = _namespace(options.namespace, parser)
-    client: Any = None
+    url = _url(options, parser)
     try:
-        client = _client(options, parser)
         if namespace is None:
-            nodes = install_functions(client, config)
             name = functions_library(config).split("\n", 1)[0].split("name=", 1)[1]
-            for node in nodes:
+            for node in install_functions(url, config):
                 print(f"{node}\t{name}")
             return 0
-        from luasched.stats import namespace_stats, render_text
-
-        stats = namespace_stats(client, namespace.name, options.max_scan, config)
+        client = connect(url)
+        try:
+            stats = namespace_stats(client, namespace.name, options.max_scan, config)
+        finally:
+            client.close()
     except redis.RedisError as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{parser.prog}: failed: {message}", file=sys.stderr)
         return 1
-    finally:
-        if client is not None:
-            client.close()
     if options.json:
         print(json.dumps(stats.as_dict(), indent=2))
     else:
