@@ -510,6 +510,13 @@ def test_tenant_is_refused_in_another_namespace(
         warnings.simplefilter("ignore", RuntimeWarning)
         queue = other.queue("jobs")
     lease = Lease(b"task-1", b"", 1, 1, 0)
+    node_queue = queue.for_node("node-1")
+
+    def batch() -> None:
+        with other.pipeline() as pipe:
+            pipe.queue("jobs").enqueue("intruder", b"x")
+            pipe.execute()
+
     lock = other.lock("mutex", ttl_ms=HOUR)
     semaphore = other.semaphore("sem", 2, ttl_ms=HOUR)
     actions = {
@@ -540,7 +547,17 @@ def test_tenant_is_refused_in_another_namespace(
         "queue.stats": lambda: queue.stats(),
         "lock.acquire": lambda: lock.acquire(blocking=False),
         "lock.semaphore_acquire": lambda: semaphore.acquire(blocking=False),
+        "queue.dispatch": lambda: queue.dispatch("intruder", b"x", strategy="least_loaded"),
+        "queue.node_dequeue": lambda: node_queue.dequeue("intruder", HOUR),
+        "queue.node_dequeue (blocking)": lambda: node_queue.dequeue("w", HOUR, block_ms=20),
+        "queue.node_ack": lambda: node_queue.ack(lease),
+        "queue.node_nack": lambda: node_queue.nack(lease),
+        "queue.node_extend": lambda: node_queue.extend(lease, HOUR),
+        "queue.node_stats": lambda: node_queue.stats(),
+        "queue.redispatch": lambda: queue.redispatch("node-1"),
+        "queue.dispatch_requeue_dead": lambda: queue.requeue_dead_dispatched("task-1"),
         "blpop": lambda: tenant.blpop([lock.wake_key], 0.01),
+        "a batch": lambda: batch(),
     }
     for name, action in actions.items():
         try:
