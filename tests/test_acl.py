@@ -430,6 +430,15 @@ _NOT_NEEDED = {"info", "config|resetstat", "script|flush", "config|get", "client
 _PROBE = "fcall_ro"
 
 
+def assert_functions_rule_refused(server: ServerHandle) -> None:
+    """6.2 has no FCALL: it refuses the ``--functions`` rule (docs/acl.md says 7.0+)."""
+    try:
+        answers = paste(server, printed_rule("--functions"))
+    finally:
+        delete_user(server)
+    assert all("fcall" in answer.lower() and "ERR" in answer for answer in answers), answers
+
+
 @pytest.mark.parametrize("functions", [False, True], ids=["evalsha", "functions"])
 def test_every_command_issued_is_in_the_rule(
     r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle, functions: bool
@@ -437,12 +446,8 @@ def test_every_command_issued_is_in_the_rule(
     """As the admin, every path runs while INFO commandstats counts what reaches the server,
     the scripts' own commands included: nothing outside the generated rule (and the few
     commands it leaves out on purpose)."""
-    if functions and server.version < (7, 0):  # 6.2 has no FCALL: the rule is refused
-        try:
-            answers = paste(server, printed_rule("--functions"))
-        finally:
-            delete_user(server)
-        assert all("fcall" in answer.lower() and "ERR" in answer for answer in answers), answers
+    if functions and server.version < (7, 0):
+        assert_functions_rule_refused(server)
         return
     if functions:
         Scheduler(r, TENANT_A).install_functions()
@@ -472,7 +477,8 @@ def test_printed_rule_suffices_for_every_operation_on_every_path(
     r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle, functions: bool
 ) -> None:
     if functions and server.version < (7, 0):
-        return  # 6.2 refuses the --functions rule (test_every_command_issued_is_in_the_rule)
+        assert_functions_rule_refused(server)
+        return
     if functions:
         Scheduler(r, TENANT_A).install_functions()
     with tenant_user(server, functions=functions) as credentials:
