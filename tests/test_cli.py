@@ -316,6 +316,7 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["acl", "shop", "--password", "x"], "unrecognized arguments: --password"),
     (["stats"], "the following arguments are required: NAMESPACE"),
     (["stats", "shop"], "no server: pass --url URL or set REDIS_URL"),
+    (["stats", "shop", "--url", "", "REDIS_URL=redis://127.0.0.1:1"], "no server: pass --url"),
     (["stats", "a}b", "--url", "redis://127.0.0.1:1"], "must not contain"),
     (["stats", "shop", "--url", "redis://127.0.0.1:1", "--max-scan", "0"], "--max-scan"),
     (["stats", "shop", "--max-scan", "many"], "invalid int value: 'many'"),

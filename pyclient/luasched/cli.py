@@ -146,13 +146,14 @@ def _url(options: argparse.Namespace, parser: _Parser) -> str:
     given or the URL is malformed."""
     from redis.connection import parse_url
 
-    url: str | None = options.url or os.environ.get(URL_VARIABLE)
+    given = options.url is not None
+    url: str | None = options.url if given else os.environ.get(URL_VARIABLE)
     if not url:
         parser.error(f"no server: pass --url URL or set {URL_VARIABLE}")
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as error:
-        parser.error(f"{'--url' if options.url else URL_VARIABLE}: {error}")
+        parser.error(f"{'--url' if given else URL_VARIABLE}: {error}")
     return url
 
 
