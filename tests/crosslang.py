@@ -30,7 +30,7 @@ def routes(server: ServerHandle) -> list[str]:
 
 def use_route(server: ServerHandle, route: str) -> None:
     """Empty the server (keys, scripts, functions); for FCALL then install the Functions
-    library the way ``luasched install-functions URL`` does (its code, in this process: an
+    library the way ``luasched install-functions --url URL`` does (its code, in this process: an
     interpreter start per scenario would cost more than the scenario)."""
     server.flush()
     if route == FCALL:

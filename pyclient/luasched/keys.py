@@ -16,6 +16,7 @@ __all__ = [
     "MAX_NAMESPACE_BYTES",
     "REGISTRY_KEYS",
     "Namespace",
+    "glob_escape",
     "key_slot",
     "to_bytes",
 ]
@@ -55,6 +56,17 @@ def to_bytes(value: str | bytes) -> bytes:
     raise TypeError(f"expected str or bytes, got {type(value).__name__}")
 
 
+def glob_escape(raw: bytes) -> bytes:
+    """``raw`` with the glob metacharacters of Redis patterns (``*?[]\\``) escaped, so that it
+    matches only itself in ``SCAN MATCH`` and ACL key patterns (a namespace may hold any byte)."""
+    out = bytearray()
+    for byte in raw:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
 def hash_tag(key: bytes) -> bytes:
     """The part of ``key`` that Redis Cluster hashes: its hash tag if it has a non-empty one."""
     start = key.find(b"{")
@@ -92,6 +104,12 @@ class Namespace:
     def prefix(self) -> bytes:
         """``luasched:{<namespace>}:``, the start of every key of this namespace."""
         return KEY_PREFIX + b"{" + self.name + b"}:"
+
+    @property
+    def key_pattern(self) -> bytes:
+        """``luasched:{<namespace>}:*`` with the namespace's glob characters escaped: the glob
+        pattern (``SCAN MATCH``, ACL ``~``) that matches this namespace's keys and no other's."""
+        return glob_escape(self.prefix) + b"*"
 
     def key(self, *parts: str | bytes) -> bytes:
         """The key ``luasched:{<namespace>}:part1:part2...``."""

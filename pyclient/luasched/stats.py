@@ -32,7 +32,6 @@ __all__ = [
 
 DEFAULT_MAX_SCAN = 100_000
 SCAN_COUNT = 1000
-_GLOB_SPECIAL = b"*?[]\\"
 
 
 def _text(raw: bytes) -> str:
@@ -102,19 +101,9 @@ class NamespaceStats:
         return asdict(self)
 
 
-def _escape(raw: bytes) -> bytes:
-    """``raw`` with SCAN MATCH's special characters escaped (the namespace is any bytes)."""
-    out = bytearray()
-    for byte in raw:
-        if byte in _GLOB_SPECIAL:
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)
-
-
-def _scan(client: Any, prefix: bytes, max_scan: int) -> tuple[list[bytes], bool]:
-    """Keys starting with ``prefix``; at most ceil(max_scan / SCAN_COUNT) SCAN calls."""
-    pattern = _escape(prefix) + b"*"
+def _scan(client: Any, namespace: Namespace, max_scan: int) -> tuple[list[bytes], bool]:
+    """The keys of ``namespace``; at most ceil(max_scan / SCAN_COUNT) SCAN calls."""
+    pattern = namespace.key_pattern
     found: list[bytes] = []
     cursor = 0
     for _ in range(max(1, math.ceil(max_scan / SCAN_COUNT))):
@@ -167,7 +156,7 @@ def namespace_stats(
         for node in listing.nodes
     )
     owned = sum(node.slots for node in listing.nodes)
-    keys, truncated = _scan(_scan_client(client, space), prefix, max_scan)
+    keys, truncated = _scan(_scan_client(client, space), space, max_scan)
     queue_names: set[bytes] = set()
     lock_names: set[bytes] = set()
     semaphore_names: set[bytes] = set()
