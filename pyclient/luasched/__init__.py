@@ -6,8 +6,7 @@ SCRIPT LOAD and called with EVALSHA; ``luasched export DIR`` writes the same scr
 manifest for clients in other languages.
 """
 
-__version__ = "0.1.0"
-
+from luasched._version import __version__
 from luasched.errors import (
     ERROR_CODES,
     AllNodesFull,

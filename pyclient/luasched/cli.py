@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
-from luasched import __version__
+from luasched._version import __version__
 from luasched.keys import Namespace
 from luasched.render import (
     ScriptConfig,
