@@ -1,4 +1,5 @@
-"""The wheel carries the templates: install it in a fresh venv outside the repo, then export."""
+"""The wheel carries the templates and the rendered scripts: install it in a fresh venv outside the
+repo, then export."""
 
 from __future__ import annotations
 
@@ -56,4 +57,19 @@ def test_pip_install_then_export_outside_the_repository(tmp_path: Path) -> None:
     ).stdout.strip()
     assert where.startswith(str(environment)), where
     assert not where.startswith(str(REPO))
+    # The wheel carries the rendered scripts, and they match its templates: nothing is rendered.
+    loaded = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import luasched.render as r; r.render_all(); print(r.render_count(), r.SHIPPED_DIR)",
+        ],
+        check=True,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert loaded[0] == "0"
+    assert loaded[1].startswith(str(environment)), loaded
     assert sys.prefix != str(environment)
