@@ -166,3 +166,29 @@ def test_asyncio_never_loads_or_renders_on_the_event_loop(server: Any) -> None:
         "False",
     )
     assert int(workers) >= 1
+
+
+def test_luasched_export_imports_neither_redis_nor_jinja2(tmp_path: Path) -> None:
+    out = _run(
+        """
+        import sys
+        from luasched.cli import main
+        assert main(["export", sys.argv[1]]) == 0
+        print(*(name in sys.modules for name in ("redis", "jinja2", "luasched.scheduler")))
+        """,
+        str(tmp_path),
+    )
+    assert out[-3:] == ["False", "False", "False"]
+    assert (tmp_path / "manifest.json").is_file()
+
+
+def test_every_public_name_resolves_lazily() -> None:
+    import luasched
+
+    lazy: dict[str, str] = luasched._LAZY
+    assert set(lazy) | {"__version__"} == set(luasched.__all__)
+    for name, module in lazy.items():
+        value = getattr(luasched, name)
+        assert value is getattr(sys.modules[module], name), name
+    with pytest.raises(AttributeError):
+        luasched.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
