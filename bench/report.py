@@ -271,19 +271,18 @@ TARGETS = [
         None,
         0.5,
     ),
-    Target(
-        SINGLE_SOURCE,
-        "first Schedulers of 8 threads at once / of 1 thread (default configuration: loaded)",
-        ("threads_8_default", COLDSTART, "seconds"),
-        ("threads_1_default", COLDSTART, "seconds"),
-        1.0,
-    ),
-    Target(
-        SINGLE_SOURCE,
-        "first Schedulers of 8 threads at once / of 1 thread (custom configuration: rendered)",
-        ("threads_8_custom", COLDSTART, "seconds"),
-        ("threads_1_custom", COLDSTART, "seconds"),
-        1.0,
+    *(
+        Target(
+            SINGLE_SOURCE,
+            f"first Schedulers of 8 threads at once / of 1 thread ({what})",
+            (f"threads_8_{config}", COLDSTART, "seconds"),
+            (f"threads_1_{config}", COLDSTART, "seconds"),
+            1.0,
+        )
+        for config, what in (
+            ("default", "default configuration: loaded"),
+            ("custom", "custom configuration: rendered"),
+        )
     ),
 ]
 
