@@ -10,9 +10,9 @@ subprocesses, the cases interleaved run by run (so a busy spell of the machine h
   process from before the first import to the reply (interpreter start-up excluded, the same
   for both); the whole process's wall time is recorded too.
 * ``export``: the whole ``python -m luasched.cli export DIR`` process, start-up included.
-* threads: ``n`` threads of one fresh process create their first Scheduler at once (after
-  ``import luasched``, not timed), 1 vs 8, for the default configuration (loaded from the
-  package) and a custom one (rendered).
+* threads: ``n`` threads of one fresh process create their first Scheduler at once, 1 vs 8,
+  for the default configuration (loaded from the package) and a custom one (rendered); the
+  imports and the redis-py clients are made before the clock starts.
 
 Every luasched process also reports ``render_count()``, so the figures say whether anything was
 rendered. The subprocesses may write and use bytecode caches (``PYTHONDONTWRITEBYTECODE`` is
@@ -71,15 +71,16 @@ import sys
 import threading
 import time
 import redis
-import luasched
+from luasched import Scheduler  # imports all a Scheduler needs, before the clock starts
 from luasched.render import ScriptConfig, render_count
 host, port, count, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 config = ScriptConfig(max_batch=max_batch)
+clients = [redis.Redis(host=host, port=port) for _ in range(count)]
 gate = threading.Barrier(count + 1)
-def first_scheduler():
+def first_scheduler(client):
     gate.wait()
-    luasched.Scheduler(redis.Redis(host=host, port=port), "bench-coldstart", config=config)
-threads = [threading.Thread(target=first_scheduler) for _ in range(count)]
+    Scheduler(client, "bench-coldstart", config=config)
+threads = [threading.Thread(target=first_scheduler, args=(client,)) for client in clients]
 for thread in threads:
     thread.start()
 started = time.perf_counter()

@@ -670,8 +670,9 @@ def _coldstart_section(document: dict[str, Any]) -> list[str]:
         f"Medians of {entry['runs']} fresh Python processes per case, the cases interleaved. "
         "*In the process*: from before the first import to the end of the case (interpreter "
         "start-up excluded; for the thread cases, from releasing the threads to the last "
-        "join, after `import luasched`). *Whole process*: spawn to exit. *Renders*: "
-        "`render_count()` at the end (0: the scripts were loaded from the package; the custom "
+        "join, after the imports and the redis-py clients). *Whole process*: spawn to exit. "
+        "*Renders*: `render_count()` at the end (0: the scripts were loaded from the "
+        "package; the custom "
         f"configuration is `max_batch={entry['custom_max_batch']}`).",
         "",
         "| case | ms in the process | ms whole process | renders |",
