@@ -7,6 +7,10 @@ PYTEST_ARGS ?=
 SERVERS ?=
 BACKEND ?=
 SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=$(BACKEND))
+# pytest-xdist workers; each starts a server set of its own (tests/servers.py: PORT_STRIDE), so
+# tests spread freely. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+XDIST_FLAGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 # make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
 BENCH_ARGS ?=
 
@@ -42,7 +46,7 @@ node-deps: $(NODE_DEPS)
 
 # Servers start inside pytest: Docker when reachable (images built here), else local processes.
 test: venv images node-deps
-	$(VENV)/bin/pytest $(SERVER_FLAGS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST_FLAGS) $(SERVER_FLAGS) $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check pyclient tests examples bench

@@ -12,7 +12,8 @@ from helpers import snapshot
 from luasched import InvalidArgument, Scheduler, key_slot
 from luasched.render import render_all
 
-# Published vectors (Redis Cluster specification and FIELD_NOTES.md), not computed by our code.
+# Known independently of our code: CLUSTER KEYSLOT answers these on any Redis Cluster
+# (tests/test_harness.py asks the test cluster).
 VECTORS = {
     b"foo": 12182,
     b"{foo}bar": 12182,
