@@ -60,6 +60,7 @@ __all__ = [
     "TemplateError",
     "drop_unused_functions",
     "export",
+    "fingerprint",
     "function_name",
     "functions_library",
     "functions_of",
