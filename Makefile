@@ -81,11 +81,12 @@ chaos: venv servers
 	$(VENV)/bin/python tests/chaos.py --time-limit 280 $(CHAOS_ARGS)
 	$(VENV)/bin/python tests/bounded.py $(BOUNDED_ARGS)
 
-# Re-export the reviewed script snapshots and docs/scripts.md after a template change; review the
-# diff (SHA1 changes).
+# After a template change: render the scripts afresh into pyclient/luasched/rendered/ (the
+# package carries them, so no process renders the default configuration; what `luasched export`
+# writes, plus the fingerprint of the templates they come from) and regenerate docs/scripts.md.
+# Review the diff (SHA1 changes) and commit it.
 snapshots: venv
-	rm -f tests/snapshots/*
-	$(VENV)/bin/luasched export tests/snapshots >/dev/null
+	$(VENV)/bin/python -c "from luasched.render import write_shipped; write_shipped()"
 	$(VENV)/bin/luasched reference > docs/scripts.md
 
 clean:

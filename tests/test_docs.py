@@ -32,7 +32,7 @@ DOCS = ROOT / "docs"
 #: The folders and files that make up the repository's text (what a clone holds, minus tools).
 REPOSITORY_TEXT = ["README.md", "Makefile", "pyproject.toml", "docs", "pyclient", "lua"]
 REPOSITORY_TEXT += ["examples", "tests", "bench", ".ci"]
-SKIPPED_DIRS = {"node_modules", "__pycache__", ".venv", "snapshots", "results"}
+SKIPPED_DIRS = {"node_modules", "__pycache__", ".venv", "results"}
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

@@ -12,6 +12,8 @@ import pytest
 
 from luasched import ERROR_CODES, Namespace, ScriptConfig
 from luasched.render import (
+    FINGERPRINT_FILE,
+    SHIPPED_DIR,
     RenderedScript,
     TemplateError,
     crc16_table,
@@ -21,9 +23,9 @@ from luasched.render import (
     parse_header,
     render_all,
     templates_dir,
+    write_shipped,
 )
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 SCRIPTS = render_all()
 
 
@@ -158,20 +160,30 @@ def test_manifest_describes_every_script() -> None:
     json.dumps(data)  # serialisable as is
 
 
-def test_export_matches_the_reviewed_snapshot(tmp_path: Path) -> None:
-    """A change to any script's text (and so its SHA1) must come with an updated snapshot.
+def test_the_shipped_scripts_equal_a_fresh_render(tmp_path: Path) -> None:
+    """The package carries the default configuration's scripts (luasched/rendered/, the one
+    reviewed copy); any change to a template or to the renderer must come with them rendered
+    again: run `make snapshots` and review the diff (the SHA1 changes other languages see)."""
+    fresh = tmp_path / "fresh"
+    written = write_shipped(fresh)  # renders afresh, whatever this process has cached
+    expected = sorted(path.name for path in SHIPPED_DIR.iterdir())
+    assert sorted(path.name for path in written) == expected
+    assert sorted(path.name for path in fresh.iterdir()) == expected
+    assert FINGERPRINT_FILE in expected and "manifest.json" in expected
+    _, mismatch, errors = filecmp.cmpfiles(SHIPPED_DIR, fresh, expected, shallow=False)
+    assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
 
-    Update with `make snapshots` and review the diff.
-    """
+
+def test_export_writes_the_shipped_files(tmp_path: Path) -> None:
     written = export(tmp_path)
     assert sorted(path.name for path in written) == sorted(
         [script.file_name for script in SCRIPTS.values()]
         + ["manifest.json", "luasched-functions.lua"]
     )
-    expected = sorted(path.name for path in SNAPSHOTS.iterdir())
+    expected = sorted(path.name for path in SHIPPED_DIR.iterdir() if path.name != FINGERPRINT_FILE)
     assert sorted(path.name for path in tmp_path.iterdir()) == expected
-    _, mismatch, errors = filecmp.cmpfiles(SNAPSHOTS, tmp_path, expected, shallow=False)
-    assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
+    _, mismatch, errors = filecmp.cmpfiles(SHIPPED_DIR, tmp_path, expected, shallow=False)
+    assert (mismatch, errors) == ([], [])
 
 
 def test_every_key_names_its_pattern_in_the_namespace() -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from luasched import __version__
+from luasched._version import __version__
 from luasched.keys import Namespace
 from luasched.render import (
     ScriptConfig,

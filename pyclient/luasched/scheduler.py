@@ -30,8 +30,10 @@ class Scheduler:
 
     ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``; ``namespace`` names
     the hash tag that holds every key of this scheduler (1..128 bytes, no braces). Creating a
-    Scheduler does no I/O; scripts are rendered once per process and configuration and loaded
-    on first use (or up front with ``load_scripts``).
+    Scheduler does no network I/O. Its scripts come from ``render_all``: the default
+    configuration's are read from the package (rendered when it was built), any other
+    configuration is rendered once per process (thread-safe); they are sent to the server on
+    first use (or up front with ``load_scripts``).
 
     Attributes:
         slots: hash slots and their owners (``s.slots.owner(key)``, ``s.slots.rebalance()``).

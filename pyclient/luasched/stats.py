@@ -15,10 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from luasched.keys import Namespace
-from luasched.nodes import list_call
-from luasched.queue import QueueKeys, stats_call
 from luasched.render import ScriptConfig, render_all
-from luasched.scripts import ScriptRunner
 
 __all__ = [
     "DEFAULT_MAX_SCAN",
@@ -132,6 +129,11 @@ def namespace_stats(
 
     ``client``: a redis-py ``Redis`` or ``RedisCluster`` answering bytes.
     """
+    # Here, not at the top: the CLI reads DEFAULT_MAX_SCAN for every command, redis not needed.
+    from luasched.nodes import list_call
+    from luasched.queue import QueueKeys, stats_call
+    from luasched.scripts import ScriptRunner
+
     space = Namespace(namespace)
     runner = ScriptRunner(client, render_all(config or ScriptConfig()))
     listing = runner.run(list_call(space))

@@ -16,7 +16,7 @@ from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.pick import RandomSource
-from luasched.render import RenderedScript, ScriptConfig, render_all
+from luasched.render import LazyScripts, RenderedScript, ScriptConfig
 from luasched.retry import RetryPolicy
 from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, partition_namespace
 
@@ -24,7 +24,11 @@ __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
 
 
 class Scheduler:
-    """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``."""
+    """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``.
+
+    Creating it does no work: its scripts are loaded (or, for a custom configuration, rendered)
+    in a worker thread before its first call, never on the event loop.
+    """
 
     def __init__(
         self,
@@ -39,7 +43,9 @@ class Scheduler:
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
-        self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
+        # Loaded (or, for a custom configuration, rendered) in a worker thread before the first
+        # call: never on the event loop (AsyncScriptRunner.ready).
+        self.scripts: Mapping[str, RenderedScript] = LazyScripts(self.config)
         self.runner = AsyncScriptRunner(
             client, self.scripts, use_functions=use_functions, retry=retry
         )
