@@ -91,6 +91,7 @@ HEADER = """--@script     demo.one
 --@arg        item[1..5] string:1..64  Items.
 --@reply      int  Something.
 --@error      ARG  Bad input.
+--@error      CORRUPT  A key of another type.
 --@complexity O(1)
 --@since      7.0
 --@flags      no-writes
@@ -109,7 +110,7 @@ def test_header_is_parsed_into_the_contract() -> None:
     assert (lease.type, lease.min, lease.max, lease.count) == ("int", 1, 86400000, None)
     assert mode.choices == ("fifo", "lifo")
     assert (item.type, item.min, item.max, item.count) == ("string", 1, 64, (1, 5))
-    assert spec.errors == (("ARG", "Bad input."),)
+    assert spec.errors == (("ARG", "Bad input."), ("CORRUPT", "A key of another type."))
     assert (spec.since, spec.flags) == ("7.0", ("no-writes",))
 
 
@@ -127,6 +128,7 @@ def test_header_is_parsed_into_the_contract() -> None:
         (("--@complexity O(1)", "--@bogus O(1)"), "unknown tag"),
         (("luasched:{ns}:q:<queue>:ready -- ", ""), "expected 'NAME TYPE luasched:{ns}:PATTERN"),
         (("luasched:{ns}:q:", "other:{ns}:q:"), "expected 'NAME TYPE"),
+        (("--@error      CORRUPT  A key of another type.\n", ""), "does not declare CORRUPT"),
     ],
 )
 def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:

@@ -297,6 +297,10 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     flags = tuple(fields.get("flags", "").split())
     if not set(flags) <= KNOWN_FLAGS:
         raise TemplateError(f"{name}: unknown flags {sorted(set(flags) - KNOWN_FLAGS)}")
+    if keys and not any(code == "CORRUPT" for code, _ in errors):
+        # run() answers CORRUPT for a key of another type (prelude.lua.j2): every script that
+        # takes KEYS can raise it, so its header says so.
+        raise TemplateError(f"{name}: takes KEYS but does not declare CORRUPT")
     used = set(_FAIL_CALL.findall(text))
     declared = {code for code, _ in errors}
     if used - declared:
@@ -394,12 +398,10 @@ def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     for template_name in _template_names(directory):
         name = _script_name(template_name)
         template = environment.get_template(template_name)
-        # Twice: the header (parsed from the first rendering) says the layout's key types,
-        # which scripts declaring CORRUPT get for their error path (prelude.lua.j2, run()).
+        # Twice: the header (parsed from the first rendering) says the layout's key types, which
+        # every script with KEYS gets for its error path (prelude.lua.j2, run()).
         spec = parse_header(name, template.render(context, script_name=name, layout_types=""))
-        layout_types = ""
-        if any(code == "CORRUPT" for code, _ in spec.errors):
-            layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
+        layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
         text = template.render(context, script_name=name, layout_types=layout_types)
         text = drop_unused_functions(text, name)
         spec = parse_header(name, text)
