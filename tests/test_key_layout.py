@@ -12,13 +12,15 @@ the recorded call raw (EVALSHA on the node that holds the namespace) and checks 
   deleted) and the call answers as it does on the intact state.
 - foreign KEYS: one KEYS entry swapped for the same key of another namespace (whose keys hash
   to the same slot, so the cluster runs the call too), every KEYS entry in a namespace holding
-  a ``{`` or ``}``, or one entry swapped for a key of another kind of the same namespace: the
-  script answers ``LUASCHED_ARG`` and no key of either namespace changed (and none was created).
+  a ``{`` or ``}``, one entry swapped for a key of another kind of the same namespace, or (for
+  a ``kind<queue>``/``kind<name>`` pattern) for the same kind of another queue or lock: the
+  script answers ``LUASCHED_ARG`` and no key changed (none was created either).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,21 +95,6 @@ def save(conn: redis.Redis, keys: Sequence[bytes] | None = None) -> Saved:
         for i, key in enumerate(keys)
         if replies[2 * i] is not None
     }
-
-
-def restore(conn: redis.Redis, saved: Saved) -> None:
-    """Put the namespace back as ``saved`` (every other key of it deleted)."""
-    pipe = conn.pipeline(transaction=False)
-    for key in namespace_keys(conn, NAMESPACE):
-        pipe.delete(key)
-    for key, (dumped, ttl) in saved.items():
-        pipe.restore(key, max(ttl, 0), dumped, replace=True)
-    pipe.execute()
-
-
-def comparable(saved: Saved) -> dict[bytes, tuple[bytes, bool]]:
-    """A state for comparison: DUMP payloads and whether each key has a TTL (not the countdown)."""
-    return {key: (dumped, ttl >= 0) for key, (dumped, ttl) in saved.items()}
 
 
 def record(r: Client) -> dict[str, Recorded]:
@@ -209,29 +196,72 @@ def scenario(r: Client, server: ServerHandle) -> Iterator[tuple[redis.Redis, dic
     yield conn, recorded
 
 
-def evalsha(conn: redis.Redis, call: Call[Any], keys: Sequence[bytes]) -> Any:
-    """The raw reply of ``call`` with ``keys`` (an error reply is returned, not raised)."""
-    try:
-        return conn.evalsha(render_all()[call.script].sha1, len(keys), *keys, *call.args)
-    except ResponseError as error:
-        return error
+def type_commands(key: bytes, kind: str) -> list[tuple[Any, ...]]:
+    """The commands that make ``key`` hold one small value of Redis type ``kind``."""
+    value: dict[str, tuple[Any, ...]] = {
+        "string": ("SET", key, b"x"),
+        "list": ("RPUSH", key, b"x"),
+        "hash": ("HSET", key, b"x", b"y"),
+        "set": ("SADD", key, b"x"),
+        "zset": ("ZADD", key, 1, b"x"),
+        "stream": ("XADD", key, "*", b"x", b"y"),
+    }
+    return [("DEL", key), value[kind]]
 
 
-def put_type(conn: redis.Redis, key: bytes, kind: str) -> None:
-    """``key`` holds one small value of Redis type ``kind`` (whatever it held before)."""
-    conn.delete(key)
-    if kind == "string":
-        conn.set(key, b"x")
-    elif kind == "list":
-        conn.rpush(key, b"x")
-    elif kind == "hash":
-        conn.hset(key, b"x", b"y")
-    elif kind == "set":
-        conn.sadd(key, b"x")
-    elif kind == "zset":
-        conn.zadd(key, {b"x": 1})
-    else:
-        conn.xadd(key, {b"x": b"y"})
+State = tuple[dict[bytes, tuple[Any, bool]], int]
+
+
+class Case:
+    """One round trip: put the namespace back as recorded (plus ``setup``), read its state,
+    send the call, read the state again. ``keys`` are all the keys the checks look at; DBSIZE
+    shows any other key created."""
+
+    def __init__(self, conn: redis.Redis, recorded: Recorded) -> None:
+        self.conn, self.call, self.before = conn, recorded.call, recorded.before
+        self.keys = sorted(set(self.before) | set(self.call.keys))
+        self.sha1 = render_all()[self.call.script].sha1
+
+    def _state_commands(self) -> list[tuple[Any, ...]]:
+        return [
+            *(("DUMP", key) for key in self.keys),
+            *(("PTTL", key) for key in self.keys),
+            ("DBSIZE",),
+        ]
+
+    def _state(self, replies: Sequence[Any]) -> State:
+        count = len(self.keys)
+        dumps, ttls = replies[:count], replies[count : 2 * count]
+        return (
+            {key: (dump, ttl >= 0) for key, dump, ttl in zip(self.keys, dumps, ttls, strict=True)},
+            replies[2 * count],
+        )
+
+    def run(
+        self, keys: Sequence[bytes], setup: Sequence[tuple[Any, ...]] = ()
+    ) -> tuple[Any, State, State]:
+        """(the call's reply, an error reply as a ResponseError; state before; state after)."""
+        commands: list[tuple[Any, ...]] = [("DEL", *self.keys)]
+        commands += [
+            ("RESTORE", key, max(ttl, 0), dumped) for key, (dumped, ttl) in self.before.items()
+        ]
+        commands += setup
+        prepared = len(commands)
+        commands += self._state_commands()
+        commands.append(("EVALSHA", self.sha1, len(keys), *keys, *self.call.args))
+        commands += self._state_commands()
+        pipe = self.conn.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies[:prepared]:
+            assert not isinstance(reply, Exception), reply
+        size = 2 * len(self.keys) + 1
+        return (
+            replies[prepared + size],
+            self._state(replies[prepared : prepared + size]),
+            self._state(replies[prepared + size + 1 :]),
+        )
 
 
 def scripts_with_keys() -> list[str]:
@@ -245,9 +275,9 @@ def test_a_key_of_another_type_is_refused_or_left_alone(
     conn, recorded = scenario
     if script not in recorded:
         pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
-    call, before = recorded[script].call, recorded[script].before
-    restore(conn, before)
-    intact = evalsha(conn, call, call.keys)
+    call = recorded[script].call
+    case = Case(conn, recorded[script])
+    intact, _, _ = case.run(call.keys)
     assert not isinstance(intact, ResponseError), f"{script} fails on the recorded state: {intact}"
     refused = 0
     for position, spec in enumerate(SCRIPTS[script]["keys"]):
@@ -255,11 +285,7 @@ def test_a_key_of_another_type_is_refused_or_left_alone(
         for kind in TYPES:
             if kind == spec["type"]:
                 continue
-            restore(conn, before)
-            put_type(conn, key, kind)
-            broken = comparable(save(conn))
-            reply = evalsha(conn, call, call.keys)
-            after = comparable(save(conn))
+            reply, broken, after = case.run(call.keys, type_commands(key, kind))
             where = f"{script} KEYS[{position + 1}] ({spec['name']}) as a {kind}"
             if isinstance(reply, ResponseError):
                 assert str(reply).startswith(f"LUASCHED_CORRUPT {script}: "), f"{where}: {reply}"
@@ -267,7 +293,7 @@ def test_a_key_of_another_type_is_refused_or_left_alone(
                 refused += 1
             else:
                 # Never read: the call succeeds and the key is exactly as it was put.
-                assert after.get(key) == broken[key], f"{where}: answered {reply!r}, key changed"
+                assert after[0][key] == broken[0][key], f"{where}: answered {reply!r}, key changed"
                 assert type(reply) is type(intact), f"{where}: {reply!r} against {intact!r}"
     assert refused > 0, f"{script}: no wrong type was ever refused"
 
@@ -276,3 +302,63 @@ def test_every_script_with_keys_can_answer_corrupt() -> None:
     for name in scripts_with_keys():
         codes = {error["code"] for error in SCRIPTS[name]["errors"]}
         assert "CORRUPT" in codes, name
+
+
+def in_namespace(key: bytes, name: bytes) -> bytes:
+    """``key`` of NAMESPACE as the same key of the namespace called ``name``."""
+    assert key.startswith(NAMESPACE.prefix), key
+    return b"luasched:{" + name + b"}:" + key[len(NAMESPACE.prefix) :]
+
+
+def foreign_keys(script: str, keys: Sequence[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """KEYS that break the one-namespace rule, each with what was broken."""
+    # A key's kind: its pattern after the namespace, up to the first <placeholder>.
+    patterns = [key["pattern"] for key in SCRIPTS[script]["keys"]]
+    kinds = [pattern.split("}:", 1)[1].split("<")[0] for pattern in patterns]
+    for position in range(len(keys)):
+        swapped = list(keys)
+        swapped[position] = in_namespace(keys[position], OTHER.encode())
+        yield f"KEYS[{position + 1}] of namespace {OTHER}", swapped
+        other = next(
+            (
+                j
+                for j in range(1, len(keys))
+                if kinds[(position + j) % len(keys)] != kinds[position]
+            ),
+            None,
+        )
+        assert other is not None, f"{script}: every key of one kind"
+        swapped = list(keys)
+        swapped[position] = keys[(position + other) % len(keys)]
+        yield f"KEYS[{position + 1}] of another kind", swapped
+        if re.fullmatch(r"luasched:\{ns\}:[a-z:_-]+<[a-z_]+>", patterns[position]):
+            # kind<queue> / kind<name>: the same kind of another queue or lock of the namespace.
+            swapped = list(keys)
+            swapped[position] = keys[position] + b"2"
+            yield f"KEYS[{position + 1}] of another {patterns[position].split('<')[1]}", swapped
+    # "layout}:<kind of KEYS[1]>x": KEYS[1] reads as namespace "layout"'s (the alias of the
+    # issue); the other entries do not.
+    for name in [*brace_namespaces(), b"layout}:" + kinds[0].encode() + b"x"]:
+        yield f"namespace {name!r}", [in_namespace(key, name) for key in keys]
+
+
+@pytest.mark.parametrize("script", scripts_with_keys())
+def test_keys_outside_one_namespace_are_refused(
+    scenario: tuple[redis.Redis, dict[str, Recorded]], script: str
+) -> None:
+    conn, recorded = scenario
+    if script not in recorded:
+        pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
+    call = recorded[script].call
+    case = Case(conn, recorded[script])
+    cases = list(foreign_keys(script, call.keys))
+    assert len(cases) >= 2 * len(call.keys) + 4
+    for what, keys in cases:
+        assert all(key_slot(key) == NAMESPACE.slot for key in keys), what
+        reply, before, after = case.run(keys)
+        assert isinstance(reply, ResponseError), f"{script} {what}: answered {reply!r}"
+        assert str(reply).startswith(f"LUASCHED_ARG {script}: "), f"{script} {what}: {reply}"
+        assert after == before, f"{script} {what}: changed or created keys"
+    # The recorded call itself is accepted on the same state (the cases broke only the KEYS).
+    reply, _, _ = case.run(call.keys)
+    assert not isinstance(reply, ResponseError), f"{script}: {reply}"

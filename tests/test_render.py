@@ -17,6 +17,7 @@ from luasched.render import (
     crc16_table,
     drop_unused_functions,
     export,
+    key_kinds,
     manifest,
     parse_header,
     render_all,
@@ -259,3 +260,26 @@ def test_no_script_defines_a_function_it_never_calls(name: str) -> None:
     text = SCRIPTS[name].text
     for defined in re.findall(r"^local function (\w+)\(", text, re.M):
         assert len(re.findall(rf"\b{defined}\b", text)) > 1, defined
+
+
+def test_key_kinds_follow_the_patterns() -> None:
+    spec = parse_header(
+        "demo.one",
+        HEADER.replace(
+            "--@arg        lease_ms",
+            "--@key        tasks hash  luasched:{ns}:q:tasks:<queue> -- Tasks.\n"
+            "--@key        req string  luasched:{ns}:q:req:<request_id>:<queue> -- Record.\n"
+            "--@key        index hash  luasched:{ns}:nodes:index -- Index.\n"
+            "--@key        wake list  luasched:{ns}:q:wake:<queue> -- Wake.\n"
+            "--@arg        lease_ms",
+        ),
+    )
+    assert [(c["kind"], c["mode"], c.get("source")) for c in key_kinds(spec)] == [
+        ("q:", "kind", None),  # q:<queue>:ready: the placeholder is not at the end
+        ("q:tasks:", "first", 2),
+        ("q:req:", "kind", None),
+        ("nodes:index", "exact", None),
+        ("q:wake:", "same", 2),
+    ]
+    with pytest.raises(TemplateError, match="no plain kind"):
+        key_kinds(parse_header("demo.one", HEADER.replace("{ns}:q:<queue>", "{ns}:<queue>")))
