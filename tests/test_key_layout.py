@@ -268,15 +268,20 @@ def scripts_with_keys() -> list[str]:
     return sorted(name for name, entry in SCRIPTS.items() if entry["keys"])
 
 
+def case_of(scenario: tuple[redis.Redis, dict[str, Recorded]], script: str) -> Case:
+    """The recorded call of ``script`` as a Case (skipped where the server is too old for it)."""
+    conn, recorded = scenario
+    if script not in recorded:
+        pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
+    return Case(conn, recorded[script])
+
+
 @pytest.mark.parametrize("script", scripts_with_keys())
 def test_a_key_of_another_type_is_refused_or_left_alone(
     scenario: tuple[redis.Redis, dict[str, Recorded]], script: str
 ) -> None:
-    conn, recorded = scenario
-    if script not in recorded:
-        pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
-    call = recorded[script].call
-    case = Case(conn, recorded[script])
+    case = case_of(scenario, script)
+    call = case.call
     intact, _, _ = case.run(call.keys)
     assert not isinstance(intact, ResponseError), f"{script} fails on the recorded state: {intact}"
     refused = 0
@@ -346,11 +351,8 @@ def foreign_keys(script: str, keys: Sequence[bytes]) -> Iterator[tuple[str, list
 def test_keys_outside_one_namespace_are_refused(
     scenario: tuple[redis.Redis, dict[str, Recorded]], script: str
 ) -> None:
-    conn, recorded = scenario
-    if script not in recorded:
-        pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
-    call = recorded[script].call
-    case = Case(conn, recorded[script])
+    case = case_of(scenario, script)
+    call = case.call
     cases = list(foreign_keys(script, call.keys))
     assert len(cases) >= 2 * len(call.keys) + 4
     for what, keys in cases:
