@@ -461,9 +461,7 @@ def key_kinds(spec: ScriptSpec) -> list[dict[str, Any]]:
     return checks
 
 
-def _with_key_check(
-    environment: jinja2.Environment, name: str, spec: ScriptSpec, text: str
-) -> str:
+def _with_key_check(environment: jinja2.Environment, name: str, spec: ScriptSpec, text: str) -> str:
     """``text`` with the namespace check of ``spec``'s KEYS (include/keys.lua.j2) placed right
     after the ``--@`` header: it runs before anything else, lean paths included."""
     if not spec.keys:
