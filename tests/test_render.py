@@ -19,6 +19,7 @@ from luasched.render import (
     crc16_table,
     drop_unused_functions,
     export,
+    key_kinds,
     manifest,
     parse_header,
     render_all,
@@ -93,6 +94,7 @@ HEADER = """--@script     demo.one
 --@arg        item[1..5] string:1..64  Items.
 --@reply      int  Something.
 --@error      ARG  Bad input.
+--@error      CORRUPT  A key of another type.
 --@complexity O(1)
 --@since      7.0
 --@flags      no-writes
@@ -111,7 +113,7 @@ def test_header_is_parsed_into_the_contract() -> None:
     assert (lease.type, lease.min, lease.max, lease.count) == ("int", 1, 86400000, None)
     assert mode.choices == ("fifo", "lifo")
     assert (item.type, item.min, item.max, item.count) == ("string", 1, 64, (1, 5))
-    assert spec.errors == (("ARG", "Bad input."),)
+    assert spec.errors == (("ARG", "Bad input."), ("CORRUPT", "A key of another type."))
     assert (spec.since, spec.flags) == ("7.0", ("no-writes",))
 
 
@@ -129,6 +131,7 @@ def test_header_is_parsed_into_the_contract() -> None:
         (("--@complexity O(1)", "--@bogus O(1)"), "unknown tag"),
         (("luasched:{ns}:q:<queue>:ready -- ", ""), "expected 'NAME TYPE luasched:{ns}:PATTERN"),
         (("luasched:{ns}:q:", "other:{ns}:q:"), "expected 'NAME TYPE"),
+        (("--@error      CORRUPT  A key of another type.\n", ""), "does not declare CORRUPT"),
     ],
 )
 def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:
@@ -269,3 +272,26 @@ def test_no_script_defines_a_function_it_never_calls(name: str) -> None:
     text = SCRIPTS[name].text
     for defined in re.findall(r"^local function (\w+)\(", text, re.M):
         assert len(re.findall(rf"\b{defined}\b", text)) > 1, defined
+
+
+def test_key_kinds_follow_the_patterns() -> None:
+    spec = parse_header(
+        "demo.one",
+        HEADER.replace(
+            "--@arg        lease_ms",
+            "--@key        tasks hash  luasched:{ns}:q:tasks:<queue> -- Tasks.\n"
+            "--@key        req string  luasched:{ns}:q:req:<request_id>:<queue> -- Record.\n"
+            "--@key        index hash  luasched:{ns}:nodes:index -- Index.\n"
+            "--@key        wake list  luasched:{ns}:q:wake:<queue> -- Wake.\n"
+            "--@arg        lease_ms",
+        ),
+    )
+    assert [(c["kind"], c["mode"], c.get("source")) for c in key_kinds(spec)] == [
+        ("q:", "kind", None),  # q:<queue>:ready: the placeholder is not at the end
+        ("q:tasks:", "first", 2),
+        ("q:req:", "kind", None),
+        ("nodes:index", "exact", None),
+        ("q:wake:", "same", 2),
+    ]
+    with pytest.raises(TemplateError, match="no plain kind"):
+        key_kinds(parse_header("demo.one", HEADER.replace("{ns}:q:<queue>", "{ns}:<queue>")))

@@ -28,6 +28,10 @@ Each template starts with a header of ``--@tag`` lines that is parsed into the m
     --@complexity text
     --@since      6.2                          oldest server version the script supports
     --@flags      no-writes ...                Redis 7 script flags (used for Functions)
+
+Every script with KEYS must declare CORRUPT (its run() answers it for a key of another type),
+and gets the namespace check of include/keys.lua.j2, generated from its ``--@key`` patterns
+(``key_kinds``) and placed right after the header, before any other code.
 """
 
 from __future__ import annotations
@@ -322,6 +326,10 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     flags = tuple(fields.get("flags", "").split())
     if not set(flags) <= KNOWN_FLAGS:
         raise TemplateError(f"{name}: unknown flags {sorted(set(flags) - KNOWN_FLAGS)}")
+    if keys and not any(code == "CORRUPT" for code, _ in errors):
+        # run() answers CORRUPT for a key of another type (prelude.lua.j2): every script that
+        # takes KEYS can raise it, so its header says so.
+        raise TemplateError(f"{name}: takes KEYS but does not declare CORRUPT")
     used = _raised_codes(text)
     declared = {code for code, _ in errors}
     if used - declared:
@@ -525,13 +533,13 @@ def _render(config: ScriptConfig, directory: Path) -> Mapping[str, RenderedScrip
     for template_name in _template_names(directory):
         name = _script_name(template_name)
         template = environment.get_template(template_name)
-        # Twice: the header (parsed from the first rendering) says the layout's key types,
-        # which scripts declaring CORRUPT get for their error path (prelude.lua.j2, run()).
+        # Twice: the header (parsed from the first rendering) says the layout's key types, which
+        # every script with KEYS gets for its error path (prelude.lua.j2, run()), and the key
+        # patterns its namespace check is generated from (keys.lua.j2, placed after the header).
         spec = parse_header(name, template.render(context, script_name=name, layout_types=""))
-        layout_types = ""
-        if any(code == "CORRUPT" for code, _ in spec.errors):
-            layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
+        layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
         text = template.render(context, script_name=name, layout_types=layout_types)
+        text = _with_key_check(environment, name, spec, text)
         text = drop_unused_functions(text, name)
         spec = parse_header(name, text)
         sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
@@ -565,6 +573,66 @@ class LazyScripts(Mapping[str, RenderedScript]):
 
     def __len__(self) -> int:
         return len(self.resolved())
+
+
+_KIND = re.compile(r"[a-z][a-z:_-]*")
+_TAIL = re.compile(r"<([a-z_]+)>")
+
+
+def key_kinds(spec: ScriptSpec) -> list[dict[str, Any]]:
+    """How the namespace check (include/keys.lua.j2) compares each KEYS entry, from its pattern.
+
+    ``kind`` is the fixed text after ``luasched:{ns}:`` up to the first ``<placeholder>``
+    (``q:tasks:`` for ``luasched:{ns}:q:tasks:<queue>``). ``mode`` says what the key must be,
+    with ``prefix`` the ``luasched:{<ns>}:`` of KEYS[1]:
+
+    - ``exact`` (no placeholder): exactly prefix .. kind;
+    - ``first`` (kind and one trailing placeholder, its first such key): prefix .. kind .. the
+      rest, which becomes the placeholder's value (``tail`` names the Lua local holding it);
+    - ``same`` (the same shape, a later key): prefix .. kind .. that same value (so every
+      ``<queue>`` of one call names one queue);
+    - ``kind`` (more placeholders, e.g. ``q:req:<request_id>:<queue>``): starts with
+      prefix .. kind.
+
+    ``source`` is the position of the key that gave the value (``first``/``same``).
+    """
+    checks: list[dict[str, Any]] = []
+    first_of: dict[str, int] = {}
+    for position, key in enumerate(spec.keys, 1):
+        rest = key.pattern[len("luasched:{ns}:") :]
+        kind, placeholder, tail = rest.partition("<")
+        if not _KIND.fullmatch(kind):
+            raise TemplateError(f"{spec.name}: key pattern {key.pattern!r} has no plain kind")
+        check: dict[str, Any] = {"position": position, "kind": kind, "pattern": key.pattern}
+        single = _TAIL.fullmatch("<" + tail) if placeholder else None
+        if not placeholder:
+            check["mode"] = "exact"
+        elif single is None:
+            check["mode"] = "kind"
+        else:
+            name = single.group(1)
+            check["tail"] = f"tail_{name}"
+            check["mode"] = "same" if name in first_of else "first"
+            check["source"] = first_of.setdefault(name, position)
+        checks.append(check)
+    return checks
+
+
+def _with_key_check(environment: jinja2.Environment, name: str, spec: ScriptSpec, text: str) -> str:
+    """``text`` with the namespace check of ``spec``'s KEYS (include/keys.lua.j2) placed right
+    after the ``--@`` header: it runs before anything else, lean paths included."""
+    if not spec.keys:
+        return text
+    checks = key_kinds(spec)
+    tails = sorted({check["tail"] for check in checks if "tail" in check})
+    check = environment.get_template("include/keys.lua.j2").render(
+        script_name=name, key_checks=checks, tails=tails
+    )
+    lines = text.split("\n")
+    end = 0
+    while end < len(lines) and lines[end].startswith("--@"):
+        end += 1
+    return "\n".join(lines[:end]) + "\n" + check.rstrip("\n") + "\n" + "\n".join(lines[end:])
 
 
 class _ReadOnly(Mapping[str, RenderedScript]):
