@@ -40,6 +40,8 @@ from luasched import __version__
 from luasched.errors import ERROR_CODES
 
 __all__ = [
+    "MAX_BATCH_LIMIT",
+    "MAX_KEY_BYTES_LIMIT",
     "ArgSpec",
     "FunctionsLibrary",
     "KeySpec",
@@ -67,6 +69,10 @@ KNOWN_FLAGS = frozenset(
     {"no-writes", "allow-oom", "allow-stale", "no-cluster", "allow-cross-slot-keys"}
 )
 ARG_TYPES = frozenset({"int", "number", "string", "enum"})
+#: The largest ``ScriptConfig.max_batch`` (``unpack()`` fails at 8000 values).
+MAX_BATCH_LIMIT = 7000
+#: The largest ``ScriptConfig.max_key_bytes``.
+MAX_KEY_BYTES_LIMIT = 1 << 20
 
 
 class TemplateError(Exception):
@@ -86,10 +92,10 @@ class ScriptConfig:
     max_key_bytes: int = 4096
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= 7000:  # unpack() fails at 8000 values
-            raise ValueError("max_batch must be 1..7000")
-        if not 1 <= self.max_key_bytes <= 1 << 20:
-            raise ValueError("max_key_bytes must be 1..1048576")
+        if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}")
+        if not 1 <= self.max_key_bytes <= MAX_KEY_BYTES_LIMIT:
+            raise ValueError(f"max_key_bytes must be 1..{MAX_KEY_BYTES_LIMIT}")
 
 
 @dataclass(frozen=True)

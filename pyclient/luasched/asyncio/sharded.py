@@ -8,7 +8,7 @@ from typing import Any
 
 from luasched.asyncio.queue import AsyncQueue
 from luasched.keys import Namespace
-from luasched.queue import Enqueued, Lease, Nacked, remaining_ms
+from luasched.queue import Enqueued, Lease, Nacked, check_take, remaining_ms
 from luasched.retry import RetryPolicy
 from luasched.sharded import (
     DEFAULT_BLOCK_SLICE_MS,
@@ -19,6 +19,7 @@ from luasched.sharded import (
     checked_layout,
     encode_layout,
     layout_key,
+    partition_for,
     plan_layout,
     route,
     slot_groups,
@@ -75,7 +76,7 @@ class AsyncShardedQueue:
         request_id: str | bytes | None = None,
     ) -> Enqueued:
         """See ``luasched.sharded.ShardedQueue.enqueue``."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return await self.partitions[partition].enqueue(
             task_id,
             payload,
@@ -105,6 +106,7 @@ class AsyncShardedQueue:
         self, worker_id: str | bytes, n: int, lease_ms: int, *, block_ms: int = 0
     ) -> list[PartitionLease]:
         """See ``luasched.sharded.ShardedQueue.dequeue_many``."""
+        check_take(worker_id, n, lease_ms, block_ms)
         deadline = time.monotonic() + block_ms / 1000
         while True:
             taken = await self._sweep(worker_id, n, lease_ms)
@@ -131,6 +133,7 @@ class AsyncShardedQueue:
     ) -> PartitionLease | None:
         """See ``luasched.sharded.ShardedQueue.ack_and_dequeue``."""
         held = _check_lease(lease, len(self.partitions))
+        check_take(worker_id, 1, lease_ms, block_ms)
         if self.rotation.order(worker_id)[0] == held.partition:
             queue = self.partitions[held.partition]
             following = await queue.ack_and_dequeue(held, worker_id, lease_ms)
@@ -169,7 +172,7 @@ class AsyncShardedQueue:
         self, task_id: str | bytes, *, routing_key: str | bytes | None = None
     ) -> bool:
         """``requeue_dead`` on the partition of ``routing_key`` (default: the task id)."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return await self.partitions[partition].requeue_dead(task_id)
 
     async def stats(self) -> ShardedStats:
