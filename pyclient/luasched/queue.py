@@ -1045,6 +1045,7 @@ class Queue:
 
         Raises StaleLease (and takes nothing) when ``lease`` is no longer held.
         """
+        validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
         return self._take(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")  # type: ignore[no-any-return]
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:

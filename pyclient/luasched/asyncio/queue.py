@@ -266,6 +266,7 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
+        validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
         taken: Lease | None = await self._take(
             worker_id, 1, lease_ms, block_ms, lease, request_id, "one"
         )
