@@ -30,7 +30,10 @@ __all__ = ["Scheduler", "SchedulerPipeline"]
 class Scheduler:
     """The luasched API for one namespace on one redis-py client.
 
-    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``; ``namespace`` names
+    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster`` that answers bytes
+    (``decode_responses=False``, redis-py's default; a decoding client is refused here with
+    InvalidArgument naming ``client``, before any call could lease a task it cannot read);
+    ``namespace`` names
     the hash tag that holds every key of this scheduler (1..128 bytes, no braces). Creating a
     Scheduler does no I/O; scripts are rendered once per process and configuration and loaded
     on first use (or up front with ``load_scripts``).
@@ -62,6 +65,7 @@ class Scheduler:
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        validate.client("client", client)
         if use_functions is not None:
             validate.flag("use_functions", use_functions)
         self.client = client

@@ -37,6 +37,7 @@ class Scheduler:
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        validate.client("client", client)
         if use_functions is not None:
             validate.flag("use_functions", use_functions)
         self.client = client
