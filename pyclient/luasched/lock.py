@@ -567,7 +567,8 @@ class Lock:
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
-        else at most ``timeout`` seconds, None: no limit).
+        else at most ``timeout`` seconds, None: no limit; a negative, NaN or infinite timeout
+        raises InvalidArgument before any attempt).
 
         Between attempts it blocks on the lock's wake list (fair: its own) for at most
         ``retry_ms`` (less if the hold lapses sooner); a waiter renews its place

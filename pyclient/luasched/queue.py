@@ -237,7 +237,6 @@ def _max_attempts(script: str, value: object) -> int:
 
 
 def check_queue_options(
-    *,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
     backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
@@ -876,13 +875,7 @@ class Queue:
         poll_ms: int = DEFAULT_POLL_MS,
         rng: RandomSource | None = None,
     ) -> None:
-        check_queue_options(
-            max_attempts=max_attempts,
-            backoff_base_ms=backoff_base_ms,
-            backoff_max_ms=backoff_max_ms,
-            request_ttl_ms=request_ttl_ms,
-            poll_ms=poll_ms,
-        )
+        check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
         self._runner = runner
         self._client = client
         self.keys = QueueKeys.of(namespace, name)

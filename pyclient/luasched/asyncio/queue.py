@@ -100,13 +100,7 @@ class AsyncQueue:
         on_first_call: Any = None,
         rng: RandomSource | None = None,
     ) -> None:
-        check_queue_options(
-            max_attempts=max_attempts,
-            backoff_base_ms=backoff_base_ms,
-            backoff_max_ms=backoff_max_ms,
-            request_ttl_ms=request_ttl_ms,
-            poll_ms=poll_ms,
-        )
+        check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
         self._runner = runner
         self._client = client
         self._on_first_call = on_first_call
