@@ -62,6 +62,8 @@ def _refuse(name: str, rule: str, value: object) -> InvalidArgument:
 def integer(name: str, value: object, lo: int, hi: int) -> int:
     """``value`` if it is an int (not a bool) in ``lo..hi``, else InvalidArgument naming
     ``name`` and the range."""
+    if type(value) is int and lo <= value <= hi:  # the common case first: one call per check
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise _refuse(name, f"an integer in {lo}..{hi} (not a bool, float or str)", value)
     if not lo <= value <= hi:
@@ -84,6 +86,8 @@ def timeout_s(name: str, value: object) -> float | None:
 def key_bytes(name: str, value: object, lo: int, hi: int | None) -> bytes:
     """``value`` as bytes (str encoded UTF-8) if it is bytes or str of ``lo..hi`` bytes (``hi``
     None: no upper bound), else InvalidArgument naming ``name`` and the range."""
+    if type(value) is bytes and lo <= len(value) and (hi is None or len(value) <= hi):
+        return value
     if isinstance(value, bytes):
         raw = value
     elif isinstance(value, str):
@@ -122,6 +126,19 @@ def _spec(script: str, argv_name: str) -> ArgSpec:
     raise KeyError(f"{script} has no argument {argv_name!r}")  # a bug in a call builder
 
 
+#: (script, ARGV name) -> (type, min, max, choices) of the manifest, filled on first use.
+_BOUNDS: dict[tuple[str, str], tuple[str, int, int, tuple[str, ...]]] = {}
+
+
+def _bounds(script: str, argv_name: str) -> tuple[str, int, int, tuple[str, ...]]:
+    found = _BOUNDS.get((script, argv_name))
+    if found is None:
+        spec = _spec(script, argv_name)
+        found = (spec.type, int(spec.min or 0), int(spec.max or 0), spec.choices or ())
+        _BOUNDS[(script, argv_name)] = found
+    return found
+
+
 def arg_range(script: str, argv_name: str) -> tuple[int, int]:
     """The range of ARGV ``argv_name`` of ``script`` (int: values; string: lengths in bytes),
     as its manifest states it for the default ``ScriptConfig``."""
@@ -142,13 +159,15 @@ def arg(
     an int, bytes (str encoded UTF-8) or an enum choice. ``name`` is the caller's name for it
     (default ``argv_name``); ``lo``/``hi`` narrow or widen the manifest's range where the Python
     API differs (a None that stands for the script's -1, a bound a ``ScriptConfig`` sets)."""
-    spec = _spec(script, argv_name)
+    kind, low, high, choices = _bounds(script, argv_name)
     shown = argv_name if name is None else name
-    if spec.type == "enum":
-        return choice(shown, value, spec.choices or ())
-    low = int(spec.min or 0) if lo is None else lo
-    high = int(spec.max or 0) if hi is None else hi
-    if spec.type == "string":
+    if kind == "enum":
+        return choice(shown, value, choices)
+    if lo is not None:
+        low = lo
+    if hi is not None:
+        high = hi
+    if kind == "string":
         return key_bytes(shown, value, low, high)
     return integer(shown, value, low, high)
 
@@ -188,13 +207,18 @@ def request_id(name: str, value: object, new: Any) -> bytes:
     return bytes(raw)
 
 
+@functools.cache
+def _lease_class() -> type[Lease]:
+    from luasched.queue import Lease  # luasched.queue imports this module
+
+    return Lease
+
+
 def lease(name: str, value: object, queue: bytes) -> Lease:
     """``value`` if it is a ``Lease`` taken from the queue whose task hash is ``queue``, else
     InvalidArgument naming ``name``. A lease built by hand (``queue`` b"") is not checked for
     its queue; its task id and token are checked against the scripts' ranges by the caller."""
-    from luasched.queue import Lease
-
-    if not isinstance(value, Lease):
+    if not isinstance(value, _lease_class()):
         raise _refuse(name, "a Lease", value)
     if value.queue and value.queue != queue:
         raise InvalidArgument(
