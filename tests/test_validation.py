@@ -231,6 +231,9 @@ def _cases() -> list[Case]:
                lambda a, v: a.s.sharded_queue("sq", 2, block_slice_ms=v))  # fmt: skip
     c += _ints("sharded_queue", "max_attempts",
                lambda a, v: a.s.sharded_queue("sq", 2, max_attempts=v))  # fmt: skip
+    c += _ints("ShardedQueue", "block_slice_ms",
+               lambda a, v: type(a.sq)(a.sq.partitions, block_slice_ms=v))  # fmt: skip
+    c += _bytes("sq.partition_of", "routing_key", lambda a, v: a.sq.partition_of(v))
     c += _bytes("sq.enqueue", "task_id", lambda a, v: a.sq.enqueue(v))
     c += _bytes("sq.enqueue", "routing_key", lambda a, v: a.sq.enqueue("t", routing_key=v),
                 none_ok=True)  # fmt: skip

@@ -70,6 +70,8 @@ __all__ = [
     "partition_namespace",
     "plan_layout",
     "route",
+    "routed",
+    "slice_ms",
     "slot_groups",
 ]
 
@@ -248,9 +250,20 @@ def check_sharded(
     the layout; the name as bytes. InvalidArgument naming the first bad one."""
     raw = validate.key_bytes("name", name, 1, MAX_QUEUE_NAME_BYTES)
     validate.integer("partitions", partitions, 1, MAX_PARTITIONS)
-    validate.arg("queue.dequeue", "wait_ms", block_slice_ms, name="block_slice_ms", lo=1)
+    slice_ms(block_slice_ms)
     check_queue_options(**options)
     return raw
+
+
+def slice_ms(block_slice_ms: object) -> int:
+    """``block_slice_ms`` if it is an int 1..the longest wait; InvalidArgument naming it."""
+    return validate.arg("queue.dequeue", "wait_ms", block_slice_ms, name="block_slice_ms", lo=1)  # type: ignore[no-any-return]
+
+
+def routed(routing_key: object, partitions: int) -> int:
+    """``route`` of a routing key given by the caller: InvalidArgument naming ``routing_key``
+    when it is not bytes or str."""
+    return route(validate.key_bytes("routing_key", routing_key, 0, None), partitions)
 
 
 def partition_for(task_id: object, routing_key: object, partitions: int) -> int:
@@ -258,7 +271,7 @@ def partition_for(task_id: object, routing_key: object, partitions: int) -> int:
     first: InvalidArgument naming the one that is not bytes or str)."""
     if routing_key is None:
         return route(validate.arg("queue.enqueue", "task_id", task_id), partitions)
-    return route(validate.key_bytes("routing_key", routing_key, 0, None), partitions)
+    return routed(routing_key, partitions)
 
 
 class ShardedQueue:
@@ -280,12 +293,12 @@ class ShardedQueue:
         self.partitions = tuple(queues)
         self.namespaces = tuple(queue.keys.namespace for queue in queues)
         self.name = queues[0].name
-        self.block_slice_ms = block_slice_ms
+        self.block_slice_ms = slice_ms(block_slice_ms)
         self.rotation = Rotation(len(queues))
 
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
-        return route(routing_key, len(self.partitions))
+        return routed(routing_key, len(self.partitions))
 
     def enqueue(
         self,

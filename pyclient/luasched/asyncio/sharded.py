@@ -21,7 +21,8 @@ from luasched.sharded import (
     layout_key,
     partition_for,
     plan_layout,
-    route,
+    routed,
+    slice_ms,
     slot_groups,
 )
 
@@ -57,12 +58,12 @@ class AsyncShardedQueue:
         self.partitions = tuple(queues)
         self.namespaces = tuple(queue.keys.namespace for queue in queues)
         self.name = queues[0].name
-        self.block_slice_ms = block_slice_ms
+        self.block_slice_ms = slice_ms(block_slice_ms)
         self.rotation = Rotation(len(queues))
 
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
-        return route(routing_key, len(self.partitions))
+        return routed(routing_key, len(self.partitions))
 
     async def enqueue(
         self,
