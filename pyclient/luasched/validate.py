@@ -3,7 +3,7 @@
 Every public call checks its arguments here before it sends anything: a bad argument raises
 ``InvalidArgument`` (code ``ARG``) whose message names the parameter as the caller spelled it and
 the accepted range, and no command has been sent, so no key has changed. The rules
-(docs/api.md "Argument rules"):
+(docs/api.md):
 
 * **Integers** are ``int`` only: a bool, a float (even ``2.0``), a str (even ``"5"``) or None
   is not one. Ranges are the scripts' own, read from their manifest (``ArgSpec``), so the Python
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "arg",
-    "arg_range",
     "choice",
     "client",
     "flag",
@@ -137,13 +136,6 @@ def _bounds(script: str, argv_name: str) -> tuple[str, int, int, tuple[str, ...]
         found = (spec.type, int(spec.min or 0), int(spec.max or 0), spec.choices or ())
         _BOUNDS[(script, argv_name)] = found
     return found
-
-
-def arg_range(script: str, argv_name: str) -> tuple[int, int]:
-    """The range of ARGV ``argv_name`` of ``script`` (int: values; string: lengths in bytes),
-    as its manifest states it for the default ``ScriptConfig``."""
-    spec = _spec(script, argv_name)
-    return int(spec.min or 0), int(spec.max or 0)
 
 
 def arg(
