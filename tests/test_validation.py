@@ -191,6 +191,13 @@ def _cases() -> list[Case]:
               for v in (None, "k", b"k", [], [None], [5])]  # fmt: skip
     c += _ints("slots.owner_of_slot", "slot", lambda a, v: a.s.slots.owner_of_slot(v))
     c += [_case("slots.owner_of_slot", "slot", lambda a, v: a.s.slots.owner_of_slot(v), 16384)]
+    # Pipelines queue the same calls: refused when queued, before execute()
+    c += _bytes("pipeline.slots.keyslot", "key", lambda a, v: a.s.pipeline().slots.keyslot(v))
+    c += _ints("pipeline.queue.enqueue", "priority",
+               lambda a, v: a.s.pipeline().queue("jobs").enqueue("t", priority=v),
+               negative=False)  # fmt: skip
+    c += _ints("pipeline.nodes.heartbeat", "ttl_ms",
+               lambda a, v: a.s.pipeline().nodes.heartbeat("n", v))  # fmt: skip
     # Locks and semaphores
     c += _bytes("lock", "name", lambda a, v: a.s.lock(v))
     c += _ints("lock", "ttl_ms", lambda a, v: a.s.lock("l", ttl_ms=v))
