@@ -98,7 +98,7 @@ def key_bytes(name: str, value: object, lo: int, hi: int | None) -> bytes:
         what = "bytes or str" if hi is None else f"bytes or str of {lo}..{hi} bytes"
         raise _refuse(name, what, value)
     if len(raw) < lo or (hi is not None and len(raw) > hi):
-        span = f"at least {lo}" if hi is None else f"{lo}..{hi}"
+        span = f"at least {lo}" if hi is None else f"{lo} to {hi}"  # the scripts' wording
         raise InvalidArgument(f"{name} must be {span} bytes long, got {len(raw)} bytes")
     return raw
 
