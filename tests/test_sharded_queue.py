@@ -17,7 +17,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from luasched import PartitionLease, RetryPolicy, Scheduler, StaleLease
+from helpers import snapshot_ignoring_ttl
+from luasched import InvalidArgument, PartitionLease, RetryPolicy, Scheduler, StaleLease
 from luasched.asyncio import Scheduler as AsyncScheduler
 from luasched.keys import Namespace
 from luasched.queue import Lease
@@ -158,10 +159,12 @@ def test_a_lease_remembers_its_partition(server: ServerHandle, r: Client) -> Non
     assert [(s.ready, s.leased) for s in stats.partitions] == [(0, 1), (1, 0), (0, 0)]
     # the same task under the wrong partition is not held there: refused, nothing changes
     forged = PartitionLease.of(by_partition[0], 2)
-    with pytest.raises(StaleLease):
+    before = snapshot_ignoring_ttl(r, sq.namespaces[2])
+    with pytest.raises(InvalidArgument, match="lease was taken from another queue"):
         sq.ack(forged)
+    assert snapshot_ignoring_ttl(r, sq.namespaces[2]) == before
     plain = Lease(b"t0", b"", 1, by_partition[0].token, 0)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgument, match="lease must be a PartitionLease"):
         sq.ack(plain)
     nxt = sq.ack_and_dequeue(by_partition[0], "w", 5_000)
     assert nxt is not None and nxt.partition == 1 and nxt.attempt == 2

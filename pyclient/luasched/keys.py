@@ -11,6 +11,9 @@ from __future__ import annotations
 import binascii
 from dataclasses import dataclass
 
+from luasched import validate
+from luasched.errors import InvalidArgument
+
 __all__ = [
     "KEY_PREFIX",
     "MAX_NAMESPACE_BYTES",
@@ -86,18 +89,17 @@ def key_slot(key: str | bytes) -> int:
 class Namespace:
     """The keys of one namespace.
 
-    Raises ValueError for a name that is empty, longer than 128 bytes, or contains ``{`` or
-    ``}`` (which would change the hash tag, and so the slot, of its keys).
+    Raises InvalidArgument (a ValueError) naming ``namespace`` for a name that is not bytes or
+    str, is empty, longer than 128 bytes, or contains ``{`` or ``}`` (which would change the
+    hash tag, and so the slot, of its keys).
     """
 
     name: bytes
 
     def __init__(self, name: str | bytes) -> None:
-        raw = to_bytes(name)
-        if not raw or len(raw) > MAX_NAMESPACE_BYTES:
-            raise ValueError(f"namespace must be 1 to {MAX_NAMESPACE_BYTES} bytes, got {len(raw)}")
+        raw = validate.key_bytes("namespace", name, 1, MAX_NAMESPACE_BYTES)
         if b"{" in raw or b"}" in raw:
-            raise ValueError(f"namespace must not contain '{{' or '}}': {name!r}")
+            raise InvalidArgument(f"namespace must not contain '{{' or '}}', got {name!r}")
         object.__setattr__(self, "name", raw)
 
     @property

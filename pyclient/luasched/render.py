@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     import jinja2
 
 __all__ = [
+    "MAX_BATCH_LIMIT",
+    "MAX_KEY_BYTES_LIMIT",
     "ArgSpec",
     "FunctionsLibrary",
     "KeySpec",
@@ -92,6 +94,10 @@ KNOWN_FLAGS = frozenset(
     {"no-writes", "allow-oom", "allow-stale", "no-cluster", "allow-cross-slot-keys"}
 )
 ARG_TYPES = frozenset({"int", "number", "string", "enum"})
+#: The largest ``ScriptConfig.max_batch`` (``unpack()`` fails at 8000 values).
+MAX_BATCH_LIMIT = 7000
+#: The largest ``ScriptConfig.max_key_bytes``.
+MAX_KEY_BYTES_LIMIT = 1 << 20
 
 
 class TemplateError(Exception):
@@ -111,10 +117,10 @@ class ScriptConfig:
     max_key_bytes: int = 4096
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= 7000:  # unpack() fails at 8000 values
-            raise ValueError("max_batch must be 1..7000")
-        if not 1 <= self.max_key_bytes <= 1 << 20:
-            raise ValueError("max_key_bytes must be 1..1048576")
+        if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}")
+        if not 1 <= self.max_key_bytes <= MAX_KEY_BYTES_LIMIT:
+            raise ValueError(f"max_key_bytes must be 1..{MAX_KEY_BYTES_LIMIT}")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from luasched import validate
 from luasched.asyncio.scripts import AsyncScriptRunner
-from luasched.keys import Namespace, to_bytes
+from luasched.keys import Namespace
 from luasched.lock import (
     DEFAULT_RETRY_MS,
     DEFAULT_TTL_MS,
@@ -28,8 +29,11 @@ from luasched.lock import (
     PermitResult,
     ReleaseResult,
     acquire_call,
+    acquire_deadline,
     check_options,
     extend_call,
+    held_token,
+    lock_name,
     new_request_id,
     new_token,
     place_ttl_ms,
@@ -159,13 +163,15 @@ class AsyncLock:
     ) -> None:
         self._runner = runner
         self._namespace = namespace
-        self.name = to_bytes(name)
+        self.name = lock_name(name)
         self.ttl_ms = ttl_ms
         self.fair = fair
         self.reentrant = reentrant
         self.auto_renew = auto_renew
         self.retry_ms = retry_ms
-        self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
+        self.wait_ttl_ms = check_options(
+            ttl_ms, retry_ms, wait_ttl_ms, fair=fair, reentrant=reentrant, auto_renew=auto_renew
+        )
         self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _AsyncRenewer] = {}
         self._keys = LockKeys(namespace, self.name, reentrant)
@@ -180,7 +186,7 @@ class AsyncLock:
     ) -> AsyncLockHandle | None:
         """Take the lock; see ``luasched.lock.Lock.acquire``. Safe to cancel."""
         token = self._token or new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = acquire_deadline(blocking, timeout)
         wake_key = self._keys.wake_key(token, self.fair)
         woken = False
         while True:
@@ -253,7 +259,7 @@ class AsyncLock:
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold; see ``luasched.lock.Lock.release``."""
-        result = await self._runner.run(self._release_call(handle.token))
+        result = await self._runner.run(self._release_call(held_token(handle)))
         if not result.released or result.count == 0:
             renewer = self._renewers.pop(handle.token, None)
             if renewer is not None:
@@ -264,7 +270,11 @@ class AsyncLock:
         """Move the deadline; see ``luasched.lock.Lock.extend``."""
         return await self._runner.run(
             extend_call(
-                self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms, self._keys.plain
+                self._namespace,
+                self.name,
+                held_token(handle),
+                self.ttl_ms if ttl_ms is None else ttl_ms,
+                self._keys.plain,
             )
         )
 
@@ -287,12 +297,11 @@ class AsyncSemaphore:
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
     ) -> None:
-        if permits < 1:
-            raise ValueError("permits must be at least 1")
+        validate.arg("lock.semaphore_acquire", "permits", permits)
         check_options(ttl_ms, retry_ms, None)
         self._runner = runner
         self._namespace = namespace
-        self.name = to_bytes(name)
+        self.name = lock_name(name)
         self.permits = permits
         self.ttl_ms = ttl_ms
         self.retry_ms = retry_ms
@@ -303,7 +312,7 @@ class AsyncSemaphore:
     ) -> AsyncPermitHandle | None:
         """Take a permit; see ``luasched.lock.Semaphore.acquire``. Safe to cancel."""
         token = new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = acquire_deadline(blocking, timeout)
         while True:
             call = semaphore_acquire_call(
                 self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
@@ -334,11 +343,16 @@ class AsyncSemaphore:
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back."""
         return await self._runner.run(
-            semaphore_release_call(self._namespace, self.name, handle.token, new_request_id())
+            semaphore_release_call(self._namespace, self.name, held_token(handle), new_request_id())
         )
 
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease while it is live."""
         return await self._runner.run(
-            semaphore_extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
+            semaphore_extend_call(
+                self._namespace,
+                self.name,
+                held_token(handle),
+                self.ttl_ms if ttl_ms is None else ttl_ms,
+            )
         )

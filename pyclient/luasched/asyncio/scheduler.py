@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from luasched import validate
 from luasched.asyncio.lock import AsyncLock, AsyncSemaphore
 from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.pick import AsyncPick
@@ -18,7 +19,7 @@ from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.pick import RandomSource
 from luasched.render import LazyScripts, RenderedScript, ScriptConfig
 from luasched.retry import RetryPolicy
-from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, partition_namespace
+from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, check_sharded, partition_namespace
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
 
@@ -40,6 +41,9 @@ class Scheduler:
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        validate.client("client", client)
+        if use_functions is not None:
+            validate.flag("use_functions", use_functions)
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
@@ -123,7 +127,7 @@ class Scheduler:
         **options: Any,
     ) -> AsyncShardedQueue:
         """See ``luasched.Scheduler.sharded_queue`` (awaited: it reads the layout)."""
-        raw = name.encode() if isinstance(name, str) else name
+        raw = check_sharded(name, partitions, block_slice_ms, options)
         layout = await sharded_layout_async(
             self.client, self.namespace, raw, partitions, self.runner.retry
         )
