@@ -328,6 +328,7 @@ def test_sixteen_clients_contending_never_overlap(r: Any, server: Any) -> None:
           f"({len(holds) / elapsed:.0f}/s)")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_one_hundred_thousand_acquisitions_never_overlap(luasched_servers: Any) -> None:
     """Issue 6's contention run, once per session, on redis-7.0 (or the first standalone)."""
     standalone = [handle for handle in luasched_servers.values() if not handle.is_cluster]
@@ -419,6 +420,7 @@ def _lock_dump(r: Any, s: Scheduler, name: bytes, now_ms: int) -> dict[bytes, ob
     return dump
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> None:
     """The lean paths at the top of lua/lock/acquire.lua.j2 and release.lua.j2 against main():
