@@ -7,7 +7,7 @@ from typing import Any
 
 from luasched import validate
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace
+from luasched.keys import Namespace, to_bytes
 from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -23,6 +23,7 @@ from luasched.queue import (
     Lease,
     Nacked,
     NodeCounts,
+    NodeWait,
     QueueKeys,
     QueueStats,
     Redispatched,
@@ -44,11 +45,14 @@ from luasched.queue import (
     node_extend_call,
     node_nack_call,
     node_take,
+    pass_on_commands,
+    pass_on_target,
     poll_timeout_s,
     redispatch_call,
     remaining_ms,
     requeue_dead_call,
     stats_call,
+    wake_lists,
 )
 from luasched.retry import NO_RETRY
 from luasched.scripts import Call
@@ -195,7 +199,7 @@ class AsyncQueue:
     async def _blocking_take(
         self,
         call: TakeCall,
-        wake: bytes,
+        wake: bytes | NodeWait,
         block_ms: int,
         ack: Lease | None,
         request_id: str | bytes | None,
@@ -219,7 +223,18 @@ class AsyncQueue:
                 return None if shape == "one" else []
             timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
             retry = getattr(self._runner, "retry", NO_RETRY)
-            await retry.call_async(self._client.blpop, [wake], timeout=timeout)
+            popped = await retry.call_async(self._client.blpop, wake_lists(wake), timeout=timeout)
+            target = pass_on_target(wake, popped)
+            if target is not None:
+                await retry.call_async(self._pass_on, target, popped[1])
+
+    async def _pass_on(self, key: bytes, signal: bytes) -> None:
+        """Async twin of ``luasched.queue.Queue._pass_on``."""
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for command in pass_on_commands(key, to_bytes(signal)):
+            pipe.execute_command(*command)
+        await pipe.execute()
 
     async def dequeue(
         self,
@@ -392,8 +407,8 @@ class AsyncNodeQueue:
         q = self.queue
         keys = q.dispatch_keys
         call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
-        wake = keys.node_wait(self.node)[0]
-        return await q._blocking_take(call, wake, block_ms, None, request_id, shape)
+        wait = keys.node_wait(self.node)
+        return await q._blocking_take(call, wait, block_ms, None, request_id, shape)
 
     async def dequeue(
         self,
