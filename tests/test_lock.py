@@ -224,7 +224,7 @@ def test_blocking_acquire_is_woken_by_the_release(r: Any, server: Any) -> None:
     released_at = time.monotonic()
     holder.release()
     thread.join(10)
-    assert got and got[0] - released_at < 1.0  # woken by the signal, not the 5 s timer
+    assert got and got[0] - released_at < 3.0  # woken by the signal, not the 5 s timer
 
 
 def test_waiter_retries_when_the_hold_lapses(r: Any) -> None:
@@ -233,7 +233,7 @@ def test_waiter_retries_when_the_hold_lapses(r: Any) -> None:
     started = time.monotonic()
     handle = s.lock("lapse", retry_ms=5_000).acquire(timeout=5)
     assert handle is not None and handle.fence == 2
-    assert 0.2 < time.monotonic() - started < 1.5
+    assert 0.2 < time.monotonic() - started < 3.0  # at the lapse, not at the 5 s timer
 
 
 def test_timeout_and_non_blocking_give_up(r: Any) -> None:
@@ -241,7 +241,7 @@ def test_timeout_and_non_blocking_give_up(r: Any) -> None:
     assert s.lock("t").acquire() is not None
     started = time.monotonic()
     assert s.lock("t", retry_ms=50).acquire(timeout=0.3) is None
-    assert 0.25 < time.monotonic() - started < 1.0
+    assert 0.25 < time.monotonic() - started < 2.0  # gave up at its timeout (slack: load)
     assert s.lock("t").acquire(blocking=False) is None
 
 

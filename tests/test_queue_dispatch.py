@@ -592,12 +592,12 @@ def test_node_worker_wakes_on_dispatch_to_its_node_only(server: Any, r: Client) 
     waiter.join(5)
     lease, _ = out[0]
     assert lease is not None and lease.task_id == b"for-a"
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
     assert r.llen(keys.wake) <= 16
     # Nothing arrives: the wait ends at block_ms with None (b's task stays b's).
     started = time.monotonic()
     assert q.for_node("a").dequeue_many("w", 5, 1000, block_ms=200) == []
-    assert 0.19 < time.monotonic() - started < 1.5
+    assert 0.19 < time.monotonic() - started < 3.0
     assert [lease.task_id for lease in drain_node(q, b"b")] == [b"for-b"]
 
 
@@ -616,7 +616,7 @@ def test_a_signal_popped_by_another_nodes_worker_is_passed_on(server: Any, r: Cl
     waiter_a.join(5)
     lease, _ = out_a[0]
     assert lease is not None and lease.task_id == b"for-a"
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
     assert waiter_b.is_alive() and not out_b
     waiter_b.join(5)
     assert out_b[0][0] is None
@@ -648,21 +648,21 @@ def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, 
     _blocked_node_take(view, 5_000, out)
     lease, waited = out[0]
     assert lease is not None and lease.task_id == b"soon"
-    assert 0.35 < waited < 1.0
+    assert 0.35 < waited < 3.0  # at the due time, not at the 5 s poll
     # Dispatched delayed while it waits: woken by the dispatch, it waits for the due time.
     waiter, out = _block_in_thread(view, 5_000)
     sent = time.monotonic()
     producer.dispatch("later", b"", strategy="slot", routing_key=key_a, delay_ms=300)
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"later"
-    assert 0.25 < time.monotonic() - sent < 1.0
+    assert 0.25 < time.monotonic() - sent < 3.0  # well before the 5 s poll
     # A nack with no delay wakes another worker of the node.
     waiter, out = _block_in_thread(view, 5_000)
     nacked = time.monotonic()
     assert producer.for_node("a").nack(lease, delay_ms=0).state == "ready"
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"soon" and out[0][0].attempt == 2
-    assert time.monotonic() - nacked < 1.0
+    assert time.monotonic() - nacked < 3.0  # well before the 5 s poll
     # Redispatch off a drained node wakes the worker of the node the task moves to.
     assert producer.dispatch("moved", b"", strategy="least_loaded").node == b"b"  # a: load 2
     s.nodes.drain("b")
@@ -671,7 +671,7 @@ def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, 
     assert producer.redispatch("b").moved == 1
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"moved"
-    assert time.monotonic() - moved < 1.0
+    assert time.monotonic() - moved < 3.0  # well before the 5 s poll
 
 
 def test_requeued_dead_letter_wakes_the_chosen_nodes_worker(server: Any, r: Client) -> None:
@@ -685,7 +685,7 @@ def test_requeued_dead_letter_wakes_the_chosen_nodes_worker(server: Any, r: Clie
     assert producer.requeue_dead_dispatched("dead").node == b"a"
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"dead" and out[0][0].attempt == 1
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
 
 
 def test_wait_ms_registers_the_node_in_the_waiters(r: Client) -> None:
