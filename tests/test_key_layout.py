@@ -243,7 +243,10 @@ class Case:
         """(the call's reply, an error reply as a ResponseError; state before; state after)."""
         commands: list[tuple[Any, ...]] = [("DEL", *self.keys)]
         commands += [
-            ("RESTORE", key, max(ttl, 0), dumped) for key, (dumped, ttl) in self.before.items()
+            # a TTL at least a minute long: a key must not lapse between the reads around the call
+            # on a slow machine (the checks compare whether a key has a TTL, not its value)
+            ("RESTORE", key, ttl if ttl <= 0 else max(ttl, 60_000), dumped)
+            for key, (dumped, ttl) in self.before.items()
         ]
         commands += setup
         prepared = len(commands)

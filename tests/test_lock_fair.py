@@ -51,7 +51,11 @@ def test_grants_follow_arrival_order(r: Any, server: Any) -> None:
     def wait(index: int) -> None:
         client = server.client()
         try:
-            lock = Scheduler(client, "fair").lock("order", fair=True, retry_ms=100)
+            # places that outlast any stall of a loaded machine (the default, 5 x retry_ms =
+            # 0.5 s, lapses if a thread is not scheduled for that long: then it loses its turn)
+            lock = Scheduler(client, "fair").lock(
+                "order", fair=True, retry_ms=100, wait_ttl_ms=20_000
+            )
             handle = lock.acquire(timeout=20)
             assert handle is not None
             order.append(index)
