@@ -29,7 +29,6 @@ What a lock guarantees and what it cannot: docs/locks.md.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
@@ -37,8 +36,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from luasched.blocking import wait_for_signal
 from luasched.keys import Namespace, to_bytes
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call, ScriptRunner
 
 __all__ = [
@@ -322,9 +321,10 @@ class LockKeys:
 # Waiting policy (no decision about the lock: only how long to sleep before the next attempt)
 
 
-def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
-    """How long to block before the next attempt, in whole ms (>= 1), or None if the caller's
-    timeout is over. ``hint_ms`` > 0 is when the current hold/lease lapses."""
+def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> float | None:
+    """How long to wait before the next attempt, in ms (> 0), or None if the caller's timeout
+    is over. ``hint_ms`` > 0 is when the current hold/lease lapses. The ``BLPOP`` timeout sent
+    for it is ``luasched.blocking.block_timeout_s``'s (never below 2 ms)."""
     wait = float(retry_ms)
     if hint_ms > 0:
         wait = min(wait, hint_ms)
@@ -333,8 +333,7 @@ def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
         if left <= 0:
             return None
         wait = min(wait, left)
-    # BLPOP's timeout 0 means "forever": never send less than 1 ms.
-    return max(1, math.ceil(wait))
+    return wait
 
 
 def place_ttl_ms(lock: Any, blocking: bool, woken: bool) -> int:
@@ -559,10 +558,7 @@ class Lock:
                     self._leave(token)  # give the waiter's place back
                 return None
             try:
-                popped = getattr(self._runner, "retry", NO_RETRY).call(
-                    self._runner.client.blpop, [wake_key], pause / 1000.0
-                )
-                woken = popped is not None
+                woken = wait_for_signal(self._runner.client, wake_key, pause)
             except BaseException:
                 self._leave(token)
                 raise
@@ -681,9 +677,7 @@ class Semaphore:
             pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
             if pause is None:
                 return None
-            getattr(self._runner, "retry", NO_RETRY).call(
-                self._runner.client.blpop, [self.wake_key], pause / 1000.0
-            )
+            wait_for_signal(self._runner.client, self.wake_key, pause)
 
     def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
         try:

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from luasched.blocking import wait_for_signal
 from luasched.keys import Namespace, to_bytes
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -737,12 +737,15 @@ def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     return policy
 
 
-def poll_timeout_s(remaining_s: float, next_due_ms: int | None, poll_ms: int) -> float:
-    """How long a blocked dequeue waits on the wake list before asking the script again."""
-    limit = poll_ms / 1000
+def poll_wait_ms(remaining_s: float, next_due_ms: int | None, poll_ms: int) -> float:
+    """How long a blocked dequeue waits on the wake list before asking the script again, in ms:
+    at most ``poll_ms``, until the next delayed task is due, and the caller's time left. The
+    ``BLPOP`` timeout sent for it is ``luasched.blocking.block_timeout_s``'s (never below 2 ms,
+    never past the client's socket timeout)."""
+    wait = min(remaining_s * 1000, poll_ms)
     if next_due_ms is not None:
-        limit = min(limit, next_due_ms / 1000)
-    return max(0.001, min(remaining_s, limit))
+        wait = min(wait, next_due_ms)
+    return wait
 
 
 def remaining_ms(deadline: float) -> int:
@@ -787,14 +790,6 @@ class Queue:
         self.backoff_max_ms = backoff_max_ms
         self.request_ttl_ms = request_ttl_ms
         self.poll_ms = poll_ms
-
-    def _poll_ms(self) -> int:
-        # A BLPOP must end before the client's socket timeout would cut it.
-        pool = getattr(self._client, "connection_pool", None)
-        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-        if socket_timeout:
-            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
-        return self.poll_ms
 
     def enqueue(
         self,
@@ -890,9 +885,9 @@ class Queue:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return None if shape == "one" else []
-            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            retry = getattr(self._runner, "retry", NO_RETRY)
-            retry.call(self._client.blpop, [wake], timeout=timeout)
+            wait_for_signal(
+                self._client, wake, poll_wait_ms(remaining_s, reply.next_due_ms, self.poll_ms)
+            )
 
     def dequeue(
         self,

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from luasched.asyncio.scripts import AsyncScriptRunner
+from luasched.blocking import wait_for_signal_async
 from luasched.keys import Namespace, to_bytes
 from luasched.lock import (
     DEFAULT_RETRY_MS,
@@ -40,7 +41,6 @@ from luasched.lock import (
     semaphore_release_call,
     wait_ms,
 )
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
 __all__ = ["AsyncLock", "AsyncLockHandle", "AsyncPermitHandle", "AsyncSemaphore"]
@@ -212,10 +212,7 @@ class AsyncLock:
                     await _shielded(self._leave(token))
                 return None
             try:
-                popped = await getattr(self._runner, "retry", NO_RETRY).call_async(
-                    self._runner.client.blpop, [wake_key], pause / 1000.0
-                )
-                woken = popped is not None
+                woken = await wait_for_signal_async(self._runner.client, wake_key, pause)
             except BaseException:
                 await _shielded(self._leave(token))
                 raise
@@ -320,9 +317,7 @@ class AsyncSemaphore:
             pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
             if pause is None:
                 return None
-            await getattr(self._runner, "retry", NO_RETRY).call_async(
-                self._runner.client.blpop, [self.wake_key], pause / 1000.0
-            )
+            await wait_for_signal_async(self._runner.client, self.wake_key, pause)
 
     async def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
         with contextlib.suppress(Exception):

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from luasched.asyncio.slots import AsyncRunner
+from luasched.blocking import wait_for_signal_async
 from luasched.keys import Namespace, to_bytes
 from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
@@ -41,13 +42,12 @@ from luasched.queue import (
     node_extend_call,
     node_nack_call,
     node_take,
-    poll_timeout_s,
+    poll_wait_ms,
     redispatch_call,
     remaining_ms,
     requeue_dead_call,
     stats_call,
 )
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
 __all__ = ["AsyncNodeQueue", "AsyncQueue", "check_eviction_policy_async"]
@@ -109,14 +109,6 @@ class AsyncQueue:
         self.backoff_max_ms = backoff_max_ms
         self.request_ttl_ms = request_ttl_ms
         self.poll_ms = poll_ms
-
-    def _poll_ms(self) -> int:
-        # A BLPOP must end before the client's socket timeout would cut it.
-        pool = getattr(self._client, "connection_pool", None)
-        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-        if socket_timeout:
-            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
-        return self.poll_ms
 
     async def _run(self, call: Call[Any]) -> Any:
         if self._on_first_call is not None:
@@ -211,9 +203,8 @@ class AsyncQueue:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return None if shape == "one" else []
-            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            retry = getattr(self._runner, "retry", NO_RETRY)
-            await retry.call_async(self._client.blpop, [wake], timeout=timeout)
+            wait = poll_wait_ms(remaining_s, reply.next_due_ms, self.poll_ms)
+            await wait_for_signal_async(self._client, wake, wait)
 
     async def dequeue(
         self,
