@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from luasched.blocking import wait_for_signal
+from luasched.errors import LockTimeout
 from luasched.keys import Namespace, to_bytes
 from luasched.scripts import Call, ScriptRunner
 
@@ -360,6 +361,37 @@ def check_options(ttl_ms: int, retry_ms: int, wait_ttl_ms: int | None) -> int:
     return place_ttl
 
 
+def lock_timeout(script: str, name: bytes, timeout: float | None) -> LockTimeout:
+    """The ``LockTimeout`` a context manager raises when ``name`` was not granted in time."""
+    return LockTimeout(f"{name!r} not granted within {timeout} s", script=script)
+
+
+class EnteredHolds:
+    """The holds taken by ``with`` / ``async with`` on one Lock or Semaphore object, a stack per
+    thread (sync) or per task (asyncio): each exit releases what its own enter took, even when
+    several threads or tasks enter one object at once (or a reentrant lock is entered nested).
+    ``current`` names the caller (``threading.get_ident``, ``asyncio.current_task``)."""
+
+    def __init__(self, current: Any) -> None:
+        self._current = current
+        self._guard = threading.Lock()
+        self._stacks: dict[Any, list[Any]] = {}
+
+    def push(self, hold: Any) -> None:
+        with self._guard:
+            self._stacks.setdefault(self._current(), []).append(hold)
+
+    def pop(self) -> Any:
+        """The caller's newest hold (a ``with`` block's exit always follows its enter)."""
+        with self._guard:
+            who = self._current()
+            stack = self._stacks[who]
+            hold = stack.pop()
+            if not stack:
+                del self._stacks[who]
+            return hold
+
+
 # ------------------------------------------------------------------------------------------
 # Handles
 
@@ -481,6 +513,10 @@ class Lock:
     new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
     Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
     ``ttl_ms / 3`` until it is released or lost.
+
+    ``with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no limit),
+    raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end of the
+    block; ``acquire()`` answers None instead of raising.
     """
 
     def __init__(
@@ -495,6 +531,7 @@ class Lock:
         auto_renew: bool = False,
         retry_ms: int = DEFAULT_RETRY_MS,
         wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._runner = runner
         self._namespace = namespace
@@ -510,6 +547,23 @@ class Lock:
         self._guard = threading.Lock()
         self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
+        self.timeout = timeout
+        self._entered = EnteredHolds(threading.get_ident)
+
+    def __enter__(self) -> LockHandle:
+        handle = self.acquire(timeout=self.timeout)
+        if handle is None:
+            raise lock_timeout("lock.acquire", self.name, self.timeout)
+        self._entered.push(handle)
+        return handle
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release(self._entered.pop())
 
     def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
         request_id, keys = self._keys.attempt()
@@ -633,7 +687,8 @@ class Semaphore:
 
     Each permit has its own lease of ``ttl_ms``: a holder that crashed gives it back when its
     lease lapses. Every ``acquire`` is a new holder. Every caller of one name must use the same
-    ``permits``.
+    ``permits``. ``with semaphore as handle:`` takes a permit as ``with lock`` does (waiting up
+    to ``timeout``, else ``luasched.LockTimeout``) and gives it back at the end of the block.
     """
 
     def __init__(
@@ -645,6 +700,7 @@ class Semaphore:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> None:
         if permits < 1:
             raise ValueError("permits must be at least 1")
@@ -656,6 +712,23 @@ class Semaphore:
         self.ttl_ms = ttl_ms
         self.retry_ms = retry_ms
         self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+        self.timeout = timeout
+        self._entered = EnteredHolds(threading.get_ident)
+
+    def __enter__(self) -> PermitHandle:
+        handle = self.acquire(timeout=self.timeout)
+        if handle is None:
+            raise lock_timeout("lock.semaphore_acquire", self.name, self.timeout)
+        self._entered.push(handle)
+        return handle
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release(self._entered.pop())
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> PermitHandle | None:
         """Take a permit; the handle, or None if none was free in time (see ``Lock.acquire``)."""

@@ -23,6 +23,7 @@ from luasched.lock import (
     DEFAULT_RETRY_MS,
     DEFAULT_TTL_MS,
     AcquireResult,
+    EnteredHolds,
     ExtendResult,
     Hold,
     LockKeys,
@@ -31,6 +32,7 @@ from luasched.lock import (
     acquire_call,
     check_options,
     extend_call,
+    lock_timeout,
     new_request_id,
     new_token,
     place_ttl_ms,
@@ -142,7 +144,11 @@ async def _shielded(cleanup: Any) -> None:
 
 
 class AsyncLock:
-    """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``)."""
+    """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``).
+
+    ``async with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no
+    limit), raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end.
+    """
 
     def __init__(
         self,
@@ -156,6 +162,7 @@ class AsyncLock:
         auto_renew: bool = False,
         retry_ms: int = DEFAULT_RETRY_MS,
         wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._runner = runner
         self._namespace = namespace
@@ -170,6 +177,23 @@ class AsyncLock:
         self._renewers: dict[bytes, _AsyncRenewer] = {}
         self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
+        self.timeout = timeout
+        self._entered = EnteredHolds(asyncio.current_task)
+
+    async def __aenter__(self) -> AsyncLockHandle:
+        handle = await self.acquire(timeout=self.timeout)
+        if handle is None:
+            raise lock_timeout("lock.acquire", self.name, self.timeout)
+        self._entered.push(handle)
+        return handle
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.release(self._entered.pop())
 
     def _release_call(self, token: bytes) -> Call[ReleaseResult]:
         request_id, keys = self._keys.attempt()
@@ -272,7 +296,8 @@ class AsyncLock:
 
 
 class AsyncSemaphore:
-    """Async twin of ``luasched.lock.Semaphore``."""
+    """Async twin of ``luasched.lock.Semaphore`` (``async with semaphore as handle:`` as for
+    ``AsyncLock``)."""
 
     def __init__(
         self,
@@ -283,6 +308,7 @@ class AsyncSemaphore:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> None:
         if permits < 1:
             raise ValueError("permits must be at least 1")
@@ -294,6 +320,23 @@ class AsyncSemaphore:
         self.ttl_ms = ttl_ms
         self.retry_ms = retry_ms
         self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+        self.timeout = timeout
+        self._entered = EnteredHolds(asyncio.current_task)
+
+    async def __aenter__(self) -> AsyncPermitHandle:
+        handle = await self.acquire(timeout=self.timeout)
+        if handle is None:
+            raise lock_timeout("lock.semaphore_acquire", self.name, self.timeout)
+        self._entered.push(handle)
+        return handle
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.release(self._entered.pop())
 
     async def acquire(
         self, blocking: bool = True, timeout: float | None = None
