@@ -22,24 +22,29 @@ random owner tokens and request ids, shapes KEYS/ARGV, reads replies, and waits 
   behind (best effort: if the server cannot be reached, the hold lapses at its deadline and the
   place at its own).
 
-The call builders below are shared by the sync and asyncio wrappers; they hold no decision.
+The call builders and the loops below (``LockBase``, ``SemaphoreBase`` and ``renew_loop``:
+generators of steps, see ``luasched.loops``) are shared by the sync and asyncio wrappers, which
+only drive them; they hold no decision.
 What a lock guarantees and what it cannot: docs/locks.md.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from luasched.blocking import wait_for_signal
 from luasched.errors import LockTimeout
 from luasched.keys import Namespace, to_bytes
+from luasched.loops import Cleanup, Loop, Run, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
+
+H = TypeVar("H")
 
 __all__ = [
     "AcquireResult",
@@ -377,9 +382,14 @@ class EnteredHolds:
         self._guard = threading.Lock()
         self._stacks: dict[Any, list[Any]] = {}
 
-    def push(self, hold: Any) -> None:
+    def enter(self, hold: H | None, script: str, name: bytes, timeout: float | None) -> H:
+        """What ``__enter__`` answers: ``hold``, kept for the caller's exit; ``LockTimeout``
+        (naming ``script``) if the acquire answered None."""
+        if hold is None:
+            raise lock_timeout(script, name, timeout)
         with self._guard:
             self._stacks.setdefault(self._current(), []).append(hold)
+        return hold
 
     def pop(self) -> Any:
         """The caller's newest hold (a ``with`` block's exit always follows its enter)."""
@@ -464,35 +474,218 @@ class PermitHandle(Hold):
         self._owner.release(self)
 
 
+# ------------------------------------------------------------------------------------------
+# The loops (luasched.loops), shared by the sync and asyncio wrappers
+
+
+def renew_loop(extend: Callable[[int], Call[ExtendResult]], ttl_ms: int) -> Loop[None]:
+    """Extend one hold every ttl/3 (``extend(ttl_ms)`` is its extend call); returns when the
+    hold is lost: extend answered not_owner/expired, or failed until the hold had lapsed."""
+    give_up = time.monotonic() + ttl_ms / 1000.0
+    while True:
+        yield Sleep(ttl_ms / 3000.0)
+        try:
+            result: ExtendResult = yield Run(extend(ttl_ms))
+        except Exception:
+            if time.monotonic() >= give_up:  # the hold has lapsed by now
+                return
+            continue
+        if not result.extended:
+            return
+        give_up = time.monotonic() + ttl_ms / 1000.0
+
+
+class LockBase:
+    """What ``Lock`` and ``AsyncLock`` share: the options, the KEYS, the call builders and the
+    acquire loop (no I/O; each wrapper drives the loop with its own I/O)."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        name: str | bytes,
+        *,
+        ttl_ms: int,
+        fair: bool,
+        reentrant: bool,
+        auto_renew: bool,
+        retry_ms: int,
+        wait_ttl_ms: int | None,
+        timeout: float | None,
+    ) -> None:
+        self._namespace = namespace
+        self.name = to_bytes(name)
+        self.ttl_ms = ttl_ms
+        self.fair = fair
+        self.reentrant = reentrant
+        self.auto_renew = auto_renew
+        self.retry_ms = retry_ms
+        self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
+        self.timeout = timeout
+        self._token = new_token() if reentrant else None
+        self._keys = LockKeys(namespace, self.name, reentrant)
+        self.wake_key = self._keys.plain[3]
+
+    def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
+        request_id, keys = self._keys.attempt()
+        return acquire_call(
+            self._namespace,
+            self.name,
+            token,
+            self.ttl_ms,
+            reentrant=self.reentrant,
+            fair=self.fair,
+            wait_ttl_ms=wait_ttl_ms,
+            request_id=request_id,
+            keys=keys,
+        )
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        request_id, keys = self._keys.attempt()
+        return release_call(self._namespace, self.name, token, request_id, keys)
+
+    def _extend_call(self, token: bytes, ttl_ms: int | None = None) -> Call[ExtendResult]:
+        return extend_call(
+            self._namespace, self.name, token, ttl_ms or self.ttl_ms, self._keys.plain
+        )
+
+    def _acquire_loop(
+        self, blocking: bool, timeout: float | None
+    ) -> Loop[tuple[bytes, AcquireResult] | None]:
+        """``acquire``: the owner token and the granted reply, or None (see ``Lock.acquire``).
+
+        An attempt that failed (or was interrupted) while its script may have run is replayed
+        and what it got given back; a wait that failed, or a timeout, gives the place back."""
+        token = self._token or new_token()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wake_key = self._keys.wake_key(token, self.fair)
+        woken = False
+        while True:
+            call = self._call(token, place_ttl_ms(self, blocking, woken))
+            try:
+                result: AcquireResult = yield Run(call)
+            except BaseException:
+                yield Cleanup(self._undo(token, call))
+                raise
+            if result.acquired:
+                return token, result
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                if blocking:
+                    yield Cleanup(self._leave(token))  # give the waiter's place back
+                return None
+            try:
+                woken = yield Wait(wake_key, pause)
+            except BaseException:
+                yield Cleanup(self._leave(token))
+                raise
+
+    def _undo(self, token: bytes, call: Call[AcquireResult]) -> Generator[Run, Any, None]:
+        """After an interrupted attempt: replay it (same token / request id: answers what it
+        did, or does it now), then give back what it got (a hold, or a waiter's place; the
+        release never touches another owner's hold). Best effort: else the hold and the place
+        lapse by themselves."""
+        yield Run(call)
+        yield Run(self._release_call(token))
+
+    def _leave(self, token: bytes) -> Generator[Run, Any, None]:
+        yield Run(self._release_call(token))  # best effort: else the place lapses by itself
+
+
+class SemaphoreBase:
+    """What ``Semaphore`` and ``AsyncSemaphore`` share: options, calls, the acquire loop."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int,
+        retry_ms: int,
+        timeout: float | None,
+    ) -> None:
+        if permits < 1:
+            raise ValueError("permits must be at least 1")
+        check_options(ttl_ms, retry_ms, None)
+        self._namespace = namespace
+        self.name = to_bytes(name)
+        self.permits = permits
+        self.ttl_ms = ttl_ms
+        self.retry_ms = retry_ms
+        self.timeout = timeout
+        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        return semaphore_release_call(self._namespace, self.name, token, new_request_id())
+
+    def _extend_call(self, token: bytes, ttl_ms: int | None) -> Call[ExtendResult]:
+        return semaphore_extend_call(self._namespace, self.name, token, ttl_ms or self.ttl_ms)
+
+    def _acquire_loop(
+        self, blocking: bool, timeout: float | None
+    ) -> Loop[tuple[bytes, PermitResult] | None]:
+        """``acquire``: the holder token and the granted reply, or None."""
+        token = new_token()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            call = semaphore_acquire_call(
+                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
+            )
+            try:
+                result: PermitResult = yield Run(call)
+            except BaseException:
+                yield Cleanup(self._undo(token, call))
+                raise
+            if result.acquired:
+                return token, result
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                return None
+            yield Wait(self.wake_key, pause)
+
+    def _undo(self, token: bytes, call: Call[PermitResult]) -> Generator[Run, Any, None]:
+        """Replay an interrupted attempt and give back the permit it got (best effort: else
+        the lease lapses by itself)."""
+        replayed: PermitResult = yield Run(call)
+        if replayed.acquired:
+            yield Run(self._release_call(token))
+
+
+# ------------------------------------------------------------------------------------------
+# The sync wrappers
+
+
+class _Stopped(Exception):
+    """A renewer's sleep was interrupted by ``stop()``."""
+
+
 class _Renewer:
-    """Extends one hold every ttl/3 in a daemon thread until stopped or the hold is lost.
+    """Drives ``renew_loop`` for one hold in a daemon thread until stopped or the hold is lost.
 
     ``stop()`` returns only once the thread has ended, so no extend is sent after it.
     """
 
-    def __init__(self, extend: Any, ttl_ms: int) -> None:
-        self._extend = extend
-        self._interval = ttl_ms / 3000.0
-        self._ttl_ms = ttl_ms
+    def __init__(
+        self, runner: ScriptRunner, extend: Callable[[int], Call[ExtendResult]], ttl_ms: int
+    ) -> None:
         self._stopped = threading.Event()
         self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="luasched-renew", daemon=True)
+        loop = renew_loop(extend, ttl_ms)
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, runner), name="luasched-renew", daemon=True
+        )
         self._thread.start()
 
-    def _loop(self) -> None:
-        give_up = time.monotonic() + self._ttl_ms / 1000.0
-        while not self._stopped.wait(self._interval):
-            try:
-                result = self._extend(self._ttl_ms)
-            except Exception:
-                if time.monotonic() >= give_up:  # the hold has lapsed by now
-                    self.lost.set()
-                    return
-                continue
-            if not result.extended:
-                self.lost.set()
-                return
-            give_up = time.monotonic() + self._ttl_ms / 1000.0
+    def _sleep(self, seconds: float) -> None:
+        if self._stopped.wait(seconds):
+            raise _Stopped
+
+    def _run(self, loop: Loop[None], runner: ScriptRunner) -> None:
+        try:
+            drive(loop, runner.run, runner.client, self._sleep)
+        except _Stopped:
+            return
+        self.lost.set()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -500,11 +693,7 @@ class _Renewer:
             self._thread.join()
 
 
-# ------------------------------------------------------------------------------------------
-# The sync wrappers
-
-
-class Lock:
+class Lock(LockBase):
     """A distributed lock named ``name`` in a namespace (``s.lock(name, ...)``).
 
     Every method is one script call (plus the waiting of ``acquire``), atomic on the server.
@@ -533,29 +722,25 @@ class Lock:
         wait_ttl_ms: int | None = None,
         timeout: float | None = None,
     ) -> None:
+        super().__init__(
+            namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
+        )
         self._runner = runner
-        self._namespace = namespace
-        self.name = to_bytes(name)
-        self.ttl_ms = ttl_ms
-        self.fair = fair
-        self.reentrant = reentrant
-        self.auto_renew = auto_renew
-        self.retry_ms = retry_ms
-        self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
-        self._token = new_token() if reentrant else None
         self._renewers: dict[bytes, _Renewer] = {}
         self._guard = threading.Lock()
-        self._keys = LockKeys(namespace, self.name, reentrant)
-        self.wake_key = self._keys.plain[3]
-        self.timeout = timeout
         self._entered = EnteredHolds(threading.get_ident)
 
     def __enter__(self) -> LockHandle:
         handle = self.acquire(timeout=self.timeout)
-        if handle is None:
-            raise lock_timeout("lock.acquire", self.name, self.timeout)
-        self._entered.push(handle)
-        return handle
+        return self._entered.enter(handle, "lock.acquire", self.name, self.timeout)
 
     def __exit__(
         self,
@@ -564,24 +749,6 @@ class Lock:
         traceback: TracebackType | None,
     ) -> None:
         self.release(self._entered.pop())
-
-    def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
-        request_id, keys = self._keys.attempt()
-        return acquire_call(
-            self._namespace,
-            self.name,
-            token,
-            self.ttl_ms,
-            reentrant=self.reentrant,
-            fair=self.fair,
-            wait_ttl_ms=wait_ttl_ms,
-            request_id=request_id,
-            keys=keys,
-        )
-
-    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
-        request_id, keys = self._keys.attempt()
-        return release_call(self._namespace, self.name, token, request_id, keys)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
@@ -593,40 +760,15 @@ class Lock:
         gives up. Raises the client's errors (a hold the failed call may have taken is released
         first, best effort).
         """
-        token = self._token or new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        wake_key = self._keys.wake_key(token, self.fair)
-        woken = False
-        while True:
-            call = self._call(token, place_ttl_ms(self, blocking, woken))
-            try:
-                result = self._runner.run(call)
-            except BaseException:
-                self._undo(token, call)
-                raise
-            if result.acquired:
-                return self._handle(token, result)
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                if blocking:
-                    self._leave(token)  # give the waiter's place back
-                return None
-            try:
-                woken = wait_for_signal(self._runner.client, wake_key, pause)
-            except BaseException:
-                self._leave(token)
-                raise
-
-    def _handle(self, token: bytes, result: AcquireResult) -> LockHandle:
+        got = drive(self._acquire_loop(blocking, timeout), self._runner.run, self._runner.client)
+        if got is None:
+            return None
+        token, result = got
         if self.auto_renew:
             with self._guard:
                 if token not in self._renewers:
-                    self._renewers[token] = _Renewer(
-                        lambda ttl: self._runner.run(
-                            extend_call(self._namespace, self.name, token, ttl, self._keys.plain)
-                        ),
-                        self.ttl_ms,
-                    )
+                    extend = functools.partial(self._extend_call, token)
+                    self._renewers[token] = _Renewer(self._runner, extend, self.ttl_ms)
         return LockHandle(
             self.name,
             token,
@@ -636,18 +778,6 @@ class Lock:
             result.now_ms,
             _owner=self,
         )
-
-    def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
-        """After an interrupted attempt: replay it (same token / request id: answers what it
-        did, or does it now), then give back what it got (a hold, or a waiter's place; the
-        release never touches another owner's hold). Best effort."""
-        with contextlib.suppress(Exception):  # else the hold and place lapse by themselves
-            self._runner.run(call)
-            self._runner.run(self._release_call(token))
-
-    def _leave(self, token: bytes) -> None:
-        with contextlib.suppress(Exception):  # else the place lapses by itself
-            self._runner.run(self._release_call(token))
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold of ``handle``; the result says whether it was still held.
@@ -669,11 +799,7 @@ class Lock:
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the hold's deadline to the server's now + ``ttl_ms`` (default: the lock's ttl),
         only while it is still held by ``handle``'s owner."""
-        return self._runner.run(
-            extend_call(
-                self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms, self._keys.plain
-            )
-        )
+        return self._runner.run(self._extend_call(handle.token, ttl_ms))
 
     def renewal_lost(self, handle: Hold) -> bool:
         """Whether auto-renew found the hold lost (extend answered not_owner/expired)."""
@@ -682,7 +808,7 @@ class Lock:
         return renewer is not None and renewer.lost.is_set()
 
 
-class Semaphore:
+class Semaphore(SemaphoreBase):
     """A counting semaphore of ``permits`` permits (``s.semaphore(name, permits, ...)``).
 
     Each permit has its own lease of ``ttl_ms``: a holder that crashed gives it back when its
@@ -702,25 +828,15 @@ class Semaphore:
         retry_ms: int = DEFAULT_RETRY_MS,
         timeout: float | None = None,
     ) -> None:
-        if permits < 1:
-            raise ValueError("permits must be at least 1")
-        check_options(ttl_ms, retry_ms, None)
+        super().__init__(
+            namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms, timeout=timeout
+        )
         self._runner = runner
-        self._namespace = namespace
-        self.name = to_bytes(name)
-        self.permits = permits
-        self.ttl_ms = ttl_ms
-        self.retry_ms = retry_ms
-        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
-        self.timeout = timeout
         self._entered = EnteredHolds(threading.get_ident)
 
     def __enter__(self) -> PermitHandle:
         handle = self.acquire(timeout=self.timeout)
-        if handle is None:
-            raise lock_timeout("lock.semaphore_acquire", self.name, self.timeout)
-        self._entered.push(handle)
-        return handle
+        return self._entered.enter(handle, "lock.semaphore_acquire", self.name, self.timeout)
 
     def __exit__(
         self,
@@ -732,43 +848,16 @@ class Semaphore:
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> PermitHandle | None:
         """Take a permit; the handle, or None if none was free in time (see ``Lock.acquire``)."""
-        token = new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            call = semaphore_acquire_call(
-                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
-            )
-            try:
-                result = self._runner.run(call)
-            except BaseException:
-                self._undo(token, call)
-                raise
-            if result.acquired:
-                return PermitHandle(
-                    self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
-                )
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                return None
-            wait_for_signal(self._runner.client, self.wake_key, pause)
-
-    def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
-        try:
-            if self._runner.run(call).acquired:
-                self._runner.run(
-                    semaphore_release_call(self._namespace, self.name, token, new_request_id())
-                )
-        except Exception:
-            pass  # the lease lapses by itself
+        got = drive(self._acquire_loop(blocking, timeout), self._runner.run, self._runner.client)
+        if got is None:
+            return None
+        token, result = got
+        return PermitHandle(self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self)
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back (``count`` of the result: live leases left)."""
-        return self._runner.run(
-            semaphore_release_call(self._namespace, self.name, handle.token, new_request_id())
-        )
+        return self._runner.run(self._release_call(handle.token))
 
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease to the server's now + ``ttl_ms`` while it is live."""
-        return self._runner.run(
-            semaphore_extend_call(self._namespace, self.name, handle.token, ttl_ms or self.ttl_ms)
-        )
+        return self._runner.run(self._extend_call(handle.token, ttl_ms))

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from luasched.blocking import wait_for_signal
 from luasched.keys import Namespace, to_bytes
+from luasched.loops import Loop, Run, Wait, drive
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
 from luasched.scripts import Call
 from luasched.slots import Runner
@@ -753,6 +753,35 @@ def remaining_ms(deadline: float) -> int:
     return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
 
+def blocking_take(
+    call: TakeCall,
+    wake: bytes,
+    block_ms: int,
+    ack: Lease | None,
+    request_id: str | bytes | None,
+    shape: str,
+    poll_ms: int,
+) -> Loop[Any]:
+    """The blocking take (``block_ms`` > 0) of ``call`` (a dequeue script call, by wait_ms, ack,
+    request id and shape), as a loop of steps (``luasched.loops``; driven by ``Queue`` and
+    ``AsyncQueue``): the script registers the waiter, the wait is on ``wake`` (the plain
+    queue's or a node queue's wake list) for at most ``poll_ms`` or until the next delayed task
+    is due, and the script decides again, until ``block_ms`` is over. The lease (``"one"``, or
+    None) or leases (``"many"``, or [])."""
+    rid = _request(request_id)
+    deadline = time.monotonic() + block_ms / 1000
+    while True:
+        reply: Dequeued = yield Run(call(remaining_ms(deadline), ack, rid, "reply"))
+        if reply.leases:
+            return reply.leases[0] if shape == "one" else list(reply.leases)
+        if ack is not None:  # acked (and recorded under rid): the next tries only take
+            ack, rid = None, new_request_id()
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return None if shape == "one" else []
+        yield Wait(wake, poll_wait_ms(remaining_s, reply.next_due_ms, poll_ms))
+
+
 class Queue:
     """One task queue of a namespace (``s.queue(name)``).
 
@@ -867,27 +896,14 @@ class Queue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
-        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape),
-        blocking up to ``block_ms``: the script registers the waiter, the wait is a BLPOP on
-        ``wake`` (the plain queue's or a node queue's wake list), and the script decides again."""
+        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape):
+        one call, or ``blocking_take`` when ``block_ms`` > 0."""
         if block_ms <= 0:  # one call (also what a pipeline queues)
             return self._runner.run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        rid = _request(request_id)
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            reply: Dequeued = self._runner.run(call(remaining_ms(deadline), ack, rid, "reply"))
-            if reply.leases:
-                return reply.leases[0] if shape == "one" else list(reply.leases)
-            if ack is not None:  # acked (and recorded under rid): the next tries only take
-                ack, rid = None, new_request_id()
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                return None if shape == "one" else []
-            wait_for_signal(
-                self._client, wake, poll_wait_ms(remaining_s, reply.next_due_ms, self.poll_ms)
-            )
+        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
+        return drive(loop, self._runner.run, self._client)
 
     def dequeue(
         self,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from luasched.asyncio.slots import AsyncRunner
-from luasched.blocking import wait_for_signal_async
 from luasched.keys import Namespace, to_bytes
+from luasched.loops import drive_async
 from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -15,7 +14,6 @@ from luasched.queue import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_POLL_MS,
     DEFAULT_REQUEST_TTL_MS,
-    Dequeued,
     Dispatched,
     DispatchKeys,
     DispatchStats,
@@ -30,6 +28,7 @@ from luasched.queue import (
     Strategy,
     TakeCall,
     ack_call,
+    blocking_take,
     dequeue_call,
     dispatch_call,
     dispatch_requeue_dead_call,
@@ -37,14 +36,11 @@ from luasched.queue import (
     enqueue_call,
     extend_call,
     nack_call,
-    new_request_id,
     node_ack_call,
     node_extend_call,
     node_nack_call,
     node_take,
-    poll_wait_ms,
     redispatch_call,
-    remaining_ms,
     requeue_dead_call,
     stats_call,
 )
@@ -192,19 +188,8 @@ class AsyncQueue:
             return await self._run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        rid = new_request_id() if request_id is None else request_id
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            reply: Dequeued = await self._run(call(remaining_ms(deadline), ack, rid, "reply"))
-            if reply.leases:
-                return reply.leases[0] if shape == "one" else list(reply.leases)
-            if ack is not None:
-                ack, rid = None, new_request_id()
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                return None if shape == "one" else []
-            wait = poll_wait_ms(remaining_s, reply.next_due_ms, self.poll_ms)
-            await wait_for_signal_async(self._client, wake, wait)
+        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
+        return await drive_async(loop, self._run, self._client)
 
     async def dequeue(
         self,
