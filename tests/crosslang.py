@@ -10,7 +10,8 @@ from servers import ROOT, ServerHandle
 
 README_SECTION = "## One task from Python, redis-cli and Node"
 
-#: CRC-16/XMODEM vectors (FIELD_NOTES.md), known independently of any code here.
+#: CRC-16/XMODEM vectors, known independently of any code here: CLUSTER KEYSLOT answers these
+#: on any Redis Cluster (tests/test_harness.py asks the test cluster).
 SLOT_VECTORS = {
     "foo": 12182,
     "{foo}bar": 12182,
@@ -29,7 +30,7 @@ def routes(server: ServerHandle) -> list[str]:
 
 def use_route(server: ServerHandle, route: str) -> None:
     """Empty the server (keys, scripts, functions); for FCALL then install the Functions
-    library the way ``luasched install-functions URL`` does (its code, in this process: an
+    library the way ``luasched install-functions --url URL`` does (its code, in this process: an
     interpreter start per scenario would cost more than the scenario)."""
     server.flush()
     if route == FCALL:

@@ -74,20 +74,8 @@ def render_key(pattern: str, namespace: Namespace, values: Mapping[str, bytes]) 
     return out + tail[position:].encode()
 
 
-def _prefix(namespace: Namespace | str | bytes) -> bytes:
-    if isinstance(namespace, Namespace):
-        return namespace.prefix
-    return Namespace(namespace).prefix
-
-
-def _glob_escape(raw: bytes) -> bytes:
-    """``raw`` with the glob metacharacters of MATCH escaped (namespaces may hold any byte)."""
-    out = bytearray()
-    for byte in raw:
-        if byte in b"*?[]\\":
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)
+def _namespace(namespace: Namespace | str | bytes) -> Namespace:
+    return namespace if isinstance(namespace, Namespace) else Namespace(namespace)
 
 
 def namespace_keys(client: Client, namespace: Namespace | str | bytes) -> list[bytes]:
@@ -96,8 +84,8 @@ def namespace_keys(client: Client, namespace: Namespace | str | bytes) -> list[b
     On a cluster every key of a namespace lives in one slot, so only the primary that owns it
     is scanned.
     """
-    prefix = _prefix(namespace)
-    pattern = _glob_escape(prefix) + b"*"
+    space = _namespace(namespace)
+    prefix, pattern = space.prefix, space.key_pattern
     if isinstance(client, redis.cluster.RedisCluster):
         node = client.get_node_from_key(prefix)
         found = client.scan_iter(match=pattern, count=1000, target_nodes=node)

@@ -45,8 +45,21 @@ TOOLS_DIR = Path(os.environ.get("LUASCHED_TOOLS_DIR", ROOT / ".tools" / "servers
 CLUSTER_NODE_TIMEOUT_MS = 2000
 #: The replicated cluster of the failover tests: a short timeout, so a failover takes ~2-3 s.
 REPLICATED_NODE_TIMEOUT_MS = 1000
-#: Moves every port by this much, so two test sessions can run side by side on one machine.
-PORT_OFFSET = int(os.environ.get("LUASCHED_PORT_OFFSET", "0"))
+#: How far apart the ports of two pytest-xdist workers are: each worker runs a server set of its
+#: own (every port below + ``PORT_STRIDE`` x its index), so tests never share a server. 50 keeps
+#: every fixed port of one set (and the cluster bus, port + 10000) off every port of the others.
+PORT_STRIDE = 50
+
+
+def worker_index() -> int:
+    """This pytest-xdist worker's index (``gw3`` -> 3), 0 outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+#: Moves every port by this much: ``LUASCHED_PORT_OFFSET`` (two test sessions side by side on one
+#: machine) plus this xdist worker's own stride.
+PORT_OFFSET = int(os.environ.get("LUASCHED_PORT_OFFSET", "0")) + PORT_STRIDE * worker_index()
 START_TIMEOUT_S = 30.0
 
 

@@ -1,32 +1,32 @@
-"""Tenants and privilege (issue 9, item 4).
+"""Tenants and privilege: the rule ``luasched acl`` prints, on every server of the matrix.
 
-An ACL user is allowed only what luasched needs and only the keys of its own namespace:
+The user is created from the printed ``ACL SETUSER`` line itself, pasted into redis-cli with a
+password appended (on every primary of the cluster, with ``--cluster``; with ``--functions`` on
+7.0+ where the Functions library is installed). The rule is generated (``luasched.acl``): the
+data commands the rendered scripts issue, read from their text, plus the wrapper's own commands;
+the key pattern ``~luasched:{ten*}:*`` with the namespace's ``*`` escaped; no channel. 6.2 has
+no selectors and the rule needs none. ``CONFIG`` is not granted (the queue's eviction-policy
+check is skipped silently when refused). The user is deleted after each test (which also
+disconnects its clients).
 
-- commands: ``EVALSHA``, ``EVAL``, ``SCRIPT LOAD``/``SCRIPT EXISTS``, ``PING``, ``INFO``,
-  ``BLPOP`` (blocking dequeue/acquire), plus (7.0+) ``EVALSHA_RO``/``EVAL_RO``, ``FCALL``,
-  ``FCALL_RO``, ``FUNCTION LIST``; on the cluster what redis-py needs to learn the topology
-  (``CLUSTER SLOTS``/``CLUSTER SHARDS``/``CLUSTER NODES``, ``COMMAND``); and the data commands the
-  scripts themselves call (scripts run as the calling user), read from the rendered scripts:
-  every quoted upper-case word that the server knows as a command. ``CONFIG`` is not granted
-  (the queue's eviction-policy check is skipped silently when refused);
-- keys: ``~luasched:{tenant-a}:*`` (the namespace's prefix with glob characters escaped). That
-  is all 6.2's ACLs can say; 7.0+ grants the same pattern (``%RW~`` is ``~``), so the rules are
-  the same on every server of the matrix;
-- channels: none (``resetchannels``).
-
-On the cluster the user is created on every primary. The user is deleted after each test (which
-also disconnects its clients).
-
-The same user can run every operation of the wrapper in namespace ``tenant-a`` and is refused
-(``NOPERM``) every one in ``tenant-b``, whose keys stay unchanged. Hostile ids, names and
-payloads (Lua code, quotes, braces, newlines, NUL bytes) round-trip verbatim and never change
-which script runs: the server's script cache holds exactly the manifest's SHA1s before and after.
+The same user can run every operation of the wrapper (single calls, a batch after SCRIPT FLUSH,
+blocking waits, asyncio) in namespace ``ten*`` and is refused (``NOPERM``) every one in
+``tenant-b`` -- which the unescaped pattern would match -- whose keys stay unchanged. That the
+scanned command list is complete is checked two ways: against every quoted word of the scripts
+that the server knows as a command, and against ``INFO commandstats`` while every operation runs.
+Hostile ids, names and payloads (Lua code, quotes, braces, newlines, NUL bytes) round-trip
+verbatim and never change which script runs: the server's script cache holds exactly the
+manifest's SHA1s before and after.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import re
 import secrets
+import subprocess
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,16 +36,19 @@ import redis
 import redis.cluster
 from redis.exceptions import NoPermissionError
 
-from helpers import _glob_escape, namespace_keys, snapshot_ignoring_ttl
+import luasched.asyncio
+from helpers import namespace_keys, snapshot_ignoring_ttl
+from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
+from luasched.cli import main
 from luasched.keys import Namespace
-from luasched.queue import Lease
+from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
-from servers import ServerHandle
+from servers import ROOT, ServerHandle, find_redis_cli
 
-TENANT_A = "tenant-a"
+TENANT_A = "ten*"  # a glob character: its rule must not reach tenant-b
 TENANT_B = "tenant-b"
-USER = "luasched-tenant-a"
+USER = "luasched-ten*"
 HOUR = 3_600_000
 
 #: Ids, names and payloads that try to break out of a script, a key or a reply.
@@ -66,17 +69,15 @@ HOSTILE: list[bytes] = [
     "ünïcödé ✓ \u202e".encode(),
 ]
 
-_COMMAND_WORD = re.compile(r"'([A-Z][A-Z_]+)'")
 
-
-def script_commands(known: set[str]) -> set[str]:
-    """The Redis commands the rendered scripts call (quoted upper-case words the server knows)."""
-    words = {
-        word.lower()
-        for script in render_all().values()
-        for word in _COMMAND_WORD.findall(script.text)
-    }
-    return words & known
+def printed_rule(*options: str) -> str:
+    """What ``luasched acl ten* [options]`` prints (one line)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["acl", TENANT_A, *options]) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ACL SETUSER {USER} reset "), lines
+    return lines[0]
 
 
 def known_commands(conn: redis.Redis) -> set[str]:
@@ -86,49 +87,53 @@ def known_commands(conn: redis.Redis) -> set[str]:
     }
 
 
-def acl_rules(
-    server: ServerHandle, conn: redis.Redis, namespace: Namespace, password: str
-) -> list[str]:
-    """The ACL SETUSER rules of a least-privileged user of ``namespace`` on ``server``."""
-    commands = {"evalsha", "eval", "script|load", "script|exists", "ping", "info", "blpop"}
-    if server.version >= (7, 0):
-        commands |= {"evalsha_ro", "eval_ro", "fcall", "fcall_ro", "function|list"}
-    if server.is_cluster:
-        commands |= {"cluster|slots", "cluster|shards", "cluster|nodes", "command"}
-    commands |= script_commands(known_commands(conn))
-    pattern = (_glob_escape(namespace.prefix) + b"*").decode()
-    return [
-        "reset",
-        "on",
-        f">{password}",
-        "resetchannels",
-        "-@all",
-        *(f"+{command}" for command in sorted(commands)),
-        f"~{pattern}",
-    ]
+def paste(server: ServerHandle, line: str) -> list[str]:
+    """What redis-cli answers, on every primary, to ``line`` typed into it."""
+    answers = []
+    for port in server.ports:
+        pasted = subprocess.run(
+            [find_redis_cli(), "-h", server.host, "-p", str(port)],
+            input=line + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        answers.append(pasted.stdout.strip())
+    return answers
+
+
+def delete_user(server: ServerHandle) -> None:
+    for conn in server.primaries():
+        with conn:
+            conn.execute_command("ACL", "DELUSER", USER)
+
+
+@contextlib.contextmanager
+def tenant_user(server: ServerHandle, *, functions: bool = False) -> Iterator[dict[str, str]]:
+    """The credentials (client keyword arguments) of the user the printed rule creates, pasted
+    into redis-cli on every primary with a password appended; the user is deleted afterwards."""
+    password = secrets.token_hex(16)
+    options = ["--cluster"] * server.is_cluster + ["--functions"] * functions
+    try:
+        answers = paste(server, f"{printed_rule(*options)} >{password}")
+        assert answers == ["OK"] * len(server.ports), answers
+        yield {"username": USER, "password": password}
+    finally:
+        delete_user(server)
 
 
 @pytest.fixture
 def tenant(
     r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle
 ) -> Iterator[redis.Redis | redis.cluster.RedisCluster]:
-    """A client logged in as the least-privileged user of namespace tenant-a."""
-    password = secrets.token_hex(16)
-    primaries = server.primaries()
-    try:
-        for conn in primaries:
-            conn.execute_command(
-                "ACL", "SETUSER", USER, *acl_rules(server, conn, Namespace(TENANT_A), password)
-            )
-        client = server.client(username=USER, password=password)
+    """A client logged in as the least-privileged user of namespace ``ten*``."""
+    with tenant_user(server) as credentials:
+        client = server.client(**credentials)
         try:
             yield client
         finally:
             client.close()
-    finally:
-        for conn in primaries:
-            conn.execute_command("ACL", "DELUSER", USER)
-            conn.close()
 
 
 def seed(client: redis.Redis | redis.cluster.RedisCluster, namespace: str) -> None:
@@ -270,31 +275,231 @@ def every_operation(scheduler: Scheduler, tag: bytes = b"") -> list[str]:
     return done
 
 
-def test_rules_cover_what_the_scripts_call(
-    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle
-) -> None:
-    conn = server.primaries()[0]
-    with conn:
-        used = script_commands(known_commands(conn))
-    assert {"time", "hget", "zadd"} <= used, used
-    assert not used & {"flushall", "flushdb", "config", "keys", "scan", "acl", "eval", "script"}
+def flush_scripts(server: ServerHandle) -> None:
+    """SCRIPT FLUSH on every primary (as the admin): the next call meets NOSCRIPT."""
+    for conn in server.primaries():
+        with conn:
+            conn.script_flush()
 
 
-def test_tenant_runs_every_operation_in_its_namespace(
-    r: redis.Redis | redis.cluster.RedisCluster, tenant: redis.Redis | redis.cluster.RedisCluster
+def batch_after_flush(server: ServerHandle, scheduler: Scheduler) -> None:
+    """A batch whose scripts the server lacks: EVALSHA meets NOSCRIPT, SCRIPT LOAD, again
+    (standalone), or EVAL with the text (cluster)."""
+    flush_scripts(server)
+    with scheduler.pipeline() as pipe:
+        pipe.slots.keyslot(b"{user1000}.following")
+        pipe.queue(b"batched").enqueue(b"t", b"p")
+        slot, enqueued = pipe.execute()
+    assert slot == 3443 and enqueued.created
+
+
+async def async_operations(server: ServerHandle, credentials: dict[str, str]) -> None:
+    """The asyncio wrapper's paths: single calls after NOSCRIPT, blocking waits (BLPOP) of a
+    queue and a lock, and a batch."""
+    flush_scripts(server)
+    client = server.async_client(**credentials)
+    try:
+        scheduler = luasched.asyncio.Scheduler(client, TENANT_A)
+        queue = scheduler.queue(b"async")
+        assert (await queue.enqueue(b"t", b"p")).created
+        lease = await queue.dequeue(b"worker", HOUR)
+        assert lease is not None and lease.task_id == b"t"
+        assert await queue.ack(lease)
+        assert await queue.dequeue(b"worker", HOUR, block_ms=30) is None  # waits with BLPOP
+        lock = scheduler.lock(b"async-lock", ttl_ms=HOUR)
+        handle = await lock.acquire(blocking=False)
+        assert handle is not None
+        assert await lock.acquire(blocking=True, timeout=0.05) is None  # BLPOP on the wake list
+        assert (await lock.release(handle)).released
+        flush_scripts(server)
+        async with scheduler.pipeline() as pipe:
+            await pipe.slots.keyslot(b"foo")
+            await pipe.queue(b"async").enqueue(b"t2", b"p")
+            slot, enqueued = await pipe.execute()
+        assert slot == 12182 and enqueued.created
+    finally:
+        await client.aclose()
+
+
+def every_path(
+    server: ServerHandle, client: redis.Redis | redis.cluster.RedisCluster, functions: bool
 ) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # CONFIG refused: no warning, no failure
-        done = every_operation(Scheduler(tenant, TENANT_A))
+    """Every operation (sync, through FCALL when ``functions``, else EVALSHA), a batch after
+    SCRIPT FLUSH, and the asyncio paths, in namespace ``ten*``."""
+    scheduler = Scheduler(client, TENANT_A)
+    assert scheduler.runner.uses_functions() is functions
+    done = every_operation(scheduler)
     missing = set(render_all()) - {name.split(" ")[0] for name in done}
     assert not missing, f"operations not exercised: {sorted(missing)}"
+    batch_after_flush(server, scheduler)
+
+
+def test_docs_explain_every_command() -> None:
+    """docs/acl.md's table is ``reasons_markdown()``: every command the rule can grant, and why."""
+    text = (ROOT / "docs" / "acl.md").read_text()
+    table = text.split("tests/test_acl.py checks it -->\n", 1)[1].split("<!-- end generated", 1)[0]
+    assert table == reasons_markdown(), (
+        "docs/acl.md's table is stale: paste the output of "
+        "python -c 'from luasched.acl import reasons_markdown; print(reasons_markdown())'"
+    )
+    rows = re.findall(r"^\| `([a-z_\\|]+)` \|", table, re.M)
+    assert [row.replace("\\", "") for row in rows] == acl_commands(functions=True, cluster=True)
+
+
+def test_a_narrower_rule_leaves_partial_writes(
+    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle
+) -> None:
+    """What docs/acl.md warns of: with HSET refused, enqueue aborts after its first write (no
+    rollback): the task sits in ``ready`` with no meta."""
+    rules = acl_rule(Namespace(TENANT_A), cluster=server.is_cluster)
+    narrower = [rule for rule in rules if rule != b"+hset"]
+    assert len(narrower) == len(rules) - 1
+    password = secrets.token_hex(16)
+    try:
+        for conn in server.primaries():
+            with conn:
+                conn.execute_command("ACL", "SETUSER", USER, *narrower, f">{password}")
+        client = server.client(username=USER, password=password)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                queue = Scheduler(client, TENANT_A).queue("jobs")
+            with pytest.raises(
+                redis.ResponseError, match=r"can't run this command|no permissions to run"
+            ):
+                queue.enqueue("t1", b"payload")
+        finally:
+            client.close()
+    finally:
+        delete_user(server)
+    keys = QueueKeys.of(Namespace(TENANT_A), "jobs").fixed
+    ready, tasks = keys[0], keys[4]
+    assert r.zrange(ready, 0, -1) == [b"t1"]
+    assert r.hget(tasks, b"mt1") is None and r.hget(tasks, b"pt1") is None
+
+
+#: A quoted upper-case word in a script: every command the templates name is spelled so.
+_QUOTED_WORD = re.compile(r"""['"]([A-Z][A-Z_]*)['"]""")
+
+
+def test_scanned_commands_are_the_commands_the_scripts_name(server: ServerHandle) -> None:
+    """The scan (a quoted word opening a call or a table) finds exactly the quoted words of
+    the scripts that this server knows as commands: no command spelled another way is missed,
+    no option word (LIMIT, WITHSCORES, PX) or error code is granted."""
+    conn = server.primaries()[0]
+    with conn:
+        known = known_commands(conn)
+    named = {
+        word.lower()
+        for script in render_all().values()
+        for word in _QUOTED_WORD.findall(script.text)
+    }
+    assert set(script_commands()) == named & known
+    # reached only on some paths (a wedged wake list, a queued lock waiter), granted all the same
+    assert {"llen", "zrank", "type", "time", "hset", "zadd"} <= set(script_commands())
+    assert not set(acl_commands(functions=True, cluster=True)) & {
+        "flushall",
+        "flushdb",
+        "config",
+        "config|get",
+        "keys",
+        "scan",
+        "acl",
+        "script",
+        "info",
+    }
+
+
+def _issued_commands(server: ServerHandle) -> set[str]:
+    """The commands with calls > 0 in INFO commandstats, summed over the primaries."""
+    issued: set[str] = set()
+    for conn in server.primaries():
+        with conn:
+            for name, fields in conn.info("commandstats").items():
+                if int(fields["calls"]) > 0:
+                    issued.add(name.removeprefix("cmdstat_"))
+    return issued
+
+
+#: What the server counts that the rule need not grant: the test's own INFO, CONFIG RESETSTAT
+#: and SCRIPT FLUSH, the queue's eviction-policy check (CONFIG GET: refused to the tenant, and
+#: then skipped), redis-py's CLIENT SETINFO on connect (a refusal is ignored), and the asyncio
+#: client's HELLO (allowed to every user, like AUTH).
+_NOT_NEEDED = {"info", "config|resetstat", "script|flush", "config|get", "client|setinfo", "hello"}
+#: Without --functions: the wrapper's probe of the Functions library (refused: EVALSHA then).
+_PROBE = "fcall_ro"
+
+
+def assert_functions_rule_refused(server: ServerHandle) -> None:
+    """6.2 has no FCALL: it refuses the ``--functions`` rule (docs/acl.md says 7.0+)."""
+    try:
+        answers = paste(server, printed_rule("--functions"))
+    finally:
+        delete_user(server)
+    assert all("fcall" in answer.lower() and "ERR" in answer for answer in answers), answers
+
+
+@pytest.mark.parametrize("functions", [False, True], ids=["evalsha", "functions"])
+def test_every_command_issued_is_in_the_rule(
+    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle, functions: bool
+) -> None:
+    """As the admin, every path runs while INFO commandstats counts what reaches the server,
+    the scripts' own commands included: nothing outside the generated rule (and the few
+    commands it leaves out on purpose)."""
+    if functions and server.version < (7, 0):
+        assert_functions_rule_refused(server)
+        return
+    if functions:
+        Scheduler(r, TENANT_A).install_functions()
+    for conn in server.primaries():
+        with conn:
+            conn.config_resetstat()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        every_path(server, r, functions)
+        asyncio.run(async_operations(server, {}))
+    issued = _issued_commands(server)
+    allowed = set(acl_commands(functions=functions, cluster=server.is_cluster)) | _NOT_NEEDED
+    if not functions:
+        allowed.add(_PROBE)
+    if server.version < (7, 0):  # 6.2 counts a subcommand under its command
+        allowed = {command.split("|")[0] for command in allowed}
+    # a granted command covers its subcommands (+command: COMMAND GETKEYS)
+    assert {
+        command for command in issued if command.split("|")[0] not in allowed
+    } - allowed == set()
+    assert {"evalsha", "blpop", "time", "hset", "zadd"} <= issued  # the run did reach it
+    assert ("fcall" in issued) is functions
+
+
+@pytest.mark.parametrize("functions", [False, True], ids=["evalsha", "functions"])
+def test_printed_rule_suffices_for_every_operation_on_every_path(
+    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle, functions: bool
+) -> None:
+    if functions and server.version < (7, 0):
+        assert_functions_rule_refused(server)
+        return
+    if functions:
+        Scheduler(r, TENANT_A).install_functions()
+    with tenant_user(server, functions=functions) as credentials:
+        tenant = server.client(**credentials)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # CONFIG refused: no warning
+                every_path(server, tenant, functions)
+                asyncio.run(async_operations(server, credentials))
+            with pytest.raises(NoPermissionError):
+                tenant.get("outside-the-namespace")
+            with pytest.raises(NoPermissionError):
+                tenant.execute_command("FLUSHALL")
+            with pytest.raises(NoPermissionError):
+                tenant.execute_command("CONFIG", "GET", "maxmemory-policy")
+            with pytest.raises(NoPermissionError):
+                tenant.publish("channel", "message")
+        finally:
+            tenant.close()
     assert namespace_keys(r, TENANT_A)
-    with pytest.raises(NoPermissionError):
-        tenant.get("outside-the-namespace")
-    with pytest.raises(NoPermissionError):
-        tenant.execute_command("FLUSHALL")
-    with pytest.raises(NoPermissionError):
-        tenant.execute_command("CONFIG", "GET", "maxmemory-policy")
+    assert not namespace_keys(r, TENANT_B)
 
 
 def _refused(action: Any) -> None:
@@ -313,6 +518,13 @@ def test_tenant_is_refused_in_another_namespace(
         warnings.simplefilter("ignore", RuntimeWarning)
         queue = other.queue("jobs")
     lease = Lease(b"task-1", b"", 1, 1, 0)
+    node_queue = queue.for_node("node-1")
+
+    def batch() -> None:
+        with other.pipeline() as pipe:
+            pipe.queue("jobs").enqueue("intruder", b"x")
+            pipe.execute()
+
     lock = other.lock("mutex", ttl_ms=HOUR)
     semaphore = other.semaphore("sem", 2, ttl_ms=HOUR)
     actions = {
@@ -343,7 +555,17 @@ def test_tenant_is_refused_in_another_namespace(
         "queue.stats": lambda: queue.stats(),
         "lock.acquire": lambda: lock.acquire(blocking=False),
         "lock.semaphore_acquire": lambda: semaphore.acquire(blocking=False),
+        "queue.dispatch": lambda: queue.dispatch("intruder", b"x", strategy="least_loaded"),
+        "queue.node_dequeue": lambda: node_queue.dequeue("intruder", HOUR),
+        "queue.node_dequeue (blocking)": lambda: node_queue.dequeue("w", HOUR, block_ms=20),
+        "queue.node_ack": lambda: node_queue.ack(lease),
+        "queue.node_nack": lambda: node_queue.nack(lease),
+        "queue.node_extend": lambda: node_queue.extend(lease, HOUR),
+        "queue.node_stats": lambda: node_queue.stats(),
+        "queue.redispatch": lambda: queue.redispatch("node-1"),
+        "queue.dispatch_requeue_dead": lambda: queue.requeue_dead_dispatched("task-1"),
         "blpop": lambda: tenant.blpop([lock.wake_key], 0.01),
+        "a batch": lambda: batch(),
     }
     for name, action in actions.items():
         try:

@@ -40,19 +40,22 @@ def test_chaos_run_loses_nothing_and_acks_every_task_once(
         # 16 paused first attempts: a pause whose worker is SIGKILLed mid-pause sends no late ack
         # (about half do), so with 4 pauses a run saw no stale ack at all about once in 16.
         pause_every=250,
-        time_limit_s=40.0,
+        time_limit_s=150.0,  # a hang guard, not a speed claim (a run takes ~15 s here)
     )
     report = chaos.run(config)
     with capsys.disabled():
         print("\n" + "\n".join(report.lines()))
+    # The guarantee: every task acked exactly once, none lost, never two leases at once.
     assert report.violations == []
+    # The faults were injected: each of these holds by the harness's construction whatever the
+    # machine's load (chaos.py: the tail waits for the last kill; flush at 30 %, restart at
+    # 60 %), so a miss is a harness defect. How many late acks came back stale depends on
+    # timing, so it is reported, not asserted; a refused one is always a redelivered task.
     assert report.kills == 16 and min(report.kills_per_worker) >= 1  # every slot was killed
     assert (report.server_restarts, report.script_flushes) == (1, 1)
     assert report.noscript_replies >= 1 and report.script_loads >= 2  # flush and restart
     assert report.leases >= config.tasks
-    assert report.stale_acks_refused >= 1  # the paused first attempts (tasks ...007, ...257, ...)
     assert report.redeliveries >= report.stale_acks_refused
-    assert report.duration_s < 40.0
 
 
 # --------------------------------------------------------------------------------------------

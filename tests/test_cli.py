@@ -1,8 +1,13 @@
-"""The luasched command line."""
+"""The luasched command line: every subcommand, its usage errors (one line on stderr, no
+traceback, exit status 2, run as the installed ``luasched`` command), its help."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,10 @@ import pytest
 
 from luasched.cli import main
 from luasched.render import manifest, render_all
+
+#: The console script pip installed next to this interpreter.
+LUASCHED = Path(sys.executable).with_name("luasched")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_render_prints_the_script(capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,8 +237,154 @@ def test_stats_scan_is_bounded(server: Any, r: Any, capsys: pytest.CaptureFixtur
 def test_stats_errors(capsys: pytest.CaptureFixture[str]) -> None:
     from luasched.testing import free_port
 
-    assert main(["stats", "a{b", "--url", "redis://127.0.0.1:1/0"]) == 2  # before connecting
+    with pytest.raises(SystemExit) as stop:  # a usage error, found before connecting
+        main(["stats", "a{b", "--url", "redis://127.0.0.1:1/0"])
+    assert stop.value.code == 2
     assert "must not contain" in capsys.readouterr().err
     assert main(["stats", "shop", "--url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
-    assert "stats failed" in capsys.readouterr().err
-    assert main(["stats", "shop", "--max-scan", "0"]) == 2
+    assert "luasched stats: failed: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The installed command: help, usage errors, server errors.
+
+
+def run_cli(*args: str, redis_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``luasched ARGS`` in a subprocess, with ``$REDIS_URL`` set to ``redis_url`` (or unset)."""
+    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    return subprocess.run(
+        [str(LUASCHED), *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def _subcommands() -> list[tuple[str, str]]:
+    """(name, summary) of every subcommand, as ``luasched --help`` lists them."""
+    listed = run_cli("--help")
+    assert listed.returncode == 0 and listed.stderr == ""
+    block = listed.stdout.split("COMMAND\n", 1)[1].split("\noptions:", 1)[0]
+    entries = re.findall(r"^ {4}(\S+)(?: +|\n +)(.+(?:\n {20,}.+)*)", block, re.M)
+    return [(name, " ".join(summary.split())) for name, summary in entries]
+
+
+def test_help_describes_every_subcommand() -> None:
+    entries = _subcommands()
+    names = [name for name, _ in entries]
+    expected = ["export", "render", "list", "manifest", "reference", "functions"]
+    expected += ["install-functions", "acl", "stats"]
+    assert names == expected
+    assert all(len(summary) > 15 for _, summary in entries), entries
+    for name, summary in entries:
+        own = run_cli(name, "--help")
+        assert own.returncode == 0, (name, own.stderr)
+        assert " ".join(own.stdout.split()).count(summary) == 1, (name, own.stdout)
+
+
+def _file(tmp_path: Path) -> str:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return str(path)
+
+
+#: (arguments, what the one line says); $REDIS_URL unset unless the case sets it.
+USAGE_ERRORS: list[tuple[list[str], str]] = [
+    ([], "the following arguments are required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["--max-batch", "0", "list"], "max_batch must be 1..7000"),
+    (["--max-key-bytes", "x", "list"], "invalid int value: 'x'"),
+    (["export"], "the following arguments are required: DIR"),
+    (["export", "{file}"], "exists and is not a directory"),
+    (["export", "{file}/sub"], "cannot write"),
+    (["render"], "the following arguments are required: NAME"),
+    (["render", "no.such"], "no script named 'no.such'"),
+    (["list", "extra"], "unrecognized arguments: extra"),
+    (["manifest", "extra"], "unrecognized arguments: extra"),
+    (["reference", "--json"], "unrecognized arguments: --json"),
+    (["functions", "extra"], "unrecognized arguments: extra"),
+    (["install-functions"], "no server: pass --url URL or set REDIS_URL"),
+    (["install-functions", "redis://127.0.0.1:1"], "unrecognized arguments: redis://"),
+    (["install-functions", "--url", "http://x"], "--url: Redis URL must specify"),
+    (["install-functions", "--url"], "argument --url: expected one argument"),
+    (["acl"], "the following arguments are required: NAMESPACE"),
+    (["acl", "a{b"], "must not contain"),
+    (["acl", ""], "namespace must be 1 to 128 bytes"),
+    (["acl", "x" * 129], "namespace must be 1 to 128 bytes"),
+    (["acl", "a b"], "the default user name (pass --user)"),
+    (["acl", "shop", "--user", ""], "--user: an ACL user name"),
+    (["acl", "shop", "--user", "a b"], "--user: an ACL user name"),
+    (["acl", "shop", "--password", "x"], "unrecognized arguments: --password"),
+    (["stats"], "the following arguments are required: NAMESPACE"),
+    (["stats", "shop"], "no server: pass --url URL or set REDIS_URL"),
+    (["stats", "shop", "--url", "", "REDIS_URL=redis://127.0.0.1:1"], "no server: pass --url"),
+    (["stats", "a}b", "--url", "redis://127.0.0.1:1"], "must not contain"),
+    (["stats", "shop", "--url", "redis://127.0.0.1:1", "--max-scan", "0"], "--max-scan"),
+    (["stats", "shop", "--max-scan", "many"], "invalid int value: 'many'"),
+    (["stats", "shop", "--url", "localhost:6379"], "--url: Redis URL must specify"),
+    (["stats", "shop", "REDIS_URL=nonsense"], "REDIS_URL: Redis URL must specify"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"), USAGE_ERRORS, ids=[" ".join(args)[:60] or "-" for args, _ in USAGE_ERRORS]
+)
+def test_usage_error_is_one_line_and_status_2(tmp_path: Path, args: list[str], says: str) -> None:
+    redis_url = None
+    if args and args[-1].startswith("REDIS_URL="):
+        redis_url = args.pop().split("=", 1)[1]
+    args = [arg.replace("{file}", _file(tmp_path)) for arg in args]
+    done = run_cli(*args, redis_url=redis_url)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.match(r"luasched( [a-z-]+)?: error: ", done.stderr), done.stderr
+    assert says in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", [["stats", "shop"], ["install-functions"]])
+@pytest.mark.parametrize("how", ["--url", "REDIS_URL"])
+def test_unreachable_server_is_one_line_and_status_1(command: list[str], how: str) -> None:
+    from luasched.testing import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    flags = ["--url", url] if how == "--url" else []
+    done = run_cli(*command, *flags, redis_url=None if flags else url)
+    assert done.returncode == 1, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"luasched {command[0]}: failed: "), done.stderr
+    assert "onnect" in done.stderr  # the connection error's own words
+
+
+@pytest.mark.standalone_only
+def test_stats_takes_its_server_from_redis_url(server: Any, r: Any) -> None:
+    from luasched import Scheduler
+
+    Scheduler(r, "env").queue("jobs").enqueue("t", b"x")
+    done = run_cli("stats", "env", "--json", redis_url=server.url)
+    assert done.returncode == 0, done.stderr
+    assert [queue["name"] for queue in json.loads(done.stdout)["queues"]] == ["jobs"]
+
+
+#: Commands any rule needs, known without the code under test: the wrapper's EVALSHA, SCRIPT
+#: LOAD and BLPOP, and data commands the scripts issue (LLEN and ZRANK on rare paths only).
+NEEDED = {"evalsha", "script|load", "blpop", "time", "hset", "zadd", "zrem", "llen", "zrank"}
+
+
+def test_acl_prints_one_setuser_line() -> None:
+    done = run_cli("acl", "sh*p")
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.count("\n") == 1
+    words = done.stdout.split()
+    head = ["ACL", "SETUSER", "luasched-sh*p", "reset", "on", "resetchannels", "-@all"]
+    assert words[:7] == head
+    assert words[-1] == '"~luasched:{sh\\\\*p}:*"'  # redis-cli reads \\ as one backslash
+    granted = {word[1:] for word in words[7:-1]}
+    assert all(word.startswith("+") for word in words[7:-1])
+    assert granted >= NEEDED
+    assert not granted & {"fcall", "fcall_ro", "eval", "cluster|slots", "command", "config"}
+    assert not granted & {"config|get", "info", "keys", "scan", "flushall", "acl", "script"}
+    options = run_cli("acl", "shop", "--user", "app", "--functions", "--cluster").stdout.split()
+    assert options[2] == "app" and options[-1] == "~luasched:{shop}:*"
+    extra = {"fcall", "fcall_ro", "eval", "cluster|slots", "command"}
+    assert {word[1:] for word in options if word.startswith("+")} == granted | extra

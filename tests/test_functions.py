@@ -566,9 +566,9 @@ def test_cli_install_functions_reaches_every_primary(r: Any, server: Any) -> Non
     from luasched.cli import main
 
     if server.version < (7, 0):
-        assert main(["install-functions", server.url]) == 1
+        assert main(["install-functions", "--url", server.url]) == 1
         return
-    assert main(["install-functions", server.url]) == 0
+    assert main(["install-functions", "--url", server.url]) == 0
     for node in server.primaries():
         with node:
             assert node.function_list(library=library_name())

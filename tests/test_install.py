@@ -1,4 +1,5 @@
-"""The wheel carries the templates: install it in a fresh venv outside the repo, then export."""
+"""The wheel carries the templates and the rendered scripts: install it in a fresh venv outside the
+repo, then export."""
 
 from __future__ import annotations
 
@@ -45,15 +46,22 @@ def test_pip_install_then_export_outside_the_repository(tmp_path: Path) -> None:
     assert exported == manifest()
     for name, entry in exported["scripts"].items():
         assert (out / entry["file"]).is_file(), name
-    # The installed package renders from its own copy of the templates, not from this checkout.
-    where = subprocess.run(
-        [str(python), "-c", "import luasched.render as r; print(r.templates_dir())"],
+    # The installed package has its own copy of the templates (not this checkout's), and its
+    # rendered scripts match them: they are loaded, nothing is rendered.
+    code = (
+        "import luasched.render as r; r.render_all(); "
+        "print(r.templates_dir(), r.SHIPPED_DIR, r.render_count())"
+    )
+    where, shipped, renders = subprocess.run(
+        [str(python), "-c", code],
         check=True,
         cwd=workdir,
         env=env,
         capture_output=True,
         text=True,
-    ).stdout.strip()
+    ).stdout.split()
     assert where.startswith(str(environment)), where
     assert not where.startswith(str(REPO))
+    assert shipped.startswith(str(environment)), shipped
+    assert renders == "0"
     assert sys.prefix != str(environment)

@@ -346,6 +346,18 @@ def _wrong_type(r: Client, s: Scheduler) -> None:
     r.set(s.namespace.key("nodes:free"), b"not a zset")
 
 
+def _wrong_index(r: Client, s: Scheduler) -> None:
+    _populated(r, s)
+    r.delete(s.namespace.key("nodes:index"))
+    r.set(s.namespace.key("nodes:index"), b"not a hash")
+
+
+def _wrong_id(r: Client, s: Scheduler) -> None:
+    _populated(r, s)
+    r.delete(s.namespace.key("nodes:id"))
+    r.xadd(s.namespace.key("nodes:id"), {b"not": b"a hash"})
+
+
 def _short_table(r: Client, s: Scheduler) -> None:
     _populated(r, s)
     r.set(s.namespace.key("slots:owner"), b"\x00\x01" * 100)
@@ -358,6 +370,8 @@ SETUPS: dict[str, Callable[[Client, Scheduler], None]] = {
     "empty": _empty,
     "full": _full,
     "wrong_type": _wrong_type,
+    "wrong_index": _wrong_index,
+    "wrong_id": _wrong_id,
     "short_table": _short_table,
 }
 
@@ -522,6 +536,14 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
         "NOSUCHNODE",
         'node "??" is not registered',
     ),
+    (
+        "nodes.heartbeat",
+        "wrong_index",
+        "ok",
+        (b"a", 1000),
+        "CORRUPT",
+        'key "luasched:{err}:nodes:index" holds another type than the layout',
+    ),
     # nodes.drain
     ("nodes.drain", "populated", "long", (b"a", b"on"), "ARG", "expected 14 key(s), got 15"),
     ("nodes.drain", "populated", "ok", (b"a", b"on", b"x"), "ARG", "expected 2 argument(s), got 3"),
@@ -644,6 +666,14 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
     ),
     ("slots.owner", "empty", "ok", (b"k",), "NONODE", "no live node is registered"),
     ("slots.owner", "dead_only", "ok", (b"k",), "NONODE", "no live node is registered"),
+    (
+        "slots.owner",
+        "wrong_id",
+        "ok",
+        (b"k",),
+        "CORRUPT",
+        'key "luasched:{err}:nodes:id" holds another type than the layout',
+    ),
     # slots.owners
     ("slots.owners", "populated", "long", (b"k",), "ARG", "expected 14 key(s), got 15"),
     ("slots.owners", "populated", "ok", (), "ARG", "expected 1 to 1000 arguments, got 0"),
@@ -665,6 +695,14 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
     ),
     ("slots.owners", "empty", "ok", (b"k", b"l"), "NONODE", "no live node is registered"),
     ("slots.owners", "dead_only", "ok", (b"k",), "NONODE", "no live node is registered"),
+    (
+        "slots.owners",
+        "wrong_id",
+        "ok",
+        (b"k", b"l"),
+        "CORRUPT",
+        'key "luasched:{err}:nodes:id" holds another type than the layout',
+    ),
     # slots.owner_of_slot
     ("slots.owner_of_slot", "populated", "short", (0,), "ARG", "expected 14 key(s), got 13"),
     ("slots.owner_of_slot", "populated", "ok", (), "ARG", "expected 1 argument(s), got 0"),
@@ -694,6 +732,14 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
     ),
     ("slots.owner_of_slot", "empty", "ok", (5,), "NONODE", "no live node is registered"),
     ("slots.owner_of_slot", "dead_only", "ok", (5,), "NONODE", "no live node is registered"),
+    (
+        "slots.owner_of_slot",
+        "wrong_id",
+        "ok",
+        (5,),
+        "CORRUPT",
+        'key "luasched:{err}:nodes:id" holds another type than the layout',
+    ),
 ]
 
 
@@ -739,6 +785,6 @@ def test_wrapper_errors_are_typed(r: Client) -> None:
         s.nodes.register("x", weight=0)
     with pytest.raises(InvalidArgument):
         s.nodes.sweep(limit=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgument, match="keys"):
         s.slots.owners(b"one key")  # type: ignore[arg-type]
     assert snapshot(r, s.namespace) == {}

@@ -12,18 +12,21 @@ import pytest
 
 from luasched import ERROR_CODES, Namespace, ScriptConfig
 from luasched.render import (
+    FINGERPRINT_FILE,
+    SHIPPED_DIR,
     RenderedScript,
     TemplateError,
     crc16_table,
     drop_unused_functions,
     export,
+    key_kinds,
     manifest,
     parse_header,
     render_all,
     templates_dir,
+    write_shipped,
 )
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 SCRIPTS = render_all()
 
 
@@ -91,6 +94,7 @@ HEADER = """--@script     demo.one
 --@arg        item[1..5] string:1..64  Items.
 --@reply      int  Something.
 --@error      ARG  Bad input.
+--@error      CORRUPT  A key of another type.
 --@complexity O(1)
 --@since      7.0
 --@flags      no-writes
@@ -109,7 +113,7 @@ def test_header_is_parsed_into_the_contract() -> None:
     assert (lease.type, lease.min, lease.max, lease.count) == ("int", 1, 86400000, None)
     assert mode.choices == ("fifo", "lifo")
     assert (item.type, item.min, item.max, item.count) == ("string", 1, 64, (1, 5))
-    assert spec.errors == (("ARG", "Bad input."),)
+    assert spec.errors == (("ARG", "Bad input."), ("CORRUPT", "A key of another type."))
     assert (spec.since, spec.flags) == ("7.0", ("no-writes",))
 
 
@@ -127,6 +131,7 @@ def test_header_is_parsed_into_the_contract() -> None:
         (("--@complexity O(1)", "--@bogus O(1)"), "unknown tag"),
         (("luasched:{ns}:q:<queue>:ready -- ", ""), "expected 'NAME TYPE luasched:{ns}:PATTERN"),
         (("luasched:{ns}:q:", "other:{ns}:q:"), "expected 'NAME TYPE"),
+        (("--@error      CORRUPT  A key of another type.\n", ""), "does not declare CORRUPT"),
     ],
 )
 def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:
@@ -158,20 +163,30 @@ def test_manifest_describes_every_script() -> None:
     json.dumps(data)  # serialisable as is
 
 
-def test_export_matches_the_reviewed_snapshot(tmp_path: Path) -> None:
-    """A change to any script's text (and so its SHA1) must come with an updated snapshot.
+def test_the_shipped_scripts_equal_a_fresh_render(tmp_path: Path) -> None:
+    """The package carries the default configuration's scripts (luasched/rendered/, the one
+    reviewed copy); any change to a template or to the renderer must come with them rendered
+    again: run `make snapshots` and review the diff (the SHA1 changes other languages see)."""
+    fresh = tmp_path / "fresh"
+    written = write_shipped(fresh)  # renders afresh, whatever this process has cached
+    expected = sorted(path.name for path in SHIPPED_DIR.iterdir())
+    assert sorted(path.name for path in written) == expected
+    assert sorted(path.name for path in fresh.iterdir()) == expected
+    assert FINGERPRINT_FILE in expected and "manifest.json" in expected
+    _, mismatch, errors = filecmp.cmpfiles(SHIPPED_DIR, fresh, expected, shallow=False)
+    assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
 
-    Update with `make snapshots` and review the diff.
-    """
+
+def test_export_writes_the_shipped_files(tmp_path: Path) -> None:
     written = export(tmp_path)
     assert sorted(path.name for path in written) == sorted(
         [script.file_name for script in SCRIPTS.values()]
         + ["manifest.json", "luasched-functions.lua"]
     )
-    expected = sorted(path.name for path in SNAPSHOTS.iterdir())
+    expected = sorted(path.name for path in SHIPPED_DIR.iterdir() if path.name != FINGERPRINT_FILE)
     assert sorted(path.name for path in tmp_path.iterdir()) == expected
-    _, mismatch, errors = filecmp.cmpfiles(SNAPSHOTS, tmp_path, expected, shallow=False)
-    assert (mismatch, errors) == ([], []), "scripts changed: run `make snapshots` and review"
+    _, mismatch, errors = filecmp.cmpfiles(SHIPPED_DIR, tmp_path, expected, shallow=False)
+    assert (mismatch, errors) == ([], [])
 
 
 def test_every_key_names_its_pattern_in_the_namespace() -> None:
@@ -257,3 +272,26 @@ def test_no_script_defines_a_function_it_never_calls(name: str) -> None:
     text = SCRIPTS[name].text
     for defined in re.findall(r"^local function (\w+)\(", text, re.M):
         assert len(re.findall(rf"\b{defined}\b", text)) > 1, defined
+
+
+def test_key_kinds_follow_the_patterns() -> None:
+    spec = parse_header(
+        "demo.one",
+        HEADER.replace(
+            "--@arg        lease_ms",
+            "--@key        tasks hash  luasched:{ns}:q:tasks:<queue> -- Tasks.\n"
+            "--@key        req string  luasched:{ns}:q:req:<request_id>:<queue> -- Record.\n"
+            "--@key        index hash  luasched:{ns}:nodes:index -- Index.\n"
+            "--@key        wake list  luasched:{ns}:q:wake:<queue> -- Wake.\n"
+            "--@arg        lease_ms",
+        ),
+    )
+    assert [(c["kind"], c["mode"], c.get("source")) for c in key_kinds(spec)] == [
+        ("q:", "kind", None),  # q:<queue>:ready: the placeholder is not at the end
+        ("q:tasks:", "first", 2),
+        ("q:req:", "kind", None),
+        ("nodes:index", "exact", None),
+        ("q:wake:", "same", 2),
+    ]
+    with pytest.raises(TemplateError, match="no plain kind"):
+        key_kinds(parse_header("demo.one", HEADER.replace("{ns}:q:<queue>", "{ns}:<queue>")))

@@ -80,12 +80,12 @@ def test_pipeline_reports_errors_in_place_or_raises(r: Any) -> None:
     s = Scheduler(r, "reg")
     pipe = s.pipeline()
     pipe.slots.keyslot("a")
-    pipe.slots.keyslots([])
+    pipe.slots.keyslots([b"k"] * 1001)  # over max_batch: the script refuses it
     pipe.slots.keyslot("b")
     results = pipe.execute(raise_on_error=False)
     assert results[0] == key_slot("a") and results[2] == key_slot("b")
     assert isinstance(results[1], InvalidArgument)
-    pipe.slots.keyslots([])
+    pipe.slots.keyslots([b"k"] * 1001)
     pipe.slots.keyslot("c")
     with pytest.raises(InvalidArgument):
         pipe.execute()
@@ -139,7 +139,7 @@ def test_asyncio_twin(server: Any) -> None:
             assert await s.slots.keyslot("{user1000}.following") == 3443
             async with s.pipeline() as pipe:
                 await pipe.slots.keyslot("x")
-                await pipe.slots.keyslots([])
+                await pipe.slots.keyslots([b"k"] * 1001)  # refused by the script
                 for node in server.primaries():
                     node.script_flush()
                 results = await pipe.execute(raise_on_error=False)

@@ -17,7 +17,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from luasched import PartitionLease, RetryPolicy, Scheduler, StaleLease
+from helpers import snapshot_ignoring_ttl
+from luasched import InvalidArgument, PartitionLease, RetryPolicy, Scheduler, StaleLease
 from luasched.asyncio import Scheduler as AsyncScheduler
 from luasched.keys import Namespace
 from luasched.queue import Lease
@@ -158,10 +159,12 @@ def test_a_lease_remembers_its_partition(server: ServerHandle, r: Client) -> Non
     assert [(s.ready, s.leased) for s in stats.partitions] == [(0, 1), (1, 0), (0, 0)]
     # the same task under the wrong partition is not held there: refused, nothing changes
     forged = PartitionLease.of(by_partition[0], 2)
-    with pytest.raises(StaleLease):
+    before = snapshot_ignoring_ttl(r, sq.namespaces[2])
+    with pytest.raises(InvalidArgument, match="lease was taken from another queue"):
         sq.ack(forged)
+    assert snapshot_ignoring_ttl(r, sq.namespaces[2]) == before
     plain = Lease(b"t0", b"", 1, by_partition[0].token, 0)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgument, match="lease must be a PartitionLease"):
         sq.ack(plain)
     nxt = sq.ack_and_dequeue(by_partition[0], "w", 5_000)
     assert nxt is not None and nxt.partition == 1 and nxt.attempt == 2
@@ -191,7 +194,9 @@ def test_a_blocking_dequeue_wakes_for_any_partition(server: ServerHandle, r: Cli
         producer_client.close()
         assert lease is not None and lease.task_id == b"wake-%d" % partition
         assert lease.partition == target
-        assert 0.25 <= waited < 1.5, waited
+        # woken by the enqueue at +0.3 s, not by the end of the 5 s block (a bound a loaded
+        # machine keeps: only a missed wake-up waits that long)
+        assert 0.25 <= waited < 4.0, waited
         sq.ack(lease)
     started = time.monotonic()
     assert sq.dequeue("sleeper", 5_000, block_ms=500) is None
@@ -273,7 +278,7 @@ def test_retry_rides_out_a_server_that_goes_away_and_comes_back(policy_budget_ms
         assert "error" not in outcome, outcome
         assert outcome["result"].created  # the server was down when this was first sent
         elapsed = outcome["elapsed"]
-        assert 0.5 <= elapsed < 3.0, elapsed
+        assert elapsed >= 0.5, elapsed  # it waited for the server (the join above bounds it)
         assert q.stats().ready == 1  # "before" died with the process; "during" arrived once
         # NOSCRIPT after the restart was handled too (the scripts were gone with the process)
         assert int(client.info("commandstats")["cmdstat_script|load"]["calls"]) >= 1
@@ -294,7 +299,8 @@ def test_retry_rides_out_a_server_that_goes_away_and_comes_back(policy_budget_ms
         elapsed = time.monotonic() - started
         # a refused connection fails in about a millisecond: the time is the policy's sleeps,
         # 20, 40, 80, 160, then 200 ms each, stopped before the next would pass 3 s
-        assert policy_budget_ms / 1000 - 0.4 <= elapsed <= policy_budget_ms / 1000 + 0.3, elapsed
+        # (the upper bound only tells "gave up" from "kept retrying": slack for a loaded machine)
+        assert policy_budget_ms / 1000 - 0.4 <= elapsed <= policy_budget_ms / 1000 + 2.0, elapsed
         client.close()
 
 

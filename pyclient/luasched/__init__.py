@@ -6,32 +6,78 @@ SCRIPT LOAD and called with EVALSHA; ``luasched export DIR`` writes the same scr
 manifest for clients in other languages.
 """
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING
 
-from luasched.errors import (
-    ERROR_CODES,
-    AllNodesFull,
-    CorruptState,
-    InvalidArgument,
-    LockTimeout,
-    LuaschedError,
-    NoNode,
-    RegistryFull,
-    ScanLimitReached,
-    StaleLease,
-    TooManyNodes,
-    UnknownNode,
-)
-from luasched.keys import Namespace, key_slot
-from luasched.lock import Lock, LockHandle, PermitHandle, Semaphore
-from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
-from luasched.pick import Picked
-from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats
-from luasched.render import ScriptConfig
-from luasched.retry import RetryPolicy
-from luasched.scheduler import Scheduler, SchedulerPipeline
-from luasched.sharded import PartitionLease, ShardedQueue, ShardedStats
-from luasched.slots import Owner, Rebalance
+from luasched._version import __version__
+
+if TYPE_CHECKING:
+    from luasched.errors import (
+        ERROR_CODES,
+        AllNodesFull,
+        CorruptState,
+        InvalidArgument,
+        LockTimeout,
+        LuaschedError,
+        NoNode,
+        RegistryFull,
+        ScanLimitReached,
+        StaleLease,
+        TooManyNodes,
+        UnknownNode,
+    )
+    from luasched.keys import Namespace, key_slot
+    from luasched.lock import Lock, LockHandle, PermitHandle, Semaphore
+    from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
+    from luasched.pick import Picked
+    from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats
+    from luasched.render import ScriptConfig
+    from luasched.retry import RetryPolicy
+    from luasched.scheduler import Scheduler, SchedulerPipeline
+    from luasched.sharded import PartitionLease, ShardedQueue, ShardedStats
+    from luasched.slots import Owner, Rebalance
+
+#: Public name -> the module that defines it, imported on first use (PEP 562): importing
+#: ``luasched`` alone (as ``luasched export`` does) loads neither redis nor the wrappers.
+_LAZY = {
+    "ERROR_CODES": "luasched.errors",
+    "AllNodesFull": "luasched.errors",
+    "CorruptState": "luasched.errors",
+    "InvalidArgument": "luasched.errors",
+    "LockTimeout": "luasched.errors",
+    "LuaschedError": "luasched.errors",
+    "NoNode": "luasched.errors",
+    "RegistryFull": "luasched.errors",
+    "ScanLimitReached": "luasched.errors",
+    "StaleLease": "luasched.errors",
+    "TooManyNodes": "luasched.errors",
+    "UnknownNode": "luasched.errors",
+    "Namespace": "luasched.keys",
+    "key_slot": "luasched.keys",
+    "Lock": "luasched.lock",
+    "LockHandle": "luasched.lock",
+    "PermitHandle": "luasched.lock",
+    "Semaphore": "luasched.lock",
+    "NodeInfo": "luasched.nodes",
+    "NodeList": "luasched.nodes",
+    "Removal": "luasched.nodes",
+    "SweepResult": "luasched.nodes",
+    "Picked": "luasched.pick",
+    "Enqueued": "luasched.queue",
+    "Lease": "luasched.queue",
+    "Nacked": "luasched.queue",
+    "Queue": "luasched.queue",
+    "QueueStats": "luasched.queue",
+    "ScriptConfig": "luasched.render",
+    "RetryPolicy": "luasched.retry",
+    "Scheduler": "luasched.scheduler",
+    "SchedulerPipeline": "luasched.scheduler",
+    "PartitionLease": "luasched.sharded",
+    "ShardedQueue": "luasched.sharded",
+    "ShardedStats": "luasched.sharded",
+    "Owner": "luasched.slots",
+    "Rebalance": "luasched.slots",
+}
 
 __all__ = [
     "ERROR_CODES",
@@ -73,3 +119,17 @@ __all__ = [
     "__version__",
     "key_slot",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """A public name, imported from its module on first use (then cached in this module)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'luasched' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -9,9 +9,10 @@ with an error has changed no key.
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from redis.exceptions import ResponseError
+if TYPE_CHECKING:  # an annotation only: the error codes are needed without redis (render.py)
+    from redis.exceptions import ResponseError
 
 __all__ = [
     "ERROR_CLASSES",

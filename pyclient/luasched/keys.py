@@ -11,11 +11,15 @@ from __future__ import annotations
 import binascii
 from dataclasses import dataclass
 
+from luasched import validate
+from luasched.errors import InvalidArgument
+
 __all__ = [
     "KEY_PREFIX",
     "MAX_NAMESPACE_BYTES",
     "REGISTRY_KEYS",
     "Namespace",
+    "glob_escape",
     "key_slot",
     "to_bytes",
 ]
@@ -55,6 +59,17 @@ def to_bytes(value: str | bytes) -> bytes:
     raise TypeError(f"expected str or bytes, got {type(value).__name__}")
 
 
+def glob_escape(raw: bytes) -> bytes:
+    """``raw`` with the glob metacharacters of Redis patterns (``*?[]\\``) escaped, so that it
+    matches only itself in ``SCAN MATCH`` and ACL key patterns (a namespace may hold any byte)."""
+    out = bytearray()
+    for byte in raw:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
 def hash_tag(key: bytes) -> bytes:
     """The part of ``key`` that Redis Cluster hashes: its hash tag if it has a non-empty one."""
     start = key.find(b"{")
@@ -74,24 +89,29 @@ def key_slot(key: str | bytes) -> int:
 class Namespace:
     """The keys of one namespace.
 
-    Raises ValueError for a name that is empty, longer than 128 bytes, or contains ``{`` or
-    ``}`` (which would change the hash tag, and so the slot, of its keys).
+    Raises InvalidArgument (a ValueError) naming ``namespace`` for a name that is not bytes or
+    str, is empty, longer than 128 bytes, or contains ``{`` or ``}`` (which would change the
+    hash tag, and so the slot, of its keys).
     """
 
     name: bytes
 
     def __init__(self, name: str | bytes) -> None:
-        raw = to_bytes(name)
-        if not raw or len(raw) > MAX_NAMESPACE_BYTES:
-            raise ValueError(f"namespace must be 1 to {MAX_NAMESPACE_BYTES} bytes, got {len(raw)}")
+        raw = validate.key_bytes("namespace", name, 1, MAX_NAMESPACE_BYTES)
         if b"{" in raw or b"}" in raw:
-            raise ValueError(f"namespace must not contain '{{' or '}}': {name!r}")
+            raise InvalidArgument(f"namespace must not contain '{{' or '}}', got {name!r}")
         object.__setattr__(self, "name", raw)
 
     @property
     def prefix(self) -> bytes:
         """``luasched:{<namespace>}:``, the start of every key of this namespace."""
         return KEY_PREFIX + b"{" + self.name + b"}:"
+
+    @property
+    def key_pattern(self) -> bytes:
+        """``luasched:{<namespace>}:*`` with the namespace's glob characters escaped: the glob
+        pattern (``SCAN MATCH``, ACL ``~``) that matches this namespace's keys and no other's."""
+        return glob_escape(self.prefix) + b"*"
 
     def key(self, *parts: str | bytes) -> bytes:
         """The key ``luasched:{<namespace>}:part1:part2...``."""

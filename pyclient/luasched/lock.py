@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
-from luasched.errors import LockTimeout
+from luasched import validate
+from luasched.errors import InvalidArgument, LockTimeout
 from luasched.keys import Namespace, to_bytes
 from luasched.loops import Cleanup, Loop, Run, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
@@ -56,8 +57,13 @@ __all__ = [
     "ReleaseResult",
     "Semaphore",
     "acquire_call",
+    "acquire_deadline",
+    "check_options",
+    "check_timeout",
     "extend_call",
+    "held_token",
     "lock_keys",
+    "lock_name",
     "new_request_id",
     "new_token",
     "release_call",
@@ -260,10 +266,11 @@ def extend_call(
     ttl_ms: int,
     keys: tuple[bytes, ...] | None = None,
 ) -> Call[ExtendResult]:
-    """The ``lock.extend`` call."""
+    """The ``lock.extend`` call; InvalidArgument naming ``ttl_ms`` out of 1..the longest ttl."""
     if keys is None:
         keys = lock_keys(namespace, name, b"")
-    return Call("lock.extend", keys, (token, ttl_ms), _extend_result)
+    args = (token, validate.arg("lock.extend", "ttl_ms", ttl_ms))
+    return Call("lock.extend", keys, args, _extend_result)
 
 
 def semaphore_acquire_call(
@@ -291,9 +298,10 @@ def semaphore_release_call(
 def semaphore_extend_call(
     namespace: Namespace, name: str | bytes, token: bytes, ttl_ms: int
 ) -> Call[ExtendResult]:
-    """The ``lock.semaphore_extend`` call."""
+    """The ``lock.semaphore_extend`` call; InvalidArgument naming ``ttl_ms`` out of range."""
     keys = semaphore_keys(namespace, name, b"")
-    return Call("lock.semaphore_extend", keys, (token, ttl_ms), _extend_result)
+    args = (token, validate.arg("lock.semaphore_extend", "ttl_ms", ttl_ms))
+    return Call("lock.semaphore_extend", keys, args, _extend_result)
 
 
 class LockKeys:
@@ -354,16 +362,49 @@ def place_ttl_ms(lock: Any, blocking: bool, woken: bool) -> int:
     return int(lock.wait_ttl_ms)
 
 
-def check_options(ttl_ms: int, retry_ms: int, wait_ttl_ms: int | None) -> int:
-    """Validate the wrapper's own options; the fair queue place ttl (default 5 x retry_ms)."""
-    if ttl_ms < 1:
-        raise ValueError("ttl_ms must be at least 1")
-    if retry_ms < 1:
-        raise ValueError("retry_ms must be at least 1")
-    place_ttl = 5 * retry_ms if wait_ttl_ms is None else wait_ttl_ms
-    if place_ttl <= retry_ms:
-        raise ValueError("wait_ttl_ms must be longer than retry_ms (waiters renew every retry)")
-    return place_ttl
+def check_options(ttl_ms: int, retry_ms: int, wait_ttl_ms: int | None, **flags: object) -> int:
+    """Validate a lock's or semaphore's options (InvalidArgument naming the first bad one:
+    ``ttl_ms`` and ``retry_ms`` 1..the longest ttl, ``wait_ttl_ms`` None or longer than
+    ``retry_ms``, ``flags`` bools); the fair queue place ttl (default 5 x retry_ms)."""
+    validate.arg("lock.acquire", "ttl_ms", ttl_ms)
+    validate.arg("lock.acquire", "ttl_ms", retry_ms, name="retry_ms")
+    for flag_name, value in flags.items():
+        validate.flag(flag_name, value)
+    if wait_ttl_ms is None:
+        return 5 * retry_ms
+    validate.arg("lock.acquire", "wait_ttl_ms", wait_ttl_ms, lo=retry_ms + 1)
+    return wait_ttl_ms
+
+
+def lock_name(name: object) -> bytes:
+    """A lock's or semaphore's name: any bytes or str (UTF-8); InvalidArgument naming ``name``."""
+    return validate.key_bytes("name", name, 0, None)
+
+
+def acquire_deadline(blocking: object, timeout: object) -> float | None:
+    """The monotonic deadline of an ``acquire`` (None: no limit), after checking ``blocking``
+    (a bool) and ``timeout`` (None or a finite number of seconds >= 0; a negative one is an
+    error, not "one attempt"). Before any I/O."""
+    validate.flag("blocking", blocking)
+    seconds = validate.timeout_s("timeout", timeout)
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def check_timeout(timeout: object) -> float | None:
+    """The ``timeout=`` option of a lock or semaphore (what ``with`` / ``async with`` waits, in
+    seconds), as given: None (no limit) or a finite int or float >= 0; InvalidArgument naming
+    ``timeout`` for a negative, NaN or infinite one, a bool or a str."""
+    validate.timeout_s("timeout", timeout)
+    return timeout  # type: ignore[return-value]
+
+
+def held_token(handle: object) -> bytes:
+    """The owner token of ``handle`` (a handle ``acquire`` returned, or anything with such a
+    ``token``); InvalidArgument naming ``handle`` for anything else."""
+    token = getattr(handle, "token", None)
+    if not isinstance(token, bytes):
+        raise InvalidArgument(f"handle must be a lock or permit handle, got {handle!r}")
+    return validate.arg("lock.release", "token", token, name="handle.token")  # type: ignore[no-any-return]
 
 
 def lock_timeout(script: str, name: bytes, timeout: float | None) -> LockTimeout:
@@ -513,14 +554,16 @@ class LockBase:
         timeout: float | None,
     ) -> None:
         self._namespace = namespace
-        self.name = to_bytes(name)
+        self.name = lock_name(name)
         self.ttl_ms = ttl_ms
         self.fair = fair
         self.reentrant = reentrant
         self.auto_renew = auto_renew
         self.retry_ms = retry_ms
-        self.wait_ttl_ms = check_options(ttl_ms, retry_ms, wait_ttl_ms)
-        self.timeout = timeout
+        self.wait_ttl_ms = check_options(
+            ttl_ms, retry_ms, wait_ttl_ms, fair=fair, reentrant=reentrant, auto_renew=auto_renew
+        )
+        self.timeout = check_timeout(timeout)
         self._token = new_token() if reentrant else None
         self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
@@ -545,18 +588,21 @@ class LockBase:
 
     def _extend_call(self, token: bytes, ttl_ms: int | None = None) -> Call[ExtendResult]:
         return extend_call(
-            self._namespace, self.name, token, ttl_ms or self.ttl_ms, self._keys.plain
+            self._namespace,
+            self.name,
+            token,
+            self.ttl_ms if ttl_ms is None else ttl_ms,
+            self._keys.plain,
         )
 
     def _acquire_loop(
-        self, blocking: bool, timeout: float | None
+        self, blocking: bool, deadline: float | None
     ) -> Loop[tuple[bytes, AcquireResult] | None]:
         """``acquire``: the owner token and the granted reply, or None (see ``Lock.acquire``).
 
         An attempt that failed (or was interrupted) while its script may have run is replayed
         and what it got given back; a wait that failed, or a timeout, gives the place back."""
         token = self._token or new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
         wake_key = self._keys.wake_key(token, self.fair)
         woken = False
         while True:
@@ -604,29 +650,29 @@ class SemaphoreBase:
         retry_ms: int,
         timeout: float | None,
     ) -> None:
-        if permits < 1:
-            raise ValueError("permits must be at least 1")
+        validate.arg("lock.semaphore_acquire", "permits", permits)
         check_options(ttl_ms, retry_ms, None)
         self._namespace = namespace
-        self.name = to_bytes(name)
+        self.name = lock_name(name)
         self.permits = permits
         self.ttl_ms = ttl_ms
         self.retry_ms = retry_ms
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
 
     def _release_call(self, token: bytes) -> Call[ReleaseResult]:
         return semaphore_release_call(self._namespace, self.name, token, new_request_id())
 
     def _extend_call(self, token: bytes, ttl_ms: int | None) -> Call[ExtendResult]:
-        return semaphore_extend_call(self._namespace, self.name, token, ttl_ms or self.ttl_ms)
+        return semaphore_extend_call(
+            self._namespace, self.name, token, self.ttl_ms if ttl_ms is None else ttl_ms
+        )
 
     def _acquire_loop(
-        self, blocking: bool, timeout: float | None
+        self, blocking: bool, deadline: float | None
     ) -> Loop[tuple[bytes, PermitResult] | None]:
         """``acquire``: the holder token and the granted reply, or None."""
         token = new_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             call = semaphore_acquire_call(
                 self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
@@ -703,9 +749,10 @@ class Lock(LockBase):
     Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
     ``ttl_ms / 3`` until it is released or lost.
 
-    ``with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no limit),
-    raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end of the
-    block; ``acquire()`` answers None instead of raising.
+    ``with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no limit;
+    a negative, NaN or infinite one, a bool or a str raises InvalidArgument when the Lock is
+    built), raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end of
+    the block; ``acquire()`` answers None instead of raising.
     """
 
     def __init__(
@@ -752,7 +799,8 @@ class Lock(LockBase):
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
-        else at most ``timeout`` seconds, None: no limit).
+        else at most ``timeout`` seconds, None: no limit; a negative, NaN or infinite timeout
+        raises InvalidArgument before any attempt).
 
         Between attempts it blocks on the lock's wake list (fair: its own) for at most
         ``retry_ms`` (less if the hold lapses sooner); a waiter renews its place
@@ -760,7 +808,8 @@ class Lock(LockBase):
         gives up. Raises the client's errors (a hold the failed call may have taken is released
         first, best effort).
         """
-        got = drive(self._acquire_loop(blocking, timeout), self._runner.run, self._runner.client)
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = drive(self._acquire_loop(blocking, deadline), self._runner.run, self._runner.client)
         if got is None:
             return None
         token, result = got
@@ -785,7 +834,7 @@ class Lock(LockBase):
         Stops the auto-renew thread (and waits for it) once the last hold is gone. Never
         touches a hold of another owner.
         """
-        result = self._runner.run(self._release_call(handle.token))
+        result = self._runner.run(self._release_call(held_token(handle)))
         if (not result.released or result.count == 0) and self._renewers:
             self._stop_renewer(handle.token)
         return result
@@ -799,7 +848,7 @@ class Lock(LockBase):
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the hold's deadline to the server's now + ``ttl_ms`` (default: the lock's ttl),
         only while it is still held by ``handle``'s owner."""
-        return self._runner.run(self._extend_call(handle.token, ttl_ms))
+        return self._runner.run(self._extend_call(held_token(handle), ttl_ms))
 
     def renewal_lost(self, handle: Hold) -> bool:
         """Whether auto-renew found the hold lost (extend answered not_owner/expired)."""
@@ -848,7 +897,8 @@ class Semaphore(SemaphoreBase):
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> PermitHandle | None:
         """Take a permit; the handle, or None if none was free in time (see ``Lock.acquire``)."""
-        got = drive(self._acquire_loop(blocking, timeout), self._runner.run, self._runner.client)
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = drive(self._acquire_loop(blocking, deadline), self._runner.run, self._runner.client)
         if got is None:
             return None
         token, result = got
@@ -856,8 +906,8 @@ class Semaphore(SemaphoreBase):
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back (``count`` of the result: live leases left)."""
-        return self._runner.run(self._release_call(handle.token))
+        return self._runner.run(self._release_call(held_token(handle)))
 
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease to the server's now + ``ttl_ms`` while it is live."""
-        return self._runner.run(self._extend_call(handle.token, ttl_ms))
+        return self._runner.run(self._extend_call(held_token(handle), ttl_ms))

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from luasched.keys import Namespace, to_bytes
+from luasched import validate
+from luasched.keys import Namespace
+from luasched.render import MAX_BATCH_LIMIT
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -116,26 +118,31 @@ def register_call(
     meta: str | bytes | None = None,
     ttl_ms: int | None = None,
 ) -> Call[bool]:
-    """The ``nodes.register`` call (capacity None -> -1, ttl_ms None -> 0, meta None -> b"")."""
+    """The ``nodes.register`` call (capacity None -> -1, ttl_ms None -> 0, meta None -> b"").
+    InvalidArgument for any argument out of the script's range (``luasched.validate``)."""
+    script = "nodes.register"
     args = (
-        to_bytes(node_id),
-        weight,
-        -1 if capacity is None else capacity,
-        0 if ttl_ms is None else ttl_ms,
-        b"" if meta is None else to_bytes(meta),
+        validate.arg(script, "node_id", node_id),
+        validate.arg(script, "weight", weight),
+        -1 if capacity is None else validate.arg(script, "capacity", capacity, lo=0),
+        0 if ttl_ms is None else validate.arg(script, "ttl_ms", ttl_ms),
+        b"" if meta is None else validate.arg(script, "meta", meta),
     )
-    return Call("nodes.register", _keys(namespace), args, _bool)
+    return Call(script, _keys(namespace), args, _bool)
 
 
 def heartbeat_call(namespace: Namespace, node_id: str | bytes, ttl_ms: int) -> Call[int]:
     """The ``nodes.heartbeat`` call; parses the new deadline (server ms)."""
-    return Call("nodes.heartbeat", _keys(namespace), (to_bytes(node_id), ttl_ms), int)
+    script = "nodes.heartbeat"
+    args = (validate.arg(script, "node_id", node_id), validate.arg(script, "ttl_ms", ttl_ms))
+    return Call(script, _keys(namespace), args, int)
 
 
 def drain_call(namespace: Namespace, node_id: str | bytes, draining: bool = True) -> Call[bool]:
     """The ``nodes.drain`` call (mode ``on`` or ``off``); parses whether the flag changed."""
     mode = b"on" if draining else b"off"
-    return Call("nodes.drain", _keys(namespace), (to_bytes(node_id), mode), _bool)
+    args = (validate.arg("nodes.drain", "node_id", node_id), mode)
+    return Call("nodes.drain", _keys(namespace), args, _bool)
 
 
 def _removal(reply: Any) -> Removal:
@@ -144,7 +151,8 @@ def _removal(reply: Any) -> Removal:
 
 def remove_call(namespace: Namespace, node_id: str | bytes) -> Call[Removal]:
     """The ``nodes.remove`` call."""
-    return Call("nodes.remove", _keys(namespace), (to_bytes(node_id),), _removal)
+    args = (validate.arg("nodes.remove", "node_id", node_id),)
+    return Call("nodes.remove", _keys(namespace), args, _removal)
 
 
 def _node_info(entry: Any) -> NodeInfo:
@@ -181,7 +189,8 @@ def _sweep(reply: Any) -> SweepResult:
 
 def sweep_call(namespace: Namespace, limit: int = 100) -> Call[SweepResult]:
     """The ``nodes.sweep`` call."""
-    return Call("nodes.sweep", _keys(namespace), (limit,), _sweep)
+    args = (validate.arg("nodes.sweep", "limit", limit, hi=MAX_BATCH_LIMIT),)
+    return Call("nodes.sweep", _keys(namespace), args, _sweep)
 
 
 class Nodes:

@@ -26,7 +26,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from luasched.keys import Namespace, to_bytes
+from luasched import validate
+from luasched.keys import Namespace
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -118,20 +119,22 @@ def _draw(rng: RandomSource) -> int:
 def least_loaded_call(namespace: Namespace, rng: RandomSource, cost: int = 1) -> Call[Picked]:
     """The ``pick.least_loaded`` call (one random integer for ties)."""
     script = "pick.least_loaded"
-    return Call(script, _keys(namespace, script), (cost, _draw(rng)), _charged)
+    args = (validate.arg(script, "cost", cost), _draw(rng))
+    return Call(script, _keys(namespace, script), args, _charged)
 
 
 def two_choices_call(namespace: Namespace, rng: RandomSource, cost: int = 1) -> Call[Picked]:
     """The ``pick.two_choices`` call (three random integers)."""
     script = "pick.two_choices"
-    args = (cost, _draw(rng), _draw(rng), _draw(rng))
+    args = (validate.arg(script, "cost", cost), _draw(rng), _draw(rng), _draw(rng))
     return Call(script, _keys(namespace, script), args, _charged)
 
 
 def release_call(namespace: Namespace, node_id: str | bytes, cost: int = 1) -> Call[int]:
     """The ``pick.release`` call; parses the node's load after the release."""
     script = "pick.release"
-    return Call(script, _keys(namespace, script), (to_bytes(node_id), cost), int)
+    args = (validate.arg(script, "node_id", node_id), validate.arg(script, "cost", cost))
+    return Call(script, _keys(namespace, script), args, int)
 
 
 def round_robin_call(namespace: Namespace) -> Call[Picked]:

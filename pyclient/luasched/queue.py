@@ -30,9 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from luasched.keys import Namespace, to_bytes
+from luasched import validate
+from luasched.errors import InvalidArgument
+from luasched.keys import Namespace
 from luasched.loops import Loop, Run, Wait, drive
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
+from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -64,6 +67,8 @@ __all__ = [
     "RequeuedDispatched",
     "ack_call",
     "check_eviction_policy",
+    "check_queue_options",
+    "check_take",
     "dequeue_call",
     "dispatch_call",
     "dispatch_requeue_dead_call",
@@ -84,6 +89,8 @@ __all__ = [
 
 MIN_PRIORITY = -512
 MAX_PRIORITY = 511
+#: A queue name is 1..MAX_QUEUE_NAME_BYTES bytes (the tail of its key names).
+MAX_QUEUE_NAME_BYTES = 1024
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_REQUEST_TTL_MS = 60_000
 DEFAULT_BACKOFF_BASE_MS = 1_000
@@ -119,10 +126,9 @@ class QueueKeys:
 
     @classmethod
     def of(cls, namespace: Namespace, queue: str | bytes) -> QueueKeys:
-        """The keys of ``queue`` (1..1024 bytes, any bytes) in ``namespace``."""
-        name = to_bytes(queue)
-        if not 1 <= len(name) <= 1024:
-            raise ValueError(f"a queue name is 1 to 1024 bytes, got {len(name)}")
+        """The keys of ``queue`` (1..1024 bytes, any bytes) in ``namespace``; InvalidArgument
+        naming ``name`` for anything else."""
+        name = validate.key_bytes("name", queue, 1, MAX_QUEUE_NAME_BYTES)
         fixed = tuple(
             namespace.prefix + b"q:" + kind.encode() + b":" + name for kind in QUEUE_KEY_KINDS
         )
@@ -137,6 +143,11 @@ class QueueKeys:
         """The list blocked dequeuers BLPOP."""
         return self.fixed[5]
 
+    @property
+    def tasks(self) -> bytes:
+        """The queue's task hash: what a ``Lease`` of this queue records as its ``queue``."""
+        return self.fixed[4]
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -144,6 +155,12 @@ class Lease:
 
     ``token`` is the lease's fencing token: it only grows per queue, so a larger token is a newer
     lease. ``attempt`` counts the leases of this task, this one included (1 = first).
+
+    ``queue`` is the key of the task hash of the queue that leased it
+    (``luasched:{ns}:q:tasks:<name>``, ``...:d:tasks:<name>`` for a node queue's lease): ``ack``,
+    ``nack``, ``extend`` and ``ack_and_dequeue`` of any other queue refuse the lease with
+    ``InvalidArgument`` naming ``lease``, before any I/O. A lease built by hand without it (b"")
+    is sent as it is (the script answers StaleLease if the queue does not hold it).
     """
 
     task_id: bytes
@@ -151,6 +168,7 @@ class Lease:
     attempt: int
     token: int
     deadline_ms: int
+    queue: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -204,7 +222,47 @@ def _optional(value: Any) -> int | None:
 
 
 def _request(request_id: str | bytes | None) -> bytes:
-    return new_request_id() if request_id is None else to_bytes(request_id)
+    return validate.request_id("request_id", request_id, new_request_id)
+
+
+def _held(script: str, lease: object, queue: bytes) -> tuple[bytes, int]:
+    """The task id and token of ``lease`` (a Lease of the queue whose task hash is ``queue``)."""
+    held = validate.lease("lease", lease, queue)
+    task_id = validate.arg(script, "task_id", held.task_id, name="lease.task_id")
+    return task_id, validate.arg(script, "token", held.token, name="lease.token")
+
+
+def _max_attempts(script: str, value: object) -> int:
+    return validate.arg(script, "max_attempts", value)  # type: ignore[no-any-return]
+
+
+def check_queue_options(
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    backoff_base_ms: int = DEFAULT_BACKOFF_BASE_MS,
+    backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
+    request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    poll_ms: int = DEFAULT_POLL_MS,
+    **others: Any,
+) -> None:
+    """Check a queue's options (``Queue``, ``AsyncQueue``, ``sharded_queue``) before any I/O;
+    InvalidArgument naming the first bad one. ``others`` (rng, client...) are not checked."""
+    _max_attempts("queue.enqueue", max_attempts)
+    validate.arg("queue.nack", "backoff_base_ms", backoff_base_ms)
+    validate.arg("queue.nack", "backoff_max_ms", backoff_max_ms)
+    validate.arg("queue.enqueue", "request_ttl_ms", request_ttl_ms)
+    validate.arg("queue.dequeue", "lease_ms", poll_ms, name="poll_ms")
+
+
+def check_take(worker_id: object, n: object, lease_ms: object, block_ms: object) -> None:
+    """Check the arguments of a take (``dequeue``, ``dequeue_many``, ``ack_and_dequeue`` of a
+    queue, node queue or sharded queue) before any I/O: ``worker_id``, ``n`` (1..max_batch),
+    ``lease_ms`` as the dequeue script takes them, and ``block_ms`` (an int 0..the longest
+    lease; a negative one is an error, not "no wait")."""
+    script = "queue.dequeue"
+    validate.arg(script, "worker_id", worker_id)
+    validate.arg(script, "count", n, name="n", hi=MAX_BATCH_LIMIT)
+    validate.arg(script, "lease_ms", lease_ms)
+    validate.arg(script, "wait_ms", block_ms, name="block_ms")
 
 
 def _enqueued(reply: Any) -> Enqueued:
@@ -226,21 +284,23 @@ def enqueue_call(
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
 ) -> Call[Enqueued]:
-    """The ``queue.enqueue`` call (request_id None: a fresh random one; b"": none)."""
+    """The ``queue.enqueue`` call (request_id None: a fresh random one; b"": none).
+    InvalidArgument for any argument out of the script's range (``luasched.validate``)."""
+    script = "queue.enqueue"
     rid = _request(request_id)
     args = (
-        to_bytes(task_id),
-        to_bytes(payload),
-        priority,
-        delay_ms,
-        max_attempts,
+        validate.arg(script, "task_id", task_id),
+        validate.arg(script, "payload", payload),
+        validate.arg(script, "priority", priority),
+        validate.arg(script, "delay_ms", delay_ms),
+        _max_attempts(script, max_attempts),
         rid,
-        request_ttl_ms,
+        validate.arg(script, "request_ttl_ms", request_ttl_ms),
     )
     return Call("queue.enqueue", keys.with_request(rid), args, _enqueued)
 
 
-def _dequeued(reply: Any) -> Dequeued:
+def _dequeued(reply: Any, queue: bytes = b"") -> Dequeued:
     leases = tuple(
         Lease(
             task_id=bytes(reply[index]),
@@ -248,22 +308,29 @@ def _dequeued(reply: Any) -> Dequeued:
             attempt=int(reply[index + 2]),
             token=int(reply[index + 3]),
             deadline_ms=int(reply[index + 4]),
+            queue=queue,
         )
         for index in range(1, len(reply), 5)
     )
     return Dequeued(leases, None if leases else _optional(reply[0]))
 
 
-def _first_lease(reply: Any) -> Lease | None:
-    leases = _dequeued(reply).leases
+def _first_lease(reply: Any, queue: bytes = b"") -> Lease | None:
+    leases = _dequeued(reply, queue).leases
     return leases[0] if leases else None
 
 
-def _lease_list(reply: Any) -> list[Lease]:
-    return list(_dequeued(reply).leases)
+def _lease_list(reply: Any, queue: bytes = b"") -> list[Lease]:
+    return list(_dequeued(reply, queue).leases)
 
 
 _SHAPES: dict[str, Any] = {"reply": _dequeued, "one": _first_lease, "many": _lease_list}
+
+
+def _shape(shape: str, queue: bytes) -> Callable[[Any], Any]:
+    """The reply parser of a take: ``shape`` of the reply, leases of the queue ``queue``."""
+    parse = _SHAPES[shape]
+    return lambda reply: parse(reply, queue)
 
 
 def dequeue_call(
@@ -283,18 +350,20 @@ def dequeue_call(
     ``shape`` says how the reply is parsed: ``reply`` (a Dequeued), ``one`` (Lease or None),
     ``many`` (a list of Lease).
     """
+    script = "queue.dequeue"
+    ack_task_id, ack_token = (b"", 0) if ack is None else _held("queue.ack", ack, keys.tasks)
     rid = _request(request_id)
     args = (
-        to_bytes(worker_id),
-        count,
-        lease_ms,
-        wait_ms,
-        b"" if ack is None else ack.task_id,
-        0 if ack is None else ack.token,
+        validate.arg(script, "worker_id", worker_id),
+        validate.arg(script, "count", count, hi=MAX_BATCH_LIMIT),
+        validate.arg(script, "lease_ms", lease_ms),
+        validate.arg(script, "wait_ms", wait_ms),
+        ack_task_id,
+        ack_token,
         rid,
-        request_ttl_ms,
+        validate.arg(script, "request_ttl_ms", request_ttl_ms),
     )
-    return Call("queue.dequeue", keys.with_request(rid), args, _SHAPES[shape])
+    return Call(script, keys.with_request(rid), args, _shape(shape, keys.tasks))
 
 
 #: A dequeue script call by (wait_ms, ack, request id, reply shape): what a blocking take repeats.
@@ -314,9 +383,10 @@ def ack_call(
     script: str = "queue.ack",
 ) -> Call[bool]:
     """The ``queue.ack`` call (``queue.node_ack`` with DispatchKeys: the same ARGV); parses True
-    (an ack either succeeds or raises)."""
+    (an ack either succeeds or raises). InvalidArgument for a lease of another queue."""
+    task_id, token = _held(script, lease, keys.tasks)
     rid = _request(request_id)
-    args = (lease.task_id, lease.token, rid, request_ttl_ms)
+    args = (task_id, token, rid, validate.arg(script, "request_ttl_ms", request_ttl_ms))
     return Call(script, keys.with_request(rid), args, _one)
 
 
@@ -337,17 +407,19 @@ def nack_call(
     script: str = "queue.nack",
 ) -> Call[Nacked]:
     """The ``queue.nack`` call (``queue.node_nack`` with DispatchKeys: the same ARGV; delay_ms
-    None: the script's exponential backoff)."""
+    None: the script's exponential backoff, so a delay is 0 or more)."""
+    task_id, token = _held(script, lease, keys.tasks)
+    delay = -1 if delay_ms is None else validate.arg(script, "delay_ms", delay_ms, lo=0)
     rid = _request(request_id)
     args = (
-        lease.task_id,
-        lease.token,
-        -1 if delay_ms is None else delay_ms,
-        to_bytes(reason),
-        backoff_base_ms,
-        backoff_max_ms,
+        task_id,
+        token,
+        delay,
+        validate.arg(script, "reason", reason),
+        validate.arg(script, "backoff_base_ms", backoff_base_ms),
+        validate.arg(script, "backoff_max_ms", backoff_max_ms),
         rid,
-        request_ttl_ms,
+        validate.arg(script, "request_ttl_ms", request_ttl_ms),
     )
     return Call(script, keys.with_request(rid), args, _nacked)
 
@@ -357,7 +429,8 @@ def extend_call(
 ) -> Call[int]:
     """The ``queue.extend`` call (``queue.node_extend`` with DispatchKeys: the same ARGV); parses
     the new deadline (server ms)."""
-    args = (lease.task_id, lease.token, lease_ms)
+    task_id, token = _held(script, lease, keys.tasks)
+    args = (task_id, token, validate.arg(script, "lease_ms", lease_ms))
     return Call(script, keys.with_request(b""), args, int)
 
 
@@ -367,7 +440,9 @@ def _requeued(reply: Any) -> str:
 
 def requeue_dead_call(keys: QueueKeys, task_id: str | bytes) -> Call[str]:
     """The ``queue.requeue_dead`` call; parses ``requeued`` or where the task is."""
-    return Call("queue.requeue_dead", keys.with_request(b""), (to_bytes(task_id),), _requeued)
+    script = "queue.requeue_dead"
+    args = (validate.arg(script, "task_id", task_id),)
+    return Call(script, keys.with_request(b""), args, _requeued)
 
 
 def _stats(reply: Any) -> QueueStats:
@@ -433,6 +508,11 @@ class DispatchKeys:
         )
         registry = tuple(namespace.key(name) for name in DISPATCH_REGISTRY_KEYS)
         return cls(namespace, queue, fixed, registry)
+
+    @property
+    def tasks(self) -> bytes:
+        """The dispatched tasks' hash: what a node queue's ``Lease`` records as its ``queue``."""
+        return self.fixed[4]
 
     def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
         """The 19 KEYS of a call with ``request_id`` (b"": none; the key is then unused)."""
@@ -529,26 +609,29 @@ def dispatch_call(
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
 ) -> Call[Dispatched]:
-    """The ``queue.dispatch`` call (three random integers from ``rng``)."""
+    """The ``queue.dispatch`` call (three random integers from ``rng``). InvalidArgument naming
+    ``routing_key`` when strategy ``slot`` has none."""
+    script = "queue.dispatch"
     if strategy == "slot" and routing_key is None:
-        raise ValueError("strategy 'slot' needs a routing_key")
+        raise InvalidArgument("routing_key must be given with strategy 'slot'")
+    key = b"" if routing_key is None else routing_key
     rid = _request(request_id)
     args = (
-        to_bytes(task_id),
-        to_bytes(payload),
-        strategy,
-        b"" if routing_key is None else to_bytes(routing_key),
-        cost,
-        priority,
-        delay_ms,
-        max_attempts,
+        validate.arg(script, "task_id", task_id),
+        validate.arg(script, "payload", payload),
+        validate.arg(script, "strategy", strategy),
+        validate.arg(script, "routing_key", key, name="routing_key", hi=MAX_KEY_BYTES_LIMIT),
+        validate.arg(script, "cost", cost),
+        validate.arg(script, "priority", priority),
+        validate.arg(script, "delay_ms", delay_ms),
+        _max_attempts(script, max_attempts),
         rng.randrange(RANDOM_LIMIT),
         rng.randrange(RANDOM_LIMIT),
         rng.randrange(RANDOM_LIMIT),
         rid,
-        request_ttl_ms,
+        validate.arg(script, "request_ttl_ms", request_ttl_ms),
     )
-    return Call("queue.dispatch", keys.with_request(rid), args, _dispatched)
+    return Call(script, keys.with_request(rid), args, _dispatched)
 
 
 def node_dequeue_call(
@@ -565,12 +648,19 @@ def node_dequeue_call(
 ) -> Call[Any]:
     """The ``queue.node_dequeue`` call; ``shape`` as in ``dequeue_call``. ``wait_ms`` 0 sends
     the 6 arguments of a non-blocking call (the 7th, wait_ms, is optional)."""
+    script = "queue.node_dequeue"
     rid = _request(request_id)
-    args: tuple[Any, ...] = (to_bytes(node_id), to_bytes(worker_id), count, lease_ms, rid,
-                             request_ttl_ms)  # fmt: skip
-    if wait_ms:
+    args: tuple[Any, ...] = (
+        validate.arg(script, "node_id", node_id),
+        validate.arg(script, "worker_id", worker_id),
+        validate.arg(script, "count", count, hi=MAX_BATCH_LIMIT),
+        validate.arg(script, "lease_ms", lease_ms),
+        rid,
+        validate.arg(script, "request_ttl_ms", request_ttl_ms),
+    )
+    if validate.arg("queue.dequeue", "wait_ms", wait_ms):
         args = (*args, wait_ms)
-    return Call("queue.node_dequeue", keys.with_request(rid), args, _SHAPES[shape])
+    return Call(script, keys.with_request(rid), args, _shape(shape, keys.tasks))
 
 
 def node_take(
@@ -651,8 +741,13 @@ def redispatch_call(
     keys: DispatchKeys, node_id: str | bytes, rng: RandomSource, limit: int = 100
 ) -> Call[Redispatched]:
     """The ``queue.redispatch`` call (one random seed from ``rng``)."""
-    args = (to_bytes(node_id), limit, rng.randrange(RANDOM_LIMIT))
-    return Call("queue.redispatch", keys.with_request(b""), args, _redispatched)
+    script = "queue.redispatch"
+    args = (
+        validate.arg(script, "node_id", node_id),
+        validate.arg(script, "limit", limit),
+        rng.randrange(RANDOM_LIMIT),
+    )
+    return Call(script, keys.with_request(b""), args, _redispatched)
 
 
 def _requeued_dispatched(reply: Any) -> RequeuedDispatched:
@@ -664,12 +759,16 @@ def dispatch_requeue_dead_call(
     keys: DispatchKeys, task_id: str | bytes, rng: RandomSource
 ) -> Call[RequeuedDispatched]:
     """The ``queue.dispatch_requeue_dead`` call (one random seed from ``rng``)."""
-    args = (to_bytes(task_id), rng.randrange(RANDOM_LIMIT))
-    return Call("queue.dispatch_requeue_dead", keys.with_request(b""), args, _requeued_dispatched)
+    script = "queue.dispatch_requeue_dead"
+    args = (validate.arg(script, "task_id", task_id), rng.randrange(RANDOM_LIMIT))
+    return Call(script, keys.with_request(b""), args, _requeued_dispatched)
 
 
-def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...]) -> Call[DispatchStats]:
-    """The ``queue.node_stats`` call for ``nodes`` (1..100 node ids)."""
+def dispatch_stats_call(
+    keys: DispatchKeys, nodes: tuple[str | bytes, ...] | list[str | bytes]
+) -> Call[DispatchStats]:
+    """The ``queue.node_stats`` call for ``nodes`` (a list or tuple of 1..100 node ids)."""
+    ids: tuple[bytes, ...] = validate.many("queue.node_stats", "node_id", nodes, name="nodes")
 
     def parse(reply: Any) -> DispatchStats:
         values = [int(value) for value in reply]
@@ -679,12 +778,12 @@ def dispatch_stats_call(keys: DispatchKeys, nodes: tuple[bytes, ...]) -> Call[Di
                 assigned=values[6 + 3 * index],
                 load=None if values[7 + 3 * index] < 0 else values[7 + 3 * index],
             )
-            for index, node in enumerate(nodes)
+            for index, node in enumerate(ids)
         }
         now_ms, ready, delayed, leased, dead = values[:5]
         return DispatchStats(now_ms, ready, delayed, leased, dead, per_node)
 
-    return Call("queue.node_stats", keys.with_request(b""), nodes, parse)
+    return Call("queue.node_stats", keys.with_request(b""), ids, parse)
 
 
 EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
@@ -808,6 +907,7 @@ class Queue:
         poll_ms: int = DEFAULT_POLL_MS,
         rng: RandomSource | None = None,
     ) -> None:
+        check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
         self._runner = runner
         self._client = client
         self.keys = QueueKeys.of(namespace, name)
@@ -882,6 +982,8 @@ class Queue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        check_take(worker_id, count, lease_ms, block_ms)
+
         def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
             return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
 
@@ -947,6 +1049,7 @@ class Queue:
 
         Raises StaleLease (and takes nothing) when ``lease`` is no longer held.
         """
+        validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
         return self._take(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")  # type: ignore[no-any-return]
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
@@ -1046,7 +1149,7 @@ class Queue:
 
     def for_node(self, node_id: str | bytes) -> NodeQueue:
         """The queue of the tasks dispatched to ``node_id``: what its workers take and finish."""
-        return NodeQueue(self, to_bytes(node_id))
+        return NodeQueue(self, validate.arg("queue.node_dequeue", "node_id", node_id))
 
     def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
         """Move up to ``limit`` (1..100) tasks off a dead, draining or removed node.
@@ -1071,9 +1174,7 @@ class Queue:
 
     def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes]) -> DispatchStats:
         """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes`` (1..100)."""
-        return self._runner.run(
-            dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
-        )
+        return self._runner.run(dispatch_stats_call(self.dispatch_keys, nodes))
 
 
 class NodeQueue:
@@ -1099,6 +1200,7 @@ class NodeQueue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        check_take(worker_id, count, lease_ms, block_ms)
         q = self.queue
         keys = q.dispatch_keys
         call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)

@@ -3,7 +3,16 @@
 Every script is a Jinja2 template under ``lua/`` (shipped in the wheel as ``luasched/lua``).
 Rendering takes trusted configuration only (``ScriptConfig``, include files, the CRC16 table):
 nothing that varies per call ever enters a script, so each configuration yields one fixed text
-and one SHA1. Rendering happens once per process and configuration (``render_all`` is cached).
+and one SHA1.
+
+Scripts are rendered once per version, not per process: the package carries the default
+configuration's scripts, already rendered, with their manifest (``luasched/rendered/``, written
+by ``make snapshots`` and checked by a test to equal a fresh render). ``render_all`` loads them
+on first use, after checking the fingerprint stored beside them (a hash of every template file,
+this module's source, the configuration and the version) against the templates installed with
+the package: when they differ (a template edited in a source checkout), it renders afresh
+instead, so it never serves stale scripts. Any other configuration is rendered, once per
+process. Jinja2 is imported only when something is rendered.
 
 Each template starts with a header of ``--@tag`` lines that is parsed into the manifest::
 
@@ -19,54 +28,76 @@ Each template starts with a header of ``--@tag`` lines that is parsed into the m
     --@complexity text
     --@since      6.2                          oldest server version the script supports
     --@flags      no-writes ...                Redis 7 script flags (used for Functions)
+
+Every script with KEYS must declare CORRUPT (its run() answers it for a key of another type),
+and gets the namespace check of include/keys.lua.j2, generated from its ``--@key`` patterns
+(``key_kinds``) and placed right after the header, before any other code.
 """
 
 from __future__ import annotations
 
 import binascii
-import functools
 import hashlib
 import importlib.resources
 import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-
-from luasched import __version__
+from luasched._version import __version__
 from luasched.errors import ERROR_CODES
 
+if TYPE_CHECKING:
+    import jinja2
+
 __all__ = [
+    "MAX_BATCH_LIMIT",
+    "MAX_KEY_BYTES_LIMIT",
     "ArgSpec",
     "FunctionsLibrary",
     "KeySpec",
+    "LazyScripts",
     "RenderedScript",
     "ScriptConfig",
     "ScriptSpec",
     "TemplateError",
     "drop_unused_functions",
     "export",
+    "fingerprint",
     "function_name",
     "functions_library",
     "functions_of",
+    "is_ready",
     "library_name",
     "library_of",
     "manifest",
     "render_all",
+    "render_count",
     "templates_dir",
+    "write_shipped",
 ]
 
 MANIFEST_VERSION = 1
 TEMPLATE_SUFFIX = ".lua.j2"
 #: The file ``export`` writes the Redis Functions library to (next to the scripts).
 FUNCTIONS_FILE = "luasched-functions.lua"
+#: The manifest ``export`` writes next to the scripts.
+MANIFEST_FILE = "manifest.json"
+#: Where the package carries the default configuration's scripts, rendered (``write_shipped``).
+SHIPPED_DIR = Path(__file__).resolve().parent / "rendered"
+#: The file beside them that holds the fingerprint of what they were rendered from.
+FINGERPRINT_FILE = "fingerprint"
 KNOWN_FLAGS = frozenset(
     {"no-writes", "allow-oom", "allow-stale", "no-cluster", "allow-cross-slot-keys"}
 )
 ARG_TYPES = frozenset({"int", "number", "string", "enum"})
+#: The largest ``ScriptConfig.max_batch`` (``unpack()`` fails at 8000 values).
+MAX_BATCH_LIMIT = 7000
+#: The largest ``ScriptConfig.max_key_bytes``.
+MAX_KEY_BYTES_LIMIT = 1 << 20
 
 
 class TemplateError(Exception):
@@ -86,10 +117,10 @@ class ScriptConfig:
     max_key_bytes: int = 4096
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= 7000:  # unpack() fails at 8000 values
-            raise ValueError("max_batch must be 1..7000")
-        if not 1 <= self.max_key_bytes <= 1 << 20:
-            raise ValueError("max_key_bytes must be 1..1048576")
+        if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}")
+        if not 1 <= self.max_key_bytes <= MAX_KEY_BYTES_LIMIT:
+            raise ValueError(f"max_key_bytes must be 1..{MAX_KEY_BYTES_LIMIT}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,8 @@ def crc16_table() -> list[int]:
 
 
 def _environment(directory: Path) -> jinja2.Environment:
+    import jinja2  # here, not at the top: loading the shipped scripts needs no Jinja2
+
     # Delimiters chosen so that no Lua construct can open a tag: "{@" never occurs in Lua,
     # unlike "{{" (nested tables) or "{#" (length of a table); statements are whole lines
     # starting with "--%", which also keeps templates readable as Lua.
@@ -207,7 +240,9 @@ _KEY = re.compile(
     r"\s+--\s+(?P<text>.+)$"
 )
 _ERROR = re.compile(r"^(?P<code>[A-Z][A-Z0-9_]*)\s+(?P<text>.+)$")
-_FAIL_CALL = re.compile(r"\bfail\('([A-Z][A-Z0-9_]*)'")
+# Without a leading \b (checked in _raised_codes): a pattern that starts with a literal is
+# searched for that literal first, about 50 times faster over a long script.
+_FAIL_CALL = re.compile(r"fail\('([A-Z][A-Z0-9_]*)'")
 
 
 def _number(text: str, where: str) -> float:
@@ -297,7 +332,11 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     flags = tuple(fields.get("flags", "").split())
     if not set(flags) <= KNOWN_FLAGS:
         raise TemplateError(f"{name}: unknown flags {sorted(set(flags) - KNOWN_FLAGS)}")
-    used = set(_FAIL_CALL.findall(text))
+    if keys and not any(code == "CORRUPT" for code, _ in errors):
+        # run() answers CORRUPT for a key of another type (prelude.lua.j2): every script that
+        # takes KEYS can raise it, so its header says so.
+        raise TemplateError(f"{name}: takes KEYS but does not declare CORRUPT")
+    used = _raised_codes(text)
     declared = {code for code, _ in errors}
     if used - declared:
         raise TemplateError(f"{name}: raises undeclared error codes {sorted(used - declared)}")
@@ -312,6 +351,16 @@ def parse_header(name: str, text: str) -> ScriptSpec:
         since=fields["since"],
         flags=flags,
     )
+
+
+def _raised_codes(text: str) -> set[str]:
+    """The codes of every ``fail('CODE'`` call in ``text`` (``fail`` a whole word)."""
+    codes = set()
+    for match in _FAIL_CALL.finditer(text):
+        before = text[match.start() - 1] if match.start() else " "
+        if not (before.isalnum() or before == "_"):
+            codes.add(match[1])
+    return codes
 
 
 _FUNCTION_START = re.compile(r"^local function ([A-Za-z_][A-Za-z0-9_]*)\(", re.M)
@@ -374,17 +423,113 @@ def _is_comment(line: str) -> bool:
 
 
 def render_all(config: ScriptConfig | None = None) -> Mapping[str, RenderedScript]:
-    """Render every script for ``config`` (default ``ScriptConfig()``); each configuration once.
+    """Every script for ``config`` (default ``ScriptConfig()``), rendered at most once per process.
 
-    Returns a read-only mapping of script name (``"slots.keyslot"``) to ``RenderedScript``; the
-    same object for equal configurations. Raises TemplateError when a template breaks the contract.
+    Returns a read-only mapping of script name (``"slots.keyslot"``) to ``RenderedScript``, in
+    name order; the same object for equal configurations, whichever thread asks first. The
+    default configuration is loaded from the scripts the package carries when their fingerprint
+    matches the installed templates (no rendering, no Jinja2); otherwise, and for any other
+    configuration, the templates are rendered. Thread-safe: the first call for a configuration
+    takes a lock, so concurrent first calls wait for one load or render instead of each doing
+    it; later calls take no lock. Raises TemplateError when a template breaks the contract.
     """
-    return _render_all(config or ScriptConfig())
+    config = config or ScriptConfig()
+    found = _scripts.get(config)
+    if found is not None:
+        return found
+    return _scripts_for(config, templates_dir(), SHIPPED_DIR)
 
 
-@functools.cache
-def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
-    directory = templates_dir()
+def is_ready(config: ScriptConfig | None = None) -> bool:
+    """Whether ``render_all(config)`` would answer at once (already loaded or rendered)."""
+    return (config or ScriptConfig()) in _scripts
+
+
+def render_count() -> int:
+    """How many times this process rendered the templates: at most once per configuration, and
+    never for the default configuration of a package whose templates match its shipped scripts."""
+    return _renders
+
+
+#: Configuration -> its scripts, filled once per configuration under ``_lock``.
+_scripts: dict[ScriptConfig, Mapping[str, RenderedScript]] = {}
+_libraries: dict[ScriptConfig, FunctionsLibrary] = {}
+#: Reentrant: the Functions library of a configuration is built from its scripts.
+_lock = threading.RLock()
+_renders = 0
+
+
+def _scripts_for(
+    config: ScriptConfig, templates: Path, shipped: Path
+) -> Mapping[str, RenderedScript]:
+    """The cached scripts of ``config``, else the shipped ones if they match ``templates``,
+    else a fresh render of ``templates``; cached once under the lock."""
+    with _lock:
+        found = _scripts.get(config)
+        if found is None:
+            found = _load_shipped(config, templates, shipped)
+            if found is None:
+                found = _render(config, templates)
+            _scripts[config] = found
+        return found
+
+
+def fingerprint(config: ScriptConfig, templates: Path | None = None) -> str:
+    """SHA-256 of everything the rendered scripts and their manifest are made from: luasched's
+    version, ``config``, the source of this module and of ``luasched.errors`` (the renderer and
+    the error codes), and every file under ``templates`` (default ``templates_dir()``) with its
+    path. Equal fingerprints mean a fresh render would write the same files. Raises OSError
+    when a file cannot be read."""
+    from luasched import errors
+
+    directory = templates or templates_dir()
+    digest = hashlib.sha256()
+
+    def part(label: str, data: bytes) -> None:
+        digest.update(f"{label}\0{len(data)}\0".encode())
+        digest.update(data)
+
+    part("version", __version__.encode())
+    part("config", json.dumps(asdict(config), sort_keys=True).encode())
+    part("render.py", Path(__file__).read_bytes())
+    part("errors.py", Path(errors.__file__).read_bytes())
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            part(path.relative_to(directory).as_posix(), path.read_bytes())
+    return digest.hexdigest()
+
+
+def _load_shipped(
+    config: ScriptConfig, templates: Path, shipped: Path
+) -> Mapping[str, RenderedScript] | None:
+    """The scripts in ``shipped`` if they were rendered from exactly ``templates`` with
+    ``config`` (their stored fingerprint matches) and each file's SHA1 is the manifest's; None
+    otherwise (then the caller renders)."""
+    if config != ScriptConfig():
+        return None
+    try:
+        stored = (shipped / FINGERPRINT_FILE).read_text("ascii").strip()
+        if stored != fingerprint(config, templates):
+            return None
+        index = json.loads((shipped / MANIFEST_FILE).read_text("utf-8"))
+        scripts: dict[str, RenderedScript] = {}
+        for name, entry in sorted(index["scripts"].items()):
+            text = (shipped / entry["file"]).read_bytes().decode("utf-8")
+            sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
+            if sha1 != entry["sha1"]:
+                return None
+            scripts[name] = RenderedScript(
+                name=name, text=text, sha1=sha1, spec=parse_header(name, text)
+            )
+    except (OSError, ValueError, KeyError, TypeError, TemplateError):
+        return None
+    return _ReadOnly(scripts) if scripts else None
+
+
+def _render(config: ScriptConfig, directory: Path) -> Mapping[str, RenderedScript]:
+    """Render every template under ``directory`` for ``config`` (no cache; counted)."""
+    global _renders
+    _renders += 1
     environment = _environment(directory)
     context: dict[str, Any] = {
         "config": config,
@@ -394,20 +539,106 @@ def _render_all(config: ScriptConfig) -> Mapping[str, RenderedScript]:
     for template_name in _template_names(directory):
         name = _script_name(template_name)
         template = environment.get_template(template_name)
-        # Twice: the header (parsed from the first rendering) says the layout's key types,
-        # which scripts declaring CORRUPT get for their error path (prelude.lua.j2, run()).
+        # Twice: the header (parsed from the first rendering) says the layout's key types, which
+        # every script with KEYS gets for its error path (prelude.lua.j2, run()), and the key
+        # patterns its namespace check is generated from (keys.lua.j2, placed after the header).
         spec = parse_header(name, template.render(context, script_name=name, layout_types=""))
-        layout_types = ""
-        if any(code == "CORRUPT" for code, _ in spec.errors):
-            layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
+        layout_types = ", ".join(f"'{key.type}'" for key in spec.keys)
         text = template.render(context, script_name=name, layout_types=layout_types)
+        text = _with_key_check(environment, name, spec, text)
         text = drop_unused_functions(text, name)
         spec = parse_header(name, text)
         sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
         scripts[name] = RenderedScript(name=name, text=text, sha1=sha1, spec=spec)
     if not scripts:
         raise TemplateError(f"no templates found in {directory}")
-    return _ReadOnly(scripts)
+    return _ReadOnly(dict(sorted(scripts.items())))
+
+
+class LazyScripts(Mapping[str, RenderedScript]):
+    """``render_all(config)``, fetched on first access instead of when this object is made.
+
+    ``luasched.asyncio`` holds its scripts this way, so that creating a Scheduler on the event
+    loop does no work; its runner awaits ``render_all`` in a worker thread before its first
+    call (``AsyncScriptRunner.ready``). Reading it before that loads or renders on the calling
+    thread.
+    """
+
+    def __init__(self, config: ScriptConfig) -> None:
+        self.config = config
+
+    def resolved(self) -> Mapping[str, RenderedScript]:
+        """The scripts themselves: ``render_all(self.config)``."""
+        return render_all(self.config)
+
+    def __getitem__(self, name: str) -> RenderedScript:
+        return self.resolved()[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.resolved())
+
+    def __len__(self) -> int:
+        return len(self.resolved())
+
+
+_KIND = re.compile(r"[a-z][a-z:_-]*")
+_TAIL = re.compile(r"<([a-z_]+)>")
+
+
+def key_kinds(spec: ScriptSpec) -> list[dict[str, Any]]:
+    """How the namespace check (include/keys.lua.j2) compares each KEYS entry, from its pattern.
+
+    ``kind`` is the fixed text after ``luasched:{ns}:`` up to the first ``<placeholder>``
+    (``q:tasks:`` for ``luasched:{ns}:q:tasks:<queue>``). ``mode`` says what the key must be,
+    with ``prefix`` the ``luasched:{<ns>}:`` of KEYS[1]:
+
+    - ``exact`` (no placeholder): exactly prefix .. kind;
+    - ``first`` (kind and one trailing placeholder, its first such key): prefix .. kind .. the
+      rest, which becomes the placeholder's value (``tail`` names the Lua local holding it);
+    - ``same`` (the same shape, a later key): prefix .. kind .. that same value (so every
+      ``<queue>`` of one call names one queue);
+    - ``kind`` (more placeholders, e.g. ``q:req:<request_id>:<queue>``): starts with
+      prefix .. kind.
+
+    ``source`` is the position of the key that gave the value (``first``/``same``).
+    """
+    checks: list[dict[str, Any]] = []
+    first_of: dict[str, int] = {}
+    for position, key in enumerate(spec.keys, 1):
+        rest = key.pattern[len("luasched:{ns}:") :]
+        kind, placeholder, tail = rest.partition("<")
+        if not _KIND.fullmatch(kind):
+            raise TemplateError(f"{spec.name}: key pattern {key.pattern!r} has no plain kind")
+        check: dict[str, Any] = {"position": position, "kind": kind, "pattern": key.pattern}
+        single = _TAIL.fullmatch("<" + tail) if placeholder else None
+        if not placeholder:
+            check["mode"] = "exact"
+        elif single is None:
+            check["mode"] = "kind"
+        else:
+            name = single.group(1)
+            check["tail"] = f"tail_{name}"
+            check["mode"] = "same" if name in first_of else "first"
+            check["source"] = first_of.setdefault(name, position)
+        checks.append(check)
+    return checks
+
+
+def _with_key_check(environment: jinja2.Environment, name: str, spec: ScriptSpec, text: str) -> str:
+    """``text`` with the namespace check of ``spec``'s KEYS (include/keys.lua.j2) placed right
+    after the ``--@`` header: it runs before anything else, lean paths included."""
+    if not spec.keys:
+        return text
+    checks = key_kinds(spec)
+    tails = sorted({check["tail"] for check in checks if "tail" in check})
+    check = environment.get_template("include/keys.lua.j2").render(
+        script_name=name, key_checks=checks, tails=tails
+    )
+    lines = text.split("\n")
+    end = 0
+    while end < len(lines) and lines[end].startswith("--@"):
+        end += 1
+    return "\n".join(lines[:end]) + "\n" + check.rstrip("\n") + "\n" + "\n".join(lines[end:])
 
 
 class _ReadOnly(Mapping[str, RenderedScript]):
@@ -459,7 +690,12 @@ def manifest(config: ScriptConfig | None = None) -> dict[str, Any]:
     The schema is documented in docs/manifest.md.
     """
     config = config or ScriptConfig()
-    scripts = render_all(config)
+    return _manifest_of(render_all(config), config, functions_of(config))
+
+
+def _manifest_of(
+    scripts: Mapping[str, RenderedScript], config: ScriptConfig, library: FunctionsLibrary
+) -> dict[str, Any]:
     return {
         "manifest_version": MANIFEST_VERSION,
         "luasched_version": __version__,
@@ -490,8 +726,8 @@ def manifest(config: ScriptConfig | None = None) -> dict[str, Any]:
             "file": FUNCTIONS_FILE,
             "library": library_name(),
             "functions": {name: function_name(name) for name in sorted(scripts)},
-            "digest_function": functions_of(config).digest_function,
-            "digest": functions_of(config).digest,
+            "digest_function": library.digest_function,
+            "digest": library.digest,
         },
     }
 
@@ -502,20 +738,51 @@ def export(directory: str | Path, config: ScriptConfig | None = None) -> list[Pa
 
     Creates the directory if needed; returns the written paths. The output is deterministic.
     """
-    target = Path(directory)
+    config = config or ScriptConfig()
+    return _write(Path(directory), render_all(config), config, functions_of(config))
+
+
+def _write(
+    target: Path,
+    scripts: Mapping[str, RenderedScript],
+    config: ScriptConfig,
+    library: FunctionsLibrary,
+) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for script in render_all(config).values():
+    for script in scripts.values():
         path = target / script.file_name
         path.write_bytes(script.text.encode("utf-8"))
         written.append(path)
     path = target / FUNCTIONS_FILE
-    path.write_bytes(functions_library(config).encode("ascii"))
+    path.write_bytes(library.text.encode("ascii"))
     written.append(path)
-    path = target / "manifest.json"
-    path.write_text(json.dumps(manifest(config), indent=2, sort_keys=False) + "\n", "utf-8")
+    path = target / MANIFEST_FILE
+    data = _manifest_of(scripts, config, library)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", "utf-8")
     written.append(path)
     return written
+
+
+def write_shipped(directory: Path | None = None) -> list[Path]:
+    """Render the default configuration afresh from ``templates_dir()`` and write it where the
+    package loads it from (default ``SHIPPED_DIR``): what ``export`` writes, plus the
+    fingerprint file. Removes the directory's other files first (a script whose template is
+    gone). ``make snapshots`` runs it; the result is reviewed and committed.
+    """
+    target = directory or SHIPPED_DIR
+    config = ScriptConfig()
+    templates = templates_dir()
+    stamp = fingerprint(config, templates)
+    scripts = _render(config, templates)
+    if target.is_dir():
+        for old in target.iterdir():
+            if old.is_file():
+                old.unlink()
+    written = _write(target, scripts, config, library_of(scripts))
+    path = target / FINGERPRINT_FILE
+    path.write_text(stamp + "\n", "ascii")
+    return [*written, path]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +827,7 @@ class FunctionsLibrary:
 _LIBRARY_HEADER = """\
 -- luasched {version}: every luasched script as a Redis Functions library (Redis 7.0+, Valkey 8+).
 -- Generated by `luasched functions`; do not edit. Load it with
--- FUNCTION LOAD REPLACE (`luasched install-functions REDIS_URL` does it on every primary).
+-- FUNCTION LOAD REPLACE (`luasched install-functions --url URL` does it on every primary).
 --
 -- Each function's body is byte for byte the script of the same name (manifest.json: same SHA1),
 -- wrapped as `function(KEYS, ARGV) <script> end`, so FCALL name numkeys KEYS... ARGV... answers
@@ -621,9 +888,14 @@ def library_of(scripts: Mapping[str, RenderedScript]) -> FunctionsLibrary:
     )
 
 
-@functools.cache
 def _library(config: ScriptConfig) -> FunctionsLibrary:
-    return library_of(_render_all(config))
+    found = _libraries.get(config)
+    if found is None:
+        with _lock:
+            found = _libraries.get(config)
+            if found is None:
+                found = _libraries[config] = library_of(render_all(config))
+    return found
 
 
 def functions_library(config: ScriptConfig | None = None) -> str:

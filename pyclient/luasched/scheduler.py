@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from luasched import validate
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, Semaphore
 from luasched.nodes import Nodes
@@ -17,6 +18,7 @@ from luasched.scripts import Batch, ScriptRunner, SyncClient
 from luasched.sharded import (
     DEFAULT_BLOCK_SLICE_MS,
     ShardedQueue,
+    check_sharded,
     partition_namespace,
     sharded_layout,
 )
@@ -28,10 +30,15 @@ __all__ = ["Scheduler", "SchedulerPipeline"]
 class Scheduler:
     """The luasched API for one namespace on one redis-py client.
 
-    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``; ``namespace`` names
+    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster`` that answers bytes
+    (``decode_responses=False``, redis-py's default; a decoding client is refused here with
+    InvalidArgument naming ``client``, before any call could lease a task it cannot read);
+    ``namespace`` names
     the hash tag that holds every key of this scheduler (1..128 bytes, no braces). Creating a
-    Scheduler does no I/O; scripts are rendered once per process and configuration and loaded
-    on first use (or up front with ``load_scripts``).
+    Scheduler does no network I/O. Its scripts come from ``render_all``: the default
+    configuration's are read from the package (rendered when it was built), any other
+    configuration is rendered once per process (thread-safe); they are sent to the server on
+    first use (or up front with ``load_scripts``).
 
     Attributes:
         slots: hash slots and their owners (``s.slots.owner(key)``, ``s.slots.rebalance()``).
@@ -60,6 +67,9 @@ class Scheduler:
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        validate.client("client", client)
+        if use_functions is not None:
+            validate.flag("use_functions", use_functions)
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
@@ -134,11 +144,12 @@ class Scheduler:
         The first call per Scheduler reads the server's maxmemory-policy and warns
         (``RuntimeWarning``) if it could evict queue keys; CONFIG being refused is not an error.
         """
-        if not getattr(self, "_eviction_checked", False):
+        options.setdefault("rng", self._rng)
+        queue = Queue(self.runner, self.namespace, name, client=self.client, **options)
+        if not getattr(self, "_eviction_checked", False):  # after the checks of Queue()
             self._eviction_checked = True
             check_eviction_policy(self.client, self.namespace)
-        options.setdefault("rng", self._rng)
-        return Queue(self.runner, self.namespace, name, client=self.client, **options)
+        return queue
 
     def sharded_queue(
         self,
@@ -156,7 +167,7 @@ class Scheduler:
         evicting maxmemory-policy of each partition's primary. Raises ValueError when the queue
         was created with another number of partitions.
         """
-        raw = name.encode() if isinstance(name, str) else name
+        raw = check_sharded(name, partitions, block_slice_ms, options)
         layout = sharded_layout(self.client, self.namespace, raw, partitions, self.runner.retry)
         queues = []
         for candidate in layout:

@@ -38,8 +38,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from luasched import validate
+from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
-from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats, remaining_ms
+from luasched.queue import (
+    MAX_QUEUE_NAME_BYTES,
+    Enqueued,
+    Lease,
+    Nacked,
+    Queue,
+    QueueStats,
+    check_queue_options,
+    check_take,
+    remaining_ms,
+)
 from luasched.retry import RetryPolicy
 
 __all__ = [
@@ -49,13 +61,17 @@ __all__ = [
     "Rotation",
     "ShardedQueue",
     "ShardedStats",
+    "check_sharded",
     "checked_layout",
     "decode_layout",
     "encode_layout",
     "layout_key",
+    "partition_for",
     "partition_namespace",
     "plan_layout",
     "route",
+    "routed",
+    "slice_ms",
     "slot_groups",
 ]
 
@@ -82,6 +98,7 @@ class PartitionLease(Lease):
             attempt=lease.attempt,
             token=lease.token,
             deadline_ms=lease.deadline_ms,
+            queue=lease.queue,
             partition=partition,
         )
 
@@ -216,10 +233,45 @@ def checked_layout(value: bytes | None, partitions: int, name: bytes) -> tuple[i
     return candidates
 
 
-def _check_lease(lease: Lease, partitions: int) -> PartitionLease:
+def _check_lease(lease: object, partitions: int) -> PartitionLease:
+    """``lease`` if it is a PartitionLease of one of ``partitions`` partitions (its partition
+    then checks that the lease is its own); InvalidArgument naming ``lease`` otherwise."""
     if not isinstance(lease, PartitionLease) or not 0 <= lease.partition < partitions:
-        raise TypeError("a sharded queue takes the PartitionLease it handed out")
+        raise InvalidArgument(
+            f"lease must be a PartitionLease this sharded queue handed out, got {lease!r}"
+        )
     return lease
+
+
+def check_sharded(
+    name: object, partitions: object, block_slice_ms: object, options: dict[str, Any]
+) -> bytes:
+    """Check ``sharded_queue``'s arguments (its queue ``options`` too) before it reads or writes
+    the layout; the name as bytes. InvalidArgument naming the first bad one."""
+    raw = validate.key_bytes("name", name, 1, MAX_QUEUE_NAME_BYTES)
+    validate.integer("partitions", partitions, 1, MAX_PARTITIONS)
+    slice_ms(block_slice_ms)
+    check_queue_options(**options)
+    return raw
+
+
+def slice_ms(block_slice_ms: object) -> int:
+    """``block_slice_ms`` if it is an int 1..the longest wait; InvalidArgument naming it."""
+    return validate.arg("queue.dequeue", "wait_ms", block_slice_ms, name="block_slice_ms", lo=1)  # type: ignore[no-any-return]
+
+
+def routed(routing_key: object, partitions: int) -> int:
+    """``route`` of a routing key given by the caller: InvalidArgument naming ``routing_key``
+    when it is not bytes or str."""
+    return route(validate.key_bytes("routing_key", routing_key, 0, None), partitions)
+
+
+def partition_for(task_id: object, routing_key: object, partitions: int) -> int:
+    """The partition of a task: of ``routing_key``, or of ``task_id`` when it is None (checked
+    first: InvalidArgument naming the one that is not bytes or str)."""
+    if routing_key is None:
+        return route(validate.arg("queue.enqueue", "task_id", task_id), partitions)
+    return routed(routing_key, partitions)
 
 
 class ShardedQueue:
@@ -241,12 +293,12 @@ class ShardedQueue:
         self.partitions = tuple(queues)
         self.namespaces = tuple(queue.keys.namespace for queue in queues)
         self.name = queues[0].name
-        self.block_slice_ms = block_slice_ms
+        self.block_slice_ms = slice_ms(block_slice_ms)
         self.rotation = Rotation(len(queues))
 
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
-        return route(routing_key, len(self.partitions))
+        return routed(routing_key, len(self.partitions))
 
     def enqueue(
         self,
@@ -260,7 +312,7 @@ class ShardedQueue:
         request_id: str | bytes | None = None,
     ) -> Enqueued:
         """``Queue.enqueue`` on the partition of ``routing_key`` (default: the task id)."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return self.partitions[partition].enqueue(
             task_id,
             payload,
@@ -289,6 +341,7 @@ class ShardedQueue:
         self, worker_id: str | bytes, n: int, lease_ms: int, *, block_ms: int = 0
     ) -> list[PartitionLease]:
         """Take up to ``n`` tasks, the partitions asked in this worker's rotation order."""
+        check_take(worker_id, n, lease_ms, block_ms)
         deadline = time.monotonic() + block_ms / 1000
         while True:
             taken = self._sweep(worker_id, n, lease_ms)
@@ -317,6 +370,7 @@ class ShardedQueue:
         partition, else an ack and a dequeue (so chaining does not pin a worker to one
         partition). Raises StaleLease (and takes nothing) when ``lease`` is no longer held."""
         held = _check_lease(lease, len(self.partitions))
+        check_take(worker_id, 1, lease_ms, block_ms)
         if self.rotation.order(worker_id)[0] == held.partition:
             queue = self.partitions[held.partition]
             following = queue.ack_and_dequeue(held, worker_id, lease_ms)
@@ -351,7 +405,7 @@ class ShardedQueue:
 
     def requeue_dead(self, task_id: str | bytes, *, routing_key: str | bytes | None = None) -> bool:
         """``Queue.requeue_dead`` on the partition of ``routing_key`` (default: the task id)."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return self.partitions[partition].requeue_dead(task_id)
 
     def stats(self) -> ShardedStats:

@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from luasched.keys import Namespace, to_bytes
+from luasched import validate
+from luasched.keys import Namespace
+from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
 from luasched.scripts import Call
 
 __all__ = [
@@ -46,9 +48,20 @@ def _ints(reply: Any) -> list[int]:
 
 def keyslots_call(keys: Iterable[str | bytes]) -> Call[list[int]]:
     """The ``slots.keyslot`` call for ``keys`` (str is sent as UTF-8)."""
-    if isinstance(keys, (str, bytes)):
-        raise TypeError("keys must be a sequence of keys, not a single key")
-    return Call("slots.keyslot", (), tuple(to_bytes(key) for key in keys), _ints)
+    return Call("slots.keyslot", (), _many_keys("slots.keyslot", keys), _ints)
+
+
+def _many_keys(script: str, keys: object) -> tuple[bytes, ...]:
+    """``keys`` (a list or tuple, not one key) as ARGV of ``script``; InvalidArgument naming
+    ``keys``. Up to the largest ``max_batch`` and ``max_key_bytes`` (the script checks the
+    configured ones)."""
+    return validate.many(
+        script, "key", keys, name="keys", most=MAX_BATCH_LIMIT, hi=MAX_KEY_BYTES_LIMIT
+    )
+
+
+def _key(script: str, key: object) -> bytes:
+    return validate.arg(script, "key", key, hi=MAX_KEY_BYTES_LIMIT)  # type: ignore[no-any-return]
 
 
 def _first(reply: Any) -> int:
@@ -57,7 +70,7 @@ def _first(reply: Any) -> int:
 
 def keyslot_call(key: str | bytes) -> Call[int]:
     """The ``slots.keyslot`` call for one key."""
-    return Call("slots.keyslot", (), (to_bytes(key),), _first)
+    return Call("slots.keyslot", (), (_key("slots.keyslot", key),), _first)
 
 
 @dataclass(frozen=True)
@@ -93,20 +106,19 @@ def _owners(reply: Any) -> list[Owner]:
 
 def owner_call(namespace: Namespace, key: str | bytes) -> Call[Owner]:
     """The ``slots.owner`` call for one key."""
-    return Call("slots.owner", namespace.registry_keys, (to_bytes(key),), _owner)
+    return Call("slots.owner", namespace.registry_keys, (_key("slots.owner", key),), _owner)
 
 
 def owners_call(namespace: Namespace, keys: Iterable[str | bytes]) -> Call[list[Owner]]:
     """The ``slots.owners`` call for ``keys`` (1 to ``ScriptConfig.max_batch``)."""
-    if isinstance(keys, (str, bytes)):
-        raise TypeError("keys must be a sequence of keys, not a single key")
-    args = tuple(to_bytes(key) for key in keys)
+    args = _many_keys("slots.owners", keys)
     return Call("slots.owners", namespace.registry_keys, args, _owners)
 
 
 def owner_of_slot_call(namespace: Namespace, slot: int) -> Call[Owner]:
     """The ``slots.owner_of_slot`` call."""
-    return Call("slots.owner_of_slot", namespace.registry_keys, (slot,), _owner)
+    args = (validate.arg("slots.owner_of_slot", "slot", slot),)
+    return Call("slots.owner_of_slot", namespace.registry_keys, args, _owner)
 
 
 def _rebalance(reply: Any) -> Rebalance:

@@ -15,10 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from luasched.keys import Namespace
-from luasched.nodes import list_call
-from luasched.queue import QueueKeys, stats_call
 from luasched.render import ScriptConfig, render_all
-from luasched.scripts import ScriptRunner
 
 __all__ = [
     "DEFAULT_MAX_SCAN",
@@ -32,7 +29,6 @@ __all__ = [
 
 DEFAULT_MAX_SCAN = 100_000
 SCAN_COUNT = 1000
-_GLOB_SPECIAL = b"*?[]\\"
 
 
 def _text(raw: bytes) -> str:
@@ -102,19 +98,9 @@ class NamespaceStats:
         return asdict(self)
 
 
-def _escape(raw: bytes) -> bytes:
-    """``raw`` with SCAN MATCH's special characters escaped (the namespace is any bytes)."""
-    out = bytearray()
-    for byte in raw:
-        if byte in _GLOB_SPECIAL:
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)
-
-
-def _scan(client: Any, prefix: bytes, max_scan: int) -> tuple[list[bytes], bool]:
-    """Keys starting with ``prefix``; at most ceil(max_scan / SCAN_COUNT) SCAN calls."""
-    pattern = _escape(prefix) + b"*"
+def _scan(client: Any, namespace: Namespace, max_scan: int) -> tuple[list[bytes], bool]:
+    """The keys of ``namespace``; at most ceil(max_scan / SCAN_COUNT) SCAN calls."""
+    pattern = namespace.key_pattern
     found: list[bytes] = []
     cursor = 0
     for _ in range(max(1, math.ceil(max_scan / SCAN_COUNT))):
@@ -143,6 +129,11 @@ def namespace_stats(
 
     ``client``: a redis-py ``Redis`` or ``RedisCluster`` answering bytes.
     """
+    # Here, not at the top: the CLI reads DEFAULT_MAX_SCAN for every command, redis not needed.
+    from luasched.nodes import list_call
+    from luasched.queue import QueueKeys, stats_call
+    from luasched.scripts import ScriptRunner
+
     space = Namespace(namespace)
     runner = ScriptRunner(client, render_all(config or ScriptConfig()))
     listing = runner.run(list_call(space))
@@ -167,7 +158,7 @@ def namespace_stats(
         for node in listing.nodes
     )
     owned = sum(node.slots for node in listing.nodes)
-    keys, truncated = _scan(_scan_client(client, space), prefix, max_scan)
+    keys, truncated = _scan(_scan_client(client, space), space, max_scan)
     queue_names: set[bytes] = set()
     lock_names: set[bytes] = set()
     semaphore_names: set[bytes] = set()

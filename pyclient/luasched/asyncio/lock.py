@@ -27,6 +27,8 @@ from luasched.lock import (
     LockBase,
     ReleaseResult,
     SemaphoreBase,
+    acquire_deadline,
+    held_token,
     renew_loop,
 )
 from luasched.loops import drive_async
@@ -153,8 +155,9 @@ class AsyncLock(LockBase):
         self, blocking: bool = True, timeout: float | None = None
     ) -> AsyncLockHandle | None:
         """Take the lock; see ``luasched.lock.Lock.acquire``. Safe to cancel."""
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
         got = await drive_async(
-            self._acquire_loop(blocking, timeout),
+            self._acquire_loop(blocking, deadline),
             self._runner.run,
             self._runner.client,
             cancel_checks=True,
@@ -177,7 +180,7 @@ class AsyncLock(LockBase):
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold; see ``luasched.lock.Lock.release``."""
-        result = await self._runner.run(self._release_call(handle.token))
+        result = await self._runner.run(self._release_call(held_token(handle)))
         if not result.released or result.count == 0:
             renewer = self._renewers.pop(handle.token, None)
             if renewer is not None:
@@ -186,7 +189,7 @@ class AsyncLock(LockBase):
 
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the deadline; see ``luasched.lock.Lock.extend``."""
-        return await self._runner.run(self._extend_call(handle.token, ttl_ms))
+        return await self._runner.run(self._extend_call(held_token(handle), ttl_ms))
 
     def renewal_lost(self, handle: Hold) -> bool:
         """Whether auto-renew found the hold lost."""
@@ -231,8 +234,9 @@ class AsyncSemaphore(SemaphoreBase):
         self, blocking: bool = True, timeout: float | None = None
     ) -> AsyncPermitHandle | None:
         """Take a permit; see ``luasched.lock.Semaphore.acquire``. Safe to cancel."""
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
         got = await drive_async(
-            self._acquire_loop(blocking, timeout),
+            self._acquire_loop(blocking, deadline),
             self._runner.run,
             self._runner.client,
             cancel_checks=True,
@@ -246,8 +250,8 @@ class AsyncSemaphore(SemaphoreBase):
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back."""
-        return await self._runner.run(self._release_call(handle.token))
+        return await self._runner.run(self._release_call(held_token(handle)))
 
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease while it is live."""
-        return await self._runner.run(self._extend_call(handle.token, ttl_ms))
+        return await self._runner.run(self._extend_call(held_token(handle), ttl_ms))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from luasched import validate
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace, to_bytes
+from luasched.keys import Namespace
 from luasched.loops import drive_async
 from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
@@ -29,6 +30,8 @@ from luasched.queue import (
     TakeCall,
     ack_call,
     blocking_take,
+    check_queue_options,
+    check_take,
     dequeue_call,
     dispatch_call,
     dispatch_requeue_dead_call,
@@ -93,6 +96,7 @@ class AsyncQueue:
         on_first_call: Any = None,
         rng: RandomSource | None = None,
     ) -> None:
+        check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
         self._runner = runner
         self._client = client
         self._on_first_call = on_first_call
@@ -169,6 +173,8 @@ class AsyncQueue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        check_take(worker_id, count, lease_ms, block_ms)
+
         def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
             return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
 
@@ -230,6 +236,7 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
+        validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
         taken: Lease | None = await self._take(
             worker_id, 1, lease_ms, block_ms, lease, request_id, "one"
         )
@@ -317,7 +324,7 @@ class AsyncQueue:
 
     def for_node(self, node_id: str | bytes) -> AsyncNodeQueue:
         """The tasks dispatched to ``node_id``; see ``luasched.queue.Queue.for_node``."""
-        return AsyncNodeQueue(self, to_bytes(node_id))
+        return AsyncNodeQueue(self, validate.arg("queue.node_dequeue", "node_id", node_id))
 
     async def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
         """Move tasks off a dead node; see ``luasched.queue.Queue.redispatch``."""
@@ -337,9 +344,7 @@ class AsyncQueue:
         self, nodes: tuple[str | bytes, ...] | list[str | bytes]
     ) -> DispatchStats:
         """Counts of the dispatched tasks; see ``luasched.queue.Queue.dispatch_stats``."""
-        result: DispatchStats = await self._run(
-            dispatch_stats_call(self.dispatch_keys, tuple(to_bytes(node) for node in nodes))
-        )
+        result: DispatchStats = await self._run(dispatch_stats_call(self.dispatch_keys, nodes))
         return result
 
 
@@ -359,6 +364,7 @@ class AsyncNodeQueue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
+        check_take(worker_id, count, lease_ms, block_ms)
         q = self.queue
         keys = q.dispatch_keys
         call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from luasched import validate
 from luasched.asyncio.lock import AsyncLock, AsyncSemaphore
 from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.pick import AsyncPick
@@ -16,15 +17,19 @@ from luasched.asyncio.slots import AsyncSlots
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.pick import RandomSource
-from luasched.render import RenderedScript, ScriptConfig, render_all
+from luasched.render import LazyScripts, RenderedScript, ScriptConfig
 from luasched.retry import RetryPolicy
-from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, partition_namespace
+from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, check_sharded, partition_namespace
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
 
 
 class Scheduler:
-    """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``."""
+    """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``.
+
+    Creating it does no work: its scripts are loaded (or, for a custom configuration, rendered)
+    in a worker thread before its first call, never on the event loop.
+    """
 
     def __init__(
         self,
@@ -36,10 +41,15 @@ class Scheduler:
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        validate.client("client", client)
+        if use_functions is not None:
+            validate.flag("use_functions", use_functions)
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
-        self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
+        # Loaded (or, for a custom configuration, rendered) in a worker thread before the first
+        # call: never on the event loop (AsyncScriptRunner.ready).
+        self.scripts: Mapping[str, RenderedScript] = LazyScripts(self.config)
         self.runner = AsyncScriptRunner(
             client, self.scripts, use_functions=use_functions, retry=retry
         )
@@ -126,7 +136,7 @@ class Scheduler:
         **options: Any,
     ) -> AsyncShardedQueue:
         """See ``luasched.Scheduler.sharded_queue`` (awaited: it reads the layout)."""
-        raw = name.encode() if isinstance(name, str) else name
+        raw = check_sharded(name, partitions, block_slice_ms, options)
         layout = await sharded_layout_async(
             self.client, self.namespace, raw, partitions, self.runner.retry
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from luasched.render import RenderedScript
+from luasched.render import LazyScripts, RenderedScript, is_ready
 from luasched.retry import RetryPolicy
 from luasched.scripts import (
     Call,
@@ -32,7 +33,9 @@ AsyncClient = redis.asyncio.Redis | RedisCluster
 class AsyncScriptRunner:
     """Runs luasched scripts on one ``redis.asyncio`` client (``Redis`` or ``RedisCluster``).
 
-    Same guarantees as ``luasched.scripts.ScriptRunner``.
+    Same guarantees as ``luasched.scripts.ScriptRunner``. ``scripts`` may be a ``LazyScripts``:
+    every call awaits ``ready()`` first, so the scripts are loaded or rendered in a worker
+    thread, never on the event loop.
     """
 
     def __init__(
@@ -48,6 +51,17 @@ class AsyncScriptRunner:
         self._handles: dict[str, AsyncScript] = {}
         self.route = FunctionsRoute(scripts, use_functions)
         self.retry = retry or RetryPolicy()
+        self._pending = isinstance(scripts, LazyScripts)
+
+    async def ready(self) -> None:
+        """Make the scripts ready without blocking the event loop: a ``LazyScripts`` not yet
+        loaded or rendered in this process is, in a worker thread (``asyncio.to_thread``); once
+        per process and configuration (``render_all`` is thread-safe). Then a no-op."""
+        if self._pending:
+            scripts = self.scripts
+            if isinstance(scripts, LazyScripts) and not is_ready(scripts.config):
+                await asyncio.to_thread(scripts.resolved)
+            self._pending = False
 
     def _handle(self, name: str) -> AsyncScript:
         handle = self._handles.get(name)
@@ -77,6 +91,7 @@ class AsyncScriptRunner:
 
     async def uses_functions(self) -> bool:
         """Whether single calls go through FCALL now (probes the server(s) once if needed)."""
+        await self.ready()
         if self.route.needs_probe():
             await self._probe()
         return bool(self.route.installed)
@@ -85,6 +100,7 @@ class AsyncScriptRunner:
         """Run one call: FCALL if the library is installed, else EVALSHA, on NOSCRIPT load and
         retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``); sent again on
         a failover's or resharding's errors, as ``self.retry`` says."""
+        await self.ready()
         return await self.retry.call_async(lambda: self._run_once(call))
 
     async def _run_once(self, call: Call[T]) -> T:
@@ -104,6 +120,7 @@ class AsyncScriptRunner:
 
     async def load(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script (every primary of a cluster); name -> SHA1."""
+        await self.ready()
         loaded = {}
         for name, script in self.scripts.items():
             sha1 = await self.client.script_load(script.text.encode("utf-8"))
@@ -115,6 +132,7 @@ class AsyncScriptRunner:
 
     async def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name."""
+        await self.ready()
         library = self.route.library
         for node in self._primaries():
             options = {} if node is None else {"target_nodes": node}
@@ -155,6 +173,7 @@ class AsyncBatch:
         calls, self._calls = self._calls, []
         if not calls:
             return []
+        await self._runner.ready()
         replies = await self._send(calls)
         retry = noscript_indexes(replies)
         if retry:

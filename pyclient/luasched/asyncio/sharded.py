@@ -8,7 +8,7 @@ from typing import Any
 
 from luasched.asyncio.queue import AsyncQueue
 from luasched.keys import Namespace
-from luasched.queue import Enqueued, Lease, Nacked, remaining_ms
+from luasched.queue import Enqueued, Lease, Nacked, check_take, remaining_ms
 from luasched.retry import RetryPolicy
 from luasched.sharded import (
     DEFAULT_BLOCK_SLICE_MS,
@@ -19,8 +19,10 @@ from luasched.sharded import (
     checked_layout,
     encode_layout,
     layout_key,
+    partition_for,
     plan_layout,
-    route,
+    routed,
+    slice_ms,
     slot_groups,
 )
 
@@ -56,12 +58,12 @@ class AsyncShardedQueue:
         self.partitions = tuple(queues)
         self.namespaces = tuple(queue.keys.namespace for queue in queues)
         self.name = queues[0].name
-        self.block_slice_ms = block_slice_ms
+        self.block_slice_ms = slice_ms(block_slice_ms)
         self.rotation = Rotation(len(queues))
 
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
-        return route(routing_key, len(self.partitions))
+        return routed(routing_key, len(self.partitions))
 
     async def enqueue(
         self,
@@ -75,7 +77,7 @@ class AsyncShardedQueue:
         request_id: str | bytes | None = None,
     ) -> Enqueued:
         """See ``luasched.sharded.ShardedQueue.enqueue``."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return await self.partitions[partition].enqueue(
             task_id,
             payload,
@@ -105,6 +107,7 @@ class AsyncShardedQueue:
         self, worker_id: str | bytes, n: int, lease_ms: int, *, block_ms: int = 0
     ) -> list[PartitionLease]:
         """See ``luasched.sharded.ShardedQueue.dequeue_many``."""
+        check_take(worker_id, n, lease_ms, block_ms)
         deadline = time.monotonic() + block_ms / 1000
         while True:
             taken = await self._sweep(worker_id, n, lease_ms)
@@ -131,6 +134,7 @@ class AsyncShardedQueue:
     ) -> PartitionLease | None:
         """See ``luasched.sharded.ShardedQueue.ack_and_dequeue``."""
         held = _check_lease(lease, len(self.partitions))
+        check_take(worker_id, 1, lease_ms, block_ms)
         if self.rotation.order(worker_id)[0] == held.partition:
             queue = self.partitions[held.partition]
             following = await queue.ack_and_dequeue(held, worker_id, lease_ms)
@@ -169,7 +173,7 @@ class AsyncShardedQueue:
         self, task_id: str | bytes, *, routing_key: str | bytes | None = None
     ) -> bool:
         """``requeue_dead`` on the partition of ``routing_key`` (default: the task id)."""
-        partition = self.partition_of(task_id if routing_key is None else routing_key)
+        partition = partition_for(task_id, routing_key, len(self.partitions))
         return await self.partitions[partition].requeue_dead(task_id)
 
     async def stats(self) -> ShardedStats:

@@ -1,0 +1,3 @@
+"""The version of luasched (pyproject.toml reads it from here: one definition)."""
+
+__version__ = "0.1.0"
