@@ -83,11 +83,14 @@ chaos: venv servers
 
 # After a template change: render the scripts afresh into pyclient/luasched/rendered/ (the
 # package carries them, so no process renders the default configuration; what `luasched export`
-# writes, plus the fingerprint of the templates they come from) and regenerate docs/scripts.md.
+# writes, plus the fingerprint of the templates they come from) and regenerate docs/scripts.md
+# and the command table of docs/acl.md.
 # Review the diff (SHA1 changes) and commit it.
 snapshots: venv
 	$(VENV)/bin/python -c "from luasched.render import write_shipped; write_shipped()"
 	$(VENV)/bin/luasched reference > docs/scripts.md
+	$(VENV)/bin/python -c "import pathlib; from luasched.acl import with_reasons_table as w; \
+		p = pathlib.Path('docs/acl.md'); p.write_text(w(p.read_text()))"
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build dist tests/node/node_modules

@@ -192,7 +192,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.user_properties.append((SERVER_PROPERTY, server_of[item.nodeid]))
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    # The longest tests first (marked slow; a stable sort keeps the order otherwise): xdist
+    # hands tests out in this order, so they start early instead of ending the run on one worker.
+    keep.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items[:] = keep
 
 
 # --------------------------------------------------------------------------------------------

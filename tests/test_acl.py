@@ -27,6 +27,8 @@ import io
 import re
 import secrets
 import subprocess
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -34,14 +36,15 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+import redis.connection
 from redis.exceptions import NoPermissionError
 
 import luasched.asyncio
 from helpers import namespace_keys, snapshot_ignoring_ttl
 from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
 from luasched.cli import main
-from luasched.keys import Namespace
-from luasched.queue import Lease, QueueKeys
+from luasched.keys import Namespace, glob_escape
+from luasched.queue import Lease, QueueKeys, node_dequeue_call
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
 from servers import ROOT, ServerHandle, find_redis_cli
@@ -338,10 +341,7 @@ def test_docs_explain_every_command() -> None:
     """docs/acl.md's table is ``reasons_markdown()``: every command the rule can grant, and why."""
     text = (ROOT / "docs" / "acl.md").read_text()
     table = text.split("tests/test_acl.py checks it -->\n", 1)[1].split("<!-- end generated", 1)[0]
-    assert table == reasons_markdown(), (
-        "docs/acl.md's table is stale: paste the output of "
-        "python -c 'from luasched.acl import reasons_markdown; print(reasons_markdown())'"
-    )
+    assert table == reasons_markdown(), "docs/acl.md's table is stale: `make snapshots` writes it"
     rows = re.findall(r"^\| `([a-z_\\|]+)` \|", table, re.M)
     assert [row.replace("\\", "") for row in rows] == acl_commands(functions=True, cluster=True)
 
@@ -655,3 +655,224 @@ def test_hostile_values_round_trip_and_never_change_the_script(
     else:
         every_key = list(r.scan_iter(count=1000))
     assert every_key and all(bytes(key).startswith(prefixes) for key in every_key)
+
+
+# --------------------------------------------------------------------------------------------
+# Every key any script touches is one of its KEYS: each call runs as a user allowed exactly the
+# keys of that call (Redis checks the keys of every command a script calls against the calling
+# user, on every server of the matrix, 6.2 included).
+
+
+class PerCallUser:
+    """One ACL user whose keys are set, before every command its client sends, to exactly the
+    keys of that command (``COMMAND GETKEYS``: a script call's KEYS, a BLPOP's lists; for a
+    pipeline the keys of its commands), every command allowed. Commands with no key run with no
+    key allowed. Created on every primary; ``delete()`` removes it."""
+
+    def __init__(self, server: ServerHandle) -> None:
+        self.name = "luasched-call-" + secrets.token_hex(6)
+        self.server = server
+        self.admins = server.primaries()
+        self.admins[0].set_response_callback("COMMAND", lambda reply, **_: reply)  # raw keys
+        self.sent: list[tuple[bytes, ...]] = []  # the key sets the user was limited to
+        self.limit([])
+
+    def limit(self, commands: list[tuple[Any, ...]]) -> None:
+        keys: list[bytes] = []
+        for command in commands:
+            keys += [key for key in self._keys_of(command) if key not in keys]
+        self.sent.append(tuple(keys))
+        patterns = [b"~" + glob_escape(key) for key in keys]
+        for admin in self.admins:
+            admin.execute_command("ACL", "SETUSER", self.name, "reset", "on", "nopass",
+                                  "+@all", *patterns)  # fmt: skip
+
+    def _keys_of(self, command: tuple[Any, ...]) -> list[bytes]:
+        try:
+            found = self.admins[0].execute_command("COMMAND", "GETKEYS", *command)
+        except redis.ResponseError:  # a command without key arguments
+            return []
+        return [bytes(key) for key in found]
+
+    def client(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """A client logged in as this user, each of its commands limited to its own keys."""
+        user = self
+
+        class Limited(redis.connection.Connection):
+            def send_command(self, *args: Any, **kwargs: Any) -> None:
+                user.limit([args])
+                super().send_command(*args, **kwargs)
+
+            def pack_commands(self, commands: Any) -> Any:
+                user.limit([tuple(command) for command in commands])
+                return super().pack_commands(commands)
+
+        login = {"username": self.name, "password": "x", "connection_class": Limited}
+        if self.server.is_cluster:  # from_url: the nodes' pools get the connection class
+            url = f"redis://{self.server.host}:{self.server.port}"
+            return redis.cluster.RedisCluster.from_url(url, **login)
+        pool = redis.ConnectionPool(host=self.server.host, port=self.server.port, **login)
+        return redis.Redis(connection_pool=pool)
+
+    def refusals(self) -> list[Any]:
+        """The ACL LOG entries of this user on every primary."""
+        entries = []
+        for admin in self.admins:
+            for entry in admin.execute_command("ACL", "LOG", "128"):
+                if not isinstance(entry, dict):  # RESP2: a flat list of names and values
+                    entry = dict(zip(entry[::2], entry[1::2], strict=True))
+                fields = entry
+                if fields.get(b"username") == self.name.encode():
+                    entries.append(fields)
+        return entries
+
+    def delete(self) -> None:
+        for admin in self.admins:
+            admin.execute_command("ACL", "DELUSER", self.name)
+            admin.close()
+
+
+@pytest.fixture
+def per_call_users(server: ServerHandle) -> Iterator[Any]:
+    """A factory of ``PerCallUser`` (each with its own client); all deleted after the test, and
+    no ACL LOG entry of any of them allowed."""
+    made: list[tuple[PerCallUser, redis.Redis | redis.cluster.RedisCluster]] = []
+
+    def make() -> tuple[PerCallUser, redis.Redis | redis.cluster.RedisCluster]:
+        user = PerCallUser(server)
+        made.append((user, user.client()))
+        return made[-1]
+
+    try:
+        yield make
+        for user, _ in made:
+            assert not user.refusals(), user.refusals()
+    finally:
+        for user, client in made:
+            client.close()
+            user.delete()
+
+
+def test_a_per_call_user_is_refused_a_key_outside_its_call(
+    r: redis.Redis | redis.cluster.RedisCluster, server: ServerHandle
+) -> None:
+    """The harness below catches what it is for: a script touching a key it was not passed is
+    refused, and the ACL LOG names that key."""
+    user = PerCallUser(server)
+    client = user.client()
+    try:
+        declared = b"luasched:{percall}:declared"
+        assert client.eval("return redis.call('SET', KEYS[1], 'x')", 1, declared) == b"OK"
+        with pytest.raises(redis.ResponseError):
+            client.eval("return redis.call('GET', KEYS[1] .. ':built')", 1, declared)
+        assert user.sent[-1] == (declared,)
+        assert [entry[b"object"] for entry in user.refusals()] == [declared + b":built"]
+    finally:
+        client.close()
+        user.delete()
+
+
+def _node_worker(view: Any, block_ms: int, out: list[Any]) -> None:
+    try:
+        out.append(view.dequeue(b"sleeper", HOUR, block_ms=block_ms))
+    except BaseException as error:  # surfaced by the test's assertion on `out`
+        out.append(error)
+
+
+def test_every_call_runs_as_a_user_allowed_exactly_its_keys(
+    r: redis.Redis | redis.cluster.RedisCluster, per_call_users: Any
+) -> None:
+    """Every operation of every script, and the dispatch scripts on their wake-up paths (each
+    strategy, delayed, promotion and reclaim, nack ready / delayed / dead, requeue of a dead
+    letter, redispatch, a blocking node dequeue woken by a dispatch, a wake-up signal passed on
+    by a worker of another node), each command as a user allowed exactly that command's keys:
+    no NOPERM (every operation answers as it should) and no ACL LOG entry."""
+    _, client = per_call_users()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the eviction-policy check
+        done = every_operation(Scheduler(client, TENANT_A))
+    assert not set(render_all()) - {name.split(" ")[0] for name in done}
+
+    s = Scheduler(client, "percall")
+    s.nodes.register("a", capacity=1000, ttl_ms=HOUR)
+    s.nodes.register("b", capacity=1000, ttl_ms=HOUR)
+    s.slots.rebalance()
+    q = s.queue("jobs")
+    keys = q.dispatch_keys
+
+    def register_waiters() -> None:  # a worker of a and one of b wait (no block here)
+        for node in (b"a", b"b"):
+            wait = node_dequeue_call(keys, node, b"w", 1, HOUR, wait_ms=60_000)
+            assert s.runner.run(wait).leases == ()
+
+    register_waiters()
+    for strategy in ("slot", "least_loaded", "two_choices", "weighted", "round_robin"):
+        assert q.dispatch(strategy, b"", strategy=strategy, routing_key=b"k").created
+        later = strategy + "-later"
+        assert q.dispatch(later, b"", strategy=strategy, routing_key=b"k", delay_ms=1).created
+    time.sleep(0.01)
+
+    def take_all(lease_ms: int) -> list[tuple[bytes, Lease]]:
+        taken: list[tuple[bytes, Lease]] = []
+        for node in (b"a", b"b"):
+            taken += [(node, lease) for lease in q.for_node(node).dequeue_many(b"w", 20, lease_ms)]
+        return taken
+
+    # Promotion (waking the nodes of the due delayed tasks), 1 ms leases, then their reclaim
+    # (waking their nodes again) and every task leased for good.
+    assert take_all(1)
+    time.sleep(0.01)
+    leases: list[tuple[bytes, Lease]] = []
+    while taken := take_all(HOUR):
+        leases += taken
+    assert sorted(lease.task_id for _, lease in leases) == sorted(
+        name.encode() + tail
+        for name in ("slot", "least_loaded", "two_choices", "weighted", "round_robin")
+        for tail in (b"", b"-later")
+    )
+    assert max(lease.attempt for _, lease in leases) >= 2  # a 1 ms lease was reclaimed
+    (first_node, first), (second_node, second), (third_node, third) = leases[:3]
+    assert q.for_node(first_node).extend(first, HOUR) > 0
+    assert q.for_node(first_node).nack(first, delay_ms=0).state == "ready"
+    assert q.for_node(second_node).nack(second, delay_ms=5).state == "delayed"
+    assert q.for_node(third_node).ack(third)
+    short_node = q.dispatch("short", b"", strategy="round_robin", max_attempts=1).node
+    time.sleep(0.01)  # the delayed nack is due
+    retaken: list[tuple[bytes, Lease]] = []
+    while taken := take_all(HOUR):
+        retaken += taken
+    assert sorted(lease.task_id for _, lease in retaken) == sorted(
+        [first.task_id, second.task_id, b"short"]
+    )
+    short = next(lease for _, lease in retaken if lease.task_id == b"short")
+    assert q.for_node(short_node).nack(short).state == "dead"
+    assert q.requeue_dead_dispatched("short").state == "requeued"
+    s.nodes.drain("b")
+    assert q.redispatch("b").node_state == "draining"
+    assert q.dispatch_stats(["a", "b"]).nodes[b"b"].ready == 0
+    s.nodes.undrain("b")
+    time.sleep(0.01)
+    while take_all(HOUR):  # nothing left to take but the next dispatch
+        pass
+
+    # A blocked worker of a is woken by a dispatch to a; a worker of b blocked before it gets
+    # a's signal first and passes it on. Each worker on its own per-call user.
+    r.delete(keys.wake, keys.waiters)  # no signal left from above
+    out_b: list[Any] = []
+    out_a: list[Any] = []
+    _, worker_b_client = per_call_users()
+    _, worker_a_client = per_call_users()
+    worker_b = Scheduler(worker_b_client, "percall").queue("jobs", poll_ms=5_000)
+    worker_a = Scheduler(worker_a_client, "percall").queue("jobs", poll_ms=5_000)
+    blocked_b = threading.Thread(target=_node_worker, args=(worker_b.for_node("b"), 1_500, out_b))
+    blocked_b.start()
+    time.sleep(0.3)
+    blocked_a = threading.Thread(target=_node_worker, args=(worker_a.for_node("a"), 8_000, out_a))
+    blocked_a.start()
+    time.sleep(0.3)
+    owned_by_a = next(k for n in range(10_000) if s.slots.owner(k := f"k{n}").node == b"a")
+    assert q.dispatch("wake-a", b"", strategy="slot", routing_key=owned_by_a).node == b"a"
+    blocked_a.join(10)
+    blocked_b.join(10)
+    assert len(out_a) == 1 and isinstance(out_a[0], Lease) and out_a[0].task_id == b"wake-a"
+    assert out_b == [None]

@@ -20,6 +20,7 @@ from test_chaos import chosen_binary
 LIMIT = 16  # lua/include/queue_limits.j2: reclaim_limit, promote_limit
 
 
+@pytest.mark.slow
 def test_a_million_expired_leases_are_reclaimed_in_bounded_slices(
     luasched_servers: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

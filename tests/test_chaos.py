@@ -29,6 +29,7 @@ def chosen_binary(luasched_servers: dict[str, Any]) -> Path:
     return local_binary(SPECS[name])
 
 
+@pytest.mark.slow
 def test_chaos_run_loses_nothing_and_acks_every_task_once(
     luasched_servers: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

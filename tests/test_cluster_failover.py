@@ -124,6 +124,7 @@ def start_threads(
     return threads
 
 
+@pytest.mark.slow
 def test_a_primary_crashes_and_its_replica_takes_over_mid_run(
     replicated: ReplicatedCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -236,6 +237,7 @@ def move_slot(ports: list[int], slot: int, source: int, target: int) -> int:
     return moved
 
 
+@pytest.mark.slow
 def test_slots_move_between_primaries_while_workers_run(
     replicated: ReplicatedCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:

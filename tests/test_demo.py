@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def figure(output: str, label: str) -> int:
     return int(found[1])
 
 
+@pytest.mark.slow
 def test_demo_runs_to_its_summary() -> None:
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     done = subprocess.run(

@@ -401,6 +401,7 @@ def test_exported_library_matches(tmp_path: Path) -> None:
 # On every server
 
 
+@pytest.mark.slow
 def test_every_script_answers_the_same_through_fcall_and_evalsha(r: Any, server: Any) -> None:
     """Same inputs, same replies (errors byte for byte) and same effects, for every script."""
     if server.version < (7, 0):

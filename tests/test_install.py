@@ -10,11 +10,14 @@ import sys
 import venv
 from pathlib import Path
 
+import pytest
+
 from luasched.render import manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pip_install_then_export_outside_the_repository(tmp_path: Path) -> None:
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)

@@ -276,6 +276,7 @@ def case_of(scenario: tuple[redis.Redis, dict[str, Recorded]], script: str) -> C
     return Case(conn, recorded[script])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", scripts_with_keys())
 def test_a_key_of_another_type_is_refused_or_left_alone(
     scenario: tuple[redis.Redis, dict[str, Recorded]], script: str
@@ -347,6 +348,7 @@ def foreign_keys(script: str, keys: Sequence[bytes]) -> Iterator[tuple[str, list
         yield f"namespace {name!r}", [in_namespace(key, name) for key in keys]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", scripts_with_keys())
 def test_keys_outside_one_namespace_are_refused(
     scenario: tuple[redis.Redis, dict[str, Recorded]], script: str

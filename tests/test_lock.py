@@ -224,7 +224,7 @@ def test_blocking_acquire_is_woken_by_the_release(r: Any, server: Any) -> None:
     released_at = time.monotonic()
     holder.release()
     thread.join(10)
-    assert got and got[0] - released_at < 1.0  # woken by the signal, not the 5 s timer
+    assert got and got[0] - released_at < 3.0  # woken by the signal, not the 5 s timer
 
 
 def test_waiter_retries_when_the_hold_lapses(r: Any) -> None:
@@ -233,7 +233,7 @@ def test_waiter_retries_when_the_hold_lapses(r: Any) -> None:
     started = time.monotonic()
     handle = s.lock("lapse", retry_ms=5_000).acquire(timeout=5)
     assert handle is not None and handle.fence == 2
-    assert 0.2 < time.monotonic() - started < 1.5
+    assert 0.2 < time.monotonic() - started < 3.0  # at the lapse, not at the 5 s timer
 
 
 def test_timeout_and_non_blocking_give_up(r: Any) -> None:
@@ -241,7 +241,7 @@ def test_timeout_and_non_blocking_give_up(r: Any) -> None:
     assert s.lock("t").acquire() is not None
     started = time.monotonic()
     assert s.lock("t", retry_ms=50).acquire(timeout=0.3) is None
-    assert 0.25 < time.monotonic() - started < 1.0
+    assert 0.25 < time.monotonic() - started < 2.0  # gave up at its timeout (slack: load)
     assert s.lock("t").acquire(blocking=False) is None
 
 
@@ -328,6 +328,7 @@ def test_sixteen_clients_contending_never_overlap(r: Any, server: Any) -> None:
           f"({len(holds) / elapsed:.0f}/s)")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_one_hundred_thousand_acquisitions_never_overlap(luasched_servers: Any) -> None:
     """Issue 6's contention run, once per session, on redis-7.0 (or the first standalone)."""
     standalone = [handle for handle in luasched_servers.values() if not handle.is_cluster]
@@ -419,6 +420,7 @@ def _lock_dump(r: Any, s: Scheduler, name: bytes, now_ms: int) -> dict[bytes, ob
     return dump
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> None:
     """The lean paths at the top of lua/lock/acquire.lua.j2 and release.lua.j2 against main():

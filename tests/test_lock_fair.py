@@ -92,7 +92,7 @@ def test_a_dead_waiter_blocks_the_others_only_until_its_place_lapses(r: Any) -> 
     handle = waiter.acquire(timeout=5)
     assert handle is not None
     assert handle.acquired_ms >= place_lapses_ms  # it did wait for the dead waiter's place
-    assert time.monotonic() - started < 0.4 + 0.5  # but not much longer
+    assert time.monotonic() - started < 3.0  # but not for its 5 s timeout
     assert queue_length(r, s, b"dead") == 0
 
 

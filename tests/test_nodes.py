@@ -138,13 +138,14 @@ def test_heartbeat_sets_a_server_time_deadline(r: Client) -> None:
 def test_a_dead_owner_is_never_answered_and_a_heartbeat_revives_it(r: Client) -> None:
     s = Scheduler(r, "dead")
     s.nodes.register("stays")
-    s.nodes.register("lapses", ttl_ms=60)
+    s.nodes.register("lapses", ttl_ms=60_000)
     s.slots.rebalance()
     owners = table_owners(r, s)
     lapsing_slot = owners.index(b"lapses")
     staying_slot = owners.index(b"stays")
     assert s.slots.owner_of_slot(lapsing_slot).node == b"lapses"
-    time.sleep(0.15)
+    s.nodes.heartbeat("lapses", 1)  # then it lapses (1 ms to live; never before the check above)
+    time.sleep(0.05)
     # Dead before any sweep: the lookup says "no live owner" and does not fall through.
     assert s.slots.owner_of_slot(lapsing_slot).node is None
     assert s.slots.owner_of_slot(staying_slot).node == b"stays"
@@ -158,13 +159,14 @@ def test_missed_heartbeat_loses_its_slots_on_sweep(r: Client) -> None:
     s = Scheduler(r, "sweep")
     for name in ("a", "b", "c"):
         s.nodes.register(name, ttl_ms=60_000)
-    s.nodes.register("late", ttl_ms=60)
+    s.nodes.register("late", ttl_ms=60_000)
     s.slots.rebalance()
     before = table_owners(r, s)
     assert counts_of(before)[b"late"] == 4096
     assert s.nodes.sweep().removed == ()  # nothing dead yet: no change
     assert table_owners(r, s) == before
-    time.sleep(0.15)
+    s.nodes.heartbeat("late", 1)  # its last heartbeat: 1 ms to live (a long TTL above, so a
+    time.sleep(0.05)  # slow machine cannot let it lapse before the no-change check)
     for name in ("a", "b", "c"):
         s.nodes.heartbeat(name, 60_000)
     result = s.nodes.sweep(limit=10)
@@ -197,10 +199,11 @@ def test_sweep_is_bounded_and_says_more(r: Client) -> None:
 def test_sweep_without_eligible_node_leaves_orphans(r: Client) -> None:
     s = Scheduler(r, "orphans")
     s.nodes.register("drained")
-    s.nodes.register("dying", ttl_ms=40)
+    s.nodes.register("dying", ttl_ms=60_000)
     s.slots.rebalance()
     s.nodes.drain("drained")
-    time.sleep(0.12)
+    s.nodes.heartbeat("dying", 1)  # lapses only after the rebalance gave it its slots
+    time.sleep(0.05)
     result = s.nodes.sweep()
     assert (result.removed, result.moved) == ((b"dying",), 8192)
     owners = table_owners(r, s)
@@ -327,9 +330,10 @@ def _draining_only(r: Client, s: Scheduler) -> None:
 
 
 def _dead_only(r: Client, s: Scheduler) -> None:
-    s.nodes.register("e", ttl_ms=30)
+    s.nodes.register("e", ttl_ms=60_000)
     s.slots.rebalance()
-    time.sleep(0.08)
+    s.nodes.heartbeat("e", 1)  # lapses only after the rebalance gave it its slots
+    time.sleep(0.05)
 
 
 def _empty(r: Client, s: Scheduler) -> None:

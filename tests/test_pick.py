@@ -143,6 +143,7 @@ def test_smooth_weighted_refuses_too_many_nodes(r: Client) -> None:
 CHI2_CRITICAL_P001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458}
 
 
+@pytest.mark.slow
 def test_weighted_random_passes_chi_square(r: Client) -> None:
     s = Scheduler(r, "wrand", rng=random.Random(11))
     weights = {b"a": 1, b"b": 2, b"c": 3, b"d": 7, b"e": 17}
@@ -257,6 +258,7 @@ def _values(r: Client, s: Scheduler) -> dict[bytes, bytes]:
     return values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_least_loaded_lean_path_decides_as_the_full_script(r: Client, seed: int) -> None:
     """The script's lean path (top of lua/pick/least_loaded.lua.j2) and its full path (main())

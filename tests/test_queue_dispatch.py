@@ -18,7 +18,8 @@ import luasched.asyncio
 from helpers import assert_codes_covered, assert_refused, snapshot, snapshot_ignoring_ttl
 from luasched import Scheduler
 from luasched.errors import AllNodesFull, CorruptState, NoNode, StaleLease
-from luasched.queue import DispatchKeys, Lease, node_dequeue_call
+from luasched.keys import Namespace
+from luasched.queue import DispatchKeys, Lease, node_dequeue_call, pass_on_commands
 from luasched.render import render_all
 
 Client = Any  # redis.Redis or RedisCluster
@@ -564,20 +565,24 @@ def test_node_worker_wakes_on_dispatch_to_its_node_only(server: Any, r: Client) 
     s = scheduler(server.client(), "dwait", [("a", 1, None), ("b", 1, None)])
     q = s.queue("jobs", poll_ms=5_000)  # a wake-up well under 5 s came from the signal
     producer = scheduler(r, "dwait", []).queue("jobs")
-    wake_a, waiting_a = q.dispatch_keys.node_wait(b"a")
-    wake_b, waiting_b = q.dispatch_keys.node_wait(b"b")
-    assert (wake_a, waiting_b) == (b"luasched:{dwait}:d:wake:61:jobs",
-                                   b"luasched:{dwait}:d:waiting:62:jobs")  # fmt: skip
+    keys = q.dispatch_keys
+    assert (keys.wake, keys.waiters, keys.node_wait(b"a").lists) == (
+        b"luasched:{dwait}:d:wake:jobs",
+        b"luasched:{dwait}:d:waiters:jobs",
+        (b"luasched:{dwait}:d:node-wake:61:jobs", b"luasched:{dwait}:d:wake:jobs"),
+    )
     waiter, out = _block_in_thread(q.for_node("a"), 8_000)
-    assert 7_000 < r.pttl(waiting_a) <= 8_000 and not r.exists(waiting_b)
-    # A task for b: no signal for a (nor for b, where nobody waits); a stays blocked.
+    now_ms = server_ms(producer)
+    assert now_ms + 7_000 < float(r.zscore(keys.waiters, b"61") or 0) <= now_ms + 8_000
+    assert r.zscore(keys.waiters, b"62") is None and 7_000 < r.pttl(keys.waiters) <= 8_000
+    # A task for b: no signal (nobody of b waits); a stays blocked.
     assert (
         producer.dispatch("for-b", b"", strategy="slot", routing_key=_owned_key(s, b"b")).node
         == b"b"
     )
     time.sleep(0.6)
     assert waiter.is_alive() and not out
-    assert not r.exists(wake_a) and not r.exists(wake_b)
+    assert not r.exists(keys.wake)
     # A task for a wakes it at once.
     sent = time.monotonic()
     assert (
@@ -587,13 +592,48 @@ def test_node_worker_wakes_on_dispatch_to_its_node_only(server: Any, r: Client) 
     waiter.join(5)
     lease, _ = out[0]
     assert lease is not None and lease.task_id == b"for-a"
-    assert time.monotonic() - sent < 1.0
-    assert r.llen(wake_a) <= 16
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
+    assert r.llen(keys.wake) <= 16
     # Nothing arrives: the wait ends at block_ms with None (b's task stays b's).
     started = time.monotonic()
     assert q.for_node("a").dequeue_many("w", 5, 1000, block_ms=200) == []
-    assert 0.19 < time.monotonic() - started < 1.5
+    assert 0.19 < time.monotonic() - started < 3.0
     assert [lease.task_id for lease in drain_node(q, b"b")] == [b"for-b"]
+
+
+def test_a_signal_popped_by_another_nodes_worker_is_passed_on(server: Any, r: Client) -> None:
+    """Workers of b and a block (b's first, so BLPOP serves it the queue's next signal); a task
+    for a: b's worker pops a's signal, passes it on to a's own list and stays blocked; a's
+    worker wakes at once (well before its 5 s poll)."""
+    s = scheduler(r, "dpass", [("a", 1, None), ("b", 1, None)])
+    first = scheduler(server.client(), "dpass", []).queue("jobs", poll_ms=5_000)
+    second = scheduler(server.client(), "dpass", []).queue("jobs", poll_ms=5_000)
+    waiter_b, out_b = _block_in_thread(first.for_node("b"), 4_000)
+    waiter_a, out_a = _block_in_thread(second.for_node("a"), 8_000)
+    sent = time.monotonic()
+    q = s.queue("jobs")
+    assert q.dispatch("for-a", b"", strategy="slot", routing_key=_owned_key(s, b"a")).node == b"a"
+    waiter_a.join(5)
+    lease, _ = out_a[0]
+    assert lease is not None and lease.task_id == b"for-a"
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
+    assert waiter_b.is_alive() and not out_b
+    waiter_b.join(5)
+    assert out_b[0][0] is None
+
+
+def test_pass_on_goes_to_the_named_nodes_own_list_bounded() -> None:
+    wait = DispatchKeys.of(Namespace("ns"), b"q").node_wait(b"a")
+    shared, own_b = b"luasched:{ns}:d:wake:q", b"luasched:{ns}:d:node-wake:62:q"
+    assert wait.pass_on([shared, b"62"]) == own_b
+    assert wait.pass_on((shared.decode(), "62")) == own_b
+    for popped in (None, [shared, b"61"], [wait.lists[0], b"62"], [shared, b"6"], [shared, b"zz"]):
+        assert wait.pass_on(popped) is None, popped
+    assert pass_on_commands(own_b, b"62") == [
+        ("LPUSH", own_b, b"62"),
+        ("LTRIM", own_b, 0, 15),
+        ("PEXPIRE", own_b, 2_000),
+    ]
 
 
 def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, r: Client) -> None:
@@ -608,21 +648,21 @@ def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, 
     _blocked_node_take(view, 5_000, out)
     lease, waited = out[0]
     assert lease is not None and lease.task_id == b"soon"
-    assert 0.35 < waited < 1.0
+    assert 0.35 < waited < 3.0  # at the due time, not at the 5 s poll
     # Dispatched delayed while it waits: woken by the dispatch, it waits for the due time.
     waiter, out = _block_in_thread(view, 5_000)
     sent = time.monotonic()
     producer.dispatch("later", b"", strategy="slot", routing_key=key_a, delay_ms=300)
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"later"
-    assert 0.25 < time.monotonic() - sent < 1.0
+    assert 0.25 < time.monotonic() - sent < 3.0  # well before the 5 s poll
     # A nack with no delay wakes another worker of the node.
     waiter, out = _block_in_thread(view, 5_000)
     nacked = time.monotonic()
     assert producer.for_node("a").nack(lease, delay_ms=0).state == "ready"
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"soon" and out[0][0].attempt == 2
-    assert time.monotonic() - nacked < 1.0
+    assert time.monotonic() - nacked < 3.0  # well before the 5 s poll
     # Redispatch off a drained node wakes the worker of the node the task moves to.
     assert producer.dispatch("moved", b"", strategy="least_loaded").node == b"b"  # a: load 2
     s.nodes.drain("b")
@@ -631,7 +671,7 @@ def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, 
     assert producer.redispatch("b").moved == 1
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"moved"
-    assert time.monotonic() - moved < 1.0
+    assert time.monotonic() - moved < 3.0  # well before the 5 s poll
 
 
 def test_requeued_dead_letter_wakes_the_chosen_nodes_worker(server: Any, r: Client) -> None:
@@ -645,28 +685,35 @@ def test_requeued_dead_letter_wakes_the_chosen_nodes_worker(server: Any, r: Clie
     assert producer.requeue_dead_dispatched("dead").node == b"a"
     waiter.join(5)
     assert out[0][0] is not None and out[0][0].task_id == b"dead" and out[0][0].attempt == 1
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # well before the 5 s poll
 
 
-def test_wait_ms_registers_the_node_waiting_key(r: Client) -> None:
+def test_wait_ms_registers_the_node_in_the_waiters(r: Client) -> None:
     s = scheduler(r, "dreg", [("a", 1, None)])
     q = s.queue("jobs")
     keys = q.dispatch_keys
-    wake, waiting = keys.node_wait(b"a")
 
     def take(node: bytes, wait_ms: int) -> Any:
         return s.runner.run(node_dequeue_call(keys, node, "w", 1, 1000, wait_ms=wait_ms))
 
     assert len(node_dequeue_call(keys, b"a", "w", 1, 1000).args) == 6  # as before: no wait_ms
-    assert take(b"a", 0).next_due_ms is None and not r.exists(waiting)
+    assert take(b"a", 0).next_due_ms is None and not r.exists(keys.waiters)
+    now_ms = server_ms(q)
     assert take(b"a", 2_500).next_due_ms is None  # -1: nothing delayed
-    assert 2_000 < r.pttl(waiting) <= 2_500 and r.get(waiting) == b"1"
+    deadline = float(r.zscore(keys.waiters, b"61") or 0)
+    assert now_ms + 2_500 <= deadline <= server_ms(q) + 2_500
+    assert 2_000 < r.pttl(keys.waiters) <= 2_500
     take(b"a", 1_000)  # only ever lengthened
-    assert r.pttl(waiting) > 1_500
+    assert r.zscore(keys.waiters, b"61") == deadline and r.pttl(keys.waiters) > 1_500
     q.dispatch("later", b"", strategy="least_loaded", delay_ms=60_000)
     assert 59_000 < take(b"other", 100).next_due_ms <= 60_000  # the dispatch queue's next due
-    assert 0 < r.pttl(keys.node_wait(b"other")[1]) <= 100
-    assert r.llen(wake) == 1 and 0 < r.pttl(wake) <= 2_000  # the delayed dispatch woke a
+    assert r.zscore(keys.waiters, b"other".hex()) is not None
+    assert r.lrange(keys.wake, 0, -1) == [b"61"]  # the delayed dispatch woke a
+    assert 0 < r.pttl(keys.wake) <= 2_000
+    # A lapsed waiter is dropped at the next registration.
+    time.sleep(0.15)
+    take(b"a", 1_000)
+    assert r.zscore(keys.waiters, b"other".hex()) is None
 
 
 def test_blocking_node_dequeue_twins(server: Any, r: Client) -> None:
@@ -776,15 +823,14 @@ def _bad_route(base: Any, task: bytes = b"t0") -> Any:
 
 
 def _wrong_wake(drain: bool) -> Any:
-    # Workers of a and b wait (waiting markers set) but their wake lists hold strings; t2 is a
+    # Workers of a and b wait (in the waiters zset) but the wake list holds a string; t2 is a
     # delayed task of a, due now (a node_dequeue promotes it); with `drain`, a is draining.
     def setup(r: Client, s: Scheduler) -> None:
         _populated(r, s)
         s.queue(QUEUE).dispatch("t2", b"", strategy="round_robin", delay_ms=1)
-        for node in (b"a", b"b"):
-            wake, waiting = DispatchKeys.of(s.namespace, QUEUE).node_wait(node)
-            r.set(waiting, b"1")
-            r.set(wake, b"not a list")
+        keys = DispatchKeys.of(s.namespace, QUEUE)
+        r.zadd(keys.waiters, {b"61": 2**50, b"62": 2**50})
+        r.set(keys.wake, b"not a list")
         if drain:
             s.nodes.drain("a")
         time.sleep(0.01)
@@ -792,10 +838,19 @@ def _wrong_wake(drain: bool) -> Any:
     return setup
 
 
+def _wrong_waiters(r: Client, s: Scheduler) -> None:
+    # The waiters zset is a string; t2 is a delayed task of a, due now.
+    _populated(r, s)
+    s.queue(QUEUE).dispatch("t2", b"", strategy="round_robin", delay_ms=1)
+    r.set(DispatchKeys.of(s.namespace, QUEUE).waiters, b"not a zset")
+    time.sleep(0.01)
+
+
 SETUPS = {
     "populated": _populated,
     "wrong_wake": _wrong_wake(drain=False),
     "drained_wrong_wake": _wrong_wake(drain=True),
+    "wrong_waiters": _wrong_waiters,
     "empty": _empty_registry,
     "crowd": _dead_crowd,
     "orphan": _orphan("round_robin"),
@@ -831,7 +886,7 @@ def _dispatch(task: bytes, strategy: bytes = b"least_loaded", cost: int = 1, **k
 
 ERROR_CASES: list[tuple[Any, ...]] = [
     # queue.dispatch
-    ("queue.dispatch", "populated", "short", _dispatch(b"n"), "ARG", "expected 19 key(s), got 18"),
+    ("queue.dispatch", "populated", "short", _dispatch(b"n"), "ARG", "expected 21 key(s), got 20"),
     ("queue.dispatch", "populated", "ok", _dispatch(b"n")[:-1], "ARG", "expected 13 argument"),
     (
         "queue.dispatch",
@@ -865,7 +920,7 @@ ERROR_CASES: list[tuple[Any, ...]] = [
     ("queue.dispatch", "wrong_tasks", "ok", _dispatch(b"n"), "CORRUPT", "holds another type"),
     ("queue.dispatch", "bad_route", "ok", _dispatch(b"t0"), "CORRUPT", "malformed route"),
     # queue.node_dequeue
-    ("queue.node_dequeue", "populated", "long", (b"a", b"w", 1, 10, b"", T), "ARG", "got 20"),
+    ("queue.node_dequeue", "populated", "long", (b"a", b"w", 1, 10, b"", T), "ARG", "got 22"),
     (
         "queue.node_dequeue",
         "populated",
@@ -899,12 +954,37 @@ ERROR_CASES: list[tuple[Any, ...]] = [
         "ARG",
         "wait_ms must be between 0 and 31536000000, got -1",
     ),
-    ("queue.node_dequeue", "wrong_wake", "ok", (b"c", b"w", 1, 10, b"", T), "CORRUPT", "d:wake:61"),
-    ("queue.dispatch", "wrong_wake", "ok", _dispatch(b"n", b"round_robin"), "CORRUPT", "d:wake:"),
-    ("queue.node_nack", "wrong_wake", "ok", (b"t1", 1, 0, b"", 1, 1, b"", T), "CORRUPT", "wake:62"),
-    ("queue.redispatch", "drained_wrong_wake", "ok", (b"a", 1, R), "CORRUPT", "d:wake:62"),
+    (
+        "queue.node_dequeue",
+        "wrong_wake",
+        "ok",
+        (b"c", b"w", 1, 10, b"", T),
+        "CORRUPT",
+        "d:wake:jobs",
+    ),
+    ("queue.dispatch", "wrong_wake", "ok", _dispatch(b"n", b"round_robin"), "CORRUPT", "d:wake:jo"),
+    (
+        "queue.node_nack",
+        "wrong_wake",
+        "ok",
+        (b"t1", 1, 0, b"", 1, 1, b"", T),
+        "CORRUPT",
+        "wake:jobs",
+    ),
+    ("queue.redispatch", "drained_wrong_wake", "ok", (b"a", 1, R), "CORRUPT", "d:wake:jobs"),
+    # A waiters zset of another type: registering a wait (the first write, or after moves) and
+    # every check for a waiter refuse before any write.
+    (
+        "queue.node_dequeue",
+        "wrong_waiters",
+        "ok",
+        (b"c", b"w", 1, 10, b"", T, 1000),
+        "CORRUPT",
+        "d:waiters:jobs",
+    ),
+    ("queue.dispatch", "wrong_waiters", "ok", _dispatch(b"n", b"slot"), "CORRUPT", "d:waiters:"),
     # queue.node_ack
-    ("queue.node_ack", "populated", "short", (b"t1", 1, b"", T), "ARG", "got 18"),
+    ("queue.node_ack", "populated", "short", (b"t1", 1, b"", T), "ARG", "got 20"),
     ("queue.node_ack", "populated", "ok", (b"t1", 0, b"", T), "ARG", "token must be between"),
     ("queue.node_ack", "populated", "ok", (b"t1", 9, b"", T), "STALE", 'task "t1" with token 9'),
     ("queue.node_ack", "populated", "ok", (b"t0", 1, b"", T), "STALE", "is no longer held"),
@@ -921,7 +1001,7 @@ ERROR_CASES: list[tuple[Any, ...]] = [
         "holds another type",
     ),
     # queue.redispatch
-    ("queue.redispatch", "populated", "short", (b"a", 1, R), "ARG", "got 18"),
+    ("queue.redispatch", "populated", "short", (b"a", 1, R), "ARG", "got 20"),
     ("queue.redispatch", "populated", "ok", (b"a", 101, R), "ARG", "limit must be between 1"),
     ("queue.redispatch", "populated", "ok", (b"a", 1), "ARG", "expected 3 argument(s), got 2"),
     ("queue.redispatch", "orphan", "ok", (b"gone", 1, R), "NONODE", "no live node"),
@@ -929,7 +1009,7 @@ ERROR_CASES: list[tuple[Any, ...]] = [
     ("queue.redispatch", "crowd", "ok", (b"n000", 1, R), "SCANLIMIT", "the first 128"),
     ("queue.redispatch", "orphan_bad_route", "ok", (b"gone", 1, R), "CORRUPT", "malformed"),
     # queue.node_extend
-    ("queue.node_extend", "populated", "short", (b"t1", 1, 10), "ARG", "got 18"),
+    ("queue.node_extend", "populated", "short", (b"t1", 1, 10), "ARG", "got 20"),
     ("queue.node_extend", "populated", "ok", (b"t1", 1), "ARG", "expected 3 argument(s), got 2"),
     ("queue.node_extend", "populated", "ok", (b"t1", 1, 0), "ARG", "lease_ms must be between 1"),
     ("queue.node_extend", "populated", "ok", (b"t1", 2, 10), "STALE", 'task "t1" with token 2'),
@@ -937,7 +1017,7 @@ ERROR_CASES: list[tuple[Any, ...]] = [
     ("queue.node_extend", "populated", "ok", (b"zz", 1, 10), "STALE", "is no longer held"),
     ("queue.node_extend", "wrong_tasks", "ok", (b"t1", 1, 10), "CORRUPT", "another type"),
     # queue.dispatch_requeue_dead
-    ("queue.dispatch_requeue_dead", "orphan", "long", (b"td", R), "ARG", "got 20"),
+    ("queue.dispatch_requeue_dead", "orphan", "long", (b"td", R), "ARG", "got 22"),
     ("queue.dispatch_requeue_dead", "orphan", "ok", (b"td",), "ARG", "expected 2 argument(s)"),
     ("queue.dispatch_requeue_dead", "orphan", "ok", (b"", R), "ARG", "task_id must be 1 to"),
     ("queue.dispatch_requeue_dead", "orphan", "ok", (b"td", -1), "ARG", "seed must be between"),
@@ -955,7 +1035,7 @@ ERROR_CASES: list[tuple[Any, ...]] = [
         "another type",
     ),
     # queue.node_stats
-    ("queue.node_stats", "populated", "short", (b"a",), "ARG", "expected 19 key(s), got 18"),
+    ("queue.node_stats", "populated", "short", (b"a",), "ARG", "expected 21 key(s), got 20"),
     ("queue.node_stats", "populated", "ok", (), "ARG", "expected 1 to 100 arguments, got 0"),
     ("queue.node_stats", "populated", "ok", (b"",), "ARG", "node_id must be 1 to 1024 bytes"),
     ("queue.node_stats", "wrong_ready", "ok", (b"a",), "CORRUPT", "holds another type"),

@@ -54,6 +54,7 @@ def _leases(reply: Any) -> list[tuple[bytes, int]]:
     return [(bytes(reply[i]), int(reply[i + 3])) for i in range(1, len(reply), 5)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> None:
     rng = random.Random(seed)

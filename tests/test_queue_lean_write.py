@@ -24,6 +24,7 @@ IDS = [b"t%d" % number for number in range(24)] + [b"", b"\x00bin\xff id"]
 LONG_MS = 10**9  # delays and leases that never come due during the test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
     rng = random.Random(seed)

@@ -84,6 +84,7 @@ def test_eight_workers_drain_every_task_exactly_once(server: Any, r: Client) -> 
     _drain_with_workers(server, r, workers=8, tasks=3000)
 
 
+@pytest.mark.slow
 def test_sixteen_workers_drain_twenty_thousand_tasks(luasched_servers: Any) -> None:
     """Issue 5's 16-process, 20,000-task run, once per session (time budget): on redis-7.0 if
     selected, else on the first standalone server."""

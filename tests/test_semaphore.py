@@ -66,7 +66,7 @@ def test_blocking_acquire_is_woken_by_a_release(r: Any, server: Any) -> None:
     released_at = time.monotonic()
     held.release()
     thread.join(10)
-    assert got and got[0] - released_at < 1.0
+    assert got and got[0] - released_at < 3.0  # woken by the signal, not the 5 s timer
 
 
 def test_replayed_request_ids_act_once(r: Any) -> None:

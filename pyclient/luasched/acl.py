@@ -201,3 +201,16 @@ def _cli_word(word: bytes) -> str:
 def setuser_line(user: str | bytes, rules: list[bytes]) -> str:
     """``ACL SETUSER <user> <rules...>`` as one redis-cli line (words quoted where needed)."""
     return " ".join(_cli_word(word) for word in (b"ACL", b"SETUSER", to_bytes(user), *rules))
+
+
+def with_reasons_table(document: str) -> str:
+    """``document`` (docs/acl.md's text) with its command table replaced by
+    ``reasons_markdown()``: the table starts at the line ``| command | why |`` and runs to the
+    last line that starts with ``|``. ``make snapshots`` writes it back."""
+    lines = document.split("\n")
+    start = lines.index("| command | why |")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[start:end] = reasons_markdown().rstrip("\n").split("\n")
+    return "\n".join(lines)

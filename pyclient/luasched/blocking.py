@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from luasched.retry import is_transient
@@ -85,34 +86,35 @@ def block_timeout_s(wait_ms: float, socket_timeout: float | None) -> float | Non
     return block_ms / 1000.0
 
 
-def wait_for_signal(client: Any, key: bytes, wait_ms: float) -> bool:
-    """Block on the list ``key`` for about ``wait_ms`` (see ``block_timeout_s``); whether a
-    signal was popped. Returns at once for ``wait_ms`` <= 0. A transient error ends the wait,
-    after the rest of its time, as no signal (never sent again); any other error is raised."""
+def wait_for_signal(client: Any, keys: Sequence[bytes], wait_ms: float) -> Any:
+    """Block on the lists ``keys`` (BLPOP, the first that has a signal) for about ``wait_ms``
+    (see ``block_timeout_s``); BLPOP's reply, ``(list, signal)``, or None when none came.
+    Returns None at once for ``wait_ms`` <= 0. A transient error ends the wait, after the rest
+    of its time, as no signal (never sent again); any other error is raised."""
     timeout = block_timeout_s(wait_ms, socket_timeout_s(client))
     if timeout is None:
-        return False
+        return None
     started = time.monotonic()
     try:
-        return client.blpop([key], timeout=timeout) is not None
+        return client.blpop(list(keys), timeout=timeout)
     except Exception as error:
         if not is_transient(error):
             raise
     # Sleep out the wait, so a server that refuses connections is not asked in a busy loop.
     time.sleep(max(0.0, timeout - (time.monotonic() - started)))
-    return False
+    return None
 
 
-async def wait_for_signal_async(client: Any, key: bytes, wait_ms: float) -> bool:
+async def wait_for_signal_async(client: Any, keys: Sequence[bytes], wait_ms: float) -> Any:
     """Async twin of ``wait_for_signal``."""
     timeout = block_timeout_s(wait_ms, socket_timeout_s(client))
     if timeout is None:
-        return False
+        return None
     started = time.monotonic()
     try:
-        return await client.blpop([key], timeout=timeout) is not None
+        return await client.blpop(list(keys), timeout=timeout)
     except Exception as error:
         if not is_transient(error):
             raise
     await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
-    return False
+    return None

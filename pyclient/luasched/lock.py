@@ -620,7 +620,7 @@ class LockBase:
                     yield Cleanup(self._leave(token))  # give the waiter's place back
                 return None
             try:
-                woken = yield Wait(wake_key, pause)
+                woken = (yield Wait((wake_key,), pause)) is not None
             except BaseException:
                 yield Cleanup(self._leave(token))
                 raise
@@ -687,7 +687,7 @@ class SemaphoreBase:
             pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
             if pause is None:
                 return None
-            yield Wait(self.wake_key, pause)
+            yield Wait((self.wake_key,), pause)
 
     def _undo(self, token: bytes, call: Call[PermitResult]) -> Generator[Run, Any, None]:
         """Replay an interrupted attempt and give back the permit it got (best effort: else

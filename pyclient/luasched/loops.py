@@ -5,9 +5,11 @@ generator that yields steps and gets each step's answer back:
 
 * ``Run(call)``: run this script call (through the runner: EVALSHA, NOSCRIPT, ``RetryPolicy``);
   the answer is the parsed reply, or the call's exception thrown into the loop;
-* ``Wait(key, wait_ms)``: block on the wake list ``key`` for about ``wait_ms``
+* ``Wait(keys, wait_ms)``: block on the wake lists ``keys`` for about ``wait_ms``
   (``luasched.blocking``: at least 2 ms, short of the socket timeout, never resent); the
-  answer is whether a signal was popped;
+  answer is BLPOP's reply, ``(list, signal)``, or None when no signal came;
+* ``Send(commands)``: send these commands in one pipeline, best effort (a wake-up signal passed
+  on: a hint, so its errors are swallowed); the answer is None;
 * ``Sleep(seconds)``: sleep (a renewer's pace); the answer is None;
 * ``Cleanup(loop)``: run this sub-loop of ``Run`` steps to its end, best effort (its errors are
   swallowed), and -- under asyncio -- even if the task is cancelled meanwhile (the cancellation
@@ -33,7 +35,7 @@ from typing import Any, TypeVar
 from luasched.blocking import wait_for_signal, wait_for_signal_async
 from luasched.scripts import Call
 
-__all__ = ["Cleanup", "Loop", "Run", "Sleep", "Step", "Wait", "drive", "drive_async"]
+__all__ = ["Cleanup", "Loop", "Run", "Send", "Sleep", "Step", "Wait", "drive", "drive_async"]
 
 R = TypeVar("R")
 
@@ -47,10 +49,17 @@ class Run:
 
 @dataclass(frozen=True)
 class Wait:
-    """Block on the list ``key`` for about ``wait_ms``; the loop gets whether it was woken."""
+    """Block on the lists ``keys`` for about ``wait_ms``; the loop gets BLPOP's reply or None."""
 
-    key: bytes
+    keys: tuple[bytes, ...]
     wait_ms: float
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``commands`` in one pipeline (no transaction), best effort."""
+
+    commands: tuple[tuple[Any, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class Cleanup:
     loop: Generator[Run, Any, None]
 
 
-Step = Run | Wait | Sleep | Cleanup
+Step = Run | Wait | Send | Sleep | Cleanup
 Loop = Generator[Step, Any, R]
 
 
@@ -91,7 +100,13 @@ def drive(
             if isinstance(step, Run):
                 answer = run(step.call)
             elif isinstance(step, Wait):
-                answer = wait_for_signal(client, step.key, step.wait_ms)
+                answer = wait_for_signal(client, step.keys, step.wait_ms)
+            elif isinstance(step, Send):
+                with contextlib.suppress(Exception):
+                    pipe = client.pipeline(transaction=False)
+                    for command in step.commands:
+                        pipe.execute_command(*command)
+                    pipe.execute()
             elif isinstance(step, Sleep):
                 sleep(step.seconds)
             else:
@@ -148,7 +163,13 @@ async def drive_async(
             if isinstance(step, Run):
                 answer = await run(step.call)
             elif isinstance(step, Wait):
-                answer = await wait_for_signal_async(client, step.key, step.wait_ms)
+                answer = await wait_for_signal_async(client, step.keys, step.wait_ms)
+            elif isinstance(step, Send):
+                with contextlib.suppress(Exception):
+                    pipe = client.pipeline(transaction=False)
+                    for command in step.commands:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
             else:

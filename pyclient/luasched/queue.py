@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from luasched import validate
 from luasched.errors import InvalidArgument
-from luasched.keys import Namespace
-from luasched.loops import Loop, Run, Wait, drive
+from luasched.keys import Namespace, to_bytes
+from luasched.loops import Loop, Run, Send, Wait, drive
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
 from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
 from luasched.scripts import Call
@@ -515,20 +515,84 @@ class DispatchKeys:
         return self.fixed[4]
 
     def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
-        """The 19 KEYS of a call with ``request_id`` (b"": none; the key is then unused)."""
+        """The 21 KEYS of a call with ``request_id`` (b"": none; the key is then unused): the 7
+        dispatch queue keys, the 12 registry and pick keys, the wake list and the waiters zset.
+        Every key a dispatch script touches is one of them."""
         request = self.namespace.prefix + b"d:req:" + request_id + b":" + self.queue
-        return (*self.fixed, request, *self.registry)
+        return (*self.fixed, request, *self.registry, self.wake, self.waiters)
 
-    def node_wait(self, node_id: bytes) -> tuple[bytes, bytes]:
-        """The wake list and waiting marker of ``node_id``'s queue:
-        ``luasched:{ns}:d:wake:<hex node id>:<queue>`` and ``...:d:waiting:<hex node id>:<queue>``.
+    @property
+    def wake(self) -> bytes:
+        """``luasched:{ns}:d:wake:<queue>``: the signals (hex node ids) of blocked node workers."""
+        return self.namespace.prefix + b"d:wake:" + self.queue
 
-        The scripts build the same names from KEYS[1] (``node_wait_keys`` in
-        lua/include/dispatch.lua.j2); a blocked worker BLPOPs the wake list.
-        """
-        tail = b":" + node_id.hex().encode() + b":" + self.queue
-        prefix = self.namespace.prefix + b"d:"
-        return prefix + b"wake" + tail, prefix + b"waiting" + tail
+    @property
+    def waiters(self) -> bytes:
+        """``luasched:{ns}:d:waiters:<queue>``: hex node ids by the server ms their worker waits."""
+        return self.namespace.prefix + b"d:waiters:" + self.queue
+
+    def node_wake(self, node_hex: bytes) -> bytes:
+        """``luasched:{ns}:d:node-wake:<hex node id>:<queue>``: the own wake list of a node's
+        blocked workers, where a worker of another node passes on the node's signal (no script
+        touches it)."""
+        return self.namespace.prefix + b"d:node-wake:" + node_hex + b":" + self.queue
+
+    def node_wait(self, node_id: bytes) -> NodeWait:
+        """How a blocked worker of ``node_id`` waits (``NodeWait``)."""
+        node_hex = node_id.hex().encode()
+        return NodeWait(self, node_hex, (self.node_wake(node_hex), self.wake))
+
+
+@dataclass(frozen=True)
+class NodeWait:
+    """How a blocked worker of one node waits: BLPOP on ``lists`` (the node's own list, then the
+    queue's wake list). The scripts push a node's hex id on the queue's wake list when it got a
+    task while a worker of it waited; a worker that pops the signal of another node passes it on
+    to that node's own list (``pass_on``), so every signal reaches a worker of its node."""
+
+    keys: DispatchKeys
+    node_hex: bytes
+    lists: tuple[bytes, ...]
+
+    def pass_on(self, popped: Any) -> bytes | None:
+        """The own list of the node that ``popped`` (BLPOP's reply) names, when it is another
+        node's signal from the queue's wake list; else None (nothing to pass on)."""
+        if not popped:
+            return None
+        key, signal = to_bytes(popped[0]), to_bytes(popped[1])
+        if key != self.keys.wake or signal == self.node_hex or not _is_hex_id(signal):
+            return None
+        return self.keys.node_wake(signal)
+
+
+def _is_hex_id(signal: bytes) -> bool:
+    """Whether ``signal`` is a node id as the scripts write it: lowercase hex, whole bytes."""
+    return len(signal) % 2 == 0 and bool(signal) and all(c in b"0123456789abcdef" for c in signal)
+
+
+def wake_lists(wake: bytes | NodeWait) -> list[bytes]:
+    """What a blocked dequeue BLPOPs: the plain queue's wake list, or a node worker's lists."""
+    return [wake] if isinstance(wake, bytes) else list(wake.lists)
+
+
+def pass_on_target(wake: bytes | NodeWait, popped: Any) -> bytes | None:
+    """Where a blocked dequeue passes on what BLPOP ``popped`` (None: nowhere)."""
+    return None if isinstance(wake, bytes) else wake.pass_on(popped)
+
+
+#: The wake lists' bounds, as lua/include/queue_limits.j2's wake_max and wake_ttl_ms.
+WAKE_MAX = 16
+WAKE_TTL_MS = 2_000
+
+
+def pass_on_commands(key: bytes, signal: bytes) -> list[tuple[Any, ...]]:
+    """The commands that pass a node's ``signal`` on to its own wake list ``key``, bounded as
+    the scripts bound the wake lists (``WAKE_MAX`` entries, ``WAKE_TTL_MS``)."""
+    return [
+        ("LPUSH", key, signal),
+        ("LTRIM", key, 0, WAKE_MAX - 1),
+        ("PEXPIRE", key, WAKE_TTL_MS),
+    ]
 
 
 @dataclass(frozen=True)
@@ -854,7 +918,7 @@ def remaining_ms(deadline: float) -> int:
 
 def blocking_take(
     call: TakeCall,
-    wake: bytes,
+    wake: bytes | NodeWait,
     block_ms: int,
     ack: Lease | None,
     request_id: str | bytes | None,
@@ -864,8 +928,9 @@ def blocking_take(
     """The blocking take (``block_ms`` > 0) of ``call`` (a dequeue script call, by wait_ms, ack,
     request id and shape), as a loop of steps (``luasched.loops``; driven by ``Queue`` and
     ``AsyncQueue``): the script registers the waiter, the wait is on ``wake`` (the plain
-    queue's or a node queue's wake list) for at most ``poll_ms`` or until the next delayed task
-    is due, and the script decides again, until ``block_ms`` is over. The lease (``"one"``, or
+    queue's wake list, or a node worker's two lists: then a signal of another node is passed on
+    to that node's own list) for at most ``poll_ms`` or until the next delayed task is due, and
+    the script decides again, until ``block_ms`` is over. The lease (``"one"``, or
     None) or leases (``"many"``, or [])."""
     rid = _request(request_id)
     deadline = time.monotonic() + block_ms / 1000
@@ -878,7 +943,11 @@ def blocking_take(
         remaining_s = deadline - time.monotonic()
         if remaining_s <= 0:
             return None if shape == "one" else []
-        yield Wait(wake, poll_wait_ms(remaining_s, reply.next_due_ms, poll_ms))
+        wait_ms = poll_wait_ms(remaining_s, reply.next_due_ms, poll_ms)
+        popped = yield Wait(tuple(wake_lists(wake)), wait_ms)
+        target = pass_on_target(wake, popped)
+        if target is not None:
+            yield Send(tuple(pass_on_commands(target, to_bytes(popped[1]))))
 
 
 class Queue:
@@ -992,7 +1061,7 @@ class Queue:
     def _blocking_take(
         self,
         call: TakeCall,
-        wake: bytes,
+        wake: bytes | NodeWait,
         block_ms: int,
         ack: Lease | None,
         request_id: str | bytes | None,
@@ -1181,9 +1250,9 @@ class NodeQueue:
     """The tasks a queue dispatched to one node (``q.for_node(node_id)``).
 
     Its workers take tasks with ``dequeue``/``dequeue_many`` (leases with fencing tokens, as
-    ``Queue.dequeue``; ``block_ms`` waits on the node's own wake list, ``keys.node_wait``), keep
-    long ones with ``extend`` and finish them with ``ack``/``nack``, which give the task's cost
-    back to the node's load when the task leaves it (ack, dead letter;
+    ``Queue.dequeue``; ``block_ms`` waits on the node's own wake list and the queue's,
+    ``keys.node_wait``), keep long ones with ``extend`` and finish them with ``ack``/``nack``,
+    which give the task's cost back to the node's load when the task leaves it (ack, dead letter;
     ``Queue.requeue_dead_dispatched`` dispatches a dead one again).
     """
 
@@ -1204,8 +1273,7 @@ class NodeQueue:
         q = self.queue
         keys = q.dispatch_keys
         call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
-        wake = keys.node_wait(self.node)[0]
-        return q._blocking_take(call, wake, block_ms, None, request_id, shape)
+        return q._blocking_take(call, keys.node_wait(self.node), block_ms, None, request_id, shape)
 
     def dequeue(
         self,

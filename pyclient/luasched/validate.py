@@ -125,6 +125,14 @@ def _spec(script: str, argv_name: str) -> ArgSpec:
     raise KeyError(f"{script} has no argument {argv_name!r}")  # a bug in a call builder
 
 
+def preload() -> None:
+    """Load now the default scripts whose manifest the checks read (else: at the first check).
+
+    ``luasched.asyncio`` calls it when it is imported, so that the first call made on an event
+    loop does not load them there (a call's arguments are checked before it is awaited)."""
+    render_all()
+
+
 #: (script, ARGV name) -> (type, min, max, choices) of the manifest, filled on first use.
 _BOUNDS: dict[tuple[str, str], tuple[str, int, int, tuple[str, ...]]] = {}
 

@@ -8,6 +8,12 @@ from luasched.asyncio.lock import AsyncLock, AsyncLockHandle, AsyncPermitHandle,
 from luasched.asyncio.scheduler import AsyncSchedulerPipeline, Scheduler
 from luasched.asyncio.scripts import AsyncBatch, AsyncScriptRunner
 from luasched.asyncio.sharded import AsyncShardedQueue
+from luasched.validate import preload
+
+# Argument checks read the default scripts' manifest before a call is awaited: load it here, at
+# import, so that no coroutine ever waits on it (a custom configuration still renders in a
+# worker thread before its first call: AsyncScriptRunner.ready).
+preload()
 
 __all__ = [
     "AsyncBatch",

@@ -22,6 +22,7 @@ from luasched.queue import (
     Lease,
     Nacked,
     NodeCounts,
+    NodeWait,
     QueueKeys,
     QueueStats,
     Redispatched,
@@ -183,7 +184,7 @@ class AsyncQueue:
     async def _blocking_take(
         self,
         call: TakeCall,
-        wake: bytes,
+        wake: bytes | NodeWait,
         block_ms: int,
         ack: Lease | None,
         request_id: str | bytes | None,
@@ -368,8 +369,8 @@ class AsyncNodeQueue:
         q = self.queue
         keys = q.dispatch_keys
         call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
-        wake = keys.node_wait(self.node)[0]
-        return await q._blocking_take(call, wake, block_ms, None, request_id, shape)
+        wait = keys.node_wait(self.node)
+        return await q._blocking_take(call, wait, block_ms, None, request_id, shape)
 
     async def dequeue(
         self,

@@ -8159,7 +8159,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 fa9a95fb427017a7796ece5279a65f2404428e01)
+-- queue.dequeue (sha1 eb4a2c1237d167d70b70a909c21fc580943a55b2)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8745,11 +8745,9 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+-- Whether a dequeuer blocks on the waiting marker `waiting` now, reads only, before the first write; it also checks the type of the wake list `wake`.
 local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
+  if redis.call('EXISTS', waiting) == 0 then
     return false
   end
   if type(redis.pcall('LLEN', wake)) ~= 'number' then
@@ -8758,12 +8756,12 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -9046,7 +9044,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 c22af37864bf8991c49fbdcf03f9b4ec2e6a6c7c)
+-- queue.dispatch (sha1 7a115671cd1cd19604c3fce9b6d22c970ebb8b54)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -9061,11 +9059,7 @@ redis.register_function{
 --@+          it within request_ttl_ms answers the first reply and acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -9088,6 +9082,16 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id         string:1..1024  The task id: any bytes, unique within the dispatch queue while the task exists.
 --@arg        payload         string:0..16777216  The payload: any bytes.
 --@arg        strategy        enum:slot|least_loaded|two_choices|weighted|round_robin  How the node is chosen.
@@ -9103,7 +9107,7 @@ redis.register_function{
 --@arg        request_ttl_ms  int:1..86400000  How long the reply of request_id is kept.
 --@reply      array{created:int:0..1, state:string, node_id:string}  created = 1: queued for node_id, state "ready" or
 --@+          "delayed"; created = 0: the id exists (state "ready", "delayed", "leased" or "dead", and its node), nothing changed.
---@error      ARG  Not 19 keys or 13 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 13 arguments, an argument out of its range, or a request id used by another call.
 --@error      NONODE  No live, non-draining node (or, for slot, the slot has no live owner); nothing changed.
 --@error      ATCAPACITY  least_loaded / two_choices: every live node is full for `cost`; nothing changed.
 --@error      SCANLIMIT  The pick's bounded walk met only dead (unswept) or too-full nodes; nothing changed.
@@ -9222,6 +9226,14 @@ do
     key = keys[19]
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
+    end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
   end
 end
@@ -9343,7 +9355,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -9360,17 +9372,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -9387,7 +9401,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -9530,25 +9545,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -9699,30 +9701,23 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -10127,29 +10122,30 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
--- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
--- of it blocks (nil: none), both set by charge() before its first write (before_charge).
-local chosen_hex, chosen_wake = nil, nil
+-- What the last choose_and_charge() chose: hex(node id) and whether a worker of it blocks, both
+-- set by charge() before its first write (before_charge), at the server time chosen_now_ms.
+local chosen_hex, chosen_waits, chosen_now_ms = nil, false, 0
 local function note_chosen(node_id)
   chosen_hex = hex(node_id)
-  chosen_wake = blocked_wake(chosen_hex)
+  chosen_waits = node_waits(chosen_hex, chosen_now_ms)
 end
 
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
--- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
--- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
--- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
--- not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiter too); the charge and the pick's own writes come
+-- last. Answers the node id, its hex, and whether a worker of it blocks (then the caller calls
+-- wake_node after its writes). S, W and R charge without a capacity check (only L and T respect
+-- capacities). `exclude`: a node id a slot owner must not be (redispatch away from a draining
+-- owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
   before_charge = note_chosen
+  chosen_now_ms = now_ms
   if letter == 'L' then
     local node_id = pick_least_loaded(cost, random1, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   elseif letter == 'T' then
     local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -10175,7 +10171,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  return node_id, chosen_hex, chosen_wake
+  return node_id, chosen_hex, chosen_waits
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -10220,9 +10216,9 @@ local function main()
     check_seq(seq + 1)
   end
 
-  -- The pick and the charge (their reads, the chosen node's waiting marker, then their writes);
+  -- The pick and the charge (their reads, the chosen node's waiter, then their writes);
   -- only writes that cannot fail follow.
-  local node_id, node_hex, wake = choose_and_charge(letter, routing_key, cost, random1, random2,
+  local node_id, node_hex, waits = choose_and_charge(letter, routing_key, cost, random1, random2,
     random3, now_ms)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local route = { cost = cost, letter = letter, node_hex = node_hex }
@@ -10249,8 +10245,8 @@ local function main()
   redis.call('HSET', K_TASKS, unpack(task_fields))
   -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
   -- that worker waits for.
-  if wake then
-    push_wake(wake, 1)
+  if waits then
+    wake_node(node_hex, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }
@@ -10260,7 +10256,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 a194fac081d8d3c7770bcfc6e974ad00b6853404)
+-- queue.dispatch_requeue_dead (sha1 98ea254df1c67a7d36011d1a6684b276abe8a9ec)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -10271,16 +10267,12 @@ redis.register_function{
 --@+          the pick of that name, as queue.redispatch re-picks), charges that node the cost as queue.dispatch
 --@+          does, and queues it there ready now, with its attempts reset to 0 and its reason cleared (payload,
 --@+          priority and max_attempts kept; it queues behind the node's ready tasks of its priority). A task that
---@+          is not dead is left as it is and the reply says where it is. A worker of the chosen node blocked on its
---@+          wake list is woken (as queue.dispatch wakes it). If no node can take it the call fails and nothing
+--@+          is not dead is left as it is and the reply says where it is. A blocked worker of the chosen node is woken
+--@+          (as queue.dispatch wakes it). If no node can take it the call fails and nothing
 --@+          changed (the task stays dead).
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -10303,12 +10295,22 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id  string:1..1024  The dead task.
 --@arg        seed     int:0..9007199254740991  A random integer drawn by the client; the pick's random integers
 --@+          are drawn from it (a MINSTD sequence, as queue.redispatch), never from math.random.
 --@reply      array{state:string, node_id:string}  state "requeued" and the node it was queued for; or the state of a
 --@+          task that is not dead ("ready", "delayed", "leased") or "absent", with node_id "" (nothing changed).
---@error      ARG  Not 19 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 21 keys or 2 arguments, or an argument out of its range.
 --@error      NONODE  No live, non-draining node (for slot: the slot of the routing key has no live owner: run
 --@+          nodes.sweep or slots.rebalance); nothing changed.
 --@error      ATCAPACITY  least_loaded / two_choices: every live node is full for the task's cost; nothing changed.
@@ -10429,6 +10431,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -10538,7 +10548,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -10555,17 +10565,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -10582,7 +10594,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -10690,25 +10703,12 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -10853,30 +10853,23 @@ local function hex(raw)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -11292,29 +11285,30 @@ local function seeded_draws(seed)
   end
 end
 
--- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
--- of it blocks (nil: none), both set by charge() before its first write (before_charge).
-local chosen_hex, chosen_wake = nil, nil
+-- What the last choose_and_charge() chose: hex(node id) and whether a worker of it blocks, both
+-- set by charge() before its first write (before_charge), at the server time chosen_now_ms.
+local chosen_hex, chosen_waits, chosen_now_ms = nil, false, 0
 local function note_chosen(node_id)
   chosen_hex = hex(node_id)
-  chosen_wake = blocked_wake(chosen_hex)
+  chosen_waits = node_waits(chosen_hex, chosen_now_ms)
 end
 
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
--- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
--- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
--- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
--- not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiter too); the charge and the pick's own writes come
+-- last. Answers the node id, its hex, and whether a worker of it blocks (then the caller calls
+-- wake_node after its writes). S, W and R charge without a capacity check (only L and T respect
+-- capacities). `exclude`: a node id a slot owner must not be (redispatch away from a draining
+-- owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
   before_charge = note_chosen
+  chosen_now_ms = now_ms
   if letter == 'L' then
     local node_id = pick_least_loaded(cost, random1, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   elseif letter == 'T' then
     local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -11340,7 +11334,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  return node_id, chosen_hex, chosen_wake
+  return node_id, chosen_hex, chosen_waits
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -11366,7 +11360,7 @@ local function main()
 
   -- The pick and the charge (their reads, then their writes); only writes that cannot fail follow.
   local draw = seeded_draws(seed)
-  local node_id, node_hex, wake = choose_and_charge(route.letter, fields[3] or '', route.cost, draw(),
+  local node_id, node_hex, waits = choose_and_charge(route.letter, fields[3] or '', route.cost, draw(),
     draw(), draw(), now_ms)
   route.node_hex = node_hex
   meta.state, meta.at_ms, meta.attempts = 'R', now_ms, 0
@@ -11375,9 +11369,9 @@ local function main()
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'n' .. task_id, format_route(route),
     'seq', seq)
   redis.call('HDEL', K_TASKS, 'r' .. task_id)
-  -- A blocked worker of the chosen node wakes (its waiting marker was read before the charge).
-  if wake then
-    push_wake(wake, 1)
+  -- A blocked worker of the chosen node wakes (its waiter was read before the charge).
+  if waits then
+    wake_node(node_hex, 1)
   end
   return { 'requeued', node_id }
 end
@@ -11386,7 +11380,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 e447dac01106df198792e425079ac6ded6c4d750)
+-- queue.enqueue (sha1 251e8123512f25dae123a9ba10ce8a1016178da4)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11853,11 +11847,9 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+-- Whether a dequeuer blocks on the waiting marker `waiting` now, reads only, before the first write; it also checks the type of the wake list `wake`.
 local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
+  if redis.call('EXISTS', waiting) == 0 then
     return false
   end
   if type(redis.pcall('LLEN', wake)) ~= 'number' then
@@ -11866,12 +11858,12 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -12284,7 +12276,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 38db769fdb34ee6cfd3b23f9fcf76c64381e6a86)
+-- queue.nack (sha1 90c7deb76ca4541c31031d4272442e3a805c2d75)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -12665,11 +12657,9 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+-- Whether a dequeuer blocks on the waiting marker `waiting` now, reads only, before the first write; it also checks the type of the wake list `wake`.
 local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
+  if redis.call('EXISTS', waiting) == 0 then
     return false
   end
   if type(redis.pcall('LLEN', wake)) ~= 'number' then
@@ -12678,12 +12668,12 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -12757,7 +12747,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 4f88b24528d0b5dc91d329ac88c68b7413304d7e)
+-- queue.node_ack (sha1 3fdde6dde2a3f0d597911f3ff619bb211b073968)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -12769,11 +12759,7 @@ redis.register_function{
 --@+          ack: replaying it within request_ttl_ms answers 1 again instead of STALE.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -12796,12 +12782,22 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id         string:1..1024  The leased task.
 --@arg        token           int:1..9007199254740991  The fencing token of the lease.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
 --@reply      int:1..1  1: the task is finished and gone, its load given back.
---@error      ARG  Not 19 keys or 4 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 4 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held; nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks
@@ -12919,6 +12915,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -13021,7 +13025,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -13038,17 +13042,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -13065,7 +13071,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -13368,7 +13375,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 8a4b9fdd608fe071d6c232091066a1a9c0122067)
+-- queue.node_dequeue (sha1 d62a343378882a39f8c7a18da1e6f15928f32474)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -13382,17 +13389,13 @@ redis.register_function{
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
 --@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
---@+          taken and wait_ms > 0, the caller is registered as waiting on the node's waiting marker
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> for wait_ms (built from the ready key; dispatch, node_nack,
---@+          redispatch and promotion/reclaim then push wake-up signals on the node's wake list
---@+          luasched:{ns}:d:wake:<hex node id>:<queue>: BLPOP it) and the reply says when to ask again.
+--@+          taken and wait_ms > 0, the node is registered in waiters until the server's now + wait_ms (dispatch,
+--@+          node_nack, redispatch, dispatch_requeue_dead and promotion/reclaim then push the node's hex id on
+--@+          wake: BLPOP it with the node's own luasched:{ns}:d:node-wake:<hex node id>:<queue>, and pass on a
+--@+          signal of another node, see the wake key) and the reply says when to ask again.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -13415,18 +13418,28 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        node_id         string:1..1024  The node whose queue is served (need not be registered or live).
 --@arg        worker_id       string:0..256  Who takes the tasks (stored with the lease, for humans).
 --@arg        count           int:1..1000  Most tasks to take.
 --@arg        lease_ms        int:1..31536000000  Each lease lasts until the server's now + lease_ms.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
---@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the node's wake list (0: it will not).
+--@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the wake lists (0: it will not).
 --@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed); otherwise, with
 --@+          wait_ms > 0, ms until the next delayed task of the dispatch queue is due (-1: none delayed; 1 when this
 --@+          call made tasks of this node ready: ask again now), and -1 with wait_ms = 0 or absent; then 5 entries per
 --@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
---@error      ARG  Not 19 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
@@ -13543,6 +13556,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -13652,7 +13673,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -13669,17 +13690,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -13696,7 +13719,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -13847,25 +13871,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -14053,30 +14064,35 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
+end
+
+-- Registers a worker of node `node_hex` as blocking until now_ms + wait_ms (only ever
+-- lengthened), drops the lapsed waiters and keeps K_WAITERS alive as long as its longest wait.
+-- The first write can fail only on a K_WAITERS of another type: call it as a script's first
+-- write, or after read('ZSCORE', K_WAITERS, ...) (node_waits does).
+local function register_waiter(node_hex, now_ms, wait_ms)
+  redis.call('ZADD', K_WAITERS, 'GT', now_ms + wait_ms, node_hex)
+  redis.call('ZREMRANGEBYSCORE', K_WAITERS, '-inf', now_ms)
+  if redis.call('PTTL', K_WAITERS) < wait_ms then
+    redis.call('PEXPIRE', K_WAITERS, wait_ms)
   end
-  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -14131,6 +14147,17 @@ local function release_all(plans)
     release(plan)
   end
 end
+-- A call that took nothing: with wait_ms > 0 the node's worker is registered in K_WAITERS
+-- (register_waiter) and the reply is when to ask again (nothing_taken, which registers no
+-- marker of its own here).
+local function waited(node_hex, now_ms, wait_ms)
+  local reply = nothing_taken(now_ms, wait_ms, nil)
+  if wait_ms > 0 then
+    register_waiter(node_hex, now_ms, wait_ms)
+  end
+  return reply
+end
+
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(6, 7)
@@ -14149,15 +14176,17 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
-  -- The waiting marker this call registers when it takes nothing (only with wait_ms > 0).
-  local waiting = wait_ms > 0 and select(2, node_wait_keys(node_hex)) or nil
   local now = decimal(now_ms)
   local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
-    return nothing_taken(now_ms, wait_ms, waiting)
+    -- Nothing written yet: register_waiter's ZADD is this call's first write.
+    return waited(node_hex, now_ms, wait_ms)
+  end
+  if wait_ms > 0 then
+    read('ZSCORE', K_WAITERS, node_hex)  -- its type, before the first write
   end
   read('ZCARD', K_ASSIGNED)
   read('ZCARD', K_DEAD)
@@ -14244,10 +14273,12 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
-  -- The blocked workers of the nodes that got ready tasks (their wake lists' types, read now).
+  -- The nodes that got ready tasks and have a blocked worker (read now).
   local wakes = {}
   for woken_hex, woken_count in pairs(woken) do
-    wakes[#wakes + 1] = { blocked_wake(woken_hex), woken_count }
+    if node_waits(woken_hex, now_ms) then
+      wakes[#wakes + 1] = { woken_hex, woken_count }
+    end
   end
 
   -- Writes: every key was read above; none of these can fail.
@@ -14269,13 +14300,11 @@ local function main()
   end
   release_all(plans)
   for _, wake in ipairs(wakes) do
-    if wake[1] then
-      push_wake(wake[1], wake[2])
-    end
+    wake_node(wake[1], wake[2])
   end
 
   if #taken_ids == 0 then
-    local nothing = nothing_taken(now_ms, wait_ms, waiting)
+    local nothing = waited(node_hex, now_ms, wait_ms)
     if wait_ms > 0 and woken[node_hex] then
       -- Tasks of this node became ready in this call (the next call takes them): ask again now.
       return { 1 }
@@ -14295,7 +14324,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 6b178e19006fe94afb340da372c4ce9521076253)
+-- queue.node_extend (sha1 60b6e0ec9d17730ac0862638049b328471d6cc65)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -14308,11 +14337,7 @@ redis.register_function{
 --@+          task stays on its node and keeps its charge.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -14335,11 +14360,21 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id   string:1..1024  The leased task.
 --@arg        token     int:1..9007199254740991  The fencing token of the lease.
 --@arg        lease_ms  int:1..31536000000  The new deadline is the server's now + lease_ms.
 --@reply      int  The new deadline, in ms of the server's clock (Unix time).
---@error      ARG  Not 19 keys or 3 arguments, or an argument out of its range.
+--@error      ARG  Not 21 keys or 3 arguments, or an argument out of its range.
 --@error      STALE  The lease is no longer held (finished, expired and taken again, or redispatched: another token or
 --@+          state); nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
@@ -14458,6 +14493,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -14567,7 +14610,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -14584,17 +14627,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -14611,7 +14656,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -14822,7 +14868,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 c6b548653f95718c061af77cd4c00eaede234446)
+-- queue.node_nack (sha1 61ebef9931b048b4e6238bd66d9b4fb34321eb8a)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -14835,11 +14881,7 @@ redis.register_function{
 --@+          non-empty request_id records the reply: replaying it within request_ttl_ms acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -14862,6 +14904,16 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id          string:1..1024  The leased task.
 --@arg        token            int:1..9007199254740991  The fencing token of the lease.
 --@arg        delay_ms         int:-1..31536000000  Ready again after this many ms of the server's clock; -1: backoff.
@@ -14872,7 +14924,7 @@ redis.register_function{
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 19 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 8 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held; nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks
@@ -14990,6 +15042,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -15099,7 +15159,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -15116,17 +15176,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -15143,7 +15205,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -15286,25 +15349,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -15436,30 +15486,23 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -15514,7 +15557,7 @@ local function main()
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
-  local reply, plan, wake
+  local reply, plan, waits
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
   if meta.attempts >= meta.max_attempts then
@@ -15531,7 +15574,7 @@ local function main()
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
     -- A blocked worker of the node wakes (for a delayed retry too, as queue.nack does).
-    wake = blocked_wake(route.node_hex)
+    waits = node_waits(route.node_hex, now_ms)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -15553,8 +15596,8 @@ local function main()
   if plan then
     release(plan)
   end
-  if wake then
-    push_wake(wake, 1)
+  if waits then
+    wake_node(route.node_hex, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply
@@ -15564,7 +15607,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 7d40aae80559bba75ebf57e68970fdb27fbebabe)
+-- queue.node_stats (sha1 fc075067590be1c5bbdfe679f7fbaf2d8e1ca44c)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -15575,11 +15618,7 @@ redis.register_function{
 --@+          clock. Reads only. Expired leases count as leased until a node_dequeue reclaims them.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -15602,10 +15641,20 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        node_id[1..100]  string:1..1024  A node to report on.
 --@reply      array{now_ms:int, ready:int, delayed:int, leased:int, dead:int, node...}  then 3 entries per node asked
 --@+          about: ready:int, assigned:int (leased or delayed), load:int (-1: the node is not registered).
---@error      ARG  Not 19 keys, no node or more than 100, or a node id out of its range.
+--@error      ARG  Not 21 keys, no node or more than 100, or a node id out of its range.
 --@error      CORRUPT  A key holds another type than the layout.
 --@complexity O(k log n) for k nodes asked about, n tasks
 --@since      6.2
@@ -15723,6 +15772,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -15811,7 +15868,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -15828,17 +15885,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -15855,7 +15914,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -16040,7 +16100,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 304a87c332079b5a2a0f75e6a7eab6cba44769bd)
+-- queue.redispatch (sha1 68922077bed20ee687c0f9929aa5d7510a17f452)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -16056,11 +16116,7 @@ redis.register_function{
 --@+          and answers more = 1; if it fails for the first task, the call fails and nothing changed.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -16083,13 +16139,23 @@ redis.register_function{
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        node_id  string:1..1024  The node whose tasks move.
 --@arg        limit    int:1..100  Most tasks moved by this call.
 --@arg        seed     int:0..9007199254740991  A random integer drawn by the client; the picks' random integers
 --@+          are drawn from it (a MINSTD sequence), never from math.random.
 --@reply      array{moved:int, more:int:0..1, state:string}  moved tasks; more = 1 if the node has tasks left (call
 --@+          again); state of the node: "dead", "draining", "absent" (not registered) or "live" (nothing moved).
---@error      ARG  Not 19 keys or 3 arguments, or an argument out of its range.
+--@error      ARG  Not 21 keys or 3 arguments, or an argument out of its range.
 --@error      NONODE  No live, non-draining node for the first task (for slot: its slot has no live owner other than
 --@+          the node itself); nothing changed.
 --@error      ATCAPACITY  least_loaded / two_choices: every live node is full for the first task's cost; nothing changed.
@@ -16210,6 +16276,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -16319,7 +16393,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -16336,17 +16410,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -16363,7 +16439,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -16479,25 +16556,12 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -16665,30 +16729,23 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -17119,29 +17176,30 @@ local function seeded_draws(seed)
   end
 end
 
--- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
--- of it blocks (nil: none), both set by charge() before its first write (before_charge).
-local chosen_hex, chosen_wake = nil, nil
+-- What the last choose_and_charge() chose: hex(node id) and whether a worker of it blocks, both
+-- set by charge() before its first write (before_charge), at the server time chosen_now_ms.
+local chosen_hex, chosen_waits, chosen_now_ms = nil, false, 0
 local function note_chosen(node_id)
   chosen_hex = hex(node_id)
-  chosen_wake = blocked_wake(chosen_hex)
+  chosen_waits = node_waits(chosen_hex, chosen_now_ms)
 end
 
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
--- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
--- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
--- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
--- not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiter too); the charge and the pick's own writes come
+-- last. Answers the node id, its hex, and whether a worker of it blocks (then the caller calls
+-- wake_node after its writes). S, W and R charge without a capacity check (only L and T respect
+-- capacities). `exclude`: a node id a slot owner must not be (redispatch away from a draining
+-- owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
   before_charge = note_chosen
+  chosen_now_ms = now_ms
   if letter == 'L' then
     local node_id = pick_least_loaded(cost, random1, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   elseif letter == 'T' then
     local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -17167,7 +17225,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  return node_id, chosen_hex, chosen_wake
+  return node_id, chosen_hex, chosen_waits
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -17238,7 +17296,7 @@ local function main()
       seq = seq + 1
       check_seq(seq)
     end
-    local _, new_hex, wake = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(),
+    local _, new_hex, waits = choose_and_charge(route.letter, entry.key, route.cost, draw(), draw(),
       draw(), now_ms, node_id)
     if plan then
       release(plan)
@@ -17262,8 +17320,8 @@ local function main()
     route.node_hex = new_hex
     redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), 'n' .. task_id, format_route(route))
     -- A blocked worker of the new node wakes (for a delayed task too: it may be due sooner).
-    if wake then
-      push_wake(wake, 1)
+    if waits then
+      wake_node(new_hex, 1)
     end
   end
 
@@ -17286,7 +17344,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 4d5daca0a711e9a0934c553ad25e8f2e0e5b861c)
+-- queue.requeue_dead (sha1 14739fc7903633111b88c2275ce7378a68a16a0a)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -17599,11 +17657,9 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+-- Whether a dequeuer blocks on the waiting marker `waiting` now, reads only, before the first write; it also checks the type of the wake list `wake`.
 local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
+  if redis.call('EXISTS', waiting) == 0 then
     return false
   end
   if type(redis.pcall('LLEN', wake)) ~= 'number' then
@@ -17612,12 +17668,12 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -19714,5 +19770,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'e2856c864b807c671afb3f56ff29548d3db0cf80' end,
+  callback = function() return 'bbf28373091033d90373ee01e6f0127a8830dcfe' end,
 }

@@ -8,11 +8,7 @@
 --@+          it within request_ttl_ms answers the first reply and acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -35,6 +31,16 @@
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id         string:1..1024  The task id: any bytes, unique within the dispatch queue while the task exists.
 --@arg        payload         string:0..16777216  The payload: any bytes.
 --@arg        strategy        enum:slot|least_loaded|two_choices|weighted|round_robin  How the node is chosen.
@@ -50,7 +56,7 @@
 --@arg        request_ttl_ms  int:1..86400000  How long the reply of request_id is kept.
 --@reply      array{created:int:0..1, state:string, node_id:string}  created = 1: queued for node_id, state "ready" or
 --@+          "delayed"; created = 0: the id exists (state "ready", "delayed", "leased" or "dead", and its node), nothing changed.
---@error      ARG  Not 19 keys or 13 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 13 arguments, an argument out of its range, or a request id used by another call.
 --@error      NONODE  No live, non-draining node (or, for slot, the slot has no live owner); nothing changed.
 --@error      ATCAPACITY  least_loaded / two_choices: every live node is full for `cost`; nothing changed.
 --@error      SCANLIMIT  The pick's bounded walk met only dead (unswept) or too-full nodes; nothing changed.
@@ -169,6 +175,14 @@ do
     key = keys[19]
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
+    end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
   end
 end
@@ -290,7 +304,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -307,17 +321,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -334,7 +350,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -477,25 +494,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -646,30 +650,23 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -1074,29 +1071,30 @@ local function live_owner(slot, now_ms)
   return node_id, index
 end
 
--- What the last choose_and_charge() chose: hex(node id) and the node's wake list when a worker
--- of it blocks (nil: none), both set by charge() before its first write (before_charge).
-local chosen_hex, chosen_wake = nil, nil
+-- What the last choose_and_charge() chose: hex(node id) and whether a worker of it blocks, both
+-- set by charge() before its first write (before_charge), at the server time chosen_now_ms.
+local chosen_hex, chosen_waits, chosen_now_ms = nil, false, 0
 local function note_chosen(node_id)
   chosen_hex = hex(node_id)
-  chosen_wake = blocked_wake(chosen_hex)
+  chosen_waits = node_waits(chosen_hex, chosen_now_ms)
 end
 
 -- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
--- `cost`. Reads first (the chosen node's waiting marker too); the charge and the pick's own
--- writes come last. Answers the node id, its hex, and its wake list to push after the caller's
--- writes (push_wake) when a worker of it blocks (nil: none). S, W and R charge without a
--- capacity check (only L and T respect capacities). `exclude`: a node id a slot owner must
--- not be (redispatch away from a draining owner: NONODE).
+-- `cost`. Reads first (the chosen node's waiter too); the charge and the pick's own writes come
+-- last. Answers the node id, its hex, and whether a worker of it blocks (then the caller calls
+-- wake_node after its writes). S, W and R charge without a capacity check (only L and T respect
+-- capacities). `exclude`: a node id a slot owner must not be (redispatch away from a draining
+-- owner: NONODE).
 local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
                                  exclude)
   before_charge = note_chosen
+  chosen_now_ms = now_ms
   if letter == 'L' then
     local node_id = pick_least_loaded(cost, random1, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   elseif letter == 'T' then
     local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
-    return node_id, chosen_hex, chosen_wake
+    return node_id, chosen_hex, chosen_waits
   end
   local node_id, index, commit
   if letter == 'S' then
@@ -1122,7 +1120,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   if commit then
     commit()
   end
-  return node_id, chosen_hex, chosen_wake
+  return node_id, chosen_hex, chosen_waits
 end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
@@ -1167,9 +1165,9 @@ local function main()
     check_seq(seq + 1)
   end
 
-  -- The pick and the charge (their reads, the chosen node's waiting marker, then their writes);
+  -- The pick and the charge (their reads, the chosen node's waiter, then their writes);
   -- only writes that cannot fail follow.
-  local node_id, node_hex, wake = choose_and_charge(letter, routing_key, cost, random1, random2,
+  local node_id, node_hex, waits = choose_and_charge(letter, routing_key, cost, random1, random2,
     random3, now_ms)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local route = { cost = cost, letter = letter, node_hex = node_hex }
@@ -1196,8 +1194,8 @@ local function main()
   redis.call('HSET', K_TASKS, unpack(task_fields))
   -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
   -- that worker waits for.
-  if wake then
-    push_wake(wake, 1)
+  if waits then
+    wake_node(node_hex, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }

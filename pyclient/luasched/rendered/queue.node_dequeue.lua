@@ -7,17 +7,13 @@
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
 --@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
---@+          taken and wait_ms > 0, the caller is registered as waiting on the node's waiting marker
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> for wait_ms (built from the ready key; dispatch, node_nack,
---@+          redispatch and promotion/reclaim then push wake-up signals on the node's wake list
---@+          luasched:{ns}:d:wake:<hex node id>:<queue>: BLPOP it) and the reply says when to ask again.
+--@+          taken and wait_ms > 0, the node is registered in waiters until the server's now + wait_ms (dispatch,
+--@+          node_nack, redispatch, dispatch_requeue_dead and promotion/reclaim then push the node's hex id on
+--@+          wake: BLPOP it with the node's own luasched:{ns}:d:node-wake:<hex node id>:<queue>, and pass on a
+--@+          signal of another node, see the wake key) and the reply says when to ask again.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -40,18 +36,28 @@
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        node_id         string:1..1024  The node whose queue is served (need not be registered or live).
 --@arg        worker_id       string:0..256  Who takes the tasks (stored with the lease, for humans).
 --@arg        count           int:1..1000  Most tasks to take.
 --@arg        lease_ms        int:1..31536000000  Each lease lasts until the server's now + lease_ms.
 --@arg        request_id      string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms  int:1..86400000  How long the record of request_id is kept.
---@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the node's wake list (0: it will not).
+--@arg        wait_ms[0..1]   int:0..31536000000  Optional (absent: 0). If nothing is taken: how long the caller will block on the wake lists (0: it will not).
 --@reply      array{next_due_ms:int, lease...}  next_due_ms 0 when tasks were taken (or replayed); otherwise, with
 --@+          wait_ms > 0, ms until the next delayed task of the dispatch queue is due (-1: none delayed; 1 when this
 --@+          call made tasks of this node ready: ask again now), and -1 with wait_ms = 0 or absent; then 5 entries per
 --@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
---@error      ARG  Not 19 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
 --@since      6.2
@@ -168,6 +174,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -294,17 +308,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -321,7 +337,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -472,25 +489,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -678,30 +682,35 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
+end
+
+-- Registers a worker of node `node_hex` as blocking until now_ms + wait_ms (only ever
+-- lengthened), drops the lapsed waiters and keeps K_WAITERS alive as long as its longest wait.
+-- The first write can fail only on a K_WAITERS of another type: call it as a script's first
+-- write, or after read('ZSCORE', K_WAITERS, ...) (node_waits does).
+local function register_waiter(node_hex, now_ms, wait_ms)
+  redis.call('ZADD', K_WAITERS, 'GT', now_ms + wait_ms, node_hex)
+  redis.call('ZREMRANGEBYSCORE', K_WAITERS, '-inf', now_ms)
+  if redis.call('PTTL', K_WAITERS) < wait_ms then
+    redis.call('PEXPIRE', K_WAITERS, wait_ms)
   end
-  return nil
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -756,6 +765,17 @@ local function release_all(plans)
     release(plan)
   end
 end
+-- A call that took nothing: with wait_ms > 0 the node's worker is registered in K_WAITERS
+-- (register_waiter) and the reply is when to ask again (nothing_taken, which registers no
+-- marker of its own here).
+local function waited(node_hex, now_ms, wait_ms)
+  local reply = nothing_taken(now_ms, wait_ms, nil)
+  if wait_ms > 0 then
+    register_waiter(node_hex, now_ms, wait_ms)
+  end
+  return reply
+end
+
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(6, 7)
@@ -774,15 +794,17 @@ local function main()
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on every range.
   local node_hex = hex(node_id)
-  -- The waiting marker this call registers when it takes nothing (only with wait_ms > 0).
-  local waiting = wait_ms > 0 and select(2, node_wait_keys(node_hex)) or nil
   local now = decimal(now_ms)
   local due = read('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 16)
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
   if #head == 0 and #due == 0 and #expired == 0 then
-    return nothing_taken(now_ms, wait_ms, waiting)
+    -- Nothing written yet: register_waiter's ZADD is this call's first write.
+    return waited(node_hex, now_ms, wait_ms)
+  end
+  if wait_ms > 0 then
+    read('ZSCORE', K_WAITERS, node_hex)  -- its type, before the first write
   end
   read('ZCARD', K_ASSIGNED)
   read('ZCARD', K_DEAD)
@@ -869,10 +891,12 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
-  -- The blocked workers of the nodes that got ready tasks (their wake lists' types, read now).
+  -- The nodes that got ready tasks and have a blocked worker (read now).
   local wakes = {}
   for woken_hex, woken_count in pairs(woken) do
-    wakes[#wakes + 1] = { blocked_wake(woken_hex), woken_count }
+    if node_waits(woken_hex, now_ms) then
+      wakes[#wakes + 1] = { woken_hex, woken_count }
+    end
   end
 
   -- Writes: every key was read above; none of these can fail.
@@ -894,13 +918,11 @@ local function main()
   end
   release_all(plans)
   for _, wake in ipairs(wakes) do
-    if wake[1] then
-      push_wake(wake[1], wake[2])
-    end
+    wake_node(wake[1], wake[2])
   end
 
   if #taken_ids == 0 then
-    local nothing = nothing_taken(now_ms, wait_ms, waiting)
+    local nothing = waited(node_hex, now_ms, wait_ms)
     if wait_ms > 0 and woken[node_hex] then
       -- Tasks of this node became ready in this call (the next call takes them): ask again now.
       return { 1 }

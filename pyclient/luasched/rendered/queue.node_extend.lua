@@ -6,11 +6,7 @@
 --@+          task stays on its node and keeps its charge.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -33,11 +29,21 @@
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id   string:1..1024  The leased task.
 --@arg        token     int:1..9007199254740991  The fencing token of the lease.
 --@arg        lease_ms  int:1..31536000000  The new deadline is the server's now + lease_ms.
 --@reply      int  The new deadline, in ms of the server's clock (Unix time).
---@error      ARG  Not 19 keys or 3 arguments, or an argument out of its range.
+--@error      ARG  Not 21 keys or 3 arguments, or an argument out of its range.
 --@error      STALE  The lease is no longer held (finished, expired and taken again, or redispatched: another token or
 --@+          state); nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
@@ -156,6 +162,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -265,7 +279,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -282,17 +296,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -309,7 +325,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.

@@ -6,11 +6,7 @@
 --@+          non-empty request_id records the reply: replaying it within request_ttl_ms acts no second time.
 --@key        ready       zset    luasched:{ns}:d:ready:<queue> -- ready dispatched tasks, all scored 0 and ordered by
 --@+          member: hex(node id) ":" 16-digit (511 - priority) * 2^43 + seq, then the task id; one node's ready
---@+          tasks are one lex range, best first. Built from this key's name (same hash tag), one pair per node for
---@+          the blocking wait of node queues: luasched:{ns}:d:wake:<hex node id>:<queue> (list: wake-up signals for
---@+          the node's blocked workers, BLPOP it; at most 16 entries, expires 2000 ms after a push) and
---@+          luasched:{ns}:d:waiting:<hex node id>:<queue> (string: present while a worker of the node blocks; only then
---@+          do dispatch, node_nack, redispatch and promotion/reclaim push), hex = lowercase hex of the node id's bytes.
+--@+          tasks are one lex range, best first.
 --@key        delayed     zset    luasched:{ns}:d:delayed:<queue> -- delayed / backing-off task ids by due time (server ms).
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
@@ -33,6 +29,16 @@
 --@key        ring        zset    luasched:{ns}:pick:ring -- registered, non-draining indexes by index.
 --@key        state       hash    luasched:{ns}:pick:state -- pick bookkeeping (round-robin cursor).
 --@key        weighted    zset    luasched:{ns}:pick:weighted -- live eligible indexes by cumulative weight (lazy).
+--@key        wake        list    luasched:{ns}:d:wake:<queue> -- wake-up signals of blocked node workers: each
+--@+          signal is the lowercase hex of the id of a node that got a task while a worker of it blocked (see
+--@+          waiters). A worker of node N blocks with BLPOP on its own list luasched:{ns}:d:node-wake:<hex N>:<queue>
+--@+          and on this one; when it pops a signal of another node it pushes that signal on that node's own list
+--@+          (LPUSH, LTRIM 0 15, PEXPIRE 2000); no script touches the own lists. At most
+--@+          16 entries, expires 2000 ms after a push.
+--@key        waiters     zset    luasched:{ns}:d:waiters:<queue> -- hex(node id) of each node a worker of which
+--@+          blocks, scored by the server ms until which it waits (queue.node_dequeue with wait_ms: only ever
+--@+          lengthened; lapsed ones removed then); dispatch, node_nack, redispatch, dispatch_requeue_dead and
+--@+          promotion/reclaim push a node's signal on wake only while its score is after the server's now.
 --@arg        task_id          string:1..1024  The leased task.
 --@arg        token            int:1..9007199254740991  The fencing token of the lease.
 --@arg        delay_ms         int:-1..31536000000  Ready again after this many ms of the server's clock; -1: backoff.
@@ -43,7 +49,7 @@
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 19 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 8 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held; nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks
@@ -161,6 +167,14 @@ do
     if key and key ~= prefix .. 'pick:weighted' then
       return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[19] must be luasched:{ns}:pick:weighted in the namespace of KEYS[1]')
     end
+    key = keys[20]
+    if key and key ~= prefix .. 'd:wake:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[20] must be luasched:{ns}:d:wake:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[21]
+    if key and key ~= prefix .. 'd:waiters:' .. tail_queue then
+      return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[21] must be luasched:{ns}:d:waiters:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
   end
 end
 -- ---------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset' }, 'a key'
+    local layout, culprit = { 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'set', 'string', 'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'zset' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -287,17 +301,19 @@ end
 -- dispatch (lua/include/dispatch.lua.j2): tasks dispatched to nodes (queue.dispatch and the
 -- queue.node_* / queue.redispatch scripts). Needs prelude. Brings in the queue helpers
 -- (include/queue.lua.j2) and the load's charge and release (include/pick_charge.lua.j2), bound
--- to these 19 KEYS (include/dispatch_pick.lua.j2 adds the picks):
+-- to these 21 KEYS (include/dispatch_pick.lua.j2 adds the picks):
 --   1 d:ready:<queue>    ZSET  ready tasks by node: member hex(node) ":" score(16 digits) task id
 --   2 d:delayed:<queue>  ZSET  delayed task ids by due time     3 d:leased:<queue> ZSET by deadline
 --   4 d:dead:<queue>     ZSET  dead letters by time of death    5 d:tasks:<queue>  HASH
 --   6 d:assigned:<queue> ZSET  leased and delayed tasks by node: member hex(node) ":" task id
 --   7 d:req:<request_id>:<queue>  STRING recorded reply of a request id
---   (built in the scripts from KEYS[1], one pair per node: the blocking wait of node queues)
---     d:wake:<hex(node)>:<queue>     LIST   wake-up signals for the node's blocked workers
---     d:waiting:<hex(node)>:<queue>  STRING present while a worker of the node blocks
 --   8..19 nodes:index, nodes:id, nodes:weight, nodes:capacity, nodes:deadline, nodes:draining,
 --         slots:owner, pick:load, pick:util, pick:ring, pick:state, pick:weighted
+--   20 d:wake:<queue>     LIST   wake-up signals of blocked node workers: each one hex(node),
+--                              the node that got work (its workers BLPOP it with their own
+--                              d:node-wake:<hex(node)>:<queue>, where a worker of another node
+--                              that popped the signal passes it on; no script touches that list)
+--   21 d:waiters:<queue>  ZSET   hex(node) by the server ms until which a worker of it blocks
 --
 -- Invariants (on top of include/queue.lua.j2's, with "ready" = the node's lex range of d:ready):
 --   * Every task has a route "n"..id = "cost S|L|T|W|R hex(node id)": the node it is assigned to
@@ -314,7 +330,8 @@ local K_TASKS, K_ASSIGNED, K_REQUEST = KEYS[5], KEYS[6], KEYS[7]
 local K_INDEX, K_ID, K_WEIGHT, K_CAPACITY = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_DEADLINE, K_DRAINING, K_SLOTS = KEYS[12], KEYS[13], KEYS[14]
 local K_LOAD, K_UTIL, K_RING, K_STATE, K_WEIGHTED = KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local DISPATCH_KEY_COUNT = 19
+local K_WAKE, K_WAITERS = KEYS[20], KEYS[21]
+local DISPATCH_KEY_COUNT = 21
 -- ---------------------------------------------------------------------------------------------
 -- queue (lua/include/queue.lua.j2): the keys of one task queue and the helpers of the queue.*
 -- scripts.
@@ -457,25 +474,12 @@ local function record_reply(request_id, ttl_ms, record)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
-local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
-    return false
-  end
-  if type(redis.pcall('LLEN', wake)) ~= 'number' then
-    fail('CORRUPT', 'key ' .. show(wake) .. ' holds another type than the layout')
-  end
-  return true
-end
-
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
@@ -607,30 +611,23 @@ local function unhex(digits)
   end))
 end
 
--- The wake list and waiting marker of node `node_hex`'s queue: d:wake:<node_hex>:<queue> and
--- d:waiting:<node_hex>:<queue>, built from K_READY = luasched:{ns}:d:ready:<queue> (the same
--- hash tag, so the same slot). A namespace holds no "{" or "}" (keys.py), so the first "}"
--- ends the tag; node_hex is [0-9a-f]+ (no ":"), so no two (node, queue) pairs share a name.
--- nil, nil when K_READY is named otherwise: then nothing is registered or pushed (workers
--- wait out their poll_ms). One match and two concatenations (each string op costs).
-local function node_wait_keys(node_hex)
-  local prefix, queue = string.match(K_READY, '^(luasched:{[^}]*}:d:)ready:(.*)$')
-  if not prefix then
-    return nil, nil
+-- Whether a worker of node `node_hex` blocks now (its deadline in K_WAITERS is after now_ms).
+-- Reads only (ZSCORE; with a waiter also the wake list's type): call it before the first write,
+-- wake_node() after the writes. Every key is in KEYS: the wake-up of the node chosen inside a
+-- script goes through the queue's one wake list, whatever the node.
+local function node_waits(node_hex, now_ms)
+  local deadline = read('ZSCORE', K_WAITERS, node_hex)
+  if not deadline or tonumber(deadline) <= now_ms then
+    return false
   end
-  local tail = ':' .. node_hex .. ':' .. queue
-  return prefix .. 'wake' .. tail, prefix .. 'waiting' .. tail
+  read('LLEN', K_WAKE)
+  return true
 end
 
--- The wake list of node `node_hex` if a worker of it blocks now, else nil. Reads only (EXISTS
--- of the waiting marker; with a waiter also the wake list's type): call it before the first
--- write, push_wake() after the writes.
-local function blocked_wake(node_hex)
-  local wake, waiting = node_wait_keys(node_hex)
-  if waiters_present(waiting, wake) then
-    return wake
-  end
-  return nil
+-- Pushes `count` signals naming node `node_hex` on the queue's wake list (after node_waits()
+-- said a worker of it blocks; cannot fail then).
+local function wake_node(node_hex, count)
+  push_wake(K_WAKE, count, node_hex)
 end
 
 -- Members of d:ready and d:assigned, and the lex range of one node's members.
@@ -685,7 +682,7 @@ local function main()
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
-  local reply, plan, wake
+  local reply, plan, waits
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
   if meta.attempts >= meta.max_attempts then
@@ -702,7 +699,7 @@ local function main()
       delay_ms = backoff_base_ms == 0 and 0 or math.min(backoff_max_ms, backoff_base_ms * 2 ^ exponent)
     end
     -- A blocked worker of the node wakes (for a delayed retry too, as queue.nack does).
-    wake = blocked_wake(route.node_hex)
+    waits = node_waits(route.node_hex, now_ms)
     if delay_ms == 0 then
       seq = seq + 1
       check_seq(seq)
@@ -724,8 +721,8 @@ local function main()
   if plan then
     release(plan)
   end
-  if wake then
-    push_wake(wake, 1)
+  if waits then
+    wake_node(route.node_hex, 1)
   end
   record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply

@@ -306,11 +306,9 @@ local function check_seq(seq)
   end
 end
 
--- Whether a dequeuer blocks on the waiting marker `waiting` now (nil: no such key, so none),
--- reads only, before the first write; it also checks the type of the wake list `wake` (named
--- here: the node queues' wake lists are built in the script, not in KEYS, where run() looks).
+-- Whether a dequeuer blocks on the waiting marker `waiting` now, reads only, before the first write; it also checks the type of the wake list `wake`.
 local function waiters_present(waiting, wake)
-  if not waiting or redis.call('EXISTS', waiting) == 0 then
+  if redis.call('EXISTS', waiting) == 0 then
     return false
   end
   if type(redis.pcall('LLEN', wake)) ~= 'number' then
@@ -319,12 +317,12 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals (at most WAKE_MAX) on the list `wake` and keeps it short and
--- short-lived. Cannot fail once waiters_present() read the list.
-local function push_wake(wake, count)
+-- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
+-- and keeps it short and short-lived. Cannot fail once the list's type was read.
+local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   local length = redis.call('LPUSH', wake, unpack(signals))
   if length > WAKE_MAX then
