@@ -132,3 +132,32 @@ def test_cancelling_at_any_moment_never_leaves_a_hold(r: Any, server: Any) -> No
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_cancelling_a_semaphore_acquire_at_any_moment_never_leaves_a_permit(
+    r: Any, server: Any
+) -> None:
+    async def scenario() -> None:
+        client = server.async_client()
+        s = luasched.asyncio.Scheduler(client, "alk")
+        holders = s.namespace.key("sem", b"race")
+        rng = random.Random(7)
+        cancelled = 0
+        for attempt in range(60):
+            sem = s.semaphore("race", 1)
+            task = asyncio.ensure_future(sem.acquire())
+            # Before the send, while the script runs, or after: around one round trip.
+            await asyncio.sleep(0 if attempt % 4 == 0 else rng.uniform(0, 0.0006))
+            task.cancel()
+            try:
+                handle = await task
+            except asyncio.CancelledError:
+                cancelled += 1
+            else:
+                assert handle is not None
+                await sem.release(handle)
+            assert r.zcard(holders) == 0, attempt  # the undo gave back what the attempt got
+        assert cancelled > 0
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -210,6 +210,10 @@ def _cases() -> list[Case]:
     for option in ("fair", "reentrant", "auto_renew"):
         c += [_case("lock", option, lambda a, v, o=option: a.s.lock("l", **{o: v}), v)
               for v in NOT_FLAGS]  # fmt: skip
+    c += [_case("lock", "timeout", lambda a, v: a.s.lock("l", timeout=v), v)
+          for v in NOT_TIMEOUTS]  # fmt: skip
+    c += [_case("semaphore", "timeout", lambda a, v: a.s.semaphore("m", 2, timeout=v), v)
+          for v in NOT_TIMEOUTS]  # fmt: skip
     for label, target in (("lock", "lock"), ("semaphore", "sem")):
         holder = "handle" if target == "lock" else "permit"
         c += [_case(f"{label}.acquire", "timeout",

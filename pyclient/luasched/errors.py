@@ -20,6 +20,7 @@ __all__ = [
     "AllNodesFull",
     "CorruptState",
     "InvalidArgument",
+    "LockTimeout",
     "LuaschedError",
     "NoNode",
     "RegistryFull",
@@ -142,6 +143,17 @@ class TooManyNodes(LuaschedError):
     description = "more live, non-draining nodes than the strategy supports (its cost is O(n))"
 
 
+class LockTimeout(LuaschedError, TimeoutError):
+    """A lock or semaphore used as a context manager (``with s.lock(name, timeout=5):``) was not
+    granted within its ``timeout``. Raised by the client, not by a script: nothing is held, and
+    the waiter's place in the lock's queue was given back (best effort; else it lapses after
+    ``wait_ttl_ms``). Also a ``TimeoutError``. ``acquire()`` answers None instead."""
+
+    code = "LOCKTIMEOUT"
+    description = "a lock or semaphore was not granted within the context manager's timeout"
+
+
+#: The codes scripts answer with (``LockTimeout`` is the client's own, not among them).
 _CLASSES: tuple[type[LuaschedError], ...] = (
     InvalidArgument,
     NoNode,

@@ -22,26 +22,30 @@ random owner tokens and request ids, shapes KEYS/ARGV, reads replies, and waits 
   behind (best effort: if the server cannot be reached, the hold lapses at its deadline and the
   place at its own).
 
-The call builders below are shared by the sync and asyncio wrappers; they hold no decision.
+The call builders and the loops below (``LockBase``, ``SemaphoreBase`` and ``renew_loop``:
+generators of steps, see ``luasched.loops``) are shared by the sync and asyncio wrappers, which
+only drive them; they hold no decision.
 What a lock guarantees and what it cannot: docs/locks.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from luasched import validate
-from luasched.errors import InvalidArgument
+from luasched.errors import InvalidArgument, LockTimeout
 from luasched.keys import Namespace, to_bytes
-from luasched.retry import NO_RETRY
+from luasched.loops import Cleanup, Loop, Run, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
+
+H = TypeVar("H")
 
 __all__ = [
     "AcquireResult",
@@ -55,6 +59,7 @@ __all__ = [
     "acquire_call",
     "acquire_deadline",
     "check_options",
+    "check_timeout",
     "extend_call",
     "held_token",
     "lock_keys",
@@ -330,9 +335,10 @@ class LockKeys:
 # Waiting policy (no decision about the lock: only how long to sleep before the next attempt)
 
 
-def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
-    """How long to block before the next attempt, in whole ms (>= 1), or None if the caller's
-    timeout is over. ``hint_ms`` > 0 is when the current hold/lease lapses."""
+def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> float | None:
+    """How long to wait before the next attempt, in ms (> 0), or None if the caller's timeout
+    is over. ``hint_ms`` > 0 is when the current hold/lease lapses. The ``BLPOP`` timeout sent
+    for it is ``luasched.blocking.block_timeout_s``'s (never below 2 ms)."""
     wait = float(retry_ms)
     if hint_ms > 0:
         wait = min(wait, hint_ms)
@@ -341,8 +347,7 @@ def wait_ms(retry_ms: int, hint_ms: int, deadline: float | None) -> int | None:
         if left <= 0:
             return None
         wait = min(wait, left)
-    # BLPOP's timeout 0 means "forever": never send less than 1 ms.
-    return max(1, math.ceil(wait))
+    return wait
 
 
 def place_ttl_ms(lock: Any, blocking: bool, woken: bool) -> int:
@@ -385,6 +390,14 @@ def acquire_deadline(blocking: object, timeout: object) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
+def check_timeout(timeout: object) -> float | None:
+    """The ``timeout=`` option of a lock or semaphore (what ``with`` / ``async with`` waits, in
+    seconds), as given: None (no limit) or a finite int or float >= 0; InvalidArgument naming
+    ``timeout`` for a negative, NaN or infinite one, a bool or a str."""
+    validate.timeout_s("timeout", timeout)
+    return timeout  # type: ignore[return-value]
+
+
 def held_token(handle: object) -> bytes:
     """The owner token of ``handle`` (a handle ``acquire`` returned, or anything with such a
     ``token``); InvalidArgument naming ``handle`` for anything else."""
@@ -392,6 +405,42 @@ def held_token(handle: object) -> bytes:
     if not isinstance(token, bytes):
         raise InvalidArgument(f"handle must be a lock or permit handle, got {handle!r}")
     return validate.arg("lock.release", "token", token, name="handle.token")  # type: ignore[no-any-return]
+
+
+def lock_timeout(script: str, name: bytes, timeout: float | None) -> LockTimeout:
+    """The ``LockTimeout`` a context manager raises when ``name`` was not granted in time."""
+    return LockTimeout(f"{name!r} not granted within {timeout} s", script=script)
+
+
+class EnteredHolds:
+    """The holds taken by ``with`` / ``async with`` on one Lock or Semaphore object, a stack per
+    thread (sync) or per task (asyncio): each exit releases what its own enter took, even when
+    several threads or tasks enter one object at once (or a reentrant lock is entered nested).
+    ``current`` names the caller (``threading.get_ident``, ``asyncio.current_task``)."""
+
+    def __init__(self, current: Any) -> None:
+        self._current = current
+        self._guard = threading.Lock()
+        self._stacks: dict[Any, list[Any]] = {}
+
+    def enter(self, hold: H | None, script: str, name: bytes, timeout: float | None) -> H:
+        """What ``__enter__`` answers: ``hold``, kept for the caller's exit; ``LockTimeout``
+        (naming ``script``) if the acquire answered None."""
+        if hold is None:
+            raise lock_timeout(script, name, timeout)
+        with self._guard:
+            self._stacks.setdefault(self._current(), []).append(hold)
+        return hold
+
+    def pop(self) -> Any:
+        """The caller's newest hold (a ``with`` block's exit always follows its enter)."""
+        with self._guard:
+            who = self._current()
+            stack = self._stacks[who]
+            hold = stack.pop()
+            if not stack:
+                del self._stacks[who]
+            return hold
 
 
 # ------------------------------------------------------------------------------------------
@@ -466,71 +515,44 @@ class PermitHandle(Hold):
         self._owner.release(self)
 
 
-class _Renewer:
-    """Extends one hold every ttl/3 in a daemon thread until stopped or the hold is lost.
-
-    ``stop()`` returns only once the thread has ended, so no extend is sent after it.
-    """
-
-    def __init__(self, extend: Any, ttl_ms: int) -> None:
-        self._extend = extend
-        self._interval = ttl_ms / 3000.0
-        self._ttl_ms = ttl_ms
-        self._stopped = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="luasched-renew", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        give_up = time.monotonic() + self._ttl_ms / 1000.0
-        while not self._stopped.wait(self._interval):
-            try:
-                result = self._extend(self._ttl_ms)
-            except Exception:
-                if time.monotonic() >= give_up:  # the hold has lapsed by now
-                    self.lost.set()
-                    return
-                continue
-            if not result.extended:
-                self.lost.set()
-                return
-            give_up = time.monotonic() + self._ttl_ms / 1000.0
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-
-
 # ------------------------------------------------------------------------------------------
-# The sync wrappers
+# The loops (luasched.loops), shared by the sync and asyncio wrappers
 
 
-class Lock:
-    """A distributed lock named ``name`` in a namespace (``s.lock(name, ...)``).
+def renew_loop(extend: Callable[[int], Call[ExtendResult]], ttl_ms: int) -> Loop[None]:
+    """Extend one hold every ttl/3 (``extend(ttl_ms)`` is its extend call); returns when the
+    hold is lost: extend answered not_owner/expired, or failed until the hold had lapsed."""
+    give_up = time.monotonic() + ttl_ms / 1000.0
+    while True:
+        yield Sleep(ttl_ms / 3000.0)
+        try:
+            result: ExtendResult = yield Run(extend(ttl_ms))
+        except Exception:
+            if time.monotonic() >= give_up:  # the hold has lapsed by now
+                return
+            continue
+        if not result.extended:
+            return
+        give_up = time.monotonic() + ttl_ms / 1000.0
 
-    Every method is one script call (plus the waiting of ``acquire``), atomic on the server.
-    ``reentrant=True``: this Lock object is one owner (one token for its lifetime) that may hold
-    the lock several times and must release it as many times; otherwise every ``acquire`` is a
-    new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
-    Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
-    ``ttl_ms / 3`` until it is released or lost.
-    """
+
+class LockBase:
+    """What ``Lock`` and ``AsyncLock`` share: the options, the KEYS, the call builders and the
+    acquire loop (no I/O; each wrapper drives the loop with its own I/O)."""
 
     def __init__(
         self,
-        runner: ScriptRunner,
         namespace: Namespace,
         name: str | bytes,
         *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        reentrant: bool = False,
-        auto_renew: bool = False,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        wait_ttl_ms: int | None = None,
+        ttl_ms: int,
+        fair: bool,
+        reentrant: bool,
+        auto_renew: bool,
+        retry_ms: int,
+        wait_ttl_ms: int | None,
+        timeout: float | None,
     ) -> None:
-        self._runner = runner
         self._namespace = namespace
         self.name = lock_name(name)
         self.ttl_ms = ttl_ms
@@ -541,9 +563,8 @@ class Lock:
         self.wait_ttl_ms = check_options(
             ttl_ms, retry_ms, wait_ttl_ms, fair=fair, reentrant=reentrant, auto_renew=auto_renew
         )
+        self.timeout = check_timeout(timeout)
         self._token = new_token() if reentrant else None
-        self._renewers: dict[bytes, _Renewer] = {}
-        self._guard = threading.Lock()
         self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.plain[3]
 
@@ -565,6 +586,217 @@ class Lock:
         request_id, keys = self._keys.attempt()
         return release_call(self._namespace, self.name, token, request_id, keys)
 
+    def _extend_call(self, token: bytes, ttl_ms: int | None = None) -> Call[ExtendResult]:
+        return extend_call(
+            self._namespace,
+            self.name,
+            token,
+            self.ttl_ms if ttl_ms is None else ttl_ms,
+            self._keys.plain,
+        )
+
+    def _acquire_loop(
+        self, blocking: bool, deadline: float | None
+    ) -> Loop[tuple[bytes, AcquireResult] | None]:
+        """``acquire``: the owner token and the granted reply, or None (see ``Lock.acquire``).
+
+        An attempt that failed (or was interrupted) while its script may have run is replayed
+        and what it got given back; a wait that failed, or a timeout, gives the place back."""
+        token = self._token or new_token()
+        wake_key = self._keys.wake_key(token, self.fair)
+        woken = False
+        while True:
+            call = self._call(token, place_ttl_ms(self, blocking, woken))
+            try:
+                result: AcquireResult = yield Run(call)
+            except BaseException:
+                yield Cleanup(self._undo(token, call))
+                raise
+            if result.acquired:
+                return token, result
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                if blocking:
+                    yield Cleanup(self._leave(token))  # give the waiter's place back
+                return None
+            try:
+                woken = (yield Wait((wake_key,), pause)) is not None
+            except BaseException:
+                yield Cleanup(self._leave(token))
+                raise
+
+    def _undo(self, token: bytes, call: Call[AcquireResult]) -> Generator[Run, Any, None]:
+        """After an interrupted attempt: replay it (same token / request id: answers what it
+        did, or does it now), then give back what it got (a hold, or a waiter's place; the
+        release never touches another owner's hold). Best effort: else the hold and the place
+        lapse by themselves."""
+        yield Run(call)
+        yield Run(self._release_call(token))
+
+    def _leave(self, token: bytes) -> Generator[Run, Any, None]:
+        yield Run(self._release_call(token))  # best effort: else the place lapses by itself
+
+
+class SemaphoreBase:
+    """What ``Semaphore`` and ``AsyncSemaphore`` share: options, calls, the acquire loop."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int,
+        retry_ms: int,
+        timeout: float | None,
+    ) -> None:
+        validate.arg("lock.semaphore_acquire", "permits", permits)
+        check_options(ttl_ms, retry_ms, None)
+        self._namespace = namespace
+        self.name = lock_name(name)
+        self.permits = permits
+        self.ttl_ms = ttl_ms
+        self.retry_ms = retry_ms
+        self.timeout = check_timeout(timeout)
+        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+
+    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
+        return semaphore_release_call(self._namespace, self.name, token, new_request_id())
+
+    def _extend_call(self, token: bytes, ttl_ms: int | None) -> Call[ExtendResult]:
+        return semaphore_extend_call(
+            self._namespace, self.name, token, self.ttl_ms if ttl_ms is None else ttl_ms
+        )
+
+    def _acquire_loop(
+        self, blocking: bool, deadline: float | None
+    ) -> Loop[tuple[bytes, PermitResult] | None]:
+        """``acquire``: the holder token and the granted reply, or None."""
+        token = new_token()
+        while True:
+            call = semaphore_acquire_call(
+                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
+            )
+            try:
+                result: PermitResult = yield Run(call)
+            except BaseException:
+                yield Cleanup(self._undo(token, call))
+                raise
+            if result.acquired:
+                return token, result
+            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
+            if pause is None:
+                return None
+            yield Wait((self.wake_key,), pause)
+
+    def _undo(self, token: bytes, call: Call[PermitResult]) -> Generator[Run, Any, None]:
+        """Replay an interrupted attempt and give back the permit it got (best effort: else
+        the lease lapses by itself)."""
+        replayed: PermitResult = yield Run(call)
+        if replayed.acquired:
+            yield Run(self._release_call(token))
+
+
+# ------------------------------------------------------------------------------------------
+# The sync wrappers
+
+
+class _Stopped(Exception):
+    """A renewer's sleep was interrupted by ``stop()``."""
+
+
+class _Renewer:
+    """Drives ``renew_loop`` for one hold in a daemon thread until stopped or the hold is lost.
+
+    ``stop()`` returns only once the thread has ended, so no extend is sent after it.
+    """
+
+    def __init__(
+        self, runner: ScriptRunner, extend: Callable[[int], Call[ExtendResult]], ttl_ms: int
+    ) -> None:
+        self._stopped = threading.Event()
+        self.lost = threading.Event()
+        loop = renew_loop(extend, ttl_ms)
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, runner), name="luasched-renew", daemon=True
+        )
+        self._thread.start()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stopped.wait(seconds):
+            raise _Stopped
+
+    def _run(self, loop: Loop[None], runner: ScriptRunner) -> None:
+        try:
+            drive(loop, runner.run, runner.client, self._sleep)
+        except _Stopped:
+            return
+        self.lost.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+class Lock(LockBase):
+    """A distributed lock named ``name`` in a namespace (``s.lock(name, ...)``).
+
+    Every method is one script call (plus the waiting of ``acquire``), atomic on the server.
+    ``reentrant=True``: this Lock object is one owner (one token for its lifetime) that may hold
+    the lock several times and must release it as many times; otherwise every ``acquire`` is a
+    new owner. ``fair=True``: waiters are granted in arrival order (do not mix fair and non-fair
+    Lock objects on one name). ``auto_renew=True``: a daemon thread extends each hold every
+    ``ttl_ms / 3`` until it is released or lost.
+
+    ``with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no limit;
+    a negative, NaN or infinite one, a bool or a str raises InvalidArgument when the Lock is
+    built), raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end of
+    the block; ``acquire()`` answers None instead of raising.
+    """
+
+    def __init__(
+        self,
+        runner: ScriptRunner,
+        namespace: Namespace,
+        name: str | bytes,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
+        )
+        self._runner = runner
+        self._renewers: dict[bytes, _Renewer] = {}
+        self._guard = threading.Lock()
+        self._entered = EnteredHolds(threading.get_ident)
+
+    def __enter__(self) -> LockHandle:
+        handle = self.acquire(timeout=self.timeout)
+        return self._entered.enter(handle, "lock.acquire", self.name, self.timeout)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release(self._entered.pop())
+
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> LockHandle | None:
         """Take the lock; the handle, or None if not granted (``blocking=False``: one attempt;
         else at most ``timeout`` seconds, None: no limit; a negative, NaN or infinite timeout
@@ -576,43 +808,16 @@ class Lock:
         gives up. Raises the client's errors (a hold the failed call may have taken is released
         first, best effort).
         """
-        token = self._token or new_token()
-        deadline = acquire_deadline(blocking, timeout)
-        wake_key = self._keys.wake_key(token, self.fair)
-        woken = False
-        while True:
-            call = self._call(token, place_ttl_ms(self, blocking, woken))
-            try:
-                result = self._runner.run(call)
-            except BaseException:
-                self._undo(token, call)
-                raise
-            if result.acquired:
-                return self._handle(token, result)
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                if blocking:
-                    self._leave(token)  # give the waiter's place back
-                return None
-            try:
-                popped = getattr(self._runner, "retry", NO_RETRY).call(
-                    self._runner.client.blpop, [wake_key], pause / 1000.0
-                )
-                woken = popped is not None
-            except BaseException:
-                self._leave(token)
-                raise
-
-    def _handle(self, token: bytes, result: AcquireResult) -> LockHandle:
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = drive(self._acquire_loop(blocking, deadline), self._runner.run, self._runner.client)
+        if got is None:
+            return None
+        token, result = got
         if self.auto_renew:
             with self._guard:
                 if token not in self._renewers:
-                    self._renewers[token] = _Renewer(
-                        lambda ttl: self._runner.run(
-                            extend_call(self._namespace, self.name, token, ttl, self._keys.plain)
-                        ),
-                        self.ttl_ms,
-                    )
+                    extend = functools.partial(self._extend_call, token)
+                    self._renewers[token] = _Renewer(self._runner, extend, self.ttl_ms)
         return LockHandle(
             self.name,
             token,
@@ -622,18 +827,6 @@ class Lock:
             result.now_ms,
             _owner=self,
         )
-
-    def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
-        """After an interrupted attempt: replay it (same token / request id: answers what it
-        did, or does it now), then give back what it got (a hold, or a waiter's place; the
-        release never touches another owner's hold). Best effort."""
-        with contextlib.suppress(Exception):  # else the hold and place lapse by themselves
-            self._runner.run(call)
-            self._runner.run(self._release_call(token))
-
-    def _leave(self, token: bytes) -> None:
-        with contextlib.suppress(Exception):  # else the place lapses by itself
-            self._runner.run(self._release_call(token))
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold of ``handle``; the result says whether it was still held.
@@ -655,15 +848,7 @@ class Lock:
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the hold's deadline to the server's now + ``ttl_ms`` (default: the lock's ttl),
         only while it is still held by ``handle``'s owner."""
-        return self._runner.run(
-            extend_call(
-                self._namespace,
-                self.name,
-                held_token(handle),
-                self.ttl_ms if ttl_ms is None else ttl_ms,
-                self._keys.plain,
-            )
-        )
+        return self._runner.run(self._extend_call(held_token(handle), ttl_ms))
 
     def renewal_lost(self, handle: Hold) -> bool:
         """Whether auto-renew found the hold lost (extend answered not_owner/expired)."""
@@ -672,12 +857,13 @@ class Lock:
         return renewer is not None and renewer.lost.is_set()
 
 
-class Semaphore:
+class Semaphore(SemaphoreBase):
     """A counting semaphore of ``permits`` permits (``s.semaphore(name, permits, ...)``).
 
     Each permit has its own lease of ``ttl_ms``: a holder that crashed gives it back when its
     lease lapses. Every ``acquire`` is a new holder. Every caller of one name must use the same
-    ``permits``.
+    ``permits``. ``with semaphore as handle:`` takes a permit as ``with lock`` does (waiting up
+    to ``timeout``, else ``luasched.LockTimeout``) and gives it back at the end of the block.
     """
 
     def __init__(
@@ -689,63 +875,39 @@ class Semaphore:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> None:
-        validate.arg("lock.semaphore_acquire", "permits", permits)
-        check_options(ttl_ms, retry_ms, None)
+        super().__init__(
+            namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms, timeout=timeout
+        )
         self._runner = runner
-        self._namespace = namespace
-        self.name = lock_name(name)
-        self.permits = permits
-        self.ttl_ms = ttl_ms
-        self.retry_ms = retry_ms
-        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+        self._entered = EnteredHolds(threading.get_ident)
+
+    def __enter__(self) -> PermitHandle:
+        handle = self.acquire(timeout=self.timeout)
+        return self._entered.enter(handle, "lock.semaphore_acquire", self.name, self.timeout)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release(self._entered.pop())
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> PermitHandle | None:
         """Take a permit; the handle, or None if none was free in time (see ``Lock.acquire``)."""
-        token = new_token()
-        deadline = acquire_deadline(blocking, timeout)
-        while True:
-            call = semaphore_acquire_call(
-                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
-            )
-            try:
-                result = self._runner.run(call)
-            except BaseException:
-                self._undo(token, call)
-                raise
-            if result.acquired:
-                return PermitHandle(
-                    self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
-                )
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                return None
-            getattr(self._runner, "retry", NO_RETRY).call(
-                self._runner.client.blpop, [self.wake_key], pause / 1000.0
-            )
-
-    def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
-        try:
-            if self._runner.run(call).acquired:
-                self._runner.run(
-                    semaphore_release_call(self._namespace, self.name, token, new_request_id())
-                )
-        except Exception:
-            pass  # the lease lapses by itself
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = drive(self._acquire_loop(blocking, deadline), self._runner.run, self._runner.client)
+        if got is None:
+            return None
+        token, result = got
+        return PermitHandle(self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self)
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back (``count`` of the result: live leases left)."""
-        return self._runner.run(
-            semaphore_release_call(self._namespace, self.name, held_token(handle), new_request_id())
-        )
+        return self._runner.run(self._release_call(held_token(handle)))
 
     def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease to the server's now + ``ttl_ms`` while it is live."""
-        return self._runner.run(
-            semaphore_extend_call(
-                self._namespace,
-                self.name,
-                held_token(handle),
-                self.ttl_ms if ttl_ms is None else ttl_ms,
-            )
-        )
+        return self._runner.run(self._extend_call(held_token(handle), ttl_ms))

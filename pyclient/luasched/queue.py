@@ -33,9 +33,9 @@ from typing import Any, Literal
 from luasched import validate
 from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
+from luasched.loops import Loop, Run, Send, Wait, drive
 from luasched.pick import RANDOM_LIMIT, RandomSource, default_rng
 from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 from luasched.slots import Runner
 
@@ -900,17 +900,54 @@ def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     return policy
 
 
-def poll_timeout_s(remaining_s: float, next_due_ms: int | None, poll_ms: int) -> float:
-    """How long a blocked dequeue waits on the wake list before asking the script again."""
-    limit = poll_ms / 1000
+def poll_wait_ms(remaining_s: float, next_due_ms: int | None, poll_ms: int) -> float:
+    """How long a blocked dequeue waits on the wake list before asking the script again, in ms:
+    at most ``poll_ms``, until the next delayed task is due, and the caller's time left. The
+    ``BLPOP`` timeout sent for it is ``luasched.blocking.block_timeout_s``'s (never below 2 ms,
+    never past the client's socket timeout)."""
+    wait = min(remaining_s * 1000, poll_ms)
     if next_due_ms is not None:
-        limit = min(limit, next_due_ms / 1000)
-    return max(0.001, min(remaining_s, limit))
+        wait = min(wait, next_due_ms)
+    return wait
 
 
 def remaining_ms(deadline: float) -> int:
     """Whole ms left until the monotonic ``deadline`` (at least 0)."""
     return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+def blocking_take(
+    call: TakeCall,
+    wake: bytes | NodeWait,
+    block_ms: int,
+    ack: Lease | None,
+    request_id: str | bytes | None,
+    shape: str,
+    poll_ms: int,
+) -> Loop[Any]:
+    """The blocking take (``block_ms`` > 0) of ``call`` (a dequeue script call, by wait_ms, ack,
+    request id and shape), as a loop of steps (``luasched.loops``; driven by ``Queue`` and
+    ``AsyncQueue``): the script registers the waiter, the wait is on ``wake`` (the plain
+    queue's wake list, or a node worker's two lists: then a signal of another node is passed on
+    to that node's own list) for at most ``poll_ms`` or until the next delayed task is due, and
+    the script decides again, until ``block_ms`` is over. The lease (``"one"``, or
+    None) or leases (``"many"``, or [])."""
+    rid = _request(request_id)
+    deadline = time.monotonic() + block_ms / 1000
+    while True:
+        reply: Dequeued = yield Run(call(remaining_ms(deadline), ack, rid, "reply"))
+        if reply.leases:
+            return reply.leases[0] if shape == "one" else list(reply.leases)
+        if ack is not None:  # acked (and recorded under rid): the next tries only take
+            ack, rid = None, new_request_id()
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return None if shape == "one" else []
+        wait_ms = poll_wait_ms(remaining_s, reply.next_due_ms, poll_ms)
+        popped = yield Wait(tuple(wake_lists(wake)), wait_ms)
+        target = pass_on_target(wake, popped)
+        if target is not None:
+            yield Send(tuple(pass_on_commands(target, to_bytes(popped[1]))))
 
 
 class Queue:
@@ -951,14 +988,6 @@ class Queue:
         self.backoff_max_ms = backoff_max_ms
         self.request_ttl_ms = request_ttl_ms
         self.poll_ms = poll_ms
-
-    def _poll_ms(self) -> int:
-        # A BLPOP must end before the client's socket timeout would cut it.
-        pool = getattr(self._client, "connection_pool", None)
-        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-        if socket_timeout:
-            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
-        return self.poll_ms
 
     def enqueue(
         self,
@@ -1038,39 +1067,14 @@ class Queue:
         request_id: str | bytes | None,
         shape: str,
     ) -> Any:
-        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape),
-        blocking up to ``block_ms``: the script registers the waiter, the wait is a BLPOP on
-        ``wake`` (the plain queue's wake list, or a node worker's two lists: then a signal of
-        another node is passed on to that node's own list), and the script decides again."""
+        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape):
+        one call, or ``blocking_take`` when ``block_ms`` > 0."""
         if block_ms <= 0:  # one call (also what a pipeline queues)
             return self._runner.run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        rid = _request(request_id)
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            reply: Dequeued = self._runner.run(call(remaining_ms(deadline), ack, rid, "reply"))
-            if reply.leases:
-                return reply.leases[0] if shape == "one" else list(reply.leases)
-            if ack is not None:  # acked (and recorded under rid): the next tries only take
-                ack, rid = None, new_request_id()
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                return None if shape == "one" else []
-            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            retry = getattr(self._runner, "retry", NO_RETRY)
-            popped = retry.call(self._client.blpop, wake_lists(wake), timeout=timeout)
-            target = pass_on_target(wake, popped)
-            if target is not None:
-                retry.call(self._pass_on, target, popped[1])
-
-    def _pass_on(self, key: bytes, signal: bytes) -> None:
-        """Pass a node's wake-up ``signal`` on to its own list ``key`` (one round trip)."""
-        assert self._client is not None
-        pipe = self._client.pipeline(transaction=False)
-        for command in pass_on_commands(key, to_bytes(signal)):
-            pipe.execute_command(*command)
-        pipe.execute()
+        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
+        return drive(loop, self._runner.run, self._client)
 
     def dequeue(
         self,

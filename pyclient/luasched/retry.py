@@ -19,6 +19,11 @@ without a request id either do no harm twice (``extend`` moves a deadline to the
 set the same state, reads read) or are picks: a charging pick whose reply was lost
 has charged a node the caller never learns of, retried or not (redis-py's own connection retries
 already resend it); release such a charge by the node's stats if it matters.
+
+Blocking waits (the ``BLPOP`` between two attempts of a lock acquire or a blocking dequeue) are
+never sent again: a failed wait ends, and the next script call, sent under this policy, finds
+out whether the server is back (``luasched.blocking``). A resent wait would run past the
+caller's deadline.
 """
 
 from __future__ import annotations

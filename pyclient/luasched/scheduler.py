@@ -99,8 +99,12 @@ class Scheduler:
         auto_renew: bool = False,
         retry_ms: int = DEFAULT_RETRY_MS,
         wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> Lock:
-        """A distributed lock named ``name`` (any bytes); see ``luasched.lock.Lock``. No I/O."""
+        """A distributed lock named ``name`` (any bytes); see ``luasched.lock.Lock``. No I/O.
+
+        ``with s.lock(name, timeout=5) as handle:`` waits up to ``timeout`` seconds (None: no
+        limit) and raises ``luasched.LockTimeout`` if the lock was not granted."""
         return Lock(
             self.runner,
             self.namespace,
@@ -111,6 +115,7 @@ class Scheduler:
             auto_renew=auto_renew,
             retry_ms=retry_ms,
             wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
         )
 
     def semaphore(
@@ -120,10 +125,17 @@ class Scheduler:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> Semaphore:
         """A counting semaphore of ``permits`` leased permits; see ``luasched.lock.Semaphore``."""
         return Semaphore(
-            self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
+            self.runner,
+            self.namespace,
+            name,
+            permits,
+            ttl_ms=ttl_ms,
+            retry_ms=retry_ms,
+            timeout=timeout,
         )
 
     def queue(self, name: str | bytes, **options: Any) -> Queue:

@@ -11,40 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
-from luasched import validate
 from luasched.asyncio.scripts import AsyncScriptRunner
 from luasched.keys import Namespace
 from luasched.lock import (
     DEFAULT_RETRY_MS,
     DEFAULT_TTL_MS,
-    AcquireResult,
+    EnteredHolds,
     ExtendResult,
     Hold,
-    LockKeys,
-    PermitResult,
+    LockBase,
     ReleaseResult,
-    acquire_call,
+    SemaphoreBase,
     acquire_deadline,
-    check_options,
-    extend_call,
     held_token,
-    lock_name,
-    new_request_id,
-    new_token,
-    place_ttl_ms,
-    release_call,
-    semaphore_acquire_call,
-    semaphore_extend_call,
-    semaphore_keys,
-    semaphore_release_call,
-    wait_ms,
+    renew_loop,
 )
-from luasched.retry import NO_RETRY
+from luasched.loops import drive_async
 from luasched.scripts import Call
 
 __all__ = ["AsyncLock", "AsyncLockHandle", "AsyncPermitHandle", "AsyncSemaphore"]
@@ -95,29 +82,19 @@ class AsyncPermitHandle(Hold):
 
 
 class _AsyncRenewer:
-    """Extends one hold every ttl/3 in a task until stopped or the hold is lost."""
+    """Drives ``renew_loop`` for one hold in a task until stopped or the hold is lost."""
 
-    def __init__(self, extend: Any, ttl_ms: int) -> None:
-        self._extend = extend
-        self._ttl_ms = ttl_ms
+    def __init__(
+        self, runner: AsyncScriptRunner, extend: Callable[[int], Call[ExtendResult]], ttl_ms: int
+    ) -> None:
         self.lost = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(self._run(runner, extend, ttl_ms))
 
-    async def _loop(self) -> None:
-        give_up = time.monotonic() + self._ttl_ms / 1000.0
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000.0)
-            try:
-                result = await self._extend(self._ttl_ms)
-            except Exception:
-                if time.monotonic() >= give_up:
-                    self.lost.set()
-                    return
-                continue
-            if not result.extended:
-                self.lost.set()
-                return
-            give_up = time.monotonic() + self._ttl_ms / 1000.0
+    async def _run(
+        self, runner: AsyncScriptRunner, extend: Callable[[int], Call[ExtendResult]], ttl_ms: int
+    ) -> None:
+        await drive_async(renew_loop(extend, ttl_ms), runner.run, runner.client)
+        self.lost.set()
 
     async def stop(self) -> None:
         """Cancel the task and wait for it to end: no extend is sent after this returns."""
@@ -126,27 +103,12 @@ class _AsyncRenewer:
             await self._task
 
 
-def _cancel_requested() -> bool:
-    """Whether the current task was asked to cancel, even if a library swallowed the
-    CancelledError (seen with redis-py's blocking reads; Python 3.11+ can tell)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling and cancelling())
+class AsyncLock(LockBase):
+    """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``).
 
-
-async def _shielded(cleanup: Any) -> None:
-    """Run ``cleanup`` to its end even if the calling task is cancelled (again) meanwhile."""
-    task = asyncio.ensure_future(cleanup)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await task  # finish the clean-up, then let the cancellation through
-        raise
-
-
-class AsyncLock:
-    """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``)."""
+    ``async with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no
+    limit), raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end.
+    """
 
     def __init__(
         self,
@@ -160,84 +122,52 @@ class AsyncLock:
         auto_renew: bool = False,
         retry_ms: int = DEFAULT_RETRY_MS,
         wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> None:
-        self._runner = runner
-        self._namespace = namespace
-        self.name = lock_name(name)
-        self.ttl_ms = ttl_ms
-        self.fair = fair
-        self.reentrant = reentrant
-        self.auto_renew = auto_renew
-        self.retry_ms = retry_ms
-        self.wait_ttl_ms = check_options(
-            ttl_ms, retry_ms, wait_ttl_ms, fair=fair, reentrant=reentrant, auto_renew=auto_renew
+        super().__init__(
+            namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
         )
-        self._token = new_token() if reentrant else None
+        self._runner = runner
         self._renewers: dict[bytes, _AsyncRenewer] = {}
-        self._keys = LockKeys(namespace, self.name, reentrant)
-        self.wake_key = self._keys.plain[3]
+        self._entered = EnteredHolds(asyncio.current_task)
 
-    def _release_call(self, token: bytes) -> Call[ReleaseResult]:
-        request_id, keys = self._keys.attempt()
-        return release_call(self._namespace, self.name, token, request_id, keys)
+    async def __aenter__(self) -> AsyncLockHandle:
+        handle = await self.acquire(timeout=self.timeout)
+        return self._entered.enter(handle, "lock.acquire", self.name, self.timeout)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.release(self._entered.pop())
 
     async def acquire(
         self, blocking: bool = True, timeout: float | None = None
     ) -> AsyncLockHandle | None:
         """Take the lock; see ``luasched.lock.Lock.acquire``. Safe to cancel."""
-        token = self._token or new_token()
-        deadline = acquire_deadline(blocking, timeout)
-        wake_key = self._keys.wake_key(token, self.fair)
-        woken = False
-        while True:
-            request_id, keys = self._keys.attempt()
-            call = acquire_call(
-                self._namespace,
-                self.name,
-                token,
-                self.ttl_ms,
-                reentrant=self.reentrant,
-                fair=self.fair,
-                wait_ttl_ms=place_ttl_ms(self, blocking, woken),
-                request_id=request_id,
-                keys=keys,
-            )
-            try:
-                result = await self._runner.run(call)
-            except BaseException:
-                await _shielded(self._undo(token, call))
-                raise
-            if _cancel_requested():
-                await _shielded(self._undo(token, call))
-                raise asyncio.CancelledError
-            if result.acquired:
-                return self._handle(token, result)
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                if blocking:
-                    await _shielded(self._leave(token))
-                return None
-            try:
-                popped = await getattr(self._runner, "retry", NO_RETRY).call_async(
-                    self._runner.client.blpop, [wake_key], pause / 1000.0
-                )
-                woken = popped is not None
-            except BaseException:
-                await _shielded(self._leave(token))
-                raise
-            if _cancel_requested():
-                await _shielded(self._leave(token))
-                raise asyncio.CancelledError
-
-    def _handle(self, token: bytes, result: AcquireResult) -> AsyncLockHandle:
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = await drive_async(
+            self._acquire_loop(blocking, deadline),
+            self._runner.run,
+            self._runner.client,
+            cancel_checks=True,
+        )
+        if got is None:
+            return None
+        token, result = got
         if self.auto_renew and token not in self._renewers:
-
-            async def extend(ttl_ms: int) -> ExtendResult:
-                return await self._runner.run(
-                    extend_call(self._namespace, self.name, token, ttl_ms, self._keys.plain)
-                )
-
-            self._renewers[token] = _AsyncRenewer(extend, self.ttl_ms)
+            extend = functools.partial(self._extend_call, token)
+            self._renewers[token] = _AsyncRenewer(self._runner, extend, self.ttl_ms)
         return AsyncLockHandle(
             self.name,
             token,
@@ -247,15 +177,6 @@ class AsyncLock:
             result.now_ms,
             _owner=self,
         )
-
-    async def _undo(self, token: bytes, call: Call[AcquireResult]) -> None:
-        with contextlib.suppress(Exception):
-            await self._runner.run(call)  # answers what the attempt did, or does it now
-            await self._runner.run(self._release_call(token))
-
-    async def _leave(self, token: bytes) -> None:
-        with contextlib.suppress(Exception):
-            await self._runner.run(self._release_call(token))
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold; see ``luasched.lock.Lock.release``."""
@@ -268,15 +189,7 @@ class AsyncLock:
 
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the deadline; see ``luasched.lock.Lock.extend``."""
-        return await self._runner.run(
-            extend_call(
-                self._namespace,
-                self.name,
-                held_token(handle),
-                self.ttl_ms if ttl_ms is None else ttl_ms,
-                self._keys.plain,
-            )
-        )
+        return await self._runner.run(self._extend_call(held_token(handle), ttl_ms))
 
     def renewal_lost(self, handle: Hold) -> bool:
         """Whether auto-renew found the hold lost."""
@@ -284,8 +197,9 @@ class AsyncLock:
         return renewer is not None and renewer.lost.is_set()
 
 
-class AsyncSemaphore:
-    """Async twin of ``luasched.lock.Semaphore``."""
+class AsyncSemaphore(SemaphoreBase):
+    """Async twin of ``luasched.lock.Semaphore`` (``async with semaphore as handle:`` as for
+    ``AsyncLock``)."""
 
     def __init__(
         self,
@@ -296,63 +210,48 @@ class AsyncSemaphore:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> None:
-        validate.arg("lock.semaphore_acquire", "permits", permits)
-        check_options(ttl_ms, retry_ms, None)
+        super().__init__(
+            namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms, timeout=timeout
+        )
         self._runner = runner
-        self._namespace = namespace
-        self.name = lock_name(name)
-        self.permits = permits
-        self.ttl_ms = ttl_ms
-        self.retry_ms = retry_ms
-        self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+        self._entered = EnteredHolds(asyncio.current_task)
+
+    async def __aenter__(self) -> AsyncPermitHandle:
+        handle = await self.acquire(timeout=self.timeout)
+        return self._entered.enter(handle, "lock.semaphore_acquire", self.name, self.timeout)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.release(self._entered.pop())
 
     async def acquire(
         self, blocking: bool = True, timeout: float | None = None
     ) -> AsyncPermitHandle | None:
         """Take a permit; see ``luasched.lock.Semaphore.acquire``. Safe to cancel."""
-        token = new_token()
-        deadline = acquire_deadline(blocking, timeout)
-        while True:
-            call = semaphore_acquire_call(
-                self._namespace, self.name, token, self.permits, self.ttl_ms, new_request_id()
-            )
-            try:
-                result = await self._runner.run(call)
-            except BaseException:
-                await _shielded(self._undo(token, call))
-                raise
-            if result.acquired:
-                return AsyncPermitHandle(
-                    self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
-                )
-            pause = wait_ms(self.retry_ms, result.wait_ms, deadline) if blocking else None
-            if pause is None:
-                return None
-            await getattr(self._runner, "retry", NO_RETRY).call_async(
-                self._runner.client.blpop, [self.wake_key], pause / 1000.0
-            )
-
-    async def _undo(self, token: bytes, call: Call[PermitResult]) -> None:
-        with contextlib.suppress(Exception):
-            if (await self._runner.run(call)).acquired:
-                await self._runner.run(
-                    semaphore_release_call(self._namespace, self.name, token, new_request_id())
-                )
+        deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
+        got = await drive_async(
+            self._acquire_loop(blocking, deadline),
+            self._runner.run,
+            self._runner.client,
+            cancel_checks=True,
+        )
+        if got is None:
+            return None
+        token, result = got
+        return AsyncPermitHandle(
+            self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
+        )
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back."""
-        return await self._runner.run(
-            semaphore_release_call(self._namespace, self.name, held_token(handle), new_request_id())
-        )
+        return await self._runner.run(self._release_call(held_token(handle)))
 
     async def extend(self, handle: Hold, ttl_ms: int | None = None) -> ExtendResult:
         """Move the lease while it is live."""
-        return await self._runner.run(
-            semaphore_extend_call(
-                self._namespace,
-                self.name,
-                held_token(handle),
-                self.ttl_ms if ttl_ms is None else ttl_ms,
-            )
-        )
+        return await self._runner.run(self._extend_call(held_token(handle), ttl_ms))

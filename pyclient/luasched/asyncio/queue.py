@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from luasched import validate
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace, to_bytes
+from luasched.keys import Namespace
+from luasched.loops import drive_async
 from luasched.pick import RandomSource, default_rng
 from luasched.queue import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -15,7 +15,6 @@ from luasched.queue import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_POLL_MS,
     DEFAULT_REQUEST_TTL_MS,
-    Dequeued,
     Dispatched,
     DispatchKeys,
     DispatchStats,
@@ -31,6 +30,7 @@ from luasched.queue import (
     Strategy,
     TakeCall,
     ack_call,
+    blocking_take,
     check_queue_options,
     check_take,
     dequeue_call,
@@ -40,21 +40,14 @@ from luasched.queue import (
     enqueue_call,
     extend_call,
     nack_call,
-    new_request_id,
     node_ack_call,
     node_extend_call,
     node_nack_call,
     node_take,
-    pass_on_commands,
-    pass_on_target,
-    poll_timeout_s,
     redispatch_call,
-    remaining_ms,
     requeue_dead_call,
     stats_call,
-    wake_lists,
 )
-from luasched.retry import NO_RETRY
 from luasched.scripts import Call
 
 __all__ = ["AsyncNodeQueue", "AsyncQueue", "check_eviction_policy_async"]
@@ -117,14 +110,6 @@ class AsyncQueue:
         self.backoff_max_ms = backoff_max_ms
         self.request_ttl_ms = request_ttl_ms
         self.poll_ms = poll_ms
-
-    def _poll_ms(self) -> int:
-        # A BLPOP must end before the client's socket timeout would cut it.
-        pool = getattr(self._client, "connection_pool", None)
-        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-        if socket_timeout:
-            return max(1, min(self.poll_ms, int(socket_timeout * 1000) - 200))
-        return self.poll_ms
 
     async def _run(self, call: Call[Any]) -> Any:
         if self._on_first_call is not None:
@@ -210,31 +195,8 @@ class AsyncQueue:
             return await self._run(call(0, ack, request_id, shape))
         if self._client is None:
             raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        rid = new_request_id() if request_id is None else request_id
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            reply: Dequeued = await self._run(call(remaining_ms(deadline), ack, rid, "reply"))
-            if reply.leases:
-                return reply.leases[0] if shape == "one" else list(reply.leases)
-            if ack is not None:
-                ack, rid = None, new_request_id()
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                return None if shape == "one" else []
-            timeout = poll_timeout_s(remaining_s, reply.next_due_ms, self._poll_ms())
-            retry = getattr(self._runner, "retry", NO_RETRY)
-            popped = await retry.call_async(self._client.blpop, wake_lists(wake), timeout=timeout)
-            target = pass_on_target(wake, popped)
-            if target is not None:
-                await retry.call_async(self._pass_on, target, popped[1])
-
-    async def _pass_on(self, key: bytes, signal: bytes) -> None:
-        """Async twin of ``luasched.queue.Queue._pass_on``."""
-        assert self._client is not None
-        pipe = self._client.pipeline(transaction=False)
-        for command in pass_on_commands(key, to_bytes(signal)):
-            pipe.execute_command(*command)
-        await pipe.execute()
+        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
+        return await drive_async(loop, self._run, self._client)
 
     async def dequeue(
         self,

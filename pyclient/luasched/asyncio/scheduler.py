@@ -76,6 +76,7 @@ class Scheduler:
         auto_renew: bool = False,
         retry_ms: int = DEFAULT_RETRY_MS,
         wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> AsyncLock:
         """A distributed lock named ``name``; see ``luasched.asyncio.lock.AsyncLock``. No I/O."""
         return AsyncLock(
@@ -88,6 +89,7 @@ class Scheduler:
             auto_renew=auto_renew,
             retry_ms=retry_ms,
             wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
         )
 
     def semaphore(
@@ -97,10 +99,17 @@ class Scheduler:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> AsyncSemaphore:
         """A counting semaphore; see ``luasched.asyncio.lock.AsyncSemaphore``. No I/O."""
         return AsyncSemaphore(
-            self.runner, self.namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms
+            self.runner,
+            self.namespace,
+            name,
+            permits,
+            ttl_ms=ttl_ms,
+            retry_ms=retry_ms,
+            timeout=timeout,
         )
 
     def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
