@@ -44,6 +44,7 @@ from helpers import namespace_keys, snapshot_ignoring_ttl
 from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
 from luasched.cli import main
 from luasched.keys import Namespace, glob_escape
+from luasched.lock import acquire_call, new_token, release_call
 from luasched.queue import Lease, QueueKeys, node_dequeue_call
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
@@ -265,6 +266,21 @@ def every_operation(scheduler: Scheduler, tag: bytes = b"") -> list[str]:
     step("lock.extend")
     assert lock.release(handle).released
     step("lock.release")
+    # A fair lock: a waiter's place is live when the holder releases, so the release pushes the
+    # head's token on the lock's wake list; the waiter then BLPOPs its own list and that one.
+    fair = scheduler.lock(b"fair" + tag, ttl_ms=HOUR, fair=True)
+    held = fair.acquire(blocking=False)
+    assert held is not None
+    head = new_token()
+    place = acquire_call(
+        scheduler.namespace, b"fair" + tag, head, HOUR, fair=True, wait_ttl_ms=HOUR
+    )
+    assert scheduler.runner.run(place).status == "held"
+    assert fair.release(held).released
+    step("lock.release (fair, wakes the head)")
+    waiter = scheduler.lock(b"fair" + tag, ttl_ms=HOUR, fair=True, retry_ms=10)
+    assert waiter.acquire(timeout=0.05) is None  # behind the head: waits on both lists (BLPOP)
+    assert scheduler.runner.run(release_call(scheduler.namespace, b"fair" + tag, head)).status
     semaphore = scheduler.semaphore(b"sem" + tag, 1, ttl_ms=HOUR)
     permit = semaphore.acquire(blocking=False)
     assert permit is not None

@@ -245,7 +245,7 @@ class Case:
         commands += [
             # a TTL at least a minute long: a key must not lapse between the reads around the call
             # on a slow machine (the checks compare whether a key has a TTL, not its value)
-            ("RESTORE", key, ttl if ttl <= 0 else max(ttl, 60_000), dumped)
+            ("RESTORE", key, 0 if ttl <= 0 else max(ttl, 60_000), dumped)
             for key, (dumped, ttl) in self.before.items()
         ]
         commands += setup

@@ -174,31 +174,79 @@ def test_fair_contention_spreads_grants_evenly(r: Any, server: Any) -> None:
 
 
 def test_a_release_wakes_the_head_of_the_queue_only(r: Any) -> None:
-    """The signal goes to the own list of the oldest live waiter, never to a shared list that
-    any waiter (or the releaser, queuing again) could pop first."""
+    """The signal names the oldest live waiter: its token, pushed on the lock's wake list (a key
+    the call declares); no script writes a waiter's own list (a waiter that pops another's token
+    passes it on there: the test below)."""
     s = Scheduler(r, "fair")
     holder, w1, w2, w3 = new_token(), new_token(), new_token(), new_token()
+    wake = s.namespace.key("lock-wake", b"head")
 
-    def signals(token: bytes) -> int:
-        return int(r.llen(waiter_wake_key(s.namespace, b"head", token)))
+    def own_lists() -> int:
+        return sum(int(r.exists(waiter_wake_key(s.namespace, b"head", t))) for t in (w1, w2, w3))
 
     assert attempt(s, b"head", holder, 0).status == "acquired"
     for token in (w1, w2, w3):
         assert attempt(s, b"head", token, 5_000).status == "held"
     assert s.runner.run(release_call(s.namespace, b"head", holder)).released
-    assert [signals(t) for t in (w1, w2, w3)] == [1, 0, 0]
-    assert r.exists(s.namespace.key("lock-wake", b"head")) == 0
+    assert r.lrange(wake, 0, -1) == [w1]
     # w1 gives up instead of taking it: its release wakes the next head, w2.
     assert s.runner.run(release_call(s.namespace, b"head", w1)).status == "expired"
-    assert [signals(t) for t in (w2, w3)] == [1, 0]
+    assert r.lrange(wake, 0, -1) == [w2, w1]
+    r.delete(wake)
     assert attempt(s, b"head", w2, 5_000).status == "acquired"
     assert s.runner.run(release_call(s.namespace, b"head", w2)).released
-    assert signals(w3) == 1
+    assert r.lrange(wake, 0, -1) == [w3]
     assert attempt(s, b"head", w3, 5_000).status == "acquired"
-    r.delete(*(waiter_wake_key(s.namespace, b"head", t) for t in (w1, w2, w3)))
+    r.delete(wake)
     # Nobody waits any more: the last release writes no signal anywhere.
     assert s.runner.run(release_call(s.namespace, b"head", w3)).released
-    assert [signals(t) for t in (w1, w2, w3)] == [0, 0, 0]
+    assert r.exists(wake) == 0 and own_lists() == 0
+
+
+def test_a_fair_waiter_passes_on_a_signal_of_another_waiter(r: Any, server: Any) -> None:
+    """w1 holds the head place (a raw attempt) but does not block; w2 (retry_ms 5 s) is the only
+    one blocked, so it pops the signal the release pushes for w1: it passes it on to w1's own
+    list and keeps waiting (w1 is the head); once w1 has taken and released the lock, w2 is
+    granted well before its 5 s timer."""
+    s = Scheduler(r, "fair")
+    holder = s.lock("pass", fair=True).acquire()
+    assert holder is not None
+    w1 = new_token()
+    assert attempt(s, b"pass", w1, 20_000).status == "held"  # the head of the queue
+    got: list[float] = []
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        client = server.client()
+        try:
+            lock = Scheduler(client, "fair").lock("pass", fair=True, retry_ms=5_000)
+            handle = lock.acquire(timeout=15)
+            assert handle is not None
+            got.append(time.monotonic())
+            assert lock.release(handle).released
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    second = threading.Thread(target=wait)
+    second.start()
+    deadline = time.monotonic() + 5
+    while queue_length(r, s, b"pass") < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # w2 is in its BLPOP
+    holder.release()
+    own = waiter_wake_key(s.namespace, b"pass", w1)
+    while not r.exists(own) and time.monotonic() < deadline + 5:
+        time.sleep(0.005)
+    assert r.lrange(own, 0, -1) == [w1]  # passed on by w2
+    assert not got  # w2 still waits: w1 is the head
+    assert attempt(s, b"pass", w1, 20_000).status == "acquired"
+    released = time.monotonic()
+    assert s.runner.run(release_call(s.namespace, b"pass", w1)).released
+    second.join(20)
+    assert not errors, errors[0]
+    assert got and got[0] - released < 3.0  # woken by w1's release, not by its 5 s timer
 
 
 def test_fair_waiters_are_woken_by_the_release_not_by_their_timer(r: Any, server: Any) -> None:

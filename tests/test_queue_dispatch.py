@@ -629,11 +629,11 @@ def test_pass_on_goes_to_the_named_nodes_own_list_bounded() -> None:
     assert wait.pass_on((shared.decode(), "62")) == own_b
     for popped in (None, [shared, b"61"], [wait.lists[0], b"62"], [shared, b"6"], [shared, b"zz"]):
         assert wait.pass_on(popped) is None, popped
-    assert pass_on_commands(own_b, b"62") == [
+    assert pass_on_commands(own_b, b"62") == (
         ("LPUSH", own_b, b"62"),
         ("LTRIM", own_b, 0, 15),
         ("PEXPIRE", own_b, 2_000),
-    ]
+    )
 
 
 def test_node_worker_wakes_for_delayed_nack_and_redispatched_tasks(server: Any, r: Client) -> None:

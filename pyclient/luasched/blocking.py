@@ -38,6 +38,7 @@ __all__ = [
     "MIN_BLOCK_MS",
     "SOCKET_MARGIN_MS",
     "block_timeout_s",
+    "pass_on_commands",
     "socket_timeout_s",
     "wait_for_signal",
     "wait_for_signal_async",
@@ -118,3 +119,17 @@ async def wait_for_signal_async(client: Any, keys: Sequence[bytes], wait_ms: flo
             raise
     await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
     return None
+
+
+def pass_on_commands(
+    key: bytes, signal: bytes, max_length: int, ttl_ms: int
+) -> tuple[tuple[Any, ...], ...]:
+    """The commands that pass a wake-up ``signal`` popped by the wrong waiter on to the own list
+    ``key`` of the waiter it names, bounded as the scripts bound their wake lists (at most
+    ``max_length`` signals, expiring ``ttl_ms`` after a push). Node-queue workers and fair lock
+    waiters both do it (``loops.Send``)."""
+    return (
+        ("LPUSH", key, signal),
+        ("LTRIM", key, 0, max_length - 1),
+        ("PEXPIRE", key, ttl_ms),
+    )

@@ -40,9 +40,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from luasched import validate
+from luasched.blocking import pass_on_commands
 from luasched.errors import InvalidArgument, LockTimeout
 from luasched.keys import Namespace, to_bytes
-from luasched.loops import Cleanup, Loop, Run, Sleep, Wait, drive
+from luasched.loops import Cleanup, Loop, Run, Send, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
 
 H = TypeVar("H")
@@ -111,9 +112,15 @@ def lock_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tup
 
 
 def waiter_wake_key(namespace: Namespace, name: str | bytes, token: bytes) -> bytes:
-    """The own wake list of a fair waiter: ``luasched:{ns}:lock-waiter:<token>:<name>`` (the
-    release pushes on the list of the queue's head only)."""
+    """The own wake list of a fair waiter: ``luasched:{ns}:lock-waiter:<token>:<name>``. No
+    script touches it: a release pushes the head's token on the lock's wake list, and a fair
+    waiter that pops another token passes it on to that token's own list."""
     return namespace.key("lock-waiter", token, to_bytes(name))
+
+
+#: The bounds of the lock's wake lists, as lua/include/lock_limits.j2's wake_max and wake_ttl_ms.
+LOCK_WAKE_MAX = 16
+LOCK_WAKE_TTL_MS = 1_000
 
 
 def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
@@ -326,9 +333,22 @@ class LockKeys:
         request_key = self._namespace.key("lock-req", request_id, self._name)
         return request_id, (*self.plain[:4], request_key)
 
-    def wake_key(self, token: bytes, fair: bool) -> bytes:
-        """Where a waiter blocks: its own list (fair: only the head is woken), else the lock's."""
-        return waiter_wake_key(self._namespace, self._name, token) if fair else self.plain[3]
+    def wake_lists(self, token: bytes, fair: bool) -> tuple[bytes, ...]:
+        """Where a waiter blocks: the lock's wake list, and a fair waiter its own list first."""
+        if not fair:
+            return (self.plain[3],)
+        return (waiter_wake_key(self._namespace, self._name, token), self.plain[3])
+
+    def pass_on(self, token: bytes, fair: bool, popped: Any) -> bytes | None:
+        """The own list of the fair waiter whose token ``popped`` (BLPOP's reply) carries, when a
+        fair waiter ``token`` popped another waiter's signal from the lock's wake list; else
+        None (its own signal, a plain lock's "1", or nothing)."""
+        if not fair or not popped:
+            return None
+        key, signal = to_bytes(popped[0]), to_bytes(popped[1])
+        if key != self.plain[3] or signal in (token, b"1"):
+            return None
+        return waiter_wake_key(self._namespace, self._name, signal)
 
 
 # ------------------------------------------------------------------------------------------
@@ -603,7 +623,7 @@ class LockBase:
         An attempt that failed (or was interrupted) while its script may have run is replayed
         and what it got given back; a wait that failed, or a timeout, gives the place back."""
         token = self._token or new_token()
-        wake_key = self._keys.wake_key(token, self.fair)
+        wake_lists = self._keys.wake_lists(token, self.fair)
         woken = False
         while True:
             call = self._call(token, place_ttl_ms(self, blocking, woken))
@@ -620,10 +640,16 @@ class LockBase:
                     yield Cleanup(self._leave(token))  # give the waiter's place back
                 return None
             try:
-                woken = (yield Wait((wake_key,), pause)) is not None
+                popped = yield Wait(wake_lists, pause)
             except BaseException:
                 yield Cleanup(self._leave(token))
                 raise
+            target = self._keys.pass_on(token, self.fair, popped)
+            woken = popped is not None and target is None
+            if target is not None:  # another waiter's turn: pass it on, then wait again
+                yield Send(
+                    pass_on_commands(target, to_bytes(popped[1]), LOCK_WAKE_MAX, LOCK_WAKE_TTL_MS)
+                )
 
     def _undo(self, token: bytes, call: Call[AcquireResult]) -> Generator[Run, Any, None]:
         """After an interrupted attempt: replay it (same token / request id: answers what it

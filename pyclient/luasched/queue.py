@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from luasched import validate
+from luasched import blocking, validate
 from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
 from luasched.loops import Loop, Run, Send, Wait, drive
@@ -585,14 +585,10 @@ WAKE_MAX = 16
 WAKE_TTL_MS = 2_000
 
 
-def pass_on_commands(key: bytes, signal: bytes) -> list[tuple[Any, ...]]:
+def pass_on_commands(key: bytes, signal: bytes) -> tuple[tuple[Any, ...], ...]:
     """The commands that pass a node's ``signal`` on to its own wake list ``key``, bounded as
     the scripts bound the wake lists (``WAKE_MAX`` entries, ``WAKE_TTL_MS``)."""
-    return [
-        ("LPUSH", key, signal),
-        ("LTRIM", key, 0, WAKE_MAX - 1),
-        ("PEXPIRE", key, WAKE_TTL_MS),
-    ]
+    return blocking.pass_on_commands(key, signal, WAKE_MAX, WAKE_TTL_MS)
 
 
 @dataclass(frozen=True)
@@ -947,7 +943,7 @@ def blocking_take(
         popped = yield Wait(tuple(wake_lists(wake)), wait_ms)
         target = pass_on_target(wake, popped)
         if target is not None:
-            yield Send(tuple(pass_on_commands(target, to_bytes(popped[1]))))
+            yield Send(pass_on_commands(target, to_bytes(popped[1])))
 
 
 class Queue:

@@ -11,10 +11,12 @@
 --@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
 --@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
 --@+          while some place is live.
---@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals of a non-fair lock, pushed
---@+          when it frees while someone waits (BLPOP it between attempts); expires 1000 ms after
---@+          a push. A fair waiter blocks on its own list luasched:{ns}:lock-waiter:<token>:<name> instead (built
---@+          from the lock key), pushed when it is at the head of the queue and the lock frees.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals, pushed when the lock frees
+--@+          while someone waits (BLPOP it between attempts); expires 1000 ms after a push. A
+--@+          non-fair lock's signal is "1"; a fair lock's is the token of the queue's head. A fair waiter BLPOPs its
+--@+          own list luasched:{ns}:lock-waiter:<token>:<name> and this one; a signal naming another token it passes
+--@+          on to that token's own list (LPUSH, LTRIM 0 15, PEXPIRE 1000). No script touches the
+--@+          own lists.
 --@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token   string:1..256  The owner token given to lock.acquire.
@@ -245,10 +247,10 @@ local read = redis.call
 --   1 lock:<name>         STRING the lock's state (below); never expires
 --   2 lock-queue:<name>   ZSET   fair waiters by arrival order
 --   3 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
---   4 lock-wake:<name>    LIST   wake-up signals of a non-fair lock
+--   4 lock-wake:<name>    LIST   wake-up signals: "1" (non-fair), the head's token (fair)
 --   5 lock-req:<request_id>:<name>  STRING recorded reply of a request id
--- A fair waiter's own wake list, lock-waiter:<token>:<name>, is built from KEYS[1] (same hash
--- tag): a release pushes on the head of the queue's list only.
+-- A fair waiter also blocks on its own list, lock-waiter:<token>:<name>, which no script touches:
+-- a waiter that pops another token's signal passes it on there (the wrapper does).
 --
 -- The state is one string: "<fence> <count> <deadline> <granted> <waited> <owner>" (five plain
 -- decimals, then the owner token, any bytes). fence: the last fencing token granted (>= 1);
@@ -303,6 +305,7 @@ local function write_state(state)
     .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
     .. (state.waited and '1 ' or '0 ') .. state.owner)
 end
+
 
 local function main()
   key_count(LOCK_KEY_COUNT)

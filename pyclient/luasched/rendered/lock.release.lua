@@ -1,7 +1,7 @@
 --@script     lock.release
 --@summary    Gives back one hold of the lock if `token` owns it (the last hold frees it), and takes the token's waiter
 --@+          place away if it has one (how a waiter that gives up leaves). When the lock is free after the call and a
---@+          waiter's place is live, pushes one wake-up signal: on the wake list (plain lock), or on the own list of
+--@+          waiter's place is live, pushes one wake-up signal on the wake list: "1" (plain lock), or the token of
 --@+          the fair queue's head (its oldest live place). Never touches a hold of another owner. A release by the
 --@+          last grantee of a lock it already released answers "released" again (a replay acts no second time). A
 --@+          non-empty request_id records a call that changed something: replaying it answers the first reply and
@@ -16,10 +16,12 @@
 --@key        places      zset    luasched:{ns}:lock-places:<name> -- waiters (token; fair or not) scored by the
 --@+          server ms at which their place lapses unless renewed by another acquire. A release wakes waiters
 --@+          while some place is live.
---@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals of a non-fair lock, pushed
---@+          when it frees while someone waits (BLPOP it between attempts); expires 1000 ms after
---@+          a push. A fair waiter blocks on its own list luasched:{ns}:lock-waiter:<token>:<name> instead (built
---@+          from the lock key), pushed when it is at the head of the queue and the lock frees.
+--@key        wake        list    luasched:{ns}:lock-wake:<name> -- wake-up signals, pushed when the lock frees
+--@+          while someone waits (BLPOP it between attempts); expires 1000 ms after a push. A
+--@+          non-fair lock's signal is "1"; a fair lock's is the token of the queue's head. A fair waiter BLPOPs its
+--@+          own list luasched:{ns}:lock-waiter:<token>:<name> and this one; a signal naming another token it passes
+--@+          on to that token's own list (LPUSH, LTRIM 0 15, PEXPIRE 1000). No script touches the
+--@+          own lists.
 --@key        request     string  luasched:{ns}:lock-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The owner token given to lock.acquire.
@@ -300,12 +302,13 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
+-- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
+-- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
+-- first write.
+local function push_wake(key, count, signal)
   local signals = {}
   for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   redis.call('LPUSH', key, unpack(signals))
   redis.call('LTRIM', key, 0, WAKE_MAX - 1)
@@ -321,10 +324,10 @@ end
 --   1 lock:<name>         STRING the lock's state (below); never expires
 --   2 lock-queue:<name>   ZSET   fair waiters by arrival order
 --   3 lock-places:<name>  ZSET   waiters (fair or not) by the server ms their place lapses
---   4 lock-wake:<name>    LIST   wake-up signals of a non-fair lock
+--   4 lock-wake:<name>    LIST   wake-up signals: "1" (non-fair), the head's token (fair)
 --   5 lock-req:<request_id>:<name>  STRING recorded reply of a request id
--- A fair waiter's own wake list, lock-waiter:<token>:<name>, is built from KEYS[1] (same hash
--- tag): a release pushes on the head of the queue's list only.
+-- A fair waiter also blocks on its own list, lock-waiter:<token>:<name>, which no script touches:
+-- a waiter that pops another token's signal passes it on there (the wrapper does).
 --
 -- The state is one string: "<fence> <count> <deadline> <granted> <waited> <owner>" (five plain
 -- decimals, then the owner token, any bytes). fence: the last fencing token granted (>= 1);
@@ -380,21 +383,11 @@ local function write_state(state)
     .. (state.waited and '1 ' or '0 ') .. state.owner)
 end
 
--- The wake list of the fair waiter `token`: lock-waiter:<token>:<name>, next to K_LOCK (nil if
--- K_LOCK is not named luasched:{ns}:lock:<name>; then only the timed retry wakes that waiter).
-local function waiter_wake_key(token)
-  local tag_end = string.find(K_LOCK, '}:lock:', 1, true)
-  if not tag_end then
-    return nil
-  end
-  return string.sub(K_LOCK, 1, tag_end + 1) .. 'lock-waiter:' .. token .. ':'
-    .. string.sub(K_LOCK, tag_end + 7)
-end
 
--- The wake list to push when the lock frees: the plain lock's list, or the own list of the fair
--- queue's head (its oldest live place other than the caller's), or nil when nobody is to be woken
--- (reads only; checks the list's type).
-local function wake_target(token, now_ms)
+-- The signal to push on the wake list when the lock frees: "1" for the plain lock's waiters, the
+-- token of the fair queue's head (its oldest live place other than the caller's), or nil when
+-- nobody is to be woken (reads only; checks the list's type).
+local function wake_signal(token, now_ms)
   if read('ZCARD', K_QUEUE) == 0 then
     local waiting = read('ZCOUNT', K_PLACES, '(' .. decimal(now_ms), '+inf')
     local place = read('ZSCORE', K_PLACES, token)
@@ -403,7 +396,7 @@ local function wake_target(token, now_ms)
     end
     if waiting > 0 then
       check_type(K_WAKE, 'list')
-      return K_WAKE
+      return '1'
     end
     return nil
   end
@@ -412,11 +405,8 @@ local function wake_target(token, now_ms)
   for position, member in ipairs(members) do
     local place_deadline = places[position] and tonumber(places[position])
     if member ~= token and place_deadline and place_deadline > now_ms then
-      local key = waiter_wake_key(member)
-      if key then
-        check_type(key, 'list')
-      end
-      return key
+      check_type(K_WAKE, 'list')
+      return member
     end
   end
   return nil
@@ -452,7 +442,7 @@ local function main()
   -- one signal, for the plain lock's waiters (one of them can take it) or the fair queue's head.
   local wake = nil
   if changed and free_after then
-    wake = wake_target(token, now_ms)
+    wake = wake_signal(token, now_ms)
   end
   -- Writes from here on (none can fail: every key's type was checked above).
   if status == 'released' then
@@ -469,7 +459,7 @@ local function main()
     redis.call('ZREM', K_PLACES, token)
   end
   if wake then
-    push_wake(wake, 1)
+    push_wake(K_WAKE, 1, wake)
   end
   local reply = { status, left, now_ms }
   if changed then

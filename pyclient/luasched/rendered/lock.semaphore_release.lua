@@ -254,12 +254,13 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals on the list `key` and keeps it short-lived.
--- The caller checked the key's type (check_type(key, 'list')) before its first write.
-local function push_wake(key, count)
+-- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
+-- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
+-- first write.
+local function push_wake(key, count, signal)
   local signals = {}
   for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
-    signals[position] = '1'
+    signals[position] = signal or '1'
   end
   redis.call('LPUSH', key, unpack(signals))
   redis.call('LTRIM', key, 0, WAKE_MAX - 1)
