@@ -7,8 +7,9 @@ timeout). A ``BLPOP`` longer than the client's socket timeout, or one whose conn
 sent again by the RetryPolicy for up to its 20 s budget.
 
 These are guarantee tests, not speed claims: each call runs in a watchdog thread and must return
-within its limit plus ``SLACK_S`` (2 s, against stalls of 20 s or more). If it does not, the
-watchdog fails the test and ``CLIENT UNBLOCK``s every blocked client, so no stall outlives it.
+within its limit plus ``SLACK_S`` (5 s, against stalls of 20 s or more), without an error. If it
+does not, the watchdog fails the test and ``CLIENT UNBLOCK``s every blocked client, so no stall
+outlives it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from proxy import Command, ReplyDroppingProxy
 
 T = TypeVar("T")
 
-#: How long past its limit a blocking call may return (a loaded machine, one script call, Redis
-#: 6.2's ~100 ms timer); the stalls these tests catch last 20 s or more.
-SLACK_S = 2.0
+#: How long past its limit a blocking call may return (a loaded machine: three test workers on
+#: two cores; one script call; Redis 6.2's ~100 ms timer); the stalls these tests catch last
+#: 20 s or more, or end in a socket timeout's error, which fails the test whatever its time.
+SLACK_S = 5.0
 
 NS = "blk"
 
