@@ -7,8 +7,8 @@ Contract for tests:
   ``valkey-8.1``, ``valkey-9.1`` and ``cluster``. ``@pytest.mark.standalone_only`` drops the
   cluster, ``@pytest.mark.cluster_only`` keeps only the cluster (at generation time: nothing is
   reported as skipped).
-- ``r``: ``server.flush()``, then a fresh sync client (``RedisCluster`` on the cluster), closed
-  after the test.
+- ``r``: ``server.flush()``, then a fresh sync client, closed after the test; on the cluster the
+  session's one ``RedisCluster`` (making one costs tens of ms: COMMAND, CLUSTER SLOTS).
 - ``replicated``: a ``servers.ReplicatedCluster`` (three primaries, each with a replica) started
   for this one test and stopped after it. Tests that ask for it are marked
   ``@pytest.mark.replicated_cluster`` and run only when ``cluster`` is among the selected servers
@@ -44,6 +44,7 @@ from servers import (
     SPECS,
     ReplicatedCluster,
     ServerHandle,
+    ServerSpec,
     ServerStartError,
     check_images,
     check_ports_free,
@@ -265,11 +266,21 @@ def luasched_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Serve
             if spec.is_cluster:
                 create_cluster(spec.ports, replicas=spec.replicas)
         _record_startup(config, backend, time.monotonic() - started)
-        yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+        yield from _handles(specs)
     else:
         with local_servers(specs):
             _record_startup(config, backend, time.monotonic() - started)
-            yield {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+            yield from _handles(specs)
+
+
+def _handles(specs: list[ServerSpec]) -> Iterator[dict[str, ServerHandle]]:
+    """The handles of running servers; their kept clients are closed after the session."""
+    handles = {spec.name: ServerHandle.from_spec(spec) for spec in specs}
+    try:
+        yield handles
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def _record_startup(config: pytest.Config, backend: str, seconds: float) -> None:
@@ -302,13 +313,15 @@ def server(request: pytest.FixtureRequest) -> ServerHandle:
 
 @pytest.fixture
 def r(server: ServerHandle) -> Iterator[redis.Redis | redis.cluster.RedisCluster]:
-    """An emptied server and a fresh client on it (closed after the test)."""
+    """An emptied server and a client on it: a fresh one on a standalone server (closed after
+    the test), the session's kept one on the cluster (``ServerHandle.shared_client``)."""
     server.flush()
-    client = server.client()
+    client = server.shared_client()
     try:
         yield client
     finally:
-        client.close()
+        if not server.is_cluster:
+            client.close()
 
 
 @pytest.fixture

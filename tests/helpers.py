@@ -100,14 +100,21 @@ def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, 
     DUMP's payload covers the value and its encoding, not the TTL; the TTL is appended (as
     ``b"|ttl=<ms>"``, -1 for none) so a changed expiry shows too.
     """
-    result: dict[bytes, bytes] = {}
-    for key in namespace_keys(client, namespace):
-        dumped = client.dump(key)
-        if dumped is None:  # expired or deleted between SCAN and DUMP
-            continue
-        ttl = client.pttl(key)
-        result[key] = bytes(dumped) + b"|ttl=" + str(ttl).encode()
-    return result
+    keys = namespace_keys(client, namespace)
+    if not keys:
+        return {}
+    if isinstance(client, redis.cluster.RedisCluster):  # one slot: its primary answers all
+        client = client.get_redis_connection(client.get_node_from_key(keys[0]))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.dump(key)
+        pipe.pttl(key)
+    replies = pipe.execute()
+    return {
+        key: bytes(dumped) + b"|ttl=" + str(ttl).encode()
+        for key, dumped, ttl in zip(keys, replies[0::2], replies[1::2], strict=True)
+        if dumped is not None  # expired or deleted between SCAN and DUMP
+    }
 
 
 def snapshot_ignoring_ttl(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, bytes]:

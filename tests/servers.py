@@ -191,6 +191,12 @@ class ServerHandle:
     host: str
     port: int
     ports: list[int] = field(default_factory=list)
+    #: One client per primary for ``flush`` and the cluster's client for ``shared_client``,
+    #: made on first use and closed by ``close`` (a cluster client costs tens of ms to make).
+    _flushers: list[redis.Redis] = field(default_factory=list, repr=False, compare=False)
+    _shared: list[redis.cluster.RedisCluster] = field(
+        default_factory=list, repr=False, compare=False
+    )
 
     @classmethod
     def from_spec(cls, spec: ServerSpec) -> ServerHandle:
@@ -227,13 +233,33 @@ class ServerHandle:
         return [redis.Redis(host=self.host, port=port, **kwargs) for port in self.ports]
 
     def flush(self) -> None:
-        """Empty every primary: FLUSHALL, SCRIPT FLUSH (and FUNCTION FLUSH on 7.0+)."""
-        for node in self.primaries():
-            with node:
-                node.flushall()
-                node.script_flush()
-                if self.version >= (7, 0):
-                    node.execute_command("FUNCTION", "FLUSH")
+        """Empty every primary: FLUSHALL, SCRIPT FLUSH (and FUNCTION FLUSH on 7.0+), each
+        primary in one round trip on a connection kept for the session."""
+        if not self._flushers:
+            self._flushers.extend(self.primaries())
+        for node in self._flushers:
+            pipe = node.pipeline(transaction=False)
+            pipe.flushall()
+            pipe.script_flush()
+            if self.version >= (7, 0):
+                pipe.execute_command("FUNCTION", "FLUSH")
+            pipe.execute()
+
+    def shared_client(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """The cluster's client kept for the session (closed by ``close``); a new client on a
+        standalone server. Do not close it yourself."""
+        if not self.is_cluster:
+            return self.client()
+        if not self._shared:
+            self._shared.append(redis.cluster.RedisCluster(host=self.host, port=self.port))
+        return self._shared[0]
+
+    def close(self) -> None:
+        """Close the clients ``flush`` and ``shared_client`` kept."""
+        for client in [*self._flushers, *self._shared]:
+            client.close()
+        self._flushers.clear()
+        self._shared.clear()
 
 
 # --------------------------------------------------------------------------------------------

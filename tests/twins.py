@@ -135,10 +135,10 @@ class QueueTwins:
         """Per queue, every key of it by its name without the queue: (type, value, PTTL), values
         and PTTLs read in one MULTI (a key that lapsed since the scan is left out)."""
         keys = namespace_keys(self.conn, self.namespace)
-        kinds = [
-            kind.decode() if isinstance(kind, bytes) else kind
-            for kind in [self.conn.type(key) for key in keys]
-        ]
+        types = self.conn.pipeline(transaction=False)
+        for key in keys:
+            types.type(key)
+        kinds = [kind.decode() if isinstance(kind, bytes) else kind for kind in types.execute()]
         reads = {"string": "GET", "hash": "HGETALL", "list": "LRANGE", "zset": "ZRANGE"}
         pipe = self.conn.pipeline(transaction=True)
         for key, kind in zip(keys, kinds, strict=True):
