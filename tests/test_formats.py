@@ -206,7 +206,7 @@ def literals(text: str, before: str) -> list[str]:
 
 
 def probe(r: Any, body: str, *args: str) -> Any:
-    return r.eval("local MAX_SAFE_INTEGER = 9007199254740991\n" + body, 0, *args)
+    return r.eval(body, 0, *args)
 
 
 METAS = [
