@@ -42,7 +42,7 @@ import importlib.resources
 import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,8 @@ __all__ = [
     "ScriptConfig",
     "ScriptSpec",
     "TemplateError",
+    "check_key_names_bound",
+    "check_single_definitions",
     "drop_unused_functions",
     "export",
     "fingerprint",
@@ -196,13 +198,198 @@ def crc16_table() -> list[int]:
     return [binascii.crc_hqx(bytes([byte]), 0) for byte in range(256)]
 
 
+#: The largest integer the scripts handle (2^53 - 1: exact in Lua's doubles); the templates' one
+#: spelling of it is ``{@ max_safe_integer @}``.
+MAX_SAFE_INTEGER = (1 << 53) - 1
+#: The longest decimal text the scripts convert with ``tonumber`` (a sign and 16 digits, or 17
+#: digits with leading zeros): ``{@ max_decimal_bytes @}``; anything longer is refused unread.
+MAX_DECIMAL_BYTES = 17
+
+
+def lua_string(raw: bytes) -> str:
+    """``raw`` as one single-quoted Lua string literal: letters, ``_`` and digits as themselves
+    (a digit right after a decimal escape is escaped too, so ``\\1`` then ``2`` never reads as
+    ``\\12``), every other byte as a decimal escape. ASCII only."""
+    out: list[str] = []
+    escaped = False
+    for byte in raw:
+        char = chr(byte)
+        if (char.isascii() and (char.isalpha() or char == "_")) or (char.isdigit() and not escaped):
+            out.append(char)
+            escaped = False
+        else:
+            out.append(f"\\{byte}")
+            escaped = True
+    return "'" + "".join(out) + "'"
+
+
+def _msgpack_bytes(value: object) -> bytes:
+    """``value`` packed as Redis's ``cmsgpack.pack`` packs the same Lua value: the forms a
+    request record uses (a short list of short strings and small non-negative integers);
+    anything else raises TemplateError rather than guess another encoder's choice."""
+    if isinstance(value, bool):
+        raise TemplateError(f"msgpack: no booleans in a record ({value!r})")
+    if isinstance(value, int) and 0 <= value <= 0x7F:
+        return bytes([value])  # positive fixint
+    if isinstance(value, str) and len(value.encode()) < 32:
+        raw = value.encode()
+        return bytes([0xA0 | len(raw)]) + raw  # fixstr
+    if isinstance(value, (list, tuple)) and len(value) < 16:
+        return bytes([0x90 | len(value)]) + b"".join(_msgpack_bytes(item) for item in value)
+    raise TemplateError(f"msgpack: {value!r} needs a form this renderer does not write")
+
+
+def msgpack_literal(value: object) -> str:
+    """Jinja filter ``msgpack``: the Lua string literal of ``cmsgpack.pack(value)``'s bytes, so
+    a lean path writes a fixed record without packing it (tests/test_formats.py checks the bytes
+    against the server's cmsgpack)."""
+    return lua_string(_msgpack_bytes(value))
+
+
+def decimal_digits(value: int) -> int:
+    """Jinja filter ``digits``: the length of ``value``'s decimal text, sign included (a check
+    ``#raw <= limit|digits`` lets through every canonical decimal that may be within ``limit``;
+    the value itself is compared only at that length)."""
+    return len(str(int(value)))
+
+
+def safe_digits(value: int) -> int:
+    """Jinja filter ``safe_digits``: the most digits a decimal may have to be at most ``value``
+    whatever its digits (10^n - 1 <= value), so a check ``#raw <= limit|safe_digits`` needs no
+    comparison of the value itself."""
+    if value < 9:
+        raise TemplateError(f"safe_digits: {value} has no such length")
+    return len(str(int(value) + 1)) - 1
+
+
+def render_check(condition: bool, message: str) -> str:
+    """Jinja global ``check``: fails the render (TemplateError) unless ``condition``; renders
+    nothing. For a bound a template derives from a limit: a limit changed past what the bound
+    assumes fails the render, not the script."""
+    if not condition:
+        raise TemplateError(f"render check failed: {message}")
+    return ""
+
+
+#: A line format as the templates give it: ``[name, lua_pattern, format]`` per field, the last
+#: one the free text (``format`` None).
+LineFields = Sequence[Sequence[Any]]
+
+
+def _line_fields(
+    fields: LineFields, fixed: Mapping[str, object], names: Sequence[str]
+) -> tuple[list[tuple[str, str, str]], tuple[str, str]]:
+    """The fixed fields of a line format as (name, pattern, format), and its free text field as
+    (name, pattern), after checking that every name given is one of the format's fields."""
+    rows = [(str(field[0]), str(field[1]), str(field[2])) for field in fields[:-1]]
+    tail = (str(fields[-1][0]), str(fields[-1][1]))
+    known = [name for name, _, _ in rows] + [tail[0]]
+    unknown = (set(fixed) | set(names)) - set(known)
+    if unknown:
+        raise TemplateError(f"line format {known}: no field {sorted(unknown)}")
+    return rows, tail
+
+
+def line_pattern(
+    fields: LineFields,
+    capture: Sequence[str] = (),
+    fixed: Mapping[str, object] | None = None,
+    whole: bool = True,
+) -> str:
+    """Jinja global: the Lua pattern (a quoted literal) of a line format, captures in field
+    order.
+
+    A line format is a list of ``[name, lua_pattern, format]``: fields separated by one space,
+    the last one free text after a space (``format`` None). ``capture`` names the fields to
+    capture, ``fixed`` gives fields a literal value, and ``whole=False`` matches only up to the
+    space before the free text (no anchor at the end)."""
+    fixed = fixed or {}
+    rows, (tail, tail_pattern) = _line_fields(fields, fixed, capture)
+    parts = []
+    for name, pattern, _ in rows:
+        if name in fixed:
+            parts.append(re.sub(r"(\W)", r"%\1", str(fixed[name])))
+        elif name in capture:
+            parts.append(f"({pattern})")
+        else:
+            parts.append(pattern)
+    text = "^" + " ".join(parts) + " "
+    if whole:
+        text += (f"({tail_pattern})" if tail in capture else tail_pattern) + "$"
+    elif tail in capture:
+        raise TemplateError(f"line_pattern: {tail} is captured only with whole=True")
+    return lua_string_text(text)
+
+
+def line_format(
+    fields: LineFields,
+    fixed: Mapping[str, object] | None = None,
+    first: str | None = None,
+    last: str | None = None,
+) -> str:
+    """Jinja global: the ``string.format`` literal of a line format's fields ``first`` to
+    ``last`` (default: all but the free text; its separator included after the last field), a
+    literal for each ``fixed`` one; a leading space when ``first`` is not the first field. The
+    free text is appended with ``..`` by the caller (Lua 5.1's ``%s`` stops at a zero byte)."""
+    fixed = fixed or {}
+    rows, _ = _line_fields(fields, fixed, [name for name in (first, last) if name])
+    names = [name for name, _, _ in rows]
+    start = names.index(first) if first else 0
+    stop = names.index(last) + 1 if last else len(names)
+    parts = [
+        str(fixed[name]).replace("%", "%%") if name in fixed else conversion
+        for name, _, conversion in rows[start:stop]
+    ]
+    text = (" " if start else "") + " ".join(parts) + (" " if stop == len(names) else "")
+    return lua_string_text(text)
+
+
+def line_concat(
+    fields: LineFields,
+    values: Mapping[str, str],
+    fixed: Mapping[str, object] | None = None,
+) -> str:
+    """Jinja global: a Lua ``..`` expression writing a whole line, each field from ``values``
+    (a Lua expression) or ``fixed`` (a literal, merged with the spaces around it into one
+    string); the free text may be neither (then it is empty). Every other field must be given
+    exactly once."""
+    fixed = fixed or {}
+    rows, (tail, _) = _line_fields(fields, fixed, list(values))
+    names = [name for name, _, _ in rows]
+    missing = [name for name in names if (name in values) == (name in fixed)]
+    if missing or tail in fixed:
+        raise TemplateError(f"line_concat: give each field once, as a value or fixed: {missing}")
+    operands: list[str] = []
+    literal = ""
+    for name in [*names, tail]:
+        if name in values:
+            if literal:
+                operands.append(lua_string_text(literal))
+            operands.append(values[name])
+            literal = ""
+        elif name in fixed:
+            literal += str(fixed[name])
+        if name != tail:
+            literal += " "
+    if literal:
+        operands.append(lua_string_text(literal))
+    return " .. ".join(operands)
+
+
+def lua_string_text(text: str) -> str:
+    """Printable ASCII ``text`` (no quote, no backslash) as a single-quoted Lua literal."""
+    if not text.isascii() or not text.isprintable() or "'" in text or "\\" in text:
+        raise TemplateError(f"not a plain Lua literal: {text!r}")
+    return f"'{text}'"
+
+
 def _environment(directory: Path) -> jinja2.Environment:
     import jinja2  # here, not at the top: loading the shipped scripts needs no Jinja2
 
     # Delimiters chosen so that no Lua construct can open a tag: "{@" never occurs in Lua,
     # unlike "{{" (nested tables) or "{#" (length of a table); statements are whole lines
     # starting with "--%", which also keeps templates readable as Lua.
-    return jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(directory)),
         block_start_string="{@%",
         block_end_string="%@}",
@@ -215,6 +402,19 @@ def _environment(directory: Path) -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # The one definition of each shared format and bound (docs: lua/README.md, "Formats").
+    environment.filters.update(
+        msgpack=msgpack_literal, digits=decimal_digits, safe_digits=safe_digits
+    )
+    environment.globals.update(
+        max_safe_integer=MAX_SAFE_INTEGER,
+        max_decimal_bytes=MAX_DECIMAL_BYTES,
+        check=render_check,
+        line_pattern=line_pattern,
+        line_format=line_format,
+        line_concat=line_concat,
+    )
+    return environment
 
 
 def _template_names(directory: Path) -> list[str]:
@@ -414,6 +614,47 @@ def drop_unused_functions(text: str, where: str = "script") -> str:
             del lines[first : last + 1]
 
 
+_TOP_LEVEL_LOCAL = re.compile(
+    r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*(?:, *[A-Za-z_][A-Za-z0-9_]*)*)", re.M
+)
+
+
+def check_single_definitions(text: str, where: str = "script") -> None:
+    """Raise TemplateError when ``text`` defines a top-level local (``local NAME`` or ``local
+    function NAME`` at column 0) twice: a second definition would silently shadow the first for
+    the code below it, so each name has one meaning in a script (lua/README.md)."""
+    seen: set[str] = set()
+    for match in _TOP_LEVEL_LOCAL.finditer(text):
+        for local in match.group(1).split(","):
+            local = local.strip()
+            if local in seen:
+                raise TemplateError(f"{where}: top-level local {local!r} is defined twice")
+            seen.add(local)
+
+
+_KEY_NAME = re.compile(r"\bK_[A-Z][A-Z0-9_]*\b")
+
+
+def check_key_names_bound(text: str, where: str = "script") -> None:
+    """Raise TemplateError when code in ``text`` names a ``K_*`` key before a top-level
+    ``local K_...`` binds it (an include used by a script that does not bind what it expects:
+    in Lua an unbound name is a global, nil, and the call would go to the wrong key or fail
+    late). Comment lines are not code."""
+    bound: set[str] = set()
+    for number, line in enumerate(text.split("\n"), 1):
+        if _is_comment(line):
+            continue
+        match = _TOP_LEVEL_LOCAL.match(line)
+        declared = {name.strip() for name in match.group(1).split(",")} if match else set()
+        code = line.split("--", 1)[0]
+        if match and "=" in code:
+            code = code.split("=", 1)[1]  # the right-hand side uses names bound before
+        for name in _KEY_NAME.findall(code):
+            if name not in bound:
+                raise TemplateError(f"{where}:{number}: {name} is used before a local binds it")
+        bound |= {name for name in declared if name.startswith("K_")}
+
+
 def _is_doc_comment(line: str) -> bool:
     return line.startswith("--") and not line.startswith(("--@", "--%", "-- ---"))
 
@@ -547,6 +788,8 @@ def _render(config: ScriptConfig, directory: Path) -> Mapping[str, RenderedScrip
         text = template.render(context, script_name=name, layout_types=layout_types)
         text = _with_key_check(environment, name, spec, text)
         text = drop_unused_functions(text, name)
+        check_single_definitions(text, name)
+        check_key_names_bound(text, name)
         spec = parse_header(name, text)
         sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
         scripts[name] = RenderedScript(name=name, text=text, sha1=sha1, spec=spec)

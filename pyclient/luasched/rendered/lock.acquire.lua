@@ -124,7 +124,7 @@ end
 local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
-  -- Up to 10 digits: below 1e10, within 1..max_ttl_ms (31536000000) with no comparison.
+  -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
   if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
     and string.find(ttl_raw, '^[1-9]%d*$')
     and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
@@ -137,7 +137,8 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       fence, free = 0, true
     elseif type(raw) == 'string' then
       fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      free = fence ~= nil and #fence <= 13 and #deadline <= 16 and owner ~= token
+      -- fence + 1 stays exact (main(): next_fence); a longer deadline is main()'s CORRUPT.
+      free = fence ~= nil and #fence <= 15 and #deadline <= 16 and owner ~= token
         and (count == '0' or deadline + 0 <= now_ms)
     end
     local place = nil
@@ -329,8 +330,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -351,7 +353,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -370,6 +372,12 @@ local function record_reply(key, request_id, reply)
   end
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
@@ -414,8 +422,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -429,15 +439,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -488,7 +496,7 @@ local function main()
     return recorded
   end
   local state = read_state()
-  local hold = is_live(state, now_ms) and state or nil
+  local hold = hold_is_live(state, now_ms) and state or nil
 
   -- A plain acquire whose token got the last grant is a replay: the first grant's reply, no change.
   if not reentrant and state and state.owner == token then

@@ -238,6 +238,12 @@ local WAKE_TTL_MS = 1000
 local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -280,8 +286,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -295,15 +303,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -314,7 +320,7 @@ local function main()
   local ttl_ms = arg_int(2, 'ttl_ms', 1, 31536000000)
   local now_ms = server_now_ms()
   local state = read_state()
-  if not is_live(state, now_ms) then
+  if not hold_is_live(state, now_ms) then
     return { 'expired', 0, now_ms }
   end
   if state.owner ~= token then

@@ -108,7 +108,8 @@ if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <=
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
     -- The state of a single hold (count 1) that no waiter asked for (waited 0).
-    local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
+    local fence, deadline, granted, owner = string.match(raw,
+      '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
     if owner == token and #deadline <= 16 and deadline + 0 > now_ms then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
       return { 'released', 0, now_ms }
@@ -260,8 +261,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -282,7 +284,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -302,17 +304,25 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
--- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
--- first write.
-local function push_wake(key, count, signal)
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
+local function push_wake(wake, count, signal)
   local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+  for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = signal or '1'
   end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
@@ -357,8 +367,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -372,15 +384,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -423,7 +433,7 @@ local function main()
     return recorded
   end
   local state = read_state()
-  local hold = is_live(state, now_ms) and state or nil
+  local hold = hold_is_live(state, now_ms) and state or nil
   -- The last grantee releasing a hold it already released: a replay, nothing to do.
   if state and state.owner == token and state.count == 0 then
     return { 'released', 0, now_ms }

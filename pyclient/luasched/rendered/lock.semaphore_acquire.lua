@@ -224,8 +224,9 @@ local WAKE_TTL_MS = 1000
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -246,7 +247,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -265,6 +266,12 @@ local function record_reply(key, request_id, reply)
   end
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.

@@ -217,6 +217,12 @@ local WAKE_TTL_MS = 1000
 local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
 -- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):

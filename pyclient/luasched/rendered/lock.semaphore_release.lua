@@ -212,8 +212,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -234,7 +235,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -254,17 +255,25 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
--- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
--- first write.
-local function push_wake(key, count, signal)
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
+local function push_wake(wake, count, signal)
   local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+  for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = signal or '1'
   end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.

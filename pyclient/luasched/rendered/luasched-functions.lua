@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 297ecf88b31f991ad1305811933a2f1dd14bb4a8)
+-- lock.acquire (sha1 8088c8c09e0eb15130c253b89d94c84b9a9643d2)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -139,7 +139,7 @@ end
 local FAST_NOW_MS = nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
-  -- Up to 10 digits: below 1e10, within 1..max_ttl_ms (31536000000) with no comparison.
+  -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
   if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
     and string.find(ttl_raw, '^[1-9]%d*$')
     and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
@@ -152,7 +152,8 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       fence, free = 0, true
     elseif type(raw) == 'string' then
       fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      free = fence ~= nil and #fence <= 13 and #deadline <= 16 and owner ~= token
+      -- fence + 1 stays exact (main(): next_fence); a longer deadline is main()'s CORRUPT.
+      free = fence ~= nil and #fence <= 15 and #deadline <= 16 and owner ~= token
         and (count == '0' or deadline + 0 <= now_ms)
     end
     local place = nil
@@ -344,8 +345,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -366,7 +368,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -385,6 +387,12 @@ local function record_reply(key, request_id, reply)
   end
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
@@ -429,8 +437,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -444,15 +454,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -503,7 +511,7 @@ local function main()
     return recorded
   end
   local state = read_state()
-  local hold = is_live(state, now_ms) and state or nil
+  local hold = hold_is_live(state, now_ms) and state or nil
 
   -- A plain acquire whose token got the last grant is a replay: the first grant's reply, no change.
   if not reentrant and state and state.owner == token then
@@ -620,7 +628,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 cd2fa37c698567a2ad1a9ede8ed86c8493ed9d81)
+-- lock.extend (sha1 6b3325b01369938a9eaf06ede277f5588530820a)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -865,6 +873,12 @@ local WAKE_TTL_MS = 1000
 local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -907,8 +921,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -922,15 +938,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -941,7 +955,7 @@ local function main()
   local ttl_ms = arg_int(2, 'ttl_ms', 1, 31536000000)
   local now_ms = server_now_ms()
   local state = read_state()
-  if not is_live(state, now_ms) then
+  if not hold_is_live(state, now_ms) then
     return { 'expired', 0, now_ms }
   end
   if state.owner ~= token then
@@ -956,7 +970,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 e8a0fcb93c0ec56f82908f335743b4eb7610d5f5)
+-- lock.release (sha1 b778c4651fab22db7df6d7bf84d15acbe605e043)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -1071,7 +1085,8 @@ if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <=
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
     -- The state of a single hold (count 1) that no waiter asked for (waited 0).
-    local fence, deadline, granted, owner = string.match(raw, '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
+    local fence, deadline, granted, owner = string.match(raw,
+      '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
     if owner == token and #deadline <= 16 and deadline + 0 > now_ms then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
       return { 'released', 0, now_ms }
@@ -1223,8 +1238,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -1245,7 +1261,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -1265,17 +1281,25 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
--- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
--- first write.
-local function push_wake(key, count, signal)
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
+local function push_wake(wake, count, signal)
   local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+  for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = signal or '1'
   end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
@@ -1320,8 +1344,10 @@ local function read_state()
   if not raw then
     return nil
   end
-  local fence, count, deadline, granted, waited, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
-  if not fence or #fence > 16 or #count > 16 or #deadline > 16 or #granted > 16 then
+  local fence, count, deadline, granted, waited, owner = string.match(raw,
+    '^(%d+) (%d+) (%d+) (%d+) ([01]) (.+)$')
+  if not fence or #fence > 16 or #count > 16 or #deadline > 16
+    or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
   return {
@@ -1335,15 +1361,13 @@ local function read_state()
 end
 
 -- Whether `state` is a live hold at now_ms.
-local function is_live(state, now_ms)
+local function hold_is_live(state, now_ms)
   return state ~= nil and state.count >= 1 and state.deadline > now_ms
 end
 
 -- Writes `state` (SET replaces any type and the key has no expiry: cannot fail).
 local function write_state(state)
-  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' '
-    .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' '
-    .. (state.waited and '1 ' or '0 ') .. state.owner)
+  redis.call('SET', K_LOCK, decimal(state.fence) .. ' ' .. decimal(state.count) .. ' ' .. decimal(state.deadline) .. ' ' .. decimal(state.granted) .. ' ' .. (state.waited and '1' or '0') .. ' ' .. state.owner)
 end
 
 
@@ -1386,7 +1410,7 @@ local function main()
     return recorded
   end
   local state = read_state()
-  local hold = is_live(state, now_ms) and state or nil
+  local hold = hold_is_live(state, now_ms) and state or nil
   -- The last grantee releasing a hold it already released: a replay, nothing to do.
   if state and state.owner == token and state.count == 0 then
     return { 'released', 0, now_ms }
@@ -1435,7 +1459,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 95483ba25a180f5c3e159a172d7da226e6c0056b)
+-- lock.semaphore_acquire (sha1 9df50c76f53082cc7d6a9c0cb8f24ac0710b5ffb)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1666,8 +1690,9 @@ local WAKE_TTL_MS = 1000
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -1688,7 +1713,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -1707,6 +1732,12 @@ local function record_reply(key, request_id, reply)
   end
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
@@ -1793,7 +1824,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 239d0c1f5515e05ba3139e9d278d85bcd8ec72a0)
+-- lock.semaphore_extend (sha1 427182a406dff583ce048c55064fa10713b8876d)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -2017,6 +2048,12 @@ local WAKE_TTL_MS = 1000
 local read = redis.call
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
 -- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
@@ -2069,7 +2106,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 4efe69392c4018e066ed34ffb99bfdb1d20919d7)
+-- lock.semaphore_release (sha1 70336fc221cd94b5d064401b0d1a199a1becf941)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -2288,8 +2325,9 @@ local function check_type(key, expected)
   end
 end
 
--- A stored integer field: nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored integer field, sign allowed (a request record's numbers): absent (nil/false) gives
+-- nil, anything but a plain decimal is CORRUPT.
+local function stored_int_or_nil(raw, what)
   if raw == nil or raw == false then
     return nil
   end
@@ -2310,7 +2348,7 @@ local function recorded_reply(key, request_id)
   end
   local reply = {}
   for field in string.gmatch(raw, '%S+') do
-    reply[#reply + 1] = #reply == 0 and field or stored_int(field, 'the request record')
+    reply[#reply + 1] = #reply == 0 and field or stored_int_or_nil(field, 'the request record')
   end
   if #reply == 0 then
     fail('CORRUPT', 'the request record is empty')
@@ -2330,17 +2368,25 @@ local function record_reply(key, request_id, reply)
   redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)
 end
 
--- Pushes `count` (1..WAKE_MAX) wake-up signals (`signal`, default "1") on the list `key` and
--- keeps it short-lived. The caller checked the key's type (check_type(key, 'list')) before its
--- first write.
-local function push_wake(key, count, signal)
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
+local function push_wake(wake, count, signal)
   local signals = {}
-  for position = 1, math.min(math.max(count, 1), WAKE_MAX) do
+  for position = 1, math.min(count, WAKE_MAX) do
     signals[position] = signal or '1'
   end
-  redis.call('LPUSH', key, unpack(signals))
-  redis.call('LTRIM', key, 0, WAKE_MAX - 1)
-  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+  local length = redis.call('LPUSH', wake, unpack(signals))
+  if length > WAKE_MAX then
+    redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
+  end
+  redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
@@ -5065,7 +5111,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 9beb792c6f5e3b71270c51d1aeed20c918899a4f)
+-- pick.least_loaded (sha1 e376c2d67419d2aef3eba64345124bed22574815)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -5373,8 +5419,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -5386,7 +5433,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -5485,7 +5532,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -5522,7 +5569,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -5594,7 +5641,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 5090f4760f5520d66a4871d8d8402bbdbee00c27)
+-- pick.least_recent (sha1 9f719cf0d94d3489379932a9e167276949a40d80)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -5794,8 +5841,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -5807,7 +5855,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -5888,11 +5936,11 @@ local function main()
   key_count(4)
   arg_count(0, 0)
   local now_ms = server_now_ms()
-  local clock = stored_int(read('HGET', K_STATE, 'clock'), 'pick:state clock')
+  local clock = stored_count_or_zero(read('HGET', K_STATE, 'clock'), 'pick:state clock')
   local member
   -- Fast path: the head is live.
   local head = read('ZRANGE', K_LRU, 0, 0)[1]
-  if head and is_live(K_DEADLINE, head, now_ms) then
+  if head and node_is_live(K_DEADLINE, head, now_ms) then
     member = head
   else
     local why
@@ -5918,7 +5966,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 cb730dc8639e779b61816790175df18b638de164)
+-- pick.release (sha1 9ab6884adacc6b5efe967c5de73e7dfd5968534e)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -6162,8 +6210,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -6206,7 +6255,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -6259,7 +6308,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 7882d062d20a1530e7815fb23af3a23f38e3be50)
+-- pick.round_robin (sha1 affd1d9d865420bda514b7f70ae0f8a4f216e4db)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -6458,8 +6507,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -6555,7 +6605,7 @@ local K_RING, K_STATE, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
@@ -6903,7 +6953,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 99857c02ff6d7ef3773dd6ffdb9513ed19bc8636)
+-- pick.two_choices (sha1 83f2b80996c6729f4d67089965f85cb31683a8dc)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -7157,8 +7207,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -7170,7 +7221,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -7269,7 +7320,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -7306,7 +7357,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -7409,7 +7460,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 19e890f5f76b399f57ad59bbdbc897ef92f4d3cb)
+-- pick.weighted (sha1 dcdaa74a7fc75b1abb46ba10a08bb58ab38986bf)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -7630,7 +7681,7 @@ local fmod = math.fmod
 local read = redis.call
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -7700,7 +7751,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end
@@ -7759,7 +7810,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 bdafa018af12b71deb9fa7345ad46f69f3c31bbf)
+-- queue.ack (sha1 2fef969ea5a512dcf8626b87970948ad5e103610)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -7880,8 +7931,8 @@ end
 -- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
 -- argument, or a key of another type (redis.pcall: an error table) goes on to main(), which
 -- answers it. Its first write, the ZREM, goes through redis.pcall: if it fails (not a zset)
--- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) spelled
--- out, the bytes record_reply() writes.
+-- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) packed
+-- at render time (the msgpack filter), the bytes record_request() writes.
 if #KEYS == 8 and #ARGV == 4 then
   local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
   if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
@@ -8104,8 +8155,9 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -8123,12 +8175,18 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -8137,7 +8195,7 @@ local function main()
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local request_id = arg_request_id(3)
   local request_ttl_ms = arg_int(4, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
-  if recorded(request_id, 'ack') then
+  if recorded_request(request_id, 'ack') then
     return 1
   end
   local raw = read('HGET', K_TASKS, 'm' .. task_id)
@@ -8148,7 +8206,7 @@ local function main()
   end
   first_write('ZREM', K_LEASED, task_id)
   redis.call('HDEL', K_TASKS, 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
-  record_reply(request_id, request_ttl_ms, { 'ack' })
+  record_request(request_id, request_ttl_ms, { 'ack' })
   return 1
 end
 
@@ -8156,7 +8214,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 eb4a2c1237d167d70b70a909c21fc580943a55b2)
+-- queue.dequeue (sha1 165289377907fb07a191cbbd93d77e237252bb85)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8304,15 +8362,15 @@ if #KEYS == 8 and #ARGV == 8 then
     local ack_task_id, ack_token_raw, request_id, request_ttl_raw = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
     local acking = ack_task_id ~= ''
     -- Canonical decimals, their bounds by length (a tonumber only at a bound's own length):
-    -- count 1..1000, lease_ms and wait_ms below 1e10 (bound 31536000000),
-    -- request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
+    -- count 1..1000, lease_ms and wait_ms of at most 10 digits (bound 31536000000: no
+    -- comparison needed), request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
     if #worker_id > 256 or #ack_task_id > 1024 or #request_id > 64
       or #count_raw > 4 or #lease_raw > 10 or #wait_raw > 10 or #request_ttl_raw > 8
       or not string.find(count_raw .. ' ' .. lease_raw .. ' ' .. request_ttl_raw, '^[1-9]%d* [1-9]%d* [1-9]%d*$')
       or (#count_raw == 4 and tonumber(count_raw) > 1000)
       or (#request_ttl_raw == 8 and tonumber(request_ttl_raw) > 86400000)
       or (wait_raw ~= '0' and not string.find(wait_raw, '^[1-9]%d*$'))
-      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]+$')) then
+      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]*$')) then
       break
     end
     if acking then
@@ -8366,7 +8424,7 @@ if #KEYS == 8 and #ARGV == 8 then
       break
     end
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
-    -- fence (main(): any digits) grows by `taken`, far below 2^53 with 15 digits.
+    -- fence (main(): any digits) grows by `taken`, below 2^53 with 15 digits.
     local seq, fence = values[1], values[2]
     if seq == false then
       seq = '0'
@@ -8660,8 +8718,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -8704,9 +8763,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -8716,8 +8775,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -8735,8 +8795,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -8753,8 +8813,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -8766,7 +8833,6 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
-
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -8832,7 +8898,7 @@ local function main()
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
   local now_ms = FAST_NOW_MS or server_now_ms()
-  local record = recorded(request_id, 'dequeue')
+  local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
   end
@@ -8869,8 +8935,8 @@ local function main()
     fields[#fields + 1] = 'm' .. task_id
   end
   local values = read('HMGET', K_TASKS, unpack(fields))
-  local seq = stored_int(values[1], 'the seq field') or 0
-  local fence = stored_int(values[2], 'the fence field') or 0
+  local seq = stored_uint_or_nil(values[1], 'the seq field') or 0
+  local fence = stored_uint_or_nil(values[2], 'the fence field') or 0
 
   if acking then
     local raw = values[3]
@@ -9032,7 +9098,7 @@ local function main()
       entry[#entry + 1] = reply[5 * index - 3]
       entry[#entry + 1] = reply[5 * index]
     end
-    record_reply(request_id, request_ttl_ms, entry)
+    record_request(request_id, request_ttl_ms, entry)
   end
   return reply
 end
@@ -9041,7 +9107,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 7a115671cd1cd19604c3fce9b6d22c970ebb8b54)
+-- queue.dispatch (sha1 0eb02fa40f8a271b104216c83dd0475a70c673e6)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -9468,17 +9534,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -9504,9 +9559,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -9516,8 +9571,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -9535,15 +9591,22 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -9556,7 +9619,6 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -9603,18 +9665,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -9626,7 +9679,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -9660,7 +9713,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -9832,7 +9885,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -9976,7 +10029,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end
@@ -10034,7 +10087,7 @@ end
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
@@ -10187,7 +10240,7 @@ local function main()
   local request_id = arg_request_id(12)
   local request_ttl_ms = arg_int(13, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'dispatch')
+  local record = recorded_request(request_id, 'dispatch')
   if record then
     return { record[2], record[3], record[4] }
   end
@@ -10197,10 +10250,10 @@ local function main()
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local state = STATE_NAMES[parse_meta(fields[1], task_id).state]
     local reply = { 0, state, unhex(parse_route(fields[2], task_id).node_hex) }
-    record_reply(request_id, request_ttl_ms, { 'dispatch', reply[1], reply[2], reply[3] })
+    record_request(request_id, request_ttl_ms, { 'dispatch', reply[1], reply[2], reply[3] })
     return reply
   end
-  local seq = stored_int(fields[3], 'the seq field')
+  local seq = stored_count_or_zero(fields[3], 'the seq field')
   -- The types of the keys written below, before the pick (whose writes come first).
   if delay_ms == 0 then
     read('ZCARD', K_READY)
@@ -10245,7 +10298,7 @@ local function main()
   if waits then
     wake_node(node_hex, 1)
   end
-  record_reply(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
+  record_request(request_id, request_ttl_ms, { 'dispatch', 1, state, node_id })
   return { 1, state, node_id }
 end
 
@@ -10253,7 +10306,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 98ea254df1c67a7d36011d1a6684b276abe8a9ec)
+-- queue.dispatch_requeue_dead (sha1 637673fe3b665a39fcbb740b2cf3353f7f882e21)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -10652,17 +10705,6 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -10688,9 +10730,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -10700,8 +10742,15 @@ local function check_seq(seq)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -10714,7 +10763,6 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -10761,18 +10809,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -10784,7 +10823,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -10818,7 +10857,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -10980,7 +11019,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -11124,7 +11163,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end
@@ -11182,7 +11221,7 @@ end
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
@@ -11348,7 +11387,7 @@ local function main()
     return { STATE_NAMES[meta.state], '' }
   end
   local route = parse_route(fields[2], task_id)
-  local seq = (stored_int(fields[4], 'the seq field') or 0) + 1
+  local seq = (stored_count_or_zero(fields[4], 'the seq field') or 0) + 1
   check_seq(seq)
   -- The types of the keys written below, before the pick (whose writes come first). A dead task
   -- is in no node's range of d:ready or d:assigned and gave its cost back when it died.
@@ -11377,7 +11416,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 251e8123512f25dae123a9ba10ce8a1016178da4)
+-- queue.enqueue (sha1 f9bdc520261d22492778e961c0f17c8f0a3b278c)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11504,14 +11543,17 @@ end
 -- before its first write, a ZADD through redis.pcall: if that fails (not a zset) nothing was
 -- written and main() answers CORRUPT; the later writes hit keys already read (HMGET, LLEN) or
 -- SET. It writes what main() writes, byte for byte: the record is cmsgpack.pack of
--- {'enqueue', 1, state} spelled out, the meta format_meta()'s string, the numbers passed as
+-- {'enqueue', 1, state} packed at render time (the msgpack filter), the meta format_meta()'s
+-- string (both from limits.meta_fields), the numbers passed as
 -- main() passes them (scores up to 2^53 - 1 are formatted by Redis, exactly).
 local FAST_NOW_MS = nil
 if #KEYS == 8 and #ARGV == 7 then
   local task_id, payload, priority, delay, attempts, request_id, request_ttl =
     ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  -- Lengths: at most a bound's own length (the value is compared below).
   if #task_id >= 1 and #task_id <= 1024 and #payload <= 16777216
-    and #priority <= 4 and #delay <= 11 and #attempts <= 7 and #request_ttl <= 8
+    and #priority <= 4 and #delay <= 11
+    and #attempts <= 7 and #request_ttl <= 8
     and #request_id <= 64
     and (priority == '0' or string.find(priority, '^%-?[1-9]%d*$'))
     and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
@@ -11531,7 +11573,7 @@ if #KEYS == 8 and #ARGV == 7 then
         local raw = fields[2]
         if raw == false then
           seq = 0
-        elseif #raw <= 17 and string.find(raw, '^%d+$') then
+        elseif #raw <= 17 and string.find(raw, '^%d+$') then -- stored_uint_or_nil's rule
           seq = tonumber(raw)
         end
       end
@@ -11569,7 +11611,7 @@ if #KEYS == 8 and #ARGV == 7 then
           redis.call('PEXPIRE', KEYS[6], '2000')
         end
         if request_id ~= '' then
-          -- cmsgpack.pack({ 'enqueue', 1, state }), as record_reply() writes it.
+          -- cmsgpack.pack({ 'enqueue', 1, state }), as record_request() writes it.
           redis.call('SET', KEYS[8], state == 'ready' and '\147\167enqueue\1\165ready'
             or '\147\167enqueue\1\167delayed', 'PX', request_ttl)
         end
@@ -11770,8 +11812,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -11806,9 +11849,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -11818,8 +11861,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -11837,8 +11881,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -11855,8 +11899,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -11880,7 +11931,7 @@ local function main()
   local request_id = arg_request_id(6)
   local request_ttl_ms = arg_int(7, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = FAST_NOW_MS or server_now_ms()
-  local record = recorded(request_id, 'enqueue')
+  local record = recorded_request(request_id, 'enqueue')
   if record then
     return { record[2], record[3] }
   end
@@ -11889,10 +11940,10 @@ local function main()
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
-    record_reply(request_id, request_ttl_ms, { 'enqueue', reply[1], reply[2] })
+    record_request(request_id, request_ttl_ms, { 'enqueue', reply[1], reply[2] })
     return reply
   end
-  local seq = stored_int(fields[2], 'the seq field') or 0
+  local seq = stored_uint_or_nil(fields[2], 'the seq field') or 0
   local waiting = waiters_present(K_WAITING, K_WAKE)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local state
@@ -11913,7 +11964,7 @@ local function main()
   if waiting then
     push_wake(K_WAKE, 1)
   end
-  record_reply(request_id, request_ttl_ms, { 'enqueue', 1, state })
+  record_request(request_id, request_ttl_ms, { 'enqueue', 1, state })
   return { 1, state }
 end
 
@@ -11921,7 +11972,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 5aa544ae8969306a278c8ef3725d7ed7e0e3225e)
+-- queue.extend (sha1 19ab6c6145a8b33aa53efbd50c121c2de1776ab4)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -12237,6 +12288,12 @@ local function format_meta(meta)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- extend_lease (lua/include/extend_lease.lua.j2): the whole of queue.extend and queue.node_extend.
 -- Needs include/queue.lua.j2, directly (queue.extend) or through include/dispatch.lua.j2
 -- (queue.node_extend), whose K_TASKS / K_LEASED it writes.
@@ -12273,7 +12330,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 90c7deb76ca4541c31031d4272442e3a805c2d75)
+-- queue.nack (sha1 72c9acf1dd5191e9a538f3b9fe056a857cc3db51)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -12580,8 +12637,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -12616,9 +12674,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -12628,8 +12686,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -12647,8 +12706,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -12665,8 +12724,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -12691,7 +12757,7 @@ local function main()
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'nack')
+  local record = recorded_request(request_id, 'nack')
   if record then
     return { record[2], record[3] }
   end
@@ -12701,7 +12767,7 @@ local function main()
     fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
       .. ' is no longer held')
   end
-  local seq = stored_int(fields[2], 'the seq field') or 0
+  local seq = stored_uint_or_nil(fields[2], 'the seq field') or 0
   read('ZSCORE', K_LEASED, task_id)
 
   local reply
@@ -12736,7 +12802,7 @@ local function main()
   end
   redis.call('ZREM', K_LEASED, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), unpack(extra))
-  record_reply(request_id, request_ttl_ms, { 'nack', reply[1], reply[2] })
+  record_request(request_id, request_ttl_ms, { 'nack', reply[1], reply[2] })
   return reply
 end
 
@@ -12744,7 +12810,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 3fdde6dde2a3f0d597911f3ff619bb211b073968)
+-- queue.node_ack (sha1 adf7c1b1763cca1fdad268ae7a45d792c80a2505)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -13138,17 +13204,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -13167,8 +13222,9 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -13186,14 +13242,19 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -13240,18 +13301,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -13283,7 +13335,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -13343,7 +13395,7 @@ local function main()
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local request_id = arg_request_id(3)
   local request_ttl_ms = arg_int(4, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
-  if recorded(request_id, 'node_ack') then
+  if recorded_request(request_id, 'node_ack') then
     return 1
   end
   local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id)
@@ -13364,7 +13416,7 @@ local function main()
   if plan then
     release(plan)
   end
-  record_reply(request_id, request_ttl_ms, { 'node_ack' })
+  record_request(request_id, request_ttl_ms, { 'node_ack' })
   return 1
 end
 
@@ -13372,7 +13424,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 d62a343378882a39f8c7a18da1e6f15928f32474)
+-- queue.node_dequeue (sha1 34ab84ae10622cc427fd02c1d582032a051bbf3a)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -13786,17 +13838,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -13830,9 +13871,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -13842,8 +13883,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -13861,15 +13903,22 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -13881,7 +13930,6 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
-
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -13931,7 +13979,6 @@ local function replay_leases(record)
   end
   return reply
 end
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -13978,18 +14025,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -14021,7 +14059,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -14166,7 +14204,7 @@ local function main()
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'node_dequeue')
+  local record = recorded_request(request_id, 'node_dequeue')
   if record then
     return replay_leases(record)
   end
@@ -14210,8 +14248,8 @@ local function main()
     fields[#fields + 1] = 'n' .. task_id
   end
   local values = read('HMGET', K_TASKS, unpack(fields))
-  local seq = stored_int(values[1], 'the seq field')
-  local fence = stored_int(values[2], 'the fence field')
+  local seq = stored_count_or_zero(values[1], 'the seq field')
+  local fence = stored_count_or_zero(values[2], 'the fence field')
   if fence + #head > MAX_SAFE_INTEGER then
     fail('CORRUPT', 'the fence field is at its largest value')
   end
@@ -14313,7 +14351,7 @@ local function main()
     entry[#entry + 1] = reply[5 * position - 3]
     entry[#entry + 1] = reply[5 * position]
   end
-  record_reply(request_id, request_ttl_ms, entry)
+  record_request(request_id, request_ttl_ms, entry)
   return reply
 end
 
@@ -14321,7 +14359,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 60b6e0ec9d17730ac0862638049b328471d6cc65)
+-- queue.node_extend (sha1 2a0d39e6c29c9a2ae433b28ce481062cd1898bfd)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -14714,17 +14752,6 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -14750,7 +14777,12 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -14781,28 +14813,6 @@ local UNLIMITED_CAPACITY = 1125899906842624
 -- ---------------------------------------------------------------------------------------------
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
-
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
-  if not raw then
-    return 0
-  end
-  local value = tonumber(raw)
-  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
-  end
-  return value
-end
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by
@@ -14865,7 +14875,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 61ebef9931b048b4e6238bd66d9b4fb34321eb8a)
+-- queue.node_nack (sha1 aec1bc74d9749f27397759250b8fd572cea8de0c)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -15272,17 +15282,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -15308,9 +15307,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -15320,8 +15319,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -15339,15 +15339,22 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -15360,7 +15367,6 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -15407,18 +15413,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -15450,7 +15447,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -15539,7 +15536,7 @@ local function main()
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'node_nack')
+  local record = recorded_request(request_id, 'node_nack')
   if record then
     return { record[2], record[3] }
   end
@@ -15550,7 +15547,7 @@ local function main()
       .. ' is no longer held')
   end
   local route = parse_route(fields[2], task_id)
-  local seq = stored_int(fields[3], 'the seq field')
+  local seq = stored_count_or_zero(fields[3], 'the seq field')
   read('ZSCORE', K_LEASED, task_id)
   read('ZCARD', K_ASSIGNED)
 
@@ -15596,7 +15593,7 @@ local function main()
   if waits then
     wake_node(route.node_hex, 1)
   end
-  record_reply(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
+  record_request(request_id, request_ttl_ms, { 'node_nack', reply[1], reply[2] })
   return reply
 end
 
@@ -15604,7 +15601,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 fc075067590be1c5bbdfe679f7fbaf2d8e1ca44c)
+-- queue.node_stats (sha1 700865a901cea1b3378b7325dc739d93ad4f6808)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -15972,18 +15969,12 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -16015,18 +16006,9 @@ local UNLIMITED_CAPACITY = 1125899906842624
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -16088,7 +16070,7 @@ local function main()
     reply[#reply + 1] = read('ZLEXCOUNT', K_READY, low, high)
     reply[#reply + 1] = read('ZLEXCOUNT', K_ASSIGNED, low, high)
     local index = read('HGET', K_INDEX, node_id)
-    reply[#reply + 1] = index and stored_int(read('HGET', K_LOAD, index), 'pick:load') or -1
+    reply[#reply + 1] = index and stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load') or -1
   end
   return reply
 end
@@ -16097,7 +16079,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 68922077bed20ee687c0f9929aa5d7510a17f452)
+-- queue.redispatch (sha1 abea55fb947946ac99d9aee0d644a97373a18395)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -16497,17 +16479,6 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -16541,9 +16512,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -16553,8 +16524,15 @@ local function check_seq(seq)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -16567,7 +16545,6 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -16614,18 +16591,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -16637,7 +16605,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -16671,7 +16639,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -16871,7 +16839,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -17015,7 +16983,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end
@@ -17073,7 +17041,7 @@ end
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
@@ -17274,7 +17242,7 @@ local function main()
     fields[#fields + 1] = 'k' .. entry.id
   end
   local values = read('HMGET', K_TASKS, unpack(fields))
-  local seq = stored_int(values[1], 'the seq field')
+  local seq = stored_count_or_zero(values[1], 'the seq field')
   read('ZCARD', K_LEASED)
   read('ZCARD', K_DELAYED)
   for position, entry in ipairs(entries) do
@@ -17341,7 +17309,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 14739fc7903633111b88c2275ce7378a68a16a0a)
+-- queue.requeue_dead (sha1 dc8707c871610b5c29fcb773b7c373ea7e59d794)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -17606,8 +17574,9 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -17642,9 +17611,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -17665,8 +17634,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -17692,7 +17668,7 @@ local function main()
   if meta.state ~= 'X' then
     return STATE_NAMES[meta.state]
   end
-  local seq = (stored_int(fields[2], 'the seq field') or 0) + 1
+  local seq = (stored_uint_or_nil(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)
   read('ZSCORE', K_DEAD, task_id)
   local waiting = waiters_present(K_WAITING, K_WAKE)
@@ -17711,7 +17687,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 91d825a33891e4d1368777ba71dbb81f4e7292b5)
+-- queue.stats (sha1 e284c7240afcab8fa0127ae095b69a56d218f49f)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -18002,6 +17978,12 @@ local function existing_meta(raw, task_id)
   end
   return parse_meta(raw, task_id)
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -19767,5 +19749,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '44819927c85053d16b31376b920aa30e4ce6e149' end,
+  callback = function() return '165a0e1af9e52126e4b72be39e543d5222d37551' end,
 }

@@ -193,8 +193,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -206,7 +207,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -287,11 +288,11 @@ local function main()
   key_count(4)
   arg_count(0, 0)
   local now_ms = server_now_ms()
-  local clock = stored_int(read('HGET', K_STATE, 'clock'), 'pick:state clock')
+  local clock = stored_count_or_zero(read('HGET', K_STATE, 'clock'), 'pick:state clock')
   local member
   -- Fast path: the head is live.
   local head = read('ZRANGE', K_LRU, 0, 0)[1]
-  if head and is_live(K_DEADLINE, head, now_ms) then
+  if head and node_is_live(K_DEADLINE, head, now_ms) then
     member = head
   else
     local why

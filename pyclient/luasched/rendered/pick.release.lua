@@ -237,8 +237,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -281,7 +282,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end

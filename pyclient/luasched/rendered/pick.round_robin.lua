@@ -192,8 +192,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -289,7 +290,7 @@ local K_RING, K_STATE, K_DEADLINE, K_ID = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()

@@ -247,8 +247,9 @@ local fmod = math.fmod
 -- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
 -- ---------------------------------------------------------------------------------------------
 local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -260,7 +261,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -359,7 +360,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -396,7 +397,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)

@@ -214,7 +214,7 @@ local fmod = math.fmod
 local read = redis.call
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -284,7 +284,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end

@@ -114,8 +114,8 @@ end
 -- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
 -- argument, or a key of another type (redis.pcall: an error table) goes on to main(), which
 -- answers it. Its first write, the ZREM, goes through redis.pcall: if it fails (not a zset)
--- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) spelled
--- out, the bytes record_reply() writes.
+-- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) packed
+-- at render time (the msgpack filter), the bytes record_request() writes.
 if #KEYS == 8 and #ARGV == 4 then
   local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
   if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
@@ -338,8 +338,9 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -357,12 +358,18 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -371,7 +378,7 @@ local function main()
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local request_id = arg_request_id(3)
   local request_ttl_ms = arg_int(4, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
-  if recorded(request_id, 'ack') then
+  if recorded_request(request_id, 'ack') then
     return 1
   end
   local raw = read('HGET', K_TASKS, 'm' .. task_id)
@@ -382,7 +389,7 @@ local function main()
   end
   first_write('ZREM', K_LEASED, task_id)
   redis.call('HDEL', K_TASKS, 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
-  record_reply(request_id, request_ttl_ms, { 'ack' })
+  record_request(request_id, request_ttl_ms, { 'ack' })
   return 1
 end
 

@@ -141,15 +141,15 @@ if #KEYS == 8 and #ARGV == 8 then
     local ack_task_id, ack_token_raw, request_id, request_ttl_raw = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
     local acking = ack_task_id ~= ''
     -- Canonical decimals, their bounds by length (a tonumber only at a bound's own length):
-    -- count 1..1000, lease_ms and wait_ms below 1e10 (bound 31536000000),
-    -- request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
+    -- count 1..1000, lease_ms and wait_ms of at most 10 digits (bound 31536000000: no
+    -- comparison needed), request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
     if #worker_id > 256 or #ack_task_id > 1024 or #request_id > 64
       or #count_raw > 4 or #lease_raw > 10 or #wait_raw > 10 or #request_ttl_raw > 8
       or not string.find(count_raw .. ' ' .. lease_raw .. ' ' .. request_ttl_raw, '^[1-9]%d* [1-9]%d* [1-9]%d*$')
       or (#count_raw == 4 and tonumber(count_raw) > 1000)
       or (#request_ttl_raw == 8 and tonumber(request_ttl_raw) > 86400000)
       or (wait_raw ~= '0' and not string.find(wait_raw, '^[1-9]%d*$'))
-      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]+$')) then
+      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]*$')) then
       break
     end
     if acking then
@@ -203,7 +203,7 @@ if #KEYS == 8 and #ARGV == 8 then
       break
     end
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
-    -- fence (main(): any digits) grows by `taken`, far below 2^53 with 15 digits.
+    -- fence (main(): any digits) grows by `taken`, below 2^53 with 15 digits.
     local seq, fence = values[1], values[2]
     if seq == false then
       seq = '0'
@@ -497,8 +497,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -541,9 +542,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -553,8 +554,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -572,8 +574,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -590,8 +592,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -603,7 +612,6 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
-
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -669,7 +677,7 @@ local function main()
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
   local now_ms = FAST_NOW_MS or server_now_ms()
-  local record = recorded(request_id, 'dequeue')
+  local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
   end
@@ -706,8 +714,8 @@ local function main()
     fields[#fields + 1] = 'm' .. task_id
   end
   local values = read('HMGET', K_TASKS, unpack(fields))
-  local seq = stored_int(values[1], 'the seq field') or 0
-  local fence = stored_int(values[2], 'the fence field') or 0
+  local seq = stored_uint_or_nil(values[1], 'the seq field') or 0
+  local fence = stored_uint_or_nil(values[2], 'the fence field') or 0
 
   if acking then
     local raw = values[3]
@@ -869,7 +877,7 @@ local function main()
       entry[#entry + 1] = reply[5 * index - 3]
       entry[#entry + 1] = reply[5 * index]
     end
-    record_reply(request_id, request_ttl_ms, entry)
+    record_request(request_id, request_ttl_ms, entry)
   end
   return reply
 end

@@ -392,17 +392,6 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -428,9 +417,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -440,8 +429,15 @@ local function check_seq(seq)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -454,7 +450,6 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -501,18 +496,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -524,7 +510,7 @@ local function stored_int(raw, what)
 end
 
 -- Whether `index` (a member string) is live at now_ms.
-local function is_live(deadline_key, index, now_ms)
+local function node_is_live(deadline_key, index, now_ms)
   local deadline = read('ZSCORE', deadline_key, index)
   return deadline and tonumber(deadline) > now_ms
 end
@@ -558,7 +544,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -720,7 +706,7 @@ end
 
 -- The candidate `index` if it is live and has room for `cost`: its load and capacities.
 local function fits(index, cost, now_ms)
-  if not is_live(K_DEADLINE, index, now_ms) then
+  if not node_is_live(K_DEADLINE, index, now_ms) then
     return nil
   end
   local load, capacity, capacity_raw = load_and_capacity(index)
@@ -864,7 +850,7 @@ local function pick_weighted(random1, random2, now_ms)
     local draw = fmod(random1, tonumber(top[2]))
     local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
       'LIMIT', 0, 1)[1]
-    if is_live(K_DEADLINE, member, now_ms) then
+    if node_is_live(K_DEADLINE, member, now_ms) then
       return node_id_of(K_ID, member), member
     end
   end
@@ -922,7 +908,7 @@ end
 -- Picks (reads only): answers the node id and its index (a member string). Then
 -- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
 local function pick_round_robin(now_ms)
-  local cursor = stored_int(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
   -- The rank of the first member after the cursor (indexes are their own scores).
   local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
   local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
@@ -1088,7 +1074,7 @@ local function main()
     return { STATE_NAMES[meta.state], '' }
   end
   local route = parse_route(fields[2], task_id)
-  local seq = (stored_int(fields[4], 'the seq field') or 0) + 1
+  local seq = (stored_count_or_zero(fields[4], 'the seq field') or 0) + 1
   check_seq(seq)
   -- The types of the keys written below, before the pick (whose writes come first). A dead task
   -- is in no node's range of d:ready or d:assigned and gave its cost back when it died.

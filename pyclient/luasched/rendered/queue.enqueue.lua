@@ -120,14 +120,17 @@ end
 -- before its first write, a ZADD through redis.pcall: if that fails (not a zset) nothing was
 -- written and main() answers CORRUPT; the later writes hit keys already read (HMGET, LLEN) or
 -- SET. It writes what main() writes, byte for byte: the record is cmsgpack.pack of
--- {'enqueue', 1, state} spelled out, the meta format_meta()'s string, the numbers passed as
+-- {'enqueue', 1, state} packed at render time (the msgpack filter), the meta format_meta()'s
+-- string (both from limits.meta_fields), the numbers passed as
 -- main() passes them (scores up to 2^53 - 1 are formatted by Redis, exactly).
 local FAST_NOW_MS = nil
 if #KEYS == 8 and #ARGV == 7 then
   local task_id, payload, priority, delay, attempts, request_id, request_ttl =
     ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  -- Lengths: at most a bound's own length (the value is compared below).
   if #task_id >= 1 and #task_id <= 1024 and #payload <= 16777216
-    and #priority <= 4 and #delay <= 11 and #attempts <= 7 and #request_ttl <= 8
+    and #priority <= 4 and #delay <= 11
+    and #attempts <= 7 and #request_ttl <= 8
     and #request_id <= 64
     and (priority == '0' or string.find(priority, '^%-?[1-9]%d*$'))
     and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
@@ -147,7 +150,7 @@ if #KEYS == 8 and #ARGV == 7 then
         local raw = fields[2]
         if raw == false then
           seq = 0
-        elseif #raw <= 17 and string.find(raw, '^%d+$') then
+        elseif #raw <= 17 and string.find(raw, '^%d+$') then -- stored_uint_or_nil's rule
           seq = tonumber(raw)
         end
       end
@@ -185,7 +188,7 @@ if #KEYS == 8 and #ARGV == 7 then
           redis.call('PEXPIRE', KEYS[6], '2000')
         end
         if request_id ~= '' then
-          -- cmsgpack.pack({ 'enqueue', 1, state }), as record_reply() writes it.
+          -- cmsgpack.pack({ 'enqueue', 1, state }), as record_request() writes it.
           redis.call('SET', KEYS[8], state == 'ready' and '\147\167enqueue\1\165ready'
             or '\147\167enqueue\1\167delayed', 'PX', request_ttl)
         end
@@ -386,8 +389,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -422,9 +426,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -434,8 +438,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -453,8 +458,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -471,8 +476,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -496,7 +508,7 @@ local function main()
   local request_id = arg_request_id(6)
   local request_ttl_ms = arg_int(7, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = FAST_NOW_MS or server_now_ms()
-  local record = recorded(request_id, 'enqueue')
+  local record = recorded_request(request_id, 'enqueue')
   if record then
     return { record[2], record[3] }
   end
@@ -505,10 +517,10 @@ local function main()
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
-    record_reply(request_id, request_ttl_ms, { 'enqueue', reply[1], reply[2] })
+    record_request(request_id, request_ttl_ms, { 'enqueue', reply[1], reply[2] })
     return reply
   end
-  local seq = stored_int(fields[2], 'the seq field') or 0
+  local seq = stored_uint_or_nil(fields[2], 'the seq field') or 0
   local waiting = waiters_present(K_WAITING, K_WAKE)
   local meta = { priority = priority, max_attempts = max_attempts, attempts = 0, token = 0, worker = '' }
   local state
@@ -529,7 +541,7 @@ local function main()
   if waiting then
     push_wake(K_WAKE, 1)
   end
-  record_reply(request_id, request_ttl_ms, { 'enqueue', 1, state })
+  record_request(request_id, request_ttl_ms, { 'enqueue', 1, state })
   return { 1, state }
 end
 

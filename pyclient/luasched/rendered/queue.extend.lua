@@ -309,6 +309,12 @@ local function format_meta(meta)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- extend_lease (lua/include/extend_lease.lua.j2): the whole of queue.extend and queue.node_extend.
 -- Needs include/queue.lua.j2, directly (queue.extend) or through include/dispatch.lua.j2
 -- (queue.node_extend), whose K_TASKS / K_LEASED it writes.

@@ -300,8 +300,9 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -336,9 +337,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -348,8 +349,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -367,8 +369,8 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
@@ -385,8 +387,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -411,7 +420,7 @@ local function main()
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'nack')
+  local record = recorded_request(request_id, 'nack')
   if record then
     return { record[2], record[3] }
   end
@@ -421,7 +430,7 @@ local function main()
     fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
       .. ' is no longer held')
   end
-  local seq = stored_int(fields[2], 'the seq field') or 0
+  local seq = stored_uint_or_nil(fields[2], 'the seq field') or 0
   read('ZSCORE', K_LEASED, task_id)
 
   local reply
@@ -456,7 +465,7 @@ local function main()
   end
   redis.call('ZREM', K_LEASED, task_id)
   redis.call('HSET', K_TASKS, 'm' .. task_id, format_meta(meta), unpack(extra))
-  record_reply(request_id, request_ttl_ms, { 'nack', reply[1], reply[2] })
+  record_request(request_id, request_ttl_ms, { 'nack', reply[1], reply[2] })
   return reply
 end
 

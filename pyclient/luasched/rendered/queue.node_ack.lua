@@ -387,17 +387,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -416,8 +405,9 @@ local function parse_meta(raw, task_id)
   }
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -435,14 +425,19 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -489,18 +484,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -532,7 +518,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -592,7 +578,7 @@ local function main()
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local request_id = arg_request_id(3)
   local request_ttl_ms = arg_int(4, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
-  if recorded(request_id, 'node_ack') then
+  if recorded_request(request_id, 'node_ack') then
     return 1
   end
   local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id)
@@ -613,7 +599,7 @@ local function main()
   if plan then
     release(plan)
   end
-  record_reply(request_id, request_ttl_ms, { 'node_ack' })
+  record_request(request_id, request_ttl_ms, { 'node_ack' })
   return 1
 end
 

@@ -407,17 +407,6 @@ local function arg_request_id(index)
   return raw
 end
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -451,9 +440,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -463,8 +452,9 @@ local function check_seq(seq)
   end
 end
 
--- The recorded reply of `request_id` for operation `op`, or nil (none, or no request id).
-local function recorded(request_id, op)
+-- The record of `request_id` for operation `op` (a msgpack list {op, ...}), or nil (none, or no
+-- request id).
+local function recorded_request(request_id, op)
   if request_id == '' then
     return nil
   end
@@ -482,15 +472,22 @@ local function recorded(request_id, op)
   return record
 end
 
--- Records `record` (a list, record[1] = op) for `request_id` (a write: SET cannot fail).
-local function record_reply(request_id, ttl_ms, record)
+-- Records `record` (a list, record[1] = op; msgpack) for `request_id` (a write: SET cannot fail).
+local function record_request(request_id, ttl_ms, record)
   if request_id ~= '' then
     redis.call('SET', K_REQUEST, cmsgpack.pack(record), 'PX', ttl_ms)
   end
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -502,7 +499,6 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
-
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -552,7 +548,6 @@ local function replay_leases(record)
   end
   return reply
 end
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -599,18 +594,9 @@ end
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -642,7 +628,7 @@ local before_charge = nil
 
 -- Load and effective capacity of `index`, and its raw capacity (nil: unlimited).
 local function load_and_capacity(index)
-  local load = stored_int(read('HGET', K_LOAD, index), 'pick:load')
+  local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
 end
@@ -787,7 +773,7 @@ local function main()
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
   local now_ms = server_now_ms()
-  local record = recorded(request_id, 'node_dequeue')
+  local record = recorded_request(request_id, 'node_dequeue')
   if record then
     return replay_leases(record)
   end
@@ -831,8 +817,8 @@ local function main()
     fields[#fields + 1] = 'n' .. task_id
   end
   local values = read('HMGET', K_TASKS, unpack(fields))
-  local seq = stored_int(values[1], 'the seq field')
-  local fence = stored_int(values[2], 'the fence field')
+  local seq = stored_count_or_zero(values[1], 'the seq field')
+  local fence = stored_count_or_zero(values[2], 'the fence field')
   if fence + #head > MAX_SAFE_INTEGER then
     fail('CORRUPT', 'the fence field is at its largest value')
   end
@@ -934,7 +920,7 @@ local function main()
     entry[#entry + 1] = reply[5 * position - 3]
     entry[#entry + 1] = reply[5 * position]
   end
-  record_reply(request_id, request_ttl_ms, entry)
+  record_request(request_id, request_ttl_ms, entry)
   return reply
 end
 

@@ -386,17 +386,6 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
-
 -- The meta of a task "S P M A T W worker_id" as a table, or CORRUPT.
 local function parse_meta(raw, task_id)
   local state, priority, max_attempts, attempts, token, at_ms, worker =
@@ -422,7 +411,12 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -453,28 +447,6 @@ local UNLIMITED_CAPACITY = 1125899906842624
 -- ---------------------------------------------------------------------------------------------
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
-
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
-  if not raw then
-    return 0
-  end
-  local value = tonumber(raw)
-  if not value or value ~= math.floor(value) or value < 0 or value > MAX_SAFE_INTEGER then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', not an integer')
-  end
-  return value
-end
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by

@@ -361,18 +361,12 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
-  if not raw then
-    return nil
-  end
-  if #raw > 17 or not string.find(raw, '^%d+$') then
-    fail('CORRUPT', what .. ' holds ' .. show(raw) .. ', expected an integer')
-  end
-  return tonumber(raw)
-end
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
 
--- From here on stored_int is pick.lua.j2's (absent: 0; the queue helpers above keep theirs).
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
@@ -404,18 +398,9 @@ local UNLIMITED_CAPACITY = 1125899906842624
 local MAX_RANDOM = 9007199254740991
 local fmod = math.fmod
 
--- ---------------------------------------------------------------------------------------------
--- read (lua/include/read.lua.j2): redis.call for what a script reads before its first write,
--- and for that first write itself. It is redis.call itself: a wrapper costs about a thousand
--- server instructions per call (docs/redis-notes.md). A WRONGTYPE error (a key of the namespace
--- holds another type than the layout: something outside luasched wrote it) is turned into
--- CORRUPT by run() (prelude.lua.j2), which names the key; it leaves every key as it was because
--- nothing was written yet. Any other error (OOM, NOPERM...) propagates unchanged. Every script
--- that takes KEYS gets that conversion and declares CORRUPT (render.py refuses a header without).
--- ---------------------------------------------------------------------------------------------
-local read = redis.call
--- An integer counter or load stored as a string (absent: 0); CORRUPT if it is not one.
-local function stored_int(raw, what)
+-- A stored count (a load, a counter): absent (nil/false) gives 0; a value tonumber reads as an
+-- integer in 0..2^53 - 1 is that integer, anything else is CORRUPT.
+local function stored_count_or_zero(raw, what)
   if not raw then
     return 0
   end
@@ -477,7 +462,7 @@ local function main()
     reply[#reply + 1] = read('ZLEXCOUNT', K_READY, low, high)
     reply[#reply + 1] = read('ZLEXCOUNT', K_ASSIGNED, low, high)
     local index = read('HGET', K_INDEX, node_id)
-    reply[#reply + 1] = index and stored_int(read('HGET', K_LOAD, index), 'pick:load') or -1
+    reply[#reply + 1] = index and stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load') or -1
   end
   return reply
 end

@@ -258,8 +258,9 @@ local read = redis.call
 -- The first write of a script: if it fails (a key of another type), nothing was changed yet.
 local first_write = read
 
--- A stored integer (seq, fence): nil stays nil, anything but a plain decimal is CORRUPT.
-local function stored_int(raw, what)
+-- A stored unsigned integer (seq, fence): absent (nil/false) gives nil, anything but plain
+-- decimal digits is CORRUPT.
+local function stored_uint_or_nil(raw, what)
   if not raw then
     return nil
   end
@@ -294,9 +295,9 @@ local function format_meta(meta)
     meta.attempts, meta.token, meta.at_ms) .. meta.worker
 end
 
--- The score of a ready task (see the budget above).
+-- The score of a ready task (see the budget above; limits.ready_score is its one spelling).
 local function ready_score(priority, seq)
-  return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+  return (511 - priority) * 8796093022208 + seq
 end
 
 -- Fails unless `seq` (the last sequence number after this call) fits its 43 bits.
@@ -317,8 +318,15 @@ local function waiters_present(waiting, wake)
   return true
 end
 
--- Pushes `count` wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list `wake`
--- and keeps it short and short-lived. Cannot fail once the list's type was read.
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- Pushes `count` (1..) wake-up signals `signal` (absent: "1"; at most WAKE_MAX) on the list
+-- `wake`, keeps its newest WAKE_MAX and lets it expire WAKE_TTL_MS later. Cannot fail once the
+-- caller read the list's type (before its first write).
 local function push_wake(wake, count, signal)
   local signals = {}
   for position = 1, math.min(count, WAKE_MAX) do
@@ -344,7 +352,7 @@ local function main()
   if meta.state ~= 'X' then
     return STATE_NAMES[meta.state]
   end
-  local seq = (stored_int(fields[2], 'the seq field') or 0) + 1
+  local seq = (stored_uint_or_nil(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)
   read('ZSCORE', K_DEAD, task_id)
   local waiting = waiters_present(K_WAITING, K_WAKE)

@@ -285,6 +285,12 @@ local function existing_meta(raw, task_id)
   return parse_meta(raw, task_id)
 end
 
+-- ---------------------------------------------------------------------------------------------
+-- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
+-- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
+-- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(0, 0)
