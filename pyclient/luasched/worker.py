@@ -404,9 +404,8 @@ def worker_loop(
     if node is not None:
         yield from _join(queue, node, options.node_ttl_ms)
         next_heartbeat = time.monotonic() + heartbeat_every
-    log.info(
-        "worker %s started on queue %r", options.worker_id.decode(errors="replace"), queue.name
-    )
+    name = getattr(queue, "name", None) or queue.queue.name
+    log.info("worker %s started on queue %r", options.worker_id.decode(errors="replace"), name)
     while True:
         now = time.monotonic()
         if control.stop.is_set() and drain_deadline is None:

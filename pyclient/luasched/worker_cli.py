@@ -95,6 +95,29 @@ def _worker_kwargs(options: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_options(options: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    """Check the Worker's options before connecting (a usage error, status 2)."""
+    from luasched.errors import InvalidArgument
+    from luasched.worker import (
+        DEFAULT_BATCH,
+        DEFAULT_DRAIN_TIMEOUT_S,
+        DEFAULT_LEASE_MS,
+        DEFAULT_NODE_TTL_MS,
+        WorkerOptions,
+    )
+
+    defaults = {
+        "batch": DEFAULT_BATCH,
+        "lease_ms": DEFAULT_LEASE_MS,
+        "drain_timeout_s": DEFAULT_DRAIN_TIMEOUT_S,
+        "node_ttl_ms": DEFAULT_NODE_TTL_MS,
+    }
+    try:
+        WorkerOptions.of(**{**defaults, **_worker_kwargs(options)})
+    except InvalidArgument as failed:
+        error(str(failed))
+
+
 def run_worker(
     options: argparse.Namespace, url: str, config: ScriptConfig, error: Callable[[str], NoReturn]
 ) -> int:
@@ -109,6 +132,7 @@ def run_worker(
         error(f"handler: --asyncio needs an async function, {options.handler} is not one")
     if options.partitions is not None and options.node is not None:
         error("--node and --partitions: a node queue is not sharded")
+    _check_options(options, error)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
