@@ -334,8 +334,17 @@ def test_stop_drains_then_gives_back_uncharged(r: Any, server: ServerHandle, kin
 
     def handler(job: Job) -> Any:
         runs[job.task_id] += 1
-        if job.task_id == b"quick":
-            return None
+        stopped = workers[0].control.stop.is_set
+        if job.task_id == b"quick":  # ends once stopped: no take between the two
+            if kind == "threads":
+                _until(stopped, 10, "the stop")
+                return None
+
+            async def after_stop() -> None:
+                while not stopped():
+                    await asyncio.sleep(0.01)
+
+            return after_stop()
         workers[0].stop()  # both leases were taken by one take (batch 2)
         if kind == "threads":
             if job.wait_lost(20):
@@ -392,7 +401,8 @@ def test_node_worker_joins_heartbeats_and_drains(r: Any, server: ServerHandle, k
         if kind == "threads":
             client = server.client()
             try:
-                worker: Any = Worker(Scheduler(client, NS).queue("nodes").for_node(b"n2"), handler)
+                queue = Scheduler(client, NS).queue("nodes").for_node(b"n2")
+                worker: Any = Worker(queue, handler, batch=1)  # one lease at a time
                 workers.append(worker)
                 result.append(worker.run())
             finally:
@@ -407,7 +417,7 @@ def test_node_worker_joins_heartbeats_and_drains(r: Any, server: ServerHandle, k
 
             try:
                 queue = luasched.asyncio.Scheduler(client, NS).queue("nodes").for_node(b"n2")
-                worker = luasched.asyncio.Worker(queue, handle)
+                worker = luasched.asyncio.Worker(queue, handle, batch=1)
                 workers.append(worker)
                 result.append(await worker.run())
             finally:

@@ -127,13 +127,14 @@ class Job:
     stop, and its outcome is ignored (never acked, never nacked).
     """
 
-    __slots__ = ("_lost", "deadline_ms", "lease", "next_extend")
+    __slots__ = ("_event", "_lost", "deadline_ms", "lease", "next_extend")
 
     def __init__(self, lease: Lease, next_extend: float) -> None:
         self.lease = lease
         self.deadline_ms = lease.deadline_ms
         self.next_extend = next_extend
-        self._lost = threading.Event()
+        self._lost = False
+        self._event: threading.Event | None = None  # made by the first wait_lost
 
     @property
     def task_id(self) -> bytes:
@@ -154,14 +155,21 @@ class Job:
     @property
     def lost(self) -> bool:
         """Whether the lease is gone (see the class doc)."""
-        return self._lost.is_set()
+        return self._lost
 
     def wait_lost(self, timeout: float | None = None) -> bool:
-        """Block until the lease is lost or ``timeout`` s passed; whether it is lost."""
-        return self._lost.wait(timeout)
+        """Block until the lease is lost or ``timeout`` s passed; whether it is lost. (Call it
+        from the handler: one waiter per job.)"""
+        if self._event is None:
+            self._event = threading.Event()
+        # _mark_lost sets _lost before it reads _event: one of the two sees the other.
+        return self._lost or self._event.wait(timeout) or self._lost
 
     def _mark_lost(self) -> None:
-        self._lost.set()
+        self._lost = True
+        event = self._event
+        if event is not None:
+            event.set()
 
     def __repr__(self) -> str:
         return f"Job(task_id={self.task_id!r}, attempt={self.attempt}, token={self.token})"
@@ -423,9 +431,9 @@ def worker_loop(
             next_status = now + options.status_interval_s
         free = options.concurrency - len(running)
         if drain_deadline is None and free > 0:
-            leases: list[Lease] = yield Take(
-                min(options.batch, free), 0 if running else IDLE_BLOCK_MS
-            )
+            # A whole batch whenever a handler is free: up to batch - 1 leases wait (leased,
+            # extended) for a handler, as a prefetch.
+            leases: list[Lease] = yield Take(options.batch, 0 if running else IDLE_BLOCK_MS)
             for lease in leases:
                 job = Job(lease, time.monotonic() + extend_every)
                 running[id(job)] = job
