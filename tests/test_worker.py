@@ -168,6 +168,24 @@ def _pause(kind: str, seconds: float) -> Any:
     return None
 
 
+def _until_lost(kind: str, job: Job, seen: threading.Event) -> Any:
+    """Run until the runtime says the lease is lost (at most 20 s), then set ``seen``: a thread
+    waits on ``job.wait_lost``; a coroutine (returned) sleeps until its task is cancelled."""
+    if kind == "threads":
+        if job.wait_lost(20):
+            seen.set()
+        return None
+
+    async def wait() -> None:
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            seen.set()
+            raise
+
+    return wait()
+
+
 @pytest.mark.one_server
 @pytest.mark.standalone_only
 @pytest.mark.parametrize("kind", KINDS)
@@ -273,19 +291,7 @@ def test_taken_over_lease_is_lost_and_never_acked(r: Any, server: ServerHandle, 
 
     def handler(job: Job) -> Any:
         running.set()
-        if kind == "threads":
-            if job.wait_lost(20):
-                saw_lost.set()
-            return None
-
-        async def wait() -> None:
-            try:
-                await asyncio.sleep(20)
-            except asyncio.CancelledError:
-                saw_lost.set()
-                raise
-
-        return wait()
+        return _until_lost(kind, job, saw_lost)
 
     result: list[Any] = []
     thread = threading.Thread(
@@ -346,19 +352,7 @@ def test_stop_drains_then_gives_back_uncharged(r: Any, server: ServerHandle, kin
 
             return after_stop()
         workers[0].stop()  # both leases were taken by one take (batch 2)
-        if kind == "threads":
-            if job.wait_lost(20):
-                slow_lost.set()
-            return None
-
-        async def wait() -> None:
-            try:
-                await asyncio.sleep(20)
-            except asyncio.CancelledError:
-                slow_lost.set()
-                raise
-
-        return wait()
+        return _until_lost(kind, job, slow_lost)
 
     clean, stats = _serve(
         server,
