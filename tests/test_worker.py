@@ -327,8 +327,9 @@ def test_taken_over_lease_is_lost_and_never_acked(r: Any, server: ServerHandle, 
 @pytest.mark.standalone_only
 @pytest.mark.parametrize("kind", KINDS)
 def test_stop_drains_then_gives_back_uncharged(r: Any, server: ServerHandle, kind: str) -> None:
-    """stop(): no more leases; a handler that finishes within the drain timeout is acked; one
-    that does not is given back at once (ready, attempt not charged) and told it is lost."""
+    """stop(): no more leases; a lease that waits for a handler (prefetched) is given back at
+    once and never run; a handler that finishes within the drain timeout is acked; one that
+    does not is given back when it is over (ready, attempt not charged) and told it is lost."""
     s = Scheduler(r, NS)
     q = s.queue("drain")
     q.enqueue(b"quick", b"", priority=1)
@@ -351,7 +352,7 @@ def test_stop_drains_then_gives_back_uncharged(r: Any, server: ServerHandle, kin
                     await asyncio.sleep(0.01)
 
             return after_stop()
-        workers[0].stop()  # both leases were taken by one take (batch 2)
+        workers[0].stop()  # the three leases were taken by one take (batch 3)
         return _until_lost(kind, job, slow_lost)
 
     clean, stats = _serve(
@@ -360,14 +361,14 @@ def test_stop_drains_then_gives_back_uncharged(r: Any, server: ServerHandle, kin
         "drain",
         handler,
         concurrency=2,
-        batch=2,
+        batch=3,  # "never" is leased too, and waits for a handler
         drain_timeout_s=0.5,
         started=workers.append,
     )
     assert clean is False
     assert slow_lost.wait(10)
     assert runs == {b"quick": 1, b"slow": 1}
-    assert (stats.processed, stats.given_back) == (1, 1)
+    assert (stats.processed, stats.given_back) == (1, 2)
     counts = q.stats()
     assert (counts.ready, counts.leased) == (2, 0)
     again = q.dequeue_many(b"check", 2, 60_000)

@@ -127,7 +127,7 @@ class Job:
     stop, and its outcome is ignored (never acked, never nacked).
     """
 
-    __slots__ = ("_event", "_lost", "deadline_ms", "lease", "next_extend")
+    __slots__ = ("_event", "_lost", "deadline_ms", "lease", "next_extend", "started")
 
     def __init__(self, lease: Lease, next_extend: float) -> None:
         self.lease = lease
@@ -135,6 +135,8 @@ class Job:
         self.next_extend = next_extend
         self._lost = False
         self._event: threading.Event | None = None  # made by the first wait_lost
+        #: Set by the driver when a handler takes the job (a prefetched one waits until then).
+        self.started = False
 
     @property
     def task_id(self) -> bytes:
@@ -418,6 +420,11 @@ def worker_loop(
         now = time.monotonic()
         if control.stop.is_set() and drain_deadline is None:
             drain_deadline = now + options.drain_timeout_s
+            waiting = {key: job for key, job in running.items() if not job.started}
+            if waiting:  # prefetched, no handler took them: given back now, never run here
+                for key in waiting:
+                    del running[key]
+                yield from _give_back(queue, waiting, stats)
             log.info("stopping: no more leases; draining %d in flight", len(running))
         if drain_deadline is not None and (
             not running or now >= drain_deadline or control.now.is_set()
@@ -541,7 +548,7 @@ def _give_back(
     """Give every unfinished lease back now: ready, its attempt not charged."""
     jobs = list(running.values())
     running.clear()
-    stats.in_flight = 0
+    stats.in_flight -= len(jobs)
     for job in jobs:
         job._mark_lost()
         yield Cancel(job)
@@ -720,6 +727,10 @@ class Worker(WorkerBase):
             job = self._jobs.get()
             if job is None:
                 return
+            if job.lost:  # given back (or lost) while it waited for a handler
+                self._done.put((job, None))
+                continue
+            job.started = True
             try:
                 self.handler(job)
             except BaseException as error:  # the outcome, whatever it is

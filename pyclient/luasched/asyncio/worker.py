@@ -61,6 +61,7 @@ class Worker(WorkerBase):
         self._done: asyncio.Queue[tuple[Job, BaseException | None] | None] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._loop_of: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     def _wake(self) -> None:
         done, loop = self._done, self._loop_of
@@ -76,15 +77,20 @@ class Worker(WorkerBase):
             loop.call_soon_threadsafe(done.put_nowait, None)
 
     async def _handle(self, job: Job) -> None:
-        assert self._done is not None
+        """Run the handler on ``job`` once a slot is free (at most ``concurrency`` run); its
+        outcome (None or the exception, a cancellation too) always goes to the loop."""
+        assert self._done is not None and self._slots is not None
+        outcome: BaseException | None = None
         try:
-            await self.handler(job)
-        except BaseException as error:  # the outcome, whatever it is (a cancel too)
-            self._done.put_nowait((job, error))
-        else:
-            self._done.put_nowait((job, None))
+            async with self._slots:
+                if not job.lost:  # else given back (or lost) while it waited for a slot
+                    job.started = True
+                    await self.handler(job)
+        except BaseException as error:  # the outcome, whatever it is
+            outcome = error
         finally:
             self._tasks.pop(id(job), None)
+            self._done.put_nowait((job, outcome))
 
     async def _collect(self, timeout_s: float) -> list[tuple[Job, BaseException | None]]:
         assert self._done is not None
@@ -102,6 +108,7 @@ class Worker(WorkerBase):
         (``loop.add_signal_handler``; removed at the end)."""
         self._loop_of = asyncio.get_running_loop()
         self._done = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.options.concurrency)
         installed: list[signal.Signals] = []
         if signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
