@@ -73,6 +73,7 @@ __all__ = [
     "WorkerBase",
     "WorkerOptions",
     "WorkerStats",
+    "withdraw",
     "worker_loop",
 ]
 
@@ -325,6 +326,14 @@ def remaining(stats: Any) -> int:
     return int(stats.ready + stats.delayed + stats.leased)
 
 
+def withdraw(jobs: tuple[Job, ...]) -> list[Job]:
+    """Mark lost the ``jobs`` no handler took (the driver makes it atomic); those jobs."""
+    waiting = [job for job in jobs if not job.started]
+    for job in waiting:
+        job._mark_lost()
+    return waiting
+
+
 def _reason(error: BaseException) -> bytes:
     reason = getattr(error, "reason", "") or f"{type(error).__name__}: {error}"
     return reason.encode("utf-8", "replace")[:MAX_REASON_BYTES]
@@ -372,6 +381,14 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Withdraw:
+    """Of ``jobs``, mark lost those no handler took yet, atomically with respect to the handlers
+    that take jobs (so a withdrawn job never runs); the answer is the list of them."""
+
+    jobs: tuple[Job, ...]
+
+
+@dataclass(frozen=True)
 class Remaining:
     """Count the tasks still ready, delayed or leased in the queue (``--burst``)."""
 
@@ -385,7 +402,7 @@ class Control:
     now: threading.Event = field(default_factory=threading.Event)
 
 
-WorkerStep = Take | Calls | Start | Collect | Cancel | Remaining
+WorkerStep = Take | Calls | Start | Collect | Cancel | Withdraw | Remaining
 WorkerLoop = Generator[WorkerStep, Any, bool]
 
 
@@ -420,11 +437,12 @@ def worker_loop(
         now = time.monotonic()
         if control.stop.is_set() and drain_deadline is None:
             drain_deadline = now + options.drain_timeout_s
-            waiting = {key: job for key, job in running.items() if not job.started}
-            if waiting:  # prefetched, no handler took them: given back now, never run here
-                for key in waiting:
-                    del running[key]
-                yield from _give_back(queue, waiting, stats)
+            # Prefetched leases no handler took: given back now, never run here.
+            waiting: list[Job] = yield Withdraw(tuple(running.values()))
+            if waiting:
+                yield from _give_back(queue, {id(job): job for job in waiting}, stats)
+                for job in waiting:
+                    del running[id(job)]
             log.info("stopping: no more leases; draining %d in flight", len(running))
         if drain_deadline is not None and (
             not running or now >= drain_deadline or control.now.is_set()
@@ -548,11 +566,11 @@ def _give_back(
     """Give every unfinished lease back now: ready, its attempt not charged."""
     jobs = list(running.values())
     running.clear()
-    stats.in_flight -= len(jobs)
     for job in jobs:
         job._mark_lost()
         yield Cancel(job)
     results = yield Calls(tuple(nack_of(queue, job.lease, NACK_GIVE_BACK, 0, b"") for job in jobs))
+    stats.in_flight -= len(jobs)
     given = sum(1 for result in results if not isinstance(result, BaseException))
     stats.given_back += given
     log.info("gave back %d unfinished lease(s) of %d", given, len(jobs))
@@ -718,6 +736,7 @@ class Worker(WorkerBase):
             queue_module.SimpleQueue()
         )
         self._jobs: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self._claim = threading.Lock()  # a handler taking a job vs a Withdraw
 
     def _wake(self) -> None:
         self._done.put(None)
@@ -727,10 +746,12 @@ class Worker(WorkerBase):
             job = self._jobs.get()
             if job is None:
                 return
-            if job.lost:  # given back (or lost) while it waited for a handler
+            with self._claim:
+                take = not job.lost
+                job.started = take
+            if not take:  # given back (or lost) while it waited for a handler
                 self._done.put((job, None))
                 continue
-            job.started = True
             try:
                 self.handler(job)
             except BaseException as error:  # the outcome, whatever it is
@@ -802,6 +823,9 @@ class Worker(WorkerBase):
                 self._jobs.put(step.job)
             elif isinstance(step, Collect):
                 answer = self._collect(step.timeout_s)
+            elif isinstance(step, Withdraw):
+                with self._claim:
+                    answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
                 answer = remaining(self.queue.stats())
             # Cancel: a thread cannot be cancelled; the handler reads job.lost.

@@ -23,11 +23,13 @@ from luasched.worker import (
     Remaining,
     Start,
     Take,
+    Withdraw,
     WorkerBase,
     WorkerLoop,
     log,
     remaining,
     runner_groups,
+    withdraw,
 )
 
 __all__ = ["Worker", "send_calls_async"]
@@ -153,5 +155,7 @@ class Worker(WorkerBase):
                 task = self._tasks.get(id(step.job))
                 if task is not None:
                     task.cancel()
+            elif isinstance(step, Withdraw):  # one thread: nothing runs between the two
+                answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
                 answer = remaining(await self.queue.stats())
