@@ -160,6 +160,29 @@ def luasched_work(env: Env, stop: Any, gate: Callable[[], object]) -> None:
         client.close()
 
 
+def luasched_worker_work(env: Env, stop: Any, gate: Callable[[], object]) -> None:
+    """The runtime: ``luasched.Worker`` with a no-op handler (the task counts itself), its
+    defaults (one handler thread) but the batch and lease of the hand-written loop, burst mode
+    (it returns once the queue is empty): batched takes, pipelined acks."""
+    client = env.control()
+    _scheduler, queue = _luasched_queue(client)
+    worker = luasched.Worker(
+        queue,
+        lambda job: count_task(job.payload),
+        batch=LUASCHED_BATCH,
+        lease_ms=LEASE_MS,
+        burst=True,
+        worker_id=f"worker-{os.getpid()}",
+    )
+    watcher = threading.Thread(target=lambda: (_wait(stop), worker.stop(now=True)), daemon=True)
+    gate()
+    watcher.start()
+    try:
+        worker.run()
+    finally:
+        client.close()
+
+
 def luasched_one_at_a_time_work(env: Env, stop: Any, gate: Callable[[], object]) -> None:
     """The plain worker loop: q.dequeue, then q.ack_and_dequeue (the ack of a task and the lease
     of the next in one call)."""
@@ -360,6 +383,16 @@ SYSTEMS = [
         luasched_enqueue,
         luasched_fill,
         luasched_work,
+        (f"luasched:{{{LUASCHED_NAMESPACE}}}:*",),
+    ),
+    System(
+        "luasched Worker",
+        "luasched",
+        f"the same enqueue; worker: luasched.Worker (runtime) with a no-op handler, "
+        f"batch={LUASCHED_BATCH}, one handler thread (its default), burst mode",
+        luasched_enqueue,
+        luasched_fill,
+        luasched_worker_work,
         (f"luasched:{{{LUASCHED_NAMESPACE}}}:*",),
     ),
     System(

@@ -162,6 +162,45 @@ PEER_TARGETS = [
         _peer("Dramatiq", "workers_cpu_us_per_task"),
         1.0,
     ),
+    Target(
+        18,
+        "luasched.Worker (no-op handler), one worker process: tasks/s / the hand-written loop",
+        _peer("luasched Worker", "one_worker_tasks_per_s"),
+        _peer("luasched", "one_worker_tasks_per_s"),
+        0.9,
+        at_most=False,
+    ),
+    Target(
+        18,
+        "luasched.Worker, 4 worker processes: tasks/s / the hand-written loop",
+        _peer("luasched Worker", "workers_tasks_per_s"),
+        _peer("luasched", "workers_tasks_per_s"),
+        0.9,
+        at_most=False,
+    ),
+    Target(
+        18,
+        "luasched.Worker, one worker process: tasks/s / Dramatiq's default worker",
+        _peer("luasched Worker", "one_worker_tasks_per_s"),
+        _peer("Dramatiq", "one_worker_tasks_per_s"),
+        2.0,
+        at_most=False,
+    ),
+    Target(
+        18,
+        "luasched.Worker, one worker process: tasks/s / a BullMQ Worker",
+        _peer("luasched Worker", "one_worker_tasks_per_s"),
+        _peer("BullMQ", "one_worker_tasks_per_s"),
+        4.0,
+        at_most=False,
+    ),
+    Target(
+        18,
+        "luasched.Worker, 4 worker processes: Redis CPU per task / the hand-written loop",
+        _peer("luasched Worker", "workers_cpu_us_per_task"),
+        _peer("luasched", "workers_cpu_us_per_task"),
+        1.1,
+    ),
 ]
 
 

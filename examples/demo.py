@@ -13,13 +13,15 @@ What happens:
    routing key, least loaded, two choices, weighted, round robin), in pipelines; ``dispatch``
    charges the chosen node's load in the same script. Capacity-aware strategies that find every
    node full (AllNodesFull) are retried a moment later.
-3. One worker process per node heartbeats its node and leases batches from its own queue
-   (``q.for_node(node)``), "works" (sleeps) and acks each task, which gives the load back.
-4. Midway, node-c's worker is killed with SIGKILL right after leasing a batch: it dies holding
+3. One worker process per node runs a ``luasched.Worker`` on its node's queue
+   (``q.for_node(node)``): it joins and heartbeats the node, leases batches, runs the handler
+   ("works": sleeps) and acks each task, which gives the load back; SIGTERM drains it.
+4. Midway, node-c's worker is killed with SIGKILL in the middle of a task: it dies holding
    leases, and its node's heartbeat stops. The leases expire (an expired lease is a failed
-   attempt: reclaimed into node-c's queue); the node's deadline lapses; the supervisor (this
-   process) sweeps it (``s.nodes.sweep``, which also hands its slots to the others) and moves its
-   tasks to live nodes (``q.redispatch``), where they are delivered again with attempt 2.
+   attempt: reclaimed into node-c's queue); the node's deadline lapses; this process sweeps it
+   (``s.nodes.sweep``, which also hands its slots to the others) and moves its tasks to live
+   nodes (``q.redispatch``), where they are delivered again with attempt 2. (That step moves
+   into the scripts live workers already call, bounded, once they heal dead nodes themselves.)
 5. The summary checks that every task was acknowledged exactly once.
 
 The display refreshes in place on a terminal, and prints a line per second otherwise.
@@ -113,37 +115,42 @@ def worker(
     redelivered: Synchronized[int],
     die: Any,
 ) -> None:
-    """Heartbeat ``node``, lease batches of its tasks, work, ack; SIGKILL itself on ``die``."""
+    """A ``luasched.Worker`` on ``node``'s queue: it heartbeats the node, leases batches, runs
+    ``work`` and acks; SIGTERM drains it. On ``die`` it SIGKILLs itself while it holds leases
+    (from its status hook: between two turns of its loop, so never between an ack and the
+    record of it)."""
     client = redis.Redis.from_url(url)
     s = Scheduler(client, namespace)
-    mine = s.queue(QUEUE).for_node(node.name)
     done_key = s.namespace.key("demo", "done")
-    worker_id = f"{node.name}/pid{os.getpid()}"
-    next_beat = 0.0
-    while True:
-        now = time.monotonic()
-        if now >= next_beat:
-            s.nodes.heartbeat(node.name, NODE_TTL_MS)
-            next_beat = now + HEARTBEAT_S
-        leases = mine.dequeue_many(worker_id, BATCH, LEASE_MS)
-        if die.is_set() and leases:
-            # A crash mid-lease: these leases are never finished.
-            os.kill(os.getpid(), signal.SIGKILL)
-        if not leases:
-            time.sleep(0.02)
-            continue
-        for lease in leases:
-            if lease.attempt > 1:
-                with redelivered.get_lock():
-                    redelivered.value += 1
-            cost = int(lease.payload.split(b":")[1])
-            time.sleep(WORK_S * cost)
-            mine.ack(lease)
-            # After the ack: a record per acknowledged task (a set: a second ack would not grow
-            # it, the summary compares its size with the number of acks).
-            client.sadd(done_key, lease.task_id)
-            with acked.get_lock():
-                acked.value += 1
+
+    def work(job: luasched.Job) -> None:
+        if job.attempt > 1:
+            with redelivered.get_lock():
+                redelivered.value += 1
+        time.sleep(WORK_S * int(job.payload.split(b":")[1]))
+
+    def finished(job: luasched.Job) -> None:
+        # After the ack: a record per acknowledged task (a set: a second ack would not grow it,
+        # the summary compares its size with the number of acks).
+        client.sadd(done_key, job.task_id)
+        with acked.get_lock():
+            acked.value += 1
+
+    def crash(stats: luasched.WorkerStats) -> None:
+        if die.is_set() and stats.in_flight:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-lease: its leases are never finished
+
+    luasched.Worker(
+        s.queue(QUEUE).for_node(node.name),
+        work,
+        batch=BATCH,
+        lease_ms=LEASE_MS,
+        node_ttl_ms=NODE_TTL_MS,
+        worker_id=f"{node.name}/pid{os.getpid()}",
+        on_success=finished,
+        status=crash,
+        status_interval_s=0.01,
+    ).run(signals=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def dispatch_some(s: Scheduler, pending: list[tuple[str, str, int]], budget: int
 
 
 def supervise(s: Scheduler) -> int:
-    """Sweep dead nodes and move their tasks to live ones; how many tasks moved."""
+    """Sweep dead nodes and move their tasks to live ones; how many tasks moved. (Until the
+    scripts that live workers call heal dead nodes themselves, bounded, this process does it.)"""
     q = s.queue(QUEUE)
     moved = 0
     swept = s.nodes.sweep()

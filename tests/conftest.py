@@ -143,6 +143,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 # Parametrization over the selected servers
 
 
+#: Where a test marked one_server runs when it is selected (else: the first selected server).
+ONE_SERVER = "redis-8.2"
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "server" not in metafunc.fixturenames:
         return
@@ -154,6 +158,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = [n for n in names if not SPECS[n].is_cluster]
     if cluster_only:
         names = [n for n in names if SPECS[n].is_cluster]
+    if metafunc.definition.get_closest_marker("one_server") is not None and names:
+        names = [ONE_SERVER if ONE_SERVER in names else names[0]]
     if names:
         metafunc.parametrize("server", names, indirect=True, ids=names)
         return

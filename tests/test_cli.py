@@ -272,7 +272,7 @@ def test_help_describes_every_subcommand() -> None:
     entries = _subcommands()
     names = [name for name, _ in entries]
     expected = ["export", "render", "list", "manifest", "reference", "functions"]
-    expected += ["install-functions", "acl", "stats"]
+    expected += ["install-functions", "acl", "stats", "worker"]
     assert names == expected
     assert all(len(summary) > 15 for _, summary in entries), entries
     for name, summary in entries:
@@ -322,6 +322,41 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["stats", "shop", "--max-scan", "many"], "invalid int value: 'many'"),
     (["stats", "shop", "--url", "localhost:6379"], "--url: Redis URL must specify"),
     (["stats", "shop", "REDIS_URL=nonsense"], "REDIS_URL: Redis URL must specify"),
+    (["worker"], "the following arguments are required: MODULE:FUNCTION, --queue"),
+    (["worker", "m:f", "--queue", "q"], "no server: pass --url URL or set REDIS_URL"),
+    (["worker", "nocolon", "--queue", "q", "REDIS_URL=redis://127.0.0.1:1"], "MODULE:FUNCTION"),
+    (["worker", "no_such_mod:f", "--queue", "q", "REDIS_URL=redis://127.0.0.1:1"], "cannot import"),
+    (["worker", "json:nope", "--queue", "q", "REDIS_URL=redis://127.0.0.1:1"], "no function"),
+    (
+        ["worker", "json:dumps", "--queue", "q", "--asyncio", "REDIS_URL=redis://127.0.0.1:1"],
+        "async",
+    ),
+    (
+        [
+            "worker",
+            "json:dumps",
+            "--queue",
+            "q",
+            "--node",
+            "n",
+            "--partitions",
+            "2",
+            "REDIS_URL=redis://127.0.0.1:1",
+        ],
+        "--node and --partitions",
+    ),
+    (
+        [
+            "worker",
+            "json:dumps",
+            "--queue",
+            "q",
+            "--concurrency",
+            "0",
+            "REDIS_URL=redis://127.0.0.1:1",
+        ],
+        "concurrency",
+    ),
 ]
 
 

@@ -141,6 +141,7 @@ def test_quick_start_is_two_commands() -> None:
 #: Python snippet takes token 1, the one-task snippets 2 by Python and 3 by redis-cli).
 PRINTED = {
     "From Python": ["1"],  # the first fencing token of lock "report"
+    "A worker in a few lines": ["[b'cat.png', b'dog.png'] 2"],
     "One task from Python, redis-cli and Node": ["b'task-1' b'hello' 2"],
 }
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from luasched.scheduler import Scheduler, SchedulerPipeline
     from luasched.sharded import PartitionLease, ShardedQueue, ShardedStats
     from luasched.slots import Owner, Rebalance
+    from luasched.worker import Fail, Job, Retry, Worker, WorkerStats
 
 #: Public name -> the module that defines it, imported on first use (PEP 562): importing
 #: ``luasched`` alone (as ``luasched export`` does) loads neither redis nor the wrappers.
@@ -77,6 +78,11 @@ _LAZY = {
     "ShardedStats": "luasched.sharded",
     "Owner": "luasched.slots",
     "Rebalance": "luasched.slots",
+    "Fail": "luasched.worker",
+    "Job": "luasched.worker",
+    "Retry": "luasched.worker",
+    "Worker": "luasched.worker",
+    "WorkerStats": "luasched.worker",
 }
 
 __all__ = [
@@ -84,7 +90,9 @@ __all__ = [
     "AllNodesFull",
     "CorruptState",
     "Enqueued",
+    "Fail",
     "InvalidArgument",
+    "Job",
     "Lease",
     "Lock",
     "LockHandle",
@@ -104,6 +112,7 @@ __all__ = [
     "Rebalance",
     "RegistryFull",
     "Removal",
+    "Retry",
     "RetryPolicy",
     "ScanLimitReached",
     "Scheduler",
@@ -116,6 +125,8 @@ __all__ = [
     "SweepResult",
     "TooManyNodes",
     "UnknownNode",
+    "Worker",
+    "WorkerStats",
     "__version__",
     "key_slot",
 ]

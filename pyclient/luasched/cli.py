@@ -1,5 +1,5 @@
 """The ``luasched`` command: the scripts for other languages, the Functions library, a
-namespace's least-privilege ACL and what is in a namespace now.
+namespace's least-privilege ACL, what is in a namespace now, and a queue's worker.
 
 Conventions, the same for every subcommand:
 
@@ -31,6 +31,7 @@ from luasched.render import (
     render_all,
 )
 from luasched.stats import DEFAULT_MAX_SCAN
+from luasched.worker_cli import run_worker, worker_options
 
 __all__ = ["main"]
 
@@ -123,6 +124,13 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         default=DEFAULT_MAX_SCAN,
         help="examine at most this many keys with SCAN (default %(default)s)",
     )
+    worker = add(
+        "worker",
+        "serve a queue with a handler (MODULE:FUNCTION) until SIGTERM/SIGINT, or with --burst "
+        "until the queue is empty; exit status 0 after a clean drain",
+    )
+    worker_options(worker)
+    _add_url(worker)
     return parser, parsers
 
 
@@ -209,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _acl(options, config, sub)
     if command in ("install-functions", "stats"):
         return _server_command(options, config, sub)
+    if command == "worker":
+        return run_worker(options, _url(options, sub), config, sub.error)
     scripts = render_all(config)
     if command == "render":
         if options.name not in scripts:

@@ -49,6 +49,9 @@ __all__ = [
     "DISPATCH_REGISTRY_KEYS",
     "MAX_PRIORITY",
     "MIN_PRIORITY",
+    "NACK_DEAD",
+    "NACK_FAILED",
+    "NACK_GIVE_BACK",
     "QUEUE_KEY_KINDS",
     "STRATEGIES",
     "Dequeued",
@@ -95,6 +98,10 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_REQUEST_TTL_MS = 60_000
 DEFAULT_BACKOFF_BASE_MS = 1_000
 DEFAULT_BACKOFF_MAX_MS = 3_600_000
+#: The modes of ``queue.nack`` / ``queue.node_nack`` (their optional 9th argument): a failed
+#: attempt (backoff, then the dead letters after max_attempts), a lease given back uncharged
+#: (ready now, the attempt not counted: a worker shutting down), or into the dead letters now.
+NACK_FAILED, NACK_GIVE_BACK, NACK_DEAD = 0, 1, 2
 #: A blocked dequeue retries the script at least this often, whatever wakes it (or not).
 DEFAULT_POLL_MS = 1_000
 
@@ -405,10 +412,14 @@ def nack_call(
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
     script: str = "queue.nack",
+    mode: int = NACK_FAILED,
 ) -> Call[Nacked]:
     """The ``queue.nack`` call (``queue.node_nack`` with DispatchKeys: the same ARGV; delay_ms
-    None: the script's exponential backoff, so a delay is 0 or more)."""
+    None: the script's exponential backoff, so a delay is 0 or more). ``mode``:
+    ``NACK_FAILED`` (a failed attempt; the 9th argument is then left out), ``NACK_GIVE_BACK``
+    (ready now, the attempt not charged) or ``NACK_DEAD`` (into the dead letters now)."""
     task_id, token = _held(script, lease, keys.tasks)
+    validate.arg(script, "mode", mode)
     delay = -1 if delay_ms is None else validate.arg(script, "delay_ms", delay_ms, lo=0)
     rid = _request(request_id)
     args = (
@@ -420,6 +431,7 @@ def nack_call(
         validate.arg(script, "backoff_max_ms", backoff_max_ms),
         rid,
         validate.arg(script, "request_ttl_ms", request_ttl_ms),
+        *((mode,) if mode != NACK_FAILED else ()),
     )
     return Call(script, keys.with_request(rid), args, _nacked)
 
@@ -773,8 +785,10 @@ def node_nack_call(
     backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS,
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    mode: int = NACK_FAILED,
 ) -> Call[Nacked]:
-    """The ``queue.node_nack`` call (delay_ms None: the script's exponential backoff)."""
+    """The ``queue.node_nack`` call (delay_ms None: the script's exponential backoff; ``mode``
+    as in ``nack_call``)."""
     return nack_call(
         keys,
         lease,
@@ -785,6 +799,7 @@ def node_nack_call(
         request_id=request_id,
         request_ttl_ms=request_ttl_ms,
         script="queue.node_nack",
+        mode=mode,
     )
 
 

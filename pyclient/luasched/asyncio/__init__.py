@@ -8,6 +8,7 @@ from luasched.asyncio.lock import AsyncLock, AsyncLockHandle, AsyncPermitHandle,
 from luasched.asyncio.scheduler import AsyncSchedulerPipeline, Scheduler
 from luasched.asyncio.scripts import AsyncBatch, AsyncScriptRunner
 from luasched.asyncio.sharded import AsyncShardedQueue
+from luasched.asyncio.worker import Worker
 from luasched.validate import preload
 
 # Argument checks read the default scripts' manifest before a call is awaited: load it here, at
@@ -25,4 +26,5 @@ __all__ = [
     "AsyncSemaphore",
     "AsyncShardedQueue",
     "Scheduler",
+    "Worker",
 ]

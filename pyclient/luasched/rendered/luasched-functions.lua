@@ -12330,7 +12330,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 72c9acf1dd5191e9a538f3b9fe056a857cc3db51)
+-- queue.nack (sha1 2a8006b193fc4e54bd02e4584e4aa45ac70914cd)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -12368,9 +12368,12 @@ redis.register_function{
 --@arg        backoff_max_ms   int:0..31536000000  Longest backoff (delay_ms = -1).
 --@arg        request_id       string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
+--@arg        mode[0..1]       int:0..2  Optional (absent: 0). 0: a failed attempt, as above. 1: give the lease back
+--@+          uncharged (a worker shutting down): ready now, its attempt not counted, its last reason kept
+--@+          (delay_ms, reason, the backoff and max_attempts unused). 2: into the dead letters now, with `reason`.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 8 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 8 keys or 8..9 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held (finished, or expired and taken again: another token); nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
@@ -12747,7 +12750,7 @@ end
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
-  arg_count(8, 8)
+  arg_count(8, 9)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local delay_ms = arg_int(3, 'delay_ms', -1, MAX_TTL_MS)
@@ -12756,6 +12759,7 @@ local function main()
   local backoff_max_ms = arg_int(6, 'backoff_max_ms', 0, MAX_TTL_MS)
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local mode = #ARGV == 9 and arg_int(9, 'mode', 0, 2) or 0
   local now_ms = server_now_ms()
   local record = recorded_request(request_id, 'nack')
   if record then
@@ -12772,7 +12776,12 @@ local function main()
 
   local reply
   local extra = { 'r' .. task_id, reason }
-  if meta.attempts >= meta.max_attempts then
+  if mode == 1 then
+    -- Given back uncharged: the lease's attempt is taken back and the last reason kept.
+    meta.attempts = math.max(meta.attempts - 1, 0)
+    delay_ms, extra = 0, {}
+  end
+  if mode == 2 or (mode == 0 and meta.attempts >= meta.max_attempts) then
     read('ZCARD', K_DEAD)
     meta.state, meta.at_ms = 'X', now_ms
     reply = { 'dead', -1 }
@@ -12790,7 +12799,7 @@ local function main()
       meta.state, meta.at_ms = 'R', now_ms
       reply = { 'ready', 0 }
       first_write('ZADD', K_READY, ready_score(meta.priority, seq), task_id)
-      extra[3], extra[4] = 'seq', seq
+      extra[#extra + 1], extra[#extra + 2] = 'seq', seq
     else
       meta.state, meta.at_ms = 'D', now_ms + delay_ms
       reply = { 'delayed', delay_ms }
@@ -14875,7 +14884,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 aec1bc74d9749f27397759250b8fd572cea8de0c)
+-- queue.node_nack (sha1 2120fc9c499d0b55cc9f7f3b1e196b8a13fb81c7)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -14929,9 +14938,12 @@ redis.register_function{
 --@arg        backoff_max_ms   int:0..31536000000  Longest backoff (delay_ms = -1).
 --@arg        request_id       string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
+--@arg        mode[0..1]       int:0..2  Optional (absent: 0). 0: a failed attempt, as above. 1: give the lease back
+--@+          uncharged (a worker shutting down): ready now, its attempt not counted, its last reason kept
+--@+          (delay_ms, reason, the backoff and max_attempts unused). 2: into the dead letters now, with `reason`.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 21 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 8..9 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held; nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks
@@ -15526,7 +15538,7 @@ end
 
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  arg_count(8, 8)
+  arg_count(8, 9)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local delay_ms = arg_int(3, 'delay_ms', -1, MAX_TTL_MS)
@@ -15535,6 +15547,7 @@ local function main()
   local backoff_max_ms = arg_int(6, 'backoff_max_ms', 0, MAX_TTL_MS)
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local mode = #ARGV == 9 and arg_int(9, 'mode', 0, 2) or 0
   local now_ms = server_now_ms()
   local record = recorded_request(request_id, 'node_nack')
   if record then
@@ -15554,7 +15567,12 @@ local function main()
   local reply, plan, waits
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
-  if meta.attempts >= meta.max_attempts then
+  if mode == 1 then
+    -- Given back uncharged: the lease's attempt is taken back and the last reason kept.
+    meta.attempts = math.max(meta.attempts - 1, 0)
+    delay_ms, extra = 0, {}
+  end
+  if mode == 2 or (mode == 0 and meta.attempts >= meta.max_attempts) then
     read('ZCARD', K_DEAD)
     plan = route_release_plan(route)
     meta.state, meta.at_ms = 'X', now_ms
@@ -15577,7 +15595,7 @@ local function main()
       reply = { 'ready', 0 }
       first_write('ZADD', K_READY, 0, ready_member(route.node_hex, ready_score(meta.priority, seq), task_id))
       redis.call('ZREM', K_ASSIGNED, member)
-      extra[3], extra[4] = 'seq', seq
+      extra[#extra + 1], extra[#extra + 2] = 'seq', seq
     else
       -- Delayed: it stays assigned to its node (and in d:assigned).
       meta.state, meta.at_ms = 'D', now_ms + delay_ms
@@ -19749,5 +19767,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '165a0e1af9e52126e4b72be39e543d5222d37551' end,
+  callback = function() return '4ab86dec7f41fb534eaea18ea347a100ae25cc8a' end,
 }

@@ -31,9 +31,12 @@
 --@arg        backoff_max_ms   int:0..31536000000  Longest backoff (delay_ms = -1).
 --@arg        request_id       string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
+--@arg        mode[0..1]       int:0..2  Optional (absent: 0). 0: a failed attempt, as above. 1: give the lease back
+--@+          uncharged (a worker shutting down): ready now, its attempt not counted, its last reason kept
+--@+          (delay_ms, reason, the backoff and max_attempts unused). 2: into the dead letters now, with `reason`.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 8 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 8 keys or 8..9 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held (finished, or expired and taken again: another token); nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
@@ -410,7 +413,7 @@ end
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
-  arg_count(8, 8)
+  arg_count(8, 9)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local delay_ms = arg_int(3, 'delay_ms', -1, MAX_TTL_MS)
@@ -419,6 +422,7 @@ local function main()
   local backoff_max_ms = arg_int(6, 'backoff_max_ms', 0, MAX_TTL_MS)
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local mode = #ARGV == 9 and arg_int(9, 'mode', 0, 2) or 0
   local now_ms = server_now_ms()
   local record = recorded_request(request_id, 'nack')
   if record then
@@ -435,7 +439,12 @@ local function main()
 
   local reply
   local extra = { 'r' .. task_id, reason }
-  if meta.attempts >= meta.max_attempts then
+  if mode == 1 then
+    -- Given back uncharged: the lease's attempt is taken back and the last reason kept.
+    meta.attempts = math.max(meta.attempts - 1, 0)
+    delay_ms, extra = 0, {}
+  end
+  if mode == 2 or (mode == 0 and meta.attempts >= meta.max_attempts) then
     read('ZCARD', K_DEAD)
     meta.state, meta.at_ms = 'X', now_ms
     reply = { 'dead', -1 }
@@ -453,7 +462,7 @@ local function main()
       meta.state, meta.at_ms = 'R', now_ms
       reply = { 'ready', 0 }
       first_write('ZADD', K_READY, ready_score(meta.priority, seq), task_id)
-      extra[3], extra[4] = 'seq', seq
+      extra[#extra + 1], extra[#extra + 2] = 'seq', seq
     else
       meta.state, meta.at_ms = 'D', now_ms + delay_ms
       reply = { 'delayed', delay_ms }

@@ -47,9 +47,12 @@
 --@arg        backoff_max_ms   int:0..31536000000  Longest backoff (delay_ms = -1).
 --@arg        request_id       string:0..64  Idempotency key of this call, [0-9A-Za-z_-] ("": none); also part of the request key name.
 --@arg        request_ttl_ms   int:1..86400000  How long the record of request_id is kept.
+--@arg        mode[0..1]       int:0..2  Optional (absent: 0). 0: a failed attempt, as above. 1: give the lease back
+--@+          uncharged (a worker shutting down): ready now, its attempt not counted, its last reason kept
+--@+          (delay_ms, reason, the backoff and max_attempts unused). 2: into the dead letters now, with `reason`.
 --@reply      array{state:string, delay_ms:int}  state "ready" (delay_ms 0), "delayed" (ready again in delay_ms) or
 --@+          "dead" (delay_ms -1).
---@error      ARG  Not 21 keys or 8 arguments, an argument out of its range, or a request id used by another call.
+--@error      ARG  Not 21 keys or 8..9 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held; nothing changed.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks
@@ -644,7 +647,7 @@ end
 
 local function main()
   key_count(DISPATCH_KEY_COUNT)
-  arg_count(8, 8)
+  arg_count(8, 9)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local token = arg_int(2, 'token', 1, MAX_SAFE_INTEGER)
   local delay_ms = arg_int(3, 'delay_ms', -1, MAX_TTL_MS)
@@ -653,6 +656,7 @@ local function main()
   local backoff_max_ms = arg_int(6, 'backoff_max_ms', 0, MAX_TTL_MS)
   local request_id = arg_request_id(7)
   local request_ttl_ms = arg_int(8, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
+  local mode = #ARGV == 9 and arg_int(9, 'mode', 0, 2) or 0
   local now_ms = server_now_ms()
   local record = recorded_request(request_id, 'node_nack')
   if record then
@@ -672,7 +676,12 @@ local function main()
   local reply, plan, waits
   local member = assigned_member(route.node_hex, task_id)
   local extra = { 'r' .. task_id, reason }
-  if meta.attempts >= meta.max_attempts then
+  if mode == 1 then
+    -- Given back uncharged: the lease's attempt is taken back and the last reason kept.
+    meta.attempts = math.max(meta.attempts - 1, 0)
+    delay_ms, extra = 0, {}
+  end
+  if mode == 2 or (mode == 0 and meta.attempts >= meta.max_attempts) then
     read('ZCARD', K_DEAD)
     plan = route_release_plan(route)
     meta.state, meta.at_ms = 'X', now_ms
@@ -695,7 +704,7 @@ local function main()
       reply = { 'ready', 0 }
       first_write('ZADD', K_READY, 0, ready_member(route.node_hex, ready_score(meta.priority, seq), task_id))
       redis.call('ZREM', K_ASSIGNED, member)
-      extra[3], extra[4] = 'seq', seq
+      extra[#extra + 1], extra[#extra + 2] = 'seq', seq
     else
       -- Delayed: it stays assigned to its node (and in d:assigned).
       meta.state, meta.at_ms = 'D', now_ms + delay_ms
