@@ -41,16 +41,18 @@ from typing import Any
 from luasched import validate
 from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
+from luasched.leases import (
+    Lease,
+    Nacked,
+    check_take,
+    remaining_ms,
+)
 from luasched.queue import (
     MAX_QUEUE_NAME_BYTES,
     Enqueued,
-    Lease,
-    Nacked,
     Queue,
     QueueStats,
     check_queue_options,
-    check_take,
-    remaining_ms,
 )
 from luasched.retry import RetryPolicy
 

@@ -6,45 +6,49 @@ from typing import Any
 
 from luasched import validate
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace
-from luasched.loops import drive_async
-from luasched.pick import RandomSource, default_rng
-from luasched.queue import (
-    DEFAULT_BACKOFF_BASE_MS,
-    DEFAULT_BACKOFF_MAX_MS,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_POLL_MS,
-    DEFAULT_REQUEST_TTL_MS,
+from luasched.dispatch import (
     Dispatched,
     DispatchKeys,
     DispatchStats,
-    Enqueued,
-    Lease,
-    Nacked,
     NodeCounts,
     NodeWait,
-    QueueKeys,
-    QueueStats,
     Redispatched,
     RequeuedDispatched,
     Strategy,
-    TakeCall,
-    ack_call,
-    blocking_take,
-    check_queue_options,
-    check_take,
-    dequeue_call,
     dispatch_call,
     dispatch_requeue_dead_call,
     dispatch_stats_call,
-    enqueue_call,
-    extend_call,
-    nack_call,
     node_ack_call,
     node_extend_call,
     node_nack_call,
     node_take,
     redispatch_call,
+)
+from luasched.keys import Namespace
+from luasched.leases import (
+    DEFAULT_BACKOFF_BASE_MS,
+    DEFAULT_BACKOFF_MAX_MS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_POLL_MS,
+    DEFAULT_REQUEST_TTL_MS,
+    Lease,
+    Nacked,
+    TakeCall,
+    ack_call,
+    blocking_take,
+    check_take,
+    extend_call,
+    nack_call,
+)
+from luasched.loops import drive_async
+from luasched.pick import RandomSource, default_rng
+from luasched.queue import (
+    Enqueued,
+    QueueKeys,
+    QueueStats,
+    check_queue_options,
+    dequeue_call,
+    enqueue_call,
     requeue_dead_call,
     stats_call,
 )

@@ -8,7 +8,15 @@ from typing import Any
 
 from luasched.asyncio.queue import AsyncQueue
 from luasched.keys import Namespace
-from luasched.queue import Enqueued, Lease, Nacked, check_take, remaining_ms
+from luasched.leases import (
+    Lease,
+    Nacked,
+    check_take,
+    remaining_ms,
+)
+from luasched.queue import (
+    Enqueued,
+)
 from luasched.retry import RetryPolicy
 from luasched.sharded import (
     DEFAULT_BLOCK_SLICE_MS,
