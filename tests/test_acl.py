@@ -40,7 +40,6 @@ import redis.connection
 from redis.exceptions import NoPermissionError
 
 import luasched.asyncio
-from helpers import namespace_keys, snapshot_ignoring_ttl
 from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
 from luasched.cli import main
 from luasched.dispatch import STRATEGIES, node_dequeue_call
@@ -49,7 +48,8 @@ from luasched.lock import acquire_call, new_token, release_call
 from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
-from servers import ROOT, ServerHandle, find_redis_cli
+from support.helpers import namespace_keys, snapshot_ignoring_ttl
+from support.servers import ROOT, ServerHandle, find_redis_cli
 
 TENANT_A = "ten*"  # a glob character: its rule must not reach tenant-b
 TENANT_B = "tenant-b"

@@ -95,7 +95,7 @@ CALLS: list[tuple[Callable[[], Call[Any]], bytes]] = [
 ]
 
 
-@pytest.mark.parametrize(("make", "request_id"), CALLS)
+@pytest.mark.parametrize(("make", "request_id"), CALLS, ids=[make().script for make, _ in CALLS])
 def test_a_call_sends_the_keys_of_its_scripts_manifest(
     make: Callable[[], Call[Any]], request_id: bytes
 ) -> None:
