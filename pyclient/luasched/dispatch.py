@@ -12,7 +12,7 @@ exactly as on a plain queue (``luasched.leases``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from luasched import contract, validate
 from luasched.contract import BoundKeys
@@ -35,12 +35,16 @@ from luasched.leases import (
     take_shape,
     text,
 )
+from luasched.loops import Loop
 from luasched.pick import RANDOM_LIMIT, RandomSource
 from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
 from luasched.scripts import Call
 
 if TYPE_CHECKING:
-    from luasched.queue import Queue
+    from luasched.queue import Queue, QueueCalls  # noqa: F401 (Queue: NodeQueue's base, a string)
+
+#: The queue a node queue belongs to (``Queue``, ``AsyncQueue``).
+Q = TypeVar("Q", bound="QueueCalls[Any]")
 
 __all__ = [
     "DISPATCH_KEY_KINDS",  # noqa: F822 (module __getattr__: read from the manifest)
@@ -51,6 +55,7 @@ __all__ = [
     "Dispatched",
     "NodeCounts",
     "NodeQueue",
+    "NodeQueueCalls",
     "NodeWait",
     "Redispatched",
     "RequeuedDispatched",
@@ -318,8 +323,9 @@ def node_take(
     lease_ms: int,
     request_ttl_ms: int,
 ) -> TakeCall:
-    """The ``node_dequeue_call`` of one take (``NodeQueue.dequeue``/``dequeue_many``), by wait_ms,
-    request id and shape, for ``Queue._blocking_take`` (a node queue acks nothing while taking)."""
+    """The ``node_dequeue_call`` of one take (``NodeQueue.dequeue``/``dequeue_many``), by
+    wait_ms, request id and shape, for ``NodeQueueCalls._take_plan`` (a node queue acks nothing
+    while taking)."""
 
     def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
         return node_dequeue_call(
@@ -433,7 +439,39 @@ def dispatch_stats_call(
     return Call("queue.node_stats", keys.with_request(b""), ids, parse)
 
 
-class NodeQueue:
+class NodeQueueCalls(Generic[Q]):
+    """What ``NodeQueue`` and ``AsyncNodeQueue`` share: the node queue's script calls (and a
+    blocking take's loop), built from its queue's keys and options; the subclasses only run
+    them, with blocking I/O or awaited."""
+
+    def __init__(self, queue: Q, node_id: bytes) -> None:
+        self.queue = queue
+        self.node = node_id
+
+    def _take_plan(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Call[Any] | Loop[Any]:
+        """A take of this node's tasks (``take_plan``), its arguments checked first; a blocking
+        one waits on the node's own wake list and the queue's (``DispatchKeys.node_wait``)."""
+        check_take(worker_id, count, lease_ms, block_ms)
+        q = self.queue
+        keys = q.dispatch_keys
+        call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
+        return q._plan(call, keys.node_wait(self.node), block_ms, None, request_id, shape)
+
+    def _stats_call(self) -> Call[NodeCounts]:
+        call = dispatch_stats_call(self.queue.dispatch_keys, (self.node,))
+        node = self.node
+        return Call(call.script, call.keys, call.args, lambda reply: call.parse(reply).nodes[node])
+
+
+class NodeQueue(NodeQueueCalls["Queue"]):
     """The tasks a queue dispatched to one node (``q.for_node(node_id)``).
 
     Its workers take tasks with ``dequeue``/``dequeue_many`` (leases with fencing tokens, as
@@ -442,25 +480,6 @@ class NodeQueue:
     which give the task's cost back to the node's load when the task leaves it (ack, dead letter;
     ``Queue.requeue_dead_dispatched`` dispatches a dead one again).
     """
-
-    def __init__(self, queue: Queue, node_id: bytes) -> None:
-        self.queue = queue
-        self.node = node_id
-
-    def _take(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        block_ms: int,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        check_take(worker_id, count, lease_ms, block_ms)
-        q = self.queue
-        keys = q.dispatch_keys
-        call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
-        return q._blocking_take(call, keys.node_wait(self.node), block_ms, None, request_id, shape)
 
     def dequeue(
         self,
@@ -475,7 +494,7 @@ class NodeQueue:
         promotion into this node's queue, capped by the next due time and ``poll_ms``, as
         ``Queue.dequeue``). Also promotes due delayed tasks and reclaims expired leases of the
         dispatch queue (bounded). O(log n)."""
-        return self._take(worker_id, 1, lease_ms, block_ms, request_id, "one")  # type: ignore[no-any-return]
+        return self.queue._do(self._take_plan(worker_id, 1, lease_ms, block_ms, request_id, "one"))  # type: ignore[no-any-return]
 
     def dequeue_many(
         self,
@@ -488,18 +507,12 @@ class NodeQueue:
     ) -> list[Lease]:
         """Take up to ``n`` of the node's ready tasks in one call, best first (``block_ms`` as
         in ``dequeue``)."""
-        return self._take(worker_id, n, lease_ms, block_ms, request_id, "many")  # type: ignore[no-any-return]
+        plan = self._take_plan(worker_id, n, lease_ms, block_ms, request_id, "many")
+        return self.queue._do(plan)  # type: ignore[no-any-return]
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish the task and give its cost back to its node. Raises StaleLease."""
-        return self.queue._runner.run(
-            node_ack_call(
-                self.queue.dispatch_keys,
-                lease,
-                request_id=request_id,
-                request_ttl_ms=self.queue.request_ttl_ms,
-            )
-        )
+        return self.queue._runner.run(self.queue._ack_call(lease, request_id, "queue.node_ack"))
 
     def nack(
         self,
@@ -511,19 +524,8 @@ class NodeQueue:
     ) -> Nacked:
         """A failed attempt: back in the node's queue (after the backoff), or a dead letter
         (its cost given back) after max_attempts. Raises StaleLease."""
-        q = self.queue
-        return q._runner.run(
-            node_nack_call(
-                q.dispatch_keys,
-                lease,
-                delay_ms=delay_ms,
-                reason=reason,
-                backoff_base_ms=q.backoff_base_ms,
-                backoff_max_ms=q.backoff_max_ms,
-                request_id=request_id,
-                request_ttl_ms=q.request_ttl_ms,
-            )
-        )
+        call = self.queue._nack_call(lease, delay_ms, reason, request_id, "queue.node_nack")
+        return self.queue._runner.run(call)
 
     def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move ``lease``'s deadline to the server's now + ``lease_ms``; the new deadline.
@@ -533,12 +535,8 @@ class NodeQueue:
         and keeps its charge. Raises StaleLease (finished, expired and taken again, or
         redispatched; nothing changed). O(log n).
         """
-        return self.queue._runner.run(node_extend_call(self.queue.dispatch_keys, lease, lease_ms))
+        return self.queue._runner.run(self.queue._extend_call(lease, lease_ms, "queue.node_extend"))
 
     def stats(self) -> NodeCounts:
         """This node's ready and assigned tasks and its load."""
-        call = dispatch_stats_call(self.queue.dispatch_keys, (self.node,))
-        node = self.node
-        return self.queue._runner.run(
-            Call(call.script, call.keys, call.args, lambda reply: call.parse(reply).nodes[node])
-        )
+        return self.queue._runner.run(self._stats_call())

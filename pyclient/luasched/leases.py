@@ -44,6 +44,7 @@ __all__ = [
     "pass_on_commands",
     "poll_wait_ms",
     "remaining_ms",
+    "take_plan",
     "take_shape",
 ]
 
@@ -331,3 +332,23 @@ def blocking_take(
         target = pass_on_target(wake, popped)
         if target is not None:
             yield Send(pass_on_commands(target, to_bytes(popped[1])))
+
+
+def take_plan(
+    call: TakeCall,
+    wake: bytes | Waiting,
+    block_ms: int,
+    ack: Lease | None,
+    request_id: str | bytes | None,
+    shape: str,
+    poll_ms: int,
+    client: Any,
+) -> Call[Any] | Loop[Any]:
+    """What a take of ``call`` runs: with ``block_ms`` <= 0 one call (also what a pipeline
+    queues), else ``blocking_take``'s loop, which needs a client to block on (``client`` None,
+    a pipeline: ValueError). The sync and asyncio queues run the one or drive the other."""
+    if block_ms <= 0:
+        return call(0, ack, request_id, shape)
+    if client is None:
+        raise ValueError("a blocking dequeue cannot be queued in a pipeline")
+    return blocking_take(call, wake, block_ms, ack, request_id, shape, poll_ms)

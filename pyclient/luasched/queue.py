@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from luasched import contract, validate
 from luasched.contract import BoundKeys
@@ -60,7 +60,6 @@ from luasched.leases import (
     Nacked,
     TakeCall,
     ack_call,
-    blocking_take,
     check_take,
     extend_call,
     held,
@@ -71,10 +70,11 @@ from luasched.leases import (
     poll_wait_ms,
     remaining_ms,
     request_of,
+    take_plan,
     take_shape,
     text,
 )
-from luasched.loops import drive
+from luasched.loops import Loop, drive
 from luasched.pick import RandomSource, default_rng
 from luasched.render import MAX_BATCH_LIMIT
 from luasched.scripts import Call, Runner
@@ -101,6 +101,7 @@ __all__ = [
     "NodeCounts",
     "NodeQueue",
     "Queue",
+    "QueueCalls",
     "QueueKeys",
     "QueueStats",
     "Redispatched",
@@ -134,6 +135,8 @@ MIN_PRIORITY = -512
 MAX_PRIORITY = 511
 #: A queue name is 1..MAX_QUEUE_NAME_BYTES bytes (the tail of its key names).
 MAX_QUEUE_NAME_BYTES = 1024
+
+R = TypeVar("R")
 
 #: The script whose KEYS layout every plain queue script shares (lua/include/queue_keys.j2).
 QUEUE_SCRIPT = "queue.dequeue"
@@ -372,21 +375,19 @@ def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     return policy
 
 
-class Queue:
-    """One task queue of a namespace (``s.queue(name)``).
+class QueueCalls(Generic[R]):
+    """What ``Queue`` and ``AsyncQueue`` share: a queue's options, keys and random source, and
+    the script call (or, for a blocking take, the loop) of each of its methods. The subclasses
+    only run what these build, ``Queue`` with blocking I/O and ``AsyncQueue`` awaited; so both
+    check the same arguments, send the same KEYS and ARGV and parse the same replies.
 
-    Every method is one script call, atomic on the server, that checks all its arguments first
-    and changes nothing when it raises (``InvalidArgument``, ``StaleLease``, ``CorruptState``);
-    a blocking ``dequeue`` is a loop of such calls around a BLPOP. Task ids, payloads and worker
-    ids are any bytes (str is sent as UTF-8) and come back as bytes. Times are the server's
-    clock; callers pass relative durations. Mutating calls take a ``request_id`` (None: a random
-    one per call; b"": none): a replay with the same id within ``request_ttl_ms`` acts once.
-    Needs a client that answers bytes (``decode_responses=False``, redis-py's default).
+    Raises InvalidArgument (before any I/O) for an option out of range (``check_queue_options``)
+    or a bad queue name.
     """
 
     def __init__(
         self,
-        runner: Runner,
+        runner: R,
         namespace: Namespace,
         name: str | bytes,
         *,
@@ -411,6 +412,155 @@ class Queue:
         self.request_ttl_ms = request_ttl_ms
         self.poll_ms = poll_ms
 
+    def _enqueue_call(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes,
+        priority: int,
+        delay_ms: int,
+        max_attempts: int | None,
+        request_id: str | bytes | None,
+    ) -> Call[Enqueued]:
+        return enqueue_call(
+            self.keys,
+            task_id,
+            payload,
+            priority=priority,
+            delay_ms=delay_ms,
+            max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+            request_id=request_id,
+            request_ttl_ms=self.request_ttl_ms,
+        )
+
+    def _take_plan(
+        self,
+        worker_id: str | bytes,
+        count: int,
+        lease_ms: int,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Call[Any] | Loop[Any]:
+        """A take of this queue (``take_plan``), its arguments checked first (``check_take``)."""
+        check_take(worker_id, count, lease_ms, block_ms)
+        keys, request_ttl_ms = self.keys, self.request_ttl_ms
+
+        def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
+            return dequeue_call(
+                keys,
+                worker_id,
+                count,
+                lease_ms,
+                wait_ms=wait_ms,
+                ack=ack,
+                request_id=rid,
+                request_ttl_ms=request_ttl_ms,
+                shape=shape,
+            )
+
+        return self._plan(call, keys.wake, block_ms, ack, request_id, shape)
+
+    def _plan(
+        self,
+        call: TakeCall,
+        wake: bytes | NodeWait,
+        block_ms: int,
+        ack: Lease | None,
+        request_id: str | bytes | None,
+        shape: str,
+    ) -> Call[Any] | Loop[Any]:
+        return take_plan(call, wake, block_ms, ack, request_id, shape, self.poll_ms, self._client)
+
+    def _lease_keys(self, script: str) -> QueueKeys | DispatchKeys:
+        """The keys a lease call of ``script`` takes: the queue's, or a node queue's."""
+        return self.dispatch_keys if script.startswith("queue.node_") else self.keys
+
+    def _ack_call(
+        self, lease: Lease, request_id: str | bytes | None, script: str = "queue.ack"
+    ) -> Call[bool]:
+        keys = self._lease_keys(script)
+        ttl_ms = self.request_ttl_ms
+        return ack_call(keys, lease, request_id=request_id, request_ttl_ms=ttl_ms, script=script)
+
+    def _extend_call(self, lease: Lease, lease_ms: int, script: str = "queue.extend") -> Call[int]:
+        return extend_call(self._lease_keys(script), lease, lease_ms, script=script)
+
+    def _nack_call(
+        self,
+        lease: Lease,
+        delay_ms: int | None,
+        reason: str | bytes,
+        request_id: str | bytes | None,
+        script: str = "queue.nack",
+    ) -> Call[Nacked]:
+        return nack_call(
+            self._lease_keys(script),
+            lease,
+            delay_ms=delay_ms,
+            reason=reason,
+            backoff_base_ms=self.backoff_base_ms,
+            backoff_max_ms=self.backoff_max_ms,
+            request_id=request_id,
+            request_ttl_ms=self.request_ttl_ms,
+            script=script,
+        )
+
+    def _dispatch_call(
+        self,
+        task_id: str | bytes,
+        payload: str | bytes,
+        strategy: str,
+        routing_key: str | bytes | None,
+        cost: int,
+        priority: int,
+        delay_ms: int,
+        max_attempts: int | None,
+        request_id: str | bytes | None,
+    ) -> Call[Dispatched]:
+        return dispatch_call(
+            self.dispatch_keys,
+            task_id,
+            payload,
+            self._rng,
+            strategy=strategy,
+            routing_key=routing_key,
+            cost=cost,
+            priority=priority,
+            delay_ms=delay_ms,
+            max_attempts=self.max_attempts if max_attempts is None else max_attempts,
+            request_id=request_id,
+            request_ttl_ms=self.request_ttl_ms,
+        )
+
+    def _node_id(self, node_id: str | bytes) -> bytes:
+        return validate.arg("queue.node_dequeue", "node_id", node_id)  # type: ignore[no-any-return]
+
+    def _redispatch_call(self, node_id: str | bytes, limit: int) -> Call[Redispatched]:
+        return redispatch_call(self.dispatch_keys, node_id, self._rng, limit)
+
+    def _requeue_dead_dispatched_call(self, task_id: str | bytes) -> Call[RequeuedDispatched]:
+        return dispatch_requeue_dead_call(self.dispatch_keys, task_id, self._rng)
+
+
+class Queue(QueueCalls[Runner]):
+    """One task queue of a namespace (``s.queue(name)``).
+
+    Every method is one script call, atomic on the server, that checks all its arguments first
+    and changes nothing when it raises (``InvalidArgument``, ``StaleLease``, ``CorruptState``);
+    a blocking ``dequeue`` is a loop of such calls around a BLPOP. Task ids, payloads and worker
+    ids are any bytes (str is sent as UTF-8) and come back as bytes. Times are the server's
+    clock; callers pass relative durations. Mutating calls take a ``request_id`` (None: a random
+    one per call; b"": none): a replay with the same id within ``request_ttl_ms`` acts once.
+    Needs a client that answers bytes (``decode_responses=False``, redis-py's default).
+    """
+
+    def _do(self, plan: Call[Any] | Loop[Any]) -> Any:
+        """Run ``plan``: one call, or a blocking take's loop (``luasched.loops.drive``)."""
+        if isinstance(plan, Call):
+            return self._runner.run(plan)
+        return drive(plan, self._runner.run, self._client)
+
     def enqueue(
         self,
         task_id: str | bytes,
@@ -429,74 +579,8 @@ class Queue:
         O(log n). Raises InvalidArgument.
         """
         return self._runner.run(
-            enqueue_call(
-                self.keys,
-                task_id,
-                payload,
-                priority=priority,
-                delay_ms=delay_ms,
-                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
-            )
+            self._enqueue_call(task_id, payload, priority, delay_ms, max_attempts, request_id)
         )
-
-    def _call(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        wait_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Call[Any]:
-        return dequeue_call(
-            self.keys,
-            worker_id,
-            count,
-            lease_ms,
-            wait_ms=wait_ms,
-            ack=ack,
-            request_id=request_id,
-            request_ttl_ms=self.request_ttl_ms,
-            shape=shape,
-        )
-
-    def _take(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        block_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        check_take(worker_id, count, lease_ms, block_ms)
-
-        def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
-            return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
-
-        return self._blocking_take(call, self.keys.wake, block_ms, ack, request_id, shape)
-
-    def _blocking_take(
-        self,
-        call: TakeCall,
-        wake: bytes | NodeWait,
-        block_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        """The take of ``call`` (a dequeue script call, by wait_ms, ack, request id and shape):
-        one call, or ``blocking_take`` when ``block_ms`` > 0."""
-        if block_ms <= 0:  # one call (also what a pipeline queues)
-            return self._runner.run(call(0, ack, request_id, shape))
-        if self._client is None:
-            raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
-        return drive(loop, self._runner.run, self._client)
 
     def dequeue(
         self,
@@ -513,7 +597,7 @@ class Queue:
         task's due time and ``poll_ms``; the script decides every time). The same call first
         promotes due delayed tasks and reclaims expired leases (bounded). O(log n).
         """
-        return self._take(worker_id, 1, lease_ms, block_ms, None, request_id, "one")  # type: ignore[no-any-return]
+        return self._do(self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one"))  # type: ignore[no-any-return]
 
     def dequeue_many(
         self,
@@ -525,7 +609,7 @@ class Queue:
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n`` (1..config.max_batch) ready tasks in one call, best first."""
-        return self._take(worker_id, n, lease_ms, block_ms, None, request_id, "many")  # type: ignore[no-any-return]
+        return self._do(self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many"))  # type: ignore[no-any-return]
 
     def ack_and_dequeue(
         self,
@@ -541,7 +625,8 @@ class Queue:
         Raises StaleLease (and takes nothing) when ``lease`` is no longer held.
         """
         validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
-        return self._take(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")  # type: ignore[no-any-return]
+        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
+        return self._do(plan)  # type: ignore[no-any-return]
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish ``lease``'s task: it is removed from the queue. O(log n).
@@ -550,9 +635,7 @@ class Queue:
         leased again): the task belongs to the newer lease. A lease past its deadline that no
         dequeue has reclaimed yet is still held.
         """
-        return self._runner.run(
-            ack_call(self.keys, lease, request_id=request_id, request_ttl_ms=self.request_ttl_ms)
-        )
+        return self._runner.run(self._ack_call(lease, request_id))
 
     def nack(
         self,
@@ -568,25 +651,14 @@ class Queue:
         2^(attempt-1)); after max_attempts leases it goes to the dead letters with ``reason``.
         O(log n). Raises StaleLease.
         """
-        return self._runner.run(
-            nack_call(
-                self.keys,
-                lease,
-                delay_ms=delay_ms,
-                reason=reason,
-                backoff_base_ms=self.backoff_base_ms,
-                backoff_max_ms=self.backoff_max_ms,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
-            )
-        )
+        return self._runner.run(self._nack_call(lease, delay_ms, reason, request_id))
 
     def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move ``lease``'s deadline to the server's now + ``lease_ms``; the new deadline.
 
         Raises StaleLease. O(log n).
         """
-        return self._runner.run(extend_call(self.keys, lease, lease_ms))
+        return self._runner.run(self._extend_call(lease, lease_ms))
 
     def requeue_dead(self, task_id: str | bytes) -> bool:
         """Bring a dead-letter task back (ready now, attempts reset); False if it was not dead."""
@@ -622,25 +694,22 @@ class Queue:
         InvalidArgument, CorruptState (nothing changed).
         """
         return self._runner.run(
-            dispatch_call(
-                self.dispatch_keys,
+            self._dispatch_call(
                 task_id,
                 payload,
-                self._rng,
-                strategy=strategy,
-                routing_key=routing_key,
-                cost=cost,
-                priority=priority,
-                delay_ms=delay_ms,
-                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
+                strategy,
+                routing_key,
+                cost,
+                priority,
+                delay_ms,
+                max_attempts,
+                request_id,
             )
         )
 
     def for_node(self, node_id: str | bytes) -> NodeQueue:
         """The queue of the tasks dispatched to ``node_id``: what its workers take and finish."""
-        return NodeQueue(self, validate.arg("queue.node_dequeue", "node_id", node_id))
+        return NodeQueue(self, self._node_id(node_id))
 
     def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
         """Move up to ``limit`` (1..100) tasks off a dead, draining or removed node.
@@ -649,7 +718,7 @@ class Queue:
         acks refused), its cost moves with it. A live, non-draining node is left alone. Call
         again while ``more``. If a pick fails for the first task, raises (nothing changed).
         """
-        return self._runner.run(redispatch_call(self.dispatch_keys, node_id, self._rng, limit))
+        return self._runner.run(self._redispatch_call(node_id, limit))
 
     def requeue_dead_dispatched(self, task_id: str | bytes) -> RequeuedDispatched:
         """Dispatch a dead-letter dispatched task again: ready now, attempts reset, reason cleared.
@@ -661,7 +730,7 @@ class Queue:
         O(log n) plus the pick. Raises NoNode, AllNodesFull, ScanLimitReached, CorruptState
         (nothing changed: the task stays dead).
         """
-        return self._runner.run(dispatch_requeue_dead_call(self.dispatch_keys, task_id, self._rng))
+        return self._runner.run(self._requeue_dead_dispatched_call(task_id))
 
     def dispatch_stats(self, nodes: tuple[str | bytes, ...] | list[str | bytes]) -> DispatchStats:
         """Counts of the dispatched tasks, and ready/assigned/load of each of ``nodes`` (1..100)."""
