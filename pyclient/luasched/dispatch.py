@@ -23,6 +23,7 @@ from luasched.leases import (
     DEFAULT_BACKOFF_MAX_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_REQUEST_TTL_MS,
+    BoundQueueKeys,
     Lease,
     Nacked,
     TakeCall,
@@ -102,11 +103,14 @@ def __getattr__(name: str) -> Any:
 
 
 @dataclass(frozen=True)
-class DispatchKeys:
+class DispatchKeys(BoundQueueKeys):
     """The keys of the dispatch side of one queue (built once per ``Queue``), in the layout of
     the dispatch scripts' manifest: ``fixed`` (the keys before the request key: ready, delayed,
     leased, dead, tasks, assigned), ``registry`` (the registry and pick keys), ``bound`` (all
-    21 KEYS, completed per call by ``with_request``)."""
+    21 KEYS, completed per call by ``with_request``: the 7 dispatch queue keys, the 12 registry
+    and pick keys, the wake list and the waiters zset; every key a dispatch script touches is
+    one of them). ``wake`` (``luasched:{ns}:d:wake:<queue>``) holds the signals (hex node ids)
+    of blocked node workers; ``tasks`` is what a node queue's ``Lease`` records as its queue."""
 
     namespace: Namespace
     queue: bytes
@@ -122,22 +126,6 @@ class DispatchKeys:
         fixed = bound.keys[: bound.request]
         registry = tuple(key for key, part in zip(bound.keys, parts, strict=True) if len(part) == 1)
         return cls(namespace, queue, fixed, registry, bound)
-
-    @property
-    def tasks(self) -> bytes:
-        """The dispatched tasks' hash: what a node queue's ``Lease`` records as its ``queue``."""
-        return self.bound["tasks"]
-
-    def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
-        """The 21 KEYS of a call with ``request_id`` (b"": none; the key is then unused): the 7
-        dispatch queue keys, the 12 registry and pick keys, the wake list and the waiters zset.
-        Every key a dispatch script touches is one of them."""
-        return self.bound.with_request(request_id)
-
-    @property
-    def wake(self) -> bytes:
-        """``luasched:{ns}:d:wake:<queue>``: the signals (hex node ids) of blocked node workers."""
-        return self.bound["wake"]
 
     @property
     def waiters(self) -> bytes:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from luasched import blocking, contract, validate
+from luasched.contract import BoundKeys
 from luasched.keys import new_request_id, to_bytes
 from luasched.loops import Loop, Run, Send, Wait
 from luasched.render import MAX_BATCH_LIMIT
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_POLL_MS",
     "DEFAULT_REQUEST_TTL_MS",
+    "BoundQueueKeys",
     "Dequeued",
     "Lease",
     "LeaseKeys",
@@ -94,6 +96,27 @@ class Dequeued:
 
     leases: tuple[Lease, ...]
     next_due_ms: int | None
+
+
+class BoundQueueKeys:
+    """What ``QueueKeys`` and ``DispatchKeys`` share: their KEYS (``bound``, the manifest's
+    layout bound to one queue) and the keys every queue that leases tasks has by name."""
+
+    bound: BoundKeys
+
+    def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
+        """The KEYS of a call with ``request_id`` (b"": none; the request key is then unused)."""
+        return self.bound.with_request(request_id)
+
+    @property
+    def tasks(self) -> bytes:
+        """The queue's task hash: what a ``Lease`` of this queue records as its ``queue``."""
+        return self.bound["tasks"]
+
+    @property
+    def wake(self) -> bytes:
+        """The list blocked takers BLPOP (the scripts push wake-up signals on it)."""
+        return self.bound["wake"]
 
 
 class LeaseKeys(Protocol):

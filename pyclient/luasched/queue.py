@@ -55,6 +55,7 @@ from luasched.leases import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_POLL_MS,
     DEFAULT_REQUEST_TTL_MS,
+    BoundQueueKeys,
     Dequeued,
     Lease,
     Nacked,
@@ -163,10 +164,11 @@ def __getattr__(name: str) -> Any:
 
 
 @dataclass(frozen=True)
-class QueueKeys:
+class QueueKeys(BoundQueueKeys):
     """The keys of one queue of a namespace (built once per ``Queue``), in the layout of the
     queue scripts' manifest: ``fixed`` (the keys before the request key: ready, delayed, leased,
-    dead, tasks, wake, waiting), ``bound`` (all 8 KEYS, completed per call by ``with_request``)."""
+    dead, tasks, wake, waiting), ``bound`` (all 8 KEYS, completed per call by ``with_request``);
+    ``wake`` is the list blocked dequeuers BLPOP."""
 
     namespace: Namespace
     queue: bytes
@@ -180,20 +182,6 @@ class QueueKeys:
         name = validate.key_bytes("name", queue, 1, MAX_QUEUE_NAME_BYTES)
         bound = contract.layout(QUEUE_SCRIPT).bind(namespace, queue=name)
         return cls(namespace, name, bound.keys[: bound.request], bound)
-
-    def with_request(self, request_id: bytes) -> tuple[bytes, ...]:
-        """The 8 KEYS of a call with ``request_id`` (b"": none; the key is then unused)."""
-        return self.bound.with_request(request_id)
-
-    @property
-    def wake(self) -> bytes:
-        """The list blocked dequeuers BLPOP."""
-        return self.bound["wake"]
-
-    @property
-    def tasks(self) -> bytes:
-        """The queue's task hash: what a ``Lease`` of this queue records as its ``queue``."""
-        return self.bound["tasks"]
 
 
 @dataclass(frozen=True)
