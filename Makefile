@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 SERVERS ?=
 BACKEND ?=
 SERVER_FLAGS := $(if $(SERVERS),--servers=$(SERVERS)) $(if $(BACKEND),--backend=$(BACKEND))
-# pytest-xdist workers; each starts a server set of its own (tests/servers.py: PORT_STRIDE), so
+# pytest-xdist workers; each starts a server set of its own (tests/support/servers.py: PORT_STRIDE), so
 # tests spread freely. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 3
 XDIST_FLAGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
@@ -68,18 +68,18 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 bench: $(VENV)/.bench-stamp servers
 	$(VENV)/bin/python -m bench --invoked-as "make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(BENCH_ARGS)
 
-# The chaos run (tests/chaos.py, docs/guarantees.md): 50,000 tasks, 8 worker processes SIGKILLed and
+# The chaos run (tests/support/chaos.py, docs/guarantees.md): 50,000 tasks, 8 worker processes SIGKILLed and
 # restarted, Redis killed -9 and restarted once (AOF appendfsync always), one SCRIPT FLUSH; then
 # checks that every task was acked exactly once and none was in two leases at once. Then the
-# bounded-work run (tests/bounded.py): 1,000,000 expired leases + 1,000,000 due delayed tasks
+# bounded-work run (tests/support/bounded.py): 1,000,000 expired leases + 1,000,000 due delayed tasks
 # moved 16 + 16 per dequeue, server time per call. Each on its own throwaway server (Redis 7.0
 # from the PATH, else .tools/servers), stopped at the end.
 # make chaos CHAOS_ARGS='--seed 7 --tasks 100000' BOUNDED_ARGS='--delayed 0'  (--help of each)
 CHAOS_ARGS ?=
 BOUNDED_ARGS ?=
 chaos: venv servers
-	$(VENV)/bin/python tests/chaos.py --time-limit 280 $(CHAOS_ARGS)
-	$(VENV)/bin/python tests/bounded.py $(BOUNDED_ARGS)
+	$(VENV)/bin/python tests/support/chaos.py --time-limit 280 $(CHAOS_ARGS)
+	$(VENV)/bin/python tests/support/bounded.py $(BOUNDED_ARGS)
 
 # After a template change: render the scripts afresh into pyclient/luasched/rendered/ (the
 # package carries them, so no process renders the default configuration; what `luasched export`

@@ -47,14 +47,13 @@ import redis
 
 import luasched
 from luasched import Scheduler
+from luasched.dispatch import STRATEGIES, DispatchStats
 from luasched.errors import AllNodesFull, NoNode
-from luasched.queue import DispatchStats
 from luasched.testing import ThrowawayServer, find_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE = "renders"
 TOTAL_TASKS = 3000
-STRATEGIES = ("slot", "least_loaded", "two_choices", "weighted", "round_robin")
 LEASE_MS = 1000
 NODE_TTL_MS = 1500
 HEARTBEAT_S = 0.3

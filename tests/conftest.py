@@ -38,7 +38,7 @@ import pytest
 import redis
 import redis.cluster
 
-from servers import (
+from support.servers import (
     COMPOSE_FILE,
     SERVER_NAMES,
     SPECS,

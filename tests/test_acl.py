@@ -40,15 +40,16 @@ import redis.connection
 from redis.exceptions import NoPermissionError
 
 import luasched.asyncio
-from helpers import namespace_keys, snapshot_ignoring_ttl
 from luasched.acl import acl_commands, acl_rule, reasons_markdown, script_commands
 from luasched.cli import main
+from luasched.dispatch import STRATEGIES, node_dequeue_call
 from luasched.keys import Namespace, glob_escape
 from luasched.lock import acquire_call, new_token, release_call
-from luasched.queue import Lease, QueueKeys, node_dequeue_call
+from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
-from servers import ROOT, ServerHandle, find_redis_cli
+from support.helpers import namespace_keys, snapshot_ignoring_ttl
+from support.servers import ROOT, ServerHandle, find_redis_cli
 
 TENANT_A = "ten*"  # a glob character: its rule must not reach tenant-b
 TENANT_B = "tenant-b"
@@ -822,7 +823,7 @@ def test_every_call_runs_as_a_user_allowed_exactly_its_keys(
             assert s.runner.run(wait).leases == ()
 
     register_waiters()
-    for strategy in ("slot", "least_loaded", "two_choices", "weighted", "round_robin"):
+    for strategy in STRATEGIES:
         assert q.dispatch(strategy, b"", strategy=strategy, routing_key=b"k").created
         later = strategy + "-later"
         assert q.dispatch(later, b"", strategy=strategy, routing_key=b"k", delay_ms=1).created
@@ -842,9 +843,7 @@ def test_every_call_runs_as_a_user_allowed_exactly_its_keys(
     while taken := take_all(HOUR):
         leases += taken
     assert sorted(lease.task_id for _, lease in leases) == sorted(
-        name.encode() + tail
-        for name in ("slot", "least_loaded", "two_choices", "weighted", "round_robin")
-        for tail in (b"", b"-later")
+        name.encode() + tail for name in STRATEGIES for tail in (b"", b"-later")
     )
     assert max(lease.attempt for _, lease in leases) >= 2  # a 1 ms lease was reclaimed
     (first_node, first), (second_node, second), (third_node, third) = leases[:3]

@@ -30,7 +30,7 @@ from redis.retry import Retry
 import luasched.asyncio
 from luasched import Scheduler
 from luasched.blocking import block_timeout_s
-from proxy import Command, ReplyDroppingProxy
+from support.proxy import Command, ReplyDroppingProxy
 
 T = TypeVar("T")
 

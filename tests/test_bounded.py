@@ -1,4 +1,4 @@
-"""Bounded work (issue 9, item 5; tests/bounded.py): 1,000,000 expired leases and 20,000 due
+"""Bounded work (issue 9, item 5; tests/support/bounded.py): 1,000,000 expired leases and 20,000 due
 delayed tasks, and each dequeue call reclaims exactly 16 leases and promotes exactly 16 tasks (its
 bounds) at a cost that does not depend on the backlog: the median server time per call under
 1 ms and no more than twice (+ 100 us) that of 10,000 of each. `make chaos` runs the full
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-import bounded
+from support import bounded
 from test_chaos import chosen_binary
 
 LIMIT = 16  # lua/include/queue_limits.j2: reclaim_limit, promote_limit

@@ -1,7 +1,7 @@
 """The chaos run in short (issue 9, item 1; `make chaos` is the full one): 4,000 tasks, 8 worker
 processes SIGKILLed and restarted, one kill -9 of Redis (AOF, appendfsync always) and one
 SCRIPT FLUSH mid-run, on a throwaway server of its own. Once per session, with the binary of
-redis-7.0 when selected, else of the first standalone server selected (tests/chaos.py).
+redis-7.0 when selected, else of the first standalone server selected (tests/support/chaos.py).
 
 And the checker itself, on a run whose records and logs were tampered with: it must see a task
 acked twice, a lost task, two leases at once and a refused ack that was applied.
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-import chaos
 from luasched.keys import Namespace
 from luasched.testing import ThrowawayServer
-from servers import SPECS, local_binary
+from support import chaos
+from support.servers import SPECS, local_binary
 
 
 def chosen_binary(luasched_servers: dict[str, Any]) -> Path:

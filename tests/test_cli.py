@@ -100,8 +100,8 @@ def _shop(r: Any) -> dict[str, Any]:
     not from the stats code)."""
     import time
 
-    from helpers import table_owners
     from luasched import Scheduler
+    from support.helpers import table_owners
 
     s = Scheduler(r, "shop")
     s.nodes.register("node-a", weight=3, capacity=10, ttl_ms=600_000)
@@ -148,7 +148,7 @@ def _shop(r: Any) -> dict[str, Any]:
 def test_stats_reports_the_namespace(
     server: Any, r: Any, capsys: pytest.CaptureFixture[str], output: str
 ) -> None:
-    from helpers import snapshot_ignoring_ttl as snapshot
+    from support.helpers import snapshot_ignoring_ttl as snapshot
 
     expected = _shop(r)
     before = snapshot(r, "shop")

@@ -19,7 +19,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from luasched import PartitionLease, Scheduler, StaleLease
-from servers import HOST, ReplicatedCluster
+from support.servers import HOST, ReplicatedCluster
 
 pytestmark = pytest.mark.replicated_cluster
 

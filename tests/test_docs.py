@@ -24,8 +24,8 @@ import pytest
 
 from luasched import Scheduler
 from luasched.render import functions_library
-from nodejs import node_env, require_node
-from servers import ROOT, ServerHandle, find_redis_cli
+from support.nodejs import node_env, require_node
+from support.servers import ROOT, ServerHandle, find_redis_cli
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"

@@ -44,11 +44,11 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError, ResponseError
 
-from helpers import namespace_keys, render_key
 from luasched.keys import Namespace
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
-from servers import SERVER_NAMES, ServerHandle
+from support.helpers import namespace_keys, render_key
+from support.servers import SERVER_NAMES, ServerHandle
 
 MANIFEST: dict[str, Any] = manifest()
 SCRIPTS: dict[str, dict[str, Any]] = MANIFEST["scripts"]

@@ -12,7 +12,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 
-from servers import (
+from support.servers import (
     CLUSTER_NODE_TIMEOUT_MS,
     EXPECTED_FULL_VERSION,
     SERVER_NAMES,
@@ -216,7 +216,8 @@ def test_server_selection_parsing() -> None:
 @pytest.fixture
 def harness_copy(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest((TESTS_DIR / "conftest.py").read_text())
-    pytester.makepyfile(servers=(TESTS_DIR / "servers.py").read_text())
+    support = pytester.mkpydir("support")
+    (support / "servers.py").write_text((TESTS_DIR / "support" / "servers.py").read_text())
     pytester.makeini(
         textwrap.dedent(
             """

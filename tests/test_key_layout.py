@@ -30,12 +30,12 @@ import redis
 import redis.cluster
 from redis.exceptions import ResponseError
 
-from helpers import namespace_keys
 from luasched.keys import Namespace, key_slot
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
 from luasched.scripts import Call
-from servers import ServerHandle
+from support.helpers import namespace_keys
+from support.servers import ServerHandle
 
 SCRIPTS: dict[str, dict[str, Any]] = manifest()["scripts"]
 NAMESPACE = Namespace("layout")

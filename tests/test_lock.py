@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from helpers import lock_state, namespace_keys
 from luasched import Scheduler
 from luasched.errors import LuaschedError
 from luasched.lock import (
@@ -28,6 +27,7 @@ from luasched.lock import (
     release_call,
 )
 from luasched.scripts import Call
+from support.helpers import lock_state, namespace_keys
 
 
 def acquire(s: Scheduler, name: bytes, token: bytes, ttl_ms: int = 10_000, **kw: Any) -> Any:

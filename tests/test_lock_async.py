@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 import luasched.asyncio
-from helpers import lock_state as state_of
+from support.helpers import lock_state as state_of
 
 
 def lock_state(r: Any, s: Any, name: bytes) -> tuple[int, int, int]:

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import redis
 
-from helpers import namespace_keys, snapshot
 from luasched import CorruptState, InvalidArgument, Namespace, Scheduler
 from luasched.lock import (
     acquire_call,
@@ -17,6 +16,7 @@ from luasched.lock import (
     semaphore_keys,
 )
 from luasched.render import render_all
+from support.helpers import namespace_keys, snapshot
 
 NS = "lkerr"
 TOKEN = b"t" * 16

@@ -12,8 +12,8 @@ import pytest
 
 import luasched
 import luasched.asyncio
-from helpers import lock_state, snapshot_ignoring_ttl
 from luasched import LockTimeout, LuaschedError, Scheduler
+from support.helpers import lock_state, snapshot_ignoring_ttl
 
 NS = "ctx"
 

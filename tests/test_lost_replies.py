@@ -1,7 +1,7 @@
 """Lost replies (issue 9, item 2): the server runs a call, the reply never reaches the client,
-redis-py reconnects and sends the call again. Through tests/proxy.py, which drops the reply of a
-chosen command after the server executed it: enqueue, dequeue, ack, lock acquire and release
-each act exactly once (checked directly on the server, not through the proxy).
+redis-py reconnects and sends the call again. Through tests/support/proxy.py, which drops the
+reply of a chosen command after the server executed it: enqueue, dequeue, ack, lock acquire and
+release each act exactly once (checked directly on the server, not through the proxy).
 
 The controls show the proxy makes a retry act twice when nothing guards against it (a plain
 INCR, a dequeue and an ack without request id), so the tests above them can fail.
@@ -17,10 +17,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from helpers import lock_state
 from luasched import Scheduler
 from luasched.errors import StaleLease
-from proxy import Command, ReplyDroppingProxy
+from support.helpers import lock_state
+from support.proxy import Command, ReplyDroppingProxy
 
 pytestmark = pytest.mark.standalone_only
 

@@ -19,8 +19,13 @@ from typing import Any
 
 import pytest
 
-import nodejs
-from crosslang import (
+from luasched import Scheduler, key_slot
+from luasched.keys import Namespace
+from luasched.lock import lock_keys, semaphore_keys
+from luasched.queue import QueueKeys
+from luasched.render import export, manifest
+from support import nodejs
+from support.crosslang import (
     SLOT_VECTORS,
     assert_route_taken,
     command_calls,
@@ -28,14 +33,9 @@ from crosslang import (
     routes,
     use_route,
 )
-from helpers import render_key
-from luasched import Scheduler, key_slot
-from luasched.keys import Namespace
-from luasched.lock import lock_keys, semaphore_keys
-from luasched.queue import QueueKeys
-from luasched.render import export, manifest
-from nodejs import NodeDriver, node_env, require_node
-from servers import ROOT, ServerHandle
+from support.helpers import render_key
+from support.nodejs import NodeDriver, node_env, require_node
+from support.servers import ROOT, ServerHandle
 
 NS = "xlang"
 TASKS = 60  # per direction; each a dequeue + ack round trip

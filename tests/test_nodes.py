@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 import luasched.asyncio
-from helpers import assert_codes_covered, assert_refused, counts_of, snapshot, table_owners
 from luasched import (
     InvalidArgument,
     NoNode,
@@ -22,6 +21,7 @@ from luasched import (
 )
 from luasched.keys import REGISTRY_KEYS, SLOT_COUNT
 from luasched.render import render_all
+from support.helpers import assert_codes_covered, assert_refused, counts_of, snapshot, table_owners
 
 Client = Any  # redis.Redis or RedisCluster
 

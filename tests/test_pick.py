@@ -17,7 +17,6 @@ import redis
 import redis.cluster
 
 import luasched.asyncio
-from helpers import assert_codes_covered, assert_refused, namespace_keys, snapshot
 from luasched import (
     AllNodesFull,
     NoNode,
@@ -28,6 +27,7 @@ from luasched import (
 )
 from luasched.pick import PICK_KEYS
 from luasched.render import render_all
+from support.helpers import assert_codes_covered, assert_refused, namespace_keys, snapshot
 
 Client = Any  # redis.Redis or RedisCluster
 

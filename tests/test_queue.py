@@ -16,11 +16,11 @@ import pytest
 import redis
 
 import luasched.asyncio
-from helpers import assert_codes_covered, assert_refused, snapshot
 from luasched import InvalidArgument, Scheduler
 from luasched.errors import StaleLease
 from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
+from support.helpers import assert_codes_covered, assert_refused, snapshot
 
 Client = Any  # redis.Redis or RedisCluster
 

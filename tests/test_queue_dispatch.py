@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 import luasched.asyncio
-from helpers import assert_codes_covered, assert_refused, snapshot, snapshot_ignoring_ttl
 from luasched import Scheduler
 from luasched.errors import AllNodesFull, CorruptState, NoNode, StaleLease
 from luasched.keys import Namespace
 from luasched.queue import DispatchKeys, Lease, node_dequeue_call, pass_on_commands
 from luasched.render import render_all
+from support.helpers import assert_codes_covered, assert_refused, snapshot, snapshot_ignoring_ttl
 
 Client = Any  # redis.Redis or RedisCluster
 HOUR = 3_600_000

@@ -2,7 +2,7 @@
 every server: the same random calls on two queues of one namespace, the "lean" queue called as
 the wrapper calls it and the "full" queue with wait_ms in a form only main() accepts ("00" for
 0), answer the same and leave the same keys after every step. Both
-calls of a step run at one server millisecond (tests/twins.py)."""
+calls of a step run at one server millisecond (tests/support/twins.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from luasched.queue import (
     new_request_id,
 )
 from luasched.scripts import Call
-from twins import QUEUES, QueueTwins
+from support.twins import QUEUES, QueueTwins
 
 Client = Any  # redis.Redis or RedisCluster
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small

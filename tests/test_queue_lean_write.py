@@ -4,7 +4,7 @@ of calls runs on two queues of one namespace, queue "lean" with canonical argume
 takes what it can) and queue "full" with request_ttl_ms "060000" (a leading zero: only main()
 takes it), and after every step the replies and every key's contents must be equal.
 
-Both calls of a step run at one server millisecond (tests/twins.py): the meta, delayed and
+Both calls of a step run at one server millisecond (tests/support/twins.py): the meta, delayed and
 leased scores hold server times."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from luasched import Scheduler
-from twins import QUEUES, QueueTwins, raw_call, server_ms
+from support.twins import QUEUES, QueueTwins, raw_call, server_ms
 
 Client = Any  # redis.Redis or RedisCluster
 IDS = [b"t%d" % number for number in range(24)] + [b"", b"\x00bin\xff id"]

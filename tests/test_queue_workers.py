@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from helpers import worker_pool
 from luasched import Scheduler
 from luasched.errors import StaleLease
 from luasched.queue import Lease
+from support.helpers import worker_pool
 
 Client = Any
 

@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
-from crosslang import (
+from luasched import Scheduler, key_slot
+from luasched.keys import Namespace
+from luasched.render import export
+from support.crosslang import (
     EVALSHA,
     FCALL,
     SLOT_VECTORS,
@@ -28,11 +31,8 @@ from crosslang import (
     readme_block,
     routes,
 )
-from helpers import render_key
-from luasched import Scheduler, key_slot
-from luasched.keys import Namespace
-from luasched.render import export
-from servers import ServerHandle, find_redis_cli
+from support.helpers import render_key
+from support.servers import ServerHandle, find_redis_cli
 
 NS = Namespace("cli")
 

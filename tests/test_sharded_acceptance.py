@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from helpers import worker_pool
 from luasched import Scheduler
-from servers import ServerHandle
+from support.helpers import worker_pool
+from support.servers import ServerHandle
 
 TASKS = 20_000
 PRODUCERS = 4

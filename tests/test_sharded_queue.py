@@ -17,13 +17,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from helpers import snapshot_ignoring_ttl
 from luasched import InvalidArgument, PartitionLease, RetryPolicy, Scheduler, StaleLease
 from luasched.asyncio import Scheduler as AsyncScheduler
 from luasched.keys import Namespace
 from luasched.queue import Lease
 from luasched.testing import ThrowawayServer, find_server_binary
-from servers import ROOT, ServerHandle
+from support.helpers import snapshot_ignoring_ttl
+from support.servers import ROOT, ServerHandle
 
 Client = Any
 

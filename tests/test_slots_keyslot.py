@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from helpers import snapshot
 from luasched import InvalidArgument, Scheduler, key_slot
 from luasched.render import render_all
+from support.helpers import snapshot
 
 # Known independently of our code: CLUSTER KEYSLOT answers these on any Redis Cluster
 # (tests/test_harness.py asks the test cluster).

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from helpers import counts_of, table_owners
 from luasched import InvalidArgument, Scheduler, key_slot
 from luasched.keys import SLOT_COUNT
+from support.helpers import counts_of, table_owners
 
 Client = Any
 

@@ -29,12 +29,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import luasched.asyncio
-from helpers import snapshot, snapshot_ignoring_ttl
 from luasched import InvalidArgument, Lease, LockHandle, PermitHandle, Scheduler
 from luasched.asyncio.sharded import AsyncShardedQueue
 from luasched.retry import NO_RETRY
 from luasched.sharded import PartitionLease, ShardedQueue
-from servers import ServerHandle
+from support.helpers import snapshot, snapshot_ignoring_ttl
+from support.servers import ServerHandle
 
 Client = redis.Redis | redis.cluster.RedisCluster
 

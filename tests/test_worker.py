@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 import luasched.asyncio
-from helpers import assert_refused, snapshot
 from luasched import Fail, InvalidArgument, Job, Retry, Scheduler, Worker
 from luasched.queue import (
     NACK_DEAD,
@@ -35,7 +34,8 @@ from luasched.queue import (
     nack_call,
     node_nack_call,
 )
-from servers import ServerHandle
+from support.helpers import assert_refused, snapshot
+from support.servers import ServerHandle
 
 NS = "wk"
 KINDS = ["threads", "asyncio"]

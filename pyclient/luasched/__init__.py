@@ -27,10 +27,11 @@ if TYPE_CHECKING:
         UnknownNode,
     )
     from luasched.keys import Namespace, key_slot
+    from luasched.leases import Lease, Nacked
     from luasched.lock import Lock, LockHandle, PermitHandle, Semaphore
     from luasched.nodes import NodeInfo, NodeList, Removal, SweepResult
     from luasched.pick import Picked
-    from luasched.queue import Enqueued, Lease, Nacked, Queue, QueueStats
+    from luasched.queue import Enqueued, Queue, QueueStats
     from luasched.render import ScriptConfig
     from luasched.retry import RetryPolicy
     from luasched.scheduler import Scheduler, SchedulerPipeline
@@ -65,8 +66,8 @@ _LAZY = {
     "SweepResult": "luasched.nodes",
     "Picked": "luasched.pick",
     "Enqueued": "luasched.queue",
-    "Lease": "luasched.queue",
-    "Nacked": "luasched.queue",
+    "Lease": "luasched.leases",
+    "Nacked": "luasched.leases",
     "Queue": "luasched.queue",
     "QueueStats": "luasched.queue",
     "ScriptConfig": "luasched.render",

@@ -9,18 +9,22 @@ touch any of them, standalone or on a cluster. ``key_slot`` is the same function
 from __future__ import annotations
 
 import binascii
+import functools
+import secrets
 from dataclasses import dataclass
+from typing import Any
 
-from luasched import validate
+from luasched import contract, validate
 from luasched.errors import InvalidArgument
 
 __all__ = [
     "KEY_PREFIX",
     "MAX_NAMESPACE_BYTES",
-    "REGISTRY_KEYS",
+    "REGISTRY_KEYS",  # noqa: F822 (module __getattr__: read from the manifest)
     "Namespace",
     "glob_escape",
     "key_slot",
+    "new_request_id",
     "to_bytes",
 ]
 
@@ -28,26 +32,28 @@ KEY_PREFIX = b"luasched:"
 MAX_NAMESPACE_BYTES = 128
 SLOT_COUNT = 16384
 
-#: The keys of the node registry and slot table, in the KEYS order every ``nodes.*`` script and
-#: ``slots.rebalance``/``owner``/``owners``/``owner_of_slot`` take (lua/include/registry.lua.j2).
-#: Node ids never enter a key name: they are hash fields and values.
-REGISTRY_KEYS: tuple[str, ...] = (
-    "nodes:index",  # HASH node id -> index ("1".."65535")
-    "nodes:id",  # HASH index -> node id
-    "nodes:weight",  # HASH index -> weight
-    "nodes:capacity",  # HASH index -> capacity (absent: unlimited)
-    "nodes:meta",  # HASH index -> metadata (absent: empty)
-    "nodes:deadline",  # ZSET index scored by heartbeat deadline (server ms; +inf: none)
-    "nodes:draining",  # SET indexes of draining nodes
-    "nodes:free",  # ZSET released indexes, reused lowest first
-    "slots:owner",  # STRING 16384 big-endian 16-bit owner indexes (0: none), or absent
-    # The pick.* view of the registry, kept in step by the nodes.* scripts (luasched.pick):
-    "pick:load",  # HASH index -> load charged by picks (absent: 0)
-    "pick:util",  # ZSET registered, non-draining indexes by utilization load/capacity
-    "pick:ring",  # ZSET registered, non-draining indexes by index (round-robin order)
-    "pick:lru",  # ZSET registered, non-draining indexes by logical clock of last pick
-    "pick:weighted",  # ZSET live eligible indexes by cumulative weight (absent: rebuild)
-)
+#: ``REGISTRY_KEYS`` (the names under the namespace of the node registry's and slot table's
+#: KEYS, in order) is read from the manifest on first use: see ``__getattr__``.
+
+
+def __getattr__(name: str) -> Any:
+    """``REGISTRY_KEYS``: the KEYS every ``nodes.*`` script and ``slots.rebalance``/``owner``/
+    ``owners``/``owner_of_slot`` take, as names under the namespace, from the manifest
+    (``nodes.register``'s layout, lua/include/registry_keys.j2). Node ids never enter a key
+    name: they are hash fields and values."""
+    if name == "REGISTRY_KEYS":
+        return contract.layout(REGISTRY_SCRIPT).tails
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: The script whose KEYS layout is the registry's (every registry and slot table script shares it).
+REGISTRY_SCRIPT = "nodes.register"
+
+
+def new_request_id() -> bytes:
+    """A fresh random request id: 16 random bytes (``secrets``), as 32 lowercase hex digits
+    (what every script accepts: ``[0-9A-Za-z_-]``, no ``:``)."""
+    return secrets.token_hex(16).encode()
 
 
 def to_bytes(value: str | bytes) -> bytes:
@@ -120,9 +126,14 @@ class Namespace:
     @property
     def registry_keys(self) -> tuple[bytes, ...]:
         """The KEYS of the registry and slot table scripts, in order (``REGISTRY_KEYS``)."""
-        return tuple(self.prefix + name.encode() for name in REGISTRY_KEYS)
+        return _registry_keys(self)
 
     @property
     def slot(self) -> int:
         """The cluster slot that holds every key of this namespace."""
         return key_slot(self.prefix)
+
+
+@functools.lru_cache(maxsize=1024)
+def _registry_keys(namespace: Namespace) -> tuple[bytes, ...]:
+    return contract.layout(REGISTRY_SCRIPT).bind(namespace).keys

@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
-from luasched import validate
+from luasched import contract, validate
 from luasched.blocking import pass_on_commands
+from luasched.contract import BoundKeys
 from luasched.errors import InvalidArgument, LockTimeout
-from luasched.keys import Namespace, to_bytes
+from luasched.keys import Namespace, new_request_id, to_bytes
 from luasched.loops import Cleanup, Loop, Run, Send, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
 
@@ -85,11 +86,6 @@ def new_token() -> bytes:
     return os.urandom(16).hex().encode()
 
 
-def new_request_id() -> bytes:
-    """A fresh request id: 16 random bytes (os.urandom), hex-encoded (no ``:``)."""
-    return os.urandom(16).hex().encode()
-
-
 # ------------------------------------------------------------------------------------------
 # Keys and call builders
 
@@ -98,17 +94,21 @@ def lock_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tup
     """The 5 KEYS of every ``lock.acquire/release/extend`` call, in order.
 
     ``luasched:{ns}:<kind>:<name>`` for the kinds lock, lock-queue, lock-places, lock-wake, and
-    ``luasched:{ns}:lock-req:<request_id>:<name>``. The name (any bytes) is always the tail
-    after a fixed kind, so two names never share a key.
+    ``luasched:{ns}:lock-req:<request_id>:<name>``: the layout of the manifest. The name (any
+    bytes) is always the tail after a fixed kind, so two names never share a key.
     """
-    raw = to_bytes(name)
-    return (
-        namespace.key("lock", raw),
-        namespace.key("lock-queue", raw),
-        namespace.key("lock-places", raw),
-        namespace.key("lock-wake", raw),
-        namespace.key("lock-req", request_id, raw),
-    )
+    return _bound_lock_keys(namespace, to_bytes(name)).with_request(request_id)
+
+
+#: The scripts whose KEYS layouts the lock and the semaphore scripts share
+#: (lua/include/lock_keys.j2, semaphore_keys.j2).
+LOCK_SCRIPT = "lock.acquire"
+SEMAPHORE_SCRIPT = "lock.semaphore_acquire"
+
+
+def _bound_lock_keys(namespace: Namespace, name: bytes) -> BoundKeys:
+    """The KEYS of the lock ``name``, in the manifest's layout, completed per call."""
+    return contract.layout(LOCK_SCRIPT).bind(namespace, name=name)
 
 
 def waiter_wake_key(namespace: Namespace, name: str | bytes, token: bytes) -> bytes:
@@ -118,19 +118,19 @@ def waiter_wake_key(namespace: Namespace, name: str | bytes, token: bytes) -> by
     return namespace.key("lock-waiter", token, to_bytes(name))
 
 
-#: The bounds of the lock's wake lists, as lua/include/lock_limits.j2's wake_max and wake_ttl_ms.
-LOCK_WAKE_MAX = 16
-LOCK_WAKE_TTL_MS = 1_000
+def __getattr__(name: str) -> Any:
+    """``LOCK_WAKE_MAX``, ``LOCK_WAKE_TTL_MS``: the bounds of the locks' wake lists, the limits
+    wake_max and wake_ttl_ms of lua/include/lock_limits.j2 (``luasched.contract.limit``)."""
+    if name in {"LOCK_WAKE_MAX", "LOCK_WAKE_TTL_MS"}:
+        return contract.limit("lock", name[len("LOCK_") :].lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
-    """The 3 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-req:<request_id>."""
-    raw = to_bytes(name)
-    return (
-        namespace.key("sem", raw),
-        namespace.key("sem-wake", raw),
-        namespace.key("sem-req", request_id, raw),
-    )
+    """The 3 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-req:<request_id> (the
+    manifest's layout)."""
+    bound = contract.layout(SEMAPHORE_SCRIPT).bind(namespace, name=to_bytes(name))
+    return bound.with_request(request_id)
 
 
 def _status(value: Any) -> str:
@@ -324,20 +324,22 @@ class LockKeys:
         self._namespace = namespace
         self._name = name
         self._reentrant = reentrant
-        self.plain = lock_keys(namespace, name, b"")
+        self._bound = _bound_lock_keys(namespace, name)
+        self.plain = self._bound.keys
+        #: The lock's wake list (its manifest name ``wake``).
+        self.wake = self._bound["wake"]
 
     def attempt(self) -> tuple[bytes, tuple[bytes, ...]]:
         if not self._reentrant:
             return b"", self.plain
         request_id = new_request_id()
-        request_key = self._namespace.key("lock-req", request_id, self._name)
-        return request_id, (*self.plain[:4], request_key)
+        return request_id, self._bound.with_request(request_id)
 
     def wake_lists(self, token: bytes, fair: bool) -> tuple[bytes, ...]:
         """Where a waiter blocks: the lock's wake list, and a fair waiter its own list first."""
         if not fair:
-            return (self.plain[3],)
-        return (waiter_wake_key(self._namespace, self._name, token), self.plain[3])
+            return (self.wake,)
+        return (waiter_wake_key(self._namespace, self._name, token), self.wake)
 
     def pass_on(self, token: bytes, fair: bool, popped: Any) -> bytes | None:
         """The own list of the fair waiter whose token ``popped`` (BLPOP's reply) carries, when a
@@ -346,7 +348,7 @@ class LockKeys:
         if not fair or not popped:
             return None
         key, signal = to_bytes(popped[0]), to_bytes(popped[1])
-        if key != self.plain[3] or signal in (token, b"1"):
+        if key != self.wake or signal in (token, b"1"):
             return None
         return waiter_wake_key(self._namespace, self._name, signal)
 
@@ -586,7 +588,7 @@ class LockBase:
         self.timeout = check_timeout(timeout)
         self._token = new_token() if reentrant else None
         self._keys = LockKeys(namespace, self.name, reentrant)
-        self.wake_key = self._keys.plain[3]
+        self.wake_key = self._keys.wake
 
     def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
         request_id, keys = self._keys.attempt()
@@ -648,7 +650,12 @@ class LockBase:
             woken = popped is not None and target is None
             if target is not None:  # another waiter's turn: pass it on, then wait again
                 yield Send(
-                    pass_on_commands(target, to_bytes(popped[1]), LOCK_WAKE_MAX, LOCK_WAKE_TTL_MS)
+                    pass_on_commands(
+                        target,
+                        to_bytes(popped[1]),
+                        contract.limit("lock", "wake_max"),
+                        contract.limit("lock", "wake_ttl_ms"),
+                    )
                 )
 
     def _undo(self, token: bytes, call: Call[AcquireResult]) -> Generator[Run, Any, None]:

@@ -20,8 +20,7 @@ from typing import Any
 from luasched import validate
 from luasched.keys import Namespace
 from luasched.render import MAX_BATCH_LIMIT
-from luasched.scripts import Call
-from luasched.slots import Runner
+from luasched.scripts import Call, Runner
 
 __all__ = [
     "NodeInfo",

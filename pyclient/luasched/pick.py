@@ -22,17 +22,17 @@ builders below are shared by the sync, asyncio and pipeline wrappers; they hold 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from luasched import validate
+from luasched import contract, validate
 from luasched.keys import Namespace
-from luasched.scripts import Call
-from luasched.slots import Runner
+from luasched.scripts import Call, Runner
 
 __all__ = [
-    "PICK_KEYS",
+    "PICK_KEYS",  # noqa: F822 (module __getattr__: read from the manifest)
     "RANDOM_LIMIT",
     "Pick",
     "Picked",
@@ -49,29 +49,13 @@ __all__ = [
 #: Random integers sent to the scripts are uniform in 0..RANDOM_LIMIT-1 (2^53: exact in Lua).
 RANDOM_LIMIT = 1 << 53
 
-#: The KEYS of each pick script, in order, as names under the namespace (``Namespace.key``).
-#: They are the manifest's key patterns (``luasched:{ns}:<name>``); tests check both agree.
-PICK_KEYS: dict[str, tuple[str, ...]] = {
-    "pick.least_loaded": ("pick:util", "pick:load", "nodes:capacity", "nodes:deadline", "nodes:id"),
-    "pick.two_choices": ("pick:util", "pick:load", "nodes:capacity", "nodes:deadline", "nodes:id"),
-    "pick.release": ("nodes:index", "pick:load", "nodes:capacity", "pick:util"),
-    "pick.round_robin": ("pick:ring", "pick:state", "nodes:deadline", "nodes:id"),
-    "pick.least_recent": ("pick:lru", "pick:state", "nodes:deadline", "nodes:id"),
-    "pick.weighted": (
-        "pick:weighted",
-        "nodes:deadline",
-        "nodes:draining",
-        "nodes:weight",
-        "nodes:id",
-    ),
-    "pick.smooth_weighted": (
-        "pick:smooth",
-        "nodes:deadline",
-        "nodes:draining",
-        "nodes:weight",
-        "nodes:id",
-    ),
-}
+
+def __getattr__(name: str) -> Any:
+    """``PICK_KEYS``: the KEYS of each ``pick.*`` script, in order, as names under the namespace
+    (``pick:util``...), read from the manifest on first use (``luasched.contract``)."""
+    if name == "PICK_KEYS":
+        return {script: contract.layout(script).tails for script in contract.scripts_named("pick.")}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RandomSource(Protocol):
@@ -95,8 +79,10 @@ class Picked:
     capacity: int | None = None
 
 
+@functools.lru_cache(maxsize=1024)
 def _keys(namespace: Namespace, script: str) -> tuple[bytes, ...]:
-    return tuple(namespace.key(name) for name in PICK_KEYS[script])
+    """The KEYS of ``script`` in ``namespace`` (its manifest layout; cached: one per pick)."""
+    return contract.layout(script).bind(namespace).keys
 
 
 def _charged(reply: Any) -> Picked:

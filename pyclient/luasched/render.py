@@ -37,6 +37,7 @@ and gets the namespace check of include/keys.lua.j2, generated from its ``--@key
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -75,6 +76,7 @@ __all__ = [
     "is_ready",
     "library_name",
     "library_of",
+    "limits",
     "manifest",
     "render_all",
     "render_count",
@@ -191,6 +193,31 @@ def templates_dir() -> Path:
     if source.is_dir():
         return source
     raise TemplateError(f"no templates: neither {packaged} nor {source} exists")
+
+
+#: The limit files of lua/include/: ``<family>_limits.j2``, whose integer ``--% set`` lines are
+#: the limits the scripts of that family render (``limits``).
+LIMITS_SUFFIX = "_limits.j2"
+_LIMIT = re.compile(r"^--% set ([a-z_][a-z0-9_]*) = (-?[0-9]+)$", re.M)
+
+
+def limits(templates: Path | None = None) -> dict[str, dict[str, int]]:
+    """The integer limits the templates render, by family: ``{"queue": {"wake_max": 16, ...},
+    "lock": {...}, ...}`` from each ``include/<family>_limits.j2`` of ``templates`` (default
+    ``templates_dir()``), read as text (no Jinja2). What the wrappers must agree on with the
+    scripts (the bounds of the wake lists a waiter passes signals on to...) is read from here;
+    the manifest carries the same table (``limits``). Cached per directory."""
+    return _limits_of(templates or templates_dir())
+
+
+@functools.cache
+def _limits_of(templates: Path) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    for path in sorted((templates / "include").glob(f"*{LIMITS_SUFFIX}")):
+        family = path.name[: -len(LIMITS_SUFFIX)]
+        text = path.read_text("utf-8")
+        found[family] = {name: int(value) for name, value in _LIMIT.findall(text)}
+    return found
 
 
 def crc16_table() -> list[int]:
@@ -950,6 +977,7 @@ def _manifest_of(
             "hash_tag": "ns",
             "namespace": "1..128 bytes, no '{' or '}'; replaces ns in every key pattern",
         },
+        "limits": limits(),
         "scripts": {
             name: {
                 "file": script.file_name,

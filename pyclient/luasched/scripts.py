@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 from redis.cluster import RedisCluster
@@ -47,7 +47,7 @@ from luasched.errors import error_from_response
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
 from luasched.retry import RetryPolicy
 
-__all__ = ["Batch", "Call", "FunctionsRoute", "ScriptRunner"]
+__all__ = ["Batch", "Call", "FunctionsRoute", "Runner", "ScriptRunner"]
 
 T = TypeVar("T")
 Arg = bytes | str | int | float
@@ -62,6 +62,13 @@ class Call(Generic[T]):
     keys: tuple[bytes, ...]
     args: tuple[Arg, ...]
     parse: Callable[[Any], T]
+
+
+class Runner(Protocol):
+    """Something that runs a call: a ``ScriptRunner``, or a ``Batch`` that queues it (what
+    every sync wrapper -- ``Queue``, ``Slots``, ``Nodes``... -- runs its calls through)."""
+
+    def run(self, call: Call[T]) -> T: ...
 
 
 def translate(error: BaseException) -> BaseException:

@@ -36,21 +36,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from luasched import validate
 from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
+from luasched.leases import Lease, Nacked, check_take, remaining_ms
 from luasched.queue import (
     MAX_QUEUE_NAME_BYTES,
     Enqueued,
-    Lease,
-    Nacked,
     Queue,
+    QueueCalls,
     QueueStats,
     check_queue_options,
-    check_take,
-    remaining_ms,
 )
 from luasched.retry import RetryPolicy
 
@@ -59,6 +57,7 @@ __all__ = [
     "MAX_PARTITIONS",
     "PartitionLease",
     "Rotation",
+    "ShardedBase",
     "ShardedQueue",
     "ShardedStats",
     "check_sharded",
@@ -274,19 +273,18 @@ def partition_for(task_id: object, routing_key: object, partitions: int) -> int:
     return routed(routing_key, partitions)
 
 
-class ShardedQueue:
-    """One logical queue over k partition queues (``s.sharded_queue(name, partitions=k)``).
+#: A partition: a plain queue, sync or asyncio.
+P = TypeVar("P", bound="QueueCalls[Any]")
 
-    Methods have the meaning of ``Queue``'s; a call touches one partition (``dequeue`` may ask
-    several in turn, see the module doc). ``partitions`` are the plain ``Queue`` objects,
-    ``namespaces`` their namespaces.
-    """
+
+class ShardedBase(Generic[P]):
+    """What ``ShardedQueue`` and ``AsyncShardedQueue`` share: the partitions (plain queues,
+    sync or asyncio), their namespaces, the block slice and the rotation of a dequeue, and the
+    routing of a task to its partition. ValueError without partitions; InvalidArgument for a
+    ``block_slice_ms`` out of range."""
 
     def __init__(
-        self,
-        queues: Sequence[Queue],
-        *,
-        block_slice_ms: int = DEFAULT_BLOCK_SLICE_MS,
+        self, queues: Sequence[P], *, block_slice_ms: int = DEFAULT_BLOCK_SLICE_MS
     ) -> None:
         if not queues:
             raise ValueError("a sharded queue needs at least one partition")
@@ -299,6 +297,15 @@ class ShardedQueue:
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
         return routed(routing_key, len(self.partitions))
+
+
+class ShardedQueue(ShardedBase[Queue]):
+    """One logical queue over k partition queues (``s.sharded_queue(name, partitions=k)``).
+
+    Methods have the meaning of ``Queue``'s; a call touches one partition (``dequeue`` may ask
+    several in turn, see the module doc). ``partitions`` are the plain ``Queue`` objects,
+    ``namespaces`` their namespaces.
+    """
 
     def enqueue(
         self,

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from luasched import validate
 from luasched.keys import Namespace
 from luasched.render import MAX_BATCH_LIMIT, MAX_KEY_BYTES_LIMIT
-from luasched.scripts import Call
+from luasched.scripts import Call, Runner
 
 __all__ = [
     "Owner",
     "Rebalance",
+    "Runner",
     "Slots",
     "keyslot_call",
     "keyslots_call",
@@ -34,12 +35,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class Runner(Protocol):
-    """Something that runs a call: a ScriptRunner, or a Batch that queues it."""
-
-    def run(self, call: Call[T]) -> T: ...
 
 
 def _ints(reply: Any) -> list[int]:

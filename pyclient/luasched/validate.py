@@ -29,11 +29,12 @@ import re
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
+from luasched.contract import arg_spec
 from luasched.errors import InvalidArgument
-from luasched.render import ArgSpec, render_all
+from luasched.render import render_all
 
 if TYPE_CHECKING:
-    from luasched.queue import Lease
+    from luasched.leases import Lease
 
 __all__ = [
     "arg",
@@ -117,14 +118,6 @@ def choice(name: str, value: object, choices: Collection[str]) -> str:
     return value
 
 
-@functools.cache
-def _spec(script: str, argv_name: str) -> ArgSpec:
-    for spec in render_all()[script].spec.args:
-        if spec.name == argv_name:
-            return spec
-    raise KeyError(f"{script} has no argument {argv_name!r}")  # a bug in a call builder
-
-
 def preload() -> None:
     """Load now the default scripts whose manifest the checks read (else: at the first check).
 
@@ -140,7 +133,7 @@ _BOUNDS: dict[tuple[str, str], tuple[str, int, int, tuple[str, ...]]] = {}
 def _bounds(script: str, argv_name: str) -> tuple[str, int, int, tuple[str, ...]]:
     found = _BOUNDS.get((script, argv_name))
     if found is None:
-        spec = _spec(script, argv_name)
+        spec = arg_spec(script, argv_name)
         found = (spec.type, int(spec.min or 0), int(spec.max or 0), spec.choices or ())
         _BOUNDS[(script, argv_name)] = found
     return found
@@ -184,7 +177,7 @@ def many(
     """``values`` (any iterable but one str or bytes) checked as the repeated ARGV
     ``argv_name`` of ``script``: how many (the manifest's repeat range, or 1..``most``) and each
     one (``arg``, its length up to ``hi`` if given); InvalidArgument naming ``name``."""
-    spec = _spec(script, argv_name)
+    spec = arg_spec(script, argv_name)
     low, high = spec.count or (1, 1)
     high = high if most is None else most
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
@@ -209,7 +202,7 @@ def request_id(name: str, value: object, new: Any) -> bytes:
 
 @functools.cache
 def _lease_class() -> type[Lease]:
-    from luasched.queue import Lease  # luasched.queue imports this module
+    from luasched.leases import Lease  # luasched.leases imports this module
 
     return Lease
 

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypeVar
 
 from luasched.asyncio.scripts import AsyncScriptRunner
 from luasched.keys import Namespace
@@ -31,7 +32,7 @@ from luasched.lock import (
     held_token,
     renew_loop,
 )
-from luasched.loops import drive_async
+from luasched.loops import Loop, drive_async
 from luasched.scripts import Call
 
 __all__ = ["AsyncLock", "AsyncLockHandle", "AsyncPermitHandle", "AsyncSemaphore"]
@@ -103,6 +104,17 @@ class _AsyncRenewer:
             await self._task
 
 
+#: What an acquire loop answers (a token and the granted reply, or None).
+G = TypeVar("G")
+
+
+async def _acquire(runner: AsyncScriptRunner, loop: Loop[G]) -> G:
+    """Drive an acquire ``loop`` (a lock's or a semaphore's) on ``runner``, delivering a
+    cancellation that redis-py swallowed (``drive_async``'s ``cancel_checks``), so the loop's
+    clean-up (giving a fair waiter's place back) runs either way."""
+    return await drive_async(loop, runner.run, runner.client, cancel_checks=True)
+
+
 class AsyncLock(LockBase):
     """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``).
 
@@ -156,12 +168,7 @@ class AsyncLock(LockBase):
     ) -> AsyncLockHandle | None:
         """Take the lock; see ``luasched.lock.Lock.acquire``. Safe to cancel."""
         deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
-        got = await drive_async(
-            self._acquire_loop(blocking, deadline),
-            self._runner.run,
-            self._runner.client,
-            cancel_checks=True,
-        )
+        got = await _acquire(self._runner, self._acquire_loop(blocking, deadline))
         if got is None:
             return None
         token, result = got
@@ -235,12 +242,7 @@ class AsyncSemaphore(SemaphoreBase):
     ) -> AsyncPermitHandle | None:
         """Take a permit; see ``luasched.lock.Semaphore.acquire``. Safe to cancel."""
         deadline = acquire_deadline(blocking, timeout)  # checked before any I/O
-        got = await drive_async(
-            self._acquire_loop(blocking, deadline),
-            self._runner.run,
-            self._runner.client,
-            cancel_checks=True,
-        )
+        got = await _acquire(self._runner, self._acquire_loop(blocking, deadline))
         if got is None:
             return None
         token, result = got

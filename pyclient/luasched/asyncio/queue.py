@@ -6,45 +6,32 @@ from typing import Any
 
 from luasched import validate
 from luasched.asyncio.slots import AsyncRunner
+from luasched.dispatch import (
+    Dispatched,
+    DispatchStats,
+    NodeCounts,
+    NodeQueueCalls,
+    Redispatched,
+    RequeuedDispatched,
+    Strategy,
+    dispatch_stats_call,
+)
 from luasched.keys import Namespace
-from luasched.loops import drive_async
-from luasched.pick import RandomSource, default_rng
-from luasched.queue import (
+from luasched.leases import (
     DEFAULT_BACKOFF_BASE_MS,
     DEFAULT_BACKOFF_MAX_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_POLL_MS,
     DEFAULT_REQUEST_TTL_MS,
-    Dispatched,
-    DispatchKeys,
-    DispatchStats,
-    Enqueued,
     Lease,
     Nacked,
-    NodeCounts,
-    NodeWait,
-    QueueKeys,
+)
+from luasched.loops import Loop, drive_async
+from luasched.pick import RandomSource
+from luasched.queue import (
+    Enqueued,
+    QueueCalls,
     QueueStats,
-    Redispatched,
-    RequeuedDispatched,
-    Strategy,
-    TakeCall,
-    ack_call,
-    blocking_take,
-    check_queue_options,
-    check_take,
-    dequeue_call,
-    dispatch_call,
-    dispatch_requeue_dead_call,
-    dispatch_stats_call,
-    enqueue_call,
-    extend_call,
-    nack_call,
-    node_ack_call,
-    node_extend_call,
-    node_nack_call,
-    node_take,
-    redispatch_call,
     requeue_dead_call,
     stats_call,
 )
@@ -75,7 +62,7 @@ async def check_eviction_policy_async(client: Any, namespace: Namespace) -> str 
     return policy
 
 
-class AsyncQueue:
+class AsyncQueue(QueueCalls[AsyncRunner]):
     """One task queue (``s.queue(name)``); see ``luasched.queue.Queue``.
 
     The first awaited call of a queue made by ``Scheduler.queue`` checks the server's
@@ -97,25 +84,31 @@ class AsyncQueue:
         on_first_call: Any = None,
         rng: RandomSource | None = None,
     ) -> None:
-        check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
-        self._runner = runner
-        self._client = client
+        super().__init__(
+            runner,
+            namespace,
+            name,
+            client=client,
+            max_attempts=max_attempts,
+            backoff_base_ms=backoff_base_ms,
+            backoff_max_ms=backoff_max_ms,
+            request_ttl_ms=request_ttl_ms,
+            poll_ms=poll_ms,
+            rng=rng,
+        )
         self._on_first_call = on_first_call
-        self.keys = QueueKeys.of(namespace, name)
-        self.name = self.keys.queue
-        self.dispatch_keys = DispatchKeys.of(namespace, self.name)
-        self._rng = rng if rng is not None else default_rng()
-        self.max_attempts = max_attempts
-        self.backoff_base_ms = backoff_base_ms
-        self.backoff_max_ms = backoff_max_ms
-        self.request_ttl_ms = request_ttl_ms
-        self.poll_ms = poll_ms
 
     async def _run(self, call: Call[Any]) -> Any:
         if self._on_first_call is not None:
             hook, self._on_first_call = self._on_first_call, None
             await hook()
         return await self._runner.run(call)
+
+    async def _do(self, plan: Call[Any] | Loop[Any]) -> Any:
+        """Run ``plan``: one call, or a blocking take's loop (``luasched.loops.drive_async``)."""
+        if isinstance(plan, Call):
+            return await self._run(plan)
+        return await drive_async(plan, self._run, self._client)
 
     async def enqueue(
         self,
@@ -128,75 +121,9 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Enqueued:
         """Add a task; see ``luasched.queue.Queue.enqueue``."""
-        result: Enqueued = await self._run(
-            enqueue_call(
-                self.keys,
-                task_id,
-                payload,
-                priority=priority,
-                delay_ms=delay_ms,
-                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
-            )
+        return await self._run(  # type: ignore[no-any-return]
+            self._enqueue_call(task_id, payload, priority, delay_ms, max_attempts, request_id)
         )
-        return result
-
-    def _call(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        wait_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Call[Any]:
-        return dequeue_call(
-            self.keys,
-            worker_id,
-            count,
-            lease_ms,
-            wait_ms=wait_ms,
-            ack=ack,
-            request_id=request_id,
-            request_ttl_ms=self.request_ttl_ms,
-            shape=shape,
-        )
-
-    async def _take(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        block_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        check_take(worker_id, count, lease_ms, block_ms)
-
-        def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
-            return self._call(worker_id, count, lease_ms, wait_ms, ack, rid, shape)
-
-        return await self._blocking_take(call, self.keys.wake, block_ms, ack, request_id, shape)
-
-    async def _blocking_take(
-        self,
-        call: TakeCall,
-        wake: bytes | NodeWait,
-        block_ms: int,
-        ack: Lease | None,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        """Async twin of ``luasched.queue.Queue._blocking_take``."""
-        if block_ms <= 0:
-            return await self._run(call(0, ack, request_id, shape))
-        if self._client is None:
-            raise ValueError("a blocking dequeue cannot be queued in a pipeline")
-        loop = blocking_take(call, wake, block_ms, ack, request_id, shape, self.poll_ms)
-        return await drive_async(loop, self._run, self._client)
 
     async def dequeue(
         self,
@@ -207,10 +134,8 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Take and lease the next task; see ``luasched.queue.Queue.dequeue``."""
-        lease: Lease | None = await self._take(
-            worker_id, 1, lease_ms, block_ms, None, request_id, "one"
-        )
-        return lease
+        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
+        return await self._do(plan)  # type: ignore[no-any-return]
 
     async def dequeue_many(
         self,
@@ -222,10 +147,8 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n``; see ``luasched.queue.Queue.dequeue_many``."""
-        leases: list[Lease] = await self._take(
-            worker_id, n, lease_ms, block_ms, None, request_id, "many"
-        )
-        return leases
+        plan = self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
+        return await self._do(plan)  # type: ignore[no-any-return]
 
     async def ack_and_dequeue(
         self,
@@ -238,17 +161,12 @@ class AsyncQueue:
     ) -> Lease | None:
         """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
         validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
-        taken: Lease | None = await self._take(
-            worker_id, 1, lease_ms, block_ms, lease, request_id, "one"
-        )
-        return taken
+        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
+        return await self._do(plan)  # type: ignore[no-any-return]
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish a task; see ``luasched.queue.Queue.ack``."""
-        done: bool = await self._run(
-            ack_call(self.keys, lease, request_id=request_id, request_ttl_ms=self.request_ttl_ms)
-        )
-        return done
+        return await self._run(self._ack_call(lease, request_id))  # type: ignore[no-any-return]
 
     async def nack(
         self,
@@ -259,24 +177,12 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Nacked:
         """A failed attempt; see ``luasched.queue.Queue.nack``."""
-        result: Nacked = await self._run(
-            nack_call(
-                self.keys,
-                lease,
-                delay_ms=delay_ms,
-                reason=reason,
-                backoff_base_ms=self.backoff_base_ms,
-                backoff_max_ms=self.backoff_max_ms,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
-            )
-        )
-        return result
+        call = self._nack_call(lease, delay_ms, reason, request_id)
+        return await self._run(call)  # type: ignore[no-any-return]
 
     async def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move the deadline; see ``luasched.queue.Queue.extend``."""
-        deadline: int = await self._run(extend_call(self.keys, lease, lease_ms))
-        return deadline
+        return await self._run(self._extend_call(lease, lease_ms))  # type: ignore[no-any-return]
 
     async def requeue_dead(self, task_id: str | bytes) -> bool:
         """Bring a dead letter back; see ``luasched.queue.Queue.requeue_dead``."""
@@ -285,8 +191,7 @@ class AsyncQueue:
 
     async def stats(self) -> QueueStats:
         """Counts; see ``luasched.queue.Queue.stats``."""
-        result: QueueStats = await self._run(stats_call(self.keys))
-        return result
+        return await self._run(stats_call(self.keys))  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------------------------------
     # Dispatch to nodes (see luasched.queue.Queue)
@@ -305,72 +210,42 @@ class AsyncQueue:
         request_id: str | bytes | None = None,
     ) -> Dispatched:
         """Choose a node and queue the task for it; see ``luasched.queue.Queue.dispatch``."""
-        result: Dispatched = await self._run(
-            dispatch_call(
-                self.dispatch_keys,
-                task_id,
-                payload,
-                self._rng,
-                strategy=strategy,
-                routing_key=routing_key,
-                cost=cost,
-                priority=priority,
-                delay_ms=delay_ms,
-                max_attempts=self.max_attempts if max_attempts is None else max_attempts,
-                request_id=request_id,
-                request_ttl_ms=self.request_ttl_ms,
-            )
+        call = self._dispatch_call(
+            task_id,
+            payload,
+            strategy,
+            routing_key,
+            cost,
+            priority,
+            delay_ms,
+            max_attempts,
+            request_id,
         )
-        return result
+        return await self._run(call)  # type: ignore[no-any-return]
 
     def for_node(self, node_id: str | bytes) -> AsyncNodeQueue:
         """The tasks dispatched to ``node_id``; see ``luasched.queue.Queue.for_node``."""
-        return AsyncNodeQueue(self, validate.arg("queue.node_dequeue", "node_id", node_id))
+        return AsyncNodeQueue(self, self._node_id(node_id))
 
     async def redispatch(self, node_id: str | bytes, limit: int = 100) -> Redispatched:
         """Move tasks off a dead node; see ``luasched.queue.Queue.redispatch``."""
-        result: Redispatched = await self._run(
-            redispatch_call(self.dispatch_keys, node_id, self._rng, limit)
-        )
-        return result
+        return await self._run(self._redispatch_call(node_id, limit))  # type: ignore[no-any-return]
 
     async def requeue_dead_dispatched(self, task_id: str | bytes) -> RequeuedDispatched:
         """Dispatch a dead letter again; see ``luasched.queue.Queue.requeue_dead_dispatched``."""
-        result: RequeuedDispatched = await self._run(
-            dispatch_requeue_dead_call(self.dispatch_keys, task_id, self._rng)
-        )
-        return result
+        call = self._requeue_dead_dispatched_call(task_id)
+        return await self._run(call)  # type: ignore[no-any-return]
 
     async def dispatch_stats(
         self, nodes: tuple[str | bytes, ...] | list[str | bytes]
     ) -> DispatchStats:
         """Counts of the dispatched tasks; see ``luasched.queue.Queue.dispatch_stats``."""
-        result: DispatchStats = await self._run(dispatch_stats_call(self.dispatch_keys, nodes))
-        return result
+        call = dispatch_stats_call(self.dispatch_keys, nodes)
+        return await self._run(call)  # type: ignore[no-any-return]
 
 
-class AsyncNodeQueue:
+class AsyncNodeQueue(NodeQueueCalls[AsyncQueue]):
     """Async twin of ``luasched.queue.NodeQueue`` (``q.for_node(node_id)``)."""
-
-    def __init__(self, queue: AsyncQueue, node_id: bytes) -> None:
-        self.queue = queue
-        self.node = node_id
-
-    async def _take(
-        self,
-        worker_id: str | bytes,
-        count: int,
-        lease_ms: int,
-        block_ms: int,
-        request_id: str | bytes | None,
-        shape: str,
-    ) -> Any:
-        check_take(worker_id, count, lease_ms, block_ms)
-        q = self.queue
-        keys = q.dispatch_keys
-        call = node_take(keys, self.node, worker_id, count, lease_ms, q.request_ttl_ms)
-        wait = keys.node_wait(self.node)
-        return await q._blocking_take(call, wait, block_ms, None, request_id, shape)
 
     async def dequeue(
         self,
@@ -381,8 +256,8 @@ class AsyncNodeQueue:
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Take the node's next task; see ``luasched.queue.NodeQueue.dequeue``."""
-        lease: Lease | None = await self._take(worker_id, 1, lease_ms, block_ms, request_id, "one")
-        return lease
+        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, request_id, "one")
+        return await self.queue._do(plan)  # type: ignore[no-any-return]
 
     async def dequeue_many(
         self,
@@ -394,18 +269,13 @@ class AsyncNodeQueue:
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n``; see ``luasched.queue.NodeQueue.dequeue_many``."""
-        leases: list[Lease] = await self._take(worker_id, n, lease_ms, block_ms, request_id, "many")
-        return leases
+        plan = self._take_plan(worker_id, n, lease_ms, block_ms, request_id, "many")
+        return await self.queue._do(plan)  # type: ignore[no-any-return]
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish the task; see ``luasched.queue.NodeQueue.ack``."""
-        q = self.queue
-        done: bool = await q._run(
-            node_ack_call(
-                q.dispatch_keys, lease, request_id=request_id, request_ttl_ms=q.request_ttl_ms
-            )
-        )
-        return done
+        call = self.queue._ack_call(lease, request_id, "queue.node_ack")
+        return await self.queue._run(call)  # type: ignore[no-any-return]
 
     async def nack(
         self,
@@ -416,31 +286,14 @@ class AsyncNodeQueue:
         request_id: str | bytes | None = None,
     ) -> Nacked:
         """A failed attempt; see ``luasched.queue.NodeQueue.nack``."""
-        q = self.queue
-        result: Nacked = await q._run(
-            node_nack_call(
-                q.dispatch_keys,
-                lease,
-                delay_ms=delay_ms,
-                reason=reason,
-                backoff_base_ms=q.backoff_base_ms,
-                backoff_max_ms=q.backoff_max_ms,
-                request_id=request_id,
-                request_ttl_ms=q.request_ttl_ms,
-            )
-        )
-        return result
+        call = self.queue._nack_call(lease, delay_ms, reason, request_id, "queue.node_nack")
+        return await self.queue._run(call)  # type: ignore[no-any-return]
 
     async def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move the deadline; see ``luasched.queue.NodeQueue.extend``."""
-        deadline: int = await self.queue._run(
-            node_extend_call(self.queue.dispatch_keys, lease, lease_ms)
-        )
-        return deadline
+        call = self.queue._extend_call(lease, lease_ms, "queue.node_extend")
+        return await self.queue._run(call)  # type: ignore[no-any-return]
 
     async def stats(self) -> NodeCounts:
         """This node's counts; see ``luasched.queue.NodeQueue.stats``."""
-        result: DispatchStats = await self.queue._run(
-            dispatch_stats_call(self.queue.dispatch_keys, (self.node,))
-        )
-        return result.nodes[self.node]
+        return await self.queue._run(self._stats_call())  # type: ignore[no-any-return]

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from luasched.asyncio.queue import AsyncQueue
 from luasched.keys import Namespace
-from luasched.queue import Enqueued, Lease, Nacked, check_take, remaining_ms
+from luasched.leases import Lease, Nacked, check_take, remaining_ms
+from luasched.queue import Enqueued
 from luasched.retry import RetryPolicy
 from luasched.sharded import (
-    DEFAULT_BLOCK_SLICE_MS,
     PartitionLease,
-    Rotation,
+    ShardedBase,
     ShardedStats,
     _check_lease,
     checked_layout,
@@ -21,8 +20,6 @@ from luasched.sharded import (
     layout_key,
     partition_for,
     plan_layout,
-    routed,
-    slice_ms,
     slot_groups,
 )
 
@@ -47,23 +44,8 @@ async def sharded_layout_async(
     return checked_layout(value, partitions, name)
 
 
-class AsyncShardedQueue:
+class AsyncShardedQueue(ShardedBase[AsyncQueue]):
     """Async twin of ``luasched.sharded.ShardedQueue`` (``await s.sharded_queue(name, k)``)."""
-
-    def __init__(
-        self, queues: Sequence[AsyncQueue], *, block_slice_ms: int = DEFAULT_BLOCK_SLICE_MS
-    ) -> None:
-        if not queues:
-            raise ValueError("a sharded queue needs at least one partition")
-        self.partitions = tuple(queues)
-        self.namespaces = tuple(queue.keys.namespace for queue in queues)
-        self.name = queues[0].name
-        self.block_slice_ms = slice_ms(block_slice_ms)
-        self.rotation = Rotation(len(queues))
-
-    def partition_of(self, routing_key: str | bytes) -> int:
-        """The partition a task with this routing key goes to."""
-        return routed(routing_key, len(self.partitions))
 
     async def enqueue(
         self,

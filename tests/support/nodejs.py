@@ -20,9 +20,9 @@ from typing import IO, Any
 
 import pytest
 
-from servers import ServerHandle
+from support.servers import ServerHandle
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 NODE_DIR = TESTS_DIR / "node"
 DRIVER = NODE_DIR / "driver.js"
 NODE_MODULES = NODE_DIR / "node_modules"

@@ -3,9 +3,9 @@ at random moments, while Redis itself is killed (kill -9) and restarted once and
 flushed once, then a check from the server's state and the workers' logs that every task was
 acknowledged exactly once, none was lost and no task was in two leases at once.
 
-    python tests/chaos.py                      # make chaos: 50,000 tasks, 8 workers (~1-2 min)
-    python tests/chaos.py --tasks 4000 --kills 16 --server /usr/bin/redis-server
-    python tests/chaos.py --help               # every knob; --seed N replays the kill schedule
+    python tests/support/chaos.py              # make chaos: 50,000 tasks, 8 workers (~1-2 min)
+    python tests/support/chaos.py --tasks 4000 --kills 16 --server /usr/bin/redis-server
+    python tests/support/chaos.py --help       # every knob; --seed N replays the kill schedule
 
 The run starts its own server (``luasched.testing.ThrowawayServer``: 127.0.0.1, a free port, an
 AOF with ``appendfsync always`` in a temporary directory), its own worker processes (this file,
@@ -84,7 +84,7 @@ from luasched.testing import ThrowawayServer, die_with_parent, find_server_binar
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "chaos"
 QUEUE = "jobs"
 REQUEST_TTL_MS = 1_800_000
@@ -702,7 +702,9 @@ def run(config: ChaosConfig) -> ChaosReport:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tests/chaos.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tests/support/chaos.py", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser("worker", help="(internal) one worker process")
     worker.add_argument("--port", type=int, required=True)

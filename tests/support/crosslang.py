@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from luasched.cli import install_functions
 from luasched.render import ScriptConfig
-from servers import ROOT, ServerHandle
+from support.servers import ROOT, ServerHandle
 
 README_SECTION = "## One task from Python, redis-cli and Node"
 

@@ -1,8 +1,8 @@
 """Bounded work (issue 9, item 5): a dequeue costs the same whatever the backlog of expired leases.
 
-    python tests/bounded.py                # make chaos: 1,000,000 expired leases (+ 1,000,000 due
+    python tests/support/bounded.py        # make chaos: 1,000,000 expired leases (+ 1,000,000 due
                                            # delayed tasks), all reclaimed by 62,500 dequeues
-    python tests/bounded.py --leases 1000000 --delayed 0 --calls 1000
+    python tests/support/bounded.py --leases 1000000 --delayed 0 --calls 1000
 
 On a throwaway server of its own (127.0.0.1, a free port, no persistence) it lays out a queue
 holding ``--leases`` leased tasks whose leases all expired long ago and ``--delayed`` delayed
@@ -38,7 +38,7 @@ import redis
 from luasched import Scheduler
 from luasched.testing import ThrowawayServer, find_server_binary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "bounded"
 QUEUE = "jobs"
 RECLAIM_LIMIT = 16  # lua/include/queue_limits.j2 reclaim_limit (and promote_limit)
@@ -212,7 +212,9 @@ def report(figures: list[Figures]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tests/bounded.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tests/support/bounded.py", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--leases", type=int, default=1_000_000)
     parser.add_argument("--delayed", type=int, default=1_000_000, help="due delayed tasks too")
     parser.add_argument("--calls", type=int, default=None, help="default: until all reclaimed")

@@ -38,7 +38,7 @@ import redis.asyncio.cluster
 import redis.cluster
 
 HOST = "127.0.0.1"
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 ROOT = TESTS_DIR.parent
 COMPOSE_FILE = TESTS_DIR / "docker-compose.yml"
 TOOLS_DIR = Path(os.environ.get("LUASCHED_TOOLS_DIR", ROOT / ".tools" / "servers"))

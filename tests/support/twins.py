@@ -15,11 +15,11 @@ from typing import Any
 import redis
 import redis.cluster
 
-from helpers import namespace_keys
 from luasched import Scheduler
 from luasched.queue import QueueKeys
 from luasched.render import render_all
 from luasched.scripts import Call
+from support.helpers import namespace_keys
 
 Client = Any  # redis.Redis or RedisCluster
 QUEUES = (b"lean", b"full")
