@@ -198,6 +198,10 @@ class ServerHandle:
         default_factory=list, repr=False, compare=False
     )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a worker process) without the kept clients: the copy makes its own."""
+        return {**self.__dict__, "_flushers": [], "_shared": []}
+
     @classmethod
     def from_spec(cls, spec: ServerSpec) -> ServerHandle:
         return cls(
