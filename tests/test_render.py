@@ -132,6 +132,7 @@ def test_header_is_parsed_into_the_contract() -> None:
         (("luasched:{ns}:q:<queue>:ready -- ", ""), "expected 'NAME TYPE luasched:{ns}:PATTERN"),
         (("luasched:{ns}:q:", "other:{ns}:q:"), "expected 'NAME TYPE"),
         (("--@error      CORRUPT  A key of another type.\n", ""), "does not declare CORRUPT"),
+        (("--@complexity", "--@caught     NOPE\n--@complexity"), "unknown codes"),
     ],
 )
 def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> None:
@@ -139,6 +140,16 @@ def test_header_mistakes_are_caught(change: tuple[str, str], message: str) -> No
     assert broken != HEADER
     with pytest.raises(TemplateError, match=re.escape(message)):
         parse_header("demo.one", broken)
+
+
+def test_caught_codes_may_be_raised_but_are_not_answered() -> None:
+    raising = HEADER.replace("local x = 1", "local x = pcall(function() fail('FULL', 'x') end)")
+    with pytest.raises(TemplateError, match="undeclared error codes"):
+        parse_header("demo.one", raising)
+    spec = parse_header(
+        "demo.one", raising.replace("--@complexity", "--@caught     FULL\n--@complexity")
+    )
+    assert [code for code, _ in spec.errors] == ["ARG", "CORRUPT"]  # not in the manifest
 
 
 def test_manifest_describes_every_script() -> None:

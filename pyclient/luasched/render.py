@@ -25,6 +25,8 @@ Each template starts with a header of ``--@tag`` lines that is parsed into the m
                                               string:MINLEN..MAXLEN (bytes) or enum:a|b|c
     --@reply      SHAPE  description
     --@error      CODE  when it is raised         one per code (codes from luasched.errors)
+    --@caught     CODE ...                     codes that shared code raises only inside pcall in
+                                              this script: never answered (not in the manifest)
     --@complexity text
     --@since      6.2                          oldest server version the script supports
     --@flags      no-writes ...                Redis 7 script flags (used for Functions)
@@ -526,6 +528,7 @@ def parse_header(name: str, text: str) -> ScriptSpec:
     keys: list[KeySpec] = []
     args: list[ArgSpec] = []
     errors: list[tuple[str, str]] = []
+    caught: set[str] = set()
     for tag, value in tags:
         where = f"{name} @{tag}"
         if tag == "key":
@@ -543,6 +546,10 @@ def parse_header(name: str, text: str) -> ScriptSpec:
             if error is None or error["code"] not in ERROR_CODES:
                 raise TemplateError(f"{where}: unknown or malformed error {value!r}")
             errors.append((error["code"], error["text"]))
+        elif tag == "caught":
+            caught.update(value.split())
+            if not caught <= ERROR_CODES.keys():
+                raise TemplateError(f"{where}: unknown codes {sorted(caught - ERROR_CODES.keys())}")
         elif tag in {"script", "summary", "reply", "complexity", "since", "flags"}:
             if tag in fields:
                 raise TemplateError(f"{where}: given twice")
@@ -564,7 +571,7 @@ def parse_header(name: str, text: str) -> ScriptSpec:
         # takes KEYS can raise it, so its header says so.
         raise TemplateError(f"{name}: takes KEYS but does not declare CORRUPT")
     used = _raised_codes(text)
-    declared = {code for code, _ in errors}
+    declared = {code for code, _ in errors} | caught
     if used - declared:
         raise TemplateError(f"{name}: raises undeclared error codes {sorted(used - declared)}")
     return ScriptSpec(

@@ -9107,7 +9107,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 0eb02fa40f8a271b104216c83dd0475a70c673e6)
+-- queue.dispatch (sha1 eba63ac39aa4d2eb67938cc452d9800da6605d19)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -10223,6 +10223,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   return node_id, chosen_hex, chosen_waits
 end
+
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(13, 13)
@@ -10306,7 +10307,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 637673fe3b665a39fcbb740b2cf3353f7f882e21)
+-- queue.dispatch_requeue_dead (sha1 79c62e9bd637ea1442a1e8a53ef6cbefa7613e1a)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -11372,6 +11373,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   return node_id, chosen_hex, chosen_waits
 end
+
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(2, 2)
@@ -13433,7 +13435,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 34ab84ae10622cc427fd02c1d582032a051bbf3a)
+-- queue.node_dequeue (sha1 cbb9d108368389b383b77b4b7218e2a7d045158d)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -13443,7 +13445,13 @@ redis.register_function{
 --@+          one atomic step (the node's own queue of queue.dispatch). Before taking, it promotes up to
 --@+          16 due delayed tasks (of any node, into their node's queue) and reclaims up to
 --@+          16 expired leases (of any node: back into their node's queue, or, after max_attempts
---@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. Each
+--@+          leases, into the dead letters, giving their load back); tasks it moves are taken by the next call. It
+--@+          heals dead nodes: such reclaimed and promoted tasks of a node that is not live (heartbeat lapsed, or not
+--@+          registered) go to a live node chosen again with the task's own strategy, and it examines up to
+--@+          4 dead registered nodes (from the queue's cursor, the field "heal" of tasks, in
+--@+          deadline order) and moves their ready tasks to live nodes the same way, at most 32 moved
+--@+          tasks in all per call (the caller's own node is never healed; a move whose pick fails (no live node, all
+--@+          full) leaves the task where it was for a later call; the registry is left as it is). Each
 --@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
 --@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
 --@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
@@ -13499,7 +13507,8 @@ redis.register_function{
 --@+          taken task, best first: task_id:string, payload:string, attempt:int, token:int, deadline_ms:int.
 --@error      ARG  Not 21 keys or 6..7 arguments, an argument out of its range, or a request id used by another call.
 --@error      CORRUPT  A key holds another type or shape than the layout; nothing changed.
---@complexity O((count + 32) log n) for n tasks; O(log n) when nothing is due or expired
+--@caught     NONODE ATCAPACITY SCANLIMIT
+--@complexity O((count + 32 + 4 + 32 pick) log n) for n tasks; O(log n) when nothing is due or expired and no node is dead
 --@since      6.2
 -- ---------------------------------------------------------------------------------------------
 -- keys (lua/include/keys.lua.j2): all KEYS belong to one namespace, each of the kind its --@key
@@ -14047,6 +14056,20 @@ local function stored_count_or_zero(raw, what)
   return value
 end
 
+-- Whether `index` (a member string) is live at now_ms.
+local function node_is_live(deadline_key, index, now_ms)
+  local deadline = read('ZSCORE', deadline_key, index)
+  return deadline and tonumber(deadline) > now_ms
+end
+
+-- The node id of `index` in the nodes:id hash `id_key`; CORRUPT if the registry lost it.
+local function node_id_of(id_key, index)
+  local node_id = read('HGET', id_key, index)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(index) .. ' has no node id')
+  end
+  return node_id
+end
 -- ---------------------------------------------------------------------------------------------
 -- pick_charge (lua/include/pick_charge.lua.j2): a node's load, charged and given back; shared by
 -- the charging picks (pick_load), pick.release and the dispatch scripts (queue.dispatch and the
@@ -14071,6 +14094,21 @@ local function load_and_capacity(index)
   local load = stored_count_or_zero(read('HGET', K_LOAD, index), 'pick:load')
   local capacity_raw = read('HGET', K_CAPACITY, index)
   return load, effective_capacity(capacity_raw), capacity_raw
+end
+
+-- Charges `cost` to `index` and answers {node_id, load, capacity (-1: unlimited)}. Reads the
+-- node id first unless the caller passes it (a caller that has written already must: no read
+-- after the first write); its writes come last and cannot fail (both keys were read by
+-- load_and_capacity).
+local function charge(index, load, capacity, capacity_raw, cost, known_node_id)
+  local node_id = known_node_id or node_id_of(K_ID, index)
+  if before_charge then
+    before_charge(node_id)
+  end
+  local new_load = load + cost
+  redis.call('HSET', K_LOAD, index, decimal(new_load))
+  redis.call('ZADD', K_UTIL, 'XX', utilization_score(new_load, capacity), index)
+  return { node_id, new_load, capacity_raw and capacity or -1 }
 end
 
 -- What giving back `cost` of `index`'s load will write: a table for release(). Reads only.
@@ -14161,6 +14199,10 @@ local function parse_route(raw, task_id)
   return { cost = tonumber(cost), letter = letter, node_hex = node_hex }
 end
 
+local function format_route(route)
+  return string.format('%d %s %s', route.cost, route.letter, route.node_hex)
+end
+
 -- What giving a task's cost back to its node will write (nil: the node is not registered).
 -- Reads only; release(plan) writes it.
 local function route_release_plan(route)
@@ -14190,6 +14232,635 @@ local function release_all(plans)
   for _, plan in ipairs(plans) do
     release(plan)
   end
+end
+-- ---------------------------------------------------------------------------------------------
+-- dispatch_heal (lua/include/dispatch_heal.lua.j2): queue.node_dequeue's healing of dead nodes,
+-- so that a fleet of node workers moves a dead node's tasks without any other process. Needs
+-- include/dispatch.lua.j2. Defines heal_tools(), which answers the healing's functions, a table
+-- { limit, live, plan, has_work, moves, run, draws }: their closures (the picks of
+-- include/dispatch_pick.lua.j2 and its CRC16 table among them) are built only by a call that
+-- may heal.
+--
+--   * Dead: registered with its heartbeat deadline at or before the server's now (draining or
+--     not). A node that is not registered at all (removed, swept) is not found here: its ready
+--     tasks move with queue.redispatch; its leased and delayed ones are re-routed by the reclaim
+--     and promotion of queue.node_dequeue like those of a dead node.
+--   * Cheap when no node is dead: the caller counts the dead nodes (ZCOUNT -inf now of the
+--     deadline zset: they are its first ranks) and builds these functions only when one is dead
+--     or it moves a task that may belong to one.
+--   * Each call examines at most HEAL_NODES dead nodes (the deadline zset by rank, from this
+--     queue's cursor, the field "heal" of d:tasks: the rank to start at, absent = 0) and moves at
+--     most HEAL_LIMIT ready tasks in all (re-routed reclaims and promotions first, then the
+--     examined nodes' ready tasks in deadline order). The cursor stays on the first examined node
+--     that still has ready tasks, passes a node whose move failed (retried on the next lap) and
+--     wraps to 0 past the last dead node, so every dead node is examined again each lap.
+--   * Healing moves tasks only: the registry entry stays for every other queue of the namespace
+--     to find (nodes.sweep removes it; a swept node's ready tasks then need queue.redispatch).
+--   * The calling node's own tasks never move (it is evidently alive: it takes them).
+--   * All reads (cursor, page, members, routes) happen before the call's first write; each move
+--     (move_ready) runs in pcall after the call's other writes: a failing pick writes nothing,
+--     stops the healing and leaves the task where it was.
+-- ---------------------------------------------------------------------------------------------
+local heal_tools = function()
+-- ---------------------------------------------------------------------------------------------
+-- dispatch_pick (lua/include/dispatch_pick.lua.j2): choosing a node for a dispatched task with
+-- the very picks of lua/pick/ (include/pick_*.lua.j2) and slots.owner (include/lookup.lua.j2),
+-- for queue.dispatch, queue.redispatch and queue.dispatch_requeue_dead. Needs
+-- include/dispatch.lua.j2 (its KEYS bindings).
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
+-- pick_walk (lua/include/pick_walk.lua.j2): a bounded walk over a candidate zset that skips dead
+-- nodes. Needs prelude.lua.j2 and pick.lua.j2. Candidate sets keep dead nodes until nodes.sweep,
+-- so a walk examines at most SCAN_LIMIT (128) members and then fails with
+-- SCANLIMIT (before any write) rather than run unbounded.
+-- ---------------------------------------------------------------------------------------------
+local SCAN_LIMIT = 128
+
+-- Walks the zset `key` of indexes in rank order from rank `first` (wrapping past the end to
+-- rank 0 when `wrap`), examining at most SCAN_LIMIT members and each member at most once.
+-- For each live member calls accept(member, score): true takes it, 'stop' ends the walk.
+-- Returns member, score of the taken one; or nil and why: 'end' (every member examined),
+-- 'stop', or 'limit' (SCAN_LIMIT examined). Also returns how many live members it saw.
+-- O(examined * log n): ZRANGE and ZMSCORE in growing chunks.
+local function walk(key, deadline_key, now_ms, first, wrap, accept)
+  local total = read('ZCARD', key)
+  local budget = math.min(total, SCAN_LIMIT)
+  local examined, live_seen, rank, chunk = 0, 0, first, 4
+  while examined < budget do
+    if rank >= total then
+      if not wrap or first == 0 then
+        break
+      end
+      rank = 0
+    end
+    local size = math.min(chunk, budget - examined, total - rank)
+    if wrap and rank < first then
+      size = math.min(size, first - rank)
+    end
+    local flat = read('ZRANGE', key, rank, rank + size - 1, 'WITHSCORES')
+    local count = #flat / 2
+    if count == 0 then
+      break
+    end
+    local members = {}
+    for position = 1, count do
+      members[position] = flat[2 * position - 1]
+    end
+    local deadlines = read('ZMSCORE', deadline_key, unpack(members))
+    for position = 1, count do
+      examined = examined + 1
+      local deadline = deadlines[position]
+      if deadline and tonumber(deadline) > now_ms then
+        live_seen = live_seen + 1
+        local score = tonumber(flat[2 * position])
+        local verdict = accept(members[position], score)
+        if verdict == 'stop' then
+          return nil, 'stop', live_seen
+        elseif verdict then
+          return members[position], score, live_seen
+        end
+      end
+    end
+    rank = rank + count
+    chunk = chunk * 2
+  end
+  if examined >= SCAN_LIMIT and examined < total then
+    return nil, 'limit', live_seen
+  end
+  return nil, 'end', live_seen
+end
+
+
+-- Fails for a walk of a strategy without capacity that took nothing: SCANLIMIT or NONODE.
+local function fail_no_live(why)
+  if why == 'limit' then
+    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were all dead; sweep dead nodes')
+  end
+  fail('NONODE', 'no live node that is not draining')
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_load (lua/include/pick_load.lua.j2): capacity-aware picks (pick.least_loaded and
+-- pick.two_choices, and queue.dispatch with those strategies). Needs prelude, pick_score, pick,
+-- pick_walk and pick_charge. The includer binds K_UTIL, K_LOAD, K_CAPACITY, K_DEADLINE, K_ID
+-- (the keys of include/pick_load_keys.j2).
+--
+-- Least-loaded: the live member of pick:util with the lowest utilization that has room for
+-- the cost. Fast path (no dead node, no cost problem): ZRANGE 0 1 tells whether the lowest
+-- score is shared; if so ZCOUNT gives the tie size and the client's random integer picks a rank
+-- inside the tie (uniform). Otherwise a bounded walk in utilization order skips dead nodes and
+-- nodes without room for the cost, and stops at the first live node whose score is >= 1 (full
+-- for any cost: every later one is too, see pick_score). Charging writes the load (pick:load)
+-- and the new score (pick:util), nothing else.
+-- ---------------------------------------------------------------------------------------------
+
+-- The candidate `index` if it is live and has room for `cost`: its load and capacities.
+local function fits(index, cost, now_ms)
+  if not node_is_live(K_DEADLINE, index, now_ms) then
+    return nil
+  end
+  local load, capacity, capacity_raw = load_and_capacity(index)
+  if load + cost > capacity then
+    return nil
+  end
+  return load, capacity, capacity_raw
+end
+
+-- The least-loaded pick: see the header. Fails NONODE, ATCAPACITY or SCANLIMIT.
+local function pick_least_loaded(cost, random, now_ms)
+  -- Ranks as strings: a number argument to redis.call is formatted with snprintf.
+  local head = read('ZRANGE', K_UTIL, '0', '1', 'WITHSCORES')
+  if #head == 0 then
+    fail('NONODE', 'no live node that is not draining')
+  end
+  local index = head[1]
+  if tonumber(head[2]) < 1 then
+    if head[4] == head[2] then
+      -- A tie at the lowest score (equal scores have equal '%.17g' strings). Ranks 0 and 1
+      -- are the two members the ZRANGE above answered; others take one more ZRANGE.
+      local ties = read('ZCOUNT', K_UTIL, head[2], head[2])
+      local rank = fmod(random, ties)
+      if rank < 2 then
+        index = head[2 * rank + 1]
+      else
+        index = read('ZRANGE', K_UTIL, rank, rank)[1]
+      end
+    end
+    local load, capacity, capacity_raw = fits(index, cost, now_ms)
+    if load then
+      return charge(index, load, capacity, capacity_raw, cost)
+    end
+  end
+  local found_load, found_capacity, found_raw
+  local member, why, live_seen = walk(K_UTIL, K_DEADLINE, now_ms, 0, false, function(candidate, score)
+    if score >= 1 then
+      return 'stop'
+    end
+    local load, capacity, capacity_raw = load_and_capacity(candidate)
+    if load + cost <= capacity then
+      found_load, found_capacity, found_raw = load, capacity, capacity_raw
+      return true
+    end
+    return false
+  end)
+  if member then
+    return charge(member, found_load, found_capacity, found_raw, cost)
+  end
+  if why == 'limit' then
+    fail('SCANLIMIT', 'the first ' .. SCAN_LIMIT .. ' candidates were dead or had no room for cost '
+      .. decimal(cost) .. ' (' .. live_seen .. ' live); sweep dead nodes or lower the cost')
+  end
+  if why == 'stop' or live_seen > 0 then
+    fail('ATCAPACITY', 'every live node is at its capacity for cost ' .. decimal(cost))
+  end
+  fail('NONODE', 'no live node that is not draining')
+end
+
+-- Power of two choices: two distinct ranks of pick:util from random1 and random2; the less
+-- utilized (the first drawn on a tie) that is live and has room is charged; if neither is, the
+-- least-loaded pick (ties broken with random3). Fails as pick_least_loaded.
+local function pick_two_choices(cost, random1, random2, random3, now_ms)
+  local count = read('ZCARD', K_UTIL)
+  if count == 0 then
+    fail('NONODE', 'no live node that is not draining')
+  end
+  -- Two distinct ranks, uniform over the pairs: the second skips the first.
+  local first_rank = fmod(random1, count)
+  local second_rank = first_rank
+  if count > 1 then
+    second_rank = fmod(first_rank + 1 + fmod(random2, count - 1), count)
+  end
+  local first = read('ZRANGE', K_UTIL, first_rank, first_rank, 'WITHSCORES')
+  local second = read('ZRANGE', K_UTIL, second_rank, second_rank, 'WITHSCORES')
+  local candidates = { first[1], second[1] }
+  if tonumber(second[2]) < tonumber(first[2]) then
+    candidates = { second[1], first[1] }
+  end
+  for position = 1, (count > 1 and 2 or 1) do
+    local index = candidates[position]
+    local load, capacity, capacity_raw = fits(index, cost, now_ms)
+    if load then
+      return charge(index, load, capacity, capacity_raw, cost)
+    end
+  end
+  return pick_least_loaded(cost, random3, now_ms)
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_eligible (lua/include/pick_eligible.lua.j2): the live, non-draining nodes and their
+-- weights, read in full (O(n log n)). Needs prelude and pick. Used where a strategy needs every
+-- candidate: pick.weighted when it rebuilds its table, pick.smooth_weighted on every pick.
+-- ---------------------------------------------------------------------------------------------
+
+-- Indexes (numbers, ascending) of the live, non-draining nodes, and their weights (numbers).
+local function eligible_weights(deadline_key, draining_key, weight_key, now_ms)
+  local live = read('ZRANGEBYSCORE', deadline_key, '(' .. decimal(now_ms), '+inf')
+  local draining = {}
+  for _, member in ipairs(read('SMEMBERS', draining_key)) do
+    draining[member] = true
+  end
+  local indexes = {}
+  for _, member in ipairs(live) do
+    if not draining[member] then
+      indexes[#indexes + 1] = tonumber(member)
+    end
+  end
+  table.sort(indexes)
+  local weights = {}
+  for first = 1, #indexes, 1000 do
+    local last = math.min(first + 999, #indexes)
+    local chunk = read('HMGET', weight_key, unpack(indexes, first, last))
+    for offset = 1, last - first + 1 do
+      -- A registered index always has a weight (registry invariant).
+      local weight = tonumber(chunk[offset])
+      if not weight or weight < 1 or weight ~= math.floor(weight) then
+        fail('CORRUPT', 'index ' .. indexes[first + offset - 1] .. ' has weight ' .. show(chunk[offset]))
+      end
+      weights[first + offset - 1] = weight
+    end
+  end
+  return indexes, weights
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_weighted (lua/include/pick_weighted.lua.j2): the weighted random pick, shared by
+-- pick.weighted and queue.dispatch. Needs prelude, pick and pick_eligible; the includer binds
+-- K_WEIGHTED (pick:weighted), K_DEADLINE, K_DRAINING, K_WEIGHT, K_ID (nodes:*).
+--
+-- pick:weighted holds the live eligible indexes scored by cumulative weight; the pick is the
+-- first member whose cumulative weight exceeds random1 mod total (node i covers
+-- [cumulative(i-1), cumulative(i))). When the table is absent, or the draw lands on a node that
+-- died since it was built, it is rebuilt (O(n log n)) and the draw is made again with random2,
+-- so the probability stays exactly weight / total over the live nodes.
+-- ---------------------------------------------------------------------------------------------
+
+-- Picks (reads only): answers the node id, its index (a member string) and the rebuilt table
+-- (nil when the stored one was used), which weighted_commit() writes. Fails NONODE.
+local function pick_weighted(random1, random2, now_ms)
+  local top = read('ZRANGE', K_WEIGHTED, -1, -1, 'WITHSCORES')
+  if #top == 2 then
+    local draw = fmod(random1, tonumber(top[2]))
+    local member = read('ZRANGEBYSCORE', K_WEIGHTED, '(' .. decimal(draw), '+inf',
+      'LIMIT', 0, 1)[1]
+    if node_is_live(K_DEADLINE, member, now_ms) then
+      return node_id_of(K_ID, member), member
+    end
+  end
+
+  -- Rebuild from the live, non-draining nodes (all reads first), then draw with random2.
+  local indexes, weights = eligible_weights(K_DEADLINE, K_DRAINING, K_WEIGHT, now_ms)
+  if #indexes == 0 then
+    fail('NONODE', 'no live node that is not draining')
+  end
+  local cumulative, total = {}, 0
+  for position = 1, #indexes do
+    -- total <= 65535000000 < 2^53: exact.
+    total = total + weights[position]
+    cumulative[position] = total
+  end
+  local draw = fmod(random2, total)
+  local low, high = 1, #indexes
+  while low < high do
+    local middle = math.floor((low + high) / 2)
+    if cumulative[middle] > draw then
+      high = middle
+    else
+      low = middle + 1
+    end
+  end
+  return node_id_of(K_ID, indexes[low]), decimal(indexes[low]), { indexes, cumulative }
+end
+
+-- Writes the table pick_weighted rebuilt (pick:weighted was read there). Cannot fail.
+local function weighted_commit(rebuilt)
+  if not rebuilt then
+    return
+  end
+  local indexes, cumulative = rebuilt[1], rebuilt[2]
+  redis.call('DEL', K_WEIGHTED)
+  for first = 1, #indexes, 1000 do
+    local arguments = {}
+    for position = first, math.min(first + 999, #indexes) do
+      arguments[#arguments + 1] = cumulative[position]
+      arguments[#arguments + 1] = indexes[position]
+    end
+    redis.call('ZADD', K_WEIGHTED, unpack(arguments))
+  end
+end
+-- ---------------------------------------------------------------------------------------------
+-- pick_round_robin (lua/include/pick_round_robin.lua.j2): the round-robin pick, shared by
+-- pick.round_robin and queue.dispatch. Needs prelude, pick and pick_walk; the includer binds
+-- K_RING (pick:ring), K_STATE (pick:state), K_DEADLINE (nodes:deadline), K_ID (nodes:id).
+--
+-- The next live member of pick:ring after the cursor (the index of the last pick), wrapping;
+-- the cursor moves to it. The cursor is an index, not a rank, so a join or leave changes only
+-- that node's own turns.
+-- ---------------------------------------------------------------------------------------------
+
+-- Picks (reads only): answers the node id and its index (a member string). Then
+-- round_robin_commit(index) moves the cursor. Fails NONODE or SCANLIMIT.
+local function pick_round_robin(now_ms)
+  local cursor = stored_count_or_zero(read('HGET', K_STATE, 'cursor'), 'pick:state cursor')
+  -- The rank of the first member after the cursor (indexes are their own scores).
+  local first = read('ZCOUNT', K_RING, '-inf', decimal(cursor))
+  local member, why = walk(K_RING, K_DEADLINE, now_ms, first, true, function()
+    return true
+  end)
+  if not member then
+    fail_no_live(why)
+  end
+  local node_id = read('HGET', K_ID, member)
+  if not node_id then
+    fail('CORRUPT', 'index ' .. show(member) .. ' of pick:ring has no node id')
+  end
+  return node_id, member
+end
+
+-- The pick's one write: the cursor (pick:state was read by pick_round_robin). Cannot fail.
+local function round_robin_commit(member)
+  redis.call('HSET', K_STATE, 'cursor', member)
+end
+-- ---------------------------------------------------------------------------------------------
+-- crc16 (lua/include/crc16.lua.j2): the Redis Cluster key slot of a key.
+--
+-- CRC-16/XMODEM (polynomial 0x1021, initial value 0) of the key, or of its hash tag when the key
+-- has one: the bytes between the first "{" and the first "}" after it, if there is at least one
+-- byte between them. slot = crc % 16384. The 256-entry table is generated by the renderer as one
+-- 512-byte string constant (entry i, 0-based, is bytes 2i+1 and 2i+2, big-endian): a string is
+-- created once when the script is compiled, whereas a table constructor runs on every call
+-- (~2 us for 256 entries).
+-- ---------------------------------------------------------------------------------------------
+local CRC16_TABLE =
+'\0\0\16\33\32\66\48\99\64\132\80\165\96\198\112\231\129\8\145\41\161\74\177\107\193\140\209\173\225\206\241\239\18\49\2\16\50\115\34\82\82\181\66\148\114\247\98\214\147\57\131\24\179\123\163\90\211\189\195\156\243\255\227\222\36\98\52\67\4\32\20\1\100\230\116\199\68\164\84\133\165\106\181\75\133\40\149\9\229\238\245\207\197\172\213\141\54\83\38\114\22\17\6\48\118\215\102\246\86\149\70\180\183\91\167\122\151\25\135\56\247\223\231\254\215\157\199\188\72\196\88\229\104\134\120\167\8\64\24\97\40\2\56\35\201\204\217\237\233\142\249\175\137\72\153\105\169\10\185\43\90\245\74\212\122\183\106\150\26\113\10\80\58\51\42\18\219\253\203\220\251\191\235\158\155\121\139\88\187\59\171\26\108\166\124\135\76\228\92\197\44\34\60\3\12\96\28\65\237\174\253\143\205\236\221\205\173\42\189\11\141\104\157\73\126\151\110\182\94\213\78\244\62\19\46\50\30\81\14\112\255\159\239\190\223\221\207\252\191\27\175\58\159\89\143\120\145\136\129\169\177\202\161\235\209\12\193\45\241\78\225\111\16\128\0\161\48\194\32\227\80\4\64\37\112\70\96\103\131\185\147\152\163\251\179\218\195\61\211\28\227\127\243\94\2\177\18\144\34\243\50\210\66\53\82\20\98\119\114\86\181\234\165\203\149\168\133\137\245\110\229\79\213\44\197\13\52\226\36\195\20\160\4\129\116\102\100\71\84\36\68\5\167\219\183\250\135\153\151\184\231\95\247\126\199\29\215\60\38\211\54\242\6\145\22\176\102\87\118\118\70\21\86\52\217\76\201\109\249\14\233\47\153\200\137\233\185\138\169\171\88\68\72\101\120\6\104\39\24\192\8\225\56\130\40\163\203\125\219\92\235\63\251\30\139\249\155\216\171\187\187\154\74\117\90\84\106\55\122\22\10\241\26\208\42\179\58\146\253\46\237\15\221\108\205\77\189\170\173\139\157\232\141\201\124\38\108\7\92\100\76\69\60\162\44\131\28\224\12\193\239\31\255\62\207\93\223\124\175\155\191\186\143\217\159\248\110\23\126\54\78\85\94\116\46\147\62\178\14\209\30\240'
+
+local function key_slot(key)
+  local open = string.find(key, '{', 1, true)
+  if open then
+    local close = string.find(key, '}', open + 1, true)
+    if close and close > open + 1 then
+      key = string.sub(key, open + 1, close - 1)
+    end
+  end
+  local bxor, band, lshift, rshift, byte = bit.bxor, bit.band, bit.lshift, bit.rshift, string.byte
+  local crc = 0
+  for position = 1, #key do
+    -- Entry index = (high byte of crc) xor (next byte of the key).
+    local entry = bxor(rshift(crc, 8), byte(key, position)) * 2
+    local high, low = byte(CRC16_TABLE, entry + 1, entry + 2)
+    crc = bxor(band(lshift(crc, 8), 0xffff), high * 256 + low)
+  end
+  return band(crc, 0x3fff)
+end
+-- ---------------------------------------------------------------------------------------------
+-- lookup (lua/include/lookup.lua.j2): the live owner of a slot. Needs include/registry.lua.j2.
+--
+-- Semantics shared by slots.owner, slots.owners and slots.owner_of_slot: a lookup never answers
+-- a node that is not live. A slot that has no owner in the table, or whose owner's deadline has
+-- lapsed (dead, not yet swept), has no live owner: its entry is {slot, 0, ""}. A lookup does
+-- not fall through to another node (that node would change again at the next rebalance, and
+-- two lookups with no write between them could disagree as time passes); the caller retries
+-- after nodes.sweep or slots.rebalance. When no node at all is live, the call fails with
+-- NONODE instead, since no rebalance could help. O(1) per slot (GETRANGE, ZSCORE, HGET).
+-- ---------------------------------------------------------------------------------------------
+
+-- The node id of the live owner of `slot` (0-based) and its index (a number), or nil.
+local function live_owner(slot, now_ms)
+  local pair = redis.call('GETRANGE', K_SLOTS, slot * 2, slot * 2 + 1)
+  if #pair < 2 then
+    return nil
+  end
+  local index = string.byte(pair, 1) * 256 + string.byte(pair, 2)
+  if index == 0 then
+    return nil
+  end
+  local deadline = redis.call('ZSCORE', K_DEADLINE, index)
+  -- ZSCORE answers "inf" for a node without deadline; tonumber reads it as infinity.
+  if not deadline or tonumber(deadline) <= now_ms then
+    return nil
+  end
+  local node_id = redis.call('HGET', K_ID, index)
+  if not node_id then
+    return nil
+  end
+  return node_id, index
+end
+
+-- The random integers of a call that takes one client seed (queue.redispatch,
+-- queue.dispatch_requeue_dead), never math.random: a function that answers the next integer in
+-- 0..2^53-1 of the seed's sequence at each call, from two MINSTD (Park-Miller) steps (31 + 22
+-- bits). Exact in doubles: state < 2^31, state * 48271 < 2^47.
+local function seeded_draws(seed)
+  local modulus = 2147483647
+  local state = fmod(seed, modulus - 1) + 1
+  return function()
+    state = fmod(state * 48271, modulus)
+    local high = state
+    state = fmod(state * 48271, modulus)
+    return high * 4194304 + fmod(state, 4194304)
+  end
+end
+
+-- What the last choose_and_charge() chose: hex(node id) and whether a worker of it blocks, both
+-- set by charge() before its first write (before_charge), at the server time chosen_now_ms.
+local chosen_hex, chosen_waits, chosen_now_ms = nil, false, 0
+local function note_chosen(node_id)
+  chosen_hex = hex(node_id)
+  chosen_waits = node_waits(chosen_hex, chosen_now_ms)
+end
+
+-- Chooses a node by strategy letter (S: the live owner of routing_key's slot) and charges it
+-- `cost`. Reads first (the chosen node's waiter too); the charge and the pick's own writes come
+-- last. Answers the node id, its hex, and whether a worker of it blocks (then the caller calls
+-- wake_node after its writes). S, W and R charge without a capacity check (only L and T respect
+-- capacities). `exclude`: a node id a slot owner must not be (redispatch away from a draining
+-- owner: NONODE).
+local function choose_and_charge(letter, routing_key, cost, random1, random2, random3, now_ms,
+                                 exclude)
+  before_charge = note_chosen
+  chosen_now_ms = now_ms
+  if letter == 'L' then
+    local node_id = pick_least_loaded(cost, random1, now_ms)[1]
+    return node_id, chosen_hex, chosen_waits
+  elseif letter == 'T' then
+    local node_id = pick_two_choices(cost, random1, random2, random3, now_ms)[1]
+    return node_id, chosen_hex, chosen_waits
+  end
+  local node_id, index, commit
+  if letter == 'S' then
+    local slot = key_slot(routing_key)
+    node_id, index = live_owner(slot, now_ms)
+    if not node_id or node_id == exclude then
+      fail('NONODE', 'slot ' .. slot .. ' of the routing key has no live owner'
+        .. (node_id and ' but the node itself' or '') .. '; run nodes.sweep or slots.rebalance')
+    end
+    index = decimal(index)
+  elseif letter == 'W' then
+    local rebuilt
+    node_id, index, rebuilt = pick_weighted(random1, random2, now_ms)
+    commit = function() weighted_commit(rebuilt) end
+  else
+    node_id, index = pick_round_robin(now_ms)
+    commit = function() round_robin_commit(index) end
+  end
+  local load, capacity, capacity_raw = load_and_capacity(index)
+  read('ZSCORE', K_UTIL, index)  -- its type, before the first write
+  -- charge() first: its reads (before_charge) precede every write; the keys are independent.
+  charge(index, load, capacity, capacity_raw, cost, node_id)  -- the pick read the node id
+  if commit then
+    commit()
+  end
+  return node_id, chosen_hex, chosen_waits
+end
+
+-- Moves the ready task `member` (its id, parsed route and slot routing key) off node
+-- route.node_hex to a node chosen again with its own strategy, keeping its place (priority and
+-- sequence number) in the new node's queue; gives the cost back to the old node (if still
+-- registered) and charges the new one. Reads first (the release, the pick), then writes that
+-- cannot fail: a pick that fails (NONODE, ATCAPACITY, SCANLIMIT) changes nothing. Answers the
+-- new node's hex. `exclude` as in choose_and_charge.
+local function move_ready(member, task_id, route, routing_key, draw, now_ms, exclude)
+  local plan = route_release_plan(route)
+  local _, new_hex, waits = choose_and_charge(route.letter, routing_key, route.cost, draw(), draw(),
+    draw(), now_ms, exclude)
+  if plan then
+    release(plan)
+  end
+  local score = string.sub(member, #route.node_hex + 2, #route.node_hex + 17)
+  redis.call('ZREM', K_READY, member)
+  redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
+  route.node_hex = new_hex
+  redis.call('HSET', K_TASKS, 'n' .. task_id, format_route(route))
+  -- A blocked worker of the new node wakes.
+  if waits then
+    wake_node(new_hex, 1)
+  end
+  return new_hex
+end
+local HEAL_NODES, HEAL_LIMIT = 4, 32
+
+-- Whether node `node_hex` is registered and live at now_ms (reads only).
+local function node_live(node_hex, now_ms)
+  local index = read('HGET', K_INDEX, unhex(node_hex))
+  if not index then
+    return false
+  end
+  local deadline = read('ZSCORE', K_DEADLINE, index)
+  return deadline and tonumber(deadline) > now_ms or false
+end
+
+-- The healing of this call (reads only), for `dead` > 0 dead nodes:
+-- { offset, full, cursor, nodes = { { hex, members, more } ... } } with at most `budget` ready
+-- members in all; a node not examined (budget spent) or with members left has more = true;
+-- full: dead nodes follow this page.
+local function heal_plan(dead, own_hex, budget)
+  local cursor = read('HGET', K_TASKS, 'heal')
+  local offset = stored_count_or_zero(cursor, 'the heal field')
+  if offset >= dead then
+    offset = 0  -- past the last dead node: a new lap
+  end
+  local last = math.min(offset + HEAL_NODES, dead) - 1
+  local indexes = read('ZRANGE', K_DEADLINE, offset, last)
+  local plan = { offset = offset, full = last + 1 < dead, cursor = cursor, nodes = {} }
+  local ids = read('HMGET', K_ID, unpack(indexes))
+  for position = 1, #indexes do
+    if not ids[position] then
+      fail('CORRUPT', 'index ' .. show(indexes[position]) .. ' has no node id')
+    end
+    local node = { hex = hex(ids[position]), members = {}, more = false }
+    if node.hex ~= own_hex then
+      if budget > 0 then
+        local low, high = node_range(node.hex)
+        node.members = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', '0', budget + 1)
+        if #node.members > budget then
+          node.members[budget + 1] = nil
+          node.more = true
+        end
+        budget = budget - #node.members
+      else
+        node.more = true
+      end
+    end
+    plan.nodes[position] = node
+  end
+  return plan
+end
+
+-- Whether `plan` (of heal_plan) has ready tasks to move.
+local function heal_has_work(plan)
+  for _, node in ipairs(plan.nodes) do
+    if #node.members > 0 then
+      return true
+    end
+  end
+  return false
+end
+
+-- The moves of `plan` after `rerouted` (each { member, id, node_hex }): the task id, route and
+-- routing key of each, read (one HMGET) and checked before the first write. Each move:
+-- { member, id, route, key, node } (node: its position in plan.nodes, or nil).
+local function heal_moves(plan, rerouted)
+  local moves = {}
+  for _, entry in ipairs(rerouted) do
+    moves[#moves + 1] = { member = entry.member, id = entry.id }
+  end
+  for position, node in ipairs(plan and plan.nodes or {}) do
+    for _, member in ipairs(node.members) do
+      moves[#moves + 1] = { member = member, id = string.sub(member, #node.hex + 18), node = position }
+    end
+  end
+  if #moves == 0 then
+    return moves
+  end
+  local fields = {}
+  for _, move in ipairs(moves) do
+    fields[#fields + 1] = 'n' .. move.id
+    fields[#fields + 1] = 'k' .. move.id
+  end
+  local values = read('HMGET', K_TASKS, unpack(fields))
+  for position, move in ipairs(moves) do
+    move.route = parse_route(values[2 * position - 1], move.id)
+    move.key = values[2 * position] or ''
+  end
+  return moves
+end
+
+-- Makes the moves (after the call's other writes) and writes the cursor if it changed. Answers
+-- whether a task moved to node `own_hex`.
+local function heal_run(plan, moves, draw, now_ms, own_hex)
+  local failed, to_own = nil, false
+  for _, move in ipairs(moves) do
+    local exclude = unhex(move.route.node_hex)
+    local ok, new_hex = pcall(move_ready, move.member, move.id, move.route, move.key, draw, now_ms,
+      exclude)
+    if not ok then
+      failed = move.node or 0
+      break
+    end
+    to_own = to_own or new_hex == own_hex
+  end
+  if not plan then
+    return to_own
+  end
+  -- The next call starts at the first node with ready tasks left, past one whose move failed.
+  local next_offset = plan.full and plan.offset + #plan.nodes or 0
+  for position, node in ipairs(plan.nodes) do
+    if failed and position >= failed and failed > 0 then
+      next_offset = plan.offset + position
+      break
+    elseif node.more or (failed and #node.members > 0) then
+      next_offset = plan.offset + position - 1
+      break
+    end
+  end
+  if next_offset ~= stored_count_or_zero(plan.cursor, 'the heal field') then
+    if next_offset == 0 then
+      redis.call('HDEL', K_TASKS, 'heal')
+    else
+      redis.call('HSET', K_TASKS, 'heal', next_offset)
+    end
+  end
+  return to_own
+end
+
+return { limit = HEAL_LIMIT, live = node_live, plan = heal_plan, has_work = heal_has_work,
+  moves = heal_moves, run = heal_run, draws = seeded_draws }
 end
 -- A call that took nothing: with wait_ms > 0 the node's worker is registered in K_WAITERS
 -- (register_waiter) and the reply is when to ask again (nothing_taken, which registers no
@@ -14225,9 +14896,28 @@ local function main()
   local expired = read('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 16)
   local low, high = node_range(node_hex)
   local head = read('ZRANGEBYLEX', K_READY, low, high, 'LIMIT', 0, count)
+  local dead = read('ZCOUNT', K_DEADLINE, '-inf', now)  -- dead registered nodes
+  -- The healing's functions, built only by a call that may heal: a node is dead, or a task it
+  -- reclaims or promotes may belong to one (the common call builds no closure of them).
+  local tools, heal = nil, nil
+  if dead > 0 or #due > 0 or #expired > 0 then
+    tools = heal_tools()
+  end
   if #head == 0 and #due == 0 and #expired == 0 then
-    -- Nothing written yet: register_waiter's ZADD is this call's first write.
-    return waited(node_hex, now_ms, wait_ms)
+    if dead == 0 then
+      -- Nothing written yet: register_waiter's ZADD is this call's first write.
+      return waited(node_hex, now_ms, wait_ms)
+    end
+    heal = tools.plan(dead, node_hex, tools.limit)
+    if not tools.has_work(heal) then
+      -- Only the heal cursor may move (its field's type was read); before register_waiter's
+      -- ZADD, the waiters' type.
+      if wait_ms > 0 then
+        read('ZSCORE', K_WAITERS, node_hex)
+      end
+      tools.run(heal, {}, nil, now_ms, node_hex)
+      return waited(node_hex, now_ms, wait_ms)
+    end
   end
   if wait_ms > 0 then
     read('ZSCORE', K_WAITERS, node_hex)  -- its type, before the first write
@@ -14266,6 +14956,9 @@ local function main()
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}
   local leased_add, leased_rem, delayed_rem, dead_add, task_args = {}, {}, {}, {}, {}
   local releases, woken = {}, {}
+  -- Reclaimed or promoted tasks of another node that is not live (dead or no longer registered):
+  -- ready on it first, then moved by the healing below (at most HEAL_LIMIT of them).
+  local rerouted, live = {}, { [node_hex] = true }
   local reply = { 0 }
   for position, task_id in ipairs(taken_ids) do
     local meta = existing_meta(values[2 + 2 * position], task_id)
@@ -14300,9 +14993,17 @@ local function main()
     if from_delayed or meta.attempts < meta.max_attempts then
       seq = seq + 1
       meta.state, meta.at_ms = 'R', now_ms
+      local member = ready_member(route.node_hex, ready_score(meta.priority, seq), task_id)
       ready_add[#ready_add + 1] = 0
-      ready_add[#ready_add + 1] = ready_member(route.node_hex, ready_score(meta.priority, seq), task_id)
-      woken[route.node_hex] = (woken[route.node_hex] or 0) + 1
+      ready_add[#ready_add + 1] = member
+      if live[route.node_hex] == nil then
+        live[route.node_hex] = tools.live(route.node_hex, now_ms)
+      end
+      if live[route.node_hex] then
+        woken[route.node_hex] = (woken[route.node_hex] or 0) + 1
+      elseif #rerouted < tools.limit then
+        rerouted[#rerouted + 1] = { member = member, id = task_id }
+      end
     else
       -- An expired lease is a failed attempt: the last one sends the task to the dead letters.
       meta.state, meta.at_ms = 'X', now_ms
@@ -14317,6 +15018,16 @@ local function main()
   end
   check_seq(seq)
   local plans = release_plans(releases)
+  local moves, draw = {}, nil
+  if #rerouted > 0 or dead > 0 then
+    if not heal and dead > 0 then
+      heal = tools.plan(dead, node_hex, tools.limit - #rerouted)
+    end
+    moves = tools.moves(heal, rerouted)
+    -- The picks' random integers: a MINSTD sequence seeded with the queue's seq and the
+    -- server's now (node_dequeue takes no client seed; never math.random).
+    draw = tools.draws(seq + now_ms)
+  end
   -- The nodes that got ready tasks and have a blocked worker (read now).
   local wakes = {}
   for woken_hex, woken_count in pairs(woken) do
@@ -14346,10 +15057,12 @@ local function main()
   for _, wake in ipairs(wakes) do
     wake_node(wake[1], wake[2])
   end
+  -- Last: the healing's moves (each in pcall, see include/dispatch_heal.lua.j2) and its cursor.
+  local healed_here = tools and tools.run(heal, moves, draw, now_ms, node_hex)
 
   if #taken_ids == 0 then
     local nothing = waited(node_hex, now_ms, wait_ms)
-    if wait_ms > 0 and woken[node_hex] then
+    if wait_ms > 0 and (woken[node_hex] or healed_here) then
       -- Tasks of this node became ready in this call (the next call takes them): ask again now.
       return { 1 }
     end
@@ -16097,7 +16810,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 abea55fb947946ac99d9aee0d644a97373a18395)
+-- queue.redispatch (sha1 9ba2066e8d5cac0d23af89759ab03ab9072090cc)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -17210,6 +17923,31 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   return node_id, chosen_hex, chosen_waits
 end
+
+-- Moves the ready task `member` (its id, parsed route and slot routing key) off node
+-- route.node_hex to a node chosen again with its own strategy, keeping its place (priority and
+-- sequence number) in the new node's queue; gives the cost back to the old node (if still
+-- registered) and charges the new one. Reads first (the release, the pick), then writes that
+-- cannot fail: a pick that fails (NONODE, ATCAPACITY, SCANLIMIT) changes nothing. Answers the
+-- new node's hex. `exclude` as in choose_and_charge.
+local function move_ready(member, task_id, route, routing_key, draw, now_ms, exclude)
+  local plan = route_release_plan(route)
+  local _, new_hex, waits = choose_and_charge(route.letter, routing_key, route.cost, draw(), draw(),
+    draw(), now_ms, exclude)
+  if plan then
+    release(plan)
+  end
+  local score = string.sub(member, #route.node_hex + 2, #route.node_hex + 17)
+  redis.call('ZREM', K_READY, member)
+  redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
+  route.node_hex = new_hex
+  redis.call('HSET', K_TASKS, 'n' .. task_id, format_route(route))
+  -- A blocked worker of the new node wakes.
+  if waits then
+    wake_node(new_hex, 1)
+  end
+  return new_hex
+end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
@@ -17272,8 +18010,12 @@ local function main()
   -- One task: its reads (old node's release, the pick), then its writes, none of which can fail.
   local function move(entry)
     local route, meta, task_id = entry.route, entry.meta, entry.id
+    if entry.ready then
+      move_ready(entry.member, task_id, route, entry.key, draw, now_ms, node_id)
+      return
+    end
     local plan = route_release_plan(route)
-    if not entry.ready and meta.state == 'L' then
+    if meta.state == 'L' then
       -- A revoked lease queues again under a new sequence number: checked before the charge, so
       -- an exhausted seq fails this move before anything of it is written.
       seq = seq + 1
@@ -17284,12 +18026,7 @@ local function main()
     if plan then
       release(plan)
     end
-    if entry.ready then
-      -- Keeps its place (priority and sequence number) in the new node's queue.
-      local score = string.sub(entry.member, #node_hex + 2, #node_hex + 17)
-      redis.call('ZREM', K_READY, entry.member)
-      redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
-    elseif meta.state == 'L' then
+    if meta.state == 'L' then
       -- Revoked: ready on the new node (the old token no longer matches a leased state).
       meta.state, meta.at_ms = 'R', now_ms
       redis.call('ZREM', K_LEASED, task_id)
@@ -19767,5 +20504,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '4ab86dec7f41fb534eaea18ea347a100ae25cc8a' end,
+  callback = function() return 'c200d69e2ce1043d2493f58776b2aeb84de5ee15' end,
 }

@@ -1059,6 +1059,7 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   return node_id, chosen_hex, chosen_waits
 end
+
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(2, 2)

@@ -1106,6 +1106,31 @@ local function choose_and_charge(letter, routing_key, cost, random1, random2, ra
   end
   return node_id, chosen_hex, chosen_waits
 end
+
+-- Moves the ready task `member` (its id, parsed route and slot routing key) off node
+-- route.node_hex to a node chosen again with its own strategy, keeping its place (priority and
+-- sequence number) in the new node's queue; gives the cost back to the old node (if still
+-- registered) and charges the new one. Reads first (the release, the pick), then writes that
+-- cannot fail: a pick that fails (NONODE, ATCAPACITY, SCANLIMIT) changes nothing. Answers the
+-- new node's hex. `exclude` as in choose_and_charge.
+local function move_ready(member, task_id, route, routing_key, draw, now_ms, exclude)
+  local plan = route_release_plan(route)
+  local _, new_hex, waits = choose_and_charge(route.letter, routing_key, route.cost, draw(), draw(),
+    draw(), now_ms, exclude)
+  if plan then
+    release(plan)
+  end
+  local score = string.sub(member, #route.node_hex + 2, #route.node_hex + 17)
+  redis.call('ZREM', K_READY, member)
+  redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
+  route.node_hex = new_hex
+  redis.call('HSET', K_TASKS, 'n' .. task_id, format_route(route))
+  -- A blocked worker of the new node wakes.
+  if waits then
+    wake_node(new_hex, 1)
+  end
+  return new_hex
+end
 local function main()
   key_count(DISPATCH_KEY_COUNT)
   arg_count(3, 3)
@@ -1168,8 +1193,12 @@ local function main()
   -- One task: its reads (old node's release, the pick), then its writes, none of which can fail.
   local function move(entry)
     local route, meta, task_id = entry.route, entry.meta, entry.id
+    if entry.ready then
+      move_ready(entry.member, task_id, route, entry.key, draw, now_ms, node_id)
+      return
+    end
     local plan = route_release_plan(route)
-    if not entry.ready and meta.state == 'L' then
+    if meta.state == 'L' then
       -- A revoked lease queues again under a new sequence number: checked before the charge, so
       -- an exhausted seq fails this move before anything of it is written.
       seq = seq + 1
@@ -1180,12 +1209,7 @@ local function main()
     if plan then
       release(plan)
     end
-    if entry.ready then
-      -- Keeps its place (priority and sequence number) in the new node's queue.
-      local score = string.sub(entry.member, #node_hex + 2, #node_hex + 17)
-      redis.call('ZREM', K_READY, entry.member)
-      redis.call('ZADD', K_READY, 0, new_hex .. ':' .. score .. task_id)
-    elseif meta.state == 'L' then
+    if meta.state == 'L' then
       -- Revoked: ready on the new node (the old token no longer matches a leased state).
       meta.state, meta.at_ms = 'R', now_ms
       redis.call('ZREM', K_LEASED, task_id)
