@@ -598,3 +598,96 @@ def test_three_cli_workers_one_killed_one_terminated(
     assert max(runs.values()) <= 2
     assert twice <= r.smembers("wt:by:kill"), "a task ran twice without the killed worker"
     print(f"{len(twice)} task(s) ran twice (leases of the killed worker)")
+
+
+NODE_TASKS = 3000
+NODE_NAMES = ("n1", "n2", "n3", "n4")
+#: Strategies that pick among live nodes only. Slot-routed tasks are left out: while the dead
+#: node still owns slots (nothing rebalances here), healing cannot move them (docs/queue.md).
+HEAL_STRATEGIES = ("least_loaded", "two_choices", "weighted", "round_robin")
+#: A generous bound on the whole run (node TTL 10 s + lease + 3,000 tasks); a failure, not a
+#: measurement: the guarantee asserted is "done, exactly once", not how fast.
+HEAL_LIMIT_S = 120.0
+
+
+@pytest.mark.slow
+@pytest.mark.one_server
+@pytest.mark.standalone_only
+def test_four_node_workers_one_killed_healed_without_supervisor(
+    r: Any, server: ServerHandle, tmp_path: Path
+) -> None:
+    """Four ``luasched worker --node`` processes on one dispatch queue of 3,000 tasks; one is
+    SIGKILLed while its node still has ready tasks, and nothing else runs: no sweep, no
+    redispatch. The live workers' own ``node_dequeue`` calls heal the dead node: every task is
+    acked exactly once (a handler ran twice only for a task the killed worker ran), the dead
+    node's tasks finish on live nodes, and the dead node stays registered (nobody swept it).
+    Fails by its time limit with the healing of ready tasks disabled (a scratch render in which
+    ``heal_plan`` takes no dead node's ready tasks)."""
+    (tmp_path / "wtasks.py").write_text(HANDLERS)
+    s = Scheduler(r, NS)
+    q = s.queue("heal")
+    for name in NODE_NAMES:
+        s.nodes.register(name, ttl_ms=10_000)
+    first_node: dict[bytes, bytes] = {}
+    for start in range(0, NODE_TASKS, 500):
+        with s.pipeline() as pipe:
+            pq = pipe.queue("heal")
+            for index in range(start, start + 500):
+                strategy = HEAL_STRATEGIES[index % len(HEAL_STRATEGIES)]
+                pq.dispatch(b"t%05d" % index, b"", strategy=strategy)  # type: ignore[arg-type]
+            for index, placed in enumerate(pipe.execute(), start):
+                first_node[b"t%05d" % index] = placed.node
+    victim = NODE_NAMES[2]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for name in NODE_NAMES:
+        args = [str(LUASCHED), "worker", "wtasks:run", "--queue", "heal", "--namespace", NS]
+        args += ["--url", server.url, "--node", name, "--concurrency", "4", "--batch", "8"]
+        args += ["--lease-ms", "1500", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
+        args += ["--worker-id", name]
+        env = {**os.environ, "WT_URL": server.url, "WT_ME": name, "PYTHONPATH": str(tmp_path)}
+        procs[name] = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    try:
+        _until(lambda: r.scard(b"wt:by:" + victim.encode()) >= 50, 60, "the victim to run tasks")
+        procs[victim].kill()
+        assert procs[victim].wait(10) == -signal.SIGKILL
+        left_on_victim = q.dispatch_stats([victim]).nodes[victim.encode()].ready
+        assert left_on_victim > 0, "the victim's queue was empty when it was killed"
+
+        def settled() -> bool:
+            stats = q.dispatch_stats(list(NODE_NAMES))
+            return r.hlen("wt:runs") == NODE_TASKS and stats.ready + stats.leased == 0
+
+        _until(settled, HEAL_LIMIT_S, "every task to run with the victim dead (no supervisor)")
+        for name in NODE_NAMES:
+            if name != victim:
+                procs[name].send_signal(signal.SIGTERM)
+        for name in NODE_NAMES:
+            if name != victim:
+                status = procs[name].wait(DRAIN_TIMEOUT_S + 1 + EXIT_SLACK_S)
+                assert status == 0, procs[name].stderr.read() if procs[name].stderr else ""
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+    stats = q.dispatch_stats(list(NODE_NAMES))
+    assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0)
+    assert all(counts.load == 0 for counts in stats.nodes.values())
+    runs = {task: int(count) for task, count in r.hgetall("wt:runs").items()}
+    assert set(runs) == set(first_node)
+    by_victim = r.smembers(b"wt:by:" + victim.encode())
+    twice = {task for task, count in runs.items() if count > 1}
+    assert max(runs.values()) <= 2
+    assert twice <= by_victim, "a task ran twice without the killed worker"
+    # The victim's tasks it never ran finished on live nodes, moved there by the healing alone.
+    healed = {task for task, node in first_node.items() if node == victim.encode()} - by_victim
+    assert len(healed) >= left_on_victim
+    assert healed <= r.sunion([b"wt:by:" + n.encode() for n in NODE_NAMES if n != victim])
+    # Nobody swept: the dead node is still registered, and dead.
+    listing = {info.node_id: info for info in s.nodes.list()}
+    assert victim.encode() in listing and not listing[victim.encode()].live
+    print(f"{len(healed)} task(s) of the killed node healed; {len(twice)} ran twice")
