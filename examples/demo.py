@@ -17,12 +17,17 @@ What happens:
    (``q.for_node(node)``): it joins and heartbeats the node, leases batches, runs the handler
    ("works": sleeps) and acks each task, which gives the load back; SIGTERM drains it.
 4. Midway, node-c's worker is killed with SIGKILL in the middle of a task: it dies holding
-   leases, and its node's heartbeat stops. The leases expire (an expired lease is a failed
-   attempt: reclaimed into node-c's queue); the node's deadline lapses; this process sweeps it
-   (``s.nodes.sweep``, which also hands its slots to the others) and moves its tasks to live
-   nodes (``q.redispatch``), where they are delivered again with attempt 2. (That step moves
-   into the scripts live workers already call, bounded, once they heal dead nodes themselves.)
-5. The summary checks that every task was acknowledged exactly once.
+   leases, and its node's heartbeat stops. No supervisor process runs: once the node's deadline
+   lapses, the live workers' own dequeues (``queue.node_dequeue``) heal it, a bounded number of
+   tasks per call: its ready tasks move to live nodes, and its leases, when they expire (a
+   failed attempt), are reclaimed onto live nodes, where they are delivered again with attempt
+   2. The dead node stays registered (nobody sweeps it). A slot-routed dispatch whose key's slot
+   node-c still owns answers NoNode; the producer then calls ``s.slots.rebalance()``, which
+   hands a dead node's slots to the live ones (it stays registered), and retries: its own
+   retry, like the one on AllNodesFull. The same rebalance lets the healing move node-c's
+   slot-routed tasks (to the new owner of their key's slot).
+5. The summary checks that every task was acknowledged exactly once, and counts the tasks
+   dispatched to node-c that finished on live nodes ("healed").
 
 The display refreshes in place on a terminal, and prints a line per second otherwise.
 """
@@ -121,6 +126,7 @@ def worker(
     client = redis.Redis.from_url(url)
     s = Scheduler(client, namespace)
     done_key = s.namespace.key("demo", "done")
+    done_here_key = done_key + b":" + node.name.encode()
 
     def work(job: luasched.Job) -> None:
         if job.attempt > 1:
@@ -130,8 +136,12 @@ def worker(
 
     def finished(job: luasched.Job) -> None:
         # After the ack: a record per acknowledged task (a set: a second ack would not grow it,
-        # the summary compares its size with the number of acks).
-        client.sadd(done_key, job.task_id)
+        # the summary compares its size with the number of acks), and of the node that ran it,
+        # in one MULTI.
+        with client.pipeline(transaction=True) as pipe:
+            pipe.sadd(done_key, job.task_id)
+            pipe.sadd(done_here_key, job.task_id)
+            pipe.execute()
         with acked.get_lock():
             acked.value += 1
 
@@ -184,7 +194,7 @@ def frame(
     dispatched: int,
     acked: int,
     redelivered: int,
-    moved: int,
+    healed: int,
 ) -> tuple[list[str], str]:
     listing = {info.node_id: info for info in s.nodes.list()}
     rows = [
@@ -195,7 +205,7 @@ def frame(
     for spec in NODES:
         counts = stats.nodes[spec.name.encode()]
         info = listing.get(spec.name.encode())
-        state = "swept" if info is None else ("live" if info.live else "DEAD")
+        state = "gone" if info is None else ("live" if info.live else "DEAD")
         load = "-" if counts.load is None else str(counts.load)
         slots = 0 if info is None else info.slots
         rows.append(
@@ -206,7 +216,7 @@ def frame(
     elapsed = time.monotonic() - started
     totals = (
         f"  t={elapsed:4.1f}s dispatched {dispatched}/{TOTAL_TASKS}  ready {stats.ready}  "
-        f"leased {stats.leased}  acked {acked}  redelivered {redelivered}  redispatched {moved}"
+        f"leased {stats.leased}  acked {acked}  redelivered {redelivered}  healed {healed}"
     )
     rows.append(totals)
     line = f"t={elapsed:4.1f}s acked={acked} ready={stats.ready} leased={stats.leased} " + (
@@ -219,10 +229,15 @@ def frame(
 # The run
 
 
-def dispatch_some(s: Scheduler, pending: list[tuple[str, str, int]], budget: int) -> int:
-    """Dispatch up to ``budget`` pending tasks in one pipeline; those refused because every node
-    is full (AllNodesFull) or the routing key's slot owner just died (NoNode, until the
-    supervisor's sweep hands its slots over) stay pending. Returns how many were dispatched."""
+def dispatch_some(
+    s: Scheduler, pending: list[tuple[str, str, int]], budget: int, placed: dict[bytes, bytes]
+) -> tuple[int, bool]:
+    """Dispatch up to ``budget`` pending tasks in one pipeline, noting in ``placed`` the node
+    each went to; those refused stay pending. AllNodesFull (every node full) is retried a moment
+    later. NoNode means the routing key's slot owner is dead (a slot-routed dispatch needs its
+    slot's owner live): ``s.slots.rebalance()`` hands the dead node's slots to the live nodes
+    (it stays registered, for the healing) before the retry. Returns how many were dispatched,
+    and whether it rebalanced."""
     batch, rest = pending[:budget], pending[budget:]
     with s.pipeline() as pipe:
         queued = pipe.queue(QUEUE)
@@ -241,23 +256,22 @@ def dispatch_some(s: Scheduler, pending: list[tuple[str, str, int]], budget: int
             retry.append(task)
         elif isinstance(result, Exception):
             raise result
+        else:
+            placed[task[0].encode()] = result.node
+    rebalance = any(isinstance(result, NoNode) for result in results)
+    if rebalance:
+        s.slots.rebalance()
     pending[:] = retry + rest
-    return len(batch) - len(retry)
+    return len(batch) - len(retry), rebalance
 
 
-def supervise(s: Scheduler) -> int:
-    """Sweep dead nodes and move their tasks to live ones; how many tasks moved. (Until the
-    scripts that live workers call heal dead nodes themselves, bounded, this process does it.)"""
-    q = s.queue(QUEUE)
-    moved = 0
-    swept = s.nodes.sweep()
-    for node in swept.removed:
-        while True:
-            step = q.redispatch(node)
-            moved += step.moved
-            if not step.more:
-                break
-    return moved
+def healed_count(client: redis.Redis, s: Scheduler, placed: dict[bytes, bytes]) -> int:
+    """How many tasks dispatched to the victim were acked on live nodes: moved there by the
+    healing in the live workers' dequeues (nothing else moves them in this demo)."""
+    victims = {task for task, node in placed.items() if node == VICTIM.encode()}
+    done = s.namespace.key("demo", "done")
+    others = [done + b":" + spec.name.encode() for spec in NODES if spec.name != VICTIM]
+    return len(victims & set(client.sunion(others)))
 
 
 def main() -> int:
@@ -302,7 +316,8 @@ def main() -> int:
         display = Display()
         q = s.queue(QUEUE)
         names = [spec.name for spec in NODES]
-        dispatched = moved = 0
+        dispatched = rebalances = 0
+        placed: dict[bytes, bytes] = {}
         killed_at = None
         try:
             while acked.value < TOTAL_TASKS:
@@ -313,19 +328,22 @@ def main() -> int:
                     # Feed about as fast as the workers drain: at most QUEUED_LIMIT waiting.
                     budget = min(150, QUEUED_LIMIT - stats.ready)
                     if budget > 0:
-                        dispatched += dispatch_some(s, pending, budget)
+                        count, rebalanced = dispatch_some(s, pending, budget, placed)
+                        dispatched += count
+                        rebalances += rebalanced
                 if killed_at is None and acked.value >= KILL_AT_DONE:
                     dies[VICTIM].set()
                     killed_at = time.monotonic() - started
-                moved += supervise(s)
+                healed = healed_count(client, s, placed)
                 display.show(
-                    *frame(s, stats, started, dispatched, acked.value, redelivered.value, moved)
+                    *frame(s, stats, started, dispatched, acked.value, redelivered.value, healed)
                 )
                 time.sleep(0.1)
             elapsed = time.monotonic() - started
             stats = q.dispatch_stats(names)
+            healed = healed_count(client, s, placed)
             display.show(
-                *frame(s, stats, started, dispatched, acked.value, redelivered.value, moved)
+                *frame(s, stats, started, dispatched, acked.value, redelivered.value, healed)
             )
         finally:
             for process in workers.values():
@@ -353,7 +371,11 @@ def main() -> int:
             f"(exit code {victim.exitcode})"
         )
         print(f"  redelivered             {redelivered.value} (leased again with attempt > 1)")
-        print(f"  redispatched            {moved} (moved off the dead node)")
+        print(f"  healed                  {healed} ({VICTIM}'s tasks finished on live nodes)")
+        print(
+            f"  slots rebalanced        {rebalances} time(s) (a slot-routed dispatch met "
+            f"{VICTIM}'s slots: NoNode)"
+        )
         print(f"  time                    {elapsed:.1f} s")
         print(f"  every task done exactly once: {'yes' if exactly_once else 'NO'}")
         client.close()

@@ -1,5 +1,6 @@
 """`make demo` (examples/demo.py) runs to its summary on a throwaway server of its own: every
-dispatched task acknowledged exactly once, a worker killed mid-lease, its tasks delivered again."""
+dispatched task acknowledged exactly once, a worker killed mid-lease, its tasks delivered again
+on live nodes, moved there by the live workers' own dequeues (no supervisor)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_demo_runs_to_its_summary() -> None:
     assert left and [int(value) for value in left.groups()] == [0, 0, 0, 0, 0]
     assert re.search(r"node-c worker\s+killed by SIGKILL at t=\d+\.\ds \(exit code -9\)", out)
     assert figure(out, "redelivered") >= 1
-    assert figure(out, "redispatched") >= 1
+    assert figure(out, "healed") >= 1  # the killed worker held a lease: a live node ran it
     seconds = re.search(r"^  time\s+(\d+\.\d) s", out, re.M)
     assert seconds  # how long it took is reported, not asserted (a loaded machine is slower)
     assert "every task done exactly once: yes" in out
