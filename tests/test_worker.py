@@ -539,6 +539,43 @@ def _held_by(r: Any, q: Any, worker: bytes) -> list[bytes]:
     return [t for t, m in zip(leased, metas, strict=True) if m and m.split(b" ", 6)[6] == worker]
 
 
+def _cli_worker(
+    server: ServerHandle, tmp_path: Path, name: str, function: str, queue: str, *options: str
+) -> subprocess.Popen[bytes]:
+    """A ``luasched worker`` process on ``queue`` named ``name`` (its worker id, and ``WT_ME``
+    for the handlers of HANDLERS, written to ``tmp_path``), leases of 1.5 s."""
+    args = [str(LUASCHED), "worker", function, "--queue", queue, "--namespace", NS]
+    args += ["--url", server.url, "--lease-ms", "1500", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
+    args += ["--worker-id", name, *options]
+    env = {**os.environ, "WT_URL": server.url, "WT_ME": name, "PYTHONPATH": str(tmp_path)}
+    return subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _end_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Kill whichever of ``procs`` still runs, and reap them all."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _ran_once_but_killed(r: Any, tasks: set[bytes], killed: str) -> set[bytes]:
+    """Assert from the handlers' counts that every one of ``tasks`` ran, and twice at most only
+    for a task the ``killed`` worker ran; answer the tasks that ran twice."""
+    runs = {task: int(count) for task, count in r.hgetall("wt:runs").items()}
+    assert set(runs) == tasks
+    twice = {task for task, count in runs.items() if count > 1}
+    assert max(runs.values()) <= 2
+    assert twice <= r.smembers(b"wt:by:" + killed.encode()), (
+        "a task ran twice without the killed worker"
+    )
+    return twice
+
+
 @pytest.mark.slow
 @pytest.mark.one_server
 @pytest.mark.standalone_only
@@ -562,15 +599,11 @@ def test_three_cli_workers_one_killed_one_terminated(
     function = "wtasks:arun" if kind == "asyncio" else "wtasks:run"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name in ("kill", "term", "stay"):
-        args = [str(LUASCHED), "worker", function, "--queue", "big", "--namespace", NS]
-        args += ["--url", server.url, "--concurrency", "4", "--batch", "16"]
-        args += ["--lease-ms", "1500", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
-        args += ["--worker-id", name] + (["--burst"] if name == "stay" else [])
-        args += ["--asyncio"] if kind == "asyncio" else []
-        env = {**os.environ, "WT_URL": server.url, "WT_ME": name, "PYTHONPATH": str(tmp_path)}
-        procs[name] = subprocess.Popen(
-            args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        options = ["--concurrency", "4", "--batch", "16"]
+        options += (["--burst"] if name == "stay" else []) + (
+            ["--asyncio"] if kind == "asyncio" else []
         )
+        procs[name] = _cli_worker(server, tmp_path, name, function, "big", *options)
     try:
         _until(lambda: r.hlen("wt:runs") >= TASKS // 5, 60, "a fifth of the tasks to run")
         procs["kill"].kill()
@@ -583,20 +616,11 @@ def test_three_cli_workers_one_killed_one_terminated(
         assert status == 0, procs["term"].stderr.read() if procs["term"].stderr else ""
         assert procs["stay"].wait(60) == 0
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+        _end_all(procs)
     print(f"terminated worker exited {exited_after:.2f} s after SIGTERM")
     counts = q.stats()
     assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
-    runs = {task: int(count) for task, count in r.hgetall("wt:runs").items()}
-    assert set(runs) == {b"t%05d" % index for index in range(TASKS)}
-    twice = {task for task, count in runs.items() if count > 1}
-    assert max(runs.values()) <= 2
-    assert twice <= r.smembers("wt:by:kill"), "a task ran twice without the killed worker"
+    twice = _ran_once_but_killed(r, {b"t%05d" % index for index in range(TASKS)}, "kill")
     print(f"{len(twice)} task(s) ran twice (leases of the killed worker)")
 
 
@@ -640,14 +664,8 @@ def test_four_node_workers_one_killed_healed_without_supervisor(
     victim = NODE_NAMES[2]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name in NODE_NAMES:
-        args = [str(LUASCHED), "worker", "wtasks:run", "--queue", "heal", "--namespace", NS]
-        args += ["--url", server.url, "--node", name, "--concurrency", "4", "--batch", "8"]
-        args += ["--lease-ms", "1500", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
-        args += ["--worker-id", name]
-        env = {**os.environ, "WT_URL": server.url, "WT_ME": name, "PYTHONPATH": str(tmp_path)}
-        procs[name] = subprocess.Popen(
-            args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        options = ("--node", name, "--concurrency", "4", "--batch", "8")
+        procs[name] = _cli_worker(server, tmp_path, name, "wtasks:run", "heal", *options)
     try:
         _until(lambda: r.scard(b"wt:by:" + victim.encode()) >= 50, 60, "the victim to run tasks")
         procs[victim].kill()
@@ -668,21 +686,12 @@ def test_four_node_workers_one_killed_healed_without_supervisor(
                 status = procs[name].wait(DRAIN_TIMEOUT_S + 1 + EXIT_SLACK_S)
                 assert status == 0, procs[name].stderr.read() if procs[name].stderr else ""
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+        _end_all(procs)
     stats = q.dispatch_stats(list(NODE_NAMES))
     assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0)
     assert all(counts.load == 0 for counts in stats.nodes.values())
-    runs = {task: int(count) for task, count in r.hgetall("wt:runs").items()}
-    assert set(runs) == set(first_node)
+    twice = _ran_once_but_killed(r, set(first_node), victim)
     by_victim = r.smembers(b"wt:by:" + victim.encode())
-    twice = {task for task, count in runs.items() if count > 1}
-    assert max(runs.values()) <= 2
-    assert twice <= by_victim, "a task ran twice without the killed worker"
     # The victim's tasks it never ran finished on live nodes, moved there by the healing alone.
     healed = {task for task, node in first_node.items() if node == victim.encode()} - by_victim
     assert len(healed) >= left_on_victim
