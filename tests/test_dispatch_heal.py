@@ -245,3 +245,26 @@ def test_a_heal_with_no_live_node_to_take_the_tasks_moves_nothing_and_answers(r:
     assert q.for_node("a").dequeue("wa", HOUR) is None  # the next lap finds c again
     assert ready_of(q, "c", "a") == [0, 2]
     assert acked_ids(drain_node(q, b"a")) == [b"t0", b"t1"]
+
+
+def test_a_slot_task_of_a_dead_owner_stays_and_the_tasks_behind_it_move(r: Client) -> None:
+    """A slot-routed task whose slot the dead node still owns cannot move (NoNode until a
+    rebalance); the dead node's other ready tasks, queued behind it, move anyway."""
+    s = scheduler(r, "hslot", [("a", 1, None), ("c", 1, None)])
+    q = s.queue("jobs")
+    key = next(f"k{n}" for n in range(1000) if s.slots.owner(f"k{n}").node == b"c")
+    assert q.dispatch("slot", b"", strategy="slot", routing_key=key).node == b"c"
+    for number in range(6):  # round robin: three on a, three on c, all behind the slot task
+        q.dispatch(f"t{number}", b"", strategy="round_robin")
+    assert ready_of(q, "a", "c") == [3, 4]
+    lapse(s, "c")
+
+    a = q.for_node("a")
+    first = a.dequeue("wa", HOUR)  # one of a's own; heals c
+    assert first is not None
+    assert ready_of(q, "a", "c") == [2 + 3, 1]  # only the slot task is left on c
+    s.slots.rebalance()  # the slot goes to a; c stays registered
+    taken = [a.dequeue("wa", HOUR) for _ in range(7)]
+    assert ready_of(q, "a", "c") == [0, 0]
+    every = [first.task_id] + [lease.task_id for lease in taken if lease is not None]
+    assert sorted(every) == sorted([b"slot"] + [f"t{number}".encode() for number in range(6)])

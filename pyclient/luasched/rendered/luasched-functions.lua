@@ -13435,7 +13435,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 cbb9d108368389b383b77b4b7218e2a7d045158d)
+-- queue.node_dequeue (sha1 3afbd3744b30f1397e3c62741ba07ce29275b715)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -14829,11 +14829,18 @@ local function heal_run(plan, moves, draw, now_ms, own_hex)
     local exclude = unhex(move.route.node_hex)
     local ok, new_hex = pcall(move_ready, move.member, move.id, move.route, move.key, draw, now_ms,
       exclude)
-    if not ok then
-      failed = move.node or 0
-      break
+    if ok then
+      to_own = to_own or new_hex == own_hex
+    else
+      failed = failed or move.node or 0
+      -- A slot-routed task whose slot the dead node still owns (NONODE until slots.rebalance)
+      -- stays; the tasks behind it still move. Any other failure (every node full, the scan
+      -- limit) would fail the rest alike: stop.
+      local err = type(new_hex) == 'table' and new_hex.luasched_error or ''
+      if string.sub(err, 1, 16) ~= 'LUASCHED_NONODE ' then
+        break
+      end
     end
-    to_own = to_own or new_hex == own_hex
   end
   if not plan then
     return to_own
@@ -20504,5 +20511,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'c200d69e2ce1043d2493f58776b2aeb84de5ee15' end,
+  callback = function() return '3ca2be4243296d03eed1de3637c86e5041e36f27' end,
 }

@@ -1387,11 +1387,18 @@ local function heal_run(plan, moves, draw, now_ms, own_hex)
     local exclude = unhex(move.route.node_hex)
     local ok, new_hex = pcall(move_ready, move.member, move.id, move.route, move.key, draw, now_ms,
       exclude)
-    if not ok then
-      failed = move.node or 0
-      break
+    if ok then
+      to_own = to_own or new_hex == own_hex
+    else
+      failed = failed or move.node or 0
+      -- A slot-routed task whose slot the dead node still owns (NONODE until slots.rebalance)
+      -- stays; the tasks behind it still move. Any other failure (every node full, the scan
+      -- limit) would fail the rest alike: stop.
+      local err = type(new_hex) == 'table' and new_hex.luasched_error or ''
+      if string.sub(err, 1, 16) ~= 'LUASCHED_NONODE ' then
+        break
+      end
     end
-    to_own = to_own or new_hex == own_hex
   end
   if not plan then
     return to_own
