@@ -23,6 +23,7 @@ decision, only the shape of KEYS/ARGV and of the reply.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +49,7 @@ from luasched.dispatch import (
     node_take,
     redispatch_call,
 )
+from luasched.errors import GroupedQueue
 from luasched.keys import Namespace, new_request_id
 from luasched.leases import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -103,6 +105,8 @@ __all__ = [
     "DispatchStats",
     "Dispatched",
     "Enqueued",
+    "GroupKeys",
+    "GroupSettings",
     "Lease",
     "Nacked",
     "NodeCounts",
@@ -110,6 +114,7 @@ __all__ = [
     "Queue",
     "QueueCalls",
     "QueueKeys",
+    "QueueLimits",
     "QueueStats",
     "Redispatched",
     "RequeuedDispatched",
@@ -135,6 +140,8 @@ __all__ = [
     "redispatch_call",
     "remaining_ms",
     "requeue_dead_call",
+    "set_group_call",
+    "set_limits_call",
     "stats_call",
 ]
 
@@ -147,6 +154,17 @@ R = TypeVar("R")
 
 #: The script whose KEYS layout every plain queue script shares (lua/include/queue_keys.j2).
 QUEUE_SCRIPT = "queue.dequeue"
+#: The script whose KEYS layout every ``queue.group_*`` script shares (the queue's, then
+#: lua/include/group_keys.j2: gready, gring, groups).
+GROUP_SCRIPT = "queue.group_dequeue"
+#: The plain scripts that refuse a queue (or a task) with groups, and their ``queue.group_*`` twins.
+GROUP_TWINS = {
+    "queue.enqueue": "queue.group_enqueue",
+    "queue.dequeue": "queue.group_dequeue",
+    "queue.ack": "queue.group_ack",
+    "queue.nack": "queue.group_nack",
+    "queue.requeue_dead": "queue.group_requeue_dead",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -188,6 +206,43 @@ class QueueKeys(BoundQueueKeys):
         name = validate.key_bytes("name", queue, 1, MAX_QUEUE_NAME_BYTES)
         bound = contract.layout(QUEUE_SCRIPT).bind(namespace, queue=name)
         return cls(namespace, name, bound.keys[: bound.request], bound)
+
+
+@dataclass(frozen=True)
+class GroupKeys(BoundQueueKeys):
+    """The KEYS of the ``queue.group_*`` scripts of one queue: the queue's 8 (``QueueKeys``), then
+    gready, gring and groups (lua/include/group_keys.j2), in the manifest's layout."""
+
+    namespace: Namespace
+    queue: bytes
+    bound: BoundKeys
+
+    @classmethod
+    def of(cls, namespace: Namespace, queue: str | bytes) -> GroupKeys:
+        """The group keys of ``queue`` in ``namespace``; InvalidArgument naming ``name``."""
+        name = validate.key_bytes("name", queue, 1, MAX_QUEUE_NAME_BYTES)
+        return cls(namespace, name, contract.layout(GROUP_SCRIPT).bind(namespace, queue=name))
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """A group's settings after ``set_group``: ``weight`` (1..1000), ``max_active`` (0: no cap),
+    ``paused``, and ``active``: the leases of its tasks held now."""
+
+    weight: int
+    max_active: int
+    paused: bool
+    active: int
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """A queue's limits after ``set_limits``: ``max_active`` (0: no cap), ``paused``, and
+    ``active``: the leases held in the whole queue now."""
+
+    max_active: int
+    paused: bool
+    active: int
 
 
 @dataclass(frozen=True)
@@ -239,7 +294,7 @@ def _enqueued(reply: Any) -> Enqueued:
 
 
 def enqueue_call(
-    keys: QueueKeys,
+    keys: QueueKeys | GroupKeys,
     task_id: str | bytes,
     payload: str | bytes,
     *,
@@ -248,10 +303,12 @@ def enqueue_call(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     request_id: str | bytes | None = None,
     request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
+    group: str | bytes | None = None,
 ) -> Call[Enqueued]:
-    """The ``queue.enqueue`` call (request_id None: a fresh random one; b"": none).
+    """The ``queue.enqueue`` call (request_id None: a fresh random one; b"": none); with a
+    ``group``, ``queue.group_enqueue`` (``keys``: the queue's GroupKeys).
     InvalidArgument for any argument out of the script's range (``luasched.validate``)."""
-    script = "queue.enqueue"
+    script = "queue.enqueue" if group is None else "queue.group_enqueue"
     rid = request_of(request_id)
     args = (
         validate.arg(script, "task_id", task_id),
@@ -261,12 +318,13 @@ def enqueue_call(
         max_attempts_arg(script, max_attempts),
         rid,
         validate.arg(script, "request_ttl_ms", request_ttl_ms),
+        *(() if group is None else (validate.arg(script, "group", group),)),
     )
-    return Call("queue.enqueue", keys.with_request(rid), args, _enqueued)
+    return Call(script, keys.with_request(rid), args, _enqueued)
 
 
 def dequeue_call(
-    keys: QueueKeys,
+    keys: QueueKeys | GroupKeys,
     worker_id: str | bytes,
     count: int,
     lease_ms: int,
@@ -280,9 +338,9 @@ def dequeue_call(
     """The ``queue.dequeue`` call: take up to ``count``, acking ``ack`` first if given.
 
     ``shape`` says how the reply is parsed: ``reply`` (a Dequeued), ``one`` (Lease or None),
-    ``many`` (a list of Lease).
+    ``many`` (a list of Lease). With GroupKeys: ``queue.group_dequeue`` (the same ARGV and reply).
     """
-    script = "queue.dequeue"
+    script = GROUP_SCRIPT if isinstance(keys, GroupKeys) else "queue.dequeue"
     ack_task_id, ack_token = (b"", 0) if ack is None else held("queue.ack", ack, keys.tasks)
     rid = request_of(request_id)
     args = (
@@ -302,11 +360,60 @@ def _requeued(reply: Any) -> str:
     return text(reply)
 
 
-def requeue_dead_call(keys: QueueKeys, task_id: str | bytes) -> Call[str]:
-    """The ``queue.requeue_dead`` call; parses ``requeued`` or where the task is."""
-    script = "queue.requeue_dead"
+def requeue_dead_call(keys: QueueKeys | GroupKeys, task_id: str | bytes) -> Call[str]:
+    """The ``queue.requeue_dead`` call (``queue.group_requeue_dead`` with GroupKeys); parses
+    ``requeued`` or where the task is."""
+    script = "queue.group_requeue_dead" if isinstance(keys, GroupKeys) else "queue.requeue_dead"
     args = (validate.arg(script, "task_id", task_id),)
     return Call(script, keys.with_request(b""), args, _requeued)
+
+
+def _group_settings(reply: Any) -> GroupSettings:
+    weight, max_active, paused, active = (int(value) for value in reply)
+    return GroupSettings(weight, max_active, bool(paused), active)
+
+
+def _keep(script: str, name: str, value: int | bool | None) -> int:
+    """ARGV ``name`` of ``script`` for a setting: -1 (keep) for None, else the value checked
+    (a bool as 0/1); InvalidArgument naming ``name``."""
+    if value is None:
+        return -1
+    return validate.arg(script, name, int(value) if isinstance(value, bool) else value, lo=0)  # type: ignore[no-any-return]
+
+
+def set_group_call(
+    keys: GroupKeys,
+    group: str | bytes,
+    *,
+    weight: int | None = None,
+    max_active: int | None = None,
+    paused: bool | None = None,
+) -> Call[GroupSettings]:
+    """The ``queue.set_group`` call (None: keep the setting as it is)."""
+    script = "queue.set_group"
+    group_arg = validate.arg(script, "group", group)
+    weight_arg = -1 if weight is None else validate.arg(script, "weight", weight, lo=1)
+    args = (
+        group_arg,
+        weight_arg,
+        _keep(script, "max_active", max_active),
+        _keep(script, "paused", paused),
+    )
+    return Call(script, keys.with_request(b""), args, _group_settings)
+
+
+def _queue_limits(reply: Any) -> QueueLimits:
+    max_active, paused, active = (int(value) for value in reply)
+    return QueueLimits(max_active, bool(paused), active)
+
+
+def set_limits_call(
+    keys: GroupKeys, *, max_active: int | None = None, paused: bool | None = None
+) -> Call[QueueLimits]:
+    """The ``queue.set_limits`` call (None: keep the setting as it is)."""
+    script = "queue.set_limits"
+    args = (_keep(script, "max_active", max_active), _keep(script, "paused", paused))
+    return Call(script, keys.with_request(b""), args, _queue_limits)
 
 
 def _stats(reply: Any) -> QueueStats:
@@ -392,11 +499,16 @@ class QueueCalls(Generic[R]):
         request_ttl_ms: int = DEFAULT_REQUEST_TTL_MS,
         poll_ms: int = DEFAULT_POLL_MS,
         rng: RandomSource | None = None,
+        grouped: bool = False,
     ) -> None:
         check_queue_options(max_attempts, backoff_base_ms, backoff_max_ms, request_ttl_ms, poll_ms)
         self._runner = runner
         self._client = client
         self.keys = QueueKeys.of(namespace, name)
+        self.group_keys = GroupKeys.of(namespace, name)
+        #: Whether this object calls the ``queue.group_*`` scripts: set by ``grouped=True``, by
+        #: the first call with a group, ``set_group``, ``set_limits``, or a GROUPED answer.
+        self.grouped = grouped
         self.name = self.keys.queue
         self.dispatch_keys = DispatchKeys.of(namespace, self.name)
         self._rng = rng if rng is not None else default_rng()
@@ -414,9 +526,12 @@ class QueueCalls(Generic[R]):
         delay_ms: int,
         max_attempts: int | None,
         request_id: str | bytes | None,
+        group: str | bytes | None = None,
     ) -> Call[Enqueued]:
+        if group is not None:
+            self.grouped = True
         return enqueue_call(
-            self.keys,
+            self.keys if group is None else self.group_keys,
             task_id,
             payload,
             priority=priority,
@@ -424,7 +539,34 @@ class QueueCalls(Generic[R]):
             max_attempts=self.max_attempts if max_attempts is None else max_attempts,
             request_id=request_id,
             request_ttl_ms=self.request_ttl_ms,
+            group=group,
         )
+
+    def _set_group_call(
+        self,
+        group: str | bytes,
+        weight: int | None,
+        max_active: int | None,
+        paused: bool | None,
+    ) -> Call[GroupSettings]:
+        call = set_group_call(
+            self.group_keys, group, weight=weight, max_active=max_active, paused=paused
+        )
+        self.grouped = True
+        return call
+
+    def _set_limits_call(self, max_active: int | None, paused: bool | None) -> Call[QueueLimits]:
+        call = set_limits_call(self.group_keys, max_active=max_active, paused=paused)
+        self.grouped = True
+        return call
+
+    def _pause_call(self, group: str | bytes | None, paused: bool) -> Call[Any]:
+        if group is None:
+            return self._set_limits_call(None, paused)
+        return self._set_group_call(group, None, None, paused)
+
+    def _requeue_dead_call(self, task_id: str | bytes) -> Call[str]:
+        return requeue_dead_call(self.group_keys if self.grouped else self.keys, task_id)
 
     def _take_plan(
         self,
@@ -438,7 +580,8 @@ class QueueCalls(Generic[R]):
     ) -> Call[Any] | Loop[Any]:
         """A take of this queue (``take_plan``), its arguments checked first (``check_take``)."""
         check_take(worker_id, count, lease_ms, block_ms)
-        keys, request_ttl_ms = self.keys, self.request_ttl_ms
+        keys: QueueKeys | GroupKeys = self.group_keys if self.grouped else self.keys
+        request_ttl_ms = self.request_ttl_ms
 
         def call(wait_ms: int, ack: Lease | None, rid: str | bytes | None, shape: str) -> Call[Any]:
             return dequeue_call(
@@ -466,13 +609,21 @@ class QueueCalls(Generic[R]):
     ) -> Call[Any] | Loop[Any]:
         return take_plan(call, wake, block_ms, ack, request_id, shape, self.poll_ms, self._client)
 
-    def _lease_keys(self, script: str) -> QueueKeys | DispatchKeys:
-        """The keys a lease call of ``script`` takes: the queue's, or a node queue's."""
-        return self.dispatch_keys if script.startswith("queue.node_") else self.keys
+    def _lease_keys(self, script: str) -> QueueKeys | DispatchKeys | GroupKeys:
+        """The keys a lease call of ``script`` takes: the queue's, a node queue's, or (a
+        ``queue.group_*`` script) the queue's group keys."""
+        if script.startswith("queue.node_"):
+            return self.dispatch_keys
+        return self.group_keys if script.startswith("queue.group_") else self.keys
+
+    def _lease_script(self, script: str) -> str:
+        """``script``, or its ``queue.group_*`` twin when this queue calls those."""
+        return GROUP_TWINS.get(script, script) if self.grouped else script
 
     def _ack_call(
         self, lease: Lease, request_id: str | bytes | None, script: str = "queue.ack"
     ) -> Call[bool]:
+        script = self._lease_script(script)
         keys = self._lease_keys(script)
         ttl_ms = self.request_ttl_ms
         return ack_call(keys, lease, request_id=request_id, request_ttl_ms=ttl_ms, script=script)
@@ -488,6 +639,7 @@ class QueueCalls(Generic[R]):
         request_id: str | bytes | None,
         script: str = "queue.nack",
     ) -> Call[Nacked]:
+        script = self._lease_script(script)
         return nack_call(
             self._lease_keys(script),
             lease,
@@ -555,6 +707,18 @@ class Queue(QueueCalls[Runner]):
             return self._runner.run(plan)
         return drive(plan, self._runner.run, self._client)
 
+    def _switching(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Any:
+        """Run what ``build`` makes; when the script answers GROUPED (the queue has groups and
+        this object did not know), switch to the ``queue.group_*`` scripts and run it once more
+        (a GROUPED answer changed nothing)."""
+        try:
+            return self._do(build())
+        except GroupedQueue:
+            if self.grouped:
+                raise
+            self.grouped = True
+            return self._do(build())
+
     def enqueue(
         self,
         task_id: str | bytes,
@@ -564,16 +728,22 @@ class Queue(QueueCalls[Runner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Enqueued:
         """Add a task, ready now or after ``delay_ms`` (server clock); idempotent by task id.
 
         A task id that exists (ready, delayed, leased or dead) is left as it is:
         ``created=False`` and its state. Priority -512..511, higher first, FIFO within a
         priority. ``max_attempts`` (default: the queue's) leases before the dead letters.
-        O(log n). Raises InvalidArgument.
+        ``group`` (1..256 bytes, e.g. a tenant; None: none) puts the task in that group: takes
+        then go round the groups that have ready tasks (by weight, ``set_group``), priority and
+        FIFO within a group, and the task keeps its group through delays, retries, expired
+        leases and the dead letters. O(log n). Raises InvalidArgument.
         """
         return self._runner.run(
-            self._enqueue_call(task_id, payload, priority, delay_ms, max_attempts, request_id)
+            self._enqueue_call(
+                task_id, payload, priority, delay_ms, max_attempts, request_id, group
+            )
         )
 
     def dequeue(
@@ -591,7 +761,9 @@ class Queue(QueueCalls[Runner]):
         task's due time and ``poll_ms``; the script decides every time). The same call first
         promotes due delayed tasks and reclaims expired leases (bounded). O(log n).
         """
-        return self._do(self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one"))  # type: ignore[no-any-return]
+        return self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
+        )
 
     def dequeue_many(
         self,
@@ -603,7 +775,9 @@ class Queue(QueueCalls[Runner]):
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n`` (1..config.max_batch) ready tasks in one call, best first."""
-        return self._do(self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many"))  # type: ignore[no-any-return]
+        return self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
+        )
 
     def ack_and_dequeue(
         self,
@@ -619,8 +793,9 @@ class Queue(QueueCalls[Runner]):
         Raises StaleLease (and takes nothing) when ``lease`` is no longer held.
         """
         validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
-        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
-        return self._do(plan)  # type: ignore[no-any-return]
+        return self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
+        )
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish ``lease``'s task: it is removed from the queue. O(log n).
@@ -629,7 +804,7 @@ class Queue(QueueCalls[Runner]):
         leased again): the task belongs to the newer lease. A lease past its deadline that no
         dequeue has reclaimed yet is still held.
         """
-        return self._runner.run(self._ack_call(lease, request_id))
+        return self._switching(lambda: self._ack_call(lease, request_id))  # type: ignore[no-any-return]
 
     def nack(
         self,
@@ -645,7 +820,7 @@ class Queue(QueueCalls[Runner]):
         2^(attempt-1)); after max_attempts leases it goes to the dead letters with ``reason``.
         O(log n). Raises StaleLease.
         """
-        return self._runner.run(self._nack_call(lease, delay_ms, reason, request_id))
+        return self._switching(lambda: self._nack_call(lease, delay_ms, reason, request_id))  # type: ignore[no-any-return]
 
     def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move ``lease``'s deadline to the server's now + ``lease_ms``; the new deadline.
@@ -656,11 +831,47 @@ class Queue(QueueCalls[Runner]):
 
     def requeue_dead(self, task_id: str | bytes) -> bool:
         """Bring a dead-letter task back (ready now, attempts reset); False if it was not dead."""
-        return self._runner.run(requeue_dead_call(self.keys, task_id)) == "requeued"
+        return self._switching(lambda: self._requeue_dead_call(task_id)) == "requeued"  # type: ignore[no-any-return]
 
     def stats(self) -> QueueStats:
         """Counts (ready, delayed, leased, dead), oldest ready age, next due. Read-only."""
         return self._runner.run(stats_call(self.keys))
+
+    # ----------------------------------------------------------------------------------------
+    # Groups, caps and pause
+
+    def set_group(
+        self,
+        group: str | bytes,
+        *,
+        weight: int | None = None,
+        max_active: int | None = None,
+        paused: bool | None = None,
+    ) -> GroupSettings:
+        """Set ``group``'s weight (1..1000; default 1), its cap ``max_active`` (most leases of
+        its tasks held at once, 0: none) and whether it is ``paused``; None keeps a setting.
+
+        One script: the group is put in or out of the ring the dequeue takes from, so a group
+        at its cap or paused is skipped (not waited on) and comes back when a lease of it is
+        acked, nacked or expires, or when it is resumed. O(log n). Raises InvalidArgument.
+        """
+        return self._runner.run(self._set_group_call(group, weight, max_active, paused))
+
+    def set_limits(
+        self, *, max_active: int | None = None, paused: bool | None = None
+    ) -> QueueLimits:
+        """Set the whole queue's cap ``max_active`` (most leases held at once, with or without a
+        group; 0: none) and whether it is ``paused`` (nothing is taken); None keeps a setting.
+        O(1). Raises InvalidArgument."""
+        return self._runner.run(self._set_limits_call(max_active, paused))
+
+    def pause(self, group: str | bytes | None = None) -> None:
+        """Pause the queue (None) or one group: dequeues take none of its tasks (they stay)."""
+        self._runner.run(self._pause_call(group, True))
+
+    def resume(self, group: str | bytes | None = None) -> None:
+        """Resume what ``pause`` paused."""
+        self._runner.run(self._pause_call(group, False))
 
     # ----------------------------------------------------------------------------------------
     # Dispatch to nodes

@@ -287,7 +287,7 @@ def ack_of(queue: Any, lease: Lease) -> tuple[Any, Call[Any]]:
     plain = _plain(queue, lease)
     if _is_node(queue):
         return plain._runner, ack_call(plain.dispatch_keys, lease, script="queue.node_ack")
-    return plain._runner, ack_call(plain.keys, lease, request_ttl_ms=plain.request_ttl_ms)
+    return plain._runner, plain._ack_call(lease, None)
 
 
 def nack_of(
@@ -296,15 +296,16 @@ def nack_of(
     """The runner and ``queue.nack`` (``queue.node_nack``) call of ``lease`` in ``mode``."""
     plain = _plain(queue, lease)
     node = _is_node(queue)
+    script = "queue.node_nack" if node else plain._lease_script("queue.nack")
     return plain._runner, nack_call(
-        plain.dispatch_keys if node else plain.keys,
+        plain._lease_keys(script),
         lease,
         delay_ms=delay_ms,
         reason=reason,
         backoff_base_ms=plain.backoff_base_ms,
         backoff_max_ms=plain.backoff_max_ms,
         request_ttl_ms=plain.request_ttl_ms,
-        script="queue.node_nack" if node else "queue.nack",
+        script=script,
         mode=mode,
     )
 

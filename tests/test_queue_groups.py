@@ -1,0 +1,415 @@
+"""Groups of a plain queue (issue 21): fair takes across groups (round robin, weighted), the
+group kept through delays, retries, expired leases and the dead letters, caps per group and
+per queue, pause and resume; bad input refused with nothing changed. The ``queue.group_*``
+scripts (lua/queue/group_*.lua.j2, lua/include/groups.lua.j2) on every server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from luasched import InvalidArgument, Scheduler
+from support.helpers import assert_codes_covered, assert_refused
+
+Client = Any  # redis.Redis or RedisCluster
+
+
+def _group_of(task_id: bytes) -> str:
+    return task_id.decode().split("-")[0]
+
+
+def test_flood_in_one_group_does_not_hold_back_the_others(r: Client) -> None:
+    q = Scheduler(r, "flood").queue("jobs")
+    for start in range(0, 10_000, 1_000):
+        with Scheduler(r, "flood").pipeline() as batch:
+            bq = batch.queue("jobs")
+            for index in range(start, start + 1_000):
+                bq.enqueue(f"A-{index}", group="A", request_id=b"")
+            batch.execute()
+    for tenant in "BCDE":
+        for index in range(100):
+            q.enqueue(f"{tenant}-{index}", group=tenant, request_id=b"")
+    taken: list[bytes] = []
+    for _ in range(10):
+        taken += [lease.task_id for lease in q.dequeue_many("w", 100, 60_000, request_id=b"")]
+    first = taken[:1_000]
+    for tenant in "BCDE":
+        assert sum(1 for task_id in first if _group_of(task_id) == tenant) == 100, tenant
+    # Within a group: FIFO.
+    for tenant in "ABCDE":
+        order = [int(t.decode().split("-")[1]) for t in taken if _group_of(t) == tenant]
+        assert order == sorted(order)
+
+
+def _fill(r: Client, namespace: str, queue: str, counts: dict[str, int]) -> None:
+    """Enqueue counts[group] tasks "<group>-<i>" in each group, 1,000 per pipeline."""
+    pending = [(group, index) for group, count in counts.items() for index in range(count)]
+    for start in range(0, len(pending), 1_000):
+        with Scheduler(r, namespace).pipeline() as batch:
+            bq = batch.queue(queue)
+            for group, index in pending[start : start + 1_000]:
+                bq.enqueue(f"{group}-{index}", group=group, request_id=b"")
+            batch.execute()
+
+
+def test_weights_share_the_takes(r: Client) -> None:
+    q = Scheduler(r, "weights").queue("jobs")
+    _fill(r, "weights", "jobs", {"A": 6_500, "B": 2_500, "C": 2_500})
+    assert q.set_group("A", weight=3).weight == 3
+    taken: Counter[str] = Counter()
+    for _ in range(100):
+        for lease in q.dequeue_many("w", 100, 60_000, request_id=b""):
+            taken[_group_of(lease.task_id)] += 1
+    assert sum(taken.values()) == 10_000
+    # Every group stayed ready throughout (A needs 6,000, B and C 2,000 each).
+    assert abs(taken["A"] / 10_000 - 0.60) <= 0.02, taken
+    assert abs(taken["B"] / 10_000 - 0.20) <= 0.02, taken
+    assert abs(taken["C"] / 10_000 - 0.20) <= 0.02, taken
+
+
+def test_round_robin_one_at_a_time_and_with_tasks_without_a_group(r: Client) -> None:
+    q = Scheduler(r, "rr").queue("jobs")
+    for index in range(3):
+        q.enqueue(f"A-{index}", group="A")
+        q.enqueue(f"B-{index}", group="B")
+        q.enqueue(f"none-{index}")  # no group: the "" group, served alongside
+    order = []
+    for _ in range(9):
+        lease = q.dequeue("w", 60_000)
+        assert lease is not None
+        order.append(_group_of(lease.task_id))
+        q.ack(lease)
+    # Each round takes one of each group (ties: by group name, "" first).
+    assert [set(order[i : i + 3]) for i in range(0, 9, 3)] == [{"A", "B", "none"}] * 3
+    assert q.dequeue("w", 60_000) is None
+
+
+def test_priority_then_fifo_within_a_group(r: Client) -> None:
+    q = Scheduler(r, "prio").queue("jobs")
+    q.enqueue("low-1", group="g", priority=-5)
+    q.enqueue("high-1", group="g", priority=7)
+    q.enqueue("low-2", group="g", priority=-5)
+    q.enqueue("high-2", group="g", priority=7)
+    taken = [lease.task_id for lease in q.dequeue_many("w", 10, 60_000)]
+    assert taken == [b"high-1", b"high-2", b"low-1", b"low-2"]
+
+
+def test_a_task_keeps_its_group_through_delay_retry_expiry_and_death(r: Client) -> None:
+    s = Scheduler(r, "keep")
+    q = s.queue("jobs", max_attempts=3, backoff_base_ms=0)
+    q.enqueue("t", b"payload", group="g", delay_ms=50)
+    q.set_group("g", max_active=1)
+    assert q.dequeue("w", 60_000) is None
+    time.sleep(0.08)
+    lease = q.dequeue("w", 60_000)  # promoted into its group
+    assert lease is not None and lease.task_id == b"t" and lease.attempt == 1
+    assert q.set_group("g").active == 1
+    assert q.nack(lease, delay_ms=0).state == "ready"  # back to its group
+    assert q.set_group("g").active == 0
+    lease = q.dequeue("w", 30)
+    assert lease is not None and lease.attempt == 2
+    time.sleep(0.06)
+    lease = q.dequeue("w", 30)  # the expired lease is reclaimed into its group, taken again
+    assert lease is not None and lease.attempt == 3
+    time.sleep(0.06)
+    assert q.dequeue("w", 60_000) is None  # third lease expired: dead
+    assert q.set_group("g").active == 0
+    assert r.hget(q.keys.tasks, b"gt") == b"g"
+    assert q.requeue_dead("t")
+    lease = q.dequeue("w", 60_000)
+    assert lease is not None and lease.task_id == b"t" and lease.payload == b"payload"
+    assert q.set_group("g").active == 1
+    q.ack(lease)
+    assert q.set_group("g").active == 0
+    assert r.zcard(q.group_keys.bound["gready"]) == 0
+
+
+def test_a_queue_object_that_does_not_know_switches_to_the_group_scripts(r: Client) -> None:
+    s = Scheduler(r, "switch")
+    s.queue("jobs").enqueue("a", group="g")
+    other = s.queue("jobs")  # another process, say: it does not know the queue has groups
+    assert not other.grouped
+    lease = other.dequeue("w", 60_000)
+    assert lease is not None and lease.task_id == b"a" and other.grouped
+    third = s.queue("jobs")
+    assert third.ack(lease) and third.grouped
+
+
+#: The plain scripts that answer GROUPED (covered here for test_queue.py's coverage check).
+GROUPED_SCRIPTS = ("queue.dequeue", "queue.ack", "queue.nack", "queue.requeue_dead")
+
+
+def test_plain_scripts_refuse_a_queue_with_groups_and_change_nothing(r: Client) -> None:
+    s = Scheduler(r, "refuse")
+    q = s.queue("jobs", max_attempts=1)
+    q.enqueue("a", group="g", request_id=b"")
+    q.enqueue("b", group="g", request_id=b"")
+    lease = q.dequeue("w", 60_000, request_id=b"")  # no request records: their TTLs tick
+    dying = q.dequeue("w", 60_000, request_id=b"")
+    assert lease is not None and dying is not None
+    assert q.nack(dying, request_id=b"").state == "dead"
+    keys = q.keys.with_request(b"")
+    assert_refused(
+        r,
+        s,
+        "queue.requeue_dead",
+        keys,
+        ["b"],
+        "GROUPED",
+        'task "b" has a group: requeue it with queue.group_requeue_dead',
+    )
+    assert_refused(
+        r,
+        s,
+        "queue.dequeue",
+        keys,
+        ["w", 1, 1000, 0, "", 0, "", 1000],
+        "GROUPED",
+        "the queue has groups: take from it with queue.group_dequeue",
+    )
+    assert_refused(
+        r,
+        s,
+        "queue.ack",
+        keys,
+        [lease.task_id, lease.token, "", 1000],
+        "GROUPED",
+        'task "a" has a group: ack it with queue.group_ack',
+    )
+    assert_refused(
+        r,
+        s,
+        "queue.nack",
+        keys,
+        [lease.task_id, lease.token, 0, "", 0, 0, "", 1000],
+        "GROUPED",
+        'task "a" has a group: nack it with queue.group_nack',
+    )
+
+
+GROUP_ERRORS = [
+    ("queue.group_enqueue", ["t", "", 0, 0, 1, ""], "expected 8 argument(s), got 6"),
+    ("queue.group_dequeue", ["w", 1, 1000, 0, "", 0, ""], "expected 8 argument(s), got 7"),
+    ("queue.group_ack", ["seed", 1, ""], "expected 4 argument(s), got 3"),
+    (
+        "queue.group_nack",
+        ["seed", 0, 0, "", 0, 0, "", 1000],
+        "token must be between 1 and 9007199254740991, got 0",
+    ),
+    ("queue.group_requeue_dead", [], "expected 1 argument(s), got 0"),
+    ("queue.set_limits", [1], "expected 2 argument(s), got 1"),
+    (
+        "queue.group_enqueue",
+        ["t", "", 0, 0, 1, "", 1000, "x" * 257],
+        "group must be 1 to 256 bytes long, got 257 bytes",
+    ),
+    (
+        "queue.group_enqueue",
+        ["t", "", 0, 0, 1, "", 1000, ""],
+        "group must be 1 to 256 bytes long, got 0 bytes",
+    ),
+    ("queue.set_group", ["g", 0, -1, -1], "weight must be between 1 and 1000 (or -1: keep), got 0"),
+    ("queue.set_group", ["g", -2, -1, -1], "weight must be between -1 and 1000, got -2"),
+    ("queue.set_group", ["g", 1001, -1, -1], "weight must be between -1 and 1000, got 1001"),
+    ("queue.set_group", ["g", 1, -2, -1], "max_active must be between -1 and 1000000, got -2"),
+    ("queue.set_group", ["g", 1, 1, 2], "paused must be between -1 and 1, got 2"),
+    ("queue.set_limits", [-2, 0], "max_active must be between -1 and 1000000, got -2"),
+    (
+        "queue.group_dequeue",
+        ["w", 0, 1000, 0, "", 0, "", 1000],
+        "count must be between 1 and 1000, got 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "detail"), GROUP_ERRORS)
+def test_bad_input_is_refused_and_changes_nothing(
+    r: Client, script: str, args: list[Any], detail: str
+) -> None:
+    s = Scheduler(r, "bad")
+    q = s.queue("jobs")
+    q.enqueue("seed", group="g", request_id=b"")  # no request record: its TTL ticks
+    q.set_group("g", weight=2, max_active=5)
+    assert_refused(r, s, script, q.group_keys.with_request(b""), args, "ARG", detail)
+
+
+STALE_CASES = [
+    ("queue.group_ack", ["seed", 99, "", 1000]),
+    ("queue.group_nack", ["seed", 99, 0, "", 0, 0, "", 1000]),
+    ("queue.group_dequeue", ["w", 1, 1000, 0, "seed", 99, "", 1000]),
+]
+
+
+@pytest.mark.parametrize(("script", "args"), STALE_CASES)
+def test_a_stale_lease_is_refused_and_changes_nothing(
+    r: Client, script: str, args: list[Any]
+) -> None:
+    s = Scheduler(r, "stale")
+    q = s.queue("jobs")
+    q.enqueue("seed", group="g", request_id=b"")
+    detail = 'the lease of task "seed" with token 99 is no longer held'
+    assert_refused(r, s, script, q.group_keys.with_request(b""), args, "STALE", detail)
+
+
+CORRUPT_ARGS = {
+    "queue.group_enqueue": ["t2", "", 0, 0, 1, "", 1000, "g"],
+    "queue.group_dequeue": ["w", 1, 1000, 0, "", 0, "", 1000],
+    "queue.group_ack": ["seed", 1, "", 1000],
+    "queue.group_nack": ["seed", 1, 0, "", 0, 0, "", 1000],
+    "queue.group_requeue_dead": ["seed"],
+    "queue.set_group": ["g", 2, -1, -1],
+    "queue.set_limits": [3, -1],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CORRUPT_ARGS))
+def test_a_group_key_of_another_type_is_corrupt_and_nothing_changes(r: Client, script: str) -> None:
+    s = Scheduler(r, "corrupt")
+    q = s.queue("jobs", max_attempts=1)
+    q.enqueue("seed", group="g", request_id=b"")
+    if script == "queue.group_requeue_dead":
+        lease = q.dequeue("w", 60_000, request_id=b"")
+        assert lease is not None and q.nack(lease, request_id=b"").state == "dead"
+    elif script in {"queue.group_ack", "queue.group_nack"}:
+        assert q.dequeue("w", 60_000, request_id=b"") is not None  # token 1
+    r.delete(q.group_keys.bound["groups"])
+    r.set(q.group_keys.bound["groups"], b"not a hash")
+    keys = q.group_keys.with_request(b"")
+    assert_refused(
+        r,
+        s,
+        script,
+        keys,
+        CORRUPT_ARGS[script],
+        "CORRUPT",
+        "holds another type than the layout",
+        exact=False,
+    )
+
+
+def test_every_group_script_and_error_code_is_covered() -> None:
+    cases = [(script, None, None, None, "ARG") for script, _, _ in GROUP_ERRORS]
+    cases += [(script, None, None, None, "STALE") for script, _ in STALE_CASES]
+    cases += [(script, None, None, None, "CORRUPT") for script in CORRUPT_ARGS]
+    scripts = set(CORRUPT_ARGS)
+    assert_codes_covered(cases, scripts)
+
+
+def test_the_wrapper_checks_group_arguments_before_any_io(r: Client) -> None:
+    q = Scheduler(r, "badpy").queue("jobs")
+    with pytest.raises(InvalidArgument, match="group"):
+        q.enqueue("t", group=b"x" * 257)
+    with pytest.raises(InvalidArgument, match="weight"):
+        q.set_group("g", weight=-1)
+    with pytest.raises(InvalidArgument, match="weight"):
+        q.set_group("g", weight=0)
+    with pytest.raises(InvalidArgument, match="max_active"):
+        q.set_group("g", max_active=-1)
+    with pytest.raises(InvalidArgument, match="max_active"):
+        q.set_limits(max_active=-3)
+    assert r.keys("luasched:{badpy}*") == []
+
+
+def test_pause_and_resume_a_group_and_the_queue(r: Client) -> None:
+    q = Scheduler(r, "pause").queue("jobs")
+    for index in range(2):
+        q.enqueue(f"A-{index}", group="A")
+        q.enqueue(f"B-{index}", group="B")
+    q.pause("A")
+    taken = [_group_of(lease.task_id) for lease in q.dequeue_many("w", 10, 60_000)]
+    assert taken == ["B", "B"]
+    q.pause()
+    q.resume("A")
+    assert q.dequeue_many("w", 10, 60_000) == []
+    q.resume()
+    taken = [_group_of(lease.task_id) for lease in q.dequeue_many("w", 10, 60_000)]
+    assert taken == ["A", "A"]
+
+
+def test_a_queue_cap_bounds_the_leases_of_the_whole_queue(r: Client) -> None:
+    q = Scheduler(r, "qcap").queue("jobs")
+    for index in range(5):
+        q.enqueue(f"A-{index}", group="A")
+        q.enqueue(f"none-{index}")
+    assert q.set_limits(max_active=3).max_active == 3
+    first = q.dequeue_many("w", 10, 60_000)
+    assert len(first) == 3
+    assert q.dequeue("w", 60_000) is None
+    q.ack(first[0])
+    assert q.dequeue("w", 60_000) is not None
+    assert q.dequeue("w", 60_000) is None
+
+
+def test_group_dequeue_replays_a_request_id(r: Client) -> None:
+    q = Scheduler(r, "replay").queue("jobs")
+    for index in range(4):
+        q.enqueue(f"A-{index}", group="A")
+    first = q.dequeue_many("w", 2, 60_000, request_id="rid-1")
+    again = q.dequeue_many("w", 2, 60_000, request_id="rid-1")
+    assert first == again and len(first) == 2
+    assert len(q.dequeue_many("w", 10, 60_000)) == 2
+
+
+def _max_overlap(intervals: list[tuple[int, int]]) -> int:
+    """The most intervals [start, end) that hold at one ms (an end before a start at equal ms)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    held = most = 0
+    for _, step in events:
+        held += step
+        most = max(most, held)
+    return most
+
+
+def test_a_group_cap_holds_under_eight_concurrent_workers(r: Client) -> None:
+    lease_ms = 60_000
+    s = Scheduler(r, "cap")
+    q = s.queue("jobs")
+    expected = {f"g-{i}".encode() for i in range(40)} | {f"h-{i}".encode() for i in range(40)}
+    for task_id in sorted(expected):
+        q.enqueue(task_id, group=task_id.decode()[0], request_id=b"")
+    q.set_group("g", max_active=3)
+    intervals: list[tuple[int, int]] = []  # server ms: the take, a reading of TIME before the ack
+    acked: list[bytes] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def server_ms() -> int:
+        seconds, micros = r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def work(index: int) -> None:
+        mine = Scheduler(r, "cap").queue("jobs", grouped=True)
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                lease = mine.dequeue(f"w{index}", lease_ms)
+                if lease is None:
+                    with lock:
+                        if len(acked) == len(expected):
+                            return
+                    time.sleep(0.002)
+                    continue
+                time.sleep(0.005 + 0.003 * (index % 4))  # the work
+                before_ack = server_ms()  # the ack happens after this reading
+                assert mine.ack(lease)
+                with lock:
+                    acked.append(lease.task_id)
+                    if lease.task_id.startswith(b"g-"):
+                        intervals.append((lease.deadline_ms - lease_ms, before_ack))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert sorted(acked) == sorted(expected)  # every task done, each once
+    assert len(intervals) == 40
+    assert _max_overlap(intervals) <= 3
+    assert q.set_group("g").active == 0
