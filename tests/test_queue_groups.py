@@ -5,6 +5,7 @@ scripts (lua/queue/group_*.lua.j2, lua/include/groups.lua.j2) on every server.""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import luasched.asyncio
 from luasched import InvalidArgument, Scheduler
 from support.helpers import assert_codes_covered, assert_refused
 
@@ -413,3 +415,40 @@ def test_a_group_cap_holds_under_eight_concurrent_workers(r: Client) -> None:
     assert len(intervals) == 40
     assert _max_overlap(intervals) <= 3
     assert q.set_group("g").active == 0
+
+
+def test_asyncio_queue_with_groups(server: Any, r: Client) -> None:
+    async def scenario() -> None:
+        client = server.async_client()
+        try:
+            s = luasched.asyncio.Scheduler(client, "agroups")
+            q = s.queue("jobs")
+            await q.enqueue("A-0", group="A")
+            await q.enqueue("A-1", group="A")
+            await q.enqueue("B-0", group="B")
+            assert (await q.set_group("A", max_active=1)).max_active == 1
+            # It does not know the queue has groups (it switches on GROUPED); it polls once a
+            # minute, so only a wake-up signal ends its blocked dequeue before block_ms.
+            other = s.queue("jobs", poll_ms=60_000)
+            taken = await other.dequeue_many("w", 10, 60_000)
+            assert sorted(lease.task_id for lease in taken) == [b"A-0", b"B-0"]
+            assert other.grouped
+            # A is at its cap: a blocking dequeue waits, and the ack of A-0 wakes it.
+            waiter = asyncio.ensure_future(other.dequeue("w", 60_000, block_ms=20_000))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            started = time.monotonic()
+            assert await q.ack(next(lease for lease in taken if lease.task_id == b"A-0"))
+            lease = await waiter
+            assert lease is not None and lease.task_id == b"A-1"
+            assert time.monotonic() - started < 15  # woken, not at the end of block_ms
+            assert (await q.nack(lease, delay_ms=0)).state == "ready"
+            await q.pause()
+            assert await q.dequeue("w", 60_000) is None
+            await q.resume()
+            again = await q.dequeue("w", 60_000)
+            assert again is not None and again.task_id == b"A-1"
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from luasched import validate
@@ -16,6 +17,7 @@ from luasched.dispatch import (
     Strategy,
     dispatch_stats_call,
 )
+from luasched.errors import GroupedQueue
 from luasched.keys import Namespace
 from luasched.leases import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -30,9 +32,10 @@ from luasched.loops import Loop, drive_async
 from luasched.pick import RandomSource
 from luasched.queue import (
     Enqueued,
+    GroupSettings,
     QueueCalls,
+    QueueLimits,
     QueueStats,
-    requeue_dead_call,
     stats_call,
 )
 from luasched.scripts import Call
@@ -83,6 +86,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         poll_ms: int = DEFAULT_POLL_MS,
         on_first_call: Any = None,
         rng: RandomSource | None = None,
+        grouped: bool = False,
     ) -> None:
         super().__init__(
             runner,
@@ -95,6 +99,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             request_ttl_ms=request_ttl_ms,
             poll_ms=poll_ms,
             rng=rng,
+            grouped=grouped,
         )
         self._on_first_call = on_first_call
 
@@ -110,6 +115,17 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             return await self._run(plan)
         return await drive_async(plan, self._run, self._client)
 
+    async def _switching(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Any:
+        """``luasched.queue.Queue._switching``, awaited: on GROUPED, switch to the
+        ``queue.group_*`` scripts and run it once more."""
+        try:
+            return await self._do(build())
+        except GroupedQueue:
+            if self.grouped:
+                raise
+            self.grouped = True
+            return await self._do(build())
+
     async def enqueue(
         self,
         task_id: str | bytes,
@@ -119,10 +135,13 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Enqueued:
         """Add a task; see ``luasched.queue.Queue.enqueue``."""
         return await self._run(  # type: ignore[no-any-return]
-            self._enqueue_call(task_id, payload, priority, delay_ms, max_attempts, request_id)
+            self._enqueue_call(
+                task_id, payload, priority, delay_ms, max_attempts, request_id, group
+            )
         )
 
     async def dequeue(
@@ -134,8 +153,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Take and lease the next task; see ``luasched.queue.Queue.dequeue``."""
-        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
+        )
 
     async def dequeue_many(
         self,
@@ -147,8 +167,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n``; see ``luasched.queue.Queue.dequeue_many``."""
-        plan = self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
+        )
 
     async def ack_and_dequeue(
         self,
@@ -161,12 +182,13 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
     ) -> Lease | None:
         """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
         validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
-        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
+        )
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish a task; see ``luasched.queue.Queue.ack``."""
-        return await self._run(self._ack_call(lease, request_id))  # type: ignore[no-any-return]
+        return await self._switching(lambda: self._ack_call(lease, request_id))  # type: ignore[no-any-return]
 
     async def nack(
         self,
@@ -177,8 +199,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> Nacked:
         """A failed attempt; see ``luasched.queue.Queue.nack``."""
-        call = self._nack_call(lease, delay_ms, reason, request_id)
-        return await self._run(call)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._nack_call(lease, delay_ms, reason, request_id)
+        )
 
     async def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move the deadline; see ``luasched.queue.Queue.extend``."""
@@ -186,12 +209,41 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
 
     async def requeue_dead(self, task_id: str | bytes) -> bool:
         """Bring a dead letter back; see ``luasched.queue.Queue.requeue_dead``."""
-        status = await self._run(requeue_dead_call(self.keys, task_id))
+        status = await self._switching(lambda: self._requeue_dead_call(task_id))
         return status == "requeued" if status is not None else False
 
     async def stats(self) -> QueueStats:
         """Counts; see ``luasched.queue.Queue.stats``."""
         return await self._run(stats_call(self.keys))  # type: ignore[no-any-return]
+
+    # ----------------------------------------------------------------------------------------
+    # Groups, caps and pause (see luasched.queue.Queue)
+
+    async def set_group(
+        self,
+        group: str | bytes,
+        *,
+        weight: int | None = None,
+        max_active: int | None = None,
+        paused: bool | None = None,
+    ) -> GroupSettings:
+        """A group's weight, cap and pause; see ``luasched.queue.Queue.set_group``."""
+        call = self._set_group_call(group, weight, max_active, paused)
+        return await self._run(call)  # type: ignore[no-any-return]
+
+    async def set_limits(
+        self, *, max_active: int | None = None, paused: bool | None = None
+    ) -> QueueLimits:
+        """The queue's cap and pause; see ``luasched.queue.Queue.set_limits``."""
+        return await self._run(self._set_limits_call(max_active, paused))  # type: ignore[no-any-return]
+
+    async def pause(self, group: str | bytes | None = None) -> None:
+        """Pause the queue or one group; see ``luasched.queue.Queue.pause``."""
+        await self._run(self._pause_call(group, True))
+
+    async def resume(self, group: str | bytes | None = None) -> None:
+        """Resume; see ``luasched.queue.Queue.resume``."""
+        await self._run(self._pause_call(group, False))
 
     # ----------------------------------------------------------------------------------------
     # Dispatch to nodes (see luasched.queue.Queue)
