@@ -15,6 +15,8 @@ import pytest
 
 import luasched.asyncio
 from luasched import InvalidArgument, Scheduler
+from luasched.queue import dequeue_call
+from luasched.render import render_all
 from support.helpers import assert_codes_covered, assert_refused
 
 Client = Any  # redis.Redis or RedisCluster
@@ -220,6 +222,9 @@ GROUP_ERRORS = [
     ("queue.set_group", ["g", 1, -2, -1], "max_active must be between -1 and 1000000, got -2"),
     ("queue.set_group", ["g", 1, 1, 2], "paused must be between -1 and 1, got 2"),
     ("queue.set_limits", [-2, 0], "max_active must be between -1 and 1000000, got -2"),
+    ("queue.set_rate", ["g", -1, 1], "per_second must be between 0 and 1000000, got -1"),
+    ("queue.set_rate", ["g", 10, 0], "burst must be between 1 and 1000000, got 0"),
+    ("queue.set_rate", ["x" * 257, 10, 1], "group must be 0 to 256 bytes long, got 257 bytes"),
     (
         "queue.group_dequeue",
         ["w", 0, 1000, 0, "", 0, "", 1000],
@@ -265,6 +270,7 @@ CORRUPT_ARGS = {
     "queue.group_requeue_dead": ["seed"],
     "queue.set_group": ["g", 2, -1, -1],
     "queue.set_limits": [3, -1],
+    "queue.set_rate": ["g", 10, 2],
 }
 
 
@@ -297,7 +303,8 @@ def test_every_group_script_and_error_code_is_covered() -> None:
     cases = [(script, None, None, None, "ARG") for script, _, _ in GROUP_ERRORS]
     cases += [(script, None, None, None, "STALE") for script, _ in STALE_CASES]
     cases += [(script, None, None, None, "CORRUPT") for script in CORRUPT_ARGS]
-    scripts = set(CORRUPT_ARGS)
+    scripts = {name for name, script in render_all().items() if len(script.spec.keys) == 12}
+    assert "queue.group_dequeue" in scripts
     assert_codes_covered(cases, scripts)
 
 
@@ -452,3 +459,86 @@ def test_asyncio_queue_with_groups(server: Any, r: Client) -> None:
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_queue_rate_holds_takes_back_and_the_reply_says_for_how_long(r: Client) -> None:
+    s = Scheduler(r, "qrate")
+    q = s.queue("jobs")
+    for index in range(4):
+        q.enqueue(f"none-{index}")
+    assert q.set_rate(10, burst=2).interval_ms == 100.0  # 2 at once, then one per 100 ms
+    first = q.dequeue_many("w", 10, 60_000)
+    assert len(first) == 2
+    held_back = s.runner.run(dequeue_call(q.group_keys, "w", 1, 60_000, shape="reply"))
+    assert held_back.leases == ()
+    assert held_back.next_due_ms is not None and 1 <= held_back.next_due_ms <= 100
+    # A blocking dequeue waits that long (it polls once a minute, and nothing wakes it).
+    waiting = s.queue("jobs", poll_ms=60_000)
+    third = waiting.dequeue("w", 60_000, block_ms=20_000)
+    assert third is not None
+    granted = third.deadline_ms - 60_000
+    assert granted >= first[0].deadline_ms - 60_000 + 100  # the rate, on the server clock
+    q.set_rate(0)  # no limit
+    assert q.dequeue("w", 60_000) is not None
+
+
+def test_a_rate_limited_group_is_skipped_not_waited_on(r: Client) -> None:
+    q = Scheduler(r, "grate").queue("jobs")
+    for index in range(5):
+        q.enqueue(f"A-{index}", group="A")
+        q.enqueue(f"B-{index}", group="B")
+    q.set_rate(1, burst=1, group="A")  # one take of A per second
+    taken = [_group_of(lease.task_id) for lease in q.dequeue_many("w", 10, 60_000)]
+    assert sorted(taken) == ["A"] + ["B"] * 5
+
+
+def test_a_rate_of_200_per_second_with_burst_20_under_eight_workers(r: Client) -> None:
+    lease_ms, seconds = 60_000, 10
+    s = Scheduler(r, "rate")
+    q = s.queue("jobs")
+    _fill(r, "rate", "jobs", {"api": 3_000})
+    q.set_rate(200, burst=20, group="api")
+    granted: list[int] = []  # server ms of each take (the lease's deadline - lease_ms)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = [0]
+
+    def work(index: int) -> None:
+        mine = Scheduler(r, "rate").queue("jobs", grouped=True)
+        deadline = time.monotonic() + seconds + 20
+        try:
+            while time.monotonic() < deadline:
+                # The reply says how long until the rate allows a take: sleep that (a BLPOP's
+                # timeout is only as precise as the server's timer tick, 100 ms on 6.2).
+                call = dequeue_call(mine.group_keys, f"w{index}", 50, lease_ms, shape="reply")
+                reply = s.runner.run(call)
+                leases = reply.leases
+                if not leases:
+                    time.sleep(min(reply.next_due_ms or 5, 50) / 1000)
+                with lock:
+                    granted.extend(lease.deadline_ms - lease_ms for lease in leases)
+                    if granted and not start[0]:
+                        start[0] = min(granted)
+                    if start[0] and max(granted) >= start[0] + seconds * 1000:
+                        return
+                for lease in leases:
+                    mine.ack(lease)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    times = sorted(granted)
+    first = times[0]
+    in_run = [at for at in times if at < first + seconds * 1000]
+    expected = 200 * seconds + 20
+    assert abs(len(in_run) - expected) <= 0.03 * expected, len(in_run)
+    # No 1-second window (of the server's clock) holds more than 200 + 20 takes.
+    most = max(
+        sum(1 for at in times[i : i + 400] if at < times[i] + 1000) for i in range(len(times))
+    )
+    assert most <= 220, most

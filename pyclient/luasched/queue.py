@@ -116,6 +116,7 @@ __all__ = [
     "QueueKeys",
     "QueueLimits",
     "QueueStats",
+    "RateLimit",
     "Redispatched",
     "RequeuedDispatched",
     "ack_call",
@@ -142,6 +143,7 @@ __all__ = [
     "requeue_dead_call",
     "set_group_call",
     "set_limits_call",
+    "set_rate_call",
     "stats_call",
 ]
 
@@ -243,6 +245,15 @@ class QueueLimits:
     max_active: int
     paused: bool
     active: int
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A rate limit after ``set_rate``: ``interval_ms`` between two takes at the steady rate
+    (0.0: no limit) and ``burst``, the most takes at once."""
+
+    interval_ms: float
+    burst: int
 
 
 @dataclass(frozen=True)
@@ -416,6 +427,23 @@ def set_limits_call(
     return Call(script, keys.with_request(b""), args, _queue_limits)
 
 
+def _rate_limit(reply: Any) -> RateLimit:
+    return RateLimit(float(reply[0]), int(reply[1]))
+
+
+def set_rate_call(
+    keys: GroupKeys, per_second: int, burst: int = 1, group: str | bytes | None = None
+) -> Call[RateLimit]:
+    """The ``queue.set_rate`` call (group None: the whole queue; per_second 0: no limit)."""
+    script = "queue.set_rate"
+    args = (
+        b"" if group is None else validate.arg(script, "group", group, lo=1),
+        validate.arg(script, "per_second", per_second),
+        validate.arg(script, "burst", burst),
+    )
+    return Call(script, keys.with_request(b""), args, _rate_limit)
+
+
 def _stats(reply: Any) -> QueueStats:
     now_ms, ready, delayed, leased, dead, oldest, next_due = (int(value) for value in reply)
     return QueueStats(now_ms, ready, delayed, leased, dead, optional(oldest), optional(next_due))
@@ -557,6 +585,13 @@ class QueueCalls(Generic[R]):
 
     def _set_limits_call(self, max_active: int | None, paused: bool | None) -> Call[QueueLimits]:
         call = set_limits_call(self.group_keys, max_active=max_active, paused=paused)
+        self.grouped = True
+        return call
+
+    def _set_rate_call(
+        self, per_second: int, burst: int, group: str | bytes | None
+    ) -> Call[RateLimit]:
+        call = set_rate_call(self.group_keys, per_second, burst, group)
         self.grouped = True
         return call
 
@@ -864,6 +899,16 @@ class Queue(QueueCalls[Runner]):
         group; 0: none) and whether it is ``paused`` (nothing is taken); None keeps a setting.
         O(1). Raises InvalidArgument."""
         return self._runner.run(self._set_limits_call(max_active, paused))
+
+    def set_rate(
+        self, per_second: int, burst: int = 1, group: str | bytes | None = None
+    ) -> RateLimit:
+        """Limit the takes of ``group`` (None: the whole queue) to ``burst`` at once, then
+        ``per_second`` per second of the server's clock (GCRA; 0: no limit), checked in the
+        same step that leases. A group held back by its rate is skipped; when nothing may be
+        taken because of a rate, a blocking dequeue waits until it may (the reply says how
+        long). O(log n). Raises InvalidArgument."""
+        return self._runner.run(self._set_rate_call(per_second, burst, group))
 
     def pause(self, group: str | bytes | None = None) -> None:
         """Pause the queue (None) or one group: dequeues take none of its tasks (they stay)."""

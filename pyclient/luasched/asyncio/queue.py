@@ -36,6 +36,7 @@ from luasched.queue import (
     QueueCalls,
     QueueLimits,
     QueueStats,
+    RateLimit,
     stats_call,
 )
 from luasched.scripts import Call
@@ -236,6 +237,12 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
     ) -> QueueLimits:
         """The queue's cap and pause; see ``luasched.queue.Queue.set_limits``."""
         return await self._run(self._set_limits_call(max_active, paused))  # type: ignore[no-any-return]
+
+    async def set_rate(
+        self, per_second: int, burst: int = 1, group: str | bytes | None = None
+    ) -> RateLimit:
+        """A rate limit; see ``luasched.queue.Queue.set_rate``."""
+        return await self._run(self._set_rate_call(per_second, burst, group))  # type: ignore[no-any-return]
 
     async def pause(self, group: str | bytes | None = None) -> None:
         """Pause the queue or one group; see ``luasched.queue.Queue.pause``."""
