@@ -403,6 +403,7 @@ def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
     queue.enqueue("g-2", b"y", group=b"tenant-\x00\xff", priority=3, request_id="")
     queue.set_group("tenant-a", weight=3, max_active=2)
     queue.set_limits(max_active=100)
+    queue.set_rate(100, burst=5, group="tenant-a")
     assert queue.dequeue("worker-2", hour, request_id="") is not None
     # Dispatched tasks: a dead letter, a leased one, a ready one and a delayed one.
     doomed = queue.dispatch("d-dead", b"x", strategy="round_robin", priority=511, max_attempts=1,
