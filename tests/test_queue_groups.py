@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -363,6 +364,25 @@ def test_group_dequeue_replays_a_request_id(r: Client) -> None:
     assert len(q.dequeue_many("w", 10, 60_000)) == 2
 
 
+def _in_threads(work: Callable[[int], None], count: int = 8) -> None:
+    """Run ``work(0)``..``work(count - 1)`` in threads (each bounded by its own deadline) and
+    fail with what any of them raised."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+
+
 def _max_overlap(intervals: list[tuple[int, int]]) -> int:
     """The most intervals [start, end) that hold at one ms (an end before a start at equal ms)."""
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
@@ -383,7 +403,6 @@ def test_a_group_cap_holds_under_eight_concurrent_workers(r: Client) -> None:
     q.set_group("g", max_active=3)
     intervals: list[tuple[int, int]] = []  # server ms: the take, a reading of TIME before the ack
     acked: list[bytes] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def server_ms() -> int:
@@ -393,31 +412,23 @@ def test_a_group_cap_holds_under_eight_concurrent_workers(r: Client) -> None:
     def work(index: int) -> None:
         mine = Scheduler(r, "cap").queue("jobs", grouped=True)
         deadline = time.monotonic() + 30
-        try:
-            while time.monotonic() < deadline:
-                lease = mine.dequeue(f"w{index}", lease_ms)
-                if lease is None:
-                    with lock:
-                        if len(acked) == len(expected):
-                            return
-                    time.sleep(0.002)
-                    continue
-                time.sleep(0.005 + 0.003 * (index % 4))  # the work
-                before_ack = server_ms()  # the ack happens after this reading
-                assert mine.ack(lease)
+        while time.monotonic() < deadline:
+            lease = mine.dequeue(f"w{index}", lease_ms)
+            if lease is None:
                 with lock:
-                    acked.append(lease.task_id)
-                    if lease.task_id.startswith(b"g-"):
-                        intervals.append((lease.deadline_ms - lease_ms, before_ack))
-        except BaseException as error:  # reported below
-            errors.append(error)
+                    if len(acked) == len(expected):
+                        return
+                time.sleep(0.002)
+                continue
+            time.sleep(0.005 + 0.003 * (index % 4))  # the work
+            before_ack = server_ms()  # the ack happens after this reading
+            assert mine.ack(lease)
+            with lock:
+                acked.append(lease.task_id)
+                if lease.task_id.startswith(b"g-"):
+                    intervals.append((lease.deadline_ms - lease_ms, before_ack))
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    _in_threads(work)
     assert sorted(acked) == sorted(expected)  # every task done, each once
     assert len(intervals) == 40
     assert _max_overlap(intervals) <= 3
@@ -499,39 +510,30 @@ def test_a_rate_of_200_per_second_with_burst_20_under_eight_workers(r: Client) -
     _fill(r, "rate", "jobs", {"api": 3_000})
     q.set_rate(200, burst=20, group="api")
     granted: list[int] = []  # server ms of each take (the lease's deadline - lease_ms)
-    errors: list[BaseException] = []
     lock = threading.Lock()
     start = [0]
 
     def work(index: int) -> None:
         mine = Scheduler(r, "rate").queue("jobs", grouped=True)
         deadline = time.monotonic() + seconds + 20
-        try:
-            while time.monotonic() < deadline:
-                # The reply says how long until the rate allows a take: sleep that (a BLPOP's
-                # timeout is only as precise as the server's timer tick, 100 ms on 6.2).
-                call = dequeue_call(mine.group_keys, f"w{index}", 50, lease_ms, shape="reply")
-                reply = s.runner.run(call)
-                leases = reply.leases
-                if not leases:
-                    time.sleep(min(reply.next_due_ms or 5, 50) / 1000)
-                with lock:
-                    granted.extend(lease.deadline_ms - lease_ms for lease in leases)
-                    if granted and not start[0]:
-                        start[0] = min(granted)
-                    if start[0] and max(granted) >= start[0] + seconds * 1000:
-                        return
-                for lease in leases:
-                    mine.ack(lease)
-        except BaseException as error:  # reported below
-            errors.append(error)
+        while time.monotonic() < deadline:
+            # The reply says how long until the rate allows a take: sleep that (a BLPOP's
+            # timeout is only as precise as the server's timer tick, 100 ms on 6.2).
+            call = dequeue_call(mine.group_keys, f"w{index}", 50, lease_ms, shape="reply")
+            reply = s.runner.run(call)
+            leases = reply.leases
+            if not leases:
+                time.sleep(min(reply.next_due_ms or 5, 50) / 1000)
+            with lock:
+                granted.extend(lease.deadline_ms - lease_ms for lease in leases)
+                if granted and not start[0]:
+                    start[0] = min(granted)
+                if start[0] and max(granted) >= start[0] + seconds * 1000:
+                    return
+            for lease in leases:
+                mine.ack(lease)
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    _in_threads(work)
     times = sorted(granted)
     first = times[0]
     in_run = [at for at in times if at < first + seconds * 1000]
