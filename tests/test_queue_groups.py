@@ -544,3 +544,16 @@ def test_a_rate_of_200_per_second_with_burst_20_under_eight_workers(r: Client) -
         sum(1 for at in times[i : i + 400] if at < times[i] + 1000) for i in range(len(times))
     )
     assert most <= 220, most
+
+
+def test_batches_spread_over_more_groups_than_a_batch_holds(r: Client) -> None:
+    q = Scheduler(r, "spread").queue("jobs")
+    _fill(r, "spread", "jobs", {f"g{index:02d}": 3 for index in range(50)})
+    for _ in range(3):  # three rounds: each takes every group once, 10 per call
+        seen: list[str] = []
+        for _ in range(5):
+            batch = q.dequeue_many("w", 10, 60_000)
+            assert len(batch) == 10
+            seen += [_group_of(lease.task_id) for lease in batch]
+        assert sorted(seen) == [f"g{index:02d}" for index in range(50)]
+    assert q.dequeue("w", 60_000) is None
