@@ -557,3 +557,24 @@ def test_batches_spread_over_more_groups_than_a_batch_holds(r: Client) -> None:
             seen += [_group_of(lease.task_id) for lease in batch]
         assert sorted(seen) == [f"g{index:02d}" for index in range(50)]
     assert q.dequeue("w", 60_000) is None
+
+
+def test_group_stats_counts_each_group(r: Client) -> None:
+    q = Scheduler(r, "gstats").queue("jobs")
+    for index in range(4):
+        q.enqueue(f"A-{index}", group="A")
+    q.enqueue("B-0", group="B", delay_ms=60_000)
+    q.set_group("A", weight=2, max_active=3)
+    q.set_rate(10, burst=1, group="A")
+    lease = q.dequeue("w", 60_000)
+    assert lease is not None and lease.task_id == b"A-0"
+    stats = q.group_stats(["A", "B", "none"])
+    assert (stats.ready, stats.leased, stats.max_active, stats.paused) == (3, 1, 0, False)
+    a, b, none = (stats.groups[name] for name in (b"A", b"B", b"none"))
+    assert (a.ready, a.active, a.weight, a.max_active, a.paused) == (3, 1, 2, 3, False)
+    assert (a.interval_ms, a.burst) == (100.0, 1) and 0 < a.rate_wait_ms <= 100
+    assert (b.ready, b.active, b.interval_ms) == (0, 0, 0.0)  # delayed, not ready
+    assert (none.ready, none.weight, none.max_active) == (0, 1, 0)
+    assert stats.waiting == 1  # A, held back by its rate
+    with pytest.raises(InvalidArgument, match="groups"):
+        q.group_stats([])

@@ -107,6 +107,8 @@ __all__ = [
     "Enqueued",
     "GroupKeys",
     "GroupSettings",
+    "GroupStat",
+    "GroupStats",
     "Lease",
     "Nacked",
     "NodeCounts",
@@ -129,6 +131,7 @@ __all__ = [
     "dispatch_stats_call",
     "enqueue_call",
     "extend_call",
+    "group_stats_call",
     "nack_call",
     "new_request_id",
     "node_ack_call",
@@ -254,6 +257,40 @@ class RateLimit:
 
     interval_ms: float
     burst: int
+
+
+@dataclass(frozen=True)
+class GroupStat:
+    """One group of ``group_stats``: its ready tasks, the leases of its tasks held (``active``),
+    its settings (``interval_ms`` 0.0: no rate limit) and ``rate_wait_ms``, the ms until its
+    rate allows a take (0: now)."""
+
+    ready: int
+    active: int
+    weight: int
+    max_active: int
+    paused: bool
+    interval_ms: float
+    burst: int
+    rate_wait_ms: int
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Counts of a queue with groups at ``now_ms`` (server clock): ``ready`` tasks with a group,
+    ``leased`` (every lease held), groups in the ring (``ring``) and held back by their rate
+    (``waiting``), the queue's own limits, and each group asked about (``groups``)."""
+
+    now_ms: int
+    ready: int
+    leased: int
+    ring: int
+    waiting: int
+    max_active: int
+    paused: bool
+    interval_ms: float
+    burst: int
+    groups: dict[bytes, GroupStat]
 
 
 @dataclass(frozen=True)
@@ -442,6 +479,44 @@ def set_rate_call(
         validate.arg(script, "burst", burst),
     )
     return Call(script, keys.with_request(b""), args, _rate_limit)
+
+
+def group_stats_call(
+    keys: GroupKeys, groups: tuple[str | bytes, ...] | list[str | bytes]
+) -> Call[GroupStats]:
+    """The ``queue.group_stats`` call for ``groups`` (a list or tuple of 1..100 groups)."""
+    names: tuple[bytes, ...] = validate.many("queue.group_stats", "group", groups, name="groups")
+
+    def parse(reply: Any) -> GroupStats:
+        per_group = {}
+        for index, name in enumerate(names):
+            at = 9 + 8 * index
+            ready, active, weight, cap, paused = (int(value) for value in reply[at : at + 5])
+            per_group[name] = GroupStat(
+                ready,
+                active,
+                weight,
+                cap,
+                bool(paused),
+                float(reply[at + 5]),
+                int(reply[at + 6]),
+                int(reply[at + 7]),
+            )
+        now_ms, ready, leased, ring, waiting, cap, paused = (int(value) for value in reply[:7])
+        return GroupStats(
+            now_ms,
+            ready,
+            leased,
+            ring,
+            waiting,
+            cap,
+            bool(paused),
+            float(reply[7]),
+            int(reply[8]),
+            per_group,
+        )
+
+    return Call("queue.group_stats", keys.with_request(b""), names, parse)
 
 
 def _stats(reply: Any) -> QueueStats:
@@ -909,6 +984,11 @@ class Queue(QueueCalls[Runner]):
         taken because of a rate, a blocking dequeue waits until it may (the reply says how
         long). O(log n). Raises InvalidArgument."""
         return self._runner.run(self._set_rate_call(per_second, burst, group))
+
+    def group_stats(self, groups: tuple[str | bytes, ...] | list[str | bytes]) -> GroupStats:
+        """Counts of the queue's groups and of each of ``groups`` (1..100): ready, leases held,
+        settings, rate state. Read-only; O(k log n) for k groups."""
+        return self._runner.run(group_stats_call(self.group_keys, groups))
 
     def pause(self, group: str | bytes | None = None) -> None:
         """Pause the queue (None) or one group: dequeues take none of its tasks (they stay)."""

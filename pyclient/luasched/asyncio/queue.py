@@ -33,10 +33,12 @@ from luasched.pick import RandomSource
 from luasched.queue import (
     Enqueued,
     GroupSettings,
+    GroupStats,
     QueueCalls,
     QueueLimits,
     QueueStats,
     RateLimit,
+    group_stats_call,
     stats_call,
 )
 from luasched.scripts import Call
@@ -243,6 +245,10 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
     ) -> RateLimit:
         """A rate limit; see ``luasched.queue.Queue.set_rate``."""
         return await self._run(self._set_rate_call(per_second, burst, group))  # type: ignore[no-any-return]
+
+    async def group_stats(self, groups: tuple[str | bytes, ...] | list[str | bytes]) -> GroupStats:
+        """Counts of the groups; see ``luasched.queue.Queue.group_stats``."""
+        return await self._run(group_stats_call(self.group_keys, groups))  # type: ignore[no-any-return]
 
     async def pause(self, group: str | bytes | None = None) -> None:
         """Pause the queue or one group; see ``luasched.queue.Queue.pause``."""
