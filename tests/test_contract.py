@@ -70,6 +70,7 @@ CALLS: list[tuple[Callable[[], Call[Any]], bytes]] = [
     (lambda: queue.set_group_call(GROUP_KEYS, "g", weight=2), b""),
     (lambda: queue.set_limits_call(GROUP_KEYS, max_active=3), b""),
     (lambda: queue.set_rate_call(GROUP_KEYS, 10, 2, "g"), b""),
+    (lambda: queue.group_stats_call(GROUP_KEYS, ["g"]), b""),
     (lambda: dispatch.dispatch_call(DISPATCH_KEYS, "t", b"", RNG, request_id=RID), RID),
     (lambda: dispatch.node_dequeue_call(DISPATCH_KEYS, "n", "w", 1, 1000, request_id=RID), RID),
     (lambda: dispatch.node_ack_call(DISPATCH_KEYS, NODE_LEASE, request_id=RID), RID),

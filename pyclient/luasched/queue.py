@@ -162,14 +162,9 @@ QUEUE_SCRIPT = "queue.dequeue"
 #: The script whose KEYS layout every ``queue.group_*`` script shares (the queue's, then
 #: lua/include/group_keys.j2: gready, gring, groups).
 GROUP_SCRIPT = "queue.group_dequeue"
-#: The plain scripts that refuse a queue (or a task) with groups, and their ``queue.group_*`` twins.
-GROUP_TWINS = {
-    "queue.enqueue": "queue.group_enqueue",
-    "queue.dequeue": "queue.group_dequeue",
-    "queue.ack": "queue.group_ack",
-    "queue.nack": "queue.group_nack",
-    "queue.requeue_dead": "queue.group_requeue_dead",
-}
+#: The lease scripts that refuse a task with a group, and their ``queue.group_*`` twins (which
+#: take any lease of a queue with groups). ``queue.extend`` has none: it serves both.
+LEASE_TWINS = {"queue.ack": "queue.group_ack", "queue.nack": "queue.group_nack"}
 
 
 def __getattr__(name: str) -> Any:
@@ -728,7 +723,7 @@ class QueueCalls(Generic[R]):
 
     def _lease_script(self, script: str) -> str:
         """``script``, or its ``queue.group_*`` twin when this queue calls those."""
-        return GROUP_TWINS.get(script, script) if self.grouped else script
+        return LEASE_TWINS.get(script, script) if self.grouped else script
 
     def _ack_call(
         self, lease: Lease, request_id: str | bytes | None, script: str = "queue.ack"
