@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import luasched.asyncio
-from luasched import InvalidArgument, Scheduler
+from luasched import InvalidArgument, Job, Scheduler, Worker
 from luasched.queue import dequeue_call
 from luasched.render import render_all
 from support.helpers import assert_codes_covered, assert_refused
@@ -226,7 +226,7 @@ GROUP_ERRORS = [
     ("queue.set_rate", ["g", -1, 1], "per_second must be between 0 and 1000000, got -1"),
     ("queue.set_rate", ["g", 10, 0], "burst must be between 1 and 1000000, got 0"),
     ("queue.set_rate", ["x" * 257, 10, 1], "group must be 0 to 256 bytes long, got 257 bytes"),
-    ("queue.group_stats", [], "expected 1 to 100 arguments, got 0"),
+    ("queue.group_stats", ["g"] * 101, "expected 0 to 100 arguments, got 101"),
     ("queue.group_stats", [""], "group must be 1 to 256 bytes long, got 0 bytes"),
     (
         "queue.group_dequeue",
@@ -578,5 +578,32 @@ def test_group_stats_counts_each_group(r: Client) -> None:
     assert (b.ready, b.active, b.interval_ms) == (0, 0, 0.0)  # delayed, not ready
     assert (none.ready, none.weight, none.max_active) == (0, 1, 0)
     assert stats.waiting == 1  # A, held back by its rate
+    whole = q.group_stats([]).queue
+    assert (whole.ready, whole.delayed, whole.leased) == (3, 1, 1) == (q.stats().ready, 1, 1)
+    assert q.grouped
     with pytest.raises(InvalidArgument, match="groups"):
-        q.group_stats([])
+        q.group_stats(["g"] * 101)
+
+
+def test_a_burst_worker_waits_out_a_rate_and_serves_every_group(r: Client) -> None:
+    s = Scheduler(r, "gworker")
+    q = s.queue("jobs")
+    for index in range(3):
+        q.enqueue(f"A-{index}", group="A")
+        q.enqueue(f"B-{index}", group="B")
+    # One take of A per 500 ms: longer than an idle worker blocks (250 ms), so it asks whether
+    # anything is left while A's tasks wait on the rate.
+    q.set_rate(2, burst=1, group="A")
+    q.set_group("B", max_active=1)
+    runs: Counter[bytes] = Counter()
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+
+    # It stops when the queue holds nothing ready, delayed or leased: ready counts the tasks
+    # with a group too, so a rate that holds A back does not end it early.
+    worker = Worker(s.queue("jobs"), handler, concurrency=4, burst=True, worker_id="w")
+    assert worker.run() is True
+    assert runs == {f"{group}-{index}".encode(): 1 for group in "AB" for index in range(3)}
+    stats = q.group_stats(["A", "B"])
+    assert stats.queue.ready == 0 and stats.leased == 0

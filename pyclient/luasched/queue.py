@@ -274,8 +274,11 @@ class GroupStat:
 class GroupStats:
     """Counts of a queue with groups at ``now_ms`` (server clock): ``ready`` tasks with a group,
     ``leased`` (every lease held), groups in the ring (``ring``) and held back by their rate
-    (``waiting``), the queue's own limits, and each group asked about (``groups``)."""
+    (``waiting``), the queue's own limits, each group asked about (``groups``), and ``queue``:
+    the whole queue's counts as ``stats()`` gives them (its ``ready`` with and without a group;
+    ``oldest_ready_age_ms`` of the tasks without a group)."""
 
+    queue: QueueStats
     now_ms: int
     ready: int
     leased: int
@@ -477,15 +480,17 @@ def set_rate_call(
 
 
 def group_stats_call(
-    keys: GroupKeys, groups: tuple[str | bytes, ...] | list[str | bytes]
+    keys: GroupKeys, groups: tuple[str | bytes, ...] | list[str | bytes] = ()
 ) -> Call[GroupStats]:
-    """The ``queue.group_stats`` call for ``groups`` (a list or tuple of 1..100 groups)."""
+    """The ``queue.group_stats`` call for ``groups`` (a list or tuple of 0..100 groups)."""
     names: tuple[bytes, ...] = validate.many("queue.group_stats", "group", groups, name="groups")
 
     def parse(reply: Any) -> GroupStats:
+        queue = _stats(reply[:7])
+        reply = reply[7:]
         per_group = {}
         for index, name in enumerate(names):
-            at = 9 + 8 * index
+            at = 7 + 8 * index
             ready, active, weight, cap, paused = (int(value) for value in reply[at : at + 5])
             per_group[name] = GroupStat(
                 ready,
@@ -497,17 +502,18 @@ def group_stats_call(
                 int(reply[at + 6]),
                 int(reply[at + 7]),
             )
-        now_ms, ready, leased, ring, waiting, cap, paused = (int(value) for value in reply[:7])
+        ready, ring, waiting, cap, paused = (int(value) for value in reply[:5])
         return GroupStats(
-            now_ms,
+            queue,
+            queue.now_ms,
             ready,
-            leased,
+            queue.leased,
             ring,
             waiting,
             cap,
             bool(paused),
-            float(reply[7]),
-            int(reply[8]),
+            float(reply[5]),
+            int(reply[6]),
             per_group,
         )
 
@@ -669,6 +675,12 @@ class QueueCalls(Generic[R]):
         if group is None:
             return self._set_limits_call(None, paused)
         return self._set_group_call(group, None, None, paused)
+
+    def _stats_call(self) -> Call[QueueStats]:
+        if not self.grouped:
+            return stats_call(self.keys)
+        call = group_stats_call(self.group_keys)
+        return Call(call.script, call.keys, call.args, lambda reply: call.parse(reply).queue)
 
     def _requeue_dead_call(self, task_id: str | bytes) -> Call[str]:
         return requeue_dead_call(self.group_keys if self.grouped else self.keys, task_id)
@@ -939,8 +951,10 @@ class Queue(QueueCalls[Runner]):
         return self._switching(lambda: self._requeue_dead_call(task_id)) == "requeued"  # type: ignore[no-any-return]
 
     def stats(self) -> QueueStats:
-        """Counts (ready, delayed, leased, dead), oldest ready age, next due. Read-only."""
-        return self._runner.run(stats_call(self.keys))
+        """Counts (ready, delayed, leased, dead), oldest ready age, next due. Read-only. Of a
+        queue with groups (once this object calls the group scripts): ``ready`` counts the
+        ready tasks with a group too (``queue.group_stats``)."""
+        return self._runner.run(self._stats_call())
 
     # ----------------------------------------------------------------------------------------
     # Groups, caps and pause

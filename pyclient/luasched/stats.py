@@ -202,15 +202,13 @@ def namespace_stats(
     for name in sorted(queue_names):
         queue_keys = QueueKeys.of(space, name)
         counts = runner.run(stats_call(queue_keys))
-        ready = counts.ready
         groups: tuple[GroupLine, ...] = ()
         if client.hget(queue_keys.tasks, "G") is not None:
-            grouped_ready, groups = _groups(client, runner, GroupKeys.of(space, name))
-            ready += grouped_ready
+            counts, groups = _groups(client, runner, GroupKeys.of(space, name))
         queues.append(
             QueueStat(
                 _text(name),
-                ready,
+                counts.ready,
                 counts.delayed,
                 counts.leased,
                 counts.dead,
@@ -250,8 +248,8 @@ def namespace_stats(
     )
 
 
-def _groups(client: Any, runner: Any, keys: Any) -> tuple[int, tuple[GroupLine, ...]]:
-    """The ready tasks with a group of a queue, and up to MAX_GROUPS of its groups."""
+def _groups(client: Any, runner: Any, keys: Any) -> tuple[Any, tuple[GroupLine, ...]]:
+    """The counts of a queue with groups (its QueueStats) and up to MAX_GROUPS of its groups."""
     from luasched.queue import group_stats_call
 
     names: dict[bytes, None] = {}
@@ -266,8 +264,6 @@ def _groups(client: Any, runner: Any, keys: Any) -> tuple[int, tuple[GroupLine, 
             if len(names) >= MAX_GROUPS:
                 break
     chosen: list[str | bytes] = [*sorted(names)[:MAX_GROUPS]]
-    if not chosen:
-        return 0, ()
     found = runner.run(group_stats_call(keys, chosen))
     lines = tuple(
         GroupLine(
@@ -283,7 +279,7 @@ def _groups(client: Any, runner: Any, keys: Any) -> tuple[int, tuple[GroupLine, 
         )
         for name, stat in found.groups.items()
     )
-    return found.ready, lines
+    return found.queue, lines
 
 
 def render_text(stats: NamespaceStats) -> str:

@@ -39,7 +39,6 @@ from luasched.queue import (
     QueueStats,
     RateLimit,
     group_stats_call,
-    stats_call,
 )
 from luasched.scripts import Call
 
@@ -217,7 +216,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
 
     async def stats(self) -> QueueStats:
         """Counts; see ``luasched.queue.Queue.stats``."""
-        return await self._run(stats_call(self.keys))  # type: ignore[no-any-return]
+        return await self._run(self._stats_call())  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------------------------------
     # Groups, caps and pause (see luasched.queue.Queue)
