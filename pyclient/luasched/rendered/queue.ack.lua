@@ -32,6 +32,7 @@
 --@reply      int:1..1  1: the task is finished and gone.
 --@error      ARG  Not 8 keys or 4 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held (finished, or expired and taken again: another token); nothing changed.
+--@error      GROUPED  The task has a group (queue.group_enqueue): ack it with queue.group_ack; nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
@@ -124,7 +125,9 @@ if #KEYS == 8 and #ARGV == 4 then
     and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
     -- false: no record (an error table or a string goes to main()).
     local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-    local raw = record == false and redis.pcall('HGET', KEYS[5], 'm' .. task_id)
+    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
+    local values = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values and values[2] == false and values[1]
     if type(raw) == 'string' and string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') == token
       and type(redis.pcall('ZREM', KEYS[3], task_id)) == 'number' then
       redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
@@ -381,11 +384,14 @@ local function main()
   if recorded_request(request_id, 'ack') then
     return 1
   end
-  local raw = read('HGET', K_TASKS, 'm' .. task_id)
-  local meta = raw and parse_meta(raw, task_id)
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'g' .. task_id)
+  local meta = fields[1] and parse_meta(fields[1], task_id)
   if not meta or meta.state ~= 'L' or meta.token ~= token then
     fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
       .. ' is no longer held')
+  end
+  if fields[2] then
+    fail('GROUPED', 'task ' .. show(task_id) .. ' has a group: ack it with queue.group_ack')
   end
   first_write('ZREM', K_LEASED, task_id)
   redis.call('HDEL', K_TASKS, 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
