@@ -16,6 +16,8 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 FLOOR = "EVALSHA return 1"
 #: The cold-start group (bench/coldstart.py): no rows, its own section and targets.
 COLDSTART = "coldstart"
+#: The instruction-count group (bench/instructions.py): no rows, its own section and targets.
+INSTRUCTIONS = "instructions"
 #: The issue the cold-start targets come from (it has no number).
 SINGLE_SOURCE = "single-source"
 REBALANCE_PREFIX = "slots.rebalance"
@@ -85,7 +87,8 @@ class Target:
     A figure is ``(row, mode, metric)``; mode ``contention`` reads bench/contention.py's results
     (metrics ``acquisitions_per_s``, ``jain``), mode ``queue_peers`` bench/queue_peers.py's
     medians (row: the system's name; metrics: the keys of its ``median``), mode ``coldstart``
-    bench/coldstart.py's (row: its case, such as ``luasched``; metric ``seconds``).
+    bench/coldstart.py's (row: its case, such as ``luasched``; metric ``seconds``), mode
+    ``instructions`` bench/instructions.py's (row: its name; metric ``per_op``).
     """
 
     issue: int | str
@@ -113,6 +116,70 @@ def _ops(row: str) -> tuple[str, str, str]:
 def _peer(system: str, metric: str) -> tuple[str, str, str]:
     return (system, "queue_peers", metric)
 
+
+def _instr(row: str) -> tuple[str, str, str]:
+    return (row, INSTRUCTIONS, "per_op")
+
+
+#: Issue 20's targets, in server instructions per operation (bench/instructions.py).
+INSTRUCTION_TARGETS = [
+    *(
+        Target(
+            20,
+            f"instructions per task, batched worker (enqueue + dequeue_many(16) + acks), depth "
+            f"{depth:,} / Dramatiq prefetch 16",
+            _instr(f"luasched: batched task, depth {depth}"),
+            _instr(f"Dramatiq prefetch 16: batched task, depth {depth}"),
+            1.0,
+        )
+        for depth in (16, 208, 10_000)
+    ),
+    Target(
+        20,
+        "instructions per task, batched worker: depth 10,000 / depth 16",
+        _instr("luasched: batched task, depth 10000"),
+        _instr("luasched: batched task, depth 16"),
+        1.1,
+    ),
+    Target(
+        20,
+        "instructions per task, one at a time (enqueue + dequeue + ack) / Dramatiq prefetch 1",
+        _instr("luasched, one task at a time: enqueue + dequeue + ack"),
+        _instr("Dramatiq prefetch 1: send + fetch + ack"),
+        1.0,
+    ),
+    Target(
+        20,
+        "instructions per task, one at a time with ack_and_dequeue / Dramatiq prefetch 1",
+        _instr("luasched, one task at a time: enqueue + ack_and_dequeue"),
+        _instr("Dramatiq prefetch 1: send + fetch + ack"),
+        0.85,
+    ),
+    Target(
+        20,
+        "instructions per enqueue (depth 16) / Dramatiq send",
+        _instr("luasched: enqueue, depth 16"),
+        _instr("Dramatiq prefetch 16: enqueue, depth 16"),
+        1.3,
+    ),
+    Target(
+        20,
+        "instructions per lock cycle (acquire + release) / redis-py Lock",
+        _instr("luasched lock"),
+        _instr("redis-py Lock"),
+        1.5,
+    ),
+    *(
+        Target(
+            20,
+            f"instructions per {what} lock cycle / redis-py Lock",
+            _instr(f"luasched {what} lock"),
+            _instr("redis-py Lock"),
+            3.0,
+        )
+        for what in ("fair", "reentrant")
+    ),
+]
 
 #: The issue-5 figures against the other task queues (bench/queue_peers.py).
 PEER_TARGETS = [
@@ -295,6 +362,7 @@ TARGETS = [
         at_most=False,
     ),
     *PEER_TARGETS,
+    *INSTRUCTION_TARGETS,
     Target(
         SINGLE_SOURCE,
         "cold start, fresh process: import luasched + Scheduler + first slots.keyslot / "
@@ -324,6 +392,7 @@ TARGETS = [
         )
     ),
 ]
+
 
 #: Ratios that explain targets without being targets: (label, value, of).
 CONTEXT = [
@@ -398,6 +467,9 @@ def _figure(document: dict[str, Any], figure: tuple[str, str, str]) -> float | N
     name, mode, metric = figure
     if mode == COLDSTART:
         found = (document.get(COLDSTART) or {}).get(name)
+        return None if found is None else float(found[metric])
+    if mode == INSTRUCTIONS:
+        found = ((document.get(INSTRUCTIONS) or {}).get("rows") or {}).get(name)
         return None if found is None else float(found[metric])
     if mode == "queue_peers":
         for entry in document.get("queue_peers", []):
@@ -617,6 +689,7 @@ def markdown(document: dict[str, Any]) -> str:
             "",
         ]
     lines += _targets_section(document)
+    lines += _instructions_section(document)
     lines += _plots_section(document)
     groups: list[str] = []
     for row in document["rows"]:
@@ -685,6 +758,30 @@ def markdown(document: dict[str, Any]) -> str:
             lines += _rebalance_section(document)
     lines += _coldstart_section(document)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _instructions_section(document: dict[str, Any]) -> list[str]:
+    entry = document.get(INSTRUCTIONS)
+    if not entry:
+        return []
+    lines = ["## Server instructions per operation (bench/instructions.py, callgrind)", ""]
+    if entry.get("skipped"):
+        return [*lines, f"Not measured in this run: {entry['skipped']}.", ""]
+    server = entry["server"]
+    lines += [
+        f"{server['name']} {server['version']} under `valgrind --tool=callgrind` (`--hz 1`), "
+        "its own throwaway server; each figure is the callgrind `summary:` of its windows "
+        "minus the inclusive cost of `serverCron`, over the operations in them: everything "
+        "the server executes for the calls (request parsing, the command or script, the "
+        "reply), not the client's work. Instruction counts do not move with the machine's "
+        "load (two runs agree within ~1-2 %), so these are the figures to compare.",
+        "",
+        "| operation | instructions per op | operations |",
+        "|---|--:|--:|",
+    ]
+    for name, row in entry["rows"].items():
+        lines.append(f"| {name} | {row['per_op']:,} | {row['operations']:,} |")
+    return [*lines, ""]
 
 
 #: The cold-start cases in the report's order, with what each one does.
