@@ -220,8 +220,10 @@ def test_ack_and_dequeue_and_batches(r: Client) -> None:
         q.ack(lease)
     stats = q.stats()
     assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0)
-    # Finished tasks leave no trace: only the counters remain in the tasks hash.
-    assert set(r.hkeys(q.keys.fixed[4])) == {b"seq", b"fence"}
+    # Finished tasks leave no trace: only the counters and the layout field remain in the tasks
+    # hash, which stays a hashtable (O(1) field access at every depth).
+    assert set(r.hkeys(q.keys.fixed[4])) == {b"seq", b"fence", b"layout"}
+    assert r.object("encoding", q.keys.fixed[4]) == b"hashtable"
     with pytest.raises(InvalidArgument):
         q.dequeue_many("w", s.config.max_batch + 1, 1000)
 

@@ -562,8 +562,8 @@ class Checker:
         if counts != (0, 0, 0, 0):
             self.fail(f"left in the queue (ready, delayed, leased, dead): {counts}")
         tasks_hash = client.hgetall(keys.fixed[4])
-        if set(tasks_hash) != {b"seq", b"fence"}:
-            self.fail(f"the tasks hash holds {len(tasks_hash) - 2} task fields after the run")
+        if set(tasks_hash) != {b"seq", b"fence", b"layout"}:
+            self.fail(f"the tasks hash holds {len(tasks_hash) - 3} task fields after the run")
         fence = int(tasks_hash.get(b"fence", 0))
         self.report.leases = fence
         self.report.redeliveries = fence - self.config.tasks

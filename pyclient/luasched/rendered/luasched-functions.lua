@@ -7810,7 +7810,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 2fef969ea5a512dcf8626b87970948ad5e103610)
+-- queue.ack (sha1 b1774a55002dc8887b0d4d21ced08176657fe2e4)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -7835,7 +7835,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -8214,7 +8215,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 165289377907fb07a191cbbd93d77e237252bb85)
+-- queue.dequeue (sha1 6a316b4758eb74161667bca327d5e53d78971976)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8245,7 +8246,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -9107,7 +9109,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 eba63ac39aa4d2eb67938cc452d9800da6605d19)
+-- queue.dispatch (sha1 5cb4a29f497c342c0ff4c41586dbf1eadcd43446)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -9127,7 +9129,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -10246,7 +10248,7 @@ local function main()
     return { record[2], record[3], record[4] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local state = STATE_NAMES[parse_meta(fields[1], task_id).state]
@@ -10293,6 +10295,10 @@ local function main()
   end
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
+  if not fields[4] then
+    task_fields[#task_fields + 1] = 'layout'
+    task_fields[#task_fields + 1] = 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable'
+  end
   redis.call('HSET', K_TASKS, unpack(task_fields))
   -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
   -- that worker waits for.
@@ -10307,7 +10313,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 79c62e9bd637ea1442a1e8a53ef6cbefa7613e1a)
+-- queue.dispatch_requeue_dead (sha1 324c3e0595305c1423bcea7d708cff9cd4973aee)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -10328,7 +10334,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -11418,7 +11424,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 f9bdc520261d22492778e961c0f17c8f0a3b278c)
+-- queue.enqueue (sha1 825dad561adda68180e46b867bf3850091dd2597)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11443,7 +11449,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -11569,9 +11576,11 @@ if #KEYS == 8 and #ARGV == 7 then
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-      local fields = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq')
+      local fields = record == false
+        and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq', 'layout')
       local seq = nil
-      if fields and fields[1] == false then
+      -- No layout field yet: main() writes it.
+      if fields and fields[1] == false and fields[3] then
         local raw = fields[2]
         if raw == false then
           seq = 0
@@ -11938,7 +11947,7 @@ local function main()
     return { record[2], record[3] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
@@ -11962,6 +11971,9 @@ local function main()
     first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     redis.call('HSET', K_TASKS, 'p' .. task_id, payload, 'm' .. task_id, format_meta(meta))
   end
+  if not fields[3] then
+    redis.call('HSET', K_TASKS, 'layout', 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable')
+  end
   -- A blocked dequeuer wakes for a delayed task too: it may be due before the time it waits for.
   if waiting then
     push_wake(K_WAKE, 1)
@@ -11974,7 +11986,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 19ab6c6145a8b33aa53efbd50c121c2de1776ab4)
+-- queue.extend (sha1 d214c7d0bebb5283a8343314c8af8d343731deda)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -11995,7 +12007,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -12332,7 +12345,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 2a8006b193fc4e54bd02e4584e4aa45ac70914cd)
+-- queue.nack (sha1 c479699fa30645279bcf36c1aa34578d0b984724)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -12355,7 +12368,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -12821,7 +12835,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 adf7c1b1763cca1fdad268ae7a45d792c80a2505)
+-- queue.node_ack (sha1 072cd3a0ea368c0ba3c6c241c21b99fa6c149c1b)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -12838,7 +12852,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -13435,7 +13449,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 3afbd3744b30f1397e3c62741ba07ce29275b715)
+-- queue.node_dequeue (sha1 256ba96d16ae24a820807ad7754866a1d965bf41)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -13466,7 +13480,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -15088,7 +15102,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 2a0d39e6c29c9a2ae433b28ce481062cd1898bfd)
+-- queue.node_extend (sha1 95e2f3dc2d5157331ca5acb027c1e0213a00cddb)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -15106,7 +15120,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -15604,7 +15618,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 2120fc9c499d0b55cc9f7f3b1e196b8a13fb81c7)
+-- queue.node_nack (sha1 b763a026daacb3ca19e63bf0f7273352ebb6ec87)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -15622,7 +15636,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -16339,7 +16353,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 700865a901cea1b3378b7325dc739d93ad4f6808)
+-- queue.node_stats (sha1 1570e6fb1a6d154c05db31b6c429bde45eed1fa5)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -16355,7 +16369,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -16817,7 +16831,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 9ba2066e8d5cac0d23af89759ab03ab9072090cc)
+-- queue.redispatch (sha1 0f0cd17ad5bf50408ef93664c09c9b2a4d8a0905)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -16838,7 +16852,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -18071,7 +18085,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 dc8707c871610b5c29fcb773b7c373ea7e59d794)
+-- queue.requeue_dead (sha1 decdbff74afd16de48857306b2bf5a3e4b69354f)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -18091,7 +18105,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -18449,7 +18464,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 e284c7240afcab8fa0127ae095b69a56d218f49f)
+-- queue.stats (sha1 c82bb8cda7ccefc90dad2574f27cc5cdbf8cd065)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -18470,7 +18485,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -20511,5 +20527,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '3ca2be4243296d03eed1de3637c86e5041e36f27' end,
+  callback = function() return '888575a181b68d7b57619aa3667dd4542bb61d94' end,
 }

@@ -13,7 +13,7 @@
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -1132,7 +1132,7 @@ local function main()
     return { record[2], record[3], record[4] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local state = STATE_NAMES[parse_meta(fields[1], task_id).state]
@@ -1179,6 +1179,10 @@ local function main()
   end
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
+  if not fields[4] then
+    task_fields[#task_fields + 1] = 'layout'
+    task_fields[#task_fields + 1] = 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable'
+  end
   redis.call('HSET', K_TASKS, unpack(task_fields))
   -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
   -- that worker waits for.

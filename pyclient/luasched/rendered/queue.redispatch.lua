@@ -14,7 +14,7 @@
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id

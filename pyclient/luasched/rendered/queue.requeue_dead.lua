@@ -13,7 +13,8 @@
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
