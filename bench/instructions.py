@@ -235,6 +235,10 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
         ("redis-py Lock", None, redis_py),
         ("python-redis-lock", "redis_lock", python_redis_lock),
         ("pottery Redlock (1 master)", "pottery", pottery),
+        *(
+            (name, None, lambda c, script=script: _floor_cycle(c, script))
+            for name, script in LOCK_FLOORS.items()
+        ),
     ]
     figures = []
     for name, module, make in makers:
@@ -254,6 +258,46 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
         finally:
             client.close()
     return figures
+
+
+FLOOR_PLAIN = "floor: SET NX PX + release script (redis-py Lock's shape, no fencing token)"
+FLOOR_FENCED = "floor: acquire script (SET NX PX + INCR fence) + release script"
+FLOOR_CLOCK = (
+    "floor: acquire script (SET NX PX, TIME, fence = max(stored + 1, server µs)) + release script"
+)
+
+#: Floors of a lock cycle: the least a cycle with each guarantee executes (scripts that do only
+#: the unavoidable calls, no argument checks). The release is redis-py's own shape: GET, compare,
+#: DEL. Not luasched's scripts: what any design with that guarantee pays.
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+LOCK_FLOORS = {
+    FLOOR_PLAIN: None,
+    FLOOR_FENCED: "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    "return redis.call('INCR', KEYS[2]) end return false",
+    FLOOR_CLOCK: "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    "return false end local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
+    "local stored = redis.call('GET', KEYS[2]) local token = stored and stored + 1 or 1 "
+    "if now > token then token = now end redis.call('SET', KEYS[2], token) return token",
+}
+
+
+def _floor_cycle(client: redis.Redis, acquire: str | None) -> Callable[[], None]:
+    """A lock cycle of a floor: ``acquire`` (None: a bare SET NX PX), then _RELEASE."""
+    release = client.script_load(_RELEASE)
+    fenced = client.script_load(acquire) if acquire else None
+    hold, fence, token = "lock-000000000001", "fence-00000000001", "token-0000000001"
+
+    def cycle() -> None:
+        if fenced is None:
+            granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+        else:
+            granted = client.evalsha(fenced, 2, hold, fence, token, LOCK_TTL_MS)
+        if not granted or client.evalsha(release, 1, hold, token) != 1:
+            raise RuntimeError("an uncontended floor lock was not acquired and released")
+
+    return cycle
 
 
 # ------------------------------------------------------------------------------------ queue
