@@ -877,21 +877,23 @@ class SentinelTopology:
         return True
 
     def primary(self, sentinel_port: int | None = None) -> int:
-        """The primary's port as a sentinel reports it (the first that answers)."""
+        """The primary's port as a sentinel reports it to clients (the first that answers).
+
+        ``SENTINEL MASTER``, which redis-py's ``Sentinel`` reads: during a failover it names the
+        promoted replica only once the sentinel switched to it, a little after
+        ``GET-MASTER-ADDR-BY-NAME`` does."""
         ports = [sentinel_port] if sentinel_port else list(self.spec.sentinel_ports)
         for port in ports:
             try:
-                reply = self._ask_sentinel(
-                    port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE
-                )
+                state = self._ask_sentinel(port, "SENTINEL", "MASTER", SENTINEL_SERVICE)
             except (redis.RedisError, OSError):
                 continue
-            if reply:
-                return int(reply[1])
+            if state and b"port" in state:
+                return int(state[b"port"])
         raise LookupError("no sentinel reports a primary")
 
     def failover(self, timeout: float = 20.0) -> int:
-        """``SENTINEL FAILOVER``; waits until a sentinel reports the new primary; its port.
+        """``SENTINEL FAILOVER``; waits until every sentinel reports the new primary; its port.
 
         The old primary keeps answering as a primary until the sentinels reconfigure it (~10 s
         later): what it accepts meanwhile is discarded when it resyncs."""
@@ -899,15 +901,30 @@ class SentinelTopology:
         asked = self.spec.sentinel_ports[0]
         self._ask_sentinel(asked, "SENTINEL", "FAILOVER", SENTINEL_SERVICE)
         wait_until(lambda: self.primary(asked) != old, timeout, "the sentinels' new primary")
-        return self.primary(asked)
+        new = self.primary(asked)
+        self._wait_all_report(new, timeout)
+        return new
+
+    def _wait_all_report(self, primary: int, timeout: float) -> None:
+        """Wait until every sentinel reports ``primary``."""
+
+        def agree() -> bool:
+            try:
+                return all(self.primary(port) == primary for port in self.spec.sentinel_ports)
+            except LookupError:
+                return False
+
+        wait_until(agree, timeout, f"every sentinel to report {primary} as the primary")
 
     def kill_primary(self, timeout: float = 20.0) -> tuple[int, int]:
-        """SIGKILL the primary (a crash); waits until a sentinel reports another primary;
+        """SIGKILL the primary (a crash); waits until every sentinel reports another primary;
         (the killed port, the new primary's port)."""
         old = self.primary()
         self.kill(old)
         wait_until(lambda: self.primary() != old, timeout, "the sentinels to promote a replica")
-        return old, self.primary()
+        new = self.primary()
+        self._wait_all_report(new, timeout)
+        return old, new
 
     def kill(self, port: int) -> None:
         """SIGKILL the data node on ``port``."""
@@ -927,22 +944,25 @@ class SentinelTopology:
             node.execute_command("REPLICAOF", HOST, str(self.primary()))
 
     def wait_replicas_synced(self, timeout: float = 30.0) -> None:
-        """Wait until the primary has both replicas online, at its replication offset."""
+        """Wait until the primary has both replicas online and each has acknowledged the
+        primary's replication offset as of when both were online (writes may go on)."""
+        target: dict[str, int] = {}
 
         def synced() -> bool:
             try:
-                with redis.Redis(host=HOST, port=self.primary(), socket_timeout=1.0) as node:
+                port = self.primary()
+                with redis.Redis(host=HOST, port=port, socket_timeout=1.0) as node:
                     info = node.info("replication")
             except (redis.RedisError, OSError, LookupError):
                 return False
             if info.get("role") != "master" or int(info.get("connected_slaves", 0)) != 2:
                 return False
-            offset = int(info["master_repl_offset"])
             replicas = [info.get(f"slave{n}") for n in range(2)]
-            return all(
-                isinstance(r, dict) and r.get("state") == "online" and int(r["offset"]) == offset
-                for r in replicas
-            )
+            if not all(isinstance(r, dict) and r.get("state") == "online" for r in replicas):
+                return False
+            if target.get("port") != port:
+                target.update(port=port, offset=int(info["master_repl_offset"]))
+            return all(int(r["offset"]) >= target["offset"] for r in replicas)  # type: ignore[index]
 
         wait_until(synced, timeout, "both replicas to be in sync with the primary")
 
