@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -37,6 +42,7 @@ T = TypeVar("T")
 LEASE_MS = 120_000
 LOCK_TTL_MS = 3_000
 CLIENT = {"socket_timeout": 5, "socket_connect_timeout": 2}
+LUASCHED = Path(sys.executable).with_name("luasched")
 
 
 def role(port: int) -> str:
@@ -128,6 +134,45 @@ def test_after_a_sentinel_failover_a_durable_call_is_resent_to_the_new_primary(
         assert s.client.connection_pool.master_address == (HOST, new)
         sentinel.wait_replicas_synced()
         assert ready_on(new, "ha", "jobs") == 2
+    finally:
+        s.client.close()
+
+
+def test_the_cli_reaches_the_primary_through_the_sentinels(
+    sentinel: SentinelTopology, tmp_path: Path
+) -> None:
+    """``luasched stats`` and a durable ``luasched worker --burst`` given ``--sentinel``."""
+    s = Scheduler.from_sentinel(sentinel.sentinels, SENTINEL_SERVICE, "cli", wait_replicas=2)
+    try:
+        for index in range(20):
+            s.queue("jobs").enqueue(b"t%d" % index, b"x")
+        where = ["--sentinel", ",".join(f"{h}:{p}" for h, p in sentinel.sentinels)]
+        where += ["--service", SENTINEL_SERVICE]
+        stats = subprocess.run(
+            [str(LUASCHED), "stats", "cli", *where, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["queues"][0]["ready"] == 20
+        (tmp_path / "handlers.py").write_text("def run(job):\n    return None\n")
+        command = [str(LUASCHED), "worker", "handlers:run", "--queue", "jobs", "--namespace"]
+        command += ["cli", *where, "--burst", "--wait-replicas", "2"]
+        worker = subprocess.run(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert worker.returncode == 0, worker.stderr
+        sentinel.wait_replicas_synced()
+        for port in sentinel.spec.ports:  # the acks reached every replica
+            with redis.Redis(host=HOST, port=port, socket_timeout=2) as node:
+                done = Scheduler(node, "cli").queue("jobs").stats()
+            assert (done.ready, done.leased) == (0, 0), port
     finally:
         s.client.close()
 
