@@ -12,7 +12,9 @@ nodes are joined from the host with ``redis-cli --cluster create`` once they ans
 
 ``REPLICATED_CLUSTER`` (three primaries, each with a replica, cluster-node-timeout 1000 ms) is
 not in the matrix: only the failover and resharding tests start it (``ReplicatedCluster``), on
-the same backends, and stop it when they end.
+the same backends, and stop it when they end. Likewise ``SENTINEL_TOPOLOGIES`` (one primary, two
+replicas, three sentinels, quorum 2, down-after 1000 ms; Redis 7.0 and 8.2): only the Sentinel
+tests start one (``SentinelTopology``).
 """
 
 from __future__ import annotations
