@@ -185,3 +185,56 @@ def test_a_call_refused_with_noreplicas_is_sent_again_until_the_primary_takes_wr
         refused.set()
         helper.join(10)
     assert Scheduler(needs_a_replica, "dur").queue("jobs").stats().ready == 1
+
+
+def _calls(r: Client, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.standalone_only
+def test_durable_calls_take_the_functions_path_when_the_library_is_installed(
+    r: Client, server: Any
+) -> None:
+    s = Scheduler(r, "dur", wait_replicas=1, wait_timeout_ms=10, retry=NO_RETRY)
+    q = s.queue("jobs")
+    if server.version >= (7, 0):
+        s.install_functions()
+        command = "fcall"
+    else:  # no Functions before 7.0: EVALSHA, as without durable mode
+        s.load_scripts()
+        command = "evalsha"
+    before, waits = _calls(r, command), _calls(r, "wait")
+    with pytest.raises(NotReplicated):
+        q.enqueue(b"t1", b"x", request_id=b"rf")
+    assert (_calls(r, command) - before, _calls(r, "wait") - waits) == (1, 1)
+    assert Scheduler(r, "dur").queue("jobs").stats().ready == 1
+
+
+@pytest.mark.standalone_only
+def test_a_durable_call_whose_script_was_flushed_is_loaded_and_sent_again(r: Client) -> None:
+    s = Scheduler(r, "dur", wait_replicas=1, wait_timeout_ms=10, retry=NO_RETRY)
+    q = s.queue("jobs")
+    r.script_flush()
+    with pytest.raises(NotReplicated):  # NOSCRIPT, loaded, sent again: it ran once
+        q.enqueue(b"t1", b"x", request_id=b"rn")
+    assert Scheduler(r, "dur").queue("jobs").stats().ready == 1
+
+
+@pytest.mark.standalone_only
+def test_the_asyncio_batch_reports_not_replicated_for_its_writing_calls(
+    server: Any, r: Client
+) -> None:
+    async def main() -> list[Any]:
+        client = server.async_client()
+        try:
+            s = AsyncScheduler(client, "dur", wait_replicas=1, wait_timeout_ms=10)
+            async with s.pipeline() as pipe:
+                await pipe.queue("jobs").enqueue(b"t1", b"x", request_id=b"ra")
+                await pipe.queue("jobs").stats()
+                return await pipe.execute(raise_on_error=False)
+        finally:
+            await client.aclose()
+
+    enqueued, stats = asyncio.run(main())
+    assert isinstance(enqueued, NotReplicated) and enqueued.request_id == b"ra"
+    assert stats.ready == 1
