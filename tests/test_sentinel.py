@@ -141,7 +141,8 @@ def test_after_a_sentinel_failover_a_durable_call_is_resent_to_the_new_primary(
 def test_the_cli_reaches_the_primary_through_the_sentinels(
     sentinel: SentinelTopology, tmp_path: Path
 ) -> None:
-    """``luasched stats`` and a durable ``luasched worker --burst`` given ``--sentinel``."""
+    """``luasched stats``, ``install-functions`` (on the primary) and a durable ``luasched worker
+    --burst``, given ``--sentinel``."""
     s = Scheduler.from_sentinel(sentinel.sentinels, SENTINEL_SERVICE, "cli", wait_replicas=2)
     try:
         for index in range(20):
@@ -156,6 +157,14 @@ def test_the_cli_reaches_the_primary_through_the_sentinels(
         )
         assert stats.returncode == 0, stats.stderr
         assert json.loads(stats.stdout)["queues"][0]["ready"] == 20
+        installed = subprocess.run(
+            [str(LUASCHED), "install-functions", *where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert installed.returncode == 0, installed.stderr
+        assert installed.stdout.split("\t")[0] == f"{HOST}:{sentinel.primary()}"
         (tmp_path / "handlers.py").write_text("def run(job):\n    return None\n")
         command = [str(LUASCHED), "worker", "handlers:run", "--queue", "jobs", "--namespace"]
         command += ["cli", *where, "--burst", "--wait-replicas", "2"]
