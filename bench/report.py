@@ -436,6 +436,7 @@ GROUP_TITLES = {
     "locks": "Locks: luasched's and its peers (issue 6)",
     "pick": "Node selection, `s.pick` (issue 4)",
     "queue": "Task queue, `s.queue` (issue 5)",
+    "durable": "Durable mode, `wait_replicas` (issue 19)",
 }
 
 

@@ -357,6 +357,31 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
         ],
         "concurrency",
     ),
+    (["stats", "shop", "--sentinel", "127.0.0.1", "--service", "m"], "--sentinel: expected HOST"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:1,:2", "--service", "m"], "--sentinel: expected"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:70000", "--service", "m"], "--sentinel: expected"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:1"], "--sentinel: needs --service NAME"),
+    (
+        ["install-functions", "--sentinel", "127.0.0.1:1", "--service", "m", "--url", "redis://x"],
+        "--url and --sentinel: pass one of them",
+    ),
+    (["stats", "shop", "--url", "redis://127.0.0.1:1", "--service", "m"], "--service: only with"),
+    (
+        ["worker", "json:dumps", "--queue", "q", "--wait-replicas", "-1", "REDIS_URL=redis://x:1"],
+        "wait_replicas must be an integer in 0..1000",
+    ),
+    (
+        [
+            "worker",
+            "json:dumps",
+            "--queue",
+            "q",
+            "--wait-timeout-ms",
+            "-5",
+            "REDIS_URL=redis://x:1",
+        ],
+        "wait_timeout_ms must be an integer in 0..3600000",
+    ),
 ]
 
 

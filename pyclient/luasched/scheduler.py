@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from luasched import validate
+from luasched.ha import DEFAULT_WAIT_TIMEOUT_MS, durability, sentinel_client
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, Semaphore
 from luasched.nodes import Nodes
@@ -66,19 +67,57 @@ class Scheduler:
         rng: RandomSource | None = None,
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         validate.client("client", client)
         if use_functions is not None:
             validate.flag("use_functions", use_functions)
+        self.durability = durability(client, wait_replicas, wait_timeout_ms)
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
         self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = ScriptRunner(client, self.scripts, use_functions=use_functions, retry=retry)
+        self.runner = ScriptRunner(
+            client,
+            self.scripts,
+            use_functions=use_functions,
+            retry=retry,
+            durability=self.durability,
+        )
         self.slots = Slots(self.runner, self.namespace)
         self.nodes = Nodes(self.runner, self.namespace)
         self.pick = Pick(self.runner, self.namespace, rng)
         self._rng = rng
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        namespace: str | bytes,
+        *,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Scheduler:
+        """A Scheduler on the primary that the sentinels name ``service_name``.
+
+        Built on redis-py: ``Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs,
+        **connection_kwargs).master_for(service_name)``; ``sentinels`` is a list of
+        ``(host, port)``; ``connection_kwargs`` go to the primary's connections (and to the
+        sentinels' when ``sentinel_kwargs`` is None, as redis-py does); ``options`` are this
+        class's (``wait_replicas``, ``retry``...). No I/O here.
+
+        On top of redis-py's pool (which asks the sentinels only when it opens a connection),
+        an error that says the primary moved -- ``READONLY``, ``NOREPLICAS``, ``NotReplicated``
+        -- makes the Scheduler ask the sentinels again and drop its connections to the old
+        primary before the call is sent again (``luasched.ha``). Raises InvalidArgument naming
+        the parameter for a malformed ``sentinels``/``service_name``/kwargs."""
+        client = sentinel_client(
+            sentinels, service_name, sentinel_kwargs, connection_kwargs, asyncio=False
+        )
+        return cls(client, namespace, **options)
 
     def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the Functions library on every primary (Redis 7.0+); returns

@@ -34,6 +34,7 @@ Everything but the I/O lives in module functions shared with ``luasched.asyncio`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -44,8 +45,15 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
+from luasched.ha import (
+    REDISCOVER_ERRORS,
+    Durability,
+    asks_for_primary,
+    changes_state,
+    sentinel_pool,
+)
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
-from luasched.retry import RetryPolicy
+from luasched.retry import NoReplicasError, RetryPolicy, no_replicas
 
 __all__ = ["Batch", "Call", "FunctionsRoute", "Runner", "ScriptRunner"]
 
@@ -72,11 +80,14 @@ class Runner(Protocol):
 
 
 def translate(error: BaseException) -> BaseException:
-    """The luasched exception for a ``LUASCHED_*`` error reply; any other error as it was."""
+    """The luasched exception for a ``LUASCHED_*`` error reply, ``NoReplicasError`` for a
+    ``NOREPLICAS`` reply; any other error as it was."""
     if isinstance(error, ResponseError):
         mapped = error_from_response(error)
         if mapped is not None:
             return mapped
+        if no_replicas(error) and not isinstance(error, NoReplicasError):
+            return NoReplicasError(*error.args)
     return error
 
 
@@ -109,6 +120,20 @@ def finish(calls: Sequence[Call[Any]], replies: Sequence[Any], raise_on_error: b
     if raise_on_error and first_error is not None:
         raise first_error
     return results
+
+
+def wait_after(
+    calls: Sequence[Call[Any]],
+    scripts: Mapping[str, RenderedScript],
+    durability: Durability | None,
+) -> Durability | None:
+    """``durability`` when a batch of ``calls`` needs a closing ``WAIT`` (one of them can
+    change state), else None."""
+    if durability is None:
+        return None
+    if any(changes_state(scripts[call.script]) for call in calls):
+        return durability
+    return None
 
 
 def fcall_command(call: Call[Any], library: FunctionsLibrary) -> tuple[Arg, ...]:
@@ -217,6 +242,9 @@ class ScriptRunner:
     a reply lost to a connection error may still have been executed: scripts that change state
     take a request id for that reason. ``retry`` (default ``RetryPolicy()``) sends a call again,
     bounded and with backoff, on the errors of a failover or resharding (``luasched.retry``).
+    ``durability`` (durable mode, ``luasched.ha``): a ``WAIT`` follows every call that can
+    change state in the same round trip. On a Sentinel-managed client, an error that says the
+    primary moved makes the runner ask the sentinels before the call is sent again.
     """
 
     def __init__(
@@ -226,12 +254,15 @@ class ScriptRunner:
         *,
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, Script] = {}
         self.route = FunctionsRoute(scripts, use_functions)
         self.retry = retry or RetryPolicy()
+        self.durability = durability
+        self._sentinel = sentinel_pool(client)
 
     def _handle(self, name: str) -> Script:
         handle = self._handles.get(name)
@@ -271,11 +302,52 @@ class ScriptRunner:
         EVALSHA, on NOSCRIPT load and retry once; parse the reply. The same call is sent again
         on a failover's or resharding's errors, as ``self.retry`` says.
 
-        Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply.
+        Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply; in durable mode
+        ``NotReplicated`` once the policy's resends ran out.
         """
-        return self.retry.call(lambda: self._run_once(call))
+        return self.retry.call(lambda: self._attempt(call))
+
+    def _attempt(self, call: Call[T]) -> T:
+        try:
+            return self._run_once(call)
+        except Exception as error:
+            if self._sentinel is not None and asks_for_primary(error):
+                self.rediscover()
+            raise
+
+    def rediscover(self) -> None:
+        """Ask the sentinels for the primary; when it moved, the pool drops its connections
+        to the old one (idle ones now, busy ones when released). Errors are left to the call."""
+        with contextlib.suppress(*REDISCOVER_ERRORS):
+            self._sentinel.get_master_address()  # type: ignore[union-attr]
+
+    def _with_wait(self, *command: Arg) -> tuple[Any, Any]:
+        """``command`` then ``WAIT`` in one pipeline: (its reply, WAIT's reply), errors as
+        values."""
+        assert self.durability is not None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command(*self.durability.command)
+        reply, acked = pipe.execute(raise_on_error=False)
+        return reply, acked
+
+    def _run_durable(self, call: Call[T], durability: Durability) -> T:
+        script = self.scripts[call.script]
+        fcall = self.route.fcall(call) if self.uses_functions() else None
+        if fcall is not None:
+            reply, acked = self._with_wait(*fcall)
+            if not (isinstance(reply, ResponseError) and self.route.fall_back(reply)):
+                return cast(T, durability.result(call, script, reply, acked))
+        evalsha = command(call, script, by_text=False)
+        reply, acked = self._with_wait(*evalsha)
+        if isinstance(reply, NoScriptError):  # never ran: load it and send again, once
+            self.client.script_load(script.text.encode("utf-8"))
+            reply, acked = self._with_wait(*evalsha)
+        return cast(T, durability.result(call, script, reply, acked))
 
     def _run_once(self, call: Call[T]) -> T:
+        if self.durability is not None and changes_state(self.scripts[call.script]):
+            return self._run_durable(call, self.durability)
         if self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:
@@ -327,6 +399,7 @@ class Batch:
     def __init__(self, runner: ScriptRunner) -> None:
         self._runner = runner
         self._calls: list[Call[Any]] = []
+        self._acked: Any = None  # the last WAIT's reply (durable mode)
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -342,14 +415,22 @@ class Batch:
         pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
         for call in calls:
             pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        return list(pipe.execute(raise_on_error=False))
+        waits = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if waits is not None:
+            pipe.execute_command(*waits.command)
+        replies = list(pipe.execute(raise_on_error=False))
+        if waits is not None:
+            self._acked = replies.pop()
+        return replies
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; return their results in order and empty the batch.
 
         Calls that met NOSCRIPT are retried once after loading their scripts. With
         ``raise_on_error`` the first error is raised after all calls ran; otherwise the
-        exceptions stand in the list.
+        exceptions stand in the list. Durable mode: one ``WAIT`` ends the pipeline (after the
+        resent calls too); when it falls short, each state-changing call's result is a
+        ``NotReplicated`` (not resent here: a batch has no retry policy).
         """
         calls, self._calls = self._calls, []
         if not calls:
@@ -363,4 +444,7 @@ class Batch:
                 retry, self._send([calls[index] for index in retry]), strict=True
             ):
                 replies[index] = reply
+        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if durability is not None:
+            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
         return finish(calls, replies, raise_on_error)

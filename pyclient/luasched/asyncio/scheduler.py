@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -14,6 +14,7 @@ from luasched.asyncio.queue import AsyncQueue, check_eviction_policy_async
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
 from luasched.asyncio.sharded import AsyncShardedQueue, sharded_layout_async
 from luasched.asyncio.slots import AsyncSlots
+from luasched.ha import DEFAULT_WAIT_TIMEOUT_MS, durability, sentinel_client
 from luasched.keys import Namespace
 from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
 from luasched.pick import RandomSource
@@ -40,10 +41,13 @@ class Scheduler:
         rng: RandomSource | None = None,
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         validate.client("client", client)
         if use_functions is not None:
             validate.flag("use_functions", use_functions)
+        self.durability = durability(client, wait_replicas, wait_timeout_ms)
         self.client = client
         self.namespace = Namespace(namespace)
         self.config = config or ScriptConfig()
@@ -51,12 +55,34 @@ class Scheduler:
         # call: never on the event loop (AsyncScriptRunner.ready).
         self.scripts: Mapping[str, RenderedScript] = LazyScripts(self.config)
         self.runner = AsyncScriptRunner(
-            client, self.scripts, use_functions=use_functions, retry=retry
+            client,
+            self.scripts,
+            use_functions=use_functions,
+            retry=retry,
+            durability=self.durability,
         )
         self.slots = AsyncSlots(self.runner, self.namespace)
         self.nodes = AsyncNodes(self.runner, self.namespace)
         self.pick = AsyncPick(self.runner, self.namespace, rng)
         self._rng = rng
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        namespace: str | bytes,
+        *,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Scheduler:
+        """A Scheduler on the primary that the sentinels name ``service_name`` (asyncio twin of
+        ``luasched.Scheduler.from_sentinel``: redis-py's ``redis.asyncio.sentinel.Sentinel``)."""
+        client = sentinel_client(
+            sentinels, service_name, sentinel_kwargs, connection_kwargs, asyncio=True
+        )
+        return cls(client, namespace, **options)
 
     async def install_functions(self) -> str:
         """Install the Redis Functions library on every primary (Redis 7.0+); its name."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -10,8 +11,15 @@ import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
+from luasched.ha import (
+    REDISCOVER_ERRORS,
+    Durability,
+    asks_for_primary,
+    changes_state,
+    sentinel_pool,
+)
 from luasched.render import LazyScripts, RenderedScript, is_ready
 from luasched.retry import RetryPolicy
 from luasched.scripts import (
@@ -22,6 +30,7 @@ from luasched.scripts import (
     is_cluster,
     noscript_indexes,
     translate,
+    wait_after,
 )
 
 __all__ = ["AsyncBatch", "AsyncScriptRunner"]
@@ -45,12 +54,15 @@ class AsyncScriptRunner:
         *,
         use_functions: bool | None = None,
         retry: RetryPolicy | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
         self._handles: dict[str, AsyncScript] = {}
         self.route = FunctionsRoute(scripts, use_functions)
         self.retry = retry or RetryPolicy()
+        self.durability = durability
+        self._sentinel = sentinel_pool(client)
         self._pending = isinstance(scripts, LazyScripts)
 
     async def ready(self) -> None:
@@ -101,9 +113,46 @@ class AsyncScriptRunner:
         retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``); sent again on
         a failover's or resharding's errors, as ``self.retry`` says."""
         await self.ready()
-        return await self.retry.call_async(lambda: self._run_once(call))
+        return await self.retry.call_async(lambda: self._attempt(call))
+
+    async def _attempt(self, call: Call[T]) -> T:
+        try:
+            return await self._run_once(call)
+        except Exception as error:
+            if self._sentinel is not None and asks_for_primary(error):
+                await self.rediscover()
+            raise
+
+    async def rediscover(self) -> None:
+        """Ask the sentinels for the primary (see ``ScriptRunner.rediscover``)."""
+        with contextlib.suppress(*REDISCOVER_ERRORS):
+            await self._sentinel.get_master_address()  # type: ignore[union-attr]
+
+    async def _with_wait(self, *command: Any) -> tuple[Any, Any]:
+        assert self.durability is not None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command(*self.durability.command)
+        reply, acked = await pipe.execute(raise_on_error=False)
+        return reply, acked
+
+    async def _run_durable(self, call: Call[T], durability: Durability) -> T:
+        script = self.scripts[call.script]
+        fcall = self.route.fcall(call) if await self.uses_functions() else None
+        if fcall is not None:
+            reply, acked = await self._with_wait(*fcall)
+            if not (isinstance(reply, ResponseError) and self.route.fall_back(reply)):
+                return durability.result(call, script, reply, acked)  # type: ignore[no-any-return]
+        evalsha = command(call, script, by_text=False)
+        reply, acked = await self._with_wait(*evalsha)
+        if isinstance(reply, NoScriptError):  # never ran: load it and send again, once
+            await self.client.script_load(script.text.encode("utf-8"))
+            reply, acked = await self._with_wait(*evalsha)
+        return durability.result(call, script, reply, acked)  # type: ignore[no-any-return]
 
     async def _run_once(self, call: Call[T]) -> T:
+        if self.durability is not None and changes_state(self.scripts[call.script]):
+            return await self._run_durable(call, self.durability)
         if await self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:
@@ -151,6 +200,7 @@ class AsyncBatch:
     def __init__(self, runner: AsyncScriptRunner) -> None:
         self._runner = runner
         self._calls: list[Call[Any]] = []
+        self._acked: Any = None  # the last WAIT's reply (durable mode)
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -166,7 +216,13 @@ class AsyncBatch:
         pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
         for call in calls:
             pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        return list(await pipe.execute(raise_on_error=False))
+        waits = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if waits is not None:
+            pipe.execute_command(*waits.command)
+        replies = list(await pipe.execute(raise_on_error=False))
+        if waits is not None:
+            self._acked = replies.pop()
+        return replies
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; results in order (see ``luasched.scripts.Batch.execute``)."""
@@ -184,4 +240,7 @@ class AsyncBatch:
                 retry, await self._send([calls[index] for index in retry]), strict=True
             ):
                 replies[index] = reply
+        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if durability is not None:
+            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
         return finish(calls, replies, raise_on_error)
