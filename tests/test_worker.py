@@ -259,6 +259,109 @@ def test_long_handler_is_extended_and_runs_once(r: Any, server: ServerHandle, ki
     assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
 
 
+def _count_takes(kind: str, worker: Any, sizes: list[int]) -> None:
+    """Record in ``sizes`` how many leases each take of its own (``dequeue_many``) of
+    ``worker`` answered; a take that rides in a pipeline of outcomes is not one."""
+    original = worker.queue.dequeue_many
+    if kind == "threads":
+
+        def take(*args: Any, **kwargs: Any) -> Any:
+            leases = original(*args, **kwargs)
+            sizes.append(len(leases))
+            return leases
+
+    else:
+
+        async def take(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            leases = await original(*args, **kwargs)
+            sizes.append(len(leases))
+            return leases
+
+    worker.queue.dequeue_many = take
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_busy_worker_takes_each_batch_with_the_last_ones_acks(
+    r: Any, server: ServerHandle, kind: str
+) -> None:
+    """A busy worker makes one round trip per batch: only its first batch is a take of its own;
+    each later one is leased in the pipeline that acks the batch before (after those acks), and
+    every task still runs once and is acked. Fails before the take rode with the acks (four
+    takes of their own)."""
+    q = Scheduler(r, NS).queue("ride")
+    for index in range(64):
+        q.enqueue(b"t%02d" % index, b"")
+    runs: Counter[bytes] = Counter()
+    sizes: list[int] = []
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+
+    clean, stats = _serve(
+        server,
+        kind,
+        "ride",
+        handler,
+        batch=16,
+        burst=True,
+        started=lambda worker: _count_takes(kind, worker, sizes),
+    )
+    assert clean is True
+    assert runs == {b"t%02d" % index: 1 for index in range(64)}
+    assert [size for size in sizes if size] == [16]
+    assert (stats.processed, stats.lost) == (64, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
+    r: Any, server: ServerHandle, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ran a take that rode with acks, but its reply was lost: the worker asks again
+    under the take's request id, gets those very leases back and runs them, each once on its
+    first attempt (not after their lease lapsed), and acks them."""
+    import luasched.asyncio.worker as async_worker
+    import luasched.worker as sync_worker
+
+    lost: list[int] = []
+
+    def lose_first_take(calls: Any, results: list[Any]) -> list[Any]:
+        for index, (_runner, call) in enumerate(calls):
+            if call.script == "queue.dequeue" and not lost and results[index]:
+                lost.append(len(results[index]))
+                results[index] = ConnectionError("reply lost (test)")
+        return results
+
+    if kind == "threads":
+        send = sync_worker.send_calls
+        monkeypatch.setattr(
+            sync_worker, "send_calls", lambda calls: lose_first_take(calls, send(calls))
+        )
+    else:
+        send_async = async_worker.send_calls_async
+
+        async def send_calls_async(calls: Any) -> list[Any]:
+            return lose_first_take(calls, await send_async(calls))
+
+        monkeypatch.setattr(async_worker, "send_calls_async", send_calls_async)
+    q = Scheduler(r, NS).queue("replay")
+    for index in range(48):
+        q.enqueue(b"t%02d" % index, b"")
+    attempts: dict[bytes, list[int]] = {}
+
+    def handler(job: Job) -> None:
+        attempts.setdefault(job.task_id, []).append(job.attempt)
+
+    clean, stats = _serve(server, kind, "replay", handler, batch=16, lease_ms=3_000, burst=True)
+    assert lost == [16]
+    assert clean is True
+    assert attempts == {b"t%02d" % index: [1] for index in range(48)}
+    assert (stats.processed, stats.lost) == (48, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
 def _take_over(r: Any, s: Scheduler, name: str, task_id: bytes) -> Lease:
     """Make the lease of ``task_id`` lapse and lease the task to another worker, in one
     MULTI/EXEC (so no extend of its worker comes between): the other worker's lease."""
