@@ -362,6 +362,63 @@ def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
     assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_after_a_lost_take_reply_gives_those_leases_back(
+    r: Any, server: ServerHandle, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop comes right after a take whose reply was lost: the worker asks the server for
+    that take's leases (its request id) and gives them back uncharged, so they are ready now
+    rather than leased until they lapse."""
+    import luasched.asyncio.worker as async_worker
+    import luasched.worker as sync_worker
+
+    workers: list[Any] = []
+    lost: list[int] = []
+
+    def lose_take_and_stop(calls: Any, results: list[Any]) -> list[Any]:
+        for index, (_runner, call) in enumerate(calls):
+            if call.script == "queue.dequeue" and not lost and results[index]:
+                lost.append(len(results[index]))
+                results[index] = ConnectionError("reply lost (test)")
+                workers[0].stop()
+        return results
+
+    if kind == "threads":
+        send = sync_worker.send_calls
+        monkeypatch.setattr(
+            sync_worker, "send_calls", lambda calls: lose_take_and_stop(calls, send(calls))
+        )
+    else:
+        send_async = async_worker.send_calls_async
+
+        async def send_calls_async(calls: Any) -> list[Any]:
+            return lose_take_and_stop(calls, await send_async(calls))
+
+        monkeypatch.setattr(async_worker, "send_calls_async", send_calls_async)
+    q = Scheduler(r, NS).queue("giveback")
+    for index in range(48):
+        q.enqueue(b"t%02d" % index, b"")
+    runs: Counter[bytes] = Counter()
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+
+    clean, stats = _serve(
+        server, kind, "giveback", handler, batch=16, started=workers.append, worker_id="w"
+    )
+    assert lost == [16]
+    assert clean is True
+    assert len(runs) == 16 and set(runs.values()) == {1}
+    assert (stats.processed, stats.given_back, stats.in_flight) == (16, 16, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (32, 0, 0, 0)
+    rest = q.dequeue_many(b"check", 32, 60_000)
+    assert sorted(lease.task_id for lease in rest) == sorted(
+        b"t%02d" % index for index in range(48) if b"t%02d" % index not in runs
+    )
+    assert {lease.attempt for lease in rest} == {1}
+
+
 def _take_over(r: Any, s: Scheduler, name: str, task_id: bytes) -> Lease:
     """Make the lease of ``task_id`` lapse and lease the task to another worker, in one
     MULTI/EXEC (so no extend of its worker comes between): the other worker's lease."""
