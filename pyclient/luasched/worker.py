@@ -12,8 +12,11 @@ What the runtime guarantees (docs/worker.md has the details):
 * A handler's return acks its lease; an exception nacks it: ``Retry(delay_ms)`` ready again
   after that delay, ``Fail`` into the dead letters now, any other exception the queue's backoff
   (after ``max_attempts`` leases, the dead letters, as ``nack`` always does).
-* Leases are taken in batches (``dequeue_many``) and acked in pipelines (one round trip per
-  batch of finished tasks), as the fastest hand-written loop does.
+* Leases are taken in batches (``dequeue_many``) and acked in pipelines (one per batch of
+  finished tasks); the take of the next batch rides in that pipeline after the acks, so a busy
+  worker makes one round trip per batch (the hand-written loop makes two). A ridden take whose
+  reply was lost is asked again under its request id: its leases run here (or are given back
+  by a stop), never left to lapse.
 * A running task's lease is extended every ``lease_ms / 3`` for as long as its handler runs. An
   extend refused (the lease lapsed and another worker took the task) marks the job lost
   (``job.lost``; under asyncio the handler's task is cancelled) and the runtime never acks or
