@@ -353,7 +353,7 @@ def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
     def handler(job: Job) -> None:
         attempts.setdefault(job.task_id, []).append(job.attempt)
 
-    clean, stats = _serve(server, kind, "replay", handler, batch=16, lease_ms=3_000, burst=True)
+    clean, stats = _serve(server, kind, "replay", handler, batch=16, lease_ms=10_000, burst=True)
     assert lost == [16]
     assert clean is True
     assert attempts == {b"t%02d" % index: [1] for index in range(48)}
