@@ -136,10 +136,7 @@ class Worker(WorkerBase):
             if isinstance(step, Take):
                 try:
                     answer = await self.queue.dequeue_many(
-                        self.options.worker_id,
-                        step.n,
-                        self.options.lease_ms,
-                        block_ms=step.block_ms,
+                        self.options.worker_id, step.n, self.options.lease_ms, **step.options()
                     )
                 except Exception as error:  # after the runner's own retries: try again soon
                     log.error("take failed: %s", error)
