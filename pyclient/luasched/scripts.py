@@ -36,16 +36,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import redis
 from redis.cluster import RedisCluster
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
 from luasched.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from luasched.asyncio.scripts import AsyncClient, AsyncScriptRunner
 
 __all__ = ["Batch", "Call", "FunctionsRoute", "Runner", "ScriptRunner"]
 
@@ -210,7 +213,60 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
 
 
-class ScriptRunner:
+C = TypeVar("C", bound="SyncClient | AsyncClient")
+H = TypeVar("H", bound="Script | AsyncScript")
+
+
+def checked_sha1(name: str, script: RenderedScript, reply: Any) -> str:
+    """The SHA1 a ``SCRIPT LOAD`` of ``script`` answered; RuntimeError if it is not the
+    manifest's."""
+    sha1 = reply.decode() if isinstance(reply, bytes) else str(reply)
+    if sha1 != script.sha1:
+        raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
+    return sha1
+
+
+class RunnerBase(Generic[C, H]):
+    """What ``ScriptRunner`` and ``AsyncScriptRunner`` share: the client, the scripts, the
+    redis-py ``Script`` handles, the FCALL route, the retry policy and the primaries to address
+    (no I/O here; each runner sends, or awaits, what these give)."""
+
+    def __init__(
+        self,
+        client: C,
+        scripts: Mapping[str, RenderedScript],
+        *,
+        use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self._handles: dict[str, H] = {}
+        self.route = FunctionsRoute(scripts, use_functions)
+        self.retry = retry or RetryPolicy()
+
+    def _handle(self, name: str) -> H:
+        handle = self._handles.get(name)
+        if handle is None:
+            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
+            text = self.scripts[name].text.encode("utf-8")
+            handle = self._handles[name] = cast(H, self.client.register_script(text))
+        return handle
+
+    def _targets(self) -> list[dict[str, Any]]:
+        """The options that address each primary (one empty set of options off a cluster)."""
+        client: Any = self.client  # redis-py's cluster methods are untyped
+        if not is_cluster(client):
+            return [{}]
+        return [{"target_nodes": node} for node in client.get_primaries()]
+
+    def _execute(self, *command: Arg, **options: Any) -> Any:
+        """``execute_command`` (awaitable on an asyncio client)."""
+        client: Any = self.client
+        return client.execute_command(*command, **options)
+
+
+class ScriptRunner(RunnerBase[SyncClient, Script]):
     """Runs luasched scripts on one redis-py client (``Redis`` or ``RedisCluster``).
 
     Thread-safe as far as the client is. ``run`` is atomic per call (one script execution);
@@ -219,41 +275,9 @@ class ScriptRunner:
     bounded and with backoff, on the errors of a failover or resharding (``luasched.retry``).
     """
 
-    def __init__(
-        self,
-        client: SyncClient,
-        scripts: Mapping[str, RenderedScript],
-        *,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.client = client
-        self.scripts = scripts
-        self._handles: dict[str, Script] = {}
-        self.route = FunctionsRoute(scripts, use_functions)
-        self.retry = retry or RetryPolicy()
-
-    def _handle(self, name: str) -> Script:
-        handle = self._handles.get(name)
-        if handle is None:
-            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
-            handle = self.client.register_script(self.scripts[name].text.encode("utf-8"))
-            self._handles[name] = handle
-        return handle
-
-    def _primaries(self) -> list[Any]:
-        if not isinstance(self.client, RedisCluster):
-            return [None]
-        return list(cast(Any, self.client).get_primaries())  # untyped in redis-py
-
-    def _execute(self, *command: Arg, **options: Any) -> Any:
-        client: Any = self.client
-        return client.execute_command(*command, **options)
-
     def _probe(self) -> None:
         replies: list[Any] = []
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             try:
                 replies.append(self._execute(*self.route.probe_command(), **options))
             except redis.RedisError as error:
@@ -295,14 +319,10 @@ class ScriptRunner:
 
         Raises RuntimeError if a server answers another SHA1 than the manifest's.
         """
-        loaded = {}
-        for name, script in self.scripts.items():
-            sha1 = self.client.script_load(script.text.encode("utf-8"))
-            sha1 = sha1.decode() if isinstance(sha1, bytes) else str(sha1)
-            if sha1 != script.sha1:
-                raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
-            loaded[name] = sha1
-        return loaded
+        return {
+            name: checked_sha1(name, script, self.client.script_load(script.text.encode("utf-8")))
+            for name, script in self.scripts.items()
+        }
 
     def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name.
@@ -310,8 +330,7 @@ class ScriptRunner:
         Functions are persisted (RDB/AOF) and replicated, unlike ``SCRIPT LOAD``. Redis 7.0+.
         """
         library = self.route.library
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
         self.route.reset()
         return library.name
@@ -321,15 +340,38 @@ class ScriptRunner:
         return Batch(self)
 
 
-class Batch:
-    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
+R = TypeVar("R", bound="ScriptRunner | AsyncScriptRunner")
 
-    def __init__(self, runner: ScriptRunner) -> None:
+
+class BatchBase(Generic[R]):
+    """What ``Batch`` and ``AsyncBatch`` share: the queued calls, the pipeline that sends them
+    (EVALSHA; EVAL with the text on a cluster) and what a NOSCRIPT retry loads."""
+
+    def __init__(self, runner: R) -> None:
         self._runner = runner
         self._calls: list[Call[Any]] = []
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    def _pipeline(self, calls: Sequence[Call[Any]]) -> Any:
+        """A pipeline (no transaction) holding ``calls``, not sent yet."""
+        client: Any = self._runner.client
+        by_text = is_cluster(client)
+        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
+        for call in calls:
+            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
+        return pipe
+
+    def _reload(self, calls: Sequence[Call[Any]], retry: Sequence[int]) -> list[bytes]:
+        """The texts to ``SCRIPT LOAD`` before the calls at ``retry`` (they met NOSCRIPT) are
+        sent again: each script once, in name order."""
+        names = sorted({calls[index].script for index in retry})
+        return [self._runner.scripts[name].text.encode("utf-8") for name in names]
+
+
+class Batch(BatchBase[ScriptRunner]):
+    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
 
     def run(self, call: Call[T]) -> T:
         """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
@@ -337,12 +379,7 @@ class Batch:
         return cast(T, None)
 
     def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        client = self._runner.client
-        by_text = is_cluster(client)
-        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
-        for call in calls:
-            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        return list(pipe.execute(raise_on_error=False))
+        return list(self._pipeline(calls).execute(raise_on_error=False))
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; return their results in order and empty the batch.
@@ -357,10 +394,9 @@ class Batch:
         replies = self._send(calls)
         retry = noscript_indexes(replies)
         if retry:
-            for name in sorted({calls[index].script for index in retry}):
-                self._runner.client.script_load(self._runner.scripts[name].text.encode("utf-8"))
-            for index, reply in zip(
-                retry, self._send([calls[index] for index in retry]), strict=True
-            ):
+            for text in self._reload(calls, retry):
+                self._runner.client.script_load(text)
+            resent = self._send([calls[index] for index in retry])
+            for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
         return finish(calls, replies, raise_on_error)
