@@ -37,11 +37,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import redis
 from redis.cluster import RedisCluster
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
@@ -54,6 +54,9 @@ from luasched.ha import (
 )
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
 from luasched.retry import NoReplicasError, RetryPolicy, no_replicas
+
+if TYPE_CHECKING:
+    from luasched.asyncio.scripts import AsyncClient, AsyncScriptRunner
 
 __all__ = ["Batch", "Call", "FunctionsRoute", "Runner", "ScriptRunner"]
 
@@ -235,7 +238,63 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
 
 
-class ScriptRunner:
+C = TypeVar("C", bound="SyncClient | AsyncClient")
+H = TypeVar("H", bound="Script | AsyncScript")
+
+
+def checked_sha1(name: str, script: RenderedScript, reply: Any) -> str:
+    """The SHA1 a ``SCRIPT LOAD`` of ``script`` answered; RuntimeError if it is not the
+    manifest's."""
+    sha1 = reply.decode() if isinstance(reply, bytes) else str(reply)
+    if sha1 != script.sha1:
+        raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
+    return sha1
+
+
+class RunnerBase(Generic[C, H]):
+    """What ``ScriptRunner`` and ``AsyncScriptRunner`` share: the client, the scripts, the
+    redis-py ``Script`` handles, the FCALL route, the retry policy and the primaries to address
+    (no I/O here; each runner sends, or awaits, what these give)."""
+
+    def __init__(
+        self,
+        client: C,
+        scripts: Mapping[str, RenderedScript],
+        *,
+        use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
+        durability: Durability | None = None,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self._handles: dict[str, H] = {}
+        self.route = FunctionsRoute(scripts, use_functions)
+        self.retry = retry or RetryPolicy()
+        self.durability = durability
+        self._sentinel = sentinel_pool(client)
+
+    def _handle(self, name: str) -> H:
+        handle = self._handles.get(name)
+        if handle is None:
+            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
+            text = self.scripts[name].text.encode("utf-8")
+            handle = self._handles[name] = cast(H, self.client.register_script(text))
+        return handle
+
+    def _targets(self) -> list[dict[str, Any]]:
+        """The options that address each primary (one empty set of options off a cluster)."""
+        client: Any = self.client  # redis-py's cluster methods are untyped
+        if not is_cluster(client):
+            return [{}]
+        return [{"target_nodes": node} for node in client.get_primaries()]
+
+    def _execute(self, *command: Arg, **options: Any) -> Any:
+        """``execute_command`` (awaitable on an asyncio client)."""
+        client: Any = self.client
+        return client.execute_command(*command, **options)
+
+
+class ScriptRunner(RunnerBase[SyncClient, Script]):
     """Runs luasched scripts on one redis-py client (``Redis`` or ``RedisCluster``).
 
     Thread-safe as far as the client is. ``run`` is atomic per call (one script execution);
@@ -247,44 +306,9 @@ class ScriptRunner:
     primary moved makes the runner ask the sentinels before the call is sent again.
     """
 
-    def __init__(
-        self,
-        client: SyncClient,
-        scripts: Mapping[str, RenderedScript],
-        *,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-        durability: Durability | None = None,
-    ) -> None:
-        self.client = client
-        self.scripts = scripts
-        self._handles: dict[str, Script] = {}
-        self.route = FunctionsRoute(scripts, use_functions)
-        self.retry = retry or RetryPolicy()
-        self.durability = durability
-        self._sentinel = sentinel_pool(client)
-
-    def _handle(self, name: str) -> Script:
-        handle = self._handles.get(name)
-        if handle is None:
-            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
-            handle = self.client.register_script(self.scripts[name].text.encode("utf-8"))
-            self._handles[name] = handle
-        return handle
-
-    def _primaries(self) -> list[Any]:
-        if not isinstance(self.client, RedisCluster):
-            return [None]
-        return list(cast(Any, self.client).get_primaries())  # untyped in redis-py
-
-    def _execute(self, *command: Arg, **options: Any) -> Any:
-        client: Any = self.client
-        return client.execute_command(*command, **options)
-
     def _probe(self) -> None:
         replies: list[Any] = []
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             try:
                 replies.append(self._execute(*self.route.probe_command(), **options))
             except redis.RedisError as error:
@@ -367,14 +391,10 @@ class ScriptRunner:
 
         Raises RuntimeError if a server answers another SHA1 than the manifest's.
         """
-        loaded = {}
-        for name, script in self.scripts.items():
-            sha1 = self.client.script_load(script.text.encode("utf-8"))
-            sha1 = sha1.decode() if isinstance(sha1, bytes) else str(sha1)
-            if sha1 != script.sha1:
-                raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
-            loaded[name] = sha1
-        return loaded
+        return {
+            name: checked_sha1(name, script, self.client.script_load(script.text.encode("utf-8")))
+            for name, script in self.scripts.items()
+        }
 
     def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name.
@@ -382,8 +402,7 @@ class ScriptRunner:
         Functions are persisted (RDB/AOF) and replicated, unlike ``SCRIPT LOAD``. Redis 7.0+.
         """
         library = self.route.library
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
         self.route.reset()
         return library.name
@@ -393,10 +412,14 @@ class ScriptRunner:
         return Batch(self)
 
 
-class Batch:
-    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
+R = TypeVar("R", bound="ScriptRunner | AsyncScriptRunner")
 
-    def __init__(self, runner: ScriptRunner) -> None:
+
+class BatchBase(Generic[R]):
+    """What ``Batch`` and ``AsyncBatch`` share: the queued calls, the pipeline that sends them
+    (EVALSHA; EVAL with the text on a cluster) and what a NOSCRIPT retry loads."""
+
+    def __init__(self, runner: R) -> None:
         self._runner = runner
         self._calls: list[Call[Any]] = []
         self._acked: Any = None  # the last WAIT's reply (durable mode)
@@ -404,13 +427,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def run(self, call: Call[T]) -> T:
-        """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
-        self._calls.append(call)
-        return cast(T, None)
-
-    def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        client = self._runner.client
+    def _pipeline(self, calls: Sequence[Call[Any]]) -> tuple[Any, bool]:
+        """A pipeline (no transaction) holding ``calls``, not sent yet, and whether a ``WAIT``
+        closes it (durable mode, when one of the calls can change state)."""
+        client: Any = self._runner.client
         by_text = is_cluster(client)
         pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
         for call in calls:
@@ -418,10 +438,33 @@ class Batch:
         waits = wait_after(calls, self._runner.scripts, self._runner.durability)
         if waits is not None:
             pipe.execute_command(*waits.command)
-        replies = list(pipe.execute(raise_on_error=False))
-        if waits is not None:
+        return pipe, waits is not None
+
+    def _replies(self, replies: list[Any], waited: bool) -> list[Any]:
+        """The calls' replies of a sent ``_pipeline``; the closing ``WAIT``'s goes to
+        ``_acked``."""
+        if waited:
             self._acked = replies.pop()
         return replies
+
+    def _reload(self, calls: Sequence[Call[Any]], retry: Sequence[int]) -> list[bytes]:
+        """The texts to ``SCRIPT LOAD`` before the calls at ``retry`` (they met NOSCRIPT) are
+        sent again: each script once, in name order."""
+        names = sorted({calls[index].script for index in retry})
+        return [self._runner.scripts[name].text.encode("utf-8") for name in names]
+
+
+class Batch(BatchBase[ScriptRunner]):
+    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
+
+    def run(self, call: Call[T]) -> T:
+        """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
+        self._calls.append(call)
+        return cast(T, None)
+
+    def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        pipe, waited = self._pipeline(calls)
+        return self._replies(list(pipe.execute(raise_on_error=False)), waited)
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; return their results in order and empty the batch.
@@ -438,11 +481,10 @@ class Batch:
         replies = self._send(calls)
         retry = noscript_indexes(replies)
         if retry:
-            for name in sorted({calls[index].script for index in retry}):
-                self._runner.client.script_load(self._runner.scripts[name].text.encode("utf-8"))
-            for index, reply in zip(
-                retry, self._send([calls[index] for index in retry]), strict=True
-            ):
+            for text in self._reload(calls, retry):
+                self._runner.client.script_load(text)
+            resent = self._send([calls[index] for index in retry])
+            for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
         durability = wait_after(calls, self._runner.scripts, self._runner.durability)
         if durability is not None:

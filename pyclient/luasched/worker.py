@@ -718,6 +718,35 @@ def send_calls(calls: tuple[tuple[Any, Call[Any]], ...]) -> list[Any]:
     return results
 
 
+class Steps:
+    """The steps of a worker loop, for a driver's ``for`` loop (the sync and the asyncio driver
+    alike): set ``answer`` to a step's answer before the next step is taken (it is sent into
+    the loop, then reset to None); once the loop has ended, ``result`` is what it returned."""
+
+    def __init__(self, loop: WorkerLoop) -> None:
+        self._loop = loop
+        self.answer: Any = None
+        self.result = False
+
+    def __iter__(self) -> Steps:
+        return self
+
+    def __next__(self) -> WorkerStep:
+        answer, self.answer = self.answer, None
+        try:
+            return self._loop.send(answer)
+        except StopIteration as done:
+            self.result = bool(done.value)
+            raise StopIteration from None
+
+
+def take_failed(error: BaseException) -> float:
+    """Log a take that failed after the runner's own retries; the seconds to wait before the
+    loop goes on (it is answered no lease and tries again soon)."""
+    log.error("take failed: %s", error)
+    return TAKE_RETRY_S
+
+
 class WorkerBase:
     """What the sync and asyncio workers share: options, counters, stop (the drivers differ)."""
 
@@ -778,6 +807,13 @@ class WorkerBase:
 
     def _loop(self) -> WorkerLoop:
         return worker_loop(self.queue, self.options, self.control, self._stats)
+
+    def _take(self, step: Take) -> Any:
+        """The queue's ``dequeue_many`` for ``step`` (its answer; awaitable on asyncio)."""
+        options = self.options
+        return self.queue.dequeue_many(
+            options.worker_id, step.n, options.lease_ms, **step.options()
+        )
 
 
 class Worker(WorkerBase):
@@ -865,31 +901,24 @@ class Worker(WorkerBase):
             log.info("worker stopped: %s", self._stats.line())
 
     def _drive(self, loop: WorkerLoop) -> bool:
-        answer: Any = None
-        while True:
-            try:
-                step = loop.send(answer)
-            except StopIteration as done:
-                return bool(done.value)
-            answer = None
+        steps = Steps(loop)
+        for step in steps:
             if isinstance(step, Take):
                 try:
-                    answer = self.queue.dequeue_many(
-                        self.options.worker_id, step.n, self.options.lease_ms, **step.options()
-                    )
+                    steps.answer = self._take(step)
                 except Exception as error:  # after the runner's own retries: try again soon
-                    log.error("take failed: %s", error)
-                    time.sleep(TAKE_RETRY_S)
-                    answer = []
+                    time.sleep(take_failed(error))
+                    steps.answer = []
             elif isinstance(step, Calls):
-                answer = send_calls(step.calls)
+                steps.answer = send_calls(step.calls)
             elif isinstance(step, Start):
                 self._jobs.put(step.job)
             elif isinstance(step, Collect):
-                answer = self._collect(step.timeout_s)
+                steps.answer = self._collect(step.timeout_s)
             elif isinstance(step, Withdraw):
                 with self._claim:
-                    answer = withdraw(step.jobs)
+                    steps.answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
-                answer = remaining(self.queue.stats())
+                steps.answer = remaining(self.queue.stats())
             # Cancel: a thread cannot be cancelled; the handler reads job.lost.
+        return steps.result

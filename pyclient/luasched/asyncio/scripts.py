@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -18,16 +18,15 @@ from luasched.ha import (
     Durability,
     asks_for_primary,
     changes_state,
-    sentinel_pool,
 )
-from luasched.render import LazyScripts, RenderedScript, is_ready
-from luasched.retry import RetryPolicy
+from luasched.render import LazyScripts, is_ready
 from luasched.scripts import (
+    BatchBase,
     Call,
-    FunctionsRoute,
+    RunnerBase,
+    checked_sha1,
     command,
     finish,
-    is_cluster,
     noscript_indexes,
     translate,
     wait_after,
@@ -39,7 +38,7 @@ T = TypeVar("T")
 AsyncClient = redis.asyncio.Redis | RedisCluster
 
 
-class AsyncScriptRunner:
+class AsyncScriptRunner(RunnerBase[AsyncClient, AsyncScript]):
     """Runs luasched scripts on one ``redis.asyncio`` client (``Redis`` or ``RedisCluster``).
 
     Same guarantees as ``luasched.scripts.ScriptRunner``. ``scripts`` may be a ``LazyScripts``:
@@ -47,23 +46,8 @@ class AsyncScriptRunner:
     thread, never on the event loop.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        scripts: Mapping[str, RenderedScript],
-        *,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-        durability: Durability | None = None,
-    ) -> None:
-        self.client = client
-        self.scripts = scripts
-        self._handles: dict[str, AsyncScript] = {}
-        self.route = FunctionsRoute(scripts, use_functions)
-        self.retry = retry or RetryPolicy()
-        self.durability = durability
-        self._sentinel = sentinel_pool(client)
-        self._pending = isinstance(scripts, LazyScripts)
+    #: Whether ``ready`` still has to check the scripts (a ``LazyScripts`` may need loading).
+    _pending = True
 
     async def ready(self) -> None:
         """Make the scripts ready without blocking the event loop: a ``LazyScripts`` not yet
@@ -75,25 +59,9 @@ class AsyncScriptRunner:
                 await asyncio.to_thread(scripts.resolved)
             self._pending = False
 
-    def _handle(self, name: str) -> AsyncScript:
-        handle = self._handles.get(name)
-        if handle is None:
-            handle = self.client.register_script(self.scripts[name].text.encode("utf-8"))
-            self._handles[name] = handle
-        return handle
-
-    def _primaries(self) -> list[Any]:
-        client: Any = self.client  # redis-py's cluster methods are untyped
-        return list(client.get_primaries()) if isinstance(client, RedisCluster) else [None]
-
-    async def _execute(self, *command: Any, **options: Any) -> Any:
-        client: Any = self.client
-        return await client.execute_command(*command, **options)
-
     async def _probe(self) -> None:
         replies: list[Any] = []
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             try:
                 command = self.route.probe_command()
                 replies.append(await self._execute(*command, **options))
@@ -172,19 +140,15 @@ class AsyncScriptRunner:
         await self.ready()
         loaded = {}
         for name, script in self.scripts.items():
-            sha1 = await self.client.script_load(script.text.encode("utf-8"))
-            sha1 = sha1.decode() if isinstance(sha1, bytes) else str(sha1)
-            if sha1 != script.sha1:
-                raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
-            loaded[name] = sha1
+            reply = await self.client.script_load(script.text.encode("utf-8"))
+            loaded[name] = checked_sha1(name, script, reply)
         return loaded
 
     async def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name."""
         await self.ready()
         library = self.route.library
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             await self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
         self.route.reset()
         return library.name
@@ -194,16 +158,8 @@ class AsyncScriptRunner:
         return AsyncBatch(self)
 
 
-class AsyncBatch:
+class AsyncBatch(BatchBase[AsyncScriptRunner]):
     """Async twin of ``luasched.scripts.Batch``."""
-
-    def __init__(self, runner: AsyncScriptRunner) -> None:
-        self._runner = runner
-        self._calls: list[Call[Any]] = []
-        self._acked: Any = None  # the last WAIT's reply (durable mode)
-
-    def __len__(self) -> int:
-        return len(self._calls)
 
     async def run(self, call: Call[T]) -> T:
         """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
@@ -211,18 +167,8 @@ class AsyncBatch:
         return None  # type: ignore[return-value]
 
     async def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        client = self._runner.client
-        by_text = is_cluster(client)
-        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
-        for call in calls:
-            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        waits = wait_after(calls, self._runner.scripts, self._runner.durability)
-        if waits is not None:
-            pipe.execute_command(*waits.command)
-        replies = list(await pipe.execute(raise_on_error=False))
-        if waits is not None:
-            self._acked = replies.pop()
-        return replies
+        pipe, waited = self._pipeline(calls)
+        return self._replies(list(await pipe.execute(raise_on_error=False)), waited)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; results in order (see ``luasched.scripts.Batch.execute``)."""
@@ -233,12 +179,10 @@ class AsyncBatch:
         replies = await self._send(calls)
         retry = noscript_indexes(replies)
         if retry:
-            for name in sorted({calls[index].script for index in retry}):
-                text = self._runner.scripts[name].text.encode("utf-8")
+            for text in self._reload(calls, retry):
                 await self._runner.client.script_load(text)
-            for index, reply in zip(
-                retry, await self._send([calls[index] for index in retry]), strict=True
-            ):
+            resent = await self._send([calls[index] for index in retry])
+            for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
         durability = wait_after(calls, self._runner.scripts, self._runner.durability)
         if durability is not None:
