@@ -447,6 +447,16 @@ class BatchBase(Generic[R]):
             self._acked = replies.pop()
         return replies
 
+    def _finish(
+        self, calls: Sequence[Call[Any]], replies: list[Any], raise_on_error: bool
+    ) -> list[Any]:
+        """The batch's results (``finish``); in durable mode, when the closing ``WAIT`` fell
+        short, each state-changing call's result is a ``NotReplicated``."""
+        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if durability is not None:
+            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
+        return finish(calls, replies, raise_on_error)
+
     def _reload(self, calls: Sequence[Call[Any]], retry: Sequence[int]) -> list[bytes]:
         """The texts to ``SCRIPT LOAD`` before the calls at ``retry`` (they met NOSCRIPT) are
         sent again: each script once, in name order."""
@@ -486,7 +496,4 @@ class Batch(BatchBase[ScriptRunner]):
             resent = self._send([calls[index] for index in retry])
             for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
-        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
-        if durability is not None:
-            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
-        return finish(calls, replies, raise_on_error)
+        return self._finish(calls, replies, raise_on_error)

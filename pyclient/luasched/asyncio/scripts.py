@@ -26,10 +26,8 @@ from luasched.scripts import (
     RunnerBase,
     checked_sha1,
     command,
-    finish,
     noscript_indexes,
     translate,
-    wait_after,
 )
 
 __all__ = ["AsyncBatch", "AsyncScriptRunner"]
@@ -184,7 +182,4 @@ class AsyncBatch(BatchBase[AsyncScriptRunner]):
             resent = await self._send([calls[index] for index in retry])
             for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
-        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
-        if durability is not None:
-            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
-        return finish(calls, replies, raise_on_error)
+        return self._finish(calls, replies, raise_on_error)
