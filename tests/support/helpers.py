@@ -275,3 +275,21 @@ def lock_state(client: Client, key: bytes) -> dict[str, Any] | None:
         "waited": waited == b"1",
         "owner": owner,
     }
+
+
+#: In an error case's arguments, right after a task id: the fencing token of that task's current
+#: lease, read by ``with_held_tokens`` when the case runs (tokens come from the server's clock,
+#: so no case can spell one in advance).
+HELD_TOKEN = "<held token>"
+
+
+def with_held_tokens(client: Client, tasks_key: bytes, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with each HELD_TOKEN replaced by the token in the meta of the task id before it
+    (the meta "S P M A T W worker", lua/include/queue_limits.j2: T is the 5th field)."""
+    out = list(args)
+    for position, arg in enumerate(out):
+        if arg == HELD_TOKEN:
+            meta = client.hget(tasks_key, b"m" + out[position - 1])
+            assert meta is not None, out[position - 1]
+            out[position] = int(meta.split(b" ")[4])
+    return tuple(out)
