@@ -21,6 +21,7 @@ import redis.cluster
 
 from luasched import Scheduler
 from luasched.keys import Namespace
+from luasched.lock import semaphore_acquire_call
 from support.helpers import namespace_keys, snapshot
 
 Client = Any  # redis.Redis or RedisCluster
@@ -146,3 +147,41 @@ def test_a_replay_answers_its_first_tokens_not_new_ones(r: Client) -> None:
     time.sleep(0.005)
     assert q.dequeue_many("w", 2, HOUR, request_id="take-1") == first
     assert q.for_node("a").dequeue_many("w", 2, HOUR, request_id="take-2") == node_first
+
+
+def test_semaphore_permit_tokens_never_repeat_after_a_rollback(r: Client) -> None:
+    """Permits of a semaphore of 2: a grant, and a holder asking again (a new, larger token)."""
+    s = Scheduler(r, "fence-sem")
+    sem = s.semaphore("gpu", permits=2, ttl_ms=60_000)
+    calls = [0]
+
+    def grant() -> list[int]:
+        calls[0] += 1
+        permit = sem.acquire(blocking=False)
+        assert permit is not None
+        tokens = [permit.fence]
+        if calls[0] % 2 == 0:  # the holder asks again: same permit, a new token
+            again = s.runner.run(
+                semaphore_acquire_call(s.namespace, b"gpu", permit.token, 2, 60_000)
+            )
+            assert again.acquired and again.holders == 1
+            tokens.append(again.fence)
+        assert sem.release(permit).released
+        return tokens
+
+    assert_never_back(*rolled_back_round(r, s.namespace, grant))
+
+
+def test_semaphore_replies_carry_the_permit_token(r: Client) -> None:
+    """The token of a grant is the one stored for the name; a full semaphore answers 0; a
+    replayed request id answers the first token, not a new one."""
+    s = Scheduler(r, "fence-sem")
+    first = s.runner.run(semaphore_acquire_call(s.namespace, b"one", b"a", 1, 60_000, b"rid-1"))
+    assert first.acquired and first.fence >= 1
+    assert r.get(s.namespace.key("sem-fence", b"one")) == b"%d" % first.fence
+    full = s.runner.run(semaphore_acquire_call(s.namespace, b"one", b"b", 1, 60_000))
+    assert (full.status, full.fence) == ("full", 0)
+    time.sleep(0.005)
+    replayed = s.runner.run(semaphore_acquire_call(s.namespace, b"one", b"a", 1, 60_000, b"rid-1"))
+    assert replayed == first
+    assert r.get(s.namespace.key("sem-fence", b"one")) == b"%d" % first.fence
