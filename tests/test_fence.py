@@ -22,7 +22,7 @@ import redis.cluster
 from luasched import Scheduler
 from luasched.keys import Namespace
 from luasched.lock import semaphore_acquire_call
-from support.helpers import namespace_keys, snapshot
+from support.helpers import namespace_keys
 
 Client = Any  # redis.Redis or RedisCluster
 HOUR = 3_600_000
@@ -30,18 +30,37 @@ HOUR = 3_600_000
 BEFORE, FORGOTTEN, AFTER = 3, 5, 3
 
 
-def roll_back(client: Client, namespace: Namespace, saved: dict[bytes, bytes]) -> None:
-    """Put every key of ``namespace`` back as ``snapshot`` saw it: keys made since are deleted,
-    the others RESTOREd from their DUMP with the TTL they had then (none: none)."""
+def primary_of(client: Client, namespace: Namespace) -> Any:
+    """The connection that holds ``namespace`` (a cluster: its slot's primary)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(namespace.prefix))
+    return client
+
+
+def dump_namespace(client: Client, namespace: Namespace) -> dict[bytes, tuple[bytes, int]]:
+    """Every key of ``namespace``: its DUMP and PTTL (-1: none), read in one MULTI."""
     keys = namespace_keys(client, namespace)
-    if isinstance(client, redis.cluster.RedisCluster):  # one slot: its primary holds them all
-        client = client.get_redis_connection(client.get_node_from_key(namespace.prefix))
-    pipe = client.pipeline(transaction=True)
+    pipe = primary_of(client, namespace).pipeline(transaction=True)
+    for key in keys:
+        pipe.dump(key)
+        pipe.pttl(key)
+    replies = pipe.execute()
+    return {
+        key: (dumped, int(ttl))
+        for key, dumped, ttl in zip(keys, replies[0::2], replies[1::2], strict=True)
+        if dumped is not None
+    }
+
+
+def roll_back(client: Client, namespace: Namespace, saved: dict[bytes, tuple[bytes, int]]) -> None:
+    """Put every key of ``namespace`` back as ``dump_namespace`` saw it: keys made since are
+    deleted, the others RESTOREd from their DUMP with the TTL they had then (none: none)."""
+    keys = namespace_keys(client, namespace)
+    pipe = primary_of(client, namespace).pipeline(transaction=True)
     if keys:
         pipe.delete(*keys)
-    for key, saved_value in saved.items():
-        dumped, _, ttl = saved_value.rpartition(b"|ttl=")
-        pipe.restore(key, max(int(ttl), 1) if int(ttl) >= 0 else 0, dumped)
+    for key, (dumped, ttl) in saved.items():
+        pipe.restore(key, max(ttl, 1) if ttl >= 0 else 0, dumped)
     pipe.execute()
 
 
@@ -51,7 +70,7 @@ def rolled_back_round(
     """``grant`` (one call's tokens) BEFORE times, a snapshot, FORGOTTEN more calls, the rollback,
     AFTER more calls: the tokens of each part."""
     before = [token for _ in range(BEFORE) for token in grant()]
-    saved = snapshot(client, namespace)
+    saved = dump_namespace(client, namespace)
     forgotten = [token for _ in range(FORGOTTEN) for token in grant()]
     roll_back(client, namespace, saved)
     after = [token for _ in range(AFTER) for token in grant()]
