@@ -7,8 +7,8 @@ both scripts read that millisecond too, so deadlines and due times agree exactly
 step is undone (every key DUMPed before, RESTOREd with its absolute deadline) and sent again.
 Fencing tokens come from the server's clock in microseconds (max(last + 1, now_us)): on servers
 whose clock stands still for a whole MULTI (7.2+, Valkey) both calls read the same microsecond;
-on the others (6.2, 7.0) both queues start with a fence far ahead of the clock (FENCE_AHEAD), so
-their tokens are the stored fence + 1 on both sides.
+on the others (6.2, 7.0) both queues start with a fence far ahead of the clock (FENCE_AHEAD,
+support/helpers.py), so their tokens are the stored fence + 1 on both sides.
 Both queues live in one namespace (one hash tag, one slot), so the transaction is legal on a
 cluster too. Used by tests/test_queue_lean_write.py and tests/test_queue_lean_take.py."""
 
@@ -23,7 +23,7 @@ from luasched import Scheduler
 from luasched.queue import QueueKeys
 from luasched.render import render_all
 from luasched.scripts import Call
-from support.helpers import namespace_keys
+from support.helpers import FENCE_AHEAD, clock_moves_in_multi, namespace_keys
 
 Client = Any  # redis.Redis or RedisCluster
 QUEUES = (b"lean", b"full")
@@ -33,9 +33,6 @@ LAPSE_MARGIN_MS = 300
 #: How far the PTTLs of two twin keys may differ (the request TTLs a test draws differ by 30 s
 #: and more, so a script that writes the wrong TTL still fails the comparison).
 TTL_SLACK_MS = 50
-#: The fence both queues start with where the clock moves inside MULTI: ahead of the server's
-#: clock in us (about 1.8e15 in 2027) by far, below 2^53 - 1 by far.
-FENCE_AHEAD = 1 << 52
 
 
 def server_ms(reply: Any) -> int:
@@ -74,15 +71,9 @@ class QueueTwins:
         #: INFO commandstats just before and just after the lean call of the last step (a
         #: script's redis.calls are counted too: which of its paths ran).
         self.stats: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
-        #: Whether the server's clock stands still for a whole MULTI (TIME, then 200 commands,
-        #: then TIME: the same microsecond), else the fences start at FENCE_AHEAD.
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.time()
-        for _ in range(200):
-            pipe.echo(b"x")
-        pipe.time()
-        replies = pipe.execute()
-        self.clock_frozen = replies[0] == replies[-1]
+        #: Whether the server's clock stands still for a whole MULTI, else the fences start at
+        #: FENCE_AHEAD.
+        self.clock_frozen = not clock_moves_in_multi(self.conn)
         if not self.clock_frozen:
             for keys in self.keys.values():
                 self.conn.hset(keys.fixed[4], b"fence", FENCE_AHEAD)
