@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from luasched._version import __version__
-from luasched.ha import sentinel_client, sentinel_pool
 from luasched.keys import Namespace
 from luasched.render import (
     ScriptConfig,
@@ -161,6 +160,8 @@ class Server:
     def connect(self) -> Any:
         """A sync client (see ``connect``); close it yourself."""
         if self.sentinels:
+            from luasched.ha import sentinel_client  # imports redis: not for `export`
+
             return sentinel_client(list(self.sentinels), self.service, None, None, asyncio=False)
         return connect(self.url)
 
@@ -168,6 +169,8 @@ class Server:
         """A ``redis.asyncio`` client of the same server (``RedisCluster`` for a cluster node:
         asks the server once, synchronously); close it yourself."""
         if self.sentinels:
+            from luasched.ha import sentinel_client  # imports redis: not for `export`
+
             return sentinel_client(list(self.sentinels), self.service, None, None, asyncio=True)
         import redis.asyncio
         import redis.asyncio.cluster
@@ -258,6 +261,8 @@ def install_functions(server: Server | str, config: ScriptConfig) -> list[str]:
         ScriptRunner(client, render_all(config)).install_functions()
         if is_cluster(client):
             return [str(node.name) for node in client.get_primaries()]
+        from luasched.ha import sentinel_pool
+
         pool = sentinel_pool(client)
         if pool is not None:
             host, port = pool.get_master_address()

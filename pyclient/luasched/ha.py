@@ -37,6 +37,7 @@ from luasched import validate
 from luasched.errors import InvalidArgument, NotReplicated
 from luasched.render import RenderedScript
 from luasched.retry import no_replicas
+from luasched.validate import DEFAULT_WAIT_TIMEOUT_MS, MAX_WAIT_REPLICAS, MAX_WAIT_TIMEOUT_MS
 
 if TYPE_CHECKING:
     from luasched.scripts import Call
@@ -51,12 +52,6 @@ __all__ = [
     "sentinel_client",
     "sentinel_pool",
 ]
-
-#: ``wait_timeout_ms`` when not given: how long one ``WAIT`` may block.
-DEFAULT_WAIT_TIMEOUT_MS = 1000
-#: The largest ``wait_replicas`` / ``wait_timeout_ms`` accepted (Redis takes larger; no use).
-MAX_WAIT_REPLICAS = 1000
-MAX_WAIT_TIMEOUT_MS = 3_600_000
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from luasched.ha import DEFAULT_WAIT_TIMEOUT_MS, durability
 from luasched.render import ScriptConfig
+from luasched.validate import DEFAULT_WAIT_TIMEOUT_MS
 
 if TYPE_CHECKING:
     from luasched.cli import Server
@@ -113,6 +113,7 @@ def _worker_kwargs(options: argparse.Namespace) -> dict[str, Any]:
 def _check_options(options: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
     """Check the Worker's options before connecting (a usage error, status 2)."""
     from luasched.errors import InvalidArgument
+    from luasched.ha import durability
     from luasched.worker import (
         DEFAULT_BATCH,
         DEFAULT_DRAIN_TIMEOUT_S,
