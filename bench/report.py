@@ -800,6 +800,47 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+#: (label, luasched's row, the peer's row) of the instruction comparisons in docs/bench.md.
+INSTRUCTION_COMPARISONS = [
+    ("lock cycle vs redis-py Lock", "luasched lock", "redis-py Lock"),
+    ("fair lock cycle vs redis-py Lock", "luasched fair lock", "redis-py Lock"),
+    ("reentrant lock cycle vs redis-py Lock", "luasched reentrant lock", "redis-py Lock"),
+    (
+        "a task one at a time vs Dramatiq prefetch 1",
+        "luasched, one task at a time: enqueue + dequeue + ack",
+        "Dramatiq prefetch 1: send + fetch + ack",
+    ),
+    (
+        "a task one at a time, ack_and_dequeue, vs Dramatiq prefetch 1",
+        "luasched, one task at a time: enqueue + ack_and_dequeue",
+        "Dramatiq prefetch 1: send + fetch + ack",
+    ),
+    *(
+        (
+            f"a batched task, depth {depth:,}, vs Dramatiq prefetch 16",
+            f"luasched: batched task, depth {depth}",
+            f"Dramatiq prefetch 16: batched task, depth {depth}",
+        )
+        for depth in (16, 208, 10_000)
+    ),
+    (
+        "an enqueue, depth 16, vs Dramatiq send",
+        "luasched: enqueue, depth 16",
+        "Dramatiq prefetch 16: enqueue, depth 16",
+    ),
+    (
+        "a task's whole life vs RQ",
+        "luasched, one task at a time: enqueue + dequeue + ack",
+        "RQ: Queue.enqueue, then SimpleWorker (burst)",
+    ),
+    (
+        "a task's whole life vs BullMQ",
+        "luasched, one task at a time: enqueue + dequeue + ack",
+        "BullMQ: Queue.add, then Worker (concurrency 1)",
+    ),
+]
+
+
 def _instructions_section(document: dict[str, Any]) -> list[str]:
     entry = document.get(INSTRUCTIONS)
     if not entry:
@@ -821,6 +862,24 @@ def _instructions_section(document: dict[str, Any]) -> list[str]:
     ]
     for name, row in entry["rows"].items():
         lines.append(f"| {name} | {row['per_op']:,} | {row['operations']:,} |")
+    rows = entry["rows"]
+    pairs = [
+        (label, rows.get(ours), rows.get(peer))
+        for label, ours, peer in INSTRUCTION_COMPARISONS
+        if ours in rows and peer in rows
+    ]
+    if pairs:
+        lines += [
+            "",
+            "| comparison (instructions per op) | luasched | peer | luasched / peer |",
+            "|---|--:|--:|--:|",
+        ]
+        lines += [
+            f"| {label} | {ours['per_op']:,} | {peer['per_op']:,} | "
+            f"{ours['per_op'] / peer['per_op']:.2f}x |"
+            for label, ours, peer in pairs
+            if ours and peer
+        ]
     reference = entry["rows"].get("redis-py Lock")
     floors = [name for name in entry["rows"] if name.startswith("floor: ")]
     if reference and floors:

@@ -82,7 +82,13 @@ def test_readme_python_example_runs(server: Any, capsys: pytest.CaptureFixture[s
     assert "redis.Redis()" in example
     code = example.replace("redis.Redis()", f"redis.Redis(port={server.port})")
     exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out.strip() == "1"  # the first fencing token of the lock
+    printed = capsys.readouterr().out.strip()  # the first fencing token of the lock
+    client = server.client()
+    try:
+        state = client.get(b"luasched:{orders}:lock:report")  # "<fence> <count> ..."
+    finally:
+        client.close()
+    assert re.fullmatch(r"[1-9]\d*", printed) and state.split(b" ")[0] == printed.encode()
 
 
 # --------------------------------------------------------------------------------------------

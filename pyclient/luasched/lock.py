@@ -129,8 +129,8 @@ def __getattr__(name: str) -> Any:
 
 
 def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
-    """The 3 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-req:<request_id> (the
-    manifest's layout)."""
+    """The 4 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-fence,
+    sem-req:<request_id> (the manifest's layout)."""
     bound = contract.layout(SEMAPHORE_SCRIPT).bind(namespace, name=to_bytes(name))
     return bound.with_request(request_id)
 
@@ -191,13 +191,16 @@ class ExtendResult:
 @dataclass(frozen=True)
 class PermitResult:
     """The reply of ``lock.semaphore_acquire``: ``"acquired"`` or ``"full"`` (then ``wait_ms``
-    until the earliest live lease lapses); ``holders`` = live leases."""
+    until the earliest live lease lapses); ``holders`` = live leases; ``fence`` = the permit's
+    fencing token (0 when full): larger than every token handed out before for this semaphore
+    name, also across a failover (docs/guarantees.md, "Fencing tokens")."""
 
     status: str
     deadline_ms: int
     holders: int
     wait_ms: int
     now_ms: int
+    fence: int
 
     @property
     def acquired(self) -> bool:
@@ -228,8 +231,10 @@ def _extend_result(reply: Any) -> ExtendResult:
 
 
 def _permit_result(reply: Any) -> PermitResult:
-    status, deadline_ms, holders, wait_ms, now_ms = reply
-    return PermitResult(_status(status), int(deadline_ms), int(holders), int(wait_ms), int(now_ms))
+    status, deadline_ms, holders, wait_ms, now_ms, fence = reply
+    return PermitResult(
+        _status(status), int(deadline_ms), int(holders), int(wait_ms), int(now_ms), int(fence)
+    )
 
 
 def acquire_call(
@@ -478,9 +483,10 @@ class Hold:
     Attributes:
         name: the lock (or semaphore) name.
         token: the owner token (the proof of ownership the scripts check).
-        fence: the fencing token (locks; 0 for permits): strictly greater than any earlier
-            grant of this lock name. Pass it to the protected resource and have it refuse
-            anything older than the newest it saw.
+        fence: the fencing token: strictly greater than any earlier grant of this lock (or
+            semaphore) name, also across a failover (docs/guarantees.md, "Fencing tokens"). Pass
+            it to the protected resource and have it refuse anything older than the newest it
+            saw.
         deadline_ms: when the hold lapses, in ms of the server's clock (Unix time), as of the
             acquire (``extend`` and auto-renew move it on the server, not here).
         count: holds of this owner after the acquire (reentrant locks; else 1).
@@ -716,8 +722,8 @@ class SemaphoreBase(Generic[RN]):
         raise NotImplementedError
 
     def _hold(self, token: bytes, result: PermitResult) -> tuple[bytes, bytes, int, int, int, int]:
-        """The ``Hold`` fields of a granted permit (no fence, one hold)."""
-        return self.name, token, 0, result.deadline_ms, 1, result.now_ms
+        """The ``Hold`` fields of a granted permit (its fencing token, one hold)."""
+        return self.name, token, result.fence, result.deadline_ms, 1, result.now_ms
 
     def _release_call(self, token: bytes) -> Call[ReleaseResult]:
         return semaphore_release_call(self._namespace, self.name, token, new_request_id())

@@ -275,3 +275,40 @@ def lock_state(client: Client, key: bytes) -> dict[str, Any] | None:
         "waited": waited == b"1",
         "owner": owner,
     }
+
+
+#: In an error case's arguments, right after a task id: the fencing token of that task's current
+#: lease, read by ``with_held_tokens`` when the case runs (tokens come from the server's clock,
+#: so no case can spell one in advance).
+HELD_TOKEN = "<held token>"
+
+
+def with_held_tokens(client: Client, tasks_key: bytes, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with each HELD_TOKEN replaced by the token in the meta of the task id before it
+    (the meta "S P M A T W worker", lua/include/queue_limits.j2: T is the 5th field)."""
+    out = list(args)
+    for position, arg in enumerate(out):
+        if arg == HELD_TOKEN:
+            meta = client.hget(tasks_key, b"m" + out[position - 1])
+            assert meta is not None, out[position - 1]
+            out[position] = int(meta.split(b" ")[4])
+    return tuple(out)
+
+
+#: A fence far ahead of the server's clock in us (about 1.8e15 in 2027) and far below 2^53 - 1.
+#: Tests that compare two calls made microseconds apart start their queues' fence here on
+#: servers whose clock moves inside MULTI (``clock_moves_in_multi``), so that both calls' tokens
+#: are the stored fence + 1 (lua/include/fence.j2), not two readings of the clock.
+FENCE_AHEAD = 1 << 52
+
+
+def clock_moves_in_multi(conn: redis.Redis) -> bool:
+    """Whether the server's clock moves inside one MULTI (6.2, 7.0: TIME, 200 commands, TIME
+    differ), or stands still for all of it (7.2+, Valkey)."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.time()
+    for _ in range(200):
+        pipe.echo(b"x")
+    pipe.time()
+    replies = pipe.execute()
+    return bool(replies[0] != replies[-1])

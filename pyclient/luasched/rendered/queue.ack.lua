@@ -372,6 +372,16 @@ end
 -- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
 -- ---------------------------------------------------------------------------------------------
 
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(4, 4)

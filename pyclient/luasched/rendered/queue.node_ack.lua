@@ -439,6 +439,16 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
 --
