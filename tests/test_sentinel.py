@@ -225,6 +225,10 @@ class Run:
         with self.lock:
             values.append((time.monotonic(), value))
 
+    def acked_count(self) -> int:
+        with self.lock:
+            return sum(self.acked.values())
+
     def all_acked(self) -> bool:
         with self.lock:
             return set(self.acked) >= set(self.enqueued)
@@ -408,7 +412,7 @@ def test_acceptance_a_producer_two_workers_a_lock_and_a_semaphore_ride_out_two_f
     starts: list[float] = []
     try:
         wait_for(
-            lambda: all(sum(r.acked.values()) >= 100 and r.fences and r.permits for r in runs),
+            lambda: all(r.acked_count() >= 100 and r.fences and r.permits for r in runs),
             30,
             "100 acks, a fence and a permit in each mode before the first event",
         )
