@@ -349,6 +349,15 @@ def assert_issued_in_order(name: str, issued: list[tuple[float, int]]) -> None:
     assert not backwards, f"{name}: {len(backwards)} went back or repeated, e.g. {backwards[:5]}"
 
 
+def enqueues_kept(port: int, run: Run) -> int:
+    """How many enqueues the history of the node on ``port`` holds for the mode's queue: the
+    tasks hash's ``seq`` (docs/queue.md), one per task made ready; no lease lapses, no task is
+    delayed or nacked in the run, so nothing else moves it."""
+    with redis.Redis(host=HOST, port=port, socket_timeout=2) as node:
+        tasks_key = Scheduler(node, f"acc-{run.mode}").queue("jobs").keys.fixed[4]
+        return int(node.hget(tasks_key, "seq") or 0)
+
+
 def report(server: str, event: str, run: Run, window: tuple[float, float], started: float) -> None:
     """The summary line of one event in one mode (docs/ha.md's table is made of these):
     what was acknowledged, lost, repeated and raised from ``window[0]`` to ``window[1]``."""
@@ -385,7 +394,8 @@ def test_acceptance_a_producer_two_workers_a_lock_and_a_semaphore_ride_out_two_f
     ``SENTINEL FAILOVER`` and then, once both modes' calls succeed again, a kill -9 of the new
     primary (restarted empty and made a replica, as a supervisor would).
 
-    Over the whole run: durable, no acknowledged enqueue lost or acked twice and nothing but
+    Over the whole run: durable, no acknowledged enqueue lost (each acked by a worker, and the
+    final primary's history counts every one of them) or acked twice, and nothing but
     ``NotReplicated`` (counted) reaching the threads; plain, no exception but the ``StaleLease``
     of an ack on discarded writes; both, no lock fence, permit token or lease token repeats or
     goes below one received before it."""
@@ -465,6 +475,14 @@ def test_acceptance_a_producer_two_workers_a_lock_and_a_semaphore_ride_out_two_f
             report(
                 sentinel.spec.server, event, run, (bounds[index], bounds[index + 1]), starts[index]
             )
+    # What the surviving history holds: an enqueue discarded with a primary counts here even
+    # when a worker took and acked it there before it was discarded.
+    primary = sentinel.primary()
+    kept = {run.mode: enqueues_kept(primary, run) for run in runs}
+    print(
+        f"[sentinel {sentinel.spec.server} kept] enqueues the final primary holds: "
+        + ", ".join(f"{run.mode} {kept[run.mode]} of {len(run.enqueued)}" for run in runs)
+    )
     print(
         f"[sentinel {sentinel.spec.server} timings] "
         + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
@@ -479,6 +497,7 @@ def test_acceptance_a_producer_two_workers_a_lock_and_a_semaphore_ride_out_two_f
             assert not lost, f"{len(lost)} acknowledged enqueues lost, e.g. {sorted(lost)[:5]}"
             twice = sorted(task for task, n in run.acked.items() if n > 1)
             assert not twice, twice[:5]
+            assert kept[run.mode] >= len(run.enqueued), "acknowledged enqueues were discarded"
     # Every mode: fencing tokens never repeat or go back, per client and over all clients.
     for run in runs:
         assert_issued_in_order(f"{run.mode}: lock fences", run.fences)
