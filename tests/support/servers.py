@@ -752,9 +752,11 @@ def sentinel_conf(port: int, primary_port: int, conf_dir: str) -> str:
 
 
 def sentinel_node_args(spec: SentinelSpec, port: int, data_dir: str) -> list[str]:
-    """A data node's arguments: a matrix server's, plus ``--replicaof`` the first node for the
-    others (the same list docker-compose.yml passes)."""
+    """A data node's arguments: a matrix server's, with a full resync that starts at once (the
+    default ``repl-diskless-sync-delay`` waits 5 s for more replicas to share it), plus
+    ``--replicaof`` the first node for the others (the same list docker-compose.yml passes)."""
     args = server_args(spec.server_spec, port, data_dir, data_dir)
+    args += ["--repl-diskless-sync-delay", "0"]
     if port != spec.ports[0]:
         args += ["--replicaof", HOST, str(spec.ports[0])]
     return args
