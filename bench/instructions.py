@@ -480,6 +480,10 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
             figures += _batched(
                 cg, DRAMATIQ_16, lambda _client: _Dramatiq(cg.server.port, BATCH), depth
             )
+    if _installed("rq"):
+        figures.append(_rq_life(cg))
+    if _installed("bullmq"):
+        figures.append(_bullmq_life(cg))
     return figures
 
 
