@@ -51,6 +51,8 @@ import redis
 import luasched
 from luasched.testing import HOST, ThrowawayServer
 
+from .cases import _installed, _lock_cycle
+
 #: The cases run, and how many operations each window holds.
 LOCK_CYCLES = 300
 ONE_AT_A_TIME = 300
@@ -194,25 +196,13 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
 
     def redis_py(client: redis.Redis) -> Callable[[], None]:
         lock = client.lock("lock-000000000001", timeout=LOCK_TTL_MS / 1000)
-
-        def cycle() -> None:
-            if not lock.acquire(blocking=False):
-                raise RuntimeError("an uncontended lock was not acquired")
-            lock.release()
-
-        return cycle
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
 
     def python_redis_lock(client: redis.Redis) -> Callable[[], None]:
         import redis_lock
 
         lock = redis_lock.Lock(client, "lock-000000000001", expire=LOCK_TTL_MS // 1000)
-
-        def cycle() -> None:
-            if not lock.acquire(blocking=False):
-                raise RuntimeError("an uncontended lock was not acquired")
-            lock.release()
-
-        return cycle
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
 
     def pottery(client: redis.Redis) -> Callable[[], None]:
         from pottery import Redlock
@@ -220,13 +210,7 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
         lock = Redlock(
             key="lock-000000000001", masters={client}, auto_release_time=LOCK_TTL_MS / 1000
         )
-
-        def cycle() -> None:
-            if not lock.acquire(blocking=False):
-                raise RuntimeError("an uncontended lock was not acquired")
-            lock.release()
-
-        return cycle
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
 
     makers: list[tuple[str, str | None, Callable[[redis.Redis], Callable[[], None]]]] = [
         ("luasched lock", None, luasched_cycle),
@@ -543,14 +527,6 @@ def _bullmq_life(cg: Callgrind) -> Figure:
     with cg.window(figure.windows):
         asyncio.run(asyncio.wait_for(life(), 600))
     return figure
-
-
-def _installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 ONE_LUASCHED = "luasched, one task at a time: enqueue + dequeue + ack"
