@@ -471,6 +471,52 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     return figures
 
 
+def _drain(cg: Callgrind, name: str, work: Callable[..., None]) -> Figure:
+    """``DRAIN_TASKS`` tasks (put in unmeasured) drained by ``DRAIN_WORKERS`` forked processes
+    running ``work`` (bench/queue_peers.py's hand-written loop or ``luasched.Worker``), the
+    whole drain in one window: workers' start and stop are charged to the tasks."""
+    import multiprocessing
+
+    from . import queue_peers
+    from .engine import Env, Settings
+
+    context = multiprocessing.get_context("fork")
+    queue_peers._COUNTER = context.Value("q", 0)
+    env = Env(HOST, cg.server.port, Settings())
+    client = cg.client()
+    client.flushall()
+    figure = Figure(name, DRAIN_TASKS)
+    try:
+        queue_peers.luasched_fill(env, DRAIN_TASKS)
+        stop = context.Event()
+        processes = [
+            context.Process(target=work, args=(env, stop, lambda: None), daemon=True)
+            for _ in range(DRAIN_WORKERS)
+        ]
+        with cg.window(figure.windows):
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join(600)
+        alive = [process for process in processes if process.is_alive()]
+        for process in alive:
+            process.kill()
+        if alive or queue_peers._COUNTER.value != DRAIN_TASKS:
+            raise RuntimeError(f"{name}: ran {queue_peers._COUNTER.value} of {DRAIN_TASKS}")
+    finally:
+        client.close()
+    return figure
+
+
+def _drain_rows(cg: Callgrind) -> list[Figure]:
+    from . import queue_peers
+
+    return [
+        _drain(cg, DRAIN_LOOP, queue_peers.luasched_work),
+        _drain(cg, DRAIN_WORKER, queue_peers.luasched_worker_work),
+    ]
+
+
 def _rq_life(cg: Callgrind) -> Figure:
     """``LIFE_TASKS`` ``Queue.enqueue`` calls, then ``SimpleWorker.work(burst=True)``."""
     import multiprocessing
@@ -533,6 +579,12 @@ ONE_LUASCHED = "luasched, one task at a time: enqueue + dequeue + ack"
 ONE_LUASCHED_AAD = "luasched, one task at a time: enqueue + ack_and_dequeue"
 ONE_DRAMATIQ = "Dramatiq prefetch 1: send + fetch + ack"
 LUASCHED = "luasched"
+DRAIN_WORKERS = 4
+DRAIN_TASKS = 4_000
+DRAIN_LOOP = (
+    "luasched, 4 processes drain a backlog: dequeue_many(16) + the acks in one pipeline, per task"
+)
+DRAIN_WORKER = "luasched.Worker, 4 processes drain a backlog (no-op handler, batch 16), per task"
 LIFE_RQ = "RQ: Queue.enqueue, then SimpleWorker (burst)"
 LIFE_BULLMQ = "BullMQ: Queue.add, then Worker (concurrency 1)"
 DRAMATIQ_16 = "Dramatiq prefetch 16"
@@ -542,15 +594,16 @@ def measure(binary: Path, phase: Callable[[str, int, int], None], quick: bool) -
     """Every instruction figure on a throwaway server of ``binary`` under callgrind; ``quick``:
     a quarter of the operations per case (the figures move by ~1-2 %, Lua's garbage collector
     stepping every 50 script calls being the larger share of it)."""
-    global LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS
+    global LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS, DRAIN_TASKS
     if quick:
-        LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS = 100, 100, 6, 50
+        LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS, DRAIN_TASKS = 100, 100, 6, 50, 1000
     with Callgrind(binary) as cg:
         info = cg.server.info()
         phase("locks", 1, 2)
         rows = _lock_rows(cg)
         phase("queue", 2, 2)
         rows += _queue_rows(cg)
+        rows += _drain_rows(cg)
     return {
         "server": info,
         "method": "callgrind summary minus serverCron's inclusive cost, per operation",
