@@ -467,7 +467,12 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     if _installed("rq"):
         figures.append(_rq_life(cg))
     if _installed("bullmq"):
-        figures.append(_bullmq_life(cg))
+        try:
+            figures.append(_bullmq_life(cg))
+        except TimeoutError:
+            # Seen once: its Worker took none of the jobs within the bound. Left out of this
+            # run (docs/bench.md then has no BullMQ row) rather than ending the whole bench.
+            print("bench: BullMQ's worker did not finish its tasks in 120 s: row left out")
     return figures
 
 
@@ -571,7 +576,7 @@ def _bullmq_life(cg: Callgrind) -> Figure:
         await queue.close()
 
     with cg.window(figure.windows):
-        asyncio.run(asyncio.wait_for(life(), 600))
+        asyncio.run(asyncio.wait_for(life(), 120))
     return figure
 
 
