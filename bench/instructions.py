@@ -469,7 +469,7 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     if _installed("bullmq"):
         try:
             figures.append(_bullmq_life(cg))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself on 3.11+, not on 3.10
             # Seen once: its Worker took none of the jobs within the bound. Left out of this
             # run (docs/bench.md then has no BullMQ row) rather than ending the whole bench.
             print("bench: BullMQ's worker did not finish its tasks in 120 s: row left out")

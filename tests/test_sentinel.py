@@ -134,7 +134,9 @@ def test_after_a_sentinel_failover_a_durable_call_is_resent_to_the_new_primary(
         new = sentinel.failover()  # every sentinel reports the new primary from here on
         before = evalsha_calls(old)
         assert q.enqueue(b"t1", b"x", request_id=b"r1").created is True
-        assert evalsha_calls(old) - before == 1  # the first send only; the resends went to `new`
+        # At most the first send (none when the old primary was demoted first: READONLY is a
+        # rejected call); every resend went to `new` (before the rediscovery: 15 here).
+        assert evalsha_calls(old) - before <= 1
         assert s.client.connection_pool.master_address == (HOST, new)
         sentinel.wait_replicas_synced()
         assert ready_on(new, "ha", "jobs") == 2
