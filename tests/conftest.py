@@ -13,6 +13,10 @@ Contract for tests:
   for this one test and stopped after it. Tests that ask for it are marked
   ``@pytest.mark.replicated_cluster`` and run only when ``cluster`` is among the selected servers
   (otherwise deselected, like the matrix).
+- ``sentinel``: a ``servers.SentinelTopology`` (one primary, two replicas, three sentinels) of
+  Redis 7.0 or 8.2, started for this one test and stopped after it. Tests that ask for it are
+  marked ``@pytest.mark.sentinel`` and run once per version whose matrix server (``redis-7.0``,
+  ``redis-8.2``) is selected (ids ``sentinel-redis-7.0``, ``sentinel-redis-8.2``).
 
 Options (or environment variables):
 
@@ -40,9 +44,11 @@ import redis.cluster
 
 from support.servers import (
     COMPOSE_FILE,
+    SENTINEL_TOPOLOGIES,
     SERVER_NAMES,
     SPECS,
     ReplicatedCluster,
+    SentinelTopology,
     ServerHandle,
     ServerSpec,
     ServerStartError,
@@ -55,6 +61,7 @@ from support.servers import (
     parse_server_selection,
     ping,
     replicated_cluster,
+    sentinel_topology,
 )
 
 pytest_plugins = ("pytester",)  # tests/test_harness.py checks the parametrization in a sandbox
@@ -148,6 +155,16 @@ ONE_SERVER = "redis-8.2"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sentinel" in metafunc.fixturenames:
+        selected = metafunc.config.stash[SELECTED]
+        versions = [name for name in SENTINEL_TOPOLOGIES if name in selected]
+        ids = [SENTINEL_TOPOLOGIES[name].name for name in versions]
+        if not versions:  # reported as deselected, like the matrix's
+            marks = [getattr(pytest.mark, UNSELECTED_MARK)]
+            param = pytest.param(None, id="no-selected-server", marks=marks)
+            metafunc.parametrize("sentinel", [param], indirect=True)
+            return
+        metafunc.parametrize("sentinel", versions, indirect=True, ids=ids)
     if "server" not in metafunc.fixturenames:
         return
     config = metafunc.config
@@ -192,6 +209,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             drop.append(item)
             continue
         keep.append(item)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("sentinel") is not None:
+            item.user_properties.append((SERVER_PROPERTY, str(callspec.params["sentinel"])))
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "server" in callspec.params:
             server_of[item.nodeid] = str(callspec.params["server"])
@@ -337,6 +357,19 @@ def replicated(request: pytest.FixtureRequest) -> Iterator[ReplicatedCluster]:
         raise pytest.UsageError("tests using `replicated` must be marked replicated_cluster")
     with replicated_cluster(_resolve_backend(request.config)) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def sentinel(request: pytest.FixtureRequest) -> Iterator[SentinelTopology]:
+    """A fresh Sentinel topology of one version (the test's parameter), stopped after it."""
+    if request.node.get_closest_marker("sentinel") is None:
+        raise pytest.UsageError("tests using `sentinel` must be marked sentinel")
+    version = getattr(request, "param", None)
+    if version is None:
+        raise pytest.UsageError("the `sentinel` fixture is parametrized by tests/conftest.py")
+    backend = _resolve_backend(request.config)
+    with sentinel_topology(backend, SENTINEL_TOPOLOGIES[version]) as topology:
+        yield topology
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import re
 import secrets
@@ -48,7 +49,7 @@ from luasched.lock import acquire_call, new_token, release_call
 from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scheduler import Scheduler
-from support.helpers import namespace_keys, snapshot_ignoring_ttl
+from support.helpers import CONTENTS_SCRIPT, namespace_keys, snapshot_ignoring_ttl
 from support.servers import ROOT, ServerHandle, find_redis_cli
 
 TENANT_A = "ten*"  # a glob character: its rule must not reach tenant-b
@@ -618,11 +619,15 @@ def test_tenant_is_refused_in_another_namespace(
 
 
 def _cached_scripts(server: ServerHandle) -> list[int | None]:
+    """Per primary, the scripts its cache holds besides the tests' own CONTENTS_SCRIPT (which
+    ``snapshot`` sends with EVAL); None where INFO does not say."""
+    contents_sha1 = hashlib.sha1(CONTENTS_SCRIPT.encode()).hexdigest()
     counts: list[int | None] = []
     for conn in server.primaries():
         with conn:
-            memory = conn.info("memory")
-            counts.append(memory.get("number_of_cached_scripts"))
+            count = conn.info("memory").get("number_of_cached_scripts")
+            tests_own = int(conn.script_exists(contents_sha1)[0])
+            counts.append(None if count is None else count - tests_own)
     return counts
 
 

@@ -89,6 +89,15 @@ def small_run(tmp_path: Path) -> Iterator[chaos.Driver]:
             driver.client.close()
 
 
+def token_of(driver: chaos.Driver, index: int) -> int:
+    """The fencing token of the small run's lease of task ``index`` (from its log)."""
+    for line in (driver.log_dir / "w0-1.log").read_text().splitlines():
+        kind, task, token, *_ = line.split()
+        if kind == "L" and task == chaos.task_id(index).decode():
+            return int(token)
+    raise AssertionError(f"task {index} was not leased")
+
+
 def violations(driver: chaos.Driver) -> list[str]:
     chaos.Checker(driver).check()
     return driver.report.violations
@@ -102,10 +111,14 @@ def test_the_checker_passes_an_honest_run(small_run: chaos.Driver) -> None:
 def test_the_checker_sees_a_second_ack_and_a_refused_ack_that_was_applied(
     small_run: chaos.Driver,
 ) -> None:
-    request = Namespace(chaos.NAMESPACE).prefix + b"q:req:a-t000001-9:" + chaos.QUEUE.encode()
-    small_run.client.set(request, small_run.client.get(request.replace(b"-9:", b"-2:")))
+    first, second = token_of(small_run, 0), token_of(small_run, 1)
+    prefix = Namespace(chaos.NAMESPACE).prefix + b"q:req:a-t000001-"
+    suffix = b":" + chaos.QUEUE.encode()
+    # A second applied ack of task 1, under a token that was never its lease.
+    applied = small_run.client.get(prefix + b"%d" % second + suffix)
+    small_run.client.set(prefix + b"%d" % (second + 7) + suffix, applied)
     with (small_run.log_dir / "w0-1.log").open("a") as log:
-        log.write("S t000000 1\n")
+        log.write(f"S t000000 {first}\n")
     found = violations(small_run)
     assert any("acked twice" in v for v in found), found
     assert any("refused yet applied" in v for v in found), found
@@ -114,10 +127,12 @@ def test_the_checker_sees_a_second_ack_and_a_refused_ack_that_was_applied(
 def test_the_checker_sees_a_lost_task_and_two_leases_at_once(small_run: chaos.Driver) -> None:
     keys = small_run.queue.keys
     prefix = Namespace(chaos.NAMESPACE).prefix + b"q:req:"
-    small_run.client.delete(prefix + b"a-t000002-3:" + chaos.QUEUE.encode())  # never acked
+    third = token_of(small_run, 2)
+    small_run.client.delete(prefix + b"a-t000002-%d:" % third + chaos.QUEUE.encode())  # never acked
     with (small_run.log_dir / "w0-1.log").open("a") as log:  # a second lease, overlapping
-        log.write(f"L t000000 2 {small_run.queue.stats().now_ms + 60_000} 2\n")
+        later = token_of(small_run, 0) + 1
+        log.write(f"L t000000 {later} {small_run.queue.stats().now_ms + 60_000} 2\n")
     found = violations(small_run)
     assert any("never acked (lost)" in v for v in found), found
     assert any("two leases at once" in v for v in found), found
-    assert small_run.client.hget(keys.fixed[4], "fence") == b"3"
+    assert small_run.client.hget(keys.fixed[4], "fence") == b"%d" % third  # the last token

@@ -83,7 +83,13 @@ def test_readme_python_example_runs(server: Any, capsys: pytest.CaptureFixture[s
     assert "redis.Redis()" in example
     code = example.replace("redis.Redis()", f"redis.Redis(port={server.port})")
     exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out.strip() == "1"  # the first fencing token of the lock
+    printed = capsys.readouterr().out.strip()  # the first fencing token of the lock
+    client = server.client()
+    try:
+        state = client.get(b"luasched:{orders}:lock:report")  # "<fence> <count> ..."
+    finally:
+        client.close()
+    assert re.fullmatch(r"[1-9]\d*", printed) and state.split(b" ")[0] == printed.encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +397,31 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
             "REDIS_URL=redis://127.0.0.1:1",
         ],
         "concurrency",
+    ),
+    (["stats", "shop", "--sentinel", "127.0.0.1", "--service", "m"], "--sentinel: expected HOST"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:1,:2", "--service", "m"], "--sentinel: expected"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:70000", "--service", "m"], "--sentinel: expected"),
+    (["stats", "shop", "--sentinel", "127.0.0.1:1"], "--sentinel: needs --service NAME"),
+    (
+        ["install-functions", "--sentinel", "127.0.0.1:1", "--service", "m", "--url", "redis://x"],
+        "--url and --sentinel: pass one of them",
+    ),
+    (["stats", "shop", "--url", "redis://127.0.0.1:1", "--service", "m"], "--service: only with"),
+    (
+        ["worker", "json:dumps", "--queue", "q", "--wait-replicas", "-1", "REDIS_URL=redis://x:1"],
+        "wait_replicas must be an integer in 0..1000",
+    ),
+    (
+        [
+            "worker",
+            "json:dumps",
+            "--queue",
+            "q",
+            "--wait-timeout-ms",
+            "-5",
+            "REDIS_URL=redis://x:1",
+        ],
+        "wait_timeout_ms must be an integer in 0..3600000",
     ),
 ]
 

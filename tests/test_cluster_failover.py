@@ -8,6 +8,8 @@ or local processes) and stops it at its end; they run only when ``cluster`` is s
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
 from collections import Counter
@@ -315,3 +317,70 @@ def test_slots_move_between_primaries_while_workers_run(
     for _, slot, _, target, _ in moves[3:]:
         assert slot_owner(primaries[0], slot) == target
     client.close()
+
+
+@dataclass
+class TokenLoop:
+    """One client taking and giving back a lock and a queue lease in turn, in real-time order:
+    every lock fence and lease token it was handed, and any exception that reached it."""
+
+    fences: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, cluster: ReplicatedCluster) -> None:
+        client = cluster_client(cluster)
+        try:
+            s = Scheduler(client, "fence-fo")
+            lock, queue = s.lock("job", ttl_ms=LEASE_MS), s.queue("jobs")
+            while not self.stop.is_set():
+                handle = lock.acquire(timeout=10)
+                assert handle is not None
+                self.fences.append(handle.fence)
+                lock.release(handle)  # "expired" if the failover lost the grant: fine
+                lease = queue.dequeue("w", LEASE_MS)
+                if lease is not None:
+                    self.tokens.append(lease.token)
+                    with contextlib.suppress(StaleLease):  # the failover lost the lease
+                        queue.ack(lease)
+        except BaseException as error:
+            self.errors.append(error)
+        finally:
+            client.close()
+
+
+@pytest.mark.slow
+def test_fencing_tokens_keep_growing_across_a_primary_kill(replicated: ReplicatedCluster) -> None:
+    """Lock fences and lease tokens handed out before and after the failover of the primary that
+    holds the namespace strictly increase (docs/guarantees.md, "Fencing tokens"): the promoted
+    replica may have missed the last grants, the clock rule still puts its tokens above them."""
+    client = cluster_client(replicated)
+    s = Scheduler(client, "fence-fo")
+    queue = s.queue("jobs")
+    for index in range(3000):
+        queue.enqueue(f"t{index}", b"p")
+    victim = slot_owner(replicated.spec.ports[0], s.namespace.slot)
+    heir = replicated.replica_of(victim)
+    loop = TokenLoop()
+    thread = threading.Thread(target=loop.run, args=(replicated,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(loop.fences) >= 200 or bool(loop.errors), 30, "the loop to run")
+        before = len(loop.fences)
+        replicated.kill(victim)
+        wait_for(lambda: replicated.roles().get(heir) == "master", 20, "the replica's promotion")
+        wait_for(
+            lambda: len(loop.fences) >= before + 200 or bool(loop.errors),
+            RUN_DEADLINE_S,
+            "the loop to go on after the failover",
+        )
+    finally:
+        loop.stop.set()
+        thread.join(30)
+        client.close()
+    assert not thread.is_alive()
+    assert loop.errors == []  # no exception reached the loop
+    assert len(loop.fences) >= before + 200 and len(loop.tokens) >= 2
+    for handed in (loop.fences, loop.tokens):
+        assert all(earlier < later for earlier, later in itertools.pairwise(handed)), handed

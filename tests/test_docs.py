@@ -139,10 +139,13 @@ def test_quick_start_is_two_commands() -> None:
 #: What the snippets print, by section, when run in the README's order on one server: the
 #: fencing tokens grow with each lease of queue "emails" of namespace "orders" (the first
 #: Python snippet takes token 1, the one-task snippets 2 by Python and 3 by redis-cli).
+#: What each Python snippet prints, line by line (regular expressions, whole lines). Fencing
+#: tokens come from the server's clock (docs/guarantees.md): digits, compared with each other
+#: by the test.
 PRINTED = {
-    "From Python": ["1"],  # the first fencing token of lock "report"
-    "A worker in a few lines": ["[b'cat.png', b'dog.png'] 2"],
-    "One task from Python, redis-cli and Node": ["b'task-1' b'hello' 2"],
+    "From Python": [r"[1-9]\d*"],  # the first fencing token of lock "report"
+    "A worker in a few lines": [r"\[b'cat\.png', b'dog\.png'\] 2"],
+    "One task from Python, redis-cli and Node": [r"b'task-1' b'hello' [1-9]\d*"],
 }
 
 
@@ -187,6 +190,8 @@ def test_readme_snippets_run_in_order_on_one_server(server: ServerHandle, tmp_pa
     address = f"{server.host}:{server.port}"
     python_globals: dict[str, object] = {}
     shell_out: dict[str, str] = {}
+    python_out: dict[str, list[str]] = {}
+    node_token = 0
     ran = []
     for snippet in readme_snippets():
         if snippet.heading == "Quick start":
@@ -199,7 +204,12 @@ def test_readme_snippets_run_in_order_on_one_server(server: ServerHandle, tmp_pa
             printed = io.StringIO()
             with chdir(work), contextlib.redirect_stdout(printed):
                 exec(compile(code, f"README.md ({snippet.heading})", "exec"), python_globals)
-            assert printed.getvalue().splitlines() == PRINTED[snippet.heading], snippet.heading
+            lines = printed.getvalue().splitlines()
+            patterns = PRINTED[snippet.heading]
+            assert len(lines) == len(patterns), (snippet.heading, lines)
+            for line, pattern in zip(lines, patterns, strict=True):
+                assert re.fullmatch(pattern, line), (snippet.heading, line)
+            python_out[snippet.heading] = lines
         elif snippet.language == "sh":
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", snippet.code.replace("127.0.0.1:6379", address)],
@@ -224,7 +234,12 @@ def test_readme_snippets_run_in_order_on_one_server(server: ServerHandle, tmp_pa
                 check=False,
             )
             assert done.returncode == 0, done.stderr
-            assert done.stdout.splitlines()[1] == "leased task-1: payload=hello attempt=1 token=4"
+            leased = re.fullmatch(
+                r"leased task-1: payload=hello attempt=1 token=([1-9]\d*)",
+                done.stdout.splitlines()[1],
+            )
+            assert leased, done.stdout
+            node_token = int(leased[1])
         else:
             pytest.fail(f"README snippet in {snippet.language!r} under {snippet.heading!r}")
         ran.append(snippet.heading)
@@ -236,14 +251,18 @@ def test_readme_snippets_run_in_order_on_one_server(server: ServerHandle, tmp_pa
     one_task = shell_out["One task from Python, redis-cli and Node"].split()
     assert one_task[:2] == ["1", "ready"], one_task  # enqueued
     assert one_task[2:6] == ["0", "task-1", "hello", "1"], one_task  # leased, attempt 1
-    assert one_task[6] == "3" and int(one_task[7]) > 0, one_task  # token 3, its deadline
+    # The one-task leases (Python, redis-cli, Node): each token larger than the one before.
+    python_token = int(python_out["One task from Python, redis-cli and Node"][0].split()[-1])
+    cli_token = int(one_task[6])
+    assert 0 < python_token < cli_token < node_token, (python_token, one_task, node_token)
+    assert int(one_task[7]) > 0, one_task  # its deadline
     assert one_task[8:] == ["1"], one_task  # acked with that token
     # Four leases of task-1 (Python twice, redis-cli, Node), each acked: nothing left.
     client = server.client()
     try:
         stats = Scheduler(client, "orders").queue("emails").stats()
         assert (stats.ready, stats.delayed, stats.leased, stats.dead) == (0, 0, 0, 0), stats
-        assert client.hget(b"luasched:{orders}:q:tasks:emails", b"fence") == b"4"
+        assert client.hget(b"luasched:{orders}:q:tasks:emails", b"fence") == b"%d" % node_token
     finally:
         client.close()
     assert "What is in a namespace now: `luasched stats`" in ran, ran

@@ -33,6 +33,7 @@ from luasched.render import (
 )
 from luasched.scripts import library_installed
 from luasched.testing import ThrowawayServer
+from support.helpers import FENCE_AHEAD, clock_moves_in_multi
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = render_all()
@@ -43,6 +44,10 @@ MANIFEST = manifest()
 # Raw calls, one valid call per script (after a small setup), built from the manifest's key patterns
 
 Step = tuple[str, tuple[str, ...]]
+#: In a step's ARGV, right after a task id: the token of that task's current lease, read from its
+#: meta in each namespace just before the step (tokens come from the server's clock,
+#: docs/guarantees.md "Fencing tokens", so no step can spell one in advance).
+TOKEN = "<token>"
 
 NODES: list[Step] = [
     ("nodes.register", ("n1", "2", "10", "60000", "meta-1")),
@@ -55,12 +60,12 @@ QUEUE: list[Step] = [
     ("queue.enqueue", ("t2", "payload-2", "5", "60000", "3", "", "60000")),
     ("queue.enqueue", ("t3", "payload-3", "-4", "0", "3", "", "60000")),
 ]
-# t1 leased with token 1 (the first lease of the queue).
+# t1 leased (its token: TOKEN).
 LEASED = [*QUEUE, ("queue.dequeue", ("w1", "1", "30000", "0", "", "0", "", "60000"))]
 DEAD: list[Step] = [
     ("queue.enqueue", ("td", "doomed", "511", "0", "1", "", "60000")),
     ("queue.dequeue", ("w1", "1", "30000", "0", "", "0", "", "60000")),
-    ("queue.nack", ("td", "1", "0", "bad", "0", "0", "", "60000")),
+    ("queue.nack", ("td", TOKEN, "0", "bad", "0", "0", "", "60000")),
 ]
 # d1 dispatched round-robin to n1 (the first index), d2 least-loaded.
 DISPATCHED: list[Step] = [
@@ -74,17 +79,17 @@ DISPATCHED: list[Step] = [
         ("d2", "p2", "least_loaded", "", "2", "0", "0", "3", "4", "5", "6", "", "60000"),
     ),
 ]
-# d1 leased with token 1.
+# d1 leased (its token: TOKEN).
 DISPATCH_LEASED = [*DISPATCHED, ("queue.node_dequeue", ("n1", "w1", "1", "30000", "", "60000"))]
 # d1 dead (max_attempts 3: three leases, each nacked).
 DISPATCH_DEAD: list[Step] = [
     *DISPATCHED,
     *[
         step
-        for token in ("1", "2", "3")
+        for _ in range(3)
         for step in (
             ("queue.node_dequeue", ("n1", "w1", "1", "30000", "", "60000")),
-            ("queue.node_nack", ("d1", token, "0", "bad", "0", "0", "", "60000")),
+            ("queue.node_nack", ("d1", TOKEN, "0", "bad", "0", "0", "", "60000")),
         )
     ],
 ]
@@ -122,20 +127,21 @@ VALID: dict[str, tuple[list[Step], tuple[str, ...]]] = {
     "pick.smooth_weighted": ([*NODES, ("pick.smooth_weighted", ())], ()),
     "pick.two_choices": (NODES, ("1", "5", "7", "9")),
     "pick.weighted": (NODES, ("3", "4")),
-    "queue.ack": (LEASED, ("t1", "1", "rq1", "60000")),
+    "queue.ack": (LEASED, ("t1", TOKEN, "rq1", "60000")),
     "queue.dequeue": (QUEUE, ("w2", "2", "30000", "0", "", "0", "rq1", "60000")),
     "queue.enqueue": (QUEUE, ("t9", "payload-9", "7", "0", "2", "rq1", "60000")),
     "queue.dispatch": (REBALANCED, ("d9", "p", "slot", "user:9", "2", "5", "0", "3", "11", "12",
                                     "13", "rq1", "60000")),
-    "queue.node_ack": (DISPATCH_LEASED, ("d1", "1", "rq1", "60000")),
-    "queue.node_extend": (DISPATCH_LEASED, ("d1", "1", "45000")),
+    "queue.node_ack": (DISPATCH_LEASED, ("d1", TOKEN, "rq1", "60000")),
+    "queue.node_extend": (DISPATCH_LEASED, ("d1", TOKEN, "45000")),
     "queue.dispatch_requeue_dead": (DISPATCH_DEAD, ("d1", "4242")),
     "queue.node_dequeue": (DISPATCHED, ("n1", "w2", "5", "30000", "rq1", "60000")),
-    "queue.node_nack": (DISPATCH_LEASED, ("d1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
+    "queue.node_nack": (DISPATCH_LEASED,
+                        ("d1", TOKEN, "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.node_stats": (DISPATCHED, ("n1", "n2")),
     "queue.redispatch": ([*DISPATCHED, ("nodes.remove", ("n1",))], ("n1", "10", "77")),
-    "queue.extend": (LEASED, ("t1", "1", "45000")),
-    "queue.nack": (LEASED, ("t1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
+    "queue.extend": (LEASED, ("t1", TOKEN, "45000")),
+    "queue.nack": (LEASED, ("t1", TOKEN, "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.requeue_dead": (DEAD, ("td",)),
     "queue.stats": (LEASED, ()),
     "queue.group_enqueue": (GROUPS, ("g9", "payload-9", "7", "0", "2", "rq1", "60000", "C")),
@@ -274,12 +280,29 @@ def reply_of(value: Any, namespace: Namespace, script: str) -> Any:
     return canon(value, namespace)
 
 
+def with_tokens(
+    node: redis.Redis, script: str, namespace: Namespace, args: tuple[str, ...]
+) -> tuple[str, ...]:
+    """``args`` with each TOKEN replaced by the current lease token of the task id before it
+    (its meta "S P M A T W worker" in the tasks hash, the 5th KEY of queue and dispatch
+    scripts; "1" when the task has no meta, as when the keys are of the wrong type)."""
+    if TOKEN not in args:
+        return args
+    out = list(args)
+    for position, arg in enumerate(out):
+        if arg == TOKEN:
+            meta = node.hget(keys_of(script, namespace)[4], b"m" + out[position - 1].encode())
+            out[position] = meta.split(b" ")[4].decode() if meta else "1"
+    return tuple(out)
+
+
 def compare(
     client: Any, script: str, setup: list[Step], args: tuple[str, ...], keys_override: Any = None
 ) -> tuple[Any, Any]:
-    """Run ``setup`` then the call on two namespaces in one MULTI: EVALSHA on one, FCALL on the
-    other; return both (reply, effects). Same transaction, so same server millisecond nearly
-    always: the caller retries when they differ."""
+    """Run ``setup`` then the call on two namespaces: each step and the call in one MULTI,
+    EVALSHA on one namespace, FCALL on the other; return both (reply, effects). Same
+    transaction, so same server millisecond nearly always: the caller retries when they differ.
+    (A step with a TOKEN runs after the step before it answered: the token is read between.)"""
     a = Namespace("fnA")
     b = Namespace(same_slot_partner("fnA"))
     node = node_client(client, a)
@@ -287,16 +310,26 @@ def compare(
         found = list(node.scan_iter(match=namespace.prefix + b"*", count=1000))
         if found:
             node.delete(*found)
+    if clock_moves_in_multi(node):  # the two calls read two clocks: tokens from a stored fence
+        for namespace in (a, b):
+            for queue_script in ("queue.dequeue", "queue.node_dequeue"):
+                node.hset(keys_of(queue_script, namespace)[4], b"fence", FENCE_AHEAD)
     pipe = node.pipeline(transaction=True)
+    replies: list[Any] = []
     for step, step_args in setup:
+        if TOKEN in step_args:
+            replies += pipe.execute(raise_on_error=False)
         for namespace in (a, b):
             keys = keys_of(step, namespace)
-            pipe.evalsha(SCRIPTS[step].sha1, len(keys), *keys, *step_args)
+            step_argv = with_tokens(node, step, namespace, step_args)
+            pipe.evalsha(SCRIPTS[step].sha1, len(keys), *keys, *step_argv)
+    if TOKEN in args:
+        replies += pipe.execute(raise_on_error=False)
     keys_a = keys_of(script, a) if keys_override is None else keys_override(a)
     keys_b = keys_of(script, b) if keys_override is None else keys_override(b)
-    pipe.evalsha(SCRIPTS[script].sha1, len(keys_a), *keys_a, *args)
-    pipe.fcall(LIBRARY.functions[script], len(keys_b), *keys_b, *args)
-    replies = pipe.execute(raise_on_error=False)
+    pipe.evalsha(SCRIPTS[script].sha1, len(keys_a), *keys_a, *with_tokens(node, script, a, args))
+    pipe.fcall(LIBRARY.functions[script], len(keys_b), *keys_b, *with_tokens(node, script, b, args))
+    replies += pipe.execute(raise_on_error=False)
     setup_errors = [reply for reply in replies[:-2] if isinstance(reply, BaseException)]
     assert not setup_errors, f"{script}: setup failed: {setup_errors}"
     via_evalsha = (reply_of(replies[-2], a, script), canon(contents(node, a, b), a))
@@ -312,7 +345,11 @@ _DIGITS = re.compile(rb"(\d+(?:\.\d+)?)")
 
 
 def _close(x: float, y: float) -> bool:
-    return x == y or (min(x, y) > 1e12 and abs(x - y) <= CLOCK_SLACK_MS)
+    if x == y:
+        return True
+    if min(x, y) > 1e15:  # the clock in microseconds: fencing tokens
+        return abs(x - y) <= CLOCK_SLACK_MS * 1000
+    return min(x, y) > 1e12 and abs(x - y) <= CLOCK_SLACK_MS
 
 
 def same(x: Any, y: Any) -> bool:
@@ -467,10 +504,11 @@ def assert_same_wrong_type(client: Any, script: str, args: tuple[str, ...]) -> N
         keys = keys_of(script, namespace)
         node.sadd(keys[0], "wrong")
         try:
+            argv = with_tokens(node, script, namespace, args)
             if via == "evalsha":
-                replies.append(node.evalsha(SCRIPTS[script].sha1, len(keys), *keys, *args))
+                replies.append(node.evalsha(SCRIPTS[script].sha1, len(keys), *keys, *argv))
             else:
-                replies.append(node.fcall(LIBRARY.functions[script], len(keys), *keys, *args))
+                replies.append(node.fcall(LIBRARY.functions[script], len(keys), *keys, *argv))
         except ResponseError as error:
             replies.append(("error", error_text(error, namespace, script)))
     assert same(replies[0], replies[1]), (script, replies)

@@ -2,7 +2,8 @@
 
 Nothing here names a script's keys: a scenario drives the public API through every script and
 records, for each script, its first call that succeeded and the state of the namespace just
-before it (DUMP and PTTL of every key). Each case restores that state, breaks it one way, sends
+before it (DUMP and PTTL of every key, to put it back; the checks compare every key's value,
+read by support.helpers.CONTENTS_SCRIPT). Each case restores that state, breaks it one way, sends
 the recorded call raw (EVALSHA on the node that holds the namespace) and checks the guarantee:
 
 - wrong types: for every KEYS entry and every Redis type other than the one its ``--@key`` line
@@ -34,7 +35,7 @@ from luasched.keys import Namespace, key_slot
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
 from luasched.scripts import Call
-from support.helpers import namespace_keys
+from support.helpers import contents, contents_command, namespace_keys
 from support.servers import ServerHandle
 
 SCRIPTS: dict[str, dict[str, Any]] = manifest()["scripts"]
@@ -237,17 +238,20 @@ class Case:
 
     def _state_commands(self) -> list[tuple[Any, ...]]:
         return [
-            *(("DUMP", key) for key in self.keys),
+            contents_command(self.keys),
             *(("PTTL", key) for key in self.keys),
             ("DBSIZE",),
         ]
 
     def _state(self, replies: Sequence[Any]) -> State:
         count = len(self.keys)
-        dumps, ttls = replies[:count], replies[count : 2 * count]
+        values, ttls = contents(replies[0]), replies[1 : 1 + count]
         return (
-            {key: (dump, ttl >= 0) for key, dump, ttl in zip(self.keys, dumps, ttls, strict=True)},
-            replies[2 * count],
+            {
+                key: (value, ttl >= 0)
+                for key, value, ttl in zip(self.keys, values, ttls, strict=True)
+            },
+            replies[1 + count],
         )
 
     def run(
@@ -272,7 +276,7 @@ class Case:
         replies = pipe.execute(raise_on_error=False)
         for reply in replies[:prepared]:
             assert not isinstance(reply, Exception), reply
-        size = 2 * len(self.keys) + 1
+        size = len(self.keys) + 2
         return (
             replies[prepared + size],
             self._state(replies[prepared : prepared + size]),

@@ -73,14 +73,14 @@ ARG_CASES = [
     (
         "lock.semaphore_acquire",
         changed("lock.semaphore_acquire", None, None, keys=1),
-        "expected 3 key",
+        "expected 4 key",
     ),
     ("lock.semaphore_release", changed("lock.semaphore_release", 0, b""), "token must be 1 to 256"),
     ("lock.semaphore_release", changed("lock.semaphore_release", 1, b"r" * 65), "request_id must"),
     (
         "lock.semaphore_release",
         changed("lock.semaphore_release", None, None, keys=3),
-        "expected 3 key",
+        "expected 4 key",
     ),
     (
         "lock.semaphore_extend",
@@ -228,3 +228,27 @@ def test_typed_exceptions_through_the_wrapper(r: Any) -> None:
         s.lock("e", ttl_ms=0)
     with pytest.raises(ValueError):
         s.semaphore("e", 0)
+
+
+@pytest.mark.parametrize("stored", [b"not a number", b"1e9", b"hash"])
+def test_semaphore_fence_key_of_another_shape_is_corrupt_and_changes_nothing(
+    r: Any, stored: bytes
+) -> None:
+    """lock.semaphore_acquire reads the fence key before its first write: a value that is not a
+    plain decimal, or a key of another type, is CORRUPT, for a new permit and a holder's again."""
+    s = Scheduler(r, NS)
+    sem = s.semaphore("e", 2)
+    held = sem.acquire(blocking=False)
+    assert held is not None
+    if stored == b"hash":
+        r.delete(SEM[2])
+        r.hset(SEM[2], "f", "v")
+    else:
+        r.set(SEM[2], stored)
+    persist(r)
+    before = snapshot(r, NS)
+    with pytest.raises(CorruptState):
+        sem.acquire(blocking=False)
+    with pytest.raises(CorruptState):
+        s.runner.run(semaphore_acquire_call(s.namespace, b"e", held.token, 2, 60_000))
+    assert snapshot(r, NS) == before

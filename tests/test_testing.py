@@ -62,3 +62,15 @@ def test_a_crash_restart_keeps_what_an_always_synced_aof_holds() -> None:
         assert client.get("kept") == b"1"
         assert client.config_get("appendfsync")["appendfsync"] == "always"
         client.close()
+
+
+def test_a_launcher_runs_the_server_under_it() -> None:
+    """``launcher`` prefixes the command (bench's callgrind group runs the server under
+    valgrind): here ``nice -n 7``, which the server's own process then shows."""
+    binary = find_server_binary(ROOT)
+    with ThrowawayServer(binary, launcher=["nice", "-n", "7"], ready_timeout_s=30.0) as server:
+        assert server.client().ping()
+        assert server.process is not None
+        stat = Path(f"/proc/{server.process.pid}/stat").read_text()
+        niceness = int(stat.rsplit(")", 1)[1].split()[16])
+        assert niceness == 7

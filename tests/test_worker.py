@@ -259,6 +259,166 @@ def test_long_handler_is_extended_and_runs_once(r: Any, server: ServerHandle, ki
     assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
 
 
+def _count_takes(kind: str, worker: Any, sizes: list[int]) -> None:
+    """Record in ``sizes`` how many leases each take of its own (``dequeue_many``) of
+    ``worker`` answered; a take that rides in a pipeline of outcomes is not one."""
+    original = worker.queue.dequeue_many
+    if kind == "threads":
+
+        def take(*args: Any, **kwargs: Any) -> Any:
+            leases = original(*args, **kwargs)
+            sizes.append(len(leases))
+            return leases
+
+    else:
+
+        async def take(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            leases = await original(*args, **kwargs)
+            sizes.append(len(leases))
+            return leases
+
+    worker.queue.dequeue_many = take
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_busy_worker_takes_each_batch_with_the_last_ones_acks(
+    r: Any, server: ServerHandle, kind: str
+) -> None:
+    """A busy worker makes one round trip per batch: only its first batch is a take of its own;
+    each later one is leased in the pipeline that acks the batch before (after those acks), and
+    every task still runs once and is acked. Fails before the take rode with the acks (four
+    takes of their own)."""
+    q = Scheduler(r, NS).queue("ride")
+    for index in range(64):
+        q.enqueue(b"t%02d" % index, b"")
+    runs: Counter[bytes] = Counter()
+    sizes: list[int] = []
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+
+    clean, stats = _serve(
+        server,
+        kind,
+        "ride",
+        handler,
+        batch=16,
+        burst=True,
+        started=lambda worker: _count_takes(kind, worker, sizes),
+    )
+    assert clean is True
+    assert runs == {b"t%02d" % index: 1 for index in range(64)}
+    assert [size for size in sizes if size] == [16]
+    assert (stats.processed, stats.lost) == (64, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
+    r: Any, server: ServerHandle, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ran a take that rode with acks, but its reply was lost: the worker asks again
+    under the take's request id, gets those very leases back and runs them, each once on its
+    first attempt (not after their lease lapsed), and acks them."""
+    import luasched.asyncio.worker as async_worker
+    import luasched.worker as sync_worker
+
+    lost: list[int] = []
+
+    def lose_first_take(calls: Any, results: list[Any]) -> list[Any]:
+        for index, (_runner, call) in enumerate(calls):
+            if call.script == "queue.dequeue" and not lost and results[index]:
+                lost.append(len(results[index]))
+                results[index] = ConnectionError("reply lost (test)")
+        return results
+
+    if kind == "threads":
+        send = sync_worker.send_calls
+        monkeypatch.setattr(
+            sync_worker, "send_calls", lambda calls: lose_first_take(calls, send(calls))
+        )
+    else:
+        send_async = async_worker.send_calls_async
+
+        async def send_calls_async(calls: Any) -> list[Any]:
+            return lose_first_take(calls, await send_async(calls))
+
+        monkeypatch.setattr(async_worker, "send_calls_async", send_calls_async)
+    q = Scheduler(r, NS).queue("replay")
+    for index in range(48):
+        q.enqueue(b"t%02d" % index, b"")
+    attempts: dict[bytes, list[int]] = {}
+
+    def handler(job: Job) -> None:
+        attempts.setdefault(job.task_id, []).append(job.attempt)
+
+    clean, stats = _serve(server, kind, "replay", handler, batch=16, lease_ms=10_000, burst=True)
+    assert lost == [16]
+    assert clean is True
+    assert attempts == {b"t%02d" % index: [1] for index in range(48)}
+    assert (stats.processed, stats.lost) == (48, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_after_a_lost_take_reply_gives_those_leases_back(
+    r: Any, server: ServerHandle, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop comes right after a take whose reply was lost: the worker asks the server for
+    that take's leases (its request id) and gives them back uncharged, so they are ready now
+    rather than leased until they lapse."""
+    import luasched.asyncio.worker as async_worker
+    import luasched.worker as sync_worker
+
+    workers: list[Any] = []
+    lost: list[int] = []
+
+    def lose_take_and_stop(calls: Any, results: list[Any]) -> list[Any]:
+        for index, (_runner, call) in enumerate(calls):
+            if call.script == "queue.dequeue" and not lost and results[index]:
+                lost.append(len(results[index]))
+                results[index] = ConnectionError("reply lost (test)")
+                workers[0].stop()
+        return results
+
+    if kind == "threads":
+        send = sync_worker.send_calls
+        monkeypatch.setattr(
+            sync_worker, "send_calls", lambda calls: lose_take_and_stop(calls, send(calls))
+        )
+    else:
+        send_async = async_worker.send_calls_async
+
+        async def send_calls_async(calls: Any) -> list[Any]:
+            return lose_take_and_stop(calls, await send_async(calls))
+
+        monkeypatch.setattr(async_worker, "send_calls_async", send_calls_async)
+    q = Scheduler(r, NS).queue("giveback")
+    for index in range(48):
+        q.enqueue(b"t%02d" % index, b"")
+    runs: Counter[bytes] = Counter()
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+
+    clean, stats = _serve(
+        server, kind, "giveback", handler, batch=16, started=workers.append, worker_id="w"
+    )
+    assert lost == [16]
+    assert clean is True
+    assert len(runs) == 16 and set(runs.values()) == {1}
+    assert (stats.processed, stats.given_back, stats.in_flight) == (16, 16, 0)
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (32, 0, 0, 0)
+    rest = q.dequeue_many(b"check", 32, 60_000)
+    assert sorted(lease.task_id for lease in rest) == sorted(
+        b"t%02d" % index for index in range(48) if b"t%02d" % index not in runs
+    )
+    assert {lease.attempt for lease in rest} == {1}
+
+
 def _take_over(r: Any, s: Scheduler, name: str, task_id: bytes) -> Lease:
     """Make the lease of ``task_id`` lapse and lease the task to another worker, in one
     MULTI/EXEC (so no extend of its worker comes between): the other worker's lease."""

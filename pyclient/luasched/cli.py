@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -139,6 +140,60 @@ def _add_url(parser: _Parser) -> None:
         "--url",
         help=f"the server, e.g. redis://127.0.0.1:6379/0 (default: ${URL_VARIABLE})",
     )
+    parser.add_argument(
+        "--sentinel",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="instead of --url: the sentinels to ask for the primary of --service",
+    )
+    parser.add_argument("--service", help="the service name the sentinels monitor (--sentinel)")
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where a server subcommand connects: the server at ``url``, or the primary the
+    ``sentinels`` name ``service``."""
+
+    url: str = ""
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+
+    def connect(self) -> Any:
+        """A sync client (see ``connect``); close it yourself."""
+        if self.sentinels:
+            from luasched.ha import sentinel_client  # imports redis: not for `export`
+
+            return sentinel_client(list(self.sentinels), self.service, None, None, asyncio=False)
+        return connect(self.url)
+
+    def connect_async(self) -> Any:
+        """A ``redis.asyncio`` client of the same server (``RedisCluster`` for a cluster node:
+        asks the server once, synchronously); close it yourself."""
+        if self.sentinels:
+            from luasched.ha import sentinel_client  # imports redis: not for `export`
+
+            return sentinel_client(list(self.sentinels), self.service, None, None, asyncio=True)
+        import redis.asyncio
+        import redis.asyncio.cluster
+
+        from luasched.scripts import is_cluster
+
+        probe = connect(self.url)
+        cluster = is_cluster(probe)
+        probe.close()
+        if cluster:
+            return redis.asyncio.cluster.RedisCluster.from_url(self.url)
+        return redis.asyncio.Redis.from_url(self.url)
+
+
+def _sentinels(raw: str, parser: _Parser) -> tuple[tuple[str, int], ...]:
+    """``HOST:PORT[,HOST:PORT...]`` -> ((host, port), ...); exits with status 2 when malformed."""
+    found = []
+    for part in raw.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--sentinel: expected HOST:PORT[,HOST:PORT...], got {raw!r}")
+        found.append((host, int(port)))
+    return tuple(found)
 
 
 def _namespace(raw: str, parser: _Parser) -> Namespace:
@@ -147,6 +202,20 @@ def _namespace(raw: str, parser: _Parser) -> Namespace:
         return Namespace(os.fsencode(raw))
     except ValueError as error:
         parser.error(f"NAMESPACE: {error}")
+
+
+def _server(options: argparse.Namespace, parser: _Parser) -> Server:
+    """The server: ``--sentinel`` + ``--service``, else ``--url``, else ``$REDIS_URL``. Exits
+    with status 2 when none is given, both are, or one is malformed."""
+    if options.sentinel is None:
+        if options.service is not None:
+            parser.error("--service: only with --sentinel")
+        return Server(url=_url(options, parser))
+    if options.url is not None:
+        parser.error("--url and --sentinel: pass one of them")
+    if not options.service:
+        parser.error("--sentinel: needs --service NAME (the name the sentinels monitor)")
+    return Server(sentinels=_sentinels(options.sentinel, parser), service=options.service)
 
 
 def _url(options: argparse.Namespace, parser: _Parser) -> str:
@@ -182,16 +251,22 @@ def connect(url: str) -> Any:
     return RedisCluster.from_url(url)
 
 
-def install_functions(url: str, config: ScriptConfig) -> list[str]:
-    """Load the Functions library on the server at ``url`` (on every primary when it is a
-    cluster node); returns the addresses it was loaded on."""
+def install_functions(server: Server | str, config: ScriptConfig) -> list[str]:
+    """Load the Functions library on the server (a URL, or a ``Server``; on every primary when
+    it is a cluster node); returns the addresses it was loaded on."""
     from luasched.scripts import ScriptRunner, is_cluster
 
-    client = connect(url)
+    client = (server if isinstance(server, Server) else Server(url=server)).connect()
     try:
         ScriptRunner(client, render_all(config)).install_functions()
         if is_cluster(client):
             return [str(node.name) for node in client.get_primaries()]
+        from luasched.ha import sentinel_pool
+
+        pool = sentinel_pool(client)
+        if pool is not None:
+            host, port = pool.get_master_address()
+            return [f"{host}:{port}"]
         kwargs = client.get_connection_kwargs()
         return [f"{kwargs.get('host')}:{kwargs.get('port')}"]
     finally:
@@ -218,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command in ("install-functions", "stats"):
         return _server_command(options, config, sub)
     if command == "worker":
-        return run_worker(options, _url(options, sub), config, sub.error)
+        return run_worker(options, _server(options, sub), config, sub.error)
     scripts = render_all(config)
     if command == "render":
         if options.name not in scripts:
@@ -273,14 +348,14 @@ def _server_command(options: argparse.Namespace, config: ScriptConfig, parser: _
         if options.max_scan < 1:
             parser.error(f"--max-scan: must be at least 1, got {options.max_scan}")
         namespace = _namespace(options.namespace, parser)
-    url = _url(options, parser)
+    server = _server(options, parser)
     try:
         if namespace is None:
             name = functions_library(config).split("\n", 1)[0].split("name=", 1)[1]
-            for node in install_functions(url, config):
+            for node in install_functions(server, config):
                 print(f"{node}\t{name}")
             return 0
-        client = connect(url)
+        client = server.connect()
         try:
             stats = namespace_stats(client, namespace.name, options.max_scan, config)
         finally:

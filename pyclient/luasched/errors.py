@@ -24,6 +24,7 @@ __all__ = [
     "LockTimeout",
     "LuaschedError",
     "NoNode",
+    "NotReplicated",
     "RegistryFull",
     "ScanLimitReached",
     "StaleLease",
@@ -167,7 +168,38 @@ class LockTimeout(LuaschedError, TimeoutError):
     description = "a lock or semaphore was not granted within the context manager's timeout"
 
 
-#: The codes scripts answer with (``LockTimeout`` is the client's own, not among them).
+class NotReplicated(LuaschedError):
+    """Durable mode (``Scheduler(..., wait_replicas=N)``): the call ran on the primary, but
+    ``WAIT`` reported fewer than N replicas holding it within ``wait_timeout_ms``. Raised by the
+    client, not by a script, once the ``RetryPolicy`` has sent the same call again (same request
+    id) as often as it allows. The call may or may not survive a failover: send it again with the
+    same ``request_id`` (a script with a request record then acts once) or treat it as unknown.
+
+    Attributes:
+        acked: how many replicas ``WAIT`` reported.
+        wanted: ``wait_replicas``.
+        request_id: the call's request id (``b""`` when the script takes none).
+    """
+
+    code = "NOTREPLICATED"
+    description = (
+        "durable mode: fewer replicas than wait_replicas acknowledged the call within "
+        "wait_timeout_ms; it ran on the primary and may be lost in a failover"
+    )
+
+    def __init__(self, script: str, acked: int, wanted: int, request_id: bytes) -> None:
+        self.acked = acked
+        self.wanted = wanted
+        self.request_id = request_id
+        shown = request_id.decode("utf-8", "replace") if request_id else "(none)"
+        super().__init__(
+            f"{acked} of {wanted} replica(s) acknowledged the call (request id {shown})",
+            script=script,
+        )
+
+
+#: The codes scripts answer with (``LockTimeout`` and ``NotReplicated`` are the client's own,
+#: not among them).
 _CLASSES: tuple[type[LuaschedError], ...] = (
     InvalidArgument,
     NoNode,

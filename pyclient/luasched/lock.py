@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from luasched import contract, validate
 from luasched.blocking import pass_on_commands
@@ -48,6 +48,8 @@ from luasched.loops import Cleanup, Loop, Run, Send, Sleep, Wait, drive
 from luasched.scripts import Call, ScriptRunner
 
 H = TypeVar("H")
+#: The runner a lock or semaphore sends its calls through (sync or asyncio).
+RN = TypeVar("RN")
 
 __all__ = [
     "AcquireResult",
@@ -127,8 +129,8 @@ def __getattr__(name: str) -> Any:
 
 
 def semaphore_keys(namespace: Namespace, name: str | bytes, request_id: bytes) -> tuple[bytes, ...]:
-    """The 3 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-req:<request_id> (the
-    manifest's layout)."""
+    """The 4 KEYS of every ``lock.semaphore_*`` call: sem, sem-wake, sem-fence,
+    sem-req:<request_id> (the manifest's layout)."""
     bound = contract.layout(SEMAPHORE_SCRIPT).bind(namespace, name=to_bytes(name))
     return bound.with_request(request_id)
 
@@ -189,13 +191,16 @@ class ExtendResult:
 @dataclass(frozen=True)
 class PermitResult:
     """The reply of ``lock.semaphore_acquire``: ``"acquired"`` or ``"full"`` (then ``wait_ms``
-    until the earliest live lease lapses); ``holders`` = live leases."""
+    until the earliest live lease lapses); ``holders`` = live leases; ``fence`` = the permit's
+    fencing token (0 when full): larger than every token handed out before for this semaphore
+    name, also across a failover (docs/guarantees.md, "Fencing tokens")."""
 
     status: str
     deadline_ms: int
     holders: int
     wait_ms: int
     now_ms: int
+    fence: int
 
     @property
     def acquired(self) -> bool:
@@ -226,8 +231,10 @@ def _extend_result(reply: Any) -> ExtendResult:
 
 
 def _permit_result(reply: Any) -> PermitResult:
-    status, deadline_ms, holders, wait_ms, now_ms = reply
-    return PermitResult(_status(status), int(deadline_ms), int(holders), int(wait_ms), int(now_ms))
+    status, deadline_ms, holders, wait_ms, now_ms, fence = reply
+    return PermitResult(
+        _status(status), int(deadline_ms), int(holders), int(wait_ms), int(now_ms), int(fence)
+    )
 
 
 def acquire_call(
@@ -476,9 +483,10 @@ class Hold:
     Attributes:
         name: the lock (or semaphore) name.
         token: the owner token (the proof of ownership the scripts check).
-        fence: the fencing token (locks; 0 for permits): strictly greater than any earlier
-            grant of this lock name. Pass it to the protected resource and have it refuse
-            anything older than the newest it saw.
+        fence: the fencing token: strictly greater than any earlier grant of this lock (or
+            semaphore) name, also across a failover (docs/guarantees.md, "Fencing tokens"). Pass
+            it to the protected resource and have it refuse anything older than the newest it
+            saw.
         deadline_ms: when the hold lapses, in ms of the server's clock (Unix time), as of the
             acquire (``extend`` and auto-renew move it on the server, not here).
         count: holds of this owner after the acquire (reentrant locks; else 1).
@@ -558,23 +566,26 @@ def renew_loop(extend: Callable[[int], Call[ExtendResult]], ttl_ms: int) -> Loop
         give_up = time.monotonic() + ttl_ms / 1000.0
 
 
-class LockBase:
-    """What ``Lock`` and ``AsyncLock`` share: the options, the KEYS, the call builders and the
-    acquire loop (no I/O; each wrapper drives the loop with its own I/O)."""
+class LockBase(Generic[RN]):
+    """What ``Lock`` and ``AsyncLock`` share: the constructor (options checked before any I/O:
+    InvalidArgument naming the option), the KEYS, the call builders and the acquire loop (no
+    I/O; each wrapper drives the loop with its own I/O through ``runner``)."""
 
     def __init__(
         self,
+        runner: RN,
         namespace: Namespace,
         name: str | bytes,
         *,
-        ttl_ms: int,
-        fair: bool,
-        reentrant: bool,
-        auto_renew: bool,
-        retry_ms: int,
-        wait_ttl_ms: int | None,
-        timeout: float | None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
     ) -> None:
+        self._runner = runner
         self._namespace = namespace
         self.name = lock_name(name)
         self.ttl_ms = ttl_ms
@@ -589,6 +600,15 @@ class LockBase:
         self._token = new_token() if reentrant else None
         self._keys = LockKeys(namespace, self.name, reentrant)
         self.wake_key = self._keys.wake
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """The wrapper's own state (its renewers, who entered ``with``), set last."""
+        raise NotImplementedError
+
+    def _hold(self, token: bytes, result: AcquireResult) -> tuple[bytes, bytes, int, int, int, int]:
+        """The ``Hold`` fields of a granted acquire (the handle adds its owner)."""
+        return self.name, token, result.fence, result.deadline_ms, result.count, result.now_ms
 
     def _call(self, token: bytes, wait_ttl_ms: int) -> Call[AcquireResult]:
         request_id, keys = self._keys.attempt()
@@ -670,21 +690,24 @@ class LockBase:
         yield Run(self._release_call(token))  # best effort: else the place lapses by itself
 
 
-class SemaphoreBase:
-    """What ``Semaphore`` and ``AsyncSemaphore`` share: options, calls, the acquire loop."""
+class SemaphoreBase(Generic[RN]):
+    """What ``Semaphore`` and ``AsyncSemaphore`` share: the constructor (options checked before
+    any I/O), the calls and the acquire loop; each wrapper drives it through ``runner``."""
 
     def __init__(
         self,
+        runner: RN,
         namespace: Namespace,
         name: str | bytes,
         permits: int,
         *,
-        ttl_ms: int,
-        retry_ms: int,
-        timeout: float | None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
     ) -> None:
         validate.arg("lock.semaphore_acquire", "permits", permits)
         check_options(ttl_ms, retry_ms, None)
+        self._runner = runner
         self._namespace = namespace
         self.name = lock_name(name)
         self.permits = permits
@@ -692,6 +715,15 @@ class SemaphoreBase:
         self.retry_ms = retry_ms
         self.timeout = check_timeout(timeout)
         self.wake_key = semaphore_keys(namespace, self.name, b"")[1]
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """The wrapper's own state (who entered ``with``), set last."""
+        raise NotImplementedError
+
+    def _hold(self, token: bytes, result: PermitResult) -> tuple[bytes, bytes, int, int, int, int]:
+        """The ``Hold`` fields of a granted permit (its fencing token, one hold)."""
+        return self.name, token, result.fence, result.deadline_ms, 1, result.now_ms
 
     def _release_call(self, token: bytes) -> Call[ReleaseResult]:
         return semaphore_release_call(self._namespace, self.name, token, new_request_id())
@@ -772,7 +804,7 @@ class _Renewer:
             self._thread.join()
 
 
-class Lock(LockBase):
+class Lock(LockBase[ScriptRunner]):
     """A distributed lock named ``name`` in a namespace (``s.lock(name, ...)``).
 
     Every method is one script call (plus the waiting of ``acquire``), atomic on the server.
@@ -788,33 +820,10 @@ class Lock(LockBase):
     the block; ``acquire()`` answers None instead of raising.
     """
 
-    def __init__(
-        self,
-        runner: ScriptRunner,
-        namespace: Namespace,
-        name: str | bytes,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        reentrant: bool = False,
-        auto_renew: bool = False,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        wait_ttl_ms: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(
-            namespace,
-            name,
-            ttl_ms=ttl_ms,
-            fair=fair,
-            reentrant=reentrant,
-            auto_renew=auto_renew,
-            retry_ms=retry_ms,
-            wait_ttl_ms=wait_ttl_ms,
-            timeout=timeout,
-        )
-        self._runner = runner
-        self._renewers: dict[bytes, _Renewer] = {}
+    _renewers: dict[bytes, _Renewer]
+
+    def _init_io(self) -> None:
+        self._renewers = {}
         self._guard = threading.Lock()
         self._entered = EnteredHolds(threading.get_ident)
 
@@ -851,15 +860,7 @@ class Lock(LockBase):
                 if token not in self._renewers:
                     extend = functools.partial(self._extend_call, token)
                     self._renewers[token] = _Renewer(self._runner, extend, self.ttl_ms)
-        return LockHandle(
-            self.name,
-            token,
-            result.fence,
-            result.deadline_ms,
-            result.count,
-            result.now_ms,
-            _owner=self,
-        )
+        return LockHandle(*self._hold(token, result), _owner=self)
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold of ``handle``; the result says whether it was still held.
@@ -890,7 +891,7 @@ class Lock(LockBase):
         return renewer is not None and renewer.lost.is_set()
 
 
-class Semaphore(SemaphoreBase):
+class Semaphore(SemaphoreBase[ScriptRunner]):
     """A counting semaphore of ``permits`` permits (``s.semaphore(name, permits, ...)``).
 
     Each permit has its own lease of ``ttl_ms``: a holder that crashed gives it back when its
@@ -899,21 +900,7 @@ class Semaphore(SemaphoreBase):
     to ``timeout``, else ``luasched.LockTimeout``) and gives it back at the end of the block.
     """
 
-    def __init__(
-        self,
-        runner: ScriptRunner,
-        namespace: Namespace,
-        name: str | bytes,
-        permits: int,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(
-            namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms, timeout=timeout
-        )
-        self._runner = runner
+    def _init_io(self) -> None:
         self._entered = EnteredHolds(threading.get_ident)
 
     def __enter__(self) -> PermitHandle:
@@ -935,7 +922,7 @@ class Semaphore(SemaphoreBase):
         if got is None:
             return None
         token, result = got
-        return PermitHandle(self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self)
+        return PermitHandle(*self._hold(token, result), _owner=self)
 
     def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back (``count`` of the result: live leases left)."""

@@ -14,6 +14,11 @@ generator that yields steps and gets each step's answer back:
 * ``Cleanup(loop)``: run this sub-loop of ``Run`` steps to its end, best effort (its errors are
   swallowed), and -- under asyncio -- even if the task is cancelled meanwhile (the cancellation
   is delivered once it is done).
+* ``Do(fn, retry)``: call ``fn()`` -- a method of a wrapper (sync or asyncio) or of the client
+  -- and, under asyncio, await what it answers; with a ``RetryPolicy``, through it
+  (``retry.call`` / ``retry.call_async``). The answer is ``fn``'s, or its exception thrown
+  into the loop. The loops built on wrappers (a sharded queue's rotation, reading a sharded
+  layout) are written once with it.
 
 The loop's return value is the call's result. ``drive`` runs a loop with blocking I/O;
 ``drive_async`` awaits the same steps on ``redis.asyncio`` and, if asked, also delivers a
@@ -30,12 +35,27 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from luasched.blocking import wait_for_signal, wait_for_signal_async
 from luasched.scripts import Call
 
-__all__ = ["Cleanup", "Loop", "Run", "Send", "Sleep", "Step", "Wait", "drive", "drive_async"]
+if TYPE_CHECKING:
+    from luasched.retry import RetryPolicy
+
+__all__ = [
+    "Cleanup",
+    "Do",
+    "Loop",
+    "Run",
+    "Send",
+    "Sleep",
+    "Step",
+    "Wait",
+    "drive",
+    "drive_async",
+    "no_calls",
+]
 
 R = TypeVar("R")
 
@@ -76,8 +96,21 @@ class Cleanup:
     loop: Generator[Run, Any, None]
 
 
-Step = Run | Wait | Send | Sleep | Cleanup
+@dataclass(frozen=True)
+class Do:
+    """Call ``fn()`` (awaited under asyncio), through ``retry`` if given; answers its answer."""
+
+    fn: Callable[[], Any]
+    retry: RetryPolicy | None = None
+
+
+Step = Run | Wait | Send | Sleep | Cleanup | Do
 Loop = Generator[Step, Any, R]
+
+
+def no_calls(call: Call[Any]) -> NoReturn:
+    """The ``run`` to drive a loop with that makes no script call (only ``Do`` steps)."""
+    raise TypeError(f"this loop makes no script call, yet it asked for {call.script}")
 
 
 def drive(
@@ -109,6 +142,8 @@ def drive(
                     pipe.execute()
             elif isinstance(step, Sleep):
                 sleep(step.seconds)
+            elif isinstance(step, Do):
+                answer = step.fn() if step.retry is None else step.retry.call(step.fn)
             else:
                 with contextlib.suppress(Exception):
                     drive(step.loop, run, client, sleep)
@@ -172,6 +207,9 @@ async def drive_async(
                     await pipe.execute()
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
+            elif isinstance(step, Do):
+                retry = step.retry
+                answer = await (step.fn() if retry is None else retry.call_async(step.fn))
             else:
                 await _shielded(_quietly(step.loop, run, client))
                 continue  # a clean-up is not interrupted by a cancellation it already met

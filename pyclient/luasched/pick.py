@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from luasched import contract, validate
 from luasched.keys import Namespace
@@ -152,7 +152,21 @@ def default_rng() -> RandomSource:
     return random.Random()
 
 
-class Pick:
+#: What a Pick sends its calls through: a runner or a batch, sync or asyncio.
+R = TypeVar("R")
+
+
+class PickBase(Generic[R]):
+    """What ``Pick`` and ``AsyncPick`` share: the runner, the namespace and the random source
+    (``rng``, default ``default_rng()``) the charging and random picks draw from."""
+
+    def __init__(self, runner: R, namespace: Namespace, rng: RandomSource | None = None) -> None:
+        self._runner = runner
+        self._namespace = namespace
+        self._rng = rng if rng is not None else default_rng()
+
+
+class Pick(PickBase[Runner]):
     """Node selection for a namespace (``s.pick``).
 
     Every method is one script call, atomic on the server: candidates are the live,
@@ -162,13 +176,6 @@ class Pick:
     ScanLimitReached when the bounded walk met only dead nodes (call ``s.nodes.sweep()``),
     InvalidArgument, CorruptState.
     """
-
-    def __init__(
-        self, runner: Runner, namespace: Namespace, rng: RandomSource | None = None
-    ) -> None:
-        self._runner = runner
-        self._namespace = namespace
-        self._rng = rng if rng is not None else default_rng()
 
     def least_loaded(self, cost: int = 1) -> Picked:
         """The least utilized node (load / capacity) with room for ``cost``, charged ``cost``.

@@ -22,6 +22,7 @@ decision, only the shape of KEYS/ARGV and of the reply.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ from luasched.leases import (
     take_shape,
     text,
 )
-from luasched.loops import Loop, drive
+from luasched.loops import Do, Loop, drive, no_calls
 from luasched.pick import RandomSource, default_rng
 from luasched.render import MAX_BATCH_LIMIT
 from luasched.scripts import Call, Runner
@@ -557,27 +558,41 @@ def _policy_of(config: Any) -> str | None:
     return None
 
 
+def policy_loop(client: Any, namespace: Namespace) -> Loop[str | None]:
+    """Read the ``maxmemory-policy`` of the server holding ``namespace`` (a loop of one ``Do``
+    step, for the sync and the asyncio client alike); None when it could not be read."""
+    from luasched.scripts import is_cluster
+
+    try:
+        if is_cluster(client):
+            node = client.get_node_from_key(namespace.prefix)
+            config = yield Do(
+                functools.partial(client.config_get, "maxmemory-policy", target_nodes=node)
+            )
+        else:
+            config = yield Do(functools.partial(client.config_get, "maxmemory-policy"))
+    except Exception:  # CONFIG may be refused (ACL, managed services): never fatal
+        return None
+    return _policy_of(config)
+
+
+def warn_policy(policy: str | None, stacklevel: int = 4) -> str | None:
+    """Warn (``RuntimeWarning``, attributed ``stacklevel`` frames up: by default to the caller
+    of the Scheduler method that checked) when ``policy`` could evict queue keys; returns
+    ``policy``."""
+    message = policy and policy_warning(policy)
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    return policy
+
+
 def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     """Warn (``warnings.warn``) when the server holding ``namespace`` could evict its keys.
 
     Returns the policy, or None when it could not be read (CONFIG not permitted, renamed...):
     then nothing is warned and nothing fails.
     """
-    from luasched.scripts import is_cluster
-
-    try:
-        if is_cluster(client):
-            node = client.get_node_from_key(namespace.prefix)
-            config = client.config_get("maxmemory-policy", target_nodes=node)
-        else:
-            config = client.config_get("maxmemory-policy")
-    except Exception:  # CONFIG may be refused (ACL, managed services): never fatal
-        return None
-    policy = _policy_of(config)
-    message = policy and policy_warning(policy)
-    if message:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return policy
+    return warn_policy(drive(policy_loop(client, namespace), no_calls, client))
 
 
 class QueueCalls(Generic[R]):

@@ -5,11 +5,17 @@ while slots move, redis-py raises errors that say "not now" rather than "no": th
 refused (``ConnectionError``, ``TimeoutError``), the cluster is down (``ClusterDownError``,
 ``MasterDownError``), a multi-key call meets a slot half-migrated (``TryAgainError``, or
 redis-py's ``ClusterError`` once its own redirections ran out), the slot is not covered yet
-(``SlotNotCoveredError``), a write reached a primary that was demoted (``ReadOnlyError``), or a
-replica is still loading (``BusyLoadingError``). ``MOVED`` and ``ASK`` are followed by redis-py
-itself. ``ScriptRunner.run`` (and the asyncio twin) sends a call again on these errors, up to
-``RetryPolicy.attempts`` sends and ``budget_ms`` in total, sleeping ``base_ms * 2^n`` (at most
-``max_ms``) between sends; past that the last error is raised.
+(``SlotNotCoveredError``), a write reached a primary that was demoted (``ReadOnlyError``; behind
+Sentinel redis-py turns it into a ``ConnectionError``), a primary refuses writes because too few
+replicas are connected (``min-replicas-to-write``: ``NOREPLICAS``, which redis-py answers as a
+plain ``ResponseError``; ``NoReplicasError`` here), a replica is still loading
+(``BusyLoadingError``), or a replica lost its primary (``MASTERDOWN``: ``MasterDownError``). In
+durable mode, ``NotReplicated`` (fewer replicas than ``wait_replicas`` acknowledged a call) is
+sent again the same way: the same request id makes the resent call act once. ``MOVED`` and
+``ASK`` are followed by redis-py itself. ``ScriptRunner.run`` (and the asyncio twin) sends a
+call again on these errors, up to ``RetryPolicy.attempts`` sends and ``budget_ms`` in total,
+sleeping ``base_ms * 2^n`` (at most ``max_ms``) between sends; past that the last error is
+raised.
 
 Sending a call again is safe because it is the same call: the same request id, so a script
 that did run before its reply was lost answers its first reply instead of acting twice
@@ -39,27 +45,54 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     ConnectionError,
+    MasterDownError,
     ReadOnlyError,
+    ResponseError,
     SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
 )
 
-__all__ = ["NO_RETRY", "TRANSIENT_ERRORS", "RetryPolicy", "is_transient"]
+from luasched.errors import NotReplicated
+
+__all__ = [
+    "NO_RETRY",
+    "TRANSIENT_ERRORS",
+    "NoReplicasError",
+    "RetryPolicy",
+    "is_transient",
+    "no_replicas",
+]
+
+
+class NoReplicasError(ResponseError):
+    """``NOREPLICAS``: the primary refuses writes while fewer than ``min-replicas-to-write``
+    replicas are connected (redis-py has no class of its own for it). Nothing was written."""
+
+
+def no_replicas(error: BaseException) -> bool:
+    """Whether ``error`` is a ``NOREPLICAS`` reply (mapped to NoReplicasError or not yet)."""
+    if isinstance(error, NoReplicasError):
+        return True
+    return isinstance(error, ResponseError) and str(error).startswith("NOREPLICAS")
+
 
 T = TypeVar("T")
 
 #: The errors a call is sent again on (ClusterDownError covers MasterDownError; ConnectionError
-#: covers BusyLoadingError, listed for the reader).
+#: covers BusyLoadingError: both listed for the reader).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
     BusyLoadingError,
     ClusterDownError,
+    MasterDownError,
     ClusterError,
     TryAgainError,
     SlotNotCoveredError,
     ReadOnlyError,
+    NoReplicasError,
+    NotReplicated,
 )
 
 # Errors of redis-py's ConnectionError family that retrying cannot fix.
@@ -70,7 +103,7 @@ def is_transient(error: BaseException) -> bool:
     """Whether ``error`` is one a failover or resharding raises (worth sending again)."""
     if type(error).__name__ in _PERMANENT_NAMES:
         return False
-    return isinstance(error, TRANSIENT_ERRORS)
+    return isinstance(error, TRANSIENT_ERRORS) or no_replicas(error)
 
 
 @dataclass(frozen=True)

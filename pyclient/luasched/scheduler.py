@@ -2,32 +2,196 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Sized
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from luasched import validate
+from luasched.ha import DEFAULT_WAIT_TIMEOUT_MS, Durability, durability, sentinel_client
 from luasched.keys import Namespace
-from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, Semaphore
+from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS, Lock, LockBase, Semaphore, SemaphoreBase
+from luasched.loops import Loop, drive, no_calls
 from luasched.nodes import Nodes
 from luasched.pick import Pick, RandomSource
-from luasched.queue import Queue, check_eviction_policy
+from luasched.queue import Queue, QueueCalls, check_eviction_policy, policy_loop, warn_policy
 from luasched.render import RenderedScript, ScriptConfig, render_all
 from luasched.retry import RetryPolicy
-from luasched.scripts import Batch, ScriptRunner, SyncClient
+from luasched.scripts import Batch, Runner, ScriptRunner, SyncClient
 from luasched.sharded import (
     DEFAULT_BLOCK_SLICE_MS,
     ShardedQueue,
     check_sharded,
+    layout_loop,
     partition_namespace,
-    sharded_layout,
 )
 from luasched.slots import Slots
+
+if TYPE_CHECKING:
+    from luasched.asyncio.scripts import AsyncScriptRunner
 
 __all__ = ["Scheduler", "SchedulerPipeline"]
 
 
-class Scheduler:
+def _api(
+    runner: Runner, namespace: Namespace, rng: RandomSource | None
+) -> tuple[Slots, Nodes, Pick]:
+    """The ``slots``, ``nodes`` and ``pick`` of a Scheduler (its runner) or a pipeline (batch)."""
+    return Slots(runner, namespace), Nodes(runner, namespace), Pick(runner, namespace, rng)
+
+
+#: A Scheduler's client, runner, lock class and semaphore class (sync, or asyncio).
+C = TypeVar("C")
+RN = TypeVar("RN", bound="ScriptRunner | AsyncScriptRunner")
+L = TypeVar("L", bound="LockBase[Any]")
+S = TypeVar("S", bound="SemaphoreBase[Any]")
+#: The class ``from_sentinel`` builds.
+SB = TypeVar("SB", bound="SchedulerBase[Any, Any, Any, Any]")
+
+
+class SchedulerBase(Generic[C, RN, L, S]):
+    """What ``Scheduler`` and ``luasched.asyncio.Scheduler`` share: the constructor (client and
+    options checked before anything else: InvalidArgument naming the parameter), the factories
+    that do no I/O (``lock``, ``semaphore``) and ``sharded_queue``'s checks, layout read and
+    policy checks (a loop each driver runs). Each subclass names the classes it builds
+    (``_lock_class``, ``_semaphore_class``) and makes its runner and its ``slots``, ``nodes``
+    and ``pick`` (``_connect``)."""
+
+    _lock_class: type[L]
+    _semaphore_class: type[S]
+    runner: RN
+
+    def __init__(
+        self,
+        client: C,
+        namespace: str | bytes,
+        *,
+        config: ScriptConfig | None = None,
+        rng: RandomSource | None = None,
+        use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+    ) -> None:
+        validate.client("client", client)
+        if use_functions is not None:
+            validate.flag("use_functions", use_functions)
+        self.durability: Durability | None = durability(client, wait_replicas, wait_timeout_ms)
+        self.client = client
+        self.namespace = Namespace(namespace)
+        self.config = config or ScriptConfig()
+        self._rng = rng
+        self.runner = self._connect(use_functions, retry)
+        self.scripts: Mapping[str, RenderedScript] = self.runner.scripts
+
+    def _connect(self, use_functions: bool | None, retry: RetryPolicy | None) -> RN:
+        """The runner of this Scheduler's scripts (with ``self.durability``); sets ``slots``,
+        ``nodes`` and ``pick`` on it. No I/O."""
+        raise NotImplementedError
+
+    #: Whether ``from_sentinel`` makes a ``redis.asyncio`` client.
+    _asyncio = False
+
+    @classmethod
+    def from_sentinel(
+        cls: type[SB],
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        namespace: str | bytes,
+        *,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> SB:
+        """A Scheduler on the primary that the sentinels name ``service_name``.
+
+        Built on redis-py: ``Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs,
+        **connection_kwargs).master_for(service_name)`` (``redis.asyncio.sentinel`` for
+        ``luasched.asyncio.Scheduler``); ``sentinels`` is a list of ``(host, port)``;
+        ``connection_kwargs`` go to the primary's connections (and to the sentinels' when
+        ``sentinel_kwargs`` is None, as redis-py does); ``options`` are this class's
+        (``wait_replicas``, ``retry``...). No I/O here.
+
+        On top of redis-py's pool (which asks the sentinels only when it opens a connection),
+        an error that says the primary moved -- ``READONLY``, ``NOREPLICAS``, ``NotReplicated``
+        -- makes the Scheduler ask the sentinels again and drop its connections to the old
+        primary before the call is sent again (``luasched.ha``). Raises InvalidArgument naming
+        the parameter for a malformed ``sentinels``/``service_name``/kwargs."""
+        client = sentinel_client(
+            sentinels, service_name, sentinel_kwargs, connection_kwargs, asyncio=cls._asyncio
+        )
+        return cls(client, namespace, **options)
+
+    def lock(
+        self,
+        name: str | bytes,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        fair: bool = False,
+        reentrant: bool = False,
+        auto_renew: bool = False,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        wait_ttl_ms: int | None = None,
+        timeout: float | None = None,
+    ) -> L:
+        """A distributed lock named ``name`` (any bytes): a ``luasched.lock.Lock`` (on
+        ``luasched.asyncio``, a ``luasched.asyncio.lock.AsyncLock``). No I/O.
+
+        ``with s.lock(name, timeout=5) as handle:`` (``async with`` on asyncio) waits up to
+        ``timeout`` seconds (None: no limit) and raises ``luasched.LockTimeout`` if the lock was
+        not granted."""
+        return self._lock_class(
+            self.runner,
+            self.namespace,
+            name,
+            ttl_ms=ttl_ms,
+            fair=fair,
+            reentrant=reentrant,
+            auto_renew=auto_renew,
+            retry_ms=retry_ms,
+            wait_ttl_ms=wait_ttl_ms,
+            timeout=timeout,
+        )
+
+    def semaphore(
+        self,
+        name: str | bytes,
+        permits: int,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        timeout: float | None = None,
+    ) -> S:
+        """A counting semaphore of ``permits`` leased permits: a ``luasched.lock.Semaphore`` (on
+        ``luasched.asyncio``, a ``luasched.asyncio.lock.AsyncSemaphore``). No I/O."""
+        return self._semaphore_class(
+            self.runner,
+            self.namespace,
+            name,
+            permits,
+            ttl_ms=ttl_ms,
+            retry_ms=retry_ms,
+            timeout=timeout,
+        )
+
+    def _sharded(
+        self, name: str | bytes, partitions: int, block_slice_ms: int, options: dict[str, Any]
+    ) -> Loop[tuple[bytes, list[Namespace]]]:
+        """``sharded_queue`` up to its partitions (``luasched.loops``): the arguments checked,
+        the layout read (or planned and recorded), and the maxmemory-policy of each partition's
+        primary checked (a warning); the queue name as bytes and the partition namespaces."""
+        raw = check_sharded(name, partitions, block_slice_ms, options)
+        retry = self.runner.retry
+        layout = yield from layout_loop(self.client, self.namespace, raw, partitions, retry)
+        namespaces = []
+        for candidate in layout:
+            namespace = partition_namespace(self.namespace, candidate)
+            # Attributed to the caller of sharded_queue: past this loop, its driver and the method.
+            warn_policy((yield from policy_loop(self.client, namespace)), stacklevel=5)
+            namespaces.append(namespace)
+        return raw, namespaces
+
+
+class Scheduler(SchedulerBase[SyncClient, ScriptRunner, Lock, Semaphore]):
     """The luasched API for one namespace on one redis-py client.
 
     ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster`` that answers bytes
@@ -57,28 +221,20 @@ class Scheduler:
     ``RetryPolicy()``: up to 30 sends within 20 s, backoff 25 ms doubling to 500 ms).
     """
 
-    def __init__(
-        self,
-        client: SyncClient,
-        namespace: str | bytes,
-        *,
-        config: ScriptConfig | None = None,
-        rng: RandomSource | None = None,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        validate.client("client", client)
-        if use_functions is not None:
-            validate.flag("use_functions", use_functions)
-        self.client = client
-        self.namespace = Namespace(namespace)
-        self.config = config or ScriptConfig()
-        self.scripts: Mapping[str, RenderedScript] = render_all(self.config)
-        self.runner = ScriptRunner(client, self.scripts, use_functions=use_functions, retry=retry)
-        self.slots = Slots(self.runner, self.namespace)
-        self.nodes = Nodes(self.runner, self.namespace)
-        self.pick = Pick(self.runner, self.namespace, rng)
-        self._rng = rng
+    _lock_class = Lock
+    _semaphore_class = Semaphore
+
+    def _connect(self, use_functions: bool | None, retry: RetryPolicy | None) -> ScriptRunner:
+        scripts = render_all(self.config)
+        runner = ScriptRunner(
+            self.client,
+            scripts,
+            use_functions=use_functions,
+            retry=retry,
+            durability=self.durability,
+        )
+        self.slots, self.nodes, self.pick = _api(runner, self.namespace, self._rng)
+        return runner
 
     def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the Functions library on every primary (Redis 7.0+); returns
@@ -88,55 +244,6 @@ class Scheduler:
     def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
         return self.runner.load()
-
-    def lock(
-        self,
-        name: str | bytes,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        reentrant: bool = False,
-        auto_renew: bool = False,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        wait_ttl_ms: int | None = None,
-        timeout: float | None = None,
-    ) -> Lock:
-        """A distributed lock named ``name`` (any bytes); see ``luasched.lock.Lock``. No I/O.
-
-        ``with s.lock(name, timeout=5) as handle:`` waits up to ``timeout`` seconds (None: no
-        limit) and raises ``luasched.LockTimeout`` if the lock was not granted."""
-        return Lock(
-            self.runner,
-            self.namespace,
-            name,
-            ttl_ms=ttl_ms,
-            fair=fair,
-            reentrant=reentrant,
-            auto_renew=auto_renew,
-            retry_ms=retry_ms,
-            wait_ttl_ms=wait_ttl_ms,
-            timeout=timeout,
-        )
-
-    def semaphore(
-        self,
-        name: str | bytes,
-        permits: int,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        timeout: float | None = None,
-    ) -> Semaphore:
-        """A counting semaphore of ``permits`` leased permits; see ``luasched.lock.Semaphore``."""
-        return Semaphore(
-            self.runner,
-            self.namespace,
-            name,
-            permits,
-            ttl_ms=ttl_ms,
-            retry_ms=retry_ms,
-            timeout=timeout,
-        )
 
     def queue(self, name: str | bytes, **options: Any) -> Queue:
         """The task queue ``name`` (1..1024 bytes); options as ``luasched.queue.Queue``.
@@ -167,13 +274,9 @@ class Scheduler:
         evicting maxmemory-policy of each partition's primary. Raises ValueError when the queue
         was created with another number of partitions.
         """
-        raw = check_sharded(name, partitions, block_slice_ms, options)
-        layout = sharded_layout(self.client, self.namespace, raw, partitions, self.runner.retry)
-        queues = []
-        for candidate in layout:
-            namespace = partition_namespace(self.namespace, candidate)
-            check_eviction_policy(self.client, namespace)
-            queues.append(Queue(self.runner, namespace, raw, client=self.client, **options))
+        loop = self._sharded(name, partitions, block_slice_ms, options)
+        raw, namespaces = drive(loop, no_calls, self.client)
+        queues = [Queue(self.runner, ns, raw, client=self.client, **options) for ns in namespaces]
         return ShardedQueue(queues, block_slice_ms=block_slice_ms)
 
     def pipeline(self) -> SchedulerPipeline:
@@ -181,7 +284,37 @@ class Scheduler:
         return SchedulerPipeline(self.runner.batch(), self.namespace, self._rng)
 
 
-class SchedulerPipeline:
+B = TypeVar("B", bound=Sized)
+Q = TypeVar("Q", bound="QueueCalls[Any]")
+
+
+class PipelineBase(Generic[B, Q]):
+    """What ``SchedulerPipeline`` and ``AsyncSchedulerPipeline`` share: the API objects on one
+    batch (``slots``, ``nodes``, ``pick``, set by ``_connect``) and its queues."""
+
+    _queue_class: type[Q]
+
+    def __init__(self, batch: B, namespace: Namespace, rng: RandomSource | None = None) -> None:
+        self._batch = batch
+        self._namespace = namespace
+        self._rng = rng
+        self._connect()
+
+    def _connect(self) -> None:
+        """Set ``slots``, ``nodes`` and ``pick`` on the batch."""
+        raise NotImplementedError
+
+    def queue(self, name: str | bytes, **options: Any) -> Q:
+        """The queue ``name``, queued: its calls (awaited, on asyncio) queue the call and return
+        None; no blocking dequeue here."""
+        options.setdefault("rng", self._rng)
+        return self._queue_class(self._batch, self._namespace, name, **options)
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+
+class SchedulerPipeline(PipelineBase[Batch, Queue]):
     """The Scheduler API, queued: methods return None; ``execute()`` returns the results.
 
     Usage::
@@ -195,21 +328,10 @@ class SchedulerPipeline:
     are loaded and retried once (they run after the other calls of the batch).
     """
 
-    def __init__(self, batch: Batch, namespace: Namespace, rng: RandomSource | None = None) -> None:
-        self._batch = batch
-        self.slots = Slots(batch, namespace)
-        self.nodes = Nodes(batch, namespace)
-        self.pick = Pick(batch, namespace, rng)
-        self._namespace = namespace
-        self._rng = rng
+    _queue_class = Queue
 
-    def queue(self, name: str | bytes, **options: Any) -> Queue:
-        """The queue ``name``, queued: its calls return None; no blocking dequeue here."""
-        options.setdefault("rng", self._rng)
-        return Queue(self._batch, self._namespace, name, **options)
-
-    def __len__(self) -> int:
-        return len(self._batch)
+    def _connect(self) -> None:
+        self.slots, self.nodes, self.pick = _api(self._batch, self._namespace, self._rng)
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send the queued calls; results in order (see ``Batch.execute``)."""

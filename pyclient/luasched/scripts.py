@@ -34,18 +34,29 @@ Everything but the I/O lives in module functions shared with ``luasched.asyncio`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import redis
 from redis.cluster import RedisCluster
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from luasched.errors import error_from_response
+from luasched.ha import (
+    REDISCOVER_ERRORS,
+    Durability,
+    asks_for_primary,
+    changes_state,
+    sentinel_pool,
+)
 from luasched.render import FunctionsLibrary, RenderedScript, library_of
-from luasched.retry import RetryPolicy
+from luasched.retry import NoReplicasError, RetryPolicy, no_replicas
+
+if TYPE_CHECKING:
+    from luasched.asyncio.scripts import AsyncClient, AsyncScriptRunner
 
 __all__ = ["Batch", "Call", "FunctionsRoute", "Runner", "ScriptRunner"]
 
@@ -72,11 +83,14 @@ class Runner(Protocol):
 
 
 def translate(error: BaseException) -> BaseException:
-    """The luasched exception for a ``LUASCHED_*`` error reply; any other error as it was."""
+    """The luasched exception for a ``LUASCHED_*`` error reply, ``NoReplicasError`` for a
+    ``NOREPLICAS`` reply; any other error as it was."""
     if isinstance(error, ResponseError):
         mapped = error_from_response(error)
         if mapped is not None:
             return mapped
+        if no_replicas(error) and not isinstance(error, NoReplicasError):
+            return NoReplicasError(*error.args)
     return error
 
 
@@ -109,6 +123,20 @@ def finish(calls: Sequence[Call[Any]], replies: Sequence[Any], raise_on_error: b
     if raise_on_error and first_error is not None:
         raise first_error
     return results
+
+
+def wait_after(
+    calls: Sequence[Call[Any]],
+    scripts: Mapping[str, RenderedScript],
+    durability: Durability | None,
+) -> Durability | None:
+    """``durability`` when a batch of ``calls`` needs a closing ``WAIT`` (one of them can
+    change state), else None."""
+    if durability is None:
+        return None
+    if any(changes_state(scripts[call.script]) for call in calls):
+        return durability
+    return None
 
 
 def fcall_command(call: Call[Any], library: FunctionsLibrary) -> tuple[Arg, ...]:
@@ -210,50 +238,77 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
 
 
-class ScriptRunner:
+C = TypeVar("C", bound="SyncClient | AsyncClient")
+H = TypeVar("H", bound="Script | AsyncScript")
+
+
+def checked_sha1(name: str, script: RenderedScript, reply: Any) -> str:
+    """The SHA1 a ``SCRIPT LOAD`` of ``script`` answered; RuntimeError if it is not the
+    manifest's."""
+    sha1 = reply.decode() if isinstance(reply, bytes) else str(reply)
+    if sha1 != script.sha1:
+        raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
+    return sha1
+
+
+class RunnerBase(Generic[C, H]):
+    """What ``ScriptRunner`` and ``AsyncScriptRunner`` share: the client, the scripts, the
+    redis-py ``Script`` handles, the FCALL route, the retry policy and the primaries to address
+    (no I/O here; each runner sends, or awaits, what these give)."""
+
+    def __init__(
+        self,
+        client: C,
+        scripts: Mapping[str, RenderedScript],
+        *,
+        use_functions: bool | None = None,
+        retry: RetryPolicy | None = None,
+        durability: Durability | None = None,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self._handles: dict[str, H] = {}
+        self.route = FunctionsRoute(scripts, use_functions)
+        self.retry = retry or RetryPolicy()
+        self.durability = durability
+        self._sentinel = sentinel_pool(client)
+
+    def _handle(self, name: str) -> H:
+        handle = self._handles.get(name)
+        if handle is None:
+            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
+            text = self.scripts[name].text.encode("utf-8")
+            handle = self._handles[name] = cast(H, self.client.register_script(text))
+        return handle
+
+    def _targets(self) -> list[dict[str, Any]]:
+        """The options that address each primary (one empty set of options off a cluster)."""
+        client: Any = self.client  # redis-py's cluster methods are untyped
+        if not is_cluster(client):
+            return [{}]
+        return [{"target_nodes": node} for node in client.get_primaries()]
+
+    def _execute(self, *command: Arg, **options: Any) -> Any:
+        """``execute_command`` (awaitable on an asyncio client)."""
+        client: Any = self.client
+        return client.execute_command(*command, **options)
+
+
+class ScriptRunner(RunnerBase[SyncClient, Script]):
     """Runs luasched scripts on one redis-py client (``Redis`` or ``RedisCluster``).
 
     Thread-safe as far as the client is. ``run`` is atomic per call (one script execution);
     a reply lost to a connection error may still have been executed: scripts that change state
     take a request id for that reason. ``retry`` (default ``RetryPolicy()``) sends a call again,
     bounded and with backoff, on the errors of a failover or resharding (``luasched.retry``).
+    ``durability`` (durable mode, ``luasched.ha``): a ``WAIT`` follows every call that can
+    change state in the same round trip. On a Sentinel-managed client, an error that says the
+    primary moved makes the runner ask the sentinels before the call is sent again.
     """
-
-    def __init__(
-        self,
-        client: SyncClient,
-        scripts: Mapping[str, RenderedScript],
-        *,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.client = client
-        self.scripts = scripts
-        self._handles: dict[str, Script] = {}
-        self.route = FunctionsRoute(scripts, use_functions)
-        self.retry = retry or RetryPolicy()
-
-    def _handle(self, name: str) -> Script:
-        handle = self._handles.get(name)
-        if handle is None:
-            # Bytes, so the SHA1 redis-py computes is ours whatever the client's encoding.
-            handle = self.client.register_script(self.scripts[name].text.encode("utf-8"))
-            self._handles[name] = handle
-        return handle
-
-    def _primaries(self) -> list[Any]:
-        if not isinstance(self.client, RedisCluster):
-            return [None]
-        return list(cast(Any, self.client).get_primaries())  # untyped in redis-py
-
-    def _execute(self, *command: Arg, **options: Any) -> Any:
-        client: Any = self.client
-        return client.execute_command(*command, **options)
 
     def _probe(self) -> None:
         replies: list[Any] = []
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             try:
                 replies.append(self._execute(*self.route.probe_command(), **options))
             except redis.RedisError as error:
@@ -271,11 +326,52 @@ class ScriptRunner:
         EVALSHA, on NOSCRIPT load and retry once; parse the reply. The same call is sent again
         on a failover's or resharding's errors, as ``self.retry`` says.
 
-        Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply.
+        Raises the mapped ``LuaschedError`` for a ``LUASCHED_*`` error reply; in durable mode
+        ``NotReplicated`` once the policy's resends ran out.
         """
-        return self.retry.call(lambda: self._run_once(call))
+        return self.retry.call(lambda: self._attempt(call))
+
+    def _attempt(self, call: Call[T]) -> T:
+        try:
+            return self._run_once(call)
+        except Exception as error:
+            if self._sentinel is not None and asks_for_primary(error):
+                self.rediscover()
+            raise
+
+    def rediscover(self) -> None:
+        """Ask the sentinels for the primary; when it moved, the pool drops its connections
+        to the old one (idle ones now, busy ones when released). Errors are left to the call."""
+        with contextlib.suppress(*REDISCOVER_ERRORS):
+            self._sentinel.get_master_address()  # type: ignore[union-attr]
+
+    def _with_wait(self, *command: Arg) -> tuple[Any, Any]:
+        """``command`` then ``WAIT`` in one pipeline: (its reply, WAIT's reply), errors as
+        values."""
+        assert self.durability is not None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command(*self.durability.command)
+        reply, acked = pipe.execute(raise_on_error=False)
+        return reply, acked
+
+    def _run_durable(self, call: Call[T], durability: Durability) -> T:
+        script = self.scripts[call.script]
+        fcall = self.route.fcall(call) if self.uses_functions() else None
+        if fcall is not None:
+            reply, acked = self._with_wait(*fcall)
+            if not (isinstance(reply, ResponseError) and self.route.fall_back(reply)):
+                return cast(T, durability.result(call, script, reply, acked))
+        evalsha = command(call, script, by_text=False)
+        reply, acked = self._with_wait(*evalsha)
+        if isinstance(reply, NoScriptError):  # never ran: load it and send again, once
+            self.client.script_load(script.text.encode("utf-8"))
+            reply, acked = self._with_wait(*evalsha)
+        return cast(T, durability.result(call, script, reply, acked))
 
     def _run_once(self, call: Call[T]) -> T:
+        if self.durability is not None and changes_state(self.scripts[call.script]):
+            return self._run_durable(call, self.durability)
         if self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:
@@ -295,14 +391,10 @@ class ScriptRunner:
 
         Raises RuntimeError if a server answers another SHA1 than the manifest's.
         """
-        loaded = {}
-        for name, script in self.scripts.items():
-            sha1 = self.client.script_load(script.text.encode("utf-8"))
-            sha1 = sha1.decode() if isinstance(sha1, bytes) else str(sha1)
-            if sha1 != script.sha1:
-                raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
-            loaded[name] = sha1
-        return loaded
+        return {
+            name: checked_sha1(name, script, self.client.script_load(script.text.encode("utf-8")))
+            for name, script in self.scripts.items()
+        }
 
     def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name.
@@ -310,8 +402,7 @@ class ScriptRunner:
         Functions are persisted (RDB/AOF) and replicated, unlike ``SCRIPT LOAD``. Redis 7.0+.
         """
         library = self.route.library
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
         self.route.reset()
         return library.name
@@ -321,15 +412,60 @@ class ScriptRunner:
         return Batch(self)
 
 
-class Batch:
-    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
+R = TypeVar("R", bound="ScriptRunner | AsyncScriptRunner")
 
-    def __init__(self, runner: ScriptRunner) -> None:
+
+class BatchBase(Generic[R]):
+    """What ``Batch`` and ``AsyncBatch`` share: the queued calls, the pipeline that sends them
+    (EVALSHA; EVAL with the text on a cluster) and what a NOSCRIPT retry loads."""
+
+    def __init__(self, runner: R) -> None:
         self._runner = runner
         self._calls: list[Call[Any]] = []
+        self._acked: Any = None  # the last WAIT's reply (durable mode)
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    def _pipeline(self, calls: Sequence[Call[Any]]) -> tuple[Any, bool]:
+        """A pipeline (no transaction) holding ``calls``, not sent yet, and whether a ``WAIT``
+        closes it (durable mode, when one of the calls can change state)."""
+        client: Any = self._runner.client
+        by_text = is_cluster(client)
+        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
+        for call in calls:
+            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
+        waits = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if waits is not None:
+            pipe.execute_command(*waits.command)
+        return pipe, waits is not None
+
+    def _replies(self, replies: list[Any], waited: bool) -> list[Any]:
+        """The calls' replies of a sent ``_pipeline``; the closing ``WAIT``'s goes to
+        ``_acked``."""
+        if waited:
+            self._acked = replies.pop()
+        return replies
+
+    def _finish(
+        self, calls: Sequence[Call[Any]], replies: list[Any], raise_on_error: bool
+    ) -> list[Any]:
+        """The batch's results (``finish``); in durable mode, when the closing ``WAIT`` fell
+        short, each state-changing call's result is a ``NotReplicated``."""
+        durability = wait_after(calls, self._runner.scripts, self._runner.durability)
+        if durability is not None:
+            replies = durability.mark(calls, self._runner.scripts, replies, self._acked)
+        return finish(calls, replies, raise_on_error)
+
+    def _reload(self, calls: Sequence[Call[Any]], retry: Sequence[int]) -> list[bytes]:
+        """The texts to ``SCRIPT LOAD`` before the calls at ``retry`` (they met NOSCRIPT) are
+        sent again: each script once, in name order."""
+        names = sorted({calls[index].script for index in retry})
+        return [self._runner.scripts[name].text.encode("utf-8") for name in names]
+
+
+class Batch(BatchBase[ScriptRunner]):
+    """Calls sent together in one pipeline (non-transactional), with NOSCRIPT recovery."""
 
     def run(self, call: Call[T]) -> T:
         """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
@@ -337,19 +473,17 @@ class Batch:
         return cast(T, None)
 
     def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        client = self._runner.client
-        by_text = is_cluster(client)
-        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
-        for call in calls:
-            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        return list(pipe.execute(raise_on_error=False))
+        pipe, waited = self._pipeline(calls)
+        return self._replies(list(pipe.execute(raise_on_error=False)), waited)
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; return their results in order and empty the batch.
 
         Calls that met NOSCRIPT are retried once after loading their scripts. With
         ``raise_on_error`` the first error is raised after all calls ran; otherwise the
-        exceptions stand in the list.
+        exceptions stand in the list. Durable mode: one ``WAIT`` ends the pipeline (after the
+        resent calls too); when it falls short, each state-changing call's result is a
+        ``NotReplicated`` (not resent here: a batch has no retry policy).
         """
         calls, self._calls = self._calls, []
         if not calls:
@@ -357,10 +491,9 @@ class Batch:
         replies = self._send(calls)
         retry = noscript_indexes(replies)
         if retry:
-            for name in sorted({calls[index].script for index in retry}):
-                self._runner.client.script_load(self._runner.scripts[name].text.encode("utf-8"))
-            for index, reply in zip(
-                retry, self._send([calls[index] for index in retry]), strict=True
-            ):
+            for text in self._reload(calls, retry):
+                self._runner.client.script_load(text)
+            resent = self._send([calls[index] for index in retry])
+            for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
-        return finish(calls, replies, raise_on_error)
+        return self._finish(calls, replies, raise_on_error)

@@ -32,6 +32,7 @@ scripts, inside one partition. The client only decides which partition a call go
 from __future__ import annotations
 
 import binascii
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from luasched import validate
 from luasched.errors import InvalidArgument
 from luasched.keys import Namespace, to_bytes
 from luasched.leases import Lease, Nacked, check_take, remaining_ms
+from luasched.loops import Do, Loop, drive, no_calls
 from luasched.queue import (
     MAX_QUEUE_NAME_BYTES,
     Enqueued,
@@ -65,6 +67,7 @@ __all__ = [
     "decode_layout",
     "encode_layout",
     "layout_key",
+    "layout_loop",
     "partition_for",
     "partition_namespace",
     "plan_layout",
@@ -298,6 +301,71 @@ class ShardedBase(Generic[P]):
         """The partition a task with this routing key goes to."""
         return routed(routing_key, len(self.partitions))
 
+    # The loops of ``dequeue_many`` and ``ack_and_dequeue`` (``luasched.loops``: their ``Do``
+    # steps call the partitions' own methods, which each wrapper runs, or awaits).
+
+    def _sweep(
+        self, worker_id: str | bytes, count: int, lease_ms: int
+    ) -> Loop[list[PartitionLease]]:
+        """Ask the partitions in this worker's rotation order (no wait) until ``count`` are
+        taken; the cursor moves past the last partition that served."""
+        taken: list[PartitionLease] = []
+        last: int | None = None
+        for partition in self.rotation.order(worker_id):
+            queue: Any = self.partitions[partition]
+            take = functools.partial(queue.dequeue_many, worker_id, count - len(taken), lease_ms)
+            leases = yield Do(take)
+            if leases:
+                last = partition
+                taken += [PartitionLease.of(lease, partition) for lease in leases]
+                if len(taken) >= count:
+                    break
+        self.rotation.served(worker_id, last)
+        return taken
+
+    def _take(
+        self, worker_id: str | bytes, n: int, lease_ms: int, block_ms: int
+    ) -> Loop[list[PartitionLease]]:
+        """``dequeue_many``: a sweep; while it took nothing and ``block_ms`` is not over, a
+        blocking take of at most ``block_slice_ms`` on the partition under the cursor, and
+        again. Arguments are checked before the first call."""
+        check_take(worker_id, n, lease_ms, block_ms)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            taken = yield from self._sweep(worker_id, n, lease_ms)
+            wait_ms = remaining_ms(deadline)
+            if taken or wait_ms <= 0:
+                return taken
+            partition = self.rotation.order(worker_id)[0]
+            queue: Any = self.partitions[partition]
+            slice_ms = min(wait_ms, self.block_slice_ms)
+            leases = yield Do(
+                functools.partial(queue.dequeue_many, worker_id, n, lease_ms, block_ms=slice_ms)
+            )
+            self.rotation.served(worker_id, partition if leases else None)
+            if leases:
+                return [PartitionLease.of(lease, partition) for lease in leases]
+
+    def _ack_and_take(
+        self, lease: Lease, worker_id: str | bytes, lease_ms: int, block_ms: int
+    ) -> Loop[PartitionLease | None]:
+        """``ack_and_dequeue``: one call when the rotation is at the lease's partition, else an
+        ack and a take. Arguments are checked before the first call."""
+        held = _check_lease(lease, len(self.partitions))
+        check_take(worker_id, 1, lease_ms, block_ms)
+        queue: Any = self.partitions[held.partition]
+        if self.rotation.order(worker_id)[0] == held.partition:
+            following = yield Do(
+                functools.partial(queue.ack_and_dequeue, held, worker_id, lease_ms)
+            )
+            if following is not None:
+                self.rotation.served(worker_id, held.partition)
+                return PartitionLease.of(following, held.partition)
+        else:
+            yield Do(functools.partial(queue.ack, held))
+        taken = yield from self._take(worker_id, 1, lease_ms, block_ms)
+        return taken[0] if taken else None
+
 
 class ShardedQueue(ShardedBase[Queue]):
     """One logical queue over k partition queues (``s.sharded_queue(name, partitions=k)``).
@@ -329,39 +397,11 @@ class ShardedQueue(ShardedBase[Queue]):
             request_id=request_id,
         )
 
-    def _sweep(self, worker_id: str | bytes, count: int, lease_ms: int) -> list[PartitionLease]:
-        taken: list[PartitionLease] = []
-        last: int | None = None
-        for partition in self.rotation.order(worker_id):
-            leases = self.partitions[partition].dequeue_many(
-                worker_id, count - len(taken), lease_ms
-            )
-            if leases:
-                last = partition
-                taken += [PartitionLease.of(lease, partition) for lease in leases]
-                if len(taken) >= count:
-                    break
-        self.rotation.served(worker_id, last)
-        return taken
-
     def dequeue_many(
         self, worker_id: str | bytes, n: int, lease_ms: int, *, block_ms: int = 0
     ) -> list[PartitionLease]:
         """Take up to ``n`` tasks, the partitions asked in this worker's rotation order."""
-        check_take(worker_id, n, lease_ms, block_ms)
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            taken = self._sweep(worker_id, n, lease_ms)
-            wait_ms = remaining_ms(deadline)
-            if taken or wait_ms <= 0:
-                return taken
-            partition = self.rotation.order(worker_id)[0]
-            leases = self.partitions[partition].dequeue_many(
-                worker_id, n, lease_ms, block_ms=min(wait_ms, self.block_slice_ms)
-            )
-            self.rotation.served(worker_id, partition if leases else None)
-            if leases:
-                return [PartitionLease.of(lease, partition) for lease in leases]
+        return drive(self._take(worker_id, n, lease_ms, block_ms), no_calls, None)
 
     def dequeue(
         self, worker_id: str | bytes, lease_ms: int, *, block_ms: int = 0
@@ -376,17 +416,7 @@ class ShardedQueue(ShardedBase[Queue]):
         """Ack ``lease`` and take the next task: one call when the rotation is at the lease's
         partition, else an ack and a dequeue (so chaining does not pin a worker to one
         partition). Raises StaleLease (and takes nothing) when ``lease`` is no longer held."""
-        held = _check_lease(lease, len(self.partitions))
-        check_take(worker_id, 1, lease_ms, block_ms)
-        if self.rotation.order(worker_id)[0] == held.partition:
-            queue = self.partitions[held.partition]
-            following = queue.ack_and_dequeue(held, worker_id, lease_ms)
-            if following is not None:
-                self.rotation.served(worker_id, held.partition)
-                return PartitionLease.of(following, held.partition)
-        else:
-            self.ack(held)
-        return self.dequeue(worker_id, lease_ms, block_ms=block_ms)
+        return drive(self._ack_and_take(lease, worker_id, lease_ms, block_ms), no_calls, None)
 
     def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """``Queue.ack`` on the lease's partition."""
@@ -420,20 +450,28 @@ class ShardedQueue(ShardedBase[Queue]):
         return ShardedStats(tuple(queue.stats() for queue in self.partitions))
 
 
+def layout_loop(
+    client: Any, base: Namespace, name: bytes, partitions: int, retry: RetryPolicy
+) -> Loop[tuple[int, ...]]:
+    """``sharded_layout`` as a loop (``luasched.loops``; each read and write sent through
+    ``retry``), for the sync and the asyncio client alike."""
+    from luasched.scripts import is_cluster
+
+    key = layout_key(base, name)
+    value = yield Do(functools.partial(client.get, key), retry)
+    if value is None:
+        groups = None
+        if is_cluster(client):
+            groups = slot_groups((yield Do(client.cluster_slots, retry)))
+        planned = encode_layout(plan_layout(base, partitions, groups))
+        # SET NX: of two first clients, one records its plan and both read the same back.
+        yield Do(functools.partial(client.set, key, planned, nx=True), retry)
+        value = yield Do(functools.partial(client.get, key), retry)
+    return checked_layout(value, partitions, name)
+
+
 def sharded_layout(
     client: Any, base: Namespace, name: bytes, partitions: int, retry: RetryPolicy
 ) -> tuple[int, ...]:
     """Read (or plan and record) the partition candidates of sharded queue ``name``."""
-    from luasched.scripts import is_cluster
-
-    key = layout_key(base, name)
-    value = retry.call(lambda: client.get(key))
-    if value is None:
-        groups = None
-        if is_cluster(client):
-            groups = slot_groups(retry.call(lambda: client.cluster_slots()))
-        planned = encode_layout(plan_layout(base, partitions, groups))
-        # SET NX: of two first clients, one records its plan and both read the same back.
-        retry.call(lambda: client.set(key, planned, nx=True))
-        value = retry.call(lambda: client.get(key))
-    return checked_layout(value, partitions, name)
+    return drive(layout_loop(client, base, name, partitions, retry), no_calls, client)

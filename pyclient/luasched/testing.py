@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -91,11 +92,22 @@ class ThrowawayServer:
     """One server process; ``with ThrowawayServer(binary) as server: server.port``."""
 
     def __init__(
-        self, binary: str | Path, extra_args: list[str] | None = None, *, persistent: bool = False
+        self,
+        binary: str | Path,
+        extra_args: list[str] | None = None,
+        *,
+        persistent: bool = False,
+        launcher: Sequence[str] = (),
+        ready_timeout_s: float = 10.0,
     ) -> None:
+        """``launcher``: a command the server runs under (``["valgrind", "--tool=callgrind"]``:
+        the process is the launcher's, its pid the server's); ``ready_timeout_s``: how long a
+        start may take before it counts as failed."""
         self.binary = Path(binary)
         self.extra_args = extra_args or []
         self.persistent = persistent
+        self.launcher = list(launcher)
+        self.ready_timeout_s = ready_timeout_s
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.directory: Path | None = None
@@ -124,6 +136,7 @@ class ThrowawayServer:
     def _launch(self) -> bool:
         assert self.directory is not None
         args = [
+            *self.launcher,
             str(self.binary),
             "--bind", HOST,
             "--port", str(self.port),
@@ -142,7 +155,7 @@ class ThrowawayServer:
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
         )
-        return self._wait_ready(10.0)
+        return self._wait_ready(self.ready_timeout_s)
 
     def restart(self, *, crash: bool = False, down_for_s: float = 0.0) -> None:
         """Stop the server and start it again on the same port and directory.

@@ -52,6 +52,14 @@ __all__ = [
 _REQUEST_ID = re.compile(rb"[0-9A-Za-z_-]*")
 
 
+#: Durable mode (``luasched.ha``; here so the CLI reads them without importing redis):
+#: ``wait_timeout_ms`` when not given, how long one ``WAIT`` may block; the largest
+#: ``wait_replicas`` / ``wait_timeout_ms`` accepted (Redis takes larger; no use).
+DEFAULT_WAIT_TIMEOUT_MS = 1000
+MAX_WAIT_REPLICAS = 1000
+MAX_WAIT_TIMEOUT_MS = 3_600_000
+
+
 def _refuse(name: str, rule: str, value: object) -> InvalidArgument:
     shown = repr(value)
     if len(shown) > 80:

@@ -12,8 +12,11 @@ What the runtime guarantees (docs/worker.md has the details):
 * A handler's return acks its lease; an exception nacks it: ``Retry(delay_ms)`` ready again
   after that delay, ``Fail`` into the dead letters now, any other exception the queue's backoff
   (after ``max_attempts`` leases, the dead letters, as ``nack`` always does).
-* Leases are taken in batches (``dequeue_many``) and acked in pipelines (one round trip per
-  batch of finished tasks), as the fastest hand-written loop does.
+* Leases are taken in batches (``dequeue_many``) and acked in pipelines (one per batch of
+  finished tasks); the take of the next batch rides in that pipeline after the acks, so a busy
+  worker makes one round trip per batch (the hand-written loop makes two). A ridden take whose
+  reply was lost is asked again under its request id: its leases run here (or are given back
+  by a stop), never left to lapse.
 * A running task's lease is extended every ``lease_ms / 3`` for as long as its handler runs. An
   extend refused (the lease lapsed and another worker took the task) marks the job lost
   (``job.lost``; under asyncio the handler's task is cancelled) and the runtime never acks or
@@ -47,6 +50,7 @@ from typing import Any
 
 from luasched import validate
 from luasched.errors import InvalidArgument, StaleLease, UnknownNode
+from luasched.keys import new_request_id
 from luasched.nodes import drain_call, heartbeat_call, register_call
 from luasched.queue import (
     NACK_DEAD,
@@ -320,6 +324,18 @@ def extend_of(queue: Any, lease: Lease, lease_ms: int) -> tuple[Any, Call[Any]]:
     return plain._runner, extend_call(plain.keys, lease, lease_ms)
 
 
+def take_of(queue: Any, options: WorkerOptions, request_id: bytes) -> tuple[Any, Call[Any]] | None:
+    """The runner and the non-blocking ``dequeue_many`` call (``queue.dequeue`` or
+    ``queue.node_dequeue``, a whole batch, under ``request_id``) that can ride in the pipeline
+    of a batch's outcomes; None for a sharded queue, whose take asks its partitions in turn."""
+    if getattr(queue, "partitions", None) is not None:
+        return None
+    args = (options.worker_id, options.batch, options.lease_ms, 0)
+    if _is_node(queue):
+        return queue.queue._runner, queue._take_plan(*args, request_id, "many")
+    return queue._runner, queue._take_plan(*args, None, request_id, "many")
+
+
 def remaining(stats: Any) -> int:
     """Tasks a ``stats()`` reply says are ready, delayed or leased (a node: ready or assigned)."""
     if hasattr(stats, "assigned"):
@@ -345,10 +361,19 @@ def _reason(error: BaseException) -> bytes:
 
 @dataclass(frozen=True)
 class Take:
-    """Lease up to ``n`` tasks, blocking up to ``block_ms``; the answer is a list of Lease."""
+    """Lease up to ``n`` tasks, blocking up to ``block_ms``; the answer is a list of Lease.
+    ``request_id``: the take's request id (None: a fresh one); the loop passes the id of a take
+    whose reply it did not get, so that a replay answers the leases that take made."""
 
     n: int
     block_ms: int
+    request_id: bytes | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of the driver's ``dequeue_many`` call."""
+        if self.request_id is None:
+            return {"block_ms": self.block_ms}
+        return {"block_ms": self.block_ms, "request_id": self.request_id}
 
 
 @dataclass(frozen=True)
@@ -420,7 +445,12 @@ def worker_loop(
     queue: Any, options: WorkerOptions, control: Control, stats: WorkerStats
 ) -> WorkerLoop:
     """The worker's loop (both drivers run it): returns True after a clean drain (every
-    leased task finished), False when leases had to be given back."""
+    leased task finished), False when leases had to be given back.
+
+    Round trips: while a handler is free after a batch of outcomes, the next batch's take rides
+    in the outcomes' pipeline (``take_of``; a sharded queue takes on its own), so a busy worker
+    makes one round trip per batch; a take that did not ride, or whose reply was lost, is a
+    ``Take`` (a lost one replayed under its request id)."""
     node = getattr(queue, "node", None) if _is_node(queue) else None
     lease_ms = options.lease_ms
     extend_every = lease_ms / 3000
@@ -429,6 +459,10 @@ def worker_loop(
     next_heartbeat = 0.0
     next_status = time.monotonic() + options.status_interval_s
     drain_deadline: float | None = None
+    #: The request id of a pipelined take whose reply was lost: the next take replays it.
+    replay: bytes | None = None
+    #: A take rode in the last outcomes' pipeline: no other take until the next Collect.
+    took = False
     if node is not None:
         yield from _join(queue, node, options.node_ttl_ms)
         next_heartbeat = time.monotonic() + heartbeat_every
@@ -440,10 +474,15 @@ def worker_loop(
             drain_deadline = now + options.drain_timeout_s
             # Prefetched leases no handler took: given back now, never run here.
             waiting: list[Job] = yield Withdraw(tuple(running.values()))
+            if replay is not None:  # the leases a lost reply may have made: given back too
+                for lease in (yield Take(options.batch, 0, replay)):
+                    waiting.append(Job(lease, now))
             if waiting:
                 yield from _give_back(queue, {id(job): job for job in waiting}, stats)
                 for job in waiting:
-                    del running[id(job)]
+                    running.pop(id(job), None)
+                stats.in_flight = len(running)
+            replay = None
             log.info("stopping: no more leases; draining %d in flight", len(running))
         if drain_deadline is not None and (
             not running or now >= drain_deadline or control.now.is_set()
@@ -456,15 +495,14 @@ def worker_loop(
             _call_hook(options.status, stats)
             next_status = now + options.status_interval_s
         free = options.concurrency - len(running)
-        if drain_deadline is None and free > 0:
+        # Right after a take that rode with the outcomes, the next one waits for a Collect.
+        just_took, took = took and bool(running), False
+        if drain_deadline is None and free > 0 and not just_took:
             # A whole batch whenever a handler is free: up to batch - 1 leases wait (leased,
             # extended) for a handler, as a prefetch.
-            leases: list[Lease] = yield Take(options.batch, 0 if running else IDLE_BLOCK_MS)
-            for lease in leases:
-                job = Job(lease, time.monotonic() + extend_every)
-                running[id(job)] = job
-                stats.in_flight = len(running)
-                yield Start(job)
+            leases: list[Lease] = yield Take(options.batch, 0 if running else IDLE_BLOCK_MS, replay)
+            replay = None
+            yield from _start(leases, running, stats, extend_every)
             if not running:
                 if options.burst and not leases and (yield Remaining()) == 0:
                     log.info("burst: the queue holds nothing ready, delayed or leased")
@@ -479,7 +517,15 @@ def worker_loop(
             wake_at = min(wake_at, next_heartbeat)
         done = yield Collect(max(0.0, wake_at - time.monotonic()))
         if done:
-            yield from _finish(queue, options, running, done, stats)
+            taking = drain_deadline is None and not control.stop.is_set() and replay is None
+            rid = new_request_id() if taking else None
+            taken = yield from _finish(queue, options, running, done, stats, rid)
+            if isinstance(taken, BaseException):
+                log.error("take failed: %s (asked again)", taken)
+                replay = rid
+            elif taken is not None:
+                took = True
+                yield from _start(taken, running, stats, extend_every)
         due = [job for job in running.values() if job.next_extend <= time.monotonic()]
         if due:
             yield from _extend(queue, lease_ms, extend_every, running, due, stats)
@@ -491,14 +537,31 @@ def worker_loop(
     return clean
 
 
+def _start(
+    leases: list[Lease], running: dict[int, Job], stats: WorkerStats, extend_every: float
+) -> Generator[WorkerStep, Any, None]:
+    """Start a handler on each of ``leases`` (those no handler is free for wait: a prefetch)."""
+    for lease in leases:
+        job = Job(lease, time.monotonic() + extend_every)
+        running[id(job)] = job
+        stats.in_flight = len(running)
+        yield Start(job)
+
+
 def _finish(
     queue: Any,
     options: WorkerOptions,
     running: dict[int, Job],
     done: list[tuple[Job, BaseException | None]],
     stats: WorkerStats,
-) -> Generator[WorkerStep, Any, None]:
-    """Ack the jobs whose handler returned and nack those that raised, in one batch."""
+    take_request: bytes | None = None,
+) -> Generator[WorkerStep, Any, list[Lease] | BaseException | None]:
+    """Ack the jobs whose handler returned and nack those that raised, in one batch.
+
+    With ``take_request`` (a request id), if a handler is free once these jobs are done, the
+    next batch's take (``take_of``) rides in the same pipeline, sent after every outcome; the
+    answer is its leases, or its exception (the reply was lost: replay the request id), or None
+    when no take rode."""
     calls: list[tuple[Any, Call[Any]]] = []
     finished: list[tuple[Job, BaseException | None]] = []
     for job, error in done:
@@ -517,9 +580,12 @@ def _finish(
         finished.append((job, error))
     stats.in_flight = len(running)
     if not calls:
-        return
-    results = yield Calls(tuple(calls))
-    for (job, error), result in zip(finished, results, strict=True):
+        return None
+    take = None
+    if take_request is not None and options.concurrency > len(running):
+        take = take_of(queue, options, take_request)
+    results = yield Calls(tuple(calls) if take is None else (*calls, take))
+    for (job, error), result in zip(finished, results[: len(finished)], strict=True):
         if isinstance(result, StaleLease):
             stats.lost += 1
             log.warning("lease of task %r was gone before its outcome was sent", job.task_id)
@@ -536,6 +602,7 @@ def _finish(
             else:
                 stats.retried += 1
                 _call_hook(options.on_failure, job, error)
+    return None if take is None else results[-1]
 
 
 def _extend(
@@ -652,6 +719,35 @@ def send_calls(calls: tuple[tuple[Any, Call[Any]], ...]) -> list[Any]:
     return results
 
 
+class Steps:
+    """The steps of a worker loop, for a driver's ``for`` loop (the sync and the asyncio driver
+    alike): set ``answer`` to a step's answer before the next step is taken (it is sent into
+    the loop, then reset to None); once the loop has ended, ``result`` is what it returned."""
+
+    def __init__(self, loop: WorkerLoop) -> None:
+        self._loop = loop
+        self.answer: Any = None
+        self.result = False
+
+    def __iter__(self) -> Steps:
+        return self
+
+    def __next__(self) -> WorkerStep:
+        answer, self.answer = self.answer, None
+        try:
+            return self._loop.send(answer)
+        except StopIteration as done:
+            self.result = bool(done.value)
+            raise StopIteration from None
+
+
+def take_failed(error: BaseException) -> float:
+    """Log a take that failed after the runner's own retries; the seconds to wait before the
+    loop goes on (it is answered no lease and tries again soon)."""
+    log.error("take failed: %s", error)
+    return TAKE_RETRY_S
+
+
 class WorkerBase:
     """What the sync and asyncio workers share: options, counters, stop (the drivers differ)."""
 
@@ -712,6 +808,13 @@ class WorkerBase:
 
     def _loop(self) -> WorkerLoop:
         return worker_loop(self.queue, self.options, self.control, self._stats)
+
+    def _take(self, step: Take) -> Any:
+        """The queue's ``dequeue_many`` for ``step`` (its answer; awaitable on asyncio)."""
+        options = self.options
+        return self.queue.dequeue_many(
+            options.worker_id, step.n, options.lease_ms, **step.options()
+        )
 
 
 class Worker(WorkerBase):
@@ -799,34 +902,24 @@ class Worker(WorkerBase):
             log.info("worker stopped: %s", self._stats.line())
 
     def _drive(self, loop: WorkerLoop) -> bool:
-        answer: Any = None
-        while True:
-            try:
-                step = loop.send(answer)
-            except StopIteration as done:
-                return bool(done.value)
-            answer = None
+        steps = Steps(loop)
+        for step in steps:
             if isinstance(step, Take):
                 try:
-                    answer = self.queue.dequeue_many(
-                        self.options.worker_id,
-                        step.n,
-                        self.options.lease_ms,
-                        block_ms=step.block_ms,
-                    )
+                    steps.answer = self._take(step)
                 except Exception as error:  # after the runner's own retries: try again soon
-                    log.error("take failed: %s", error)
-                    time.sleep(TAKE_RETRY_S)
-                    answer = []
+                    time.sleep(take_failed(error))
+                    steps.answer = []
             elif isinstance(step, Calls):
-                answer = send_calls(step.calls)
+                steps.answer = send_calls(step.calls)
             elif isinstance(step, Start):
                 self._jobs.put(step.job)
             elif isinstance(step, Collect):
-                answer = self._collect(step.timeout_s)
+                steps.answer = self._collect(step.timeout_s)
             elif isinstance(step, Withdraw):
                 with self._claim:
-                    answer = withdraw(step.jobs)
+                    steps.answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
-                answer = remaining(self.queue.stats())
+                steps.answer = remaining(self.queue.stats())
             # Cancel: a thread cannot be cancelled; the handler reads job.lost.
+        return steps.result

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from luasched.render import ScriptConfig
+from luasched.validate import DEFAULT_WAIT_TIMEOUT_MS
 
 if TYPE_CHECKING:
+    from luasched.cli import Server
     from luasched.worker import WorkerStats
 
 __all__ = ["load_handler", "run_worker", "worker_options"]
@@ -54,6 +56,19 @@ def worker_options(parser: argparse.ArgumentParser) -> None:
         "--burst", action="store_true", help="exit once nothing is ready, delayed or leased"
     )
     parser.add_argument("--worker-id", help="default HOSTNAME-PID")
+    parser.add_argument(
+        "--wait-replicas",
+        type=int,
+        default=0,
+        help="durable mode: each ack, nack, lease... returns once this many replicas hold it "
+        "(WAIT); default 0 (off)",
+    )
+    parser.add_argument(
+        "--wait-timeout-ms",
+        type=int,
+        default=DEFAULT_WAIT_TIMEOUT_MS,
+        help="durable mode: how long one WAIT may block (default %(default)s)",
+    )
 
 
 def load_handler(spec: str, error: Callable[[str], NoReturn]) -> Callable[..., Any]:
@@ -98,6 +113,7 @@ def _worker_kwargs(options: argparse.Namespace) -> dict[str, Any]:
 def _check_options(options: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
     """Check the Worker's options before connecting (a usage error, status 2)."""
     from luasched.errors import InvalidArgument
+    from luasched.ha import durability
     from luasched.worker import (
         DEFAULT_BATCH,
         DEFAULT_DRAIN_TIMEOUT_S,
@@ -114,12 +130,16 @@ def _check_options(options: argparse.Namespace, error: Callable[[str], NoReturn]
     }
     try:
         WorkerOptions.of(**{**defaults, **_worker_kwargs(options)})
+        durability(None, options.wait_replicas, options.wait_timeout_ms)
     except InvalidArgument as failed:
         error(str(failed))
 
 
 def run_worker(
-    options: argparse.Namespace, url: str, config: ScriptConfig, error: Callable[[str], NoReturn]
+    options: argparse.Namespace,
+    server: Server,
+    config: ScriptConfig,
+    error: Callable[[str], NoReturn],
 ) -> int:
     """Run ``luasched worker``; the exit status."""
     import redis
@@ -138,9 +158,9 @@ def run_worker(
     )
     try:
         if options.asyncio:
-            clean, stats = asyncio.run(_run_async(options, url, config, handler))
+            clean, stats = asyncio.run(_run_async(options, server, config, handler))
         else:
-            clean, stats = _run_sync(options, url, config, handler)
+            clean, stats = _run_sync(options, server, config, handler)
     except InvalidArgument as failed:
         error(str(failed))
     except redis.RedisError as failed:
@@ -153,16 +173,20 @@ def run_worker(
     return 0 if clean else 1
 
 
+def _durable(options: argparse.Namespace) -> dict[str, Any]:
+    """The Scheduler's durable-mode options from the flags (checked by the Scheduler)."""
+    return {"wait_replicas": options.wait_replicas, "wait_timeout_ms": options.wait_timeout_ms}
+
+
 def _run_sync(
-    options: argparse.Namespace, url: str, config: ScriptConfig, handler: Callable[..., Any]
+    options: argparse.Namespace, server: Server, config: ScriptConfig, handler: Callable[..., Any]
 ) -> tuple[bool, WorkerStats]:
-    from luasched.cli import connect
     from luasched.scheduler import Scheduler
     from luasched.worker import Worker
 
-    client = connect(url)
+    client = server.connect()
     try:
-        scheduler = Scheduler(client, options.namespace, config=config)
+        scheduler = Scheduler(client, options.namespace, config=config, **_durable(options))
         if options.partitions is not None:
             queue: Any = scheduler.sharded_queue(options.queue, options.partitions)
         else:
@@ -176,26 +200,14 @@ def _run_sync(
 
 
 async def _run_async(
-    options: argparse.Namespace, url: str, config: ScriptConfig, handler: Callable[..., Any]
+    options: argparse.Namespace, server: Server, config: ScriptConfig, handler: Callable[..., Any]
 ) -> tuple[bool, WorkerStats]:
-    import redis.asyncio
-    import redis.asyncio.cluster
-
     from luasched.asyncio.scheduler import Scheduler
     from luasched.asyncio.worker import Worker as AsyncWorker
-    from luasched.cli import connect
-    from luasched.scripts import is_cluster
 
-    probe = connect(url)
-    cluster = is_cluster(probe)
-    probe.close()
-    client: Any = (
-        redis.asyncio.cluster.RedisCluster.from_url(url)
-        if cluster
-        else redis.asyncio.Redis.from_url(url)
-    )
+    client: Any = server.connect_async()
     try:
-        scheduler = Scheduler(client, options.namespace, config=config)
+        scheduler = Scheduler(client, options.namespace, config=config, **_durable(options))
         if options.partitions is not None:
             queue: Any = await scheduler.sharded_queue(options.queue, options.partitions)
         else:

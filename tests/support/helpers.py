@@ -18,8 +18,11 @@ from luasched.keys import SLOT_COUNT, Namespace, to_bytes
 from luasched.scheduler import Scheduler
 
 __all__ = [
+    "CONTENTS_SCRIPT",
     "assert_codes_covered",
     "assert_refused",
+    "contents",
+    "contents_command",
     "counts_of",
     "lock_state",
     "namespace_keys",
@@ -94,11 +97,60 @@ def namespace_keys(client: Client, namespace: Namespace | str | bytes) -> list[b
     return sorted({to_bytes(key) for key in found})
 
 
-def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, bytes]:
-    """Key -> DUMP of every key of ``namespace``: equal snapshots mean byte-identical data.
+#: A script (EVAL, KEYS: the keys to read) answering, per key, {type, content}: a string's
+#: value, a hash's or a zset's flat field/value or member/score list, a list's items, a set's
+#: members, a stream's entries; {"none", {}} for an absent key. Compared through ``contents``,
+#: which puts hashes and sets in one order. Not DUMP: a DUMP also carries the encoding, and a
+#: hashtable's (the queue's tasks hash is one) iterates in an order that incremental rehashing
+#: moves, even on reads: two DUMPs of one unchanged hash can differ.
+CONTENTS_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  local value = {}
+  if kind == 'string' then value = { redis.call('GET', key) }
+  elseif kind == 'hash' then value = redis.call('HGETALL', key)
+  elseif kind == 'zset' then value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  elseif kind == 'list' then value = redis.call('LRANGE', key, 0, -1)
+  elseif kind == 'set' then value = redis.call('SMEMBERS', key)
+  elseif kind == 'stream' then value = redis.call('XRANGE', key, '-', '+')
+  end
+  out[i] = { kind, value }
+end
+return out
+"""
 
-    DUMP's payload covers the value and its encoding, not the TTL; the TTL is appended (as
-    ``b"|ttl=<ms>"``, -1 for none) so a changed expiry shows too.
+
+def contents_command(keys: Sequence[bytes]) -> tuple[Any, ...]:
+    """The command reading ``keys`` with CONTENTS_SCRIPT (one slot on a cluster)."""
+    return ("EVAL", CONTENTS_SCRIPT, len(keys), *keys)
+
+
+def contents(reply: Sequence[Any]) -> list[tuple[bytes, Any]]:
+    """CONTENTS_SCRIPT's reply with hashes and sets in one order: per key (type, content);
+    equal results mean the same values, whatever the encodings."""
+
+    def frozen(value: Any) -> Any:
+        return tuple(frozen(item) for item in value) if isinstance(value, list) else value
+
+    found: list[tuple[bytes, Any]] = []
+    for kind, value in reply:
+        kind = to_bytes(kind)
+        if kind == b"hash":
+            found.append((kind, tuple(sorted(zip(value[0::2], value[1::2], strict=True)))))
+        elif kind == b"set":
+            found.append((kind, tuple(sorted(value))))
+        else:
+            found.append((kind, frozen(value)))
+    return found
+
+
+def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, bytes]:
+    """Key -> the content of every key of ``namespace`` (CONTENTS_SCRIPT) and its TTL: equal
+    snapshots mean the same data.
+
+    The content is the value alone, not its encoding (see CONTENTS_SCRIPT); the TTL is appended
+    (as ``b"|ttl=<ms>"``, -1 for none) so a changed expiry shows too.
     """
     keys = namespace_keys(client, namespace)
     if not keys:
@@ -106,14 +158,14 @@ def snapshot(client: Client, namespace: Namespace | str | bytes) -> dict[bytes, 
     if isinstance(client, redis.cluster.RedisCluster):  # one slot: its primary answers all
         client = client.get_redis_connection(client.get_node_from_key(keys[0]))
     pipe = client.pipeline(transaction=False)
+    pipe.execute_command(*contents_command(keys))
     for key in keys:
-        pipe.dump(key)
         pipe.pttl(key)
     replies = pipe.execute()
     return {
-        key: bytes(dumped) + b"|ttl=" + str(ttl).encode()
-        for key, dumped, ttl in zip(keys, replies[0::2], replies[1::2], strict=True)
-        if dumped is not None  # expired or deleted between SCAN and DUMP
+        key: repr(content).encode() + b"|ttl=" + str(ttl).encode()
+        for key, content, ttl in zip(keys, contents(replies[0]), replies[1:], strict=True)
+        if content[0] != b"none"  # expired or deleted between SCAN and the read
     }
 
 
@@ -223,3 +275,40 @@ def lock_state(client: Client, key: bytes) -> dict[str, Any] | None:
         "waited": waited == b"1",
         "owner": owner,
     }
+
+
+#: In an error case's arguments, right after a task id: the fencing token of that task's current
+#: lease, read by ``with_held_tokens`` when the case runs (tokens come from the server's clock,
+#: so no case can spell one in advance).
+HELD_TOKEN = "<held token>"
+
+
+def with_held_tokens(client: Client, tasks_key: bytes, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with each HELD_TOKEN replaced by the token in the meta of the task id before it
+    (the meta "S P M A T W worker", lua/include/queue_limits.j2: T is the 5th field)."""
+    out = list(args)
+    for position, arg in enumerate(out):
+        if arg == HELD_TOKEN:
+            meta = client.hget(tasks_key, b"m" + out[position - 1])
+            assert meta is not None, out[position - 1]
+            out[position] = int(meta.split(b" ")[4])
+    return tuple(out)
+
+
+#: A fence far ahead of the server's clock in us (about 1.8e15 in 2027) and far below 2^53 - 1.
+#: Tests that compare two calls made microseconds apart start their queues' fence here on
+#: servers whose clock moves inside MULTI (``clock_moves_in_multi``), so that both calls' tokens
+#: are the stored fence + 1 (lua/include/fence.j2), not two readings of the clock.
+FENCE_AHEAD = 1 << 52
+
+
+def clock_moves_in_multi(conn: redis.Redis) -> bool:
+    """Whether the server's clock moves inside one MULTI (6.2, 7.0: TIME, 200 commands, TIME
+    differ), or stands still for all of it (7.2+, Valkey)."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.time()
+    for _ in range(200):
+        pipe.echo(b"x")
+    pipe.time()
+    replies = pipe.execute()
+    return bool(replies[0] != replies[-1])

@@ -12,7 +12,9 @@ nodes are joined from the host with ``redis-cli --cluster create`` once they ans
 
 ``REPLICATED_CLUSTER`` (three primaries, each with a replica, cluster-node-timeout 1000 ms) is
 not in the matrix: only the failover and resharding tests start it (``ReplicatedCluster``), on
-the same backends, and stop it when they end.
+the same backends, and stop it when they end. Likewise ``SENTINEL_TOPOLOGIES`` (one primary, two
+replicas, three sentinels, quorum 2, down-after 1000 ms; Redis 7.0 and 8.2): only the Sentinel
+tests start one (``SentinelTopology``).
 """
 
 from __future__ import annotations
@@ -673,3 +675,307 @@ def replicated_cluster(backend: str) -> Iterator[ReplicatedCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The Sentinel topology of the HA tests
+
+#: The service name the sentinels monitor.
+SENTINEL_SERVICE = "mymaster"
+SENTINEL_QUORUM = 2
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    """One primary, two replicas and three sentinels (quorum 2, down-after 1000 ms) of one server
+    version. ``ports``: the data nodes (the first starts as the primary), ``sentinel_ports``: the
+    sentinels; both moved by ``PORT_OFFSET`` like every other port."""
+
+    name: str
+    server: str  # the matrix server whose binary (and image) the nodes run: "redis-7.0"
+    ports: tuple[int, int, int]
+    sentinel_ports: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ports", tuple(port + PORT_OFFSET for port in self.ports))
+        object.__setattr__(
+            self, "sentinel_ports", tuple(port + PORT_OFFSET for port in self.sentinel_ports)
+        )
+
+    @property
+    def server_spec(self) -> ServerSpec:
+        return SPECS[self.server]
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """docker-compose services: the data nodes, then the sentinels."""
+        return tuple(f"{self.name}-{n}" for n in range(1, 4)) + tuple(
+            f"{self.name}-s{n}" for n in range(1, 4)
+        )
+
+    @property
+    def all_ports(self) -> tuple[int, ...]:
+        return (*self.ports, *self.sentinel_ports)
+
+
+#: Not matrix servers: started by SentinelTopology for the Sentinel tests only, one per version.
+SENTINEL_TOPOLOGIES: dict[str, SentinelSpec] = {
+    spec.server: spec
+    for spec in (
+        SentinelSpec(
+            "sentinel-redis-7.0", "redis-7.0", (17021, 17022, 17023), (17024, 17025, 17026)
+        ),
+        SentinelSpec(
+            "sentinel-redis-8.2", "redis-8.2", (17031, 17032, 17033), (17034, 17035, 17036)
+        ),
+    )
+}
+
+for _topology in SENTINEL_TOPOLOGIES.values():
+    for _service, _port in zip(_topology.services, _topology.all_ports, strict=True):
+        _variable = "LUASCHED_PORT_" + _service.upper().replace("-", "_").replace(".", "_")
+        os.environ[_variable] = str(_port)
+
+
+def sentinel_conf(port: int, primary_port: int, conf_dir: str) -> str:
+    """A sentinel's configuration file (sentinel rewrites it: it must be writable); the same
+    text on either backend (``conf_dir``: where the sentinel sees its directory)."""
+    return (
+        f"port {port}\nbind {HOST}\ndir {conf_dir}\n"
+        "sentinel resolve-hostnames no\n"
+        f"sentinel monitor {SENTINEL_SERVICE} {HOST} {primary_port} {SENTINEL_QUORUM}\n"
+        f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {SENTINEL_DOWN_AFTER_MS}\n"
+        f"sentinel failover-timeout {SENTINEL_SERVICE} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+    )
+
+
+def sentinel_node_args(spec: SentinelSpec, port: int, data_dir: str) -> list[str]:
+    """A data node's arguments: a matrix server's, with a full resync that starts at once (the
+    default ``repl-diskless-sync-delay`` waits 5 s for more replicas to share it), plus
+    ``--replicaof`` the first node for the others (the same list docker-compose.yml passes)."""
+    args = server_args(spec.server_spec, port, data_dir, data_dir)
+    args += ["--repl-diskless-sync-delay", "0"]
+    if port != spec.ports[0]:
+        args += ["--replicaof", HOST, str(spec.ports[0])]
+    return args
+
+
+class SentinelTopology:
+    """A ``SentinelSpec`` on the docker or local backend: ``start``, the failover helpers, ``stop``.
+
+    Docker: its own compose project (``luasched<pid>s``), only this topology's services of
+    ``tests/docker-compose.yml``; the sentinels' configuration files are written on the host in a
+    temporary directory the services mount (``LUASCHED_SENTINEL_CONF_DIR``). Local: the same
+    binaries as subprocesses. Either way everything binds 127.0.0.1; ``stop`` removes it all.
+    """
+
+    def __init__(self, backend: str, spec: SentinelSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.project = f"luasched{os.getpid()}s"
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        (self.workdir / "owner.pid").write_text(str(os.getpid()))
+        self._processes: dict[int, _LocalProcess] = {}
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = ["docker-compose", "-f", str(COMPOSE_FILE), "-p", self.project, *args]
+        env = {**os.environ, "LUASCHED_SENTINEL_CONF_DIR": str(self.workdir)}
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env
+        )
+        if check and proc.returncode != 0:
+            raise ServerStartError(f"`{' '.join(cmd)}` failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def _conf_path(self, port: int) -> Path:
+        return self.workdir / f"sentinel-{port}.conf"
+
+    def _spawn(self, port: int, argv: list[str]) -> None:
+        log = self.workdir / f"server-{port}.log"
+        with log.open("ab") as log_file:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self._processes[port] = _LocalProcess(f"{self.spec.name}-{port}", port, proc, log)
+
+    def _start_node(self, port: int) -> None:
+        if self.backend == "docker":
+            self._compose("up", "-d", self.spec.services[self.spec.ports.index(port)])
+            return
+        node_dir = self.workdir / f"node-{port}"
+        node_dir.mkdir(exist_ok=True)
+        binary = str(local_binary(self.spec.server_spec))
+        self._spawn(port, [binary, *sentinel_node_args(self.spec, port, str(node_dir))])
+
+    def start(self) -> None:
+        """Start the data nodes, then the sentinels; wait until every sentinel sees the primary,
+        both replicas and the two other sentinels, and the replicas are in sync."""
+        if self.backend == "docker":
+            check_images([self.spec.server_spec])
+        else:
+            local_binary(self.spec.server_spec)  # fail before starting anything
+        busy = [port for port in self.spec.all_ports if port_in_use(port)]
+        if busy:
+            raise ServerStartError(f"port(s) {busy} on {HOST} are already in use")
+        conf_dir = "/conf" if self.backend == "docker" else str(self.workdir)
+        for port in self.spec.sentinel_ports:
+            self._conf_path(port).write_text(sentinel_conf(port, self.spec.ports[0], conf_dir))
+        self._started = True
+        for port in self.spec.ports:
+            self._start_node(port)
+        wait_until(
+            lambda: all(ping(port) for port in self.spec.ports), START_TIMEOUT_S, "the data nodes"
+        )
+        if self.backend == "docker":
+            self._compose("up", "-d", *self.spec.services[3:])
+        else:
+            binary = str(local_binary(self.spec.server_spec))
+            for port in self.spec.sentinel_ports:
+                self._spawn(port, [binary, str(self._conf_path(port)), "--sentinel"])
+        wait_until(self._sentinels_agree, START_TIMEOUT_S, "the sentinels to see every node")
+        self.wait_replicas_synced()
+
+    def stop(self) -> None:
+        """Stop every node and sentinel and remove the directory (idempotent)."""
+        if self._started:
+            self._started = False
+            if self.backend == "docker":
+                self._compose("down", "-v", "-t", "1", check=False)
+            for p in self._processes.values():
+                if p.proc.poll() is None:
+                    p.proc.kill()
+                    p.proc.wait()
+            self._processes.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- what the tests use ---------------------------------------------------------------------
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """The sentinels as redis-py's ``Sentinel`` takes them."""
+        return [(HOST, port) for port in self.spec.sentinel_ports]
+
+    def _ask_sentinel(self, port: int, *command: str) -> Any:
+        with redis.Redis(host=HOST, port=port, socket_timeout=1.0) as sentinel:
+            return sentinel.execute_command(*command)
+
+    def _sentinels_agree(self) -> bool:
+        try:
+            for port in self.spec.sentinel_ports:
+                state = self._ask_sentinel(port, "SENTINEL", "MASTER", SENTINEL_SERVICE)
+                if int(state[b"num-slaves"]) != 2 or int(state[b"num-other-sentinels"]) != 2:
+                    return False
+        except (redis.RedisError, OSError, KeyError):
+            return False
+        return True
+
+    def primary(self, sentinel_port: int | None = None) -> int:
+        """The primary's port as a sentinel reports it to clients (the first that answers).
+
+        ``SENTINEL MASTER``, which redis-py's ``Sentinel`` reads: during a failover it names the
+        promoted replica only once the sentinel switched to it, a little after
+        ``GET-MASTER-ADDR-BY-NAME`` does."""
+        ports = [sentinel_port] if sentinel_port else list(self.spec.sentinel_ports)
+        for port in ports:
+            try:
+                state = self._ask_sentinel(port, "SENTINEL", "MASTER", SENTINEL_SERVICE)
+            except (redis.RedisError, OSError):
+                continue
+            if state and b"port" in state:
+                return int(state[b"port"])
+        raise LookupError("no sentinel reports a primary")
+
+    def failover(self, timeout: float = 20.0) -> int:
+        """``SENTINEL FAILOVER``; waits until every sentinel reports the new primary; its port.
+
+        The old primary keeps answering as a primary until the sentinels reconfigure it (~10 s
+        later): what it accepts meanwhile is discarded when it resyncs."""
+        old = self.primary()
+        asked = self.spec.sentinel_ports[0]
+        self._ask_sentinel(asked, "SENTINEL", "FAILOVER", SENTINEL_SERVICE)
+        wait_until(lambda: self.primary(asked) != old, timeout, "the sentinels' new primary")
+        new = self.primary(asked)
+        self._wait_all_report(new, timeout)
+        return new
+
+    def _wait_all_report(self, primary: int, timeout: float) -> None:
+        """Wait until every sentinel reports ``primary``."""
+
+        def agree() -> bool:
+            try:
+                return all(self.primary(port) == primary for port in self.spec.sentinel_ports)
+            except LookupError:
+                return False
+
+        wait_until(agree, timeout, f"every sentinel to report {primary} as the primary")
+
+    def kill_primary(self, timeout: float = 20.0) -> tuple[int, int]:
+        """SIGKILL the primary (a crash); waits until every sentinel reports another primary;
+        (the killed port, the new primary's port)."""
+        old = self.primary()
+        self.kill(old)
+        wait_until(lambda: self.primary() != old, timeout, "the sentinels to promote a replica")
+        new = self.primary()
+        self._wait_all_report(new, timeout)
+        return old, new
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the data node on ``port``."""
+        if self.backend == "docker":
+            self._compose("kill", "-s", "SIGKILL", self.spec.services[self.spec.ports.index(port)])
+            return
+        process = self._processes[port]
+        process.proc.kill()
+        process.proc.wait()
+
+    def restart(self, port: int) -> None:
+        """Start the killed data node on ``port`` again (empty: no persistence) and make it a
+        replica of the current primary, as an operator's supervisor would."""
+        self._start_node(port)
+        wait_until(lambda: ping(port), START_TIMEOUT_S, f"node {port} to restart")
+        with redis.Redis(host=HOST, port=port, socket_timeout=1.0) as node:
+            node.execute_command("REPLICAOF", HOST, str(self.primary()))
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Wait until the primary has both replicas online and each has acknowledged the
+        primary's replication offset as of when both were online (writes may go on)."""
+        target: dict[str, int] = {}
+
+        def synced() -> bool:
+            try:
+                port = self.primary()
+                with redis.Redis(host=HOST, port=port, socket_timeout=1.0) as node:
+                    info = node.info("replication")
+            except (redis.RedisError, OSError, LookupError):
+                return False
+            if info.get("role") != "master" or int(info.get("connected_slaves", 0)) != 2:
+                return False
+            replicas = [info.get(f"slave{n}") for n in range(2)]
+            if not all(isinstance(r, dict) and r.get("state") == "online" for r in replicas):
+                return False
+            if target.get("port") != port:
+                target.update(port=port, offset=int(info["master_repl_offset"]))
+            return all(int(r["offset"]) >= target["offset"] for r in replicas)  # type: ignore[index]
+
+        wait_until(synced, timeout, "both replicas to be in sync with the primary")
+
+
+@contextlib.contextmanager
+def sentinel_topology(backend: str, spec: SentinelSpec) -> Iterator[SentinelTopology]:
+    topology = SentinelTopology(backend, spec)
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()

@@ -5,6 +5,10 @@ The queues are named "lean" and "full" (equal lengths: equal keys have equal enc
 sends one call to each in one MULTI between two TIMEs. When both TIMEs read the same millisecond,
 both scripts read that millisecond too, so deadlines and due times agree exactly; otherwise the
 step is undone (every key DUMPed before, RESTOREd with its absolute deadline) and sent again.
+Fencing tokens come from the server's clock in microseconds (max(last + 1, now_us)): on servers
+whose clock stands still for a whole MULTI (7.2+, Valkey) both calls read the same microsecond;
+on the others (6.2, 7.0) both queues start with a fence far ahead of the clock (FENCE_AHEAD,
+support/helpers.py), so their tokens are the stored fence + 1 on both sides.
 Both queues live in one namespace (one hash tag, one slot), so the transaction is legal on a
 cluster too. Used by tests/test_queue_lean_write.py and tests/test_queue_lean_take.py."""
 
@@ -19,7 +23,7 @@ from luasched import Scheduler
 from luasched.queue import QueueKeys
 from luasched.render import render_all
 from luasched.scripts import Call
-from support.helpers import namespace_keys
+from support.helpers import FENCE_AHEAD, clock_moves_in_multi, namespace_keys
 
 Client = Any  # redis.Redis or RedisCluster
 QUEUES = (b"lean", b"full")
@@ -67,6 +71,12 @@ class QueueTwins:
         #: INFO commandstats just before and just after the lean call of the last step (a
         #: script's redis.calls are counted too: which of its paths ran).
         self.stats: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        #: Whether the server's clock stands still for a whole MULTI, else the fences start at
+        #: FENCE_AHEAD.
+        self.clock_frozen = not clock_moves_in_multi(self.conn)
+        if not self.clock_frozen:
+            for keys in self.keys.values():
+                self.conn.hset(keys.fixed[4], b"fence", FENCE_AHEAD)
 
     def calls_of(self, command: str) -> int:
         """How many times the lean call of the last step ran ``command``."""

@@ -18,10 +18,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from luasched.asyncio.scripts import AsyncScriptRunner
-from luasched.keys import Namespace
 from luasched.lock import (
-    DEFAULT_RETRY_MS,
-    DEFAULT_TTL_MS,
     EnteredHolds,
     ExtendResult,
     Hold,
@@ -115,40 +112,17 @@ async def _acquire(runner: AsyncScriptRunner, loop: Loop[G]) -> G:
     return await drive_async(loop, runner.run, runner.client, cancel_checks=True)
 
 
-class AsyncLock(LockBase):
+class AsyncLock(LockBase[AsyncScriptRunner]):
     """Async twin of ``luasched.lock.Lock`` (``s.lock(name, ...)`` on ``luasched.asyncio``).
 
     ``async with lock as handle:`` takes the lock, waiting up to ``timeout`` seconds (None: no
     limit), raises ``luasched.LockTimeout`` if it was not granted, and releases it at the end.
     """
 
-    def __init__(
-        self,
-        runner: AsyncScriptRunner,
-        namespace: Namespace,
-        name: str | bytes,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        reentrant: bool = False,
-        auto_renew: bool = False,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        wait_ttl_ms: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(
-            namespace,
-            name,
-            ttl_ms=ttl_ms,
-            fair=fair,
-            reentrant=reentrant,
-            auto_renew=auto_renew,
-            retry_ms=retry_ms,
-            wait_ttl_ms=wait_ttl_ms,
-            timeout=timeout,
-        )
-        self._runner = runner
-        self._renewers: dict[bytes, _AsyncRenewer] = {}
+    _renewers: dict[bytes, _AsyncRenewer]
+
+    def _init_io(self) -> None:
+        self._renewers = {}
         self._entered = EnteredHolds(asyncio.current_task)
 
     async def __aenter__(self) -> AsyncLockHandle:
@@ -175,15 +149,7 @@ class AsyncLock(LockBase):
         if self.auto_renew and token not in self._renewers:
             extend = functools.partial(self._extend_call, token)
             self._renewers[token] = _AsyncRenewer(self._runner, extend, self.ttl_ms)
-        return AsyncLockHandle(
-            self.name,
-            token,
-            result.fence,
-            result.deadline_ms,
-            result.count,
-            result.now_ms,
-            _owner=self,
-        )
+        return AsyncLockHandle(*self._hold(token, result), _owner=self)
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give back one hold; see ``luasched.lock.Lock.release``."""
@@ -204,25 +170,11 @@ class AsyncLock(LockBase):
         return renewer is not None and renewer.lost.is_set()
 
 
-class AsyncSemaphore(SemaphoreBase):
+class AsyncSemaphore(SemaphoreBase[AsyncScriptRunner]):
     """Async twin of ``luasched.lock.Semaphore`` (``async with semaphore as handle:`` as for
     ``AsyncLock``)."""
 
-    def __init__(
-        self,
-        runner: AsyncScriptRunner,
-        namespace: Namespace,
-        name: str | bytes,
-        permits: int,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(
-            namespace, name, permits, ttl_ms=ttl_ms, retry_ms=retry_ms, timeout=timeout
-        )
-        self._runner = runner
+    def _init_io(self) -> None:
         self._entered = EnteredHolds(asyncio.current_task)
 
     async def __aenter__(self) -> AsyncPermitHandle:
@@ -246,9 +198,7 @@ class AsyncSemaphore(SemaphoreBase):
         if got is None:
             return None
         token, result = got
-        return AsyncPermitHandle(
-            self.name, token, 0, result.deadline_ms, 1, result.now_ms, _owner=self
-        )
+        return AsyncPermitHandle(*self._hold(token, result), _owner=self)
 
     async def release(self, handle: Hold) -> ReleaseResult:
         """Give the permit back."""

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from luasched.asyncio.slots import AsyncRunner
-from luasched.keys import Namespace
 from luasched.pick import (
+    PickBase,
     Picked,
-    RandomSource,
-    default_rng,
     least_loaded_call,
     least_recent_call,
     release_call,
@@ -20,15 +18,8 @@ from luasched.pick import (
 __all__ = ["AsyncPick"]
 
 
-class AsyncPick:
+class AsyncPick(PickBase[AsyncRunner]):
     """Node selection for a namespace (``s.pick``); see ``luasched.pick.Pick``."""
-
-    def __init__(
-        self, runner: AsyncRunner, namespace: Namespace, rng: RandomSource | None = None
-    ) -> None:
-        self._runner = runner
-        self._namespace = namespace
-        self._rng = rng if rng is not None else default_rng()
 
     async def least_loaded(self, cost: int = 1) -> Picked:
         """Least utilized node with room, charged; see ``luasched.pick.Pick.least_loaded``."""

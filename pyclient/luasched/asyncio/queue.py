@@ -28,7 +28,7 @@ from luasched.leases import (
     Lease,
     Nacked,
 )
-from luasched.loops import Loop, drive_async
+from luasched.loops import Loop, drive_async, no_calls
 from luasched.pick import RandomSource
 from luasched.queue import (
     Enqueued,
@@ -39,6 +39,8 @@ from luasched.queue import (
     QueueStats,
     RateLimit,
     group_stats_call,
+    policy_loop,
+    warn_policy,
 )
 from luasched.scripts import Call
 
@@ -47,24 +49,7 @@ __all__ = ["AsyncNodeQueue", "AsyncQueue", "check_eviction_policy_async"]
 
 async def check_eviction_policy_async(client: Any, namespace: Namespace) -> str | None:
     """Async twin of ``luasched.queue.check_eviction_policy``."""
-    import warnings
-
-    from luasched.queue import _policy_of, policy_warning
-    from luasched.scripts import is_cluster
-
-    try:
-        if is_cluster(client):
-            node = client.get_node_from_key(namespace.prefix)
-            config = await client.config_get("maxmemory-policy", target_nodes=node)
-        else:
-            config = await client.config_get("maxmemory-policy")
-    except Exception:  # CONFIG may be refused (ACL, managed services): never fatal
-        return None
-    policy = _policy_of(config)
-    message = policy and policy_warning(policy)
-    if message:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return policy
+    return warn_policy(await drive_async(policy_loop(client, namespace), no_calls, client))
 
 
 class AsyncQueue(QueueCalls[AsyncRunner]):

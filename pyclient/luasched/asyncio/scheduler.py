@@ -2,61 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from luasched import validate
 from luasched.asyncio.lock import AsyncLock, AsyncSemaphore
 from luasched.asyncio.nodes import AsyncNodes
 from luasched.asyncio.pick import AsyncPick
 from luasched.asyncio.queue import AsyncQueue, check_eviction_policy_async
 from luasched.asyncio.scripts import AsyncBatch, AsyncClient, AsyncScriptRunner
-from luasched.asyncio.sharded import AsyncShardedQueue, sharded_layout_async
-from luasched.asyncio.slots import AsyncSlots
+from luasched.asyncio.sharded import AsyncShardedQueue
+from luasched.asyncio.slots import AsyncRunner, AsyncSlots
 from luasched.keys import Namespace
-from luasched.lock import DEFAULT_RETRY_MS, DEFAULT_TTL_MS
+from luasched.loops import drive_async, no_calls
 from luasched.pick import RandomSource
-from luasched.render import LazyScripts, RenderedScript, ScriptConfig
+from luasched.render import LazyScripts
 from luasched.retry import RetryPolicy
-from luasched.sharded import DEFAULT_BLOCK_SLICE_MS, check_sharded, partition_namespace
+from luasched.scheduler import PipelineBase, SchedulerBase
+from luasched.sharded import DEFAULT_BLOCK_SLICE_MS
 
 __all__ = ["AsyncSchedulerPipeline", "Scheduler"]
 
 
-class Scheduler:
+def _api(
+    runner: AsyncRunner, namespace: Namespace, rng: RandomSource | None
+) -> tuple[AsyncSlots, AsyncNodes, AsyncPick]:
+    """The ``slots``, ``nodes`` and ``pick`` of a Scheduler (its runner) or a pipeline (batch)."""
+    return (
+        AsyncSlots(runner, namespace),
+        AsyncNodes(runner, namespace),
+        AsyncPick(runner, namespace, rng),
+    )
+
+
+class Scheduler(SchedulerBase[AsyncClient, AsyncScriptRunner, AsyncLock, AsyncSemaphore]):
     """The luasched API on a ``redis.asyncio`` client; see ``luasched.Scheduler``.
 
     Creating it does no work: its scripts are loaded (or, for a custom configuration, rendered)
     in a worker thread before its first call, never on the event loop.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        namespace: str | bytes,
-        *,
-        config: ScriptConfig | None = None,
-        rng: RandomSource | None = None,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        validate.client("client", client)
-        if use_functions is not None:
-            validate.flag("use_functions", use_functions)
-        self.client = client
-        self.namespace = Namespace(namespace)
-        self.config = config or ScriptConfig()
+    _lock_class = AsyncLock
+    _semaphore_class = AsyncSemaphore
+    _asyncio = True
+
+    def _connect(self, use_functions: bool | None, retry: RetryPolicy | None) -> AsyncScriptRunner:
         # Loaded (or, for a custom configuration, rendered) in a worker thread before the first
         # call: never on the event loop (AsyncScriptRunner.ready).
-        self.scripts: Mapping[str, RenderedScript] = LazyScripts(self.config)
-        self.runner = AsyncScriptRunner(
-            client, self.scripts, use_functions=use_functions, retry=retry
+        lazy = LazyScripts(self.config)
+        runner = AsyncScriptRunner(
+            self.client, lazy, use_functions=use_functions, retry=retry, durability=self.durability
         )
-        self.slots = AsyncSlots(self.runner, self.namespace)
-        self.nodes = AsyncNodes(self.runner, self.namespace)
-        self.pick = AsyncPick(self.runner, self.namespace, rng)
-        self._rng = rng
+        self.slots, self.nodes, self.pick = _api(runner, self.namespace, self._rng)
+        return runner
 
     async def install_functions(self) -> str:
         """Install the Redis Functions library on every primary (Redis 7.0+); its name."""
@@ -65,52 +62,6 @@ class Scheduler:
     async def load_scripts(self) -> dict[str, str]:
         """``SCRIPT LOAD`` every script now (every primary of a cluster); name -> SHA1."""
         return await self.runner.load()
-
-    def lock(
-        self,
-        name: str | bytes,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        fair: bool = False,
-        reentrant: bool = False,
-        auto_renew: bool = False,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        wait_ttl_ms: int | None = None,
-        timeout: float | None = None,
-    ) -> AsyncLock:
-        """A distributed lock named ``name``; see ``luasched.asyncio.lock.AsyncLock``. No I/O."""
-        return AsyncLock(
-            self.runner,
-            self.namespace,
-            name,
-            ttl_ms=ttl_ms,
-            fair=fair,
-            reentrant=reentrant,
-            auto_renew=auto_renew,
-            retry_ms=retry_ms,
-            wait_ttl_ms=wait_ttl_ms,
-            timeout=timeout,
-        )
-
-    def semaphore(
-        self,
-        name: str | bytes,
-        permits: int,
-        *,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        timeout: float | None = None,
-    ) -> AsyncSemaphore:
-        """A counting semaphore; see ``luasched.asyncio.lock.AsyncSemaphore``. No I/O."""
-        return AsyncSemaphore(
-            self.runner,
-            self.namespace,
-            name,
-            permits,
-            ttl_ms=ttl_ms,
-            retry_ms=retry_ms,
-            timeout=timeout,
-        )
 
     def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
         """The task queue ``name``; see ``luasched.Scheduler.queue``. No I/O here: the first
@@ -136,15 +87,11 @@ class Scheduler:
         **options: Any,
     ) -> AsyncShardedQueue:
         """See ``luasched.Scheduler.sharded_queue`` (awaited: it reads the layout)."""
-        raw = check_sharded(name, partitions, block_slice_ms, options)
-        layout = await sharded_layout_async(
-            self.client, self.namespace, raw, partitions, self.runner.retry
-        )
-        queues = []
-        for candidate in layout:
-            namespace = partition_namespace(self.namespace, candidate)
-            await check_eviction_policy_async(self.client, namespace)
-            queues.append(AsyncQueue(self.runner, namespace, raw, client=self.client, **options))
+        loop = self._sharded(name, partitions, block_slice_ms, options)
+        raw, namespaces = await drive_async(loop, no_calls, self.client)
+        queues = [
+            AsyncQueue(self.runner, ns, raw, client=self.client, **options) for ns in namespaces
+        ]
         return AsyncShardedQueue(queues, block_slice_ms=block_slice_ms)
 
     def pipeline(self) -> AsyncSchedulerPipeline:
@@ -152,26 +99,13 @@ class Scheduler:
         return AsyncSchedulerPipeline(self.runner.batch(), self.namespace, self._rng)
 
 
-class AsyncSchedulerPipeline:
+class AsyncSchedulerPipeline(PipelineBase[AsyncBatch, AsyncQueue]):
     """Async twin of ``luasched.SchedulerPipeline``: ``await pipe.slots.keyslot(k)`` queues."""
 
-    def __init__(
-        self, batch: AsyncBatch, namespace: Namespace, rng: RandomSource | None = None
-    ) -> None:
-        self._batch = batch
-        self.slots = AsyncSlots(batch, namespace)
-        self.nodes = AsyncNodes(batch, namespace)
-        self.pick = AsyncPick(batch, namespace, rng)
-        self._queue_namespace = namespace
-        self._rng = rng
+    _queue_class = AsyncQueue
 
-    def queue(self, name: str | bytes, **options: Any) -> AsyncQueue:
-        """The queue ``name``, queued: ``await pipe.queue(n).enqueue(...)`` queues the call."""
-        options.setdefault("rng", self._rng)
-        return AsyncQueue(self._batch, self._queue_namespace, name, **options)
-
-    def __len__(self) -> int:
-        return len(self._batch)
+    def _connect(self) -> None:
+        self.slots, self.nodes, self.pick = _api(self._batch, self._namespace, self._rng)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send the queued calls; results in order."""

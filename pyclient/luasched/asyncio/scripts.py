@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from luasched.render import LazyScripts, RenderedScript, is_ready
-from luasched.retry import RetryPolicy
+from luasched.ha import (
+    REDISCOVER_ERRORS,
+    Durability,
+    asks_for_primary,
+    changes_state,
+)
+from luasched.render import LazyScripts, is_ready
 from luasched.scripts import (
+    BatchBase,
     Call,
-    FunctionsRoute,
+    RunnerBase,
+    checked_sha1,
     command,
-    finish,
-    is_cluster,
     noscript_indexes,
     translate,
 )
@@ -30,7 +36,7 @@ T = TypeVar("T")
 AsyncClient = redis.asyncio.Redis | RedisCluster
 
 
-class AsyncScriptRunner:
+class AsyncScriptRunner(RunnerBase[AsyncClient, AsyncScript]):
     """Runs luasched scripts on one ``redis.asyncio`` client (``Redis`` or ``RedisCluster``).
 
     Same guarantees as ``luasched.scripts.ScriptRunner``. ``scripts`` may be a ``LazyScripts``:
@@ -38,20 +44,8 @@ class AsyncScriptRunner:
     thread, never on the event loop.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        scripts: Mapping[str, RenderedScript],
-        *,
-        use_functions: bool | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.client = client
-        self.scripts = scripts
-        self._handles: dict[str, AsyncScript] = {}
-        self.route = FunctionsRoute(scripts, use_functions)
-        self.retry = retry or RetryPolicy()
-        self._pending = isinstance(scripts, LazyScripts)
+    #: Whether ``ready`` still has to check the scripts (a ``LazyScripts`` may need loading).
+    _pending = True
 
     async def ready(self) -> None:
         """Make the scripts ready without blocking the event loop: a ``LazyScripts`` not yet
@@ -63,25 +57,9 @@ class AsyncScriptRunner:
                 await asyncio.to_thread(scripts.resolved)
             self._pending = False
 
-    def _handle(self, name: str) -> AsyncScript:
-        handle = self._handles.get(name)
-        if handle is None:
-            handle = self.client.register_script(self.scripts[name].text.encode("utf-8"))
-            self._handles[name] = handle
-        return handle
-
-    def _primaries(self) -> list[Any]:
-        client: Any = self.client  # redis-py's cluster methods are untyped
-        return list(client.get_primaries()) if isinstance(client, RedisCluster) else [None]
-
-    async def _execute(self, *command: Any, **options: Any) -> Any:
-        client: Any = self.client
-        return await client.execute_command(*command, **options)
-
     async def _probe(self) -> None:
         replies: list[Any] = []
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             try:
                 command = self.route.probe_command()
                 replies.append(await self._execute(*command, **options))
@@ -101,9 +79,46 @@ class AsyncScriptRunner:
         retry once; parse the reply (see ``luasched.scripts.ScriptRunner.run``); sent again on
         a failover's or resharding's errors, as ``self.retry`` says."""
         await self.ready()
-        return await self.retry.call_async(lambda: self._run_once(call))
+        return await self.retry.call_async(lambda: self._attempt(call))
+
+    async def _attempt(self, call: Call[T]) -> T:
+        try:
+            return await self._run_once(call)
+        except Exception as error:
+            if self._sentinel is not None and asks_for_primary(error):
+                await self.rediscover()
+            raise
+
+    async def rediscover(self) -> None:
+        """Ask the sentinels for the primary (see ``ScriptRunner.rediscover``)."""
+        with contextlib.suppress(*REDISCOVER_ERRORS):
+            await self._sentinel.get_master_address()  # type: ignore[union-attr]
+
+    async def _with_wait(self, *command: Any) -> tuple[Any, Any]:
+        assert self.durability is not None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command(*self.durability.command)
+        reply, acked = await pipe.execute(raise_on_error=False)
+        return reply, acked
+
+    async def _run_durable(self, call: Call[T], durability: Durability) -> T:
+        script = self.scripts[call.script]
+        fcall = self.route.fcall(call) if await self.uses_functions() else None
+        if fcall is not None:
+            reply, acked = await self._with_wait(*fcall)
+            if not (isinstance(reply, ResponseError) and self.route.fall_back(reply)):
+                return durability.result(call, script, reply, acked)  # type: ignore[no-any-return]
+        evalsha = command(call, script, by_text=False)
+        reply, acked = await self._with_wait(*evalsha)
+        if isinstance(reply, NoScriptError):  # never ran: load it and send again, once
+            await self.client.script_load(script.text.encode("utf-8"))
+            reply, acked = await self._with_wait(*evalsha)
+        return durability.result(call, script, reply, acked)  # type: ignore[no-any-return]
 
     async def _run_once(self, call: Call[T]) -> T:
+        if self.durability is not None and changes_state(self.scripts[call.script]):
+            return await self._run_durable(call, self.durability)
         if await self.uses_functions():
             fcall = self.route.fcall(call)
             if fcall is not None:
@@ -123,19 +138,15 @@ class AsyncScriptRunner:
         await self.ready()
         loaded = {}
         for name, script in self.scripts.items():
-            sha1 = await self.client.script_load(script.text.encode("utf-8"))
-            sha1 = sha1.decode() if isinstance(sha1, bytes) else str(sha1)
-            if sha1 != script.sha1:
-                raise RuntimeError(f"{name}: server answered SHA1 {sha1}, expected {script.sha1}")
-            loaded[name] = sha1
+            reply = await self.client.script_load(script.text.encode("utf-8"))
+            loaded[name] = checked_sha1(name, script, reply)
         return loaded
 
     async def install_functions(self) -> str:
         """``FUNCTION LOAD REPLACE`` the library on every primary; returns the library name."""
         await self.ready()
         library = self.route.library
-        for node in self._primaries():
-            options = {} if node is None else {"target_nodes": node}
+        for options in self._targets():
             await self._execute("FUNCTION", "LOAD", "REPLACE", library.text, **options)
         self.route.reset()
         return library.name
@@ -145,15 +156,8 @@ class AsyncScriptRunner:
         return AsyncBatch(self)
 
 
-class AsyncBatch:
+class AsyncBatch(BatchBase[AsyncScriptRunner]):
     """Async twin of ``luasched.scripts.Batch``."""
-
-    def __init__(self, runner: AsyncScriptRunner) -> None:
-        self._runner = runner
-        self._calls: list[Call[Any]] = []
-
-    def __len__(self) -> int:
-        return len(self._calls)
 
     async def run(self, call: Call[T]) -> T:
         """Queue ``call``; its result comes from ``execute``. Returns None (typed as T)."""
@@ -161,12 +165,8 @@ class AsyncBatch:
         return None  # type: ignore[return-value]
 
     async def _send(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        client = self._runner.client
-        by_text = is_cluster(client)
-        pipe = client.pipeline(transaction=False) if not by_text else client.pipeline()
-        for call in calls:
-            pipe.execute_command(*command(call, self._runner.scripts[call.script], by_text=by_text))
-        return list(await pipe.execute(raise_on_error=False))
+        pipe, waited = self._pipeline(calls)
+        return self._replies(list(await pipe.execute(raise_on_error=False)), waited)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued call; results in order (see ``luasched.scripts.Batch.execute``)."""
@@ -177,11 +177,9 @@ class AsyncBatch:
         replies = await self._send(calls)
         retry = noscript_indexes(replies)
         if retry:
-            for name in sorted({calls[index].script for index in retry}):
-                text = self._runner.scripts[name].text.encode("utf-8")
+            for text in self._reload(calls, retry):
                 await self._runner.client.script_load(text)
-            for index, reply in zip(
-                retry, await self._send([calls[index] for index in retry]), strict=True
-            ):
+            resent = await self._send([calls[index] for index in retry])
+            for index, reply in zip(retry, resent, strict=True):
                 replies[index] = reply
-        return finish(calls, replies, raise_on_error)
+        return self._finish(calls, replies, raise_on_error)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from luasched.asyncio.queue import AsyncQueue
 from luasched.keys import Namespace
-from luasched.leases import Lease, Nacked, check_take, remaining_ms
+from luasched.leases import Lease, Nacked
+from luasched.loops import drive_async, no_calls
 from luasched.queue import Enqueued
 from luasched.retry import RetryPolicy
 from luasched.sharded import (
@@ -15,12 +15,8 @@ from luasched.sharded import (
     ShardedBase,
     ShardedStats,
     _check_lease,
-    checked_layout,
-    encode_layout,
-    layout_key,
+    layout_loop,
     partition_for,
-    plan_layout,
-    slot_groups,
 )
 
 __all__ = ["AsyncShardedQueue", "sharded_layout_async"]
@@ -30,18 +26,7 @@ async def sharded_layout_async(
     client: Any, base: Namespace, name: bytes, partitions: int, retry: RetryPolicy
 ) -> tuple[int, ...]:
     """Async twin of ``luasched.sharded.sharded_layout``."""
-    from luasched.scripts import is_cluster
-
-    key = layout_key(base, name)
-    value = await retry.call_async(lambda: client.get(key))
-    if value is None:
-        groups = None
-        if is_cluster(client):
-            groups = slot_groups(await retry.call_async(lambda: client.cluster_slots()))
-        planned = encode_layout(plan_layout(base, partitions, groups))
-        await retry.call_async(lambda: client.set(key, planned, nx=True))
-        value = await retry.call_async(lambda: client.get(key))
-    return checked_layout(value, partitions, name)
+    return await drive_async(layout_loop(client, base, name, partitions, retry), no_calls, client)
 
 
 class AsyncShardedQueue(ShardedBase[AsyncQueue]):
@@ -69,40 +54,11 @@ class AsyncShardedQueue(ShardedBase[AsyncQueue]):
             request_id=request_id,
         )
 
-    async def _sweep(
-        self, worker_id: str | bytes, count: int, lease_ms: int
-    ) -> list[PartitionLease]:
-        taken: list[PartitionLease] = []
-        last: int | None = None
-        for partition in self.rotation.order(worker_id):
-            queue = self.partitions[partition]
-            leases = await queue.dequeue_many(worker_id, count - len(taken), lease_ms)
-            if leases:
-                last = partition
-                taken += [PartitionLease.of(lease, partition) for lease in leases]
-                if len(taken) >= count:
-                    break
-        self.rotation.served(worker_id, last)
-        return taken
-
     async def dequeue_many(
         self, worker_id: str | bytes, n: int, lease_ms: int, *, block_ms: int = 0
     ) -> list[PartitionLease]:
         """See ``luasched.sharded.ShardedQueue.dequeue_many``."""
-        check_take(worker_id, n, lease_ms, block_ms)
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            taken = await self._sweep(worker_id, n, lease_ms)
-            wait_ms = remaining_ms(deadline)
-            if taken or wait_ms <= 0:
-                return taken
-            partition = self.rotation.order(worker_id)[0]
-            leases = await self.partitions[partition].dequeue_many(
-                worker_id, n, lease_ms, block_ms=min(wait_ms, self.block_slice_ms)
-            )
-            self.rotation.served(worker_id, partition if leases else None)
-            if leases:
-                return [PartitionLease.of(lease, partition) for lease in leases]
+        return await drive_async(self._take(worker_id, n, lease_ms, block_ms), no_calls, None)
 
     async def dequeue(
         self, worker_id: str | bytes, lease_ms: int, *, block_ms: int = 0
@@ -115,17 +71,8 @@ class AsyncShardedQueue(ShardedBase[AsyncQueue]):
         self, lease: Lease, worker_id: str | bytes, lease_ms: int, *, block_ms: int = 0
     ) -> PartitionLease | None:
         """See ``luasched.sharded.ShardedQueue.ack_and_dequeue``."""
-        held = _check_lease(lease, len(self.partitions))
-        check_take(worker_id, 1, lease_ms, block_ms)
-        if self.rotation.order(worker_id)[0] == held.partition:
-            queue = self.partitions[held.partition]
-            following = await queue.ack_and_dequeue(held, worker_id, lease_ms)
-            if following is not None:
-                self.rotation.served(worker_id, held.partition)
-                return PartitionLease.of(following, held.partition)
-        else:
-            await self.ack(held)
-        return await self.dequeue(worker_id, lease_ms, block_ms=block_ms)
+        loop = self._ack_and_take(lease, worker_id, lease_ms, block_ms)
+        return await drive_async(loop, no_calls, None)
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """``ack`` on the lease's partition."""

@@ -15,13 +15,13 @@ from typing import Any
 
 from luasched.scripts import Call
 from luasched.worker import (
-    TAKE_RETRY_S,
     Calls,
     Cancel,
     Collect,
     Job,
     Remaining,
     Start,
+    Steps,
     Take,
     Withdraw,
     WorkerBase,
@@ -29,6 +29,7 @@ from luasched.worker import (
     log,
     remaining,
     runner_groups,
+    take_failed,
     withdraw,
 )
 
@@ -126,36 +127,26 @@ class Worker(WorkerBase):
             log.info("worker stopped: %s", self._stats.line())
 
     async def _drive(self, loop: WorkerLoop) -> bool:
-        answer: Any = None
-        while True:
-            try:
-                step = loop.send(answer)
-            except StopIteration as done:
-                return bool(done.value)
-            answer = None
+        steps = Steps(loop)
+        for step in steps:
             if isinstance(step, Take):
                 try:
-                    answer = await self.queue.dequeue_many(
-                        self.options.worker_id,
-                        step.n,
-                        self.options.lease_ms,
-                        block_ms=step.block_ms,
-                    )
+                    steps.answer = await self._take(step)
                 except Exception as error:  # after the runner's own retries: try again soon
-                    log.error("take failed: %s", error)
-                    await asyncio.sleep(TAKE_RETRY_S)
-                    answer = []
+                    await asyncio.sleep(take_failed(error))
+                    steps.answer = []
             elif isinstance(step, Calls):
-                answer = await send_calls_async(step.calls)
+                steps.answer = await send_calls_async(step.calls)
             elif isinstance(step, Start):
                 self._tasks[id(step.job)] = asyncio.ensure_future(self._handle(step.job))
             elif isinstance(step, Collect):
-                answer = await self._collect(step.timeout_s)
+                steps.answer = await self._collect(step.timeout_s)
             elif isinstance(step, Cancel):
                 task = self._tasks.get(id(step.job))
                 if task is not None:
                     task.cancel()
             elif isinstance(step, Withdraw):  # one thread: nothing runs between the two
-                answer = withdraw(step.jobs)
+                steps.answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
-                answer = remaining(await self.queue.stats())
+                steps.answer = remaining(await self.queue.stats())
+        return steps.result

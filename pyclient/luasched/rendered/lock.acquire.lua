@@ -1,7 +1,8 @@
 --@script     lock.acquire
 --@summary    Tries once to take the lock for the owner `token` for ttl_ms of the server's clock; answers at once.
 --@+          Granted when the lock is free (never taken, released, or its deadline passed), with a fencing token
---@+          one above the last one granted for this name (it never goes down: the lock key keeps it).
+--@+          max(last one granted for this name + 1, the server's clock in us): it only grows, and a promoted
+--@+          replica that missed the last grants still hands out larger ones (docs/guarantees.md).
 --@+          The owner itself: reentrant=1 adds a hold (release as many times; same fencing token) and moves the
 --@+          deadline to at least now + ttl_ms. reentrant=0: the token is single-use and is its own idempotency
 --@+          key: an acquire whose token got the lock's last grant is a replay and answers that grant unchanged
@@ -113,7 +114,7 @@ end
 -- 2-core bench box, defining them costs about as much as the whole grant. Its checks accept only
 -- arguments that main() accepts too (a subset: ttl_ms without leading zeros...); anything else,
 -- a lock that is held, a replay (the owner is the caller), or a key main() would call CORRUPT
--- goes on to main(), which answers it (with FAST_NOW_MS: TIME is read once per call). It reads
+-- goes on to main(), which answers it (with FAST_NOW_MS/US: TIME is read once per call). It reads
 -- everything before its writes, and its writes (SET of the lock key, ZREM of the caller's place,
 -- whose type ZSCORE checked) cannot fail on a key's type. Cheap forms (counted with callgrind,
 -- docs/locks.md): strings that are decimals by their pattern are turned into numbers by
@@ -121,7 +122,7 @@ end
 -- state is one string.format of integers ('%d': an integer snprintf; concatenating a number
 -- costs a "%.14g" one, twice as much). The token is appended with `..` (string.format's %s
 -- would cut it at a zero byte).
-local FAST_NOW_MS = nil
+local FAST_NOW_MS, FAST_NOW_US = nil, nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
   -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
@@ -130,16 +131,23 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
     and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
     local time = redis.call('TIME')
     local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
-    FAST_NOW_MS = now_ms
+    local now_us = (time[1] * 1000000 + time[2])
+    FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     local raw = redis.pcall('GET', KEYS[1])
     local fence, count, deadline, owner, free
     if raw == false then
       fence, free = 0, true
     elseif type(raw) == 'string' then
       fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      -- fence + 1 stays exact (main(): next_fence); a longer deadline is main()'s CORRUPT.
-      free = fence ~= nil and #fence <= 15 and #deadline <= 16 and owner ~= token
+      -- Longer numbers are main()'s CORRUPT; so is a token past 2^53 - 1 (below, main(): next_fence).
+      free = fence ~= nil and #fence <= 16 and #deadline <= 16 and owner ~= token
         and (count == '0' or deadline + 0 <= now_ms)
+      fence = free and fence + 0
+    end
+    -- The fencing token: main()'s next_fence (include/fence.j2).
+    local granted_fence = free and (fence < now_us and now_us or fence + 1)
+    if free and granted_fence > 9007199254740991 then
+      free = false
     end
     local place = nil
     if free then
@@ -149,9 +157,8 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
     end
     if free then
-      local granted_fence = fence + 1
       local deadline_ms = now_ms + ttl_raw
-      -- Every number here is an integer below 1e14: '%d' writes it exactly.
+      -- Every number here is an integer below 2^53: '%d' writes it exactly.
       local state = string.format('%d 1 %d %d 0 ', granted_fence, deadline_ms, now_ms) .. token
       redis.call('SET', KEYS[1], state)
       if place then
@@ -203,11 +210,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -380,6 +388,27 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -456,13 +485,10 @@ local function keep_alive(key, queue_ttl_ms, ttl_ms)
     redis.call('PEXPIRE', key, ttl_ms)
   end
 end
--- The next fencing token (a read: call it before the first write).
-local function next_fence(state)
-  local fence = (state and state.fence or 0) + 1
-  if fence > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the lock key\'s fence is at its largest value')
-  end
-  return fence
+-- The next fencing token, max(last + 1, now_us) (prelude: first_token; a read: call it before
+-- the first write).
+local function next_fence(state, now_us)
+  return first_token(state and state.fence or 0, now_us, 1, 'the lock key\'s fence')
 end
 
 -- The write of a grant (cannot fail: SET replaces the key whatever it held).
@@ -490,7 +516,10 @@ local function main()
   local fair = arg_enum(4, 'fair', { '0', '1' }) == '1'
   local wait_ttl_ms = arg_int(5, 'wait_ttl_ms', 0, 31536000000)
   local request_id = arg_string(6, 'request_id', 0, 64)
-  local now_ms = FAST_NOW_MS or server_now_ms()
+  local now_ms, now_us = FAST_NOW_MS, FAST_NOW_US
+  if not now_ms then
+    now_ms, now_us = server_now_ms()
+  end
   local recorded = recorded_reply(K_REQUEST, request_id)
   if recorded then
     return recorded
@@ -524,7 +553,7 @@ local function main()
       end
       return { 'held', 0, hold.deadline, 0, hold.deadline - now_ms, 0, now_ms }
     end
-    local fence = next_fence(state)
+    local fence = next_fence(state, now_us)
     if place then
       redis.call('ZREM', K_PLACES, token)
     end
@@ -554,7 +583,7 @@ local function main()
   local my_turn = head == token or (head == nil and #members < QUEUE_SCAN)
 
   if not hold and my_turn then
-    local fence = next_fence(state)
+    local fence = next_fence(state, now_us)
     -- Others still queued after this grant: its release must wake the next head.
     local others = #members > 0 and read('ZCARD', K_QUEUE) - #lapsed - (queued and 1 or 0) > 0
     -- Writes from here on.

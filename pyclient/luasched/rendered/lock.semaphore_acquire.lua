@@ -3,23 +3,28 @@
 --@+          lease of ttl_ms of the server's clock; answers at once. Each permit has its own lease: a holder that
 --@+          crashed gives its permit back when its lease lapses, with no call from anyone. Granted while fewer
 --@+          than `permits` leases are live. A holder that asks again keeps its one permit and gets its lease
---@+          moved to at least now + ttl_ms. Reclaims up to 64 lapsed leases per call. A non-empty
+--@+          moved to at least now + ttl_ms. Every grant (a holder's again too) hands out a fencing token:
+--@+          max(last token of this semaphore name + 1, the server's clock in us), so tokens only grow, also when
+--@+          a promoted replica missed the last grants (docs/guarantees.md). Reclaims up to 64 lapsed leases per call. A non-empty
 --@+          request_id records a grant: replaying it answers the first reply and acts no second time.
 --@key        holders     zset    luasched:{ns}:sem:<name> -- permit holders (token) scored by their lease
 --@+          deadline (server ms). A lease whose deadline is not after now is free again.
 --@key        wake        list    luasched:{ns}:sem-wake:<name> -- wake-up signals pushed by a release (BLPOP it
 --@+          between attempts); expires 1000 ms after a push.
+--@key        fence       string  luasched:{ns}:sem-fence:<name> -- the last permit token handed out (a plain
+--@+          decimal); never expires (lock.semaphore_acquire reads and writes it, the others leave it alone).
 --@key        request     string  luasched:{ns}:sem-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The holder: random bytes drawn by the client.
 --@arg        permits     int:1..1000000  How many holders may hold a permit at once (the same for every caller).
 --@arg        ttl_ms      int:1..31536000000  The lease, from the server's now.
 --@arg        request_id  string:0..64  Idempotency key, unique per attempt ("" for none).
---@reply      array{status:string, deadline_ms:int, holders:int, wait_ms:int, now_ms:int}  status "acquired":
---@+          deadline_ms = the lease's deadline (server ms), holders = live leases including this one, wait_ms 0.
---@+          status "full": deadline_ms 0, holders = live leases (>= permits), wait_ms = ms until the earliest
---@+          live lease lapses. now_ms: the server's clock at the call.
---@error      ARG  Not 3 keys or 4 arguments, or an argument out of its range.
+--@reply      array{status:string, deadline_ms:int, holders:int, wait_ms:int, now_ms:int, fence:int}  status
+--@+          "acquired": deadline_ms = the lease's deadline (server ms), holders = live leases including this one,
+--@+          wait_ms 0, fence = the permit's fencing token. status "full": deadline_ms 0, holders = live leases
+--@+          (>= permits), wait_ms = ms until the earliest live lease lapses, fence 0. now_ms: the server's clock at
+--@+          the call.
+--@error      ARG  Not 4 keys or 4 arguments, or an argument out of its range.
 --@error      CORRUPT  A key of the semaphore holds another type or shape than the layout; nothing changed.
 --@complexity O(log n + 64) with n entries
 --@since      6.2
@@ -69,8 +74,12 @@ do
       return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
     key = keys[3]
+    if key and key ~= prefix .. 'sem-fence:' .. tail_name then
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[3] must be luasched:{ns}:sem-fence:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[4]
     if key and (sub(key, 1, plen) ~= prefix or sub(key, plen + 1, plen + 8) ~= 'sem-req:') then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[3] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[4] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
     end
   end
 end
@@ -115,11 +124,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -181,7 +191,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'zset', 'list', 'string', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -274,12 +284,34 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
--- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
+-- Every lock.semaphore_* script takes the same 4 KEYS, in this order (one hash tag):
 --   1 sem:<name>                    ZSET   holder token -> lease deadline (server ms)
 --   2 sem-wake:<name>               LIST   wake-up signals
---   3 sem-req:<request_id>:<name>   STRING recorded reply of a request id
+--   3 sem-fence:<name>              STRING the last permit token handed out (acquire only)
+--   4 sem-req:<request_id>:<name>   STRING recorded reply of a request id
 --
 -- Invariants:
 --   * A permit is held while its lease deadline > now; a lapsed lease is free at once (it is
@@ -287,9 +319,12 @@ end
 --   * The zset key expires no earlier than its last lease: it vanishes once every lease lapsed.
 --   * The permit count is the caller's argument, not stored: every caller of one semaphore name
 --     must pass the same count.
+--   * Every grant (a new permit, or a holder's lease moved by acquire) hands out a fencing
+--     token (include/fence.lua.j2) and stores it in sem-fence, which never expires: tokens only
+--     grow per semaphore name, across emptied semaphores.
 -- ---------------------------------------------------------------------------------------------
-local K_HOLDERS, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3]
-local SEMAPHORE_KEY_COUNT = 3
+local K_HOLDERS, K_WAKE, K_FENCE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local SEMAPHORE_KEY_COUNT = 4
 local RECLAIM_LIMIT = 64
 
 -- The lease deadline of `token` (a number), or nil when it holds no entry.
@@ -318,7 +353,7 @@ local function main()
   local permits = arg_int(2, 'permits', 1, 1000000)
   local ttl_ms = arg_int(3, 'ttl_ms', 1, 31536000000)
   local request_id = arg_string(4, 'request_id', 0, 64)
-  local now_ms = server_now_ms()
+  local now_ms, now_us = server_now_ms()
   local recorded = recorded_reply(K_REQUEST, request_id)
   if recorded then
     return recorded
@@ -326,23 +361,32 @@ local function main()
   local lease = lease_of(token)
   local live = live_count(now_ms)
   local key_ttl_ms = read('PTTL', K_HOLDERS)
-  if lease and lease > now_ms then
-    -- The holder again: one permit per holder, its lease never shortened.
+  local holding = lease and lease > now_ms
+  local fence = nil
+  if holding or live < permits then
+    -- The permit's token (a read; SET of K_FENCE below cannot fail).
+    local last = stored_int_or_nil(read('GET', K_FENCE), 'the fence key') or 0
+    fence = first_token(last, now_us, 1, 'the fence key')
+  end
+  if holding then
+    -- The holder again: one permit per holder, its lease never shortened, a new token.
     local deadline_ms = math.max(lease, now_ms + ttl_ms)
     write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-    local reply = { 'acquired', deadline_ms, live, 0, now_ms }
+    redis.call('SET', K_FENCE, decimal(fence))
+    local reply = { 'acquired', deadline_ms, live, 0, now_ms, fence }
     record_reply(K_REQUEST, request_id, reply)
     return reply
   end
   local lapsed = read('ZRANGEBYSCORE', K_HOLDERS, '-inf', decimal(now_ms), 'LIMIT', 0, RECLAIM_LIMIT)
   if live < permits then
-    -- Writes from here on (K_HOLDERS was read as a zset or is absent).
+    -- Writes from here on (K_HOLDERS was read as a zset or is absent; SET replaces any type).
     if #lapsed > 0 then
       redis.call('ZREM', K_HOLDERS, unpack(lapsed))
     end
     local deadline_ms = now_ms + ttl_ms
     write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-    local reply = { 'acquired', deadline_ms, live + 1, 0, now_ms }
+    redis.call('SET', K_FENCE, decimal(fence))
+    local reply = { 'acquired', deadline_ms, live + 1, 0, now_ms, fence }
     record_reply(K_REQUEST, request_id, reply)
     return reply
   end
@@ -351,7 +395,7 @@ local function main()
   if #lapsed > 0 then
     redis.call('ZREM', K_HOLDERS, unpack(lapsed))
   end
-  return { 'full', 0, live, tonumber(earliest[2]) - now_ms, now_ms }
+  return { 'full', 0, live, tonumber(earliest[2]) - now_ms, now_ms, 0 }
 end
 
 return run(main)

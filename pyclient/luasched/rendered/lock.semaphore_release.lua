@@ -6,6 +6,8 @@
 --@+          deadline (server ms). A lease whose deadline is not after now is free again.
 --@key        wake        list    luasched:{ns}:sem-wake:<name> -- wake-up signals pushed by a release (BLPOP it
 --@+          between attempts); expires 1000 ms after a push.
+--@key        fence       string  luasched:{ns}:sem-fence:<name> -- the last permit token handed out (a plain
+--@+          decimal); never expires (lock.semaphore_acquire reads and writes it, the others leave it alone).
 --@key        request     string  luasched:{ns}:sem-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The holder token given to lock.semaphore_acquire.
@@ -13,7 +15,7 @@
 --@reply      array{status:string, holders:int, now_ms:int}  status "released": the caller's live permit was given
 --@+          back. "expired": the caller held no live permit (its lease lapsed, or it never had one). holders = live
 --@+          leases after the call; now_ms: the server's clock at the call.
---@error      ARG  Not 3 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 4 keys or 2 arguments, or an argument out of its range.
 --@error      CORRUPT  A key of the semaphore holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) with n entries
 --@since      6.2
@@ -63,8 +65,12 @@ do
       return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
     key = keys[3]
+    if key and key ~= prefix .. 'sem-fence:' .. tail_name then
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[3] must be luasched:{ns}:sem-fence:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[4]
     if key and (sub(key, 1, plen) ~= prefix or sub(key, plen + 1, plen + 8) ~= 'sem-req:') then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[3] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[4] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
     end
   end
 end
@@ -109,11 +115,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -162,7 +169,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'zset', 'list', 'string', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -276,12 +283,22 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
--- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
+-- Every lock.semaphore_* script takes the same 4 KEYS, in this order (one hash tag):
 --   1 sem:<name>                    ZSET   holder token -> lease deadline (server ms)
 --   2 sem-wake:<name>               LIST   wake-up signals
---   3 sem-req:<request_id>:<name>   STRING recorded reply of a request id
+--   3 sem-fence:<name>              STRING the last permit token handed out (acquire only)
+--   4 sem-req:<request_id>:<name>   STRING recorded reply of a request id
 --
 -- Invariants:
 --   * A permit is held while its lease deadline > now; a lapsed lease is free at once (it is
@@ -289,9 +306,12 @@ end
 --   * The zset key expires no earlier than its last lease: it vanishes once every lease lapsed.
 --   * The permit count is the caller's argument, not stored: every caller of one semaphore name
 --     must pass the same count.
+--   * Every grant (a new permit, or a holder's lease moved by acquire) hands out a fencing
+--     token (include/fence.lua.j2) and stores it in sem-fence, which never expires: tokens only
+--     grow per semaphore name, across emptied semaphores.
 -- ---------------------------------------------------------------------------------------------
-local K_HOLDERS, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3]
-local SEMAPHORE_KEY_COUNT = 3
+local K_HOLDERS, K_WAKE, K_FENCE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local SEMAPHORE_KEY_COUNT = 4
 local RECLAIM_LIMIT = 64
 
 -- The lease deadline of `token` (a number), or nil when it holds no entry.

@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 8088c8c09e0eb15130c253b89d94c84b9a9643d2)
+-- lock.acquire (sha1 0c662363d33a7de3a7f54b9b0b3d1791b98cbd6b)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -16,7 +16,8 @@ redis.register_function{
 --@script     lock.acquire
 --@summary    Tries once to take the lock for the owner `token` for ttl_ms of the server's clock; answers at once.
 --@+          Granted when the lock is free (never taken, released, or its deadline passed), with a fencing token
---@+          one above the last one granted for this name (it never goes down: the lock key keeps it).
+--@+          max(last one granted for this name + 1, the server's clock in us): it only grows, and a promoted
+--@+          replica that missed the last grants still hands out larger ones (docs/guarantees.md).
 --@+          The owner itself: reentrant=1 adds a hold (release as many times; same fencing token) and moves the
 --@+          deadline to at least now + ttl_ms. reentrant=0: the token is single-use and is its own idempotency
 --@+          key: an acquire whose token got the lock's last grant is a replay and answers that grant unchanged
@@ -128,7 +129,7 @@ end
 -- 2-core bench box, defining them costs about as much as the whole grant. Its checks accept only
 -- arguments that main() accepts too (a subset: ttl_ms without leading zeros...); anything else,
 -- a lock that is held, a replay (the owner is the caller), or a key main() would call CORRUPT
--- goes on to main(), which answers it (with FAST_NOW_MS: TIME is read once per call). It reads
+-- goes on to main(), which answers it (with FAST_NOW_MS/US: TIME is read once per call). It reads
 -- everything before its writes, and its writes (SET of the lock key, ZREM of the caller's place,
 -- whose type ZSCORE checked) cannot fail on a key's type. Cheap forms (counted with callgrind,
 -- docs/locks.md): strings that are decimals by their pattern are turned into numbers by
@@ -136,7 +137,7 @@ end
 -- state is one string.format of integers ('%d': an integer snprintf; concatenating a number
 -- costs a "%.14g" one, twice as much). The token is appended with `..` (string.format's %s
 -- would cut it at a zero byte).
-local FAST_NOW_MS = nil
+local FAST_NOW_MS, FAST_NOW_US = nil, nil
 if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
   local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
   -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
@@ -145,16 +146,23 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
     and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
     local time = redis.call('TIME')
     local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
-    FAST_NOW_MS = now_ms
+    local now_us = (time[1] * 1000000 + time[2])
+    FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     local raw = redis.pcall('GET', KEYS[1])
     local fence, count, deadline, owner, free
     if raw == false then
       fence, free = 0, true
     elseif type(raw) == 'string' then
       fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      -- fence + 1 stays exact (main(): next_fence); a longer deadline is main()'s CORRUPT.
-      free = fence ~= nil and #fence <= 15 and #deadline <= 16 and owner ~= token
+      -- Longer numbers are main()'s CORRUPT; so is a token past 2^53 - 1 (below, main(): next_fence).
+      free = fence ~= nil and #fence <= 16 and #deadline <= 16 and owner ~= token
         and (count == '0' or deadline + 0 <= now_ms)
+      fence = free and fence + 0
+    end
+    -- The fencing token: main()'s next_fence (include/fence.j2).
+    local granted_fence = free and (fence < now_us and now_us or fence + 1)
+    if free and granted_fence > 9007199254740991 then
+      free = false
     end
     local place = nil
     if free then
@@ -164,9 +172,8 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
     end
     if free then
-      local granted_fence = fence + 1
       local deadline_ms = now_ms + ttl_raw
-      -- Every number here is an integer below 1e14: '%d' writes it exactly.
+      -- Every number here is an integer below 2^53: '%d' writes it exactly.
       local state = string.format('%d 1 %d %d 0 ', granted_fence, deadline_ms, now_ms) .. token
       redis.call('SET', KEYS[1], state)
       if place then
@@ -218,11 +225,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -395,6 +403,27 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -471,13 +500,10 @@ local function keep_alive(key, queue_ttl_ms, ttl_ms)
     redis.call('PEXPIRE', key, ttl_ms)
   end
 end
--- The next fencing token (a read: call it before the first write).
-local function next_fence(state)
-  local fence = (state and state.fence or 0) + 1
-  if fence > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the lock key\'s fence is at its largest value')
-  end
-  return fence
+-- The next fencing token, max(last + 1, now_us) (prelude: first_token; a read: call it before
+-- the first write).
+local function next_fence(state, now_us)
+  return first_token(state and state.fence or 0, now_us, 1, 'the lock key\'s fence')
 end
 
 -- The write of a grant (cannot fail: SET replaces the key whatever it held).
@@ -505,7 +531,10 @@ local function main()
   local fair = arg_enum(4, 'fair', { '0', '1' }) == '1'
   local wait_ttl_ms = arg_int(5, 'wait_ttl_ms', 0, 31536000000)
   local request_id = arg_string(6, 'request_id', 0, 64)
-  local now_ms = FAST_NOW_MS or server_now_ms()
+  local now_ms, now_us = FAST_NOW_MS, FAST_NOW_US
+  if not now_ms then
+    now_ms, now_us = server_now_ms()
+  end
   local recorded = recorded_reply(K_REQUEST, request_id)
   if recorded then
     return recorded
@@ -539,7 +568,7 @@ local function main()
       end
       return { 'held', 0, hold.deadline, 0, hold.deadline - now_ms, 0, now_ms }
     end
-    local fence = next_fence(state)
+    local fence = next_fence(state, now_us)
     if place then
       redis.call('ZREM', K_PLACES, token)
     end
@@ -569,7 +598,7 @@ local function main()
   local my_turn = head == token or (head == nil and #members < QUEUE_SCAN)
 
   if not hold and my_turn then
-    local fence = next_fence(state)
+    local fence = next_fence(state, now_us)
     -- Others still queued after this grant: its release must wake the next head.
     local others = #members > 0 and read('ZCARD', K_QUEUE) - #lapsed - (queued and 1 or 0) > 0
     -- Writes from here on.
@@ -628,7 +657,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 6b3325b01369938a9eaf06ede277f5588530820a)
+-- lock.extend (sha1 cc5d9903179c1b12a7a41dbdf6106a3b88a8ae7a)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -763,11 +792,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -879,6 +909,15 @@ local read = redis.call
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -970,7 +1009,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 b778c4651fab22db7df6d7bf84d15acbe605e043)
+-- lock.release (sha1 264618b3cc7be84d8f997d75ac91309b7e34b361)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -1135,11 +1174,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -1302,6 +1342,15 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
 -- lock_state (lua/include/lock_state.lua.j2): the KEYS of a lock and how its state is read and
 -- written.
 --
@@ -1459,7 +1508,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 9df50c76f53082cc7d6a9c0cb8f24ac0710b5ffb)
+-- lock.semaphore_acquire (sha1 6db2c37aac98ea812f19b135ffa1751627c7bc07)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1469,23 +1518,28 @@ redis.register_function{
 --@+          lease of ttl_ms of the server's clock; answers at once. Each permit has its own lease: a holder that
 --@+          crashed gives its permit back when its lease lapses, with no call from anyone. Granted while fewer
 --@+          than `permits` leases are live. A holder that asks again keeps its one permit and gets its lease
---@+          moved to at least now + ttl_ms. Reclaims up to 64 lapsed leases per call. A non-empty
+--@+          moved to at least now + ttl_ms. Every grant (a holder's again too) hands out a fencing token:
+--@+          max(last token of this semaphore name + 1, the server's clock in us), so tokens only grow, also when
+--@+          a promoted replica missed the last grants (docs/guarantees.md). Reclaims up to 64 lapsed leases per call. A non-empty
 --@+          request_id records a grant: replaying it answers the first reply and acts no second time.
 --@key        holders     zset    luasched:{ns}:sem:<name> -- permit holders (token) scored by their lease
 --@+          deadline (server ms). A lease whose deadline is not after now is free again.
 --@key        wake        list    luasched:{ns}:sem-wake:<name> -- wake-up signals pushed by a release (BLPOP it
 --@+          between attempts); expires 1000 ms after a push.
+--@key        fence       string  luasched:{ns}:sem-fence:<name> -- the last permit token handed out (a plain
+--@+          decimal); never expires (lock.semaphore_acquire reads and writes it, the others leave it alone).
 --@key        request     string  luasched:{ns}:sem-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The holder: random bytes drawn by the client.
 --@arg        permits     int:1..1000000  How many holders may hold a permit at once (the same for every caller).
 --@arg        ttl_ms      int:1..31536000000  The lease, from the server's now.
 --@arg        request_id  string:0..64  Idempotency key, unique per attempt ("" for none).
---@reply      array{status:string, deadline_ms:int, holders:int, wait_ms:int, now_ms:int}  status "acquired":
---@+          deadline_ms = the lease's deadline (server ms), holders = live leases including this one, wait_ms 0.
---@+          status "full": deadline_ms 0, holders = live leases (>= permits), wait_ms = ms until the earliest
---@+          live lease lapses. now_ms: the server's clock at the call.
---@error      ARG  Not 3 keys or 4 arguments, or an argument out of its range.
+--@reply      array{status:string, deadline_ms:int, holders:int, wait_ms:int, now_ms:int, fence:int}  status
+--@+          "acquired": deadline_ms = the lease's deadline (server ms), holders = live leases including this one,
+--@+          wait_ms 0, fence = the permit's fencing token. status "full": deadline_ms 0, holders = live leases
+--@+          (>= permits), wait_ms = ms until the earliest live lease lapses, fence 0. now_ms: the server's clock at
+--@+          the call.
+--@error      ARG  Not 4 keys or 4 arguments, or an argument out of its range.
 --@error      CORRUPT  A key of the semaphore holds another type or shape than the layout; nothing changed.
 --@complexity O(log n + 64) with n entries
 --@since      6.2
@@ -1535,8 +1589,12 @@ do
       return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
     key = keys[3]
+    if key and key ~= prefix .. 'sem-fence:' .. tail_name then
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[3] must be luasched:{ns}:sem-fence:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[4]
     if key and (sub(key, 1, plen) ~= prefix or sub(key, plen + 1, plen + 8) ~= 'sem-req:') then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[3] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[4] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
     end
   end
 end
@@ -1581,11 +1639,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -1647,7 +1706,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'zset', 'list', 'string', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -1740,12 +1799,34 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
--- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
+-- Every lock.semaphore_* script takes the same 4 KEYS, in this order (one hash tag):
 --   1 sem:<name>                    ZSET   holder token -> lease deadline (server ms)
 --   2 sem-wake:<name>               LIST   wake-up signals
---   3 sem-req:<request_id>:<name>   STRING recorded reply of a request id
+--   3 sem-fence:<name>              STRING the last permit token handed out (acquire only)
+--   4 sem-req:<request_id>:<name>   STRING recorded reply of a request id
 --
 -- Invariants:
 --   * A permit is held while its lease deadline > now; a lapsed lease is free at once (it is
@@ -1753,9 +1834,12 @@ end
 --   * The zset key expires no earlier than its last lease: it vanishes once every lease lapsed.
 --   * The permit count is the caller's argument, not stored: every caller of one semaphore name
 --     must pass the same count.
+--   * Every grant (a new permit, or a holder's lease moved by acquire) hands out a fencing
+--     token (include/fence.lua.j2) and stores it in sem-fence, which never expires: tokens only
+--     grow per semaphore name, across emptied semaphores.
 -- ---------------------------------------------------------------------------------------------
-local K_HOLDERS, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3]
-local SEMAPHORE_KEY_COUNT = 3
+local K_HOLDERS, K_WAKE, K_FENCE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local SEMAPHORE_KEY_COUNT = 4
 local RECLAIM_LIMIT = 64
 
 -- The lease deadline of `token` (a number), or nil when it holds no entry.
@@ -1784,7 +1868,7 @@ local function main()
   local permits = arg_int(2, 'permits', 1, 1000000)
   local ttl_ms = arg_int(3, 'ttl_ms', 1, 31536000000)
   local request_id = arg_string(4, 'request_id', 0, 64)
-  local now_ms = server_now_ms()
+  local now_ms, now_us = server_now_ms()
   local recorded = recorded_reply(K_REQUEST, request_id)
   if recorded then
     return recorded
@@ -1792,23 +1876,32 @@ local function main()
   local lease = lease_of(token)
   local live = live_count(now_ms)
   local key_ttl_ms = read('PTTL', K_HOLDERS)
-  if lease and lease > now_ms then
-    -- The holder again: one permit per holder, its lease never shortened.
+  local holding = lease and lease > now_ms
+  local fence = nil
+  if holding or live < permits then
+    -- The permit's token (a read; SET of K_FENCE below cannot fail).
+    local last = stored_int_or_nil(read('GET', K_FENCE), 'the fence key') or 0
+    fence = first_token(last, now_us, 1, 'the fence key')
+  end
+  if holding then
+    -- The holder again: one permit per holder, its lease never shortened, a new token.
     local deadline_ms = math.max(lease, now_ms + ttl_ms)
     write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-    local reply = { 'acquired', deadline_ms, live, 0, now_ms }
+    redis.call('SET', K_FENCE, decimal(fence))
+    local reply = { 'acquired', deadline_ms, live, 0, now_ms, fence }
     record_reply(K_REQUEST, request_id, reply)
     return reply
   end
   local lapsed = read('ZRANGEBYSCORE', K_HOLDERS, '-inf', decimal(now_ms), 'LIMIT', 0, RECLAIM_LIMIT)
   if live < permits then
-    -- Writes from here on (K_HOLDERS was read as a zset or is absent).
+    -- Writes from here on (K_HOLDERS was read as a zset or is absent; SET replaces any type).
     if #lapsed > 0 then
       redis.call('ZREM', K_HOLDERS, unpack(lapsed))
     end
     local deadline_ms = now_ms + ttl_ms
     write_lease(token, deadline_ms, now_ms, key_ttl_ms)
-    local reply = { 'acquired', deadline_ms, live + 1, 0, now_ms }
+    redis.call('SET', K_FENCE, decimal(fence))
+    local reply = { 'acquired', deadline_ms, live + 1, 0, now_ms, fence }
     record_reply(K_REQUEST, request_id, reply)
     return reply
   end
@@ -1817,14 +1910,14 @@ local function main()
   if #lapsed > 0 then
     redis.call('ZREM', K_HOLDERS, unpack(lapsed))
   end
-  return { 'full', 0, live, tonumber(earliest[2]) - now_ms, now_ms }
+  return { 'full', 0, live, tonumber(earliest[2]) - now_ms, now_ms, 0 }
 end
 
 return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 427182a406dff583ce048c55064fa10713b8876d)
+-- lock.semaphore_extend (sha1 2f01e3ee561db9dba1144100a481482b6d233246)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -1836,13 +1929,15 @@ redis.register_function{
 --@+          deadline (server ms). A lease whose deadline is not after now is free again.
 --@key        wake        list    luasched:{ns}:sem-wake:<name> -- wake-up signals pushed by a release (BLPOP it
 --@+          between attempts); expires 1000 ms after a push.
+--@key        fence       string  luasched:{ns}:sem-fence:<name> -- the last permit token handed out (a plain
+--@+          decimal); never expires (lock.semaphore_acquire reads and writes it, the others leave it alone).
 --@key        request     string  luasched:{ns}:sem-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token   string:1..256  The holder token given to lock.semaphore_acquire.
 --@arg        ttl_ms  int:1..31536000000  The new deadline is the server's now + ttl_ms.
 --@reply      array{status:string, deadline_ms:int, now_ms:int}  status "extended": deadline_ms = the new lease
 --@+          deadline (server ms). "expired": the caller holds no live permit (deadline_ms 0).
---@error      ARG  Not 3 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 4 keys or 2 arguments, or an argument out of its range.
 --@error      CORRUPT  The holders key holds another type than a zset; nothing changed.
 --@complexity O(log n) with n entries
 --@since      6.2
@@ -1892,8 +1987,12 @@ do
       return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
     key = keys[3]
+    if key and key ~= prefix .. 'sem-fence:' .. tail_name then
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[3] must be luasched:{ns}:sem-fence:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[4]
     if key and (sub(key, 1, plen) ~= prefix or sub(key, plen + 1, plen + 8) ~= 'sem-req:') then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[3] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[4] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
     end
   end
 end
@@ -1938,11 +2037,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -2004,7 +2104,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'zset', 'list', 'string', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -2054,12 +2154,22 @@ local read = redis.call
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
--- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
+-- Every lock.semaphore_* script takes the same 4 KEYS, in this order (one hash tag):
 --   1 sem:<name>                    ZSET   holder token -> lease deadline (server ms)
 --   2 sem-wake:<name>               LIST   wake-up signals
---   3 sem-req:<request_id>:<name>   STRING recorded reply of a request id
+--   3 sem-fence:<name>              STRING the last permit token handed out (acquire only)
+--   4 sem-req:<request_id>:<name>   STRING recorded reply of a request id
 --
 -- Invariants:
 --   * A permit is held while its lease deadline > now; a lapsed lease is free at once (it is
@@ -2067,9 +2177,12 @@ local read = redis.call
 --   * The zset key expires no earlier than its last lease: it vanishes once every lease lapsed.
 --   * The permit count is the caller's argument, not stored: every caller of one semaphore name
 --     must pass the same count.
+--   * Every grant (a new permit, or a holder's lease moved by acquire) hands out a fencing
+--     token (include/fence.lua.j2) and stores it in sem-fence, which never expires: tokens only
+--     grow per semaphore name, across emptied semaphores.
 -- ---------------------------------------------------------------------------------------------
-local K_HOLDERS, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3]
-local SEMAPHORE_KEY_COUNT = 3
+local K_HOLDERS, K_WAKE, K_FENCE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local SEMAPHORE_KEY_COUNT = 4
 local RECLAIM_LIMIT = 64
 
 -- The lease deadline of `token` (a number), or nil when it holds no entry.
@@ -2106,7 +2219,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 70336fc221cd94b5d064401b0d1a199a1becf941)
+-- lock.semaphore_release (sha1 4fea0464356d5ab88f72c8a19ab9e39f9c544f4d)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -2119,6 +2232,8 @@ redis.register_function{
 --@+          deadline (server ms). A lease whose deadline is not after now is free again.
 --@key        wake        list    luasched:{ns}:sem-wake:<name> -- wake-up signals pushed by a release (BLPOP it
 --@+          between attempts); expires 1000 ms after a push.
+--@key        fence       string  luasched:{ns}:sem-fence:<name> -- the last permit token handed out (a plain
+--@+          decimal); never expires (lock.semaphore_acquire reads and writes it, the others leave it alone).
 --@key        request     string  luasched:{ns}:sem-req:<request_id>:<name> -- the recorded reply of a request
 --@+          id (unused when request_id is empty); lives 60000 ms.
 --@arg        token       string:1..256  The holder token given to lock.semaphore_acquire.
@@ -2126,7 +2241,7 @@ redis.register_function{
 --@reply      array{status:string, holders:int, now_ms:int}  status "released": the caller's live permit was given
 --@+          back. "expired": the caller held no live permit (its lease lapsed, or it never had one). holders = live
 --@+          leases after the call; now_ms: the server's clock at the call.
---@error      ARG  Not 3 keys or 2 arguments, or an argument out of its range.
+--@error      ARG  Not 4 keys or 2 arguments, or an argument out of its range.
 --@error      CORRUPT  A key of the semaphore holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) with n entries
 --@since      6.2
@@ -2176,8 +2291,12 @@ do
       return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
     end
     key = keys[3]
+    if key and key ~= prefix .. 'sem-fence:' .. tail_name then
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[3] must be luasched:{ns}:sem-fence:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
+    end
+    key = keys[4]
     if key and (sub(key, 1, plen) ~= prefix or sub(key, plen + 1, plen + 8) ~= 'sem-req:') then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[3] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
+      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[4] must be luasched:{ns}:sem-req:<request_id>:<name> in the namespace of KEYS[1]')
     end
   end
 end
@@ -2222,11 +2341,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -2275,7 +2395,7 @@ local function run(main)
   if type(message) == 'string' and string.find(message, 'WRONGTYPE', 1, true) then
     -- Name the first key of KEYS whose type is not the layout's (its --@key lines). Inline, not
     -- a helper: every local function costs a closure on every call, error or not.
-    local layout, culprit = { 'zset', 'list', 'string' }, 'a key'
+    local layout, culprit = { 'zset', 'list', 'string', 'string' }, 'a key'
     for position, key in ipairs(KEYS) do
       local actual = redis.call('TYPE', key)['ok']
       if actual ~= 'none' and actual ~= layout[position] then
@@ -2389,12 +2509,22 @@ local function push_wake(wake, count, signal)
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
 -- semaphore_state (lua/include/semaphore_state.lua.j2): the KEYS of a counting semaphore.
 --
--- Every lock.semaphore_* script takes the same 3 KEYS, in this order (one hash tag):
+-- Every lock.semaphore_* script takes the same 4 KEYS, in this order (one hash tag):
 --   1 sem:<name>                    ZSET   holder token -> lease deadline (server ms)
 --   2 sem-wake:<name>               LIST   wake-up signals
---   3 sem-req:<request_id>:<name>   STRING recorded reply of a request id
+--   3 sem-fence:<name>              STRING the last permit token handed out (acquire only)
+--   4 sem-req:<request_id>:<name>   STRING recorded reply of a request id
 --
 -- Invariants:
 --   * A permit is held while its lease deadline > now; a lapsed lease is free at once (it is
@@ -2402,9 +2532,12 @@ end
 --   * The zset key expires no earlier than its last lease: it vanishes once every lease lapsed.
 --   * The permit count is the caller's argument, not stored: every caller of one semaphore name
 --     must pass the same count.
+--   * Every grant (a new permit, or a holder's lease moved by acquire) hands out a fencing
+--     token (include/fence.lua.j2) and stores it in sem-fence, which never expires: tokens only
+--     grow per semaphore name, across emptied semaphores.
 -- ---------------------------------------------------------------------------------------------
-local K_HOLDERS, K_WAKE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3]
-local SEMAPHORE_KEY_COUNT = 3
+local K_HOLDERS, K_WAKE, K_FENCE, K_REQUEST = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local SEMAPHORE_KEY_COUNT = 4
 local RECLAIM_LIMIT = 64
 
 -- The lease deadline of `token` (a number), or nil when it holds no entry.
@@ -2868,7 +3001,7 @@ return run(main)
 end,
 }
 
--- nodes.heartbeat (sha1 d0e57234b1c3681cc815b61edf842d81f36de362)
+-- nodes.heartbeat (sha1 c61251a4bde9dd6905ec70815f6504da2657e2f2)
 redis.register_function{
   function_name = 'luasched_nodes_heartbeat_v0_1_0',
   flags = {},
@@ -3040,11 +3173,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -3230,7 +3364,7 @@ return run(main)
 end,
 }
 
--- nodes.list (sha1 c9ec2b0d6743f3e3e211d6a0968ffbc00423b58c)
+-- nodes.list (sha1 ae98c5e3f9a849db70af5e20e3590d4a7358712d)
 redis.register_function{
   function_name = 'luasched_nodes_list_v0_1_0',
   flags = { 'no-writes' },
@@ -3391,11 +3525,12 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -3586,7 +3721,7 @@ return run(main)
 end,
 }
 
--- nodes.register (sha1 88889578cb21293a2ab300eed63c53912615b8d8)
+-- nodes.register (sha1 5ff43d5355756a0712793c847023ffaa2b75f912)
 redis.register_function{
   function_name = 'luasched_nodes_register_v0_1_0',
   flags = {},
@@ -3763,11 +3898,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -4496,7 +4632,7 @@ return run(main)
 end,
 }
 
--- nodes.sweep (sha1 81357446efbff9ff8e95843637a3035017b05d35)
+-- nodes.sweep (sha1 48a56afef22c2a8d94be116b284882a67e56ee7a)
 redis.register_function{
   function_name = 'luasched_nodes_sweep_v0_1_0',
   flags = {},
@@ -4669,11 +4805,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -5111,7 +5248,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 e376c2d67419d2aef3eba64345124bed22574815)
+-- pick.least_loaded (sha1 524e0b13080f45e8f15a9fe5113acd97ee8a26e6)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -5294,11 +5431,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -5641,7 +5779,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 9f719cf0d94d3489379932a9e167276949a40d80)
+-- pick.least_recent (sha1 8c82e406f0b9a85e5f86a5592a1b1ebc5de16907)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -5760,11 +5898,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -6308,7 +6447,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 affd1d9d865420bda514b7f70ae0f8a4f216e4db)
+-- pick.round_robin (sha1 42169cbe47534e839841a4644775b4c4d14e049d)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -6426,11 +6565,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -6637,7 +6777,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 7be431c937a18178c7e8dbb1ceba9536decdd9d6)
+-- pick.smooth_weighted (sha1 925d4ac9534f313cc0dd399646125342a95b8b1e)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -6762,11 +6902,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -6953,7 +7094,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 83f2b80996c6729f4d67089965f85cb31683a8dc)
+-- pick.two_choices (sha1 a8d168a3a2a991fea17a060558371cce9a8a924a)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -7082,11 +7223,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -7460,7 +7602,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 dcdaa74a7fc75b1abb46ba10a08bb58ab38986bf)
+-- pick.weighted (sha1 72d74e4a54e3a0d466b82a8b316fa7b9d60c64e7)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -7585,11 +7727,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -7810,7 +7953,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 7ceda50da98f54e2af4730d38189820066bf1b39)
+-- queue.ack (sha1 7c84878fcdc1a5642f0ba7860180e7a65081e5b3)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -7835,7 +7978,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -8191,6 +8335,16 @@ end
 -- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
 -- ---------------------------------------------------------------------------------------------
 
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
 local function main()
   key_count(QUEUE_KEY_COUNT)
   arg_count(4, 4)
@@ -8220,7 +8374,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 a4aef213037c298eef6e7a2bb6b5b14308536b93)
+-- queue.dequeue (sha1 576df03e0cb7d34144b23783fad79967af423208)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8230,8 +8384,9 @@ redis.register_function{
 --@+          one lease first (ack-and-take-next). Before taking, it promotes up to 16 due delayed tasks
 --@+          and reclaims up to 16 expired leases (an expired lease is a failed attempt: the task
 --@+          goes back to ready, or to the dead letters once it had max_attempts leases). Each taken task gets
---@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token one above the last
---@+          one of the queue (tokens only grow). When nothing is taken and wait_ms > 0, the caller is registered
+--@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token: the first one
+--@+          max(last token of the queue + 1, the server's clock in us), the next ones one by one after it (tokens
+--@+          only grow, also when a promoted replica missed the last leases: docs/guarantees.md). When nothing is taken and wait_ms > 0, the caller is registered
 --@+          as waiting for wait_ms (enqueue, nack and promotion then push wake-up signals on the wake list) and
 --@+          the reply says when the next delayed task is due. A non-empty request_id records the leases taken
 --@+          (and the ack): replaying it within request_ttl_ms answers those leases that are still held under the
@@ -8251,7 +8406,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -8356,14 +8512,14 @@ end
 -- main() accepts too (canonical decimals: no leading zeros, short enough to be exact); anything
 -- else, a recorded request id (a replay), anything due or expired, nothing to take, an acked
 -- lease that is not held, a malformed meta/seq/fence or a key of another type (redis.pcall: an
--- error table, not a raise) goes on to main(), with FAST_NOW_MS (TIME is read once per call) and
+-- error table, not a raise) goes on to main(), with FAST_NOW_MS/US (TIME is read once per call) and
 -- nothing written. With no task moved into ready, the head of ready is exactly what main() takes
 -- (no candidates to sort, no waiter to wake: every candidate is taken), so it writes what main()
 -- writes: ZREM ready, the ack's ZREM leased + HDEL, ZADD leased (deadlines), one HSET of the
 -- metas (format_meta's format) + seq + fence, the request record; and answers main()'s reply.
 -- Numbers go to redis.call as numbers (integers below 2^53: redis formats them exactly, and
 -- cheaper than Lua's own "%.14g" concatenation), so it writes what main() writes.
-local FAST_NOW_MS = nil
+local FAST_NOW_MS, FAST_NOW_US = nil, nil
 if #KEYS == 8 and #ARGV == 8 then
   repeat
     local worker_id, count_raw, lease_raw, wait_raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -8393,7 +8549,8 @@ if #KEYS == 8 and #ARGV == 8 then
     -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
     local micros = time[2] + 0
     local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
-    FAST_NOW_MS = now_ms
+    local now_us = (time[1] * 1000000 + time[2])
+    FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     -- No request record (false: no key; a string is a replay, an error table a key of another type).
     if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
       break
@@ -8434,7 +8591,8 @@ if #KEYS == 8 and #ARGV == 8 then
       break
     end
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
-    -- fence (main(): any digits) grows by `taken`, below 2^53 with 15 digits.
+    -- fence (main(): any digits) becomes `before`, the last token before this call's: the
+    -- tokens are before + 1 .. before + taken (main(): first_token), below 2^53.
     local seq, fence = values[1], values[2]
     if seq == false then
       seq = '0'
@@ -8443,10 +8601,14 @@ if #KEYS == 8 and #ARGV == 8 then
     end
     if fence == false then
       fence = 0
-    elseif #fence > 15 or not string.find(fence, '^%d+$') then
+    elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
       fence = tonumber(fence)
+    end
+    fence = (fence < now_us and now_us or fence + 1) - 1
+    if fence + taken > 9007199254740991 then
+      break
     end
     -- The acked lease is held: leased (L) under ack_token (compared as canonical text); anything
     -- else (main() compares numbers) goes on to main(), which answers STALE or acks.
@@ -8578,11 +8740,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -8843,6 +9006,27 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -8907,7 +9091,10 @@ local function main()
   if acking ~= (ack_token > 0) then
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
-  local now_ms = FAST_NOW_MS or server_now_ms()
+  local now_ms, now_us = FAST_NOW_MS, FAST_NOW_US
+  if not now_ms then
+    now_ms, now_us = server_now_ms()
+  end
   local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
@@ -8996,8 +9183,9 @@ local function main()
     table.sort(candidates, function(a, b) return a.score < b.score end)
   end
   local taken = math.min(count, #candidates)
-  if fence + taken > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the fence field is at its largest value')
+  if taken > 0 then
+    -- The tokens are fence + 1 .. fence + taken (the loop below counts them up).
+    fence = first_token(fence, now_us, taken, 'the fence field') - 1
   end
   if #died > 0 then
     read('ZCARD', K_DEAD)
@@ -9120,7 +9308,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 eba63ac39aa4d2eb67938cc452d9800da6605d19)
+-- queue.dispatch (sha1 c5c79ae74a68d0f199f48566fa27c879bdff956c)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -9140,7 +9328,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -9354,11 +9542,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -9631,6 +9820,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -10259,7 +10457,7 @@ local function main()
     return { record[2], record[3], record[4] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'n' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local state = STATE_NAMES[parse_meta(fields[1], task_id).state]
@@ -10306,6 +10504,10 @@ local function main()
   end
   task_fields[#task_fields + 1] = 'm' .. task_id
   task_fields[#task_fields + 1] = format_meta(meta)
+  if not fields[4] then
+    task_fields[#task_fields + 1] = 'layout'
+    task_fields[#task_fields + 1] = 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable'
+  end
   redis.call('HSET', K_TASKS, unpack(task_fields))
   -- A blocked worker of the node wakes for a delayed task too: it may be due before the time
   -- that worker waits for.
@@ -10320,7 +10522,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 79c62e9bd637ea1442a1e8a53ef6cbefa7613e1a)
+-- queue.dispatch_requeue_dead (sha1 4d113d1698a051b5549b256583863efad35c3e3c)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -10341,7 +10543,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -10546,11 +10748,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -10776,6 +10979,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -11431,7 +11643,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 f9bdc520261d22492778e961c0f17c8f0a3b278c)
+-- queue.enqueue (sha1 36d50237f9b5c0913984a35b129097b21205ba08)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11456,7 +11668,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -11582,9 +11795,11 @@ if #KEYS == 8 and #ARGV == 7 then
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-      local fields = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq')
+      local fields = record == false
+        and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq', 'layout')
       local seq = nil
-      if fields and fields[1] == false then
+      -- No layout field yet: main() writes it.
+      if fields and fields[1] == false and fields[3] then
         local raw = fields[2]
         if raw == false then
           seq = 0
@@ -11677,11 +11892,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -11934,6 +12150,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -11951,7 +12176,7 @@ local function main()
     return { record[2], record[3] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
@@ -11975,6 +12200,9 @@ local function main()
     first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     redis.call('HSET', K_TASKS, 'p' .. task_id, payload, 'm' .. task_id, format_meta(meta))
   end
+  if not fields[3] then
+    redis.call('HSET', K_TASKS, 'layout', 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable')
+  end
   -- A blocked dequeuer wakes for a delayed task too: it may be due before the time it waits for.
   if waiting then
     push_wake(K_WAKE, 1)
@@ -11987,7 +12215,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 19ab6c6145a8b33aa53efbd50c121c2de1776ab4)
+-- queue.extend (sha1 edcc11f445cab3c2968dd2870d01e45ded4a9544)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -12008,7 +12236,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -12136,11 +12365,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -12309,6 +12539,16 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- extend_lease (lua/include/extend_lease.lua.j2): the whole of queue.extend and queue.node_extend.
 -- Needs include/queue.lua.j2, directly (queue.extend) or through include/dispatch.lua.j2
 -- (queue.node_extend), whose K_TASKS / K_LEASED it writes.
@@ -12345,7 +12585,7 @@ return run(main)
 end,
 }
 
--- queue.group_ack (sha1 cb3cc4a5ef3ee09d09966ba51a466c72b1e243cd)
+-- queue.group_ack (sha1 d116ec7c26719ddf1da4eb453e1e8bd997797a30)
 redis.register_function{
   function_name = 'luasched_queue_group_ack_v0_1_0',
   flags = {},
@@ -12366,7 +12606,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -12524,11 +12765,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -12750,6 +12992,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -13000,7 +13251,7 @@ return run(main)
 end,
 }
 
--- queue.group_dequeue (sha1 a802863d0783cd6f7fb29a8224ee9db763ee4a5e)
+-- queue.group_dequeue (sha1 028c6d3cc1ecf863a6bb8cd55378d0d5fcc4e6d1)
 redis.register_function{
   function_name = 'luasched_queue_group_dequeue_v0_1_0',
   flags = {},
@@ -13028,7 +13279,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -13195,11 +13447,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -13460,6 +13713,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -14086,7 +14348,7 @@ return run(main)
 end,
 }
 
--- queue.group_enqueue (sha1 9991fc9fe4f62e86bed2e352b8db1aa1bacc1e48)
+-- queue.group_enqueue (sha1 6b28528ecd5c39347b37692f1303d4bfc58ea9e5)
 redis.register_function{
   function_name = 'luasched_queue_group_enqueue_v0_1_0',
   flags = {},
@@ -14108,7 +14370,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -14270,11 +14533,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -14527,6 +14791,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -14770,7 +15043,7 @@ return run(main)
 end,
 }
 
--- queue.group_nack (sha1 2e4e36ad6b7837e9a2c4a6f9fc1b72cad5d00abb)
+-- queue.group_nack (sha1 463b22781484c0ccd1974e7455adab7d678112f4)
 redis.register_function{
   function_name = 'luasched_queue_group_nack_v0_1_0',
   flags = {},
@@ -14794,7 +15067,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -14965,11 +15239,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -15222,6 +15497,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -15521,7 +15805,7 @@ return run(main)
 end,
 }
 
--- queue.group_requeue_dead (sha1 41f520d0d4e2d799c179f0cad391505cddb80ece)
+-- queue.group_requeue_dead (sha1 930c4882f6304f3714c5d4039e7ef2c2933cb893)
 redis.register_function{
   function_name = 'luasched_queue_group_requeue_dead_v0_1_0',
   flags = {},
@@ -15542,7 +15826,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -15696,11 +15981,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -15904,6 +16190,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -16133,7 +16428,7 @@ return run(main)
 end,
 }
 
--- queue.group_stats (sha1 797fc75d0815547faf0e4650ec6cabcbce62bb03)
+-- queue.group_stats (sha1 34fc7ca3e9cbc2c7a5330e41354de2c77e19e320)
 redis.register_function{
   function_name = 'luasched_queue_group_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -16154,7 +16449,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -16315,11 +16611,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -16473,6 +16770,16 @@ end
 -- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
 -- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
 -- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
 -- ---------------------------------------------------------------------------------------------
 
 -- How long the task of ready (K_READY) that became ready first has been ready at `now_ms` (-1:
@@ -16684,7 +16991,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 3282091a71f3426c0372f08daac486c7d7040e0e)
+-- queue.nack (sha1 c5fe31e3873f8478ba8ffaaea536fed92cf54aec)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -16707,7 +17014,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -16850,11 +17158,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -17107,6 +17416,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -17183,7 +17501,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 adf7c1b1763cca1fdad268ae7a45d792c80a2505)
+-- queue.node_ack (sha1 7354aab6d884f4ec96a437cc59048d5b980efdc9)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -17200,7 +17518,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -17629,6 +17947,16 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
 --
@@ -17797,7 +18125,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 3afbd3744b30f1397e3c62741ba07ce29275b715)
+-- queue.node_dequeue (sha1 e2531215ae5650621d4fa1c87e1fe10fb895f560)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -17814,8 +18142,9 @@ redis.register_function{
 --@+          deadline order) and moves their ready tasks to live nodes the same way, at most 32 moved
 --@+          tasks in all per call (the caller's own node is never healed; a move whose pick fails (no live node, all
 --@+          full) leaves the task where it was for a later call; the registry is left as it is). Each
---@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
---@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
+--@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token: the first one
+--@+          max(last token of the dispatch queue + 1, the server's clock in us), the next ones one by one after it
+--@+          (tokens only grow, also when a promoted replica missed the last leases: docs/guarantees.md). A non-empty request_id records the leases taken: replaying it within
 --@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
 --@+          taken and wait_ms > 0, the node is registered in waiters until the server's now + wait_ms (dispatch,
 --@+          node_nack, redispatch, dispatch_requeue_dead and promotion/reclaim then push the node's hex id on
@@ -17828,7 +18157,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -18036,11 +18365,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -18309,6 +18639,27 @@ local function push_wake(wake, count, signal)
     redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
 end
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
@@ -19252,7 +19603,7 @@ local function main()
   local request_id = arg_request_id(5)
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
-  local now_ms = server_now_ms()
+  local now_ms, now_us = server_now_ms()
   local record = recorded_request(request_id, 'node_dequeue')
   if record then
     return replay_leases(record)
@@ -19318,8 +19669,9 @@ local function main()
   local values = read('HMGET', K_TASKS, unpack(fields))
   local seq = stored_count_or_zero(values[1], 'the seq field')
   local fence = stored_count_or_zero(values[2], 'the fence field')
-  if fence + #head > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the fence field is at its largest value')
+  if #head > 0 then
+    -- The tokens are fence + 1 .. fence + #head (the loop below counts them up).
+    fence = first_token(fence, now_us, #head, 'the fence field') - 1
   end
 
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}
@@ -19450,7 +19802,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 2a0d39e6c29c9a2ae433b28ce481062cd1898bfd)
+-- queue.node_extend (sha1 0a30bc3a5ffb19921184e02da7370e4dca6f9361)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -19468,7 +19820,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -19670,11 +20022,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -19875,6 +20228,16 @@ end
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
 --
@@ -19966,7 +20329,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 2120fc9c499d0b55cc9f7f3b1e196b8a13fb81c7)
+-- queue.node_nack (sha1 5cb182b882fe2422698be31ab962431300fe2121)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -19984,7 +20347,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -20194,11 +20557,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -20460,6 +20824,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -20701,7 +21074,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 700865a901cea1b3378b7325dc739d93ad4f6808)
+-- queue.node_stats (sha1 38ff670ef90e48d1d5c8cb4930855a91871dd139)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -20717,7 +21090,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -20909,11 +21282,12 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -21076,6 +21450,16 @@ local first_write = read
 -- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
 -- by the nodes.* scripts (which keep pick:util in step with the registry) and the pick.* scripts.
 --
@@ -21179,7 +21563,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 9ba2066e8d5cac0d23af89759ab03ab9072090cc)
+-- queue.redispatch (sha1 6d6ab61778c0ff01e0fd78d9d8b987cc5847e62e)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -21200,7 +21584,7 @@ redis.register_function{
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -21406,11 +21790,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -21644,6 +22029,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- pick_score (lua/include/pick_score.lua.j2): a node's utilization score, the one formula shared
@@ -22433,7 +22827,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 c5e20b9dcd68f8b605a8cb1aa127b47be92341b2)
+-- queue.requeue_dead (sha1 30ac16688cda70577c6a1a3d7d43ee9cc32088c0)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -22453,7 +22847,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -22571,11 +22966,12 @@ local function show(value)
   return '"' .. string.gsub(value, '[^%w%p ]', '?') .. '"' .. suffix
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -22779,6 +23175,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -22815,7 +23220,7 @@ return run(main)
 end,
 }
 
--- queue.set_group (sha1 7bdc0a13cac12c797a59933164beee065cc35dc8)
+-- queue.set_group (sha1 d2c42999d727b7cd127585db006c7391de412b99)
 redis.register_function{
   function_name = 'luasched_queue_set_group_v0_1_0',
   flags = {},
@@ -22838,7 +23243,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -22996,11 +23402,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -23168,6 +23575,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -23419,7 +23835,7 @@ return run(main)
 end,
 }
 
--- queue.set_limits (sha1 d88c0cd942ac168a94643e564077b030152d2818)
+-- queue.set_limits (sha1 adc4b797202e13c1c9cf8ea53f3b99850ee1d05a)
 redis.register_function{
   function_name = 'luasched_queue_set_limits_v0_1_0',
   flags = {},
@@ -23441,7 +23857,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -23751,6 +24168,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -23902,7 +24328,7 @@ return run(main)
 end,
 }
 
--- queue.set_rate (sha1 3dad2fcf0b4b2b6844d10d536ab2a8ecec346d73)
+-- queue.set_rate (sha1 f39e6118ed4d8e42c7929d49c728ce3b673a0ee3)
 redis.register_function{
   function_name = 'luasched_queue_set_rate_v0_1_0',
   flags = {},
@@ -23924,7 +24350,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -24080,11 +24507,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -24252,6 +24680,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 -- ---------------------------------------------------------------------------------------------
 -- groups (lua/include/groups.lua.j2): fair groups, concurrency caps and pause of a plain queue,
@@ -24498,7 +24935,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 576b1038d598cf4af069936f9639492d51957250)
+-- queue.stats (sha1 f1d84894b8f93a782db76975d84f599fa14b52e5)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -24519,7 +24956,8 @@ redis.register_function{
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -24646,11 +25084,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -24794,6 +25233,16 @@ end
 -- wake (lua/include/wake.lua.j2): the wake-up signals of blocked callers (a LIST they BLPOP),
 -- one rule for every area. Included by queue.lua.j2 and lock.lua.j2, which bind WAKE_MAX (most
 -- signals kept) and WAKE_TTL_MS (the list expires that long after a push) from their limits.
+-- ---------------------------------------------------------------------------------------------
+
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
 -- ---------------------------------------------------------------------------------------------
 
 -- How long the task of ready (K_READY) that became ready first has been ready at `now_ms` (-1:
@@ -24967,7 +25416,7 @@ return run(main)
 end,
 }
 
--- slots.owner (sha1 4c809af1ccc2a2be08836547113203d81d928cc0)
+-- slots.owner (sha1 27fa59512f7ee424501e467240870757d1fa326e)
 redis.register_function{
   function_name = 'luasched_slots_owner_v0_1_0',
   flags = { 'no-writes' },
@@ -25139,11 +25588,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -25346,7 +25796,7 @@ return run(main)
 end,
 }
 
--- slots.owner_of_slot (sha1 d6ef99c562a186f90c65bc377ba249d262d3f563)
+-- slots.owner_of_slot (sha1 11ccbdb94818c9071ddf78ce5da3d9c5a8a2c603)
 redis.register_function{
   function_name = 'luasched_slots_owner_of_slot_v0_1_0',
   flags = { 'no-writes' },
@@ -25516,11 +25966,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -25694,7 +26145,7 @@ return run(main)
 end,
 }
 
--- slots.owners (sha1 e54cbb0d208bc4e2190b13aad848ae2cc7a3bfcd)
+-- slots.owners (sha1 6ad9b87eefd5f0bedeb1cbf8c73edbb09511bcd9)
 redis.register_function{
   function_name = 'luasched_slots_owners_v0_1_0',
   flags = { 'no-writes' },
@@ -25865,11 +26316,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -26081,7 +26533,7 @@ return run(main)
 end,
 }
 
--- slots.rebalance (sha1 fab18270bb8281581104d76530ca51386695b096)
+-- slots.rebalance (sha1 da8b861d8a8f40425a429b4bd6d2c32cfc4405d2)
 redis.register_function{
   function_name = 'luasched_slots_rebalance_v0_1_0',
   flags = {},
@@ -26253,11 +26705,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -26570,5 +27023,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'b8170485707db02d2bea33812925817875a730cb' end,
+  callback = function() return '856237cfa2d2894284967377847ecc78aeab642c' end,
 }

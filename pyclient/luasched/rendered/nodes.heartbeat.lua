@@ -165,11 +165,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.

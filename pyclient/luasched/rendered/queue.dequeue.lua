@@ -3,8 +3,9 @@
 --@+          one lease first (ack-and-take-next). Before taking, it promotes up to 16 due delayed tasks
 --@+          and reclaims up to 16 expired leases (an expired lease is a failed attempt: the task
 --@+          goes back to ready, or to the dead letters once it had max_attempts leases). Each taken task gets
---@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token one above the last
---@+          one of the queue (tokens only grow). When nothing is taken and wait_ms > 0, the caller is registered
+--@+          attempt + 1, a lease deadline of the server's now + lease_ms and a fencing token: the first one
+--@+          max(last token of the queue + 1, the server's clock in us), the next ones one by one after it (tokens
+--@+          only grow, also when a promoted replica missed the last leases: docs/guarantees.md). When nothing is taken and wait_ms > 0, the caller is registered
 --@+          as waiting for wait_ms (enqueue, nack and promotion then push wake-up signals on the wake list) and
 --@+          the reply says when the next delayed task is due. A non-empty request_id records the leases taken
 --@+          (and the ack): replaying it within request_ttl_ms answers those leases that are still held under the
@@ -24,7 +25,8 @@
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -129,14 +131,14 @@ end
 -- main() accepts too (canonical decimals: no leading zeros, short enough to be exact); anything
 -- else, a recorded request id (a replay), anything due or expired, nothing to take, an acked
 -- lease that is not held, a malformed meta/seq/fence or a key of another type (redis.pcall: an
--- error table, not a raise) goes on to main(), with FAST_NOW_MS (TIME is read once per call) and
+-- error table, not a raise) goes on to main(), with FAST_NOW_MS/US (TIME is read once per call) and
 -- nothing written. With no task moved into ready, the head of ready is exactly what main() takes
 -- (no candidates to sort, no waiter to wake: every candidate is taken), so it writes what main()
 -- writes: ZREM ready, the ack's ZREM leased + HDEL, ZADD leased (deadlines), one HSET of the
 -- metas (format_meta's format) + seq + fence, the request record; and answers main()'s reply.
 -- Numbers go to redis.call as numbers (integers below 2^53: redis formats them exactly, and
 -- cheaper than Lua's own "%.14g" concatenation), so it writes what main() writes.
-local FAST_NOW_MS = nil
+local FAST_NOW_MS, FAST_NOW_US = nil, nil
 if #KEYS == 8 and #ARGV == 8 then
   repeat
     local worker_id, count_raw, lease_raw, wait_raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -166,7 +168,8 @@ if #KEYS == 8 and #ARGV == 8 then
     -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
     local micros = time[2] + 0
     local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
-    FAST_NOW_MS = now_ms
+    local now_us = (time[1] * 1000000 + time[2])
+    FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     -- No request record (false: no key; a string is a replay, an error table a key of another type).
     if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
       break
@@ -207,7 +210,8 @@ if #KEYS == 8 and #ARGV == 8 then
       break
     end
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
-    -- fence (main(): any digits) grows by `taken`, below 2^53 with 15 digits.
+    -- fence (main(): any digits) becomes `before`, the last token before this call's: the
+    -- tokens are before + 1 .. before + taken (main(): first_token), below 2^53.
     local seq, fence = values[1], values[2]
     if seq == false then
       seq = '0'
@@ -216,10 +220,14 @@ if #KEYS == 8 and #ARGV == 8 then
     end
     if fence == false then
       fence = 0
-    elseif #fence > 15 or not string.find(fence, '^%d+$') then
+    elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
       fence = tonumber(fence)
+    end
+    fence = (fence < now_us and now_us or fence + 1) - 1
+    if fence + taken > 9007199254740991 then
+      break
     end
     -- The acked lease is held: leased (L) under ack_token (compared as canonical text); anything
     -- else (main() compares numbers) goes on to main(), which answers STALE or acks.
@@ -351,11 +359,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -616,6 +625,27 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -680,7 +710,10 @@ local function main()
   if acking ~= (ack_token > 0) then
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
-  local now_ms = FAST_NOW_MS or server_now_ms()
+  local now_ms, now_us = FAST_NOW_MS, FAST_NOW_US
+  if not now_ms then
+    now_ms, now_us = server_now_ms()
+  end
   local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
@@ -769,8 +802,9 @@ local function main()
     table.sort(candidates, function(a, b) return a.score < b.score end)
   end
   local taken = math.min(count, #candidates)
-  if fence + taken > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the fence field is at its largest value')
+  if taken > 0 then
+    -- The tokens are fence + 1 .. fence + taken (the loop below counts them up).
+    fence = first_token(fence, now_us, taken, 'the fence field') - 1
   end
   if #died > 0 then
     read('ZCARD', K_DEAD)

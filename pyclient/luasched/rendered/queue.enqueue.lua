@@ -18,7 +18,8 @@
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -144,9 +145,11 @@ if #KEYS == 8 and #ARGV == 7 then
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-      local fields = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq')
+      local fields = record == false
+        and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'seq', 'layout')
       local seq = nil
-      if fields and fields[1] == false then
+      -- No layout field yet: main() writes it.
+      if fields and fields[1] == false and fields[3] then
         local raw = fields[2]
         if raw == false then
           seq = 0
@@ -239,11 +242,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -496,6 +500,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 
 local function main()
   key_count(QUEUE_KEY_COUNT)
@@ -513,7 +526,7 @@ local function main()
     return { record[2], record[3] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
@@ -536,6 +549,9 @@ local function main()
     meta.state, meta.at_ms, state = 'D', now_ms + delay_ms, 'delayed'
     first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     redis.call('HSET', K_TASKS, 'p' .. task_id, payload, 'm' .. task_id, format_meta(meta))
+  end
+  if not fields[3] then
+    redis.call('HSET', K_TASKS, 'layout', 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable')
   end
   -- A blocked dequeuer wakes for a delayed task too: it may be due before the time it waits for.
   if waiting then

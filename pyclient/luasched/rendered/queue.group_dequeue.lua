@@ -21,7 +21,8 @@
 --@+          "S P M A T W worker_id" (state R|D|L|X = ready|delayed|leased|dead, priority, max_attempts,
 --@+          attempts so far, fencing token of the last lease (0: none), state time in server ms: ready
 --@+          since / due / lease deadline / died at, then the worker id of the last lease), "r"..task_id ->
---@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow).
+--@+          last failure reason; "seq" -> last sequence number, "fence" -> last fencing token (both only grow);
+--@+          "layout" -> a fixed text longer than hash-max-listpack-value (keeps the hash a hashtable).
 --@key        wake      list    luasched:{ns}:q:wake:<queue> -- wake-up signals for blocked dequeuers (BLPOP
 --@+          it); at most 16 entries, expires 2000 ms after a push.
 --@key        waiting   string  luasched:{ns}:q:waiting:<queue> -- present while a dequeuer blocks; only
@@ -188,11 +189,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -453,6 +455,15 @@ local function push_wake(wake, count, signal)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
 end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot

@@ -10,8 +10,9 @@
 --@+          deadline order) and moves their ready tasks to live nodes the same way, at most 32 moved
 --@+          tasks in all per call (the caller's own node is never healed; a move whose pick fails (no live node, all
 --@+          full) leaves the task where it was for a later call; the registry is left as it is). Each
---@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token one above the
---@+          last one of the dispatch queue. A non-empty request_id records the leases taken: replaying it within
+--@+          taken task gets attempt + 1, a deadline of the server's now + lease_ms and a fencing token: the first one
+--@+          max(last token of the dispatch queue + 1, the server's clock in us), the next ones one by one after it
+--@+          (tokens only grow, also when a promoted replica missed the last leases: docs/guarantees.md). A non-empty request_id records the leases taken: replaying it within
 --@+          request_ttl_ms answers those still held under the same token and takes nothing new. When nothing is
 --@+          taken and wait_ms > 0, the node is registered in waiters until the server's now + wait_ms (dispatch,
 --@+          node_nack, redispatch, dispatch_requeue_dead and promotion/reclaim then push the node's hex id on
@@ -24,7 +25,7 @@
 --@key        leased      zset    luasched:{ns}:d:leased:<queue> -- leased task ids by lease deadline (server ms).
 --@key        dead        zset    luasched:{ns}:d:dead:<queue> -- dead-letter task ids by time of death (server ms).
 --@key        tasks       hash    luasched:{ns}:d:tasks:<queue> -- "p"..id payload, "m"..id meta (as queue.*), "n"..id
---@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence".
+--@+          route "cost strategy hex(node id)", "k"..id routing key (slot strategy), "r"..id last reason, "seq", "fence", "layout" (as queue.*).
 --@key        assigned    zset    luasched:{ns}:d:assigned:<queue> -- leased and delayed tasks by node, scored 0:
 --@+          member hex(node id) ":" task id.
 --@key        request     string  luasched:{ns}:d:req:<request_id>:<queue> -- the recorded reply of a request id
@@ -232,11 +233,12 @@ local function decimal(value)
   return tostring(value)
 end
 
--- The server's clock in ms. Read it once, at the top of a script: TIME is frozen inside a script
--- on 7.2+ and advances on 7.0, so a second reading could disagree with the first.
+-- The server's clock in ms, and (second value) in us for fencing tokens, from one reading. Read
+-- it once, at the top of a script: TIME is frozen inside a script on 7.2+ and advances on 7.0,
+-- so a second reading could disagree with the first.
 local function server_now_ms()
   local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), (time[1] * 1000000 + time[2])
 end
 
 -- Exactly `count` keys.
@@ -505,6 +507,27 @@ local function push_wake(wake, count, signal)
     redis.call('LTRIM', wake, 0, WAKE_MAX - 1)
   end
   redis.call('PEXPIRE', wake, WAKE_TTL_MS)
+end
+-- ---------------------------------------------------------------------------------------------
+-- fence (lua/include/fence.lua.j2): fencing tokens, for the scripts that hand them out (lock
+-- fences, semaphore permits, queue and node-queue lease tokens). Included by lock.lua.j2 and
+-- queue.lua.j2; the rule's one spelling is include/fence.j2 (the lean paths inline it).
+--
+-- Invariant: a token is max(last + 1, the server's clock in us), so tokens only grow on one
+-- server, and a promoted replica that missed the last grants still hands out larger ones as
+-- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
+-- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
 end
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
@@ -1448,7 +1471,7 @@ local function main()
   local request_id = arg_request_id(5)
   local request_ttl_ms = arg_int(6, 'request_ttl_ms', 1, MAX_REQUEST_TTL_MS)
   local wait_ms = #ARGV == 7 and arg_int(7, 'wait_ms', 0, MAX_TTL_MS) or 0
-  local now_ms = server_now_ms()
+  local now_ms, now_us = server_now_ms()
   local record = recorded_request(request_id, 'node_dequeue')
   if record then
     return replay_leases(record)
@@ -1514,8 +1537,9 @@ local function main()
   local values = read('HMGET', K_TASKS, unpack(fields))
   local seq = stored_count_or_zero(values[1], 'the seq field')
   local fence = stored_count_or_zero(values[2], 'the fence field')
-  if fence + #head > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the fence field is at its largest value')
+  if #head > 0 then
+    -- The tokens are fence + 1 .. fence + #head (the loop below counts them up).
+    fence = first_token(fence, now_us, #head, 'the fence field') - 1
   end
 
   local ready_add, ready_rem, assigned_add, assigned_rem = {}, {}, {}, {}

@@ -1,0 +1,629 @@
+"""Server instructions per operation (group ``instructions``): callgrind, ours and the peers'.
+
+The CPU µs rows of the other groups move with the machine; the instructions the server executes
+for the same calls do not (two server processes, two runs: within ~1-2 %). This group starts its
+own throwaway server under ``valgrind --tool=callgrind`` (``--hz 1 --dynamic-hz no``, so the
+periodic ``serverCron`` runs once per wall-clock second), and measures each case in *windows*:
+``callgrind_control -z`` (counters to zero), the calls, ``callgrind_control -d`` (a dump); a
+window's figure is the dump's ``summary:`` minus the inclusive cost of ``serverCron`` in it
+(``callgrind_annotate --inclusive=yes``), which would otherwise charge the window for the
+seconds it lasted under valgrind. Everything the server does for the calls counts: reading the
+request, the command or script, the reply; the client's own work does not.
+
+Every case starts from ``FLUSHALL`` (and a ``SCRIPT FLUSH``-free server: scripts stay loaded),
+loads its scripts, warms up outside the windows, and uses task ids and lock names of one fixed
+width, so no case pays for longer strings than another. The cases:
+
+* locks: one uncontended acquire + release, ``LOCK_CYCLES`` times: luasched's lock (plain,
+  fair, reentrant), redis-py ``Lock``, python-redis-lock, pottery ``Redlock`` on one master;
+* queue, one task at a time: enqueue + dequeue + ack (luasched), enqueue + ``ack_and_dequeue``
+  (luasched), Dramatiq with prefetch 1 (``send`` + the consumer's fetch + ``ack``);
+* queue, batched: per round 16 enqueues (one call each) in one window, then one
+  ``dequeue_many(16)`` + the 16 acks in one pipeline (luasched) or the consumer's fetch of 16 +
+  16 acks (Dramatiq, prefetch 16) in another, at queue depths 16, 208 and 10,000 (the depth the
+  queue holds before the round's enqueues: 0, 192 and 9,984 tasks are put in first, unmeasured);
+  the enqueue windows alone give the enqueue rows;
+* RQ and BullMQ, one task's whole life: N enqueues, then the library's worker drains them (RQ
+  ``SimpleWorker`` in burst mode; BullMQ's ``Worker``, concurrency 1), all in one window: the
+  worker's start and stop are charged to the N tasks.
+
+Dramatiq runs with ``maintenance_chance=0`` (no random sweep inside a window). A peer that is not
+installed (the ``bench`` extra) is left out, and so is the whole group when valgrind is not found
+(``apt-get install valgrind``); the report says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+import luasched
+from luasched.testing import HOST, ThrowawayServer
+
+from .cases import _installed, _lock_cycle
+
+#: The cases run, and how many operations each window holds.
+LOCK_CYCLES = 300
+ONE_AT_A_TIME = 300
+BATCH = 16
+BATCH_ROUNDS = 20
+DEPTHS = (16, 208, 10_000)
+LIFE_TASKS = 200
+WARM = 20
+PAYLOAD = b"p" * 32
+LOCK_TTL_MS = 600_000
+LEASE_MS = 600_000
+NAMESPACE = "bench-instr"
+QUEUE = "instr"
+#: serverCron's inclusive cost in a callgrind_annotate line: "1,234,567 (12.3%)  file:serverCron".
+_CRON = re.compile(r"^\s*([\d,]+)\s.*[:\s]serverCron\b", re.MULTILINE)
+
+
+def valgrind() -> str | None:
+    """The valgrind binary, or None (then the group does not run)."""
+    found = shutil.which("valgrind")
+    return found if found and shutil.which("callgrind_control") else None
+
+
+@dataclass
+class Callgrind:
+    """A throwaway server under callgrind, and the windows measured on it."""
+
+    binary: Path
+    server: ThrowawayServer = field(init=False)
+    directory: Path = field(init=False)
+
+    def __enter__(self) -> Callgrind:
+        self.directory = Path(tempfile.mkdtemp(prefix="luasched-callgrind-"))
+        self.server = ThrowawayServer(
+            self.binary,
+            ["--hz", "1", "--dynamic-hz", "no"],
+            launcher=[
+                str(valgrind()),
+                "--tool=callgrind",
+                f"--callgrind-out-file={self.directory}/callgrind.out.%p",
+                "--dump-instr=no",
+            ],
+            ready_timeout_s=120.0,
+        )
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.server.process is not None
+        return self.server.process.pid
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.server.port, socket_timeout=120)
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    @contextlib.contextmanager
+    def window(self, into: list[int]) -> Iterator[None]:
+        """Count what the server executes inside the block; append it (serverCron excluded)."""
+        self._control("-z")
+        yield
+        before = set(self.directory.glob("callgrind.out.*"))
+        self._control("-d", "window")
+        deadline = time.monotonic() + 60
+        while True:
+            dumps = set(self.directory.glob("callgrind.out.*")) - before
+            if dumps or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not dumps:
+            raise RuntimeError("callgrind wrote no dump")
+        (dump,) = dumps
+        text = dump.read_text(errors="replace")
+        total = int(re.search(r"^summary:\s+(\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        annotated = subprocess.run(
+            ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        cron = sum(int(found.replace(",", "")) for found in _CRON.findall(annotated))
+        dump.unlink()
+        into.append(total - cron)
+
+
+@dataclass
+class Figure:
+    """One row: instructions per operation over its windows."""
+
+    name: str
+    operations: int = 0
+    windows: list[int] = field(default_factory=list)
+
+    @property
+    def per_op(self) -> float:
+        return sum(self.windows) / self.operations if self.operations else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "per_op": round(self.per_op),
+            "operations": self.operations,
+            "windows": self.windows,
+        }
+
+
+def _ids(prefix: str) -> Iterator[bytes]:
+    number = 0
+    while True:
+        number += 1
+        yield f"{prefix}{number:012d}".encode()
+
+
+# ------------------------------------------------------------------------------------ locks
+
+
+def _lock_rows(cg: Callgrind) -> list[Figure]:
+    def luasched_cycle(client: redis.Redis, **options: Any) -> Callable[[], None]:
+        scheduler = luasched.Scheduler(client, NAMESPACE)
+        scheduler.load_scripts()
+        lock = scheduler.lock("lock-000000000001", ttl_ms=LOCK_TTL_MS, **options)
+
+        def cycle() -> None:
+            handle = lock.acquire(blocking=False)
+            if handle is None:
+                raise RuntimeError("an uncontended lock was not acquired")
+            handle.release()
+
+        return cycle
+
+    def redis_py(client: redis.Redis) -> Callable[[], None]:
+        lock = client.lock("lock-000000000001", timeout=LOCK_TTL_MS / 1000)
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
+
+    def python_redis_lock(client: redis.Redis) -> Callable[[], None]:
+        import redis_lock
+
+        lock = redis_lock.Lock(client, "lock-000000000001", expire=LOCK_TTL_MS // 1000)
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
+
+    def pottery(client: redis.Redis) -> Callable[[], None]:
+        from pottery import Redlock
+
+        lock = Redlock(
+            key="lock-000000000001", masters={client}, auto_release_time=LOCK_TTL_MS / 1000
+        )
+        return _lock_cycle(lambda: lock.acquire(blocking=False), lock.release)
+
+    makers: list[tuple[str, str | None, Callable[[redis.Redis], Callable[[], None]]]] = [
+        ("luasched lock", None, luasched_cycle),
+        ("luasched fair lock", None, lambda c: luasched_cycle(c, fair=True)),
+        ("luasched reentrant lock", None, lambda c: luasched_cycle(c, reentrant=True)),
+        ("redis-py Lock", None, redis_py),
+        ("python-redis-lock", "redis_lock", python_redis_lock),
+        ("pottery Redlock (1 master)", "pottery", pottery),
+        *(
+            (name, None, lambda c, script=script: _floor_cycle(c, script))
+            for name, script in LOCK_FLOORS.items()
+        ),
+    ]
+    figures = []
+    for name, module, make in makers:
+        if module is not None and not _installed(module):
+            continue
+        client = cg.client()
+        try:
+            client.flushall()
+            cycle = make(client)
+            for _ in range(WARM):
+                cycle()
+            figure = Figure(name, LOCK_CYCLES)
+            with cg.window(figure.windows):
+                for _ in range(LOCK_CYCLES):
+                    cycle()
+            figures.append(figure)
+        finally:
+            client.close()
+    return figures
+
+
+FLOOR_PLAIN = "floor: SET NX PX + release script (redis-py Lock's shape, no fencing token)"
+FLOOR_FENCED = "floor: acquire script (SET NX PX + INCR fence) + release script"
+FLOOR_CLOCK = (
+    "floor: acquire script (SET NX PX, TIME, fence = max(stored + 1, server µs)) + release script"
+)
+
+#: Floors of a lock cycle: the least a cycle with each guarantee executes (scripts that do only
+#: the unavoidable calls, no argument checks). The release is redis-py's own shape: GET, compare,
+#: DEL. Not luasched's scripts: what any design with that guarantee pays.
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+LOCK_FLOORS = {
+    FLOOR_PLAIN: None,
+    FLOOR_FENCED: "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    "return redis.call('INCR', KEYS[2]) end return false",
+    FLOOR_CLOCK: "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    "return false end local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
+    "local stored = redis.call('GET', KEYS[2]) local token = stored and stored + 1 or 1 "
+    "if now > token then token = now end redis.call('SET', KEYS[2], token) return token",
+}
+
+
+def _floor_cycle(client: redis.Redis, acquire: str | None) -> Callable[[], None]:
+    """A lock cycle of a floor: ``acquire`` (None: a bare SET NX PX), then _RELEASE."""
+    release = client.script_load(_RELEASE)
+    fenced = client.script_load(acquire) if acquire else None
+    hold, fence, token = "lock-000000000001", "fence-00000000001", "token-0000000001"
+
+    def cycle() -> None:
+        if fenced is None:
+            granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+        else:
+            granted = client.evalsha(fenced, 2, hold, fence, token, LOCK_TTL_MS)
+        if not granted or client.evalsha(release, 1, hold, token) != 1:
+            raise RuntimeError("an uncontended floor lock was not acquired and released")
+
+    return cycle
+
+
+# ------------------------------------------------------------------------------------ queue
+
+
+class _Luasched:
+    """luasched's queue as the worker runtime uses it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.scheduler = luasched.Scheduler(client, NAMESPACE)
+        self.scheduler.load_scripts()
+        self.queue = self.scheduler.queue(QUEUE)
+        self.ids = _ids("task-")
+        self.worker = b"worker-000001"
+
+    def fill(self, count: int) -> None:
+        for start in range(0, count, 1000):
+            with self.scheduler.pipeline() as pipe:
+                queue = pipe.queue(QUEUE)
+                for _ in range(min(1000, count - start)):
+                    queue.enqueue(next(self.ids), PAYLOAD)
+                pipe.execute()
+
+    def enqueue(self) -> None:
+        self.queue.enqueue(next(self.ids), PAYLOAD)
+
+    def take_batch(self) -> None:
+        leases = self.queue.dequeue_many(self.worker, BATCH, LEASE_MS)
+        if len(leases) != BATCH:
+            raise RuntimeError(f"dequeue_many took {len(leases)} of {BATCH}")
+        with self.scheduler.pipeline() as pipe:
+            acks = pipe.queue(QUEUE)
+            for lease in leases:
+                acks.ack(lease)
+            pipe.execute()
+
+    def take_one(self) -> None:
+        lease = self.queue.dequeue(self.worker, LEASE_MS)
+        if lease is None or not self.queue.ack(lease):
+            raise RuntimeError("no task to take")
+
+    def cycle(self) -> None:
+        self.enqueue()
+        self.take_one()
+
+    def close(self) -> None:
+        """Nothing to close: the caller closes the client."""
+
+
+class _Dramatiq:
+    """Dramatiq's RedisBroker: ``actor.send`` and its consumer (fetch, ack), prefetch ``n``."""
+
+    def __init__(self, port: int, prefetch: int) -> None:
+        import dramatiq
+        from dramatiq.brokers.redis import RedisBroker
+
+        self.broker = RedisBroker(url=f"redis://{HOST}:{port}/0", maintenance_chance=0)
+        self.actor = dramatiq.actor(
+            lambda payload: None, broker=self.broker, actor_name="instr", queue_name=QUEUE
+        )
+        self.consumer = self.broker.consume(QUEUE, prefetch=prefetch, timeout=1000)
+        self.prefetch = prefetch
+
+    def fill(self, count: int) -> None:
+        for _ in range(count):
+            self.enqueue()
+
+    def enqueue(self) -> None:
+        self.actor.send(PAYLOAD.decode())
+
+    def take(self, count: int) -> None:
+        for _ in range(count):
+            message = next(self.consumer)
+            if message is None:
+                raise RuntimeError("Dramatiq's consumer found no message")
+            self.consumer.ack(message)
+
+    def take_batch(self) -> None:
+        self.take(BATCH)
+
+    def take_one(self) -> None:
+        self.take(1)
+
+    def cycle(self) -> None:
+        self.enqueue()
+        self.take_one()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.broker.close()
+
+
+def _one_at_a_time(cg: Callgrind, name: str, make: Callable[[redis.Redis], Any]) -> Figure:
+    """``ONE_AT_A_TIME`` steps of ``make(client)``'s step (after ``WARM``), one window."""
+    client = cg.client()
+    client.flushall()
+    figure = Figure(name, ONE_AT_A_TIME)
+    step, close = make(client)
+    try:
+        for _ in range(WARM):
+            step()
+        with cg.window(figure.windows):
+            for _ in range(ONE_AT_A_TIME):
+                step()
+    finally:
+        close()
+        client.close()
+    return figure
+
+
+def _luasched_cycle(client: redis.Redis) -> tuple[Callable[[], None], Callable[[], None]]:
+    ours = _Luasched(client)
+    return ours.cycle, ours.close
+
+
+def _luasched_ack_and_dequeue(client: redis.Redis) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Enqueue one, then ack the held task and lease the next in one call."""
+    ours = _Luasched(client)
+    ours.enqueue()
+    held = [ours.queue.dequeue(ours.worker, LEASE_MS)]
+
+    def step() -> None:
+        ours.enqueue()
+        held[0] = ours.queue.ack_and_dequeue(held[0], ours.worker, LEASE_MS)
+        if held[0] is None:
+            raise RuntimeError("ack_and_dequeue found no task")
+
+    return step, ours.close
+
+
+def _dramatiq_cycle(cg: Callgrind) -> Callable[[redis.Redis], Any]:
+    def make(client: redis.Redis) -> tuple[Callable[[], None], Callable[[], None]]:
+        peer = _Dramatiq(cg.server.port, 1)
+        return peer.cycle, peer.close
+
+    return make
+
+
+def _batched(
+    cg: Callgrind, label: str, make: Callable[[redis.Redis], Any], depth: int
+) -> list[Figure]:
+    """``BATCH_ROUNDS`` rounds at ``depth``: the round's enqueues in one window, its batched take
+    and acks in another; three figures (enqueue, take + acks, the whole task)."""
+    client = cg.client()
+    client.flushall()
+    peer = make(client)
+    try:
+        peer.fill(depth - BATCH)
+        for _ in range(2):  # warm-up rounds
+            for _ in range(BATCH):
+                peer.enqueue()
+            peer.take_batch()
+        tasks = BATCH * BATCH_ROUNDS
+        enqueues = Figure(f"{label}: enqueue, depth {depth}", tasks)
+        takes = Figure(f"{label}: batched take + acks, depth {depth}", tasks)
+        for _ in range(BATCH_ROUNDS):
+            with cg.window(enqueues.windows):
+                for _ in range(BATCH):
+                    peer.enqueue()
+            with cg.window(takes.windows):
+                peer.take_batch()
+    finally:
+        peer.close()
+        client.close()
+    whole = Figure(f"{label}: batched task, depth {depth}", tasks, enqueues.windows + takes.windows)
+    return [enqueues, takes, whole]
+
+
+def _queue_rows(cg: Callgrind) -> list[Figure]:
+    dramatiq = _installed("dramatiq")
+    figures = [
+        _one_at_a_time(cg, ONE_LUASCHED, _luasched_cycle),
+        _one_at_a_time(cg, ONE_LUASCHED_AAD, _luasched_ack_and_dequeue),
+    ]
+    if dramatiq:
+        figures.append(_one_at_a_time(cg, ONE_DRAMATIQ, _dramatiq_cycle(cg)))
+    for depth in DEPTHS:
+        figures += _batched(cg, LUASCHED, _Luasched, depth)
+        if dramatiq:
+            figures += _batched(
+                cg, DRAMATIQ_16, lambda _client: _Dramatiq(cg.server.port, BATCH), depth
+            )
+    if _installed("rq"):
+        figures.append(_rq_life(cg))
+    if _installed("bullmq"):
+        try:
+            figures.append(_bullmq_life(cg))
+        except asyncio.TimeoutError:  # TimeoutError itself on 3.11+, not on 3.10
+            # Seen once: its Worker took none of the jobs within the bound. Left out of this
+            # run (docs/bench.md then has no BullMQ row) rather than ending the whole bench.
+            print("bench: BullMQ's worker did not finish its tasks in 120 s: row left out")
+    return figures
+
+
+def _drain(cg: Callgrind, name: str, work: Callable[..., None]) -> Figure:
+    """``DRAIN_TASKS`` tasks (put in unmeasured) drained by ``DRAIN_WORKERS`` forked processes
+    running ``work`` (bench/queue_peers.py's hand-written loop or ``luasched.Worker``), the
+    whole drain in one window: workers' start and stop are charged to the tasks."""
+    import multiprocessing
+
+    from . import queue_peers
+    from .engine import Env, Settings
+
+    context = multiprocessing.get_context("fork")
+    queue_peers._COUNTER = context.Value("q", 0)
+    env = Env(HOST, cg.server.port, Settings())
+    client = cg.client()
+    client.flushall()
+    figure = Figure(name, DRAIN_TASKS)
+    try:
+        queue_peers.luasched_fill(env, DRAIN_TASKS)
+        stop = context.Event()
+        processes = [
+            context.Process(target=work, args=(env, stop, lambda: None), daemon=True)
+            for _ in range(DRAIN_WORKERS)
+        ]
+        with cg.window(figure.windows):
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join(600)
+        alive = [process for process in processes if process.is_alive()]
+        for process in alive:
+            process.kill()
+        if alive or queue_peers._COUNTER.value != DRAIN_TASKS:
+            raise RuntimeError(f"{name}: ran {queue_peers._COUNTER.value} of {DRAIN_TASKS}")
+    finally:
+        client.close()
+    return figure
+
+
+def _drain_rows(cg: Callgrind) -> list[Figure]:
+    from . import queue_peers
+
+    return [
+        _drain(cg, DRAIN_LOOP, queue_peers.luasched_work),
+        _drain(cg, DRAIN_WORKER, queue_peers.luasched_worker_work),
+    ]
+
+
+def _rq_life(cg: Callgrind) -> Figure:
+    """``LIFE_TASKS`` ``Queue.enqueue`` calls, then ``SimpleWorker.work(burst=True)``."""
+    import multiprocessing
+
+    from rq import Queue, SimpleWorker
+
+    from . import queue_peers
+
+    queue_peers._COUNTER = multiprocessing.Value("q", 0)
+    client = cg.client()
+    client.flushall()
+    figure = Figure(LIFE_RQ, LIFE_TASKS)
+    try:
+        queue = Queue(QUEUE, connection=client)
+        with cg.window(figure.windows):
+            for _ in range(LIFE_TASKS):
+                queue.enqueue(queue_peers.count_task, PAYLOAD)
+            SimpleWorker([queue], connection=client).work(burst=True, logging_level="WARNING")
+        if queue_peers._COUNTER.value != LIFE_TASKS:
+            raise RuntimeError(f"RQ ran {queue_peers._COUNTER.value} of {LIFE_TASKS} tasks")
+    finally:
+        client.close()
+    return figure
+
+
+def _bullmq_life(cg: Callgrind) -> Figure:
+    """``LIFE_TASKS`` ``Queue.add`` calls, then a ``Worker`` (concurrency 1) until all ran; no
+    timer of BullMQ's fires inside the window (stalled checks and lock renewals every hour)."""
+    from bullmq import Queue, Worker
+
+    url = f"redis://{HOST}:{cg.server.port}/0"
+    cg.client().flushall()
+    figure = Figure(LIFE_BULLMQ, LIFE_TASKS)
+    done = 0
+
+    async def process(job: Any, token: str) -> None:
+        nonlocal done
+        done += 1
+
+    async def life() -> None:
+        queue = Queue(QUEUE, {"connection": url})
+        for _ in range(LIFE_TASKS):
+            await queue.add("task", {"p": PAYLOAD.decode()})
+        worker = Worker(
+            QUEUE,
+            process,
+            {"connection": url, "stalledInterval": 3_600_000, "lockDuration": 3_600_000},
+        )
+        while done < LIFE_TASKS:
+            await asyncio.sleep(0.01)
+        await worker.close()
+        await queue.close()
+
+    with cg.window(figure.windows):
+        asyncio.run(asyncio.wait_for(life(), 120))
+    return figure
+
+
+ONE_LUASCHED = "luasched, one task at a time: enqueue + dequeue + ack"
+ONE_LUASCHED_AAD = "luasched, one task at a time: enqueue + ack_and_dequeue"
+ONE_DRAMATIQ = "Dramatiq prefetch 1: send + fetch + ack"
+LUASCHED = "luasched"
+DRAIN_WORKERS = 4
+DRAIN_TASKS = 4_000
+DRAIN_LOOP = (
+    "luasched, 4 processes drain a backlog: dequeue_many(16) + the acks in one pipeline, per task"
+)
+DRAIN_WORKER = "luasched.Worker, 4 processes drain a backlog (no-op handler, batch 16), per task"
+LIFE_RQ = "RQ: Queue.enqueue, then SimpleWorker (burst)"
+LIFE_BULLMQ = "BullMQ: Queue.add, then Worker (concurrency 1)"
+DRAMATIQ_16 = "Dramatiq prefetch 16"
+
+
+def measure(binary: Path, phase: Callable[[str, int, int], None], quick: bool) -> dict[str, Any]:
+    """Every instruction figure on a throwaway server of ``binary`` under callgrind; ``quick``:
+    a quarter of the operations per case (the figures move by ~1-2 %, Lua's garbage collector
+    stepping every 50 script calls being the larger share of it)."""
+    global LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS, DRAIN_TASKS
+    if quick:
+        LOCK_CYCLES, ONE_AT_A_TIME, BATCH_ROUNDS, LIFE_TASKS, DRAIN_TASKS = 100, 100, 6, 50, 1000
+    with Callgrind(binary) as cg:
+        info = cg.server.info()
+        phase("locks", 1, 2)
+        rows = _lock_rows(cg)
+        phase("queue", 2, 2)
+        rows += _queue_rows(cg)
+        rows += _drain_rows(cg)
+    return {
+        "server": info,
+        "method": "callgrind summary minus serverCron's inclusive cost, per operation",
+        "rows": {figure.name: figure.as_dict() for figure in rows},
+    }
+
+
+def line(result: dict[str, Any]) -> str:
+    """The one-line summary ``python -m bench`` prints when the group is done."""
+    if result.get("skipped"):
+        return f"instructions: not measured ({result['skipped']})"
+    rows = result["rows"]
+    shown = ", ".join(
+        f"{name} {rows[name]['per_op']:,}"
+        for name in ("luasched lock", "redis-py Lock", ONE_LUASCHED, ONE_DRAMATIQ)
+        if name in rows
+    )
+    return f"instructions per op: {shown}"
