@@ -101,7 +101,7 @@ GROUPS: list[Step] = [
     ("queue.set_group", ("A", "2", "3", "0")),
 ]
 GROUP_LEASED = [*GROUPS, ("queue.group_dequeue", ("w1", "1", "30000", "0", "", "0", "", "60000"))]
-GROUP_DEAD = [*GROUP_LEASED, ("queue.group_nack", ("g1", "1", "0", "bad", "0", "0", "", "60000"))]
+GROUP_DEAD = [*GROUP_LEASED, ("queue.group_nack", ("g1", TOKEN, "0", "bad", "0", "0", "", "60000"))]
 LOCKED: list[Step] = [("lock.acquire", ("tokA", "30000", "0", "0", "0", ""))]
 SEMAPHORE: list[Step] = [("lock.semaphore_acquire", ("tokA", "3", "30000", ""))]
 
@@ -146,8 +146,8 @@ VALID: dict[str, tuple[list[Step], tuple[str, ...]]] = {
     "queue.stats": (LEASED, ()),
     "queue.group_enqueue": (GROUPS, ("g9", "payload-9", "7", "0", "2", "rq1", "60000", "C")),
     "queue.group_dequeue": (GROUPS, ("w2", "2", "30000", "0", "", "0", "rq1", "60000")),
-    "queue.group_ack": (GROUP_LEASED, ("g1", "1", "rq1", "60000")),
-    "queue.group_nack": (GROUP_LEASED, ("g1", "1", "-1", "oops", "100", "1000", "rq1", "60000")),
+    "queue.group_ack": (GROUP_LEASED, ("g1", TOKEN, "rq1", "60000")),
+    "queue.group_nack": (GROUP_LEASED, ("g1", TOKEN, "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.group_requeue_dead": (GROUP_DEAD, ("g1",)),
     "queue.group_stats": (GROUP_LEASED, ("A", "B", "C")),
     "queue.set_group": (GROUPS, ("B", "3", "-1", "1")),

@@ -18,7 +18,7 @@ import luasched.asyncio
 from luasched import InvalidArgument, Job, Scheduler, Worker
 from luasched.queue import dequeue_call
 from luasched.render import render_all
-from support.helpers import assert_codes_covered, assert_refused
+from support.helpers import HELD_TOKEN, assert_codes_covered, assert_refused, with_held_tokens
 
 Client = Any  # redis.Redis or RedisCluster
 
@@ -268,8 +268,8 @@ def test_a_stale_lease_is_refused_and_changes_nothing(
 CORRUPT_ARGS = {
     "queue.group_enqueue": ["t2", "", 0, 0, 1, "", 1000, "g"],
     "queue.group_dequeue": ["w", 1, 1000, 0, "", 0, "", 1000],
-    "queue.group_ack": ["seed", 1, "", 1000],
-    "queue.group_nack": ["seed", 1, 0, "", 0, 0, "", 1000],
+    "queue.group_ack": [b"seed", HELD_TOKEN, "", 1000],
+    "queue.group_nack": [b"seed", HELD_TOKEN, 0, "", 0, 0, "", 1000],
     "queue.group_requeue_dead": ["seed"],
     "queue.set_group": ["g", 2, -1, -1],
     "queue.set_limits": [3, -1],
@@ -287,7 +287,8 @@ def test_a_group_key_of_another_type_is_corrupt_and_nothing_changes(r: Client, s
         lease = q.dequeue("w", 60_000, request_id=b"")
         assert lease is not None and q.nack(lease, request_id=b"").state == "dead"
     elif script in {"queue.group_ack", "queue.group_nack"}:
-        assert q.dequeue("w", 60_000, request_id=b"") is not None  # token 1
+        assert q.dequeue("w", 60_000, request_id=b"") is not None
+    args = with_held_tokens(r, q.keys.tasks, tuple(CORRUPT_ARGS[script]))
     r.delete(q.group_keys.bound["groups"])
     r.set(q.group_keys.bound["groups"], b"not a hash")
     keys = q.group_keys.with_request(b"")
@@ -296,7 +297,7 @@ def test_a_group_key_of_another_type_is_corrupt_and_nothing_changes(r: Client, s
         s,
         script,
         keys,
-        CORRUPT_ARGS[script],
+        list(args),
         "CORRUPT",
         "holds another type than the layout",
         exact=False,
