@@ -1,6 +1,6 @@
 """Fencing tokens never repeat or go back, even on a server that lost its last grants (issue 19):
-lock fences, queue lease tokens and node-queue lease tokens (docs/guarantees.md, "Fencing
-tokens"; the rule is lua/include/fence.j2).
+lock fences, queue lease tokens (with and without groups) and node-queue lease tokens
+(docs/guarantees.md, "Fencing tokens"; the rule is lua/include/fence.j2).
 
 A promoted replica that missed the last writes holds the keys as they were before them. Each
 test stands in for that with a rollback on one server: every key of the namespace is DUMPed,
@@ -117,6 +117,31 @@ def test_queue_lease_tokens_never_repeat_after_a_rollback(r: Client, path: str) 
         if path == "main":
             q.enqueue(f"due{calls[0]}", b"p", delay_ms=1)
             time.sleep(0.003)  # due: the call promotes it first (main())
+        many = calls[0] % 2 == 0
+        leases = q.dequeue_many("w", 3, HOUR) if many else [q.dequeue("w", HOUR)]
+        assert leases and all(lease is not None for lease in leases)
+        tokens = [lease.token for lease in leases if lease is not None]
+        assert tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+        return tokens
+
+    assert_never_back(*rolled_back_round(r, s.namespace, grant))
+
+
+@pytest.mark.parametrize("path", ["lean", "main"])
+def test_grouped_lease_tokens_never_repeat_after_a_rollback(r: Client, path: str) -> None:
+    """queue.group_dequeue hands out lease tokens by the same rule: dequeue and dequeue_many
+    over three groups, with nothing due (lean) or a due delayed task to promote first (main)."""
+    s = Scheduler(r, "fence-group")
+    q = s.queue("jobs")
+    for index in range(60):
+        q.enqueue(f"t{index}", b"p", group=f"g{index % 3}")
+    calls = [0]
+
+    def grant() -> list[int]:
+        calls[0] += 1
+        if path == "main":
+            q.enqueue(f"due{calls[0]}", b"p", delay_ms=1, group="g0")
+            time.sleep(0.003)  # due: the call promotes it first
         many = calls[0] % 2 == 0
         leases = q.dequeue_many("w", 3, HOUR) if many else [q.dequeue("w", HOUR)]
         assert leases and all(lease is not None for lease in leases)

@@ -93,6 +93,25 @@ def test_round_robin_one_at_a_time_and_with_tasks_without_a_group(r: Client) -> 
     assert q.dequeue("w", 60_000) is None
 
 
+@pytest.mark.parametrize("delay_ms", [0, 1])
+def test_a_queue_whose_first_task_has_a_group_keeps_its_tasks_hash_a_hashtable(
+    r: Client, delay_ms: int
+) -> None:
+    """group_enqueue writes the tasks hash's layout field as queue.enqueue does (ready or
+    delayed first task); finished tasks leave only the counters, the layout field and "G"."""
+    q = Scheduler(r, "layout").queue("jobs")
+    q.enqueue("a", b"p", group="g", delay_ms=delay_ms)
+    assert r.object("encoding", q.keys.tasks) == b"hashtable"
+    q.enqueue("b", b"p", group="h")
+    time.sleep(0.003)  # a is due
+    leases = q.dequeue_many("w", 2, 60_000)
+    assert sorted(lease.task_id for lease in leases) == [b"a", b"b"]
+    for lease in leases:
+        assert q.ack(lease)
+    assert set(r.hkeys(q.keys.tasks)) == {b"seq", b"fence", b"layout", b"G"}
+    assert r.object("encoding", q.keys.tasks) == b"hashtable"
+
+
 def test_priority_then_fifo_within_a_group(r: Client) -> None:
     q = Scheduler(r, "prio").queue("jobs")
     q.enqueue("low-1", group="g", priority=-5)
