@@ -81,7 +81,7 @@ from luasched.leases import (
     take_shape,
     text,
 )
-from luasched.loops import Do, Loop, drive, no_calls
+from luasched.loops import Do, Loop, Run, drive, no_calls
 from luasched.pick import RandomSource, default_rng
 from luasched.render import MAX_BATCH_LIMIT
 from luasched.scripts import Call, Runner
@@ -595,6 +595,13 @@ def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     return warn_policy(drive(policy_loop(client, namespace), no_calls, client))
 
 
+def _plan_loop(plan: Call[Any] | Loop[Any]) -> Loop[Any]:
+    """``plan`` as a loop: one ``Run`` step for a call, the loop itself for a blocking take."""
+    if isinstance(plan, Call):
+        return (yield Run(plan))
+    return (yield from plan)
+
+
 class QueueCalls(Generic[R]):
     """What ``Queue`` and ``AsyncQueue`` share: a queue's options, keys and random source, and
     the script call (or, for a blocking take, the loop) of each of its methods. The subclasses
@@ -690,6 +697,26 @@ class QueueCalls(Generic[R]):
         if group is None:
             return self._set_limits_call(None, paused)
         return self._set_group_call(group, None, None, paused)
+
+    def _to_groups(self) -> bool:
+        """After a GROUPED answer (the queue has groups; the answer changed nothing): make this
+        object call the ``queue.group_*`` scripts from now on. False when it called them
+        already (then GROUPED is not a switch but an error to raise)."""
+        if self.grouped:
+            return False
+        self.grouped = True
+        return True
+
+    def _switching_loop(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Loop[Any]:
+        """What ``build`` makes (a call, or a blocking take's loop) as one loop; when a script
+        answers GROUPED, switch to the ``queue.group_*`` scripts (``_to_groups``) and run what
+        ``build`` makes then, once (it builds the same request on the group scripts' keys)."""
+        try:
+            return (yield from _plan_loop(build()))
+        except GroupedQueue:
+            if not self._to_groups():
+                raise
+        return (yield from _plan_loop(build()))
 
     def _stats_call(self) -> Call[QueueStats]:
         if not self.grouped:
@@ -840,16 +867,9 @@ class Queue(QueueCalls[Runner]):
         return drive(plan, self._runner.run, self._client)
 
     def _switching(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Any:
-        """Run what ``build`` makes; when the script answers GROUPED (the queue has groups and
-        this object did not know), switch to the ``queue.group_*`` scripts and run it once more
-        (a GROUPED answer changed nothing)."""
-        try:
-            return self._do(build())
-        except GroupedQueue:
-            if self.grouped:
-                raise
-            self.grouped = True
-            return self._do(build())
+        """Run what ``build`` makes, switching to the group scripts on GROUPED
+        (``QueueCalls._switching_loop``)."""
+        return drive(self._switching_loop(build), self._runner.run, self._client)
 
     def enqueue(
         self,

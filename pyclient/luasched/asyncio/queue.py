@@ -17,7 +17,6 @@ from luasched.dispatch import (
     Strategy,
     dispatch_stats_call,
 )
-from luasched.errors import GroupedQueue
 from luasched.keys import Namespace
 from luasched.leases import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -103,15 +102,8 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         return await drive_async(plan, self._run, self._client)
 
     async def _switching(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Any:
-        """``luasched.queue.Queue._switching``, awaited: on GROUPED, switch to the
-        ``queue.group_*`` scripts and run it once more."""
-        try:
-            return await self._do(build())
-        except GroupedQueue:
-            if self.grouped:
-                raise
-            self.grouped = True
-            return await self._do(build())
+        """``luasched.queue.Queue._switching``, awaited (the same loop)."""
+        return await drive_async(self._switching_loop(build), self._run, self._client)
 
     async def enqueue(
         self,
