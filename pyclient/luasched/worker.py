@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from luasched import validate
-from luasched.errors import InvalidArgument, StaleLease, UnknownNode
+from luasched.errors import GroupedQueue, InvalidArgument, StaleLease, UnknownNode
 from luasched.keys import new_request_id
 from luasched.nodes import drain_call, heartbeat_call, register_call
 from luasched.queue import (
@@ -336,6 +336,25 @@ def take_of(queue: Any, options: WorkerOptions, request_id: bytes) -> tuple[Any,
     return queue._runner, queue._take_plan(*args, None, request_id, "many")
 
 
+def _to_groups(queue: Any) -> bool:
+    """After a take answered GROUPED: switch a plain queue (sync or asyncio) to the
+    ``queue.group_*`` scripts (``QueueCalls._to_groups``); False for any other queue, or one
+    that called them already."""
+    to_groups = getattr(queue, "_to_groups", None)
+    return to_groups is not None and bool(to_groups())
+
+
+def _take_again(
+    queue: Any, options: WorkerOptions, request_id: bytes | None
+) -> Generator[WorkerStep, Any, Any]:
+    """The take of ``take_of`` under ``request_id`` on its own; its leases or its exception."""
+    take = take_of(queue, options, request_id or new_request_id())
+    if take is None:
+        return None
+    (result,) = yield Calls((take,))
+    return result
+
+
 def remaining(stats: Any) -> int:
     """Tasks a ``stats()`` reply says are ready, delayed or leased (a node: ready or assigned)."""
     if hasattr(stats, "assigned"):
@@ -520,6 +539,10 @@ def worker_loop(
             taking = drain_deadline is None and not control.stop.is_set() and replay is None
             rid = new_request_id() if taking else None
             taken = yield from _finish(queue, options, running, done, stats, rid)
+            if isinstance(taken, GroupedQueue) and _to_groups(queue):
+                # The queue gained groups: that take changed nothing; ask the group scripts.
+                log.info("queue %r has groups: takes go to queue.group_dequeue", name)
+                taken = yield from _take_again(queue, options, rid)
             if isinstance(taken, BaseException):
                 log.error("take failed: %s (asked again)", taken)
                 replay = rid
