@@ -18,7 +18,13 @@ import luasched.asyncio
 from luasched import InvalidArgument, Job, Scheduler, Worker
 from luasched.queue import dequeue_call
 from luasched.render import render_all
-from support.helpers import HELD_TOKEN, assert_codes_covered, assert_refused, with_held_tokens
+from support.helpers import (
+    HELD_TOKEN,
+    assert_codes_covered,
+    assert_refused,
+    snapshot,
+    with_held_tokens,
+)
 
 Client = Any  # redis.Redis or RedisCluster
 
@@ -456,6 +462,43 @@ def test_a_group_cap_holds_under_eight_concurrent_workers(r: Client) -> None:
     assert len(intervals) == 40
     assert _max_overlap(intervals) <= 3
     assert q.set_group("g").active == 0
+
+
+def test_node_and_sharded_queues_refuse_a_group_and_change_nothing(server: Any, r: Client) -> None:
+    """Groups are a plain queue's: dispatch (node queues) and a sharded queue's enqueue refuse
+    ``group=`` with InvalidArgument (ARG) naming it, sync and asyncio, before any write."""
+    s = Scheduler(r, "nogroups")
+    s.nodes.register("a", weight=1, capacity=10, ttl_ms=60_000)
+    s.slots.rebalance()
+    sharded = s.sharded_queue("shq", partitions=2)
+    spaces = (s.namespace, *sharded.namespaces)
+    before = [snapshot(r, space) for space in spaces]
+    refusals = []
+    with pytest.raises(InvalidArgument) as raised:
+        s.queue("jobs").dispatch("t", b"p", group="g")
+    refusals.append(raised.value)
+    with pytest.raises(InvalidArgument) as raised:
+        sharded.enqueue("t", b"p", group="g")
+    refusals.append(raised.value)
+
+    async def refused_async() -> None:
+        client = server.async_client()
+        try:
+            a = luasched.asyncio.Scheduler(client, "nogroups")
+            with pytest.raises(InvalidArgument) as raised:
+                await a.queue("jobs").dispatch("t", b"p", group="g")
+            refusals.append(raised.value)
+            a_sharded = await a.sharded_queue("shq", partitions=2)
+            with pytest.raises(InvalidArgument) as raised:
+                await a_sharded.enqueue("t", b"p", group="g")
+            refusals.append(raised.value)
+        finally:
+            await client.aclose()
+
+    asyncio.run(refused_async())
+    assert [error.code for error in refusals] == ["ARG"] * 4
+    assert all(str(error).startswith("LUASCHED_ARG group: ") for error in refusals), refusals
+    assert [snapshot(r, space) for space in spaces] == before
 
 
 def test_asyncio_queue_with_groups(server: Any, r: Client) -> None:

@@ -50,7 +50,7 @@ from luasched.dispatch import (
     node_take,
     redispatch_call,
 )
-from luasched.errors import GroupedQueue
+from luasched.errors import GroupedQueue, InvalidArgument
 from luasched.keys import Namespace, new_request_id
 from luasched.leases import (
     DEFAULT_BACKOFF_BASE_MS,
@@ -143,6 +143,7 @@ __all__ = [
     "pass_on_commands",
     "poll_wait_ms",
     "redispatch_call",
+    "refuse_group",
     "remaining_ms",
     "requeue_dead_call",
     "set_group_call",
@@ -595,6 +596,13 @@ def check_eviction_policy(client: Any, namespace: Namespace) -> str | None:
     return warn_policy(drive(policy_loop(client, namespace), no_calls, client))
 
 
+def refuse_group(group: str | bytes | None, queues: str) -> None:
+    """InvalidArgument (``ARG``) naming ``group`` when one is given to ``queues``, a kind of queue
+    without groups (only a plain queue has them: docs/queue.md), before any I/O."""
+    if group is not None:
+        raise InvalidArgument(f"group: {queues} have no groups (a plain queue has), got {group!r}")
+
+
 def _plan_loop(plan: Call[Any] | Loop[Any]) -> Loop[Any]:
     """``plan`` as a loop: one ``Run`` step for a call, the loop itself for a blocking take."""
     if isinstance(plan, Call):
@@ -822,7 +830,9 @@ class QueueCalls(Generic[R]):
         delay_ms: int,
         max_attempts: int | None,
         request_id: str | bytes | None,
+        group: str | bytes | None = None,
     ) -> Call[Dispatched]:
+        refuse_group(group, "node queues (dispatch)")
         return dispatch_call(
             self.dispatch_keys,
             task_id,
@@ -1057,6 +1067,7 @@ class Queue(QueueCalls[Runner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Dispatched:
         """Choose a node with ``strategy`` and queue the task for it, charging it ``cost``.
 
@@ -1065,7 +1076,8 @@ class Queue(QueueCalls[Runner]):
         ``two_choices`` only), the charge and the enqueue into the node's own queue
         (``for_node(node)``). Idempotent by task id like ``enqueue``; a replay of
         ``request_id`` acts once. Raises NoNode, AllNodesFull, ScanLimitReached,
-        InvalidArgument, CorruptState (nothing changed).
+        InvalidArgument, CorruptState (nothing changed). Node queues have no groups: a
+        ``group`` is refused (InvalidArgument, before any I/O).
         """
         return self._runner.run(
             self._dispatch_call(
@@ -1078,6 +1090,7 @@ class Queue(QueueCalls[Runner]):
                 delay_ms,
                 max_attempts,
                 request_id,
+                group,
             )
         )
 

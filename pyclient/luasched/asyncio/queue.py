@@ -249,6 +249,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Dispatched:
         """Choose a node and queue the task for it; see ``luasched.queue.Queue.dispatch``."""
         call = self._dispatch_call(
@@ -261,6 +262,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             delay_ms,
             max_attempts,
             request_id,
+            group,
         )
         return await self._run(call)  # type: ignore[no-any-return]
 
