@@ -7953,7 +7953,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 7c84878fcdc1a5642f0ba7860180e7a65081e5b3)
+-- queue.ack (sha1 06b328c9fafa6f5a8828b6d90a5a31e1922364f9)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -8070,7 +8070,8 @@ do
 end
 
 -- The lean path: the call the wrapper makes for q.ack(lease) (8 KEYS, 4 ARGV in their canonical
--- form, request_id "" or one with no record yet, the lease held under that token). It runs
+-- form, request_id "" or one with no record yet, the lease held under that token: the checks of
+-- include/ack_lean.lua.j2, shared with queue.group_ack, and a task without a group). It runs
 -- before the helpers below are defined. Its checks accept only arguments main() accepts too;
 -- anything else, a recorded request id, a stale token (STALE), a meta it does not read exactly
 -- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
@@ -8079,25 +8080,33 @@ end
 -- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) packed
 -- at render time (the msgpack filter), the bytes record_request() writes.
 if #KEYS == 8 and #ARGV == 4 then
-  local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-  if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
-    and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
-    and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
-    and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
-    -- false: no record (an error table or a string goes to main()).
-    local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
-    local values = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
-    local raw = values and values[2] == false and values[1]
-    if type(raw) == 'string' and string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') == token
-      and type(redis.pcall('ZREM', KEYS[3], task_id)) == 'number' then
-      redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
-      if request_id ~= '' then
-        redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
-      end
-      return 1
+  repeat
+    local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
+      or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
+      or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
+      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      break
     end
-  end
+    -- false: no record (an error table or a string goes to main()).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    local values = redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values[1] -- nil for an error table
+    if type(raw) ~= 'string' or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= token then
+      break
+    end
+    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
+    if values[2] or type(redis.pcall('ZREM', KEYS[3], task_id)) ~= 'number' then
+      break
+    end
+    redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+    end
+    return 1
+  until true
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -12585,7 +12594,7 @@ return run(main)
 end,
 }
 
--- queue.group_ack (sha1 d116ec7c26719ddf1da4eb453e1e8bd997797a30)
+-- queue.group_ack (sha1 8457094a2dbeae6b5c43777ed15aee4b29de10ab)
 redis.register_function{
   function_name = 'luasched_queue_group_ack_v0_1_0',
   flags = {},
@@ -12724,6 +12733,96 @@ do
     end
   end
 end
+-- The lean path: q.ack(lease) of a queue with groups (12 KEYS, the checks of
+-- include/ack_lean.lua.j2) when the ack changes nothing but the group's lease count: the queue has
+-- no cap ("C" absent or "0": no dequeuer to wake for it), and the task has no group, or its group
+-- has no rate and no kept pass ("r", "v") and either is in the ring with a ready task, not paused
+-- and under its cap once the lease is gone (it stays there, at its pass), or is neither in the
+-- ring nor in gwait and has no ready task (it stays out). Anything else (a group at its cap that
+-- this ack lets back in, a paused one, a setting or member that is not canonical, a key of
+-- another type) goes on to main(), with nothing written; its first write, the ZREM of leased,
+-- goes through redis.pcall, as queue.ack's does. Then it writes what main() writes: ZREM leased,
+-- HDEL of the task's fields, the group's lease count one lower ("a"..group, removed at 0), the
+-- request record. (main() also checks the type and shape of settings this ack does not use: a
+-- weight, the queue's pass, a burst; a script never writes them malformed.)
+if #KEYS == 12 and #ARGV == 4 then
+  repeat
+    local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
+      or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
+      or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
+      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      break
+    end
+    -- false: no record (an error table or a string goes to main()).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    local values = redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values[1] -- nil for an error table
+    if type(raw) ~= 'string' or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= token then
+      break
+    end
+    local group, active = values[2], 0
+    if group then
+      local settings = redis.pcall('HMGET', KEYS[11], 'C', 'a' .. group, 'c' .. group, 's' .. group,
+        'v' .. group, 'r' .. group)
+      if settings.err or (settings[1] and settings[1] ~= '0') or settings[5] or settings[6] then
+        break
+      end
+      local active_raw, cap_raw, cap = settings[2], settings[3], 0
+      if active_raw then
+        active = #active_raw <= 15 and string.find(active_raw, '^[1-9]%d*$') and active_raw + 0
+        if not active then
+          break
+        end
+      end
+      if cap_raw then
+        cap = #cap_raw <= 7 and string.find(cap_raw, '^%d+$') and (cap_raw == '0' or string.find(cap_raw, '^[1-9]')) and cap_raw + 0
+        if not cap or cap > 1000000 then
+          break
+        end
+      end
+      local ring_pass = redis.pcall('ZSCORE', KEYS[10], group)
+      local prefix = string.format('%03d', #group) .. group
+      local head = type(ring_pass) ~= 'table' and redis.pcall('ZRANGEBYLEX', KEYS[9], '[' .. prefix, '(' .. prefix .. '\255', 'LIMIT', '0', '1')
+      if not head or head.err then
+        break
+      end
+      local member, at = head[1], #prefix + 1
+      if member and (#member <= at + 13 or not string.find(string.sub(member, at, at + 13), '^%x+$')) then
+        break
+      end
+      if ring_pass then
+        -- Stays eligible: a ready task, not paused, under its cap with one lease fewer.
+        if not member or settings[4] == '1' or (cap > 0 and active - 1 >= cap) then
+          break
+        end
+      elseif member or redis.pcall('ZSCORE', KEYS[12], group) ~= false then
+        break
+      end
+    else
+      local queue_cap = redis.pcall('HGET', KEYS[11], 'C')
+      if queue_cap ~= false and queue_cap ~= '0' then
+        break -- a queue cap (or a key of another type: an error table): main()
+      end
+    end
+    if type(redis.pcall('ZREM', KEYS[3], task_id)) ~= 'number' then
+      break
+    end
+    redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id, 'g' .. task_id)
+    if active > 1 then
+      redis.call('HSET', KEYS[11], 'a' .. group, active - 1)
+    elseif active == 1 then
+      redis.call('HDEL', KEYS[11], 'a' .. group)
+    end
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+    end
+    return 1
+  until true
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -13251,7 +13350,7 @@ return run(main)
 end,
 }
 
--- queue.group_dequeue (sha1 028c6d3cc1ecf863a6bb8cd55378d0d5fcc4e6d1)
+-- queue.group_dequeue (sha1 07efed491827135786ee0fdeb8f13d49603ef33d)
 redis.register_function{
   function_name = 'luasched_queue_group_dequeue_v0_1_0',
   flags = {},
@@ -13266,7 +13365,8 @@ redis.register_function{
 --@+          its cap of leases. Rate limits (queue.set_rate, GCRA on the server clock) are checked in the same step: a
 --@+          group its rate holds back waits in gwait, the queue's rate bounds every take. Like queue.dequeue it first promotes up to 16 due delayed tasks and reclaims
 --@+          up to 16 expired leases (each keeps its group; a reclaimed lease frees a place under its group's cap),
---@+          and answers, records and replays exactly as queue.dequeue does.
+--@+          and answers, records and replays exactly as queue.dequeue does; its lease tokens follow queue.dequeue's rule
+--@+          (the first max(last token of the queue + 1, the server's clock in us), then one by one).
 --@key        ready     zset    luasched:{ns}:q:ready:<queue> -- ready task ids, scored (511 - priority) * 2^43 + seq
 --@+          (an exact integer below 2^53): highest priority first, FIFO (seq) within a priority; ZRANGE 0 0 is the next task.
 --@key        delayed   zset    luasched:{ns}:q:delayed:<queue> -- delayed task ids (and nacked ones waiting for
@@ -13406,6 +13506,195 @@ do
     end
   end
 end
+-- The lean path: the common grouped take, dequeue(): one task, no ack, no request record yet,
+-- nothing due in delayed, no expired lease, no group due back from its rate (gwait), and the
+-- first group of the ring (not "") with no setting that asks for more than a count: the queue
+-- not paused, without a cap or a rate; the group not paused, without a rate or a kept pass, under
+-- its cap if it has one; tasks without a group (ready) only while "" is in the ring (behind the
+-- first group, so not taken now). It runs before the helpers below are defined. Its checks accept
+-- only what main() accepts too (include/dequeue_lean.lua.j2; settings in their canonical form);
+-- anything else (a replay, something due, count > 1, an ack, a setting, a malformed member, meta,
+-- seq or fence, a key of another type: redis.pcall gives an error table) goes on to main(), with
+-- FAST_NOW_MS/US and nothing written. Then main() takes the head of that group too (the ring's
+-- first group is the one with the lowest (pass, name), and no other group gains a ready task or
+-- a lease in this call), so it writes what main() writes: ZREM gready, ZADD leased, one HSET of
+-- the meta + seq + fence, the group's lease count and the queue's pass "V" (one HSET of the groups
+-- hash: main() writes them one by one, to the same values), the group's new pass in the ring (or,
+-- with no ready task left or at its cap, out of it with its pass kept in "v"), the request record;
+-- and answers main()'s reply. Passes are computed as main() computes them (the ring's score read
+-- with tonumber, plus 1 / weight) and go to redis.call as numbers, as in main().
+local FAST_NOW_MS, FAST_NOW_US = nil, nil
+if #KEYS == 12 and #ARGV == 8 then
+  repeat
+    local worker_id, count_raw, lease_raw, wait_raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    local ack_task_id, ack_token_raw, request_id, request_ttl_raw = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+    local acking = ack_task_id ~= ''
+    -- Canonical decimals, their bounds by length (a tonumber only at a bound's own length):
+    -- count 1..1000, lease_ms and wait_ms of at most 10 digits (bound 31536000000: no
+    -- comparison needed), request_ttl_ms 1..86400000, ack_token 1..2^53 - 1 with an ack, else "0".
+    if #worker_id > 256 or #ack_task_id > 1024 or #request_id > 64
+      or #count_raw > 4 or #lease_raw > 10 or #wait_raw > 10 or #request_ttl_raw > 8
+      or not string.find(count_raw .. ' ' .. lease_raw .. ' ' .. request_ttl_raw, '^[1-9]%d* [1-9]%d* [1-9]%d*$')
+      or (#count_raw == 4 and tonumber(count_raw) > 1000)
+      or (#request_ttl_raw == 8 and tonumber(request_ttl_raw) > 86400000)
+      or (wait_raw ~= '0' and not string.find(wait_raw, '^[1-9]%d*$'))
+      or (request_id ~= '' and not string.find(request_id, '^[%w_%-]*$')) then
+      break
+    end
+    if acking then
+      if #ack_token_raw > 16 or not string.find(ack_token_raw, '^[1-9]%d*$')
+        or (#ack_token_raw == 16 and tonumber(ack_token_raw) > 9007199254740991) then
+        break
+      end
+    elseif ack_token_raw ~= '0' then
+      break
+    end
+    local time = redis.call('TIME')
+    -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
+    local micros = time[2] + 0
+    local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
+    local now_us = (time[1] * 1000000 + time[2])
+    FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
+    -- No request record (false: no key; a string is a replay, an error table a key of another type).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    -- Nothing due, nothing expired: ZCOUNT answers 0 (an error table is no 0 either).
+    if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
+      break
+    end
+    if count_raw ~= '1' or acking or redis.pcall('ZCOUNT', KEYS[12], '-inf', now_ms) ~= 0 then
+      break
+    end
+    -- The ring's first group and its pass (a finite number, as stored_pass() reads it).
+    local top = redis.pcall('ZRANGE', KEYS[10], '0', '0', 'WITHSCORES')
+    local group = top[1] -- nil for an error table too
+    local pass = group and tonumber(top[2])
+    if not pass or group == '' or pass ~= pass or pass == math.huge or pass == -math.huge then
+      break
+    end
+    -- Tasks without a group: "" must be in the ring (main() would let it join, maybe first).
+    local plain_ready = redis.pcall('ZCARD', KEYS[1])
+    if plain_ready ~= 0 and (type(plain_ready) ~= 'number' or redis.pcall('ZSCORE', KEYS[10], '') == false) then
+      break
+    end
+    -- Settings (read_groups()'s fields): V a pass or absent; S, C, R: no pause, no cap ("0" is
+    -- none), no rate; the group's w (1..1000), c (0..1000000) and a (leases held) canonical or
+    -- absent, s not "1", no v (kept pass), no rate (r). (A burst and a rate time, B/T and b/t,
+    -- exist only beside their rate: queue.set_rate writes and removes the three together.)
+    local active_field = 'a' .. group
+    local settings = redis.pcall('HMGET', KEYS[11], 'V', 'S', 'C', 'R', 'w' .. group, 'c' .. group,
+      active_field, 's' .. group, 'v' .. group, 'r' .. group)
+    if settings.err then
+      break
+    end
+    local queue_pass, weight_raw, cap_raw, active_raw = settings[1], settings[5], settings[6], settings[7]
+    queue_pass = queue_pass and tonumber(queue_pass)
+    if settings[1] and (not queue_pass or queue_pass ~= queue_pass or queue_pass == math.huge or queue_pass == -math.huge) then
+      break
+    end
+    if settings[2] == '1' or (settings[3] and settings[3] ~= '0') or settings[4]
+      or settings[8] == '1' or settings[9] or settings[10] then
+      break
+    end
+    local weight, cap, active = 1, 0, 0
+    if weight_raw then
+      weight = #weight_raw <= 4 and string.find(weight_raw, '^[1-9]%d*$') and weight_raw + 0
+      if not weight or weight > 1000 then
+        break
+      end
+    end
+    if cap_raw then
+      cap = #cap_raw <= 7 and string.find(cap_raw, '^%d+$') and (cap_raw == '0' or string.find(cap_raw, '^[1-9]')) and cap_raw + 0
+      if not cap or cap > 1000000 then
+        break
+      end
+    end
+    if active_raw then
+      active = #active_raw <= 15 and string.find(active_raw, '^[1-9]%d*$') and active_raw + 0
+      if not active then
+        break
+      end
+    end
+    if cap > 0 and active >= cap then
+      break
+    end
+    -- The group's head and the task after it (group_member(): 3-digit length, the group, the
+    -- ready score in 14 hex digits, the task id).
+    local prefix = string.format('%03d', #group) .. group
+    local heads = redis.pcall('ZRANGEBYLEX', KEYS[9], '[' .. prefix, '(' .. prefix .. '\255', 'LIMIT', '0', '2')
+    local member = heads[1] -- nil for an error table too
+    if not member then
+      break
+    end
+    local at = #prefix + 1
+    local malformed = false
+    for index = 1, #heads do
+      if #heads[index] <= at + 13 or not string.find(string.sub(heads[index], at, at + 13), '^%x+$') then
+        malformed = true
+      end
+    end
+    if malformed then
+      break
+    end
+    local task_id = string.sub(member, at + 14)
+    local meta_field = 'm' .. task_id
+    local values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, meta_field)
+    if values.err or not values[3] then
+      break
+    end
+    local taken = 1
+    -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
+    -- fence (main(): any digits) becomes `before`, the last token before this call's: the
+    -- tokens are before + 1 .. before + taken (main(): first_token), below 2^53.
+    local seq, fence = values[1], values[2]
+    if seq == false then
+      seq = '0'
+    elseif #seq > 13 or not string.find(seq, '^[1-9]%d*$') or (#seq == 13 and tonumber(seq) > 8796093022207) then
+      break
+    end
+    if fence == false then
+      fence = 0
+    elseif #fence > 16 or not string.find(fence, '^%d+$') then
+      break
+    else
+      fence = tonumber(fence)
+    end
+    fence = (fence < now_us and now_us or fence + 1) - 1
+    if fence + taken > 9007199254740991 then
+      break
+    end
+    local token = fence + 1
+    local raw = values[4]
+    local priority, max_attempts, attempts -- (not `raw and match()`: one value)
+    if raw then
+      priority, max_attempts, attempts = string.match(raw, '^[RDLX] (%-?%d+) (%d+) (%d+) %d+ %d+ ')
+    end
+    if not priority then
+      break
+    end
+    attempts = attempts + 1
+    local deadline_ms = now_ms + tonumber(lease_raw)
+    local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
+    local group_pass = pass + 1 / weight
+    -- Writes, as main() makes them; every key was read above, so none can fail on its type.
+    redis.call('ZREM', KEYS[9], member)
+    redis.call('ZADD', KEYS[3], deadline_ms, task_id)
+    redis.call('HSET', KEYS[5], meta_field, meta, 'seq', seq, 'fence', token)
+    if heads[2] and (cap == 0 or active + 1 < cap) then
+      redis.call('ZADD', KEYS[10], group_pass, group)
+      redis.call('HSET', KEYS[11], active_field, active + 1, 'V', pass)
+    else
+      redis.call('ZREM', KEYS[10], group)
+      redis.call('HSET', KEYS[11], active_field, active + 1, 'v' .. group, group_pass, 'V', pass)
+    end
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], cmsgpack.pack({ 'dequeue', 0, task_id, token }), 'PX', request_ttl_raw)
+    end
+    return { 0, task_id, values[3], attempts, token, deadline_ms }
+  until true
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -13722,6 +14011,18 @@ end
 -- server, and a promoted replica that missed the last grants still hands out larger ones as
 -- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
 -- ---------------------------------------------------------------------------------------------
+-- The first of `count` fencing tokens a call hands out after `last` (the last one stored), at
+-- the server's us `now_us`: max(last + 1, now_us), the rest following one by one
+-- (include/fence.j2; docs/guarantees.md: why a promoted replica that missed the last grants
+-- still hands out larger ones). A read: call it before the first write. CORRUPT (`what`: the
+-- stored field) when the last of them would pass 2^53 - 1.
+local function first_token(last, now_us, count, what)
+  local first = (last < now_us and now_us or last + 1)
+  if first + count - 1 > MAX_SAFE_INTEGER then
+    fail('CORRUPT', what .. ' is at its largest value')
+  end
+  return first
+end
 -- A dequeue that took nothing: with wait_ms > 0 it registers the caller on the waiting marker
 -- `waiting` (PX wait_ms, only ever lengthened; nil: no marker to set) and answers the ms until
 -- the next delayed task is due (-1: none); with wait_ms = 0 it answers -1. PTTL and SET cannot
@@ -14004,7 +14305,10 @@ local function main()
   if acking ~= (ack_token > 0) then
     fail('ARG', 'ack_task_id and ack_token come together (both empty/0, or both set)')
   end
-  local now_ms = server_now_ms()
+  local now_ms, now_us = FAST_NOW_MS, FAST_NOW_US
+  if not now_ms then
+    now_ms, now_us = server_now_ms()
+  end
   local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
@@ -14161,8 +14465,10 @@ local function main()
 
   -- Payload of every take, meta of the takes that were ready before this call.
   local taken = #picks
-  if fence + taken > MAX_SAFE_INTEGER then
-    fail('CORRUPT', 'the fence field is at its largest value')
+  if taken > 0 then
+    -- The tokens are fence + 1 .. fence + taken (the loop below counts them up), by the rule
+    -- every lease token follows (include/fence.lua.j2).
+    fence = first_token(fence, now_us, taken, 'the fence field') - 1
   end
   local take_fields = {}
   for index, task in ipairs(picks) do
@@ -14348,7 +14654,7 @@ return run(main)
 end,
 }
 
--- queue.group_enqueue (sha1 6b28528ecd5c39347b37692f1303d4bfc58ea9e5)
+-- queue.group_enqueue (sha1 d26058a7fce38317c6331760d342af545977fc60)
 redis.register_function{
   function_name = 'luasched_queue_group_enqueue_v0_1_0',
   flags = {},
@@ -15005,7 +15311,7 @@ local function main()
     return { record[2], record[3] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
@@ -15031,6 +15337,9 @@ local function main()
     first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     redis.call('HSET', K_TASKS, 'p' .. task_id, payload, 'm' .. task_id, format_meta(meta),
       'g' .. task_id, group, 'G', '1')
+  end
+  if not fields[3] then
+    redis.call('HSET', K_TASKS, 'layout', 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable')
   end
   if waiting then
     push_wake(K_WAKE, 1)
@@ -27023,5 +27332,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '856237cfa2d2894284967377847ecc78aeab642c' end,
+  callback = function() return 'ede16fd2ee36bc1c4c7e002f0e2e37ba1859a7e7' end,
 }

@@ -110,7 +110,8 @@ do
 end
 
 -- The lean path: the call the wrapper makes for q.ack(lease) (8 KEYS, 4 ARGV in their canonical
--- form, request_id "" or one with no record yet, the lease held under that token). It runs
+-- form, request_id "" or one with no record yet, the lease held under that token: the checks of
+-- include/ack_lean.lua.j2, shared with queue.group_ack, and a task without a group). It runs
 -- before the helpers below are defined. Its checks accept only arguments main() accepts too;
 -- anything else, a recorded request id, a stale token (STALE), a meta it does not read exactly
 -- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
@@ -119,25 +120,33 @@ end
 -- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) packed
 -- at render time (the msgpack filter), the bytes record_request() writes.
 if #KEYS == 8 and #ARGV == 4 then
-  local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-  if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
-    and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
-    and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
-    and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
-    -- false: no record (an error table or a string goes to main()).
-    local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
-    local values = record == false and redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
-    local raw = values and values[2] == false and values[1]
-    if type(raw) == 'string' and string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') == token
-      and type(redis.pcall('ZREM', KEYS[3], task_id)) == 'number' then
-      redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
-      if request_id ~= '' then
-        redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
-      end
-      return 1
+  repeat
+    local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
+      or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
+      or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
+      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      break
     end
-  end
+    -- false: no record (an error table or a string goes to main()).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    local values = redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values[1] -- nil for an error table
+    if type(raw) ~= 'string' or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= token then
+      break
+    end
+    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
+    if values[2] or type(redis.pcall('ZREM', KEYS[3], task_id)) ~= 'number' then
+      break
+    end
+    redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+    end
+    return 1
+  until true
 end
 
 -- ---------------------------------------------------------------------------------------------

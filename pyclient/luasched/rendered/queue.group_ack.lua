@@ -132,6 +132,96 @@ do
     end
   end
 end
+-- The lean path: q.ack(lease) of a queue with groups (12 KEYS, the checks of
+-- include/ack_lean.lua.j2) when the ack changes nothing but the group's lease count: the queue has
+-- no cap ("C" absent or "0": no dequeuer to wake for it), and the task has no group, or its group
+-- has no rate and no kept pass ("r", "v") and either is in the ring with a ready task, not paused
+-- and under its cap once the lease is gone (it stays there, at its pass), or is neither in the
+-- ring nor in gwait and has no ready task (it stays out). Anything else (a group at its cap that
+-- this ack lets back in, a paused one, a setting or member that is not canonical, a key of
+-- another type) goes on to main(), with nothing written; its first write, the ZREM of leased,
+-- goes through redis.pcall, as queue.ack's does. Then it writes what main() writes: ZREM leased,
+-- HDEL of the task's fields, the group's lease count one lower ("a"..group, removed at 0), the
+-- request record. (main() also checks the type and shape of settings this ack does not use: a
+-- weight, the queue's pass, a burst; a script never writes them malformed.)
+if #KEYS == 12 and #ARGV == 4 then
+  repeat
+    local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
+      or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
+      or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
+      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      break
+    end
+    -- false: no record (an error table or a string goes to main()).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    local values = redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values[1] -- nil for an error table
+    if type(raw) ~= 'string' or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= token then
+      break
+    end
+    local group, active = values[2], 0
+    if group then
+      local settings = redis.pcall('HMGET', KEYS[11], 'C', 'a' .. group, 'c' .. group, 's' .. group,
+        'v' .. group, 'r' .. group)
+      if settings.err or (settings[1] and settings[1] ~= '0') or settings[5] or settings[6] then
+        break
+      end
+      local active_raw, cap_raw, cap = settings[2], settings[3], 0
+      if active_raw then
+        active = #active_raw <= 15 and string.find(active_raw, '^[1-9]%d*$') and active_raw + 0
+        if not active then
+          break
+        end
+      end
+      if cap_raw then
+        cap = #cap_raw <= 7 and string.find(cap_raw, '^%d+$') and (cap_raw == '0' or string.find(cap_raw, '^[1-9]')) and cap_raw + 0
+        if not cap or cap > 1000000 then
+          break
+        end
+      end
+      local ring_pass = redis.pcall('ZSCORE', KEYS[10], group)
+      local prefix = string.format('%03d', #group) .. group
+      local head = type(ring_pass) ~= 'table' and redis.pcall('ZRANGEBYLEX', KEYS[9], '[' .. prefix, '(' .. prefix .. '\255', 'LIMIT', '0', '1')
+      if not head or head.err then
+        break
+      end
+      local member, at = head[1], #prefix + 1
+      if member and (#member <= at + 13 or not string.find(string.sub(member, at, at + 13), '^%x+$')) then
+        break
+      end
+      if ring_pass then
+        -- Stays eligible: a ready task, not paused, under its cap with one lease fewer.
+        if not member or settings[4] == '1' or (cap > 0 and active - 1 >= cap) then
+          break
+        end
+      elseif member or redis.pcall('ZSCORE', KEYS[12], group) ~= false then
+        break
+      end
+    else
+      local queue_cap = redis.pcall('HGET', KEYS[11], 'C')
+      if queue_cap ~= false and queue_cap ~= '0' then
+        break -- a queue cap (or a key of another type: an error table): main()
+      end
+    end
+    if type(redis.pcall('ZREM', KEYS[3], task_id)) ~= 'number' then
+      break
+    end
+    redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id, 'g' .. task_id)
+    if active > 1 then
+      redis.call('HSET', KEYS[11], 'a' .. group, active - 1)
+    elseif active == 1 then
+      redis.call('HDEL', KEYS[11], 'a' .. group)
+    end
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+    end
+    return 1
+  until true
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --

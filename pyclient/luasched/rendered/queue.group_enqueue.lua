@@ -650,7 +650,7 @@ local function main()
     return { record[2], record[3] }
   end
 
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'layout')
   if fields[1] then
     -- A live id: nothing changes (the reply is recorded, so a replay answers the same).
     local reply = { 0, STATE_NAMES[parse_meta(fields[1], task_id).state] }
@@ -676,6 +676,9 @@ local function main()
     first_write('ZADD', K_DELAYED, meta.at_ms, task_id)
     redis.call('HSET', K_TASKS, 'p' .. task_id, payload, 'm' .. task_id, format_meta(meta),
       'g' .. task_id, group, 'G', '1')
+  end
+  if not fields[3] then
+    redis.call('HSET', K_TASKS, 'layout', 'luasched tasks hash: p<id> payload, m<id> meta, r<id> reason, n<id> route, seq, fence, heal; this field is longer than hash-max-listpack-value: the hash stays a hashtable')
   end
   if waiting then
     push_wake(K_WAKE, 1)
