@@ -15,7 +15,9 @@ subprocesses, the cases interleaved run by run (so a busy spell of the machine h
   imports and the redis-py clients are made before the clock starts. The ``loaded`` cases are
   their floor: the same threads, with the default configuration's scripts loaded before the
   clock (``render_all()``), so what 8 threads cost more than 1 there is the threads' own
-  start-up and Scheduler objects, with nothing to load.
+  start-up and Scheduler objects, with nothing to load. The ``one_cpu`` cases are the default
+  ones in a process pinned to one CPU (``os.sched_setaffinity``) before the clock: the same
+  work, with no GIL handoffs between cores while the loading thread reads its files.
 
 Every luasched process also reports ``render_count()``, so the figures say whether anything was
 rendered. The subprocesses may write and use bytecode caches (``PYTHONDONTWRITEBYTECODE`` is
@@ -70,6 +72,7 @@ print(time.perf_counter() - started, render_count())
 )
 
 THREADS = """\
+import os
 import sys
 import threading
 import time
@@ -80,6 +83,8 @@ host, port, count, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 config = ScriptConfig(max_batch=max_batch)
 if sys.argv[5] == "loaded":
     render_all(config)
+elif sys.argv[5] == "one_cpu":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 clients = [redis.Redis(host=host, port=port) for _ in range(count)]
 gate = threading.Barrier(count + 1)
 def first_scheduler(client):
@@ -139,6 +144,7 @@ def measure(env: Env, phase: Callable[[str, int, int], None]) -> dict[str, Any]:
                     ("default", default_batch, "first"),
                     ("custom", CUSTOM_MAX_BATCH, "first"),
                     ("loaded", default_batch, "loaded"),
+                    ("one_cpu", default_batch, "one_cpu"),
                 )
                 for count in (1, 8)
             },

@@ -442,6 +442,12 @@ CONTEXT = [
         ("threads_8_loaded", COLDSTART, "seconds"),
         ("threads_1_loaded", COLDSTART, "seconds"),
     ),
+    (
+        "first Schedulers of 8 threads at once / of 1 thread (default configuration), the "
+        "process pinned to one CPU (the same work with no GIL handoffs between cores)",
+        ("threads_8_one_cpu", COLDSTART, "seconds"),
+        ("threads_1_one_cpu", COLDSTART, "seconds"),
+    ),
 ]
 
 #: Per group, the row the others are compared with (a row's own ``reference`` wins).
@@ -928,6 +934,8 @@ COLDSTART_CASES = {
     "threads_8_custom": "8 threads' first Schedulers at once (custom configuration)",
     "threads_1_loaded": "1 thread's Scheduler, scripts loaded before the clock (floor)",
     "threads_8_loaded": "8 threads' Schedulers at once, scripts loaded before the clock (floor)",
+    "threads_1_one_cpu": "1 thread's first Scheduler (default configuration), one CPU",
+    "threads_8_one_cpu": "8 threads' first Schedulers at once (default configuration), one CPU",
 }
 
 
