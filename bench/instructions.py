@@ -23,6 +23,10 @@ width, so no case pays for longer strings than another. The cases:
   16 acks (Dramatiq, prefetch 16) in another, at queue depths 16, 208 and 10,000 (the depth the
   queue holds before the round's enqueues: 0, 192 and 9,984 tasks are put in first, unmeasured);
   the enqueue windows alone give the enqueue rows;
+* queue floors (bench/cases.py ``FEATURED_*``, the least a queue with luasched's guarantees
+  executes, and ``SHAPED_*``, Dramatiq's shape with a request record per call), called with
+  EVALSHA in the same shapes: one at a time (the featured one also with ack-and-take-next) and
+  batched (the featured one at the three depths, the shaped one at 16);
 * RQ and BullMQ, one task's whole life: N enqueues, then the library's worker drains them (RQ
   ``SimpleWorker`` in burst mode; BullMQ's ``Worker``, concurrency 1), all in one window: the
   worker's start and stop are charged to the N tasks.
