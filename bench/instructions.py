@@ -26,7 +26,8 @@ width, so no case pays for longer strings than another. The cases:
 * queue floors (bench/cases.py ``FEATURED_*``, the least a queue with luasched's guarantees
   executes, and ``SHAPED_*``, Dramatiq's shape with a request record per call), called with
   EVALSHA in the same shapes: one at a time (the featured one also with ack-and-take-next) and
-  batched (the featured one at the three depths, the shaped one at 16);
+  batched (the featured one at the three depths, the shaped one at 16), and the featured one
+  batched at depth 16 with a batch's acks in one call (``FEATURED_ACK_MANY``);
 * RQ and BullMQ, one task's whole life: N enqueues, then the library's worker drains them (RQ
   ``SimpleWorker`` in burst mode; BullMQ's ``Worker``, concurrency 1), all in one window: the
   worker's start and stop are charged to the N tasks.
@@ -57,6 +58,7 @@ from luasched.testing import HOST, ThrowawayServer
 
 from .cases import (
     FEATURED_ACK,
+    FEATURED_ACK_MANY,
     FEATURED_DEQUEUE,
     FEATURED_ENQUEUE,
     FEATURED_REQUEST_TTL_MS,
@@ -393,9 +395,11 @@ class _Floor:
     (``shaped=False``: today's guarantees at the least) or ``SHAPED_*`` (Dramatiq's shape plus
     a request record per call). Every call has a fresh request key of one fixed width."""
 
-    def __init__(self, client: redis.Redis, shaped: bool = False) -> None:
+    def __init__(self, client: redis.Redis, shaped: bool = False, ack_many: bool = False) -> None:
         self.client = client
         self.shaped = shaped
+        #: The acks of a batch in one call (FEATURED_ACK_MANY) instead of one call each.
+        self.ack_many_sha = client.script_load(FEATURED_ACK_MANY) if ack_many else None
         scripts = (
             (SHAPED_ENQUEUE, SHAPED_FETCH, SHAPED_ACK)
             if shaped
@@ -453,10 +457,16 @@ class _Floor:
         return self._call(target, self.ack_sha, task, token, FEATURED_REQUEST_TTL_MS)
 
     def take_batch(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for task, token in self._take(BATCH):
-            self._ack(pipe, task, token)
-        if pipe.execute() != [1] * BATCH:
+        taken = self._take(BATCH)
+        if self.ack_many_sha is not None:
+            leases = [part for task, token in taken for part in (task, token)]
+            acked = self._call(self.client, self.ack_many_sha, FEATURED_REQUEST_TTL_MS, *leases)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for task, token in taken:
+                self._ack(pipe, task, token)
+            acked = pipe.execute()
+        if acked != [1] * BATCH:
             raise RuntimeError("a floor ack was refused")
 
     def cycle(self) -> None:
@@ -575,6 +585,7 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
         _one_at_a_time(cg, ONE_SHAPED, _floor(shaped=True)),
     ]
     figures += _batched(cg, SHAPED, lambda client: _Floor(client, shaped=True), DEPTHS[0])
+    figures += _batched(cg, FLOOR_ACK_MANY, lambda client: _Floor(client, ack_many=True), DEPTHS[0])
     for depth in DEPTHS:
         figures += _batched(cg, LUASCHED, _Luasched, depth)
         figures += _batched(cg, FLOOR, _Floor, depth)
@@ -706,6 +717,7 @@ FLOOR = "queue floor: featured"
 ONE_FLOOR = f"{FLOOR}, one task at a time: enqueue + dequeue + ack"
 ONE_FLOOR_AAD = f"{FLOOR}, one task at a time: enqueue + ack_and_dequeue"
 SHAPED = "queue floor: Dramatiq-shaped + a request record per call"
+FLOOR_ACK_MANY = f"{FLOOR}, a batch's acks in one call"
 ONE_SHAPED = f"{SHAPED}, one task at a time: enqueue + fetch + ack"
 DRAIN_WORKERS = 4
 DRAIN_TASKS = 4_000

@@ -866,6 +866,13 @@ QUEUE_FLOOR_COMPARISONS = [
         for depth in (16, 208, 10_000)
     ),
     (
+        "a batched task, depth 16, the batch's acks in one call",
+        "queue floor: featured, a batch's acks in one call: batched task, depth 16",
+        "Dramatiq prefetch 16: batched task, depth 16",
+        None,
+        None,
+    ),
+    (
         "a task one at a time (enqueue + dequeue + ack)",
         "queue floor: featured, one task at a time: enqueue + dequeue + ack",
         "Dramatiq prefetch 1: send + fetch + ack",
