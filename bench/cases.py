@@ -598,23 +598,24 @@ return 1
 """
 REFERENCE_QUEUE_ROW = "bare reference queue enqueue+dequeue+ack"
 
-#: The featured floor: the least a queue with today's guarantees (docs/guarantees.md) must do on
-#: top of the bare reference, with no argument checks, no stats fields, no wake-ups, no dead
-#: letters and no delayed path (the enqueue puts a task in ready). Every call keeps a request
-#: record (GET first, SET PX last) so a replay acts once; enqueue is idempotent by task id (the
-#: HMGET that reads seq also finds the id) and orders FIFO within a priority (seq); dequeue reads
-#: the server's clock, checks for due delayed tasks and expired leases (ZCOUNT each: it would
+#: The featured floor: the least a queue with today's guarantees (docs/guarantees.md) must do on top
+#: of the bare reference, with no argument checks, no stats fields, no wake-ups, no dead letters and
+#: no delayed path (the enqueue puts a task in ready); max_attempts is one per queue (dead letters
+#: after that many leases need no per-task value), so "m" holds the priority only. Every call keeps
+#: a request record (GET first, SET PX last) so a replay acts once; enqueue is idempotent by task id
+#: (the HMGET that reads seq also finds the id) and orders FIFO within a priority (seq); dequeue
+#: reads the server's clock, checks for due delayed tasks and expired leases (ZCOUNT each: it would
 #: have to promote and reclaim them), counts the attempt and hands out a fencing token by
-#: lua/include/fence.j2's rule, max(last + 1, server µs), the rest of a batch one by one after
-#: it (one HMGET reads fence, attempts and payloads; one HSET writes them back); its record
-#: names the leases (ids and tokens), so a replay can answer them; ack checks the lease's token.
-#: The first enqueue writes a field longer than hash-max-listpack-value, as luasched's does, so
-#: the tasks hash is a hashtable at every depth (a listpack is scanned by every HGET and HSET).
-#: KEYS: ready, delayed, leased, tasks (hash: "p" payload, "m" priority, "a" attempts, "o" token
-#: of the lease, "seq", "fence"), request. ARGV: enqueue: task id, payload, priority, record ttl;
-#: dequeue: count, lease ms, record ttl, then optionally the task id and token of a lease to ack
-#: first (ack-and-take-next); ack: task id, token, record ttl. A dequeue answers 5 entries per
-#: task: id, payload, attempt, token, deadline.
+#: lua/include/fence.j2's rule, max(last + 1, server µs), the rest of a batch one by one after it
+#: (one HMGET reads fence, attempts and payloads; one HSET writes them back); its record names the
+#: leases (ids and tokens), so a replay can answer them; ack checks the lease's token. The first
+#: enqueue writes a field longer than hash-max-listpack-value, as luasched's does, so the tasks hash
+#: is a hashtable at every depth (a listpack is scanned by every HGET and HSET). KEYS: ready,
+#: delayed, leased, tasks (hash: "p" payload, "m" priority, "a" attempts, "o" token of the lease,
+#: "seq", "fence"), request. ARGV: enqueue: task id, payload, priority, record ttl; dequeue: count,
+#: lease ms, record ttl, then optionally the task id and token of a lease to ack first
+#: (ack-and-take-next); ack: task id, token, record ttl. A dequeue answers 5 entries per task: id,
+#: payload, attempt, token, deadline.
 FEATURED_ENQUEUE = """\
 local LAYOUT = 'a value over 64 bytes: this tasks hash stays a hashtable at every depth'
 if redis.call('GET', KEYS[5]) then return 0 end
