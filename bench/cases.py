@@ -937,9 +937,10 @@ add(
         worker=featured_queue_worker,
         unit="task",
         reference=REFERENCE_QUEUE_ROW,
-        note="bench/cases.py FEATURED_*: the reference plus what #5 asks of every call (request "
-        "record GET + SET PX, HSETNX, seq, TIME, due/expired checks, attempt and fence HINCRBY, "
-        "token check), no argument checks; pipelined as the reference",
+        note="bench/cases.py FEATURED_*: the reference plus what the guarantees ask of every call "
+        "(request record GET + SET PX, dedupe and seq in one HMGET, TIME, due/expired checks, "
+        "attempt and clock-derived fence in one HMGET + HSET, token check), no argument checks; "
+        "pipelined as the reference",
     )
 )
 add(
