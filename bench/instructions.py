@@ -23,6 +23,11 @@ width, so no case pays for longer strings than another. The cases:
   16 acks (Dramatiq, prefetch 16) in another, at queue depths 16, 208 and 10,000 (the depth the
   queue holds before the round's enqueues: 0, 192 and 9,984 tasks are put in first, unmeasured);
   the enqueue windows alone give the enqueue rows;
+* queue floors (bench/cases.py ``FEATURED_*``, the least a queue with luasched's guarantees
+  executes, and ``SHAPED_*``, Dramatiq's shape with a request record per call), called with
+  EVALSHA in the same shapes: one at a time (the featured one also with ack-and-take-next) and
+  batched (the featured one at the three depths, the shaped one at 16), and the featured one
+  batched at depth 16 with a batch's acks in one call (``FEATURED_ACK_MANY``);
 * RQ and BullMQ, one task's whole life: N enqueues, then the library's worker drains them (RQ
   ``SimpleWorker`` in burst mode; BullMQ's ``Worker``, concurrency 1), all in one window: the
   worker's start and stop are charged to the N tasks.
@@ -51,7 +56,18 @@ import redis
 import luasched
 from luasched.testing import HOST, ThrowawayServer
 
-from .cases import _installed, _lock_cycle
+from .cases import (
+    FEATURED_ACK,
+    FEATURED_ACK_MANY,
+    FEATURED_DEQUEUE,
+    FEATURED_ENQUEUE,
+    FEATURED_REQUEST_TTL_MS,
+    SHAPED_ACK,
+    SHAPED_ENQUEUE,
+    SHAPED_FETCH,
+    _installed,
+    _lock_cycle,
+)
 
 #: The cases run, and how many operations each window holds.
 LOCK_CYCLES = 300
@@ -374,6 +390,111 @@ class _Dramatiq:
         self.broker.close()
 
 
+class _Floor:
+    """A queue floor of bench/cases.py (scripts called with EVALSHA, no wrapper): ``FEATURED_*``
+    (``shaped=False``: today's guarantees at the least) or ``SHAPED_*`` (Dramatiq's shape plus
+    a request record per call). Every call has a fresh request key of one fixed width."""
+
+    def __init__(self, client: redis.Redis, shaped: bool = False, ack_many: bool = False) -> None:
+        self.client = client
+        self.shaped = shaped
+        #: The acks of a batch in one call (FEATURED_ACK_MANY) instead of one call each.
+        self.ack_many_sha = client.script_load(FEATURED_ACK_MANY) if ack_many else None
+        scripts = (
+            (SHAPED_ENQUEUE, SHAPED_FETCH, SHAPED_ACK)
+            if shaped
+            else (FEATURED_ENQUEUE, FEATURED_DEQUEUE, FEATURED_ACK)
+        )
+        self.enqueue_sha, self.dequeue_sha, self.ack_sha = (
+            client.script_load(script) for script in scripts
+        )
+        kinds = (
+            ("queue", "messages", "unacked") if shaped else ("ready", "delayed", "leased", "tasks")
+        )
+        self.keys = tuple(f"floor:{{q}}:{kind}" for kind in kinds)
+        self.ids = _ids("task-")
+        self.requests = _ids("floor:{q}:req:")
+        self.held: Any = None
+
+    def _call(self, target: Any, sha: str, *args: object) -> Any:
+        keys = (*self.keys, next(self.requests))
+        return target.evalsha(sha, len(keys), *keys, *args)
+
+    def _enqueue_args(self) -> tuple[object, ...]:
+        task = next(self.ids)
+        if self.shaped:
+            return (task, PAYLOAD, FEATURED_REQUEST_TTL_MS)
+        return (task, PAYLOAD, 0, FEATURED_REQUEST_TTL_MS)
+
+    def fill(self, count: int) -> None:
+        for start in range(0, count, 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for _ in range(min(1000, count - start)):
+                self._call(pipe, self.enqueue_sha, *self._enqueue_args())
+            pipe.execute()
+
+    def enqueue(self) -> None:
+        if self._call(self.client, self.enqueue_sha, *self._enqueue_args()) != 1:
+            raise RuntimeError("a floor enqueue did not enqueue")
+
+    def _take(self, count: int, *ack: object) -> list[tuple[bytes, int]]:
+        """``count`` tasks taken, as (id, token) pairs (the shaped floor: token 0)."""
+        if self.shaped:
+            taken = self._call(self.client, self.dequeue_sha, count, FEATURED_REQUEST_TTL_MS)
+            pairs = [(task, 0) for task in (taken or [])[::2]]
+        else:
+            taken = self._call(
+                self.client, self.dequeue_sha, count, LEASE_MS, FEATURED_REQUEST_TTL_MS, *ack
+            )
+            pairs = list(zip((taken or [])[::5], (taken or [])[3::5], strict=True))
+        if len(pairs) != count:
+            raise RuntimeError(f"a floor dequeue took {len(pairs)} of {count}")
+        return pairs
+
+    def _ack(self, target: Any, task: bytes, token: int) -> Any:
+        if self.shaped:
+            return self._call(target, self.ack_sha, task, FEATURED_REQUEST_TTL_MS)
+        return self._call(target, self.ack_sha, task, token, FEATURED_REQUEST_TTL_MS)
+
+    def take_batch(self) -> None:
+        taken = self._take(BATCH)
+        if self.ack_many_sha is not None:
+            leases = [part for task, token in taken for part in (task, token)]
+            acked = self._call(self.client, self.ack_many_sha, FEATURED_REQUEST_TTL_MS, *leases)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for task, token in taken:
+                self._ack(pipe, task, token)
+            acked = pipe.execute()
+        if acked != [1] * BATCH:
+            raise RuntimeError("a floor ack was refused")
+
+    def cycle(self) -> None:
+        self.enqueue()
+        ((task, token),) = self._take(1)
+        if self._ack(self.client, task, token) != 1:
+            raise RuntimeError("a floor ack was refused")
+
+    def ack_and_take(self) -> None:
+        """Enqueue one, then ack the held task and lease the next in one call (featured only)."""
+        self.enqueue()
+        if self.held is None:
+            (self.held,) = self._take(1)
+        else:
+            (self.held,) = self._take(1, *self.held)
+
+    def close(self) -> None:
+        """Nothing to close: the caller closes the client."""
+
+
+def _floor(shaped: bool, aad: bool = False) -> Callable[[redis.Redis], Any]:
+    def make(client: redis.Redis) -> tuple[Callable[[], None], Callable[[], None]]:
+        floor = _Floor(client, shaped)
+        return (floor.ack_and_take if aad else floor.cycle), floor.close
+
+    return make
+
+
 def _one_at_a_time(cg: Callgrind, name: str, make: Callable[[redis.Redis], Any]) -> Figure:
     """``ONE_AT_A_TIME`` steps of ``make(client)``'s step (after ``WARM``), one window."""
     client = cg.client()
@@ -458,8 +579,16 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     ]
     if dramatiq:
         figures.append(_one_at_a_time(cg, ONE_DRAMATIQ, _dramatiq_cycle(cg)))
+    figures += [
+        _one_at_a_time(cg, ONE_FLOOR, _floor(shaped=False)),
+        _one_at_a_time(cg, ONE_FLOOR_AAD, _floor(shaped=False, aad=True)),
+        _one_at_a_time(cg, ONE_SHAPED, _floor(shaped=True)),
+    ]
+    figures += _batched(cg, SHAPED, lambda client: _Floor(client, shaped=True), DEPTHS[0])
+    figures += _batched(cg, FLOOR_ACK_MANY, lambda client: _Floor(client, ack_many=True), DEPTHS[0])
     for depth in DEPTHS:
         figures += _batched(cg, LUASCHED, _Luasched, depth)
+        figures += _batched(cg, FLOOR, _Floor, depth)
         if dramatiq:
             figures += _batched(
                 cg, DRAMATIQ_16, lambda _client: _Dramatiq(cg.server.port, BATCH), depth
@@ -584,6 +713,12 @@ ONE_LUASCHED = "luasched, one task at a time: enqueue + dequeue + ack"
 ONE_LUASCHED_AAD = "luasched, one task at a time: enqueue + ack_and_dequeue"
 ONE_DRAMATIQ = "Dramatiq prefetch 1: send + fetch + ack"
 LUASCHED = "luasched"
+FLOOR = "queue floor: featured"
+ONE_FLOOR = f"{FLOOR}, one task at a time: enqueue + dequeue + ack"
+ONE_FLOOR_AAD = f"{FLOOR}, one task at a time: enqueue + ack_and_dequeue"
+SHAPED = "queue floor: Dramatiq-shaped + a request record per call"
+FLOOR_ACK_MANY = f"{FLOOR}, a batch's acks in one call"
+ONE_SHAPED = f"{SHAPED}, one task at a time: enqueue + fetch + ack"
 DRAIN_WORKERS = 4
 DRAIN_TASKS = 4_000
 DRAIN_LOOP = (

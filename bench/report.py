@@ -864,6 +864,102 @@ INSTRUCTION_COMPARISONS = [
 ]
 
 
+#: (label, the floor's row, Dramatiq's row, luasched's row, issue 20's limit on luasched / Dramatiq
+#: or None) of the queue floors table in docs/bench.md (bench/instructions.py's floor rows).
+QUEUE_FLOOR_COMPARISONS = [
+    *(
+        (
+            f"a batched task, depth {depth:,}",
+            f"queue floor: featured: batched task, depth {depth}",
+            f"Dramatiq prefetch 16: batched task, depth {depth}",
+            f"luasched: batched task, depth {depth}",
+            1.0,
+        )
+        for depth in (16, 208, 10_000)
+    ),
+    (
+        "a batched task, depth 16, the batch's acks in one call",
+        "queue floor: featured, a batch's acks in one call: batched task, depth 16",
+        "Dramatiq prefetch 16: batched task, depth 16",
+        None,
+        None,
+    ),
+    (
+        "a task one at a time (enqueue + dequeue + ack)",
+        "queue floor: featured, one task at a time: enqueue + dequeue + ack",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        "luasched, one task at a time: enqueue + dequeue + ack",
+        1.0,
+    ),
+    (
+        "a task one at a time with ack_and_dequeue",
+        "queue floor: featured, one task at a time: enqueue + ack_and_dequeue",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        "luasched, one task at a time: enqueue + ack_and_dequeue",
+        0.85,
+    ),
+    (
+        "an enqueue, depth 16",
+        "queue floor: featured: enqueue, depth 16",
+        "Dramatiq prefetch 16: enqueue, depth 16",
+        "luasched: enqueue, depth 16",
+        1.3,
+    ),
+    (
+        "Dramatiq's shape + request records: a task one at a time",
+        "queue floor: Dramatiq-shaped + a request record per call, one task at a time: "
+        "enqueue + fetch + ack",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        None,
+        None,
+    ),
+    (
+        "Dramatiq's shape + request records: a batched task, depth 16",
+        "queue floor: Dramatiq-shaped + a request record per call: batched task, depth 16",
+        "Dramatiq prefetch 16: batched task, depth 16",
+        None,
+        None,
+    ),
+    (
+        "Dramatiq's shape + request records: an enqueue, depth 16",
+        "queue floor: Dramatiq-shaped + a request record per call: enqueue, depth 16",
+        "Dramatiq prefetch 16: enqueue, depth 16",
+        None,
+        None,
+    ),
+]
+
+
+def _queue_floors(rows: dict[str, Any]) -> list[str]:
+    """The queue floors against Dramatiq (and luasched against both), issue 20's targets 1-3."""
+    found = [entry for entry in QUEUE_FLOOR_COMPARISONS if entry[1] in rows and entry[2] in rows]
+    if not found:
+        return []
+    lines = [
+        "",
+        "The queue floors are bench/cases.py's `FEATURED_*` scripts (the least a queue with "
+        "docs/guarantees.md's guarantees executes: request records, idempotent enqueue, FIFO "
+        "within a priority, server-time leases, due and expired probes, attempts, clock-derived "
+        "fencing tokens, token-checked acks; no argument checks) and `SHAPED_*` (Dramatiq's "
+        "list + hash + set with only a request record per call), against Dramatiq, and "
+        "luasched against them. Where the floor / Dramatiq is above the target, the target "
+        "contradicts the guarantees ([redis-notes.md](redis-notes.md) says which costs what):",
+        "",
+        "| per task | floor | Dramatiq | floor / Dramatiq | luasched | luasched / floor | "
+        "luasched / Dramatiq | target |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, floor_row, peer_row, ours_row, limit in found:
+        floor, peer = rows[floor_row]["per_op"], rows[peer_row]["per_op"]
+        ours = rows[ours_row]["per_op"] if ours_row in rows else None
+        lines.append(
+            f"| {label} | {floor:,} | {peer:,} | {floor / peer:.2f}x | "
+            + (f"{ours:,} | {ours / floor:.2f}x | {ours / peer:.2f}x" if ours else "- | - | -")
+            + f" | {f'<= {limit:.2f}x' if limit else '-'} |"
+        )
+    return lines
+
+
 def _instructions_section(document: dict[str, Any]) -> list[str]:
     entry = document.get(INSTRUCTIONS)
     if not entry:
@@ -920,6 +1016,7 @@ def _instructions_section(document: dict[str, Any]) -> list[str]:
             f"{entry['rows'][name]['per_op'] / reference['per_op']:.2f}x |"
             for name in floors
         ]
+    lines += _queue_floors(entry["rows"])
     return [*lines, ""]
 
 

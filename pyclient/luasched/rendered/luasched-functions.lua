@@ -7953,7 +7953,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 de96962a8362c49a5d321971b95cd3773736ddf2)
+-- queue.ack (sha1 92d61ac1681a9c75261a9f9a19bf2ab525a8412a)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -8082,7 +8082,8 @@ if #KEYS == 8 and #ARGV == 4 then
   if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
     and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
     and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
-    and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
+    and token + 0 <= 9007199254740991
+    and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
     -- false: no record (an error table or a string goes to main()).
     local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
     local raw = record == false and redis.pcall('HGET', KEYS[5], 'm' .. task_id)
@@ -8368,7 +8369,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 ba2c3b3537b032291ca77afb19363d42f16d5cce)
+-- queue.dequeue (sha1 6fadfa5f6fc6b6427916077d612fdebad2ca6ea1)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8551,7 +8552,7 @@ if #KEYS == 8 and #ARGV == 8 then
     if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
       break
     end
-    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or tonumber(count_raw) - 1)
+    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or count_raw - 1)
     local taken = #head -- 0 for an error table too
     if taken == 0 then
       break
@@ -8594,7 +8595,7 @@ if #KEYS == 8 and #ARGV == 8 then
     elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
-      fence = tonumber(fence)
+      fence = fence + 0
     end
     fence = (fence < now_us and now_us or fence + 1) - 1
     if fence + taken > 9007199254740991 then
@@ -8608,7 +8609,7 @@ if #KEYS == 8 and #ARGV == 8 then
         break
       end
     end
-    local deadline_ms = now_ms + tonumber(lease_raw)
+    local deadline_ms = now_ms + lease_raw
     local acked = acking and 1 or 0
     -- The new meta: main()'s format_meta (string.format converts the captured digits as
     -- tonumber does, and so does the arithmetic of attempts + 1).
@@ -11630,7 +11631,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 36d50237f9b5c0913984a35b129097b21205ba08)
+-- queue.enqueue (sha1 27bfe0ffbbceebca21751aff5e586440879b110d)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11774,11 +11775,17 @@ if #KEYS == 8 and #ARGV == 7 then
     and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
     and string.find(attempts, '^[1-9]%d*$') and string.find(request_ttl, '^[1-9]%d*$')
     and string.find(request_id, '^[%w_%-]*$') then
-    local priority_n, delay_n = tonumber(priority), tonumber(delay)
-    if priority_n >= -512 and priority_n <= 511 and delay_n <= 31536000000
-      and tonumber(attempts) <= 1000000 and tonumber(request_ttl) <= 86400000 then
+    -- `s + 0` converts a canonical decimal as tonumber(s) does, without the global call; a value
+    -- shorter than its bound's own length is below the bound, so it needs no conversion.
+    local priority_n = priority + 0
+    if priority_n >= -512 and priority_n <= 511
+      and (#delay < 11 or delay + 0 <= 31536000000)
+      and (#attempts < 7 or attempts + 0 <= 1000000)
+      and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
       local time = redis.call('TIME')
-      local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
+      local micros = time[2] + 0
+      local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
@@ -11791,7 +11798,7 @@ if #KEYS == 8 and #ARGV == 7 then
         if raw == false then
           seq = 0
         elseif #raw <= 17 and string.find(raw, '^%d+$') then -- stored_uint_or_nil's rule
-          seq = tonumber(raw)
+          seq = raw + 0
         end
       end
       -- A waiting dequeuer: LLEN checks the wake list's type before the first write.
@@ -11806,13 +11813,16 @@ if #KEYS == 8 and #ARGV == 7 then
           state = 'ready'
           written = type(redis.pcall('ZADD', KEYS[1], (511 - priority_n) * 8796093022208 + seq, task_id)) == 'number'
           if written then
-            -- Plain concatenation: now_ms is an integer below 1e14 ("%.14g" is exact).
+            -- Plain concatenation of strings: now_ms in decimal is TIME's seconds followed by
+            -- the three leading digits of its microseconds padded to six (what "%.14g" gives
+            -- for the number: seconds are above 0), without Lua's number-to-text conversion.
+            local now_text = time[1] .. string.sub('00000' .. time[2], -6, -4)
             redis.call('HSET', KEYS[5], 'p' .. task_id, payload,
-              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_ms .. ' ', 'seq', seq)
+              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_text .. ' ', 'seq', seq)
           end
         end
       elseif seq then
-        local at_ms = now_ms + delay_n
+        local at_ms = now_ms + delay
         state = 'delayed'
         written = type(redis.pcall('ZADD', KEYS[2], at_ms, task_id)) == 'number'
         if written then
@@ -20865,5 +20875,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return '2f993ab99d2e682c1e8342a08f54c58a509530a5' end,
+  callback = function() return '475a5ac48a4395a7b51689c238a195182092aca9' end,
 }

@@ -122,7 +122,8 @@ if #KEYS == 8 and #ARGV == 4 then
   if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
     and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
     and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
-    and tonumber(token) <= 9007199254740991 and tonumber(request_ttl) <= 86400000 then
+    and token + 0 <= 9007199254740991
+    and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
     -- false: no record (an error table or a string goes to main()).
     local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
     local raw = record == false and redis.pcall('HGET', KEYS[5], 'm' .. task_id)

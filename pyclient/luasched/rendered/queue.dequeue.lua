@@ -176,7 +176,7 @@ if #KEYS == 8 and #ARGV == 8 then
     if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
       break
     end
-    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or tonumber(count_raw) - 1)
+    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or count_raw - 1)
     local taken = #head -- 0 for an error table too
     if taken == 0 then
       break
@@ -219,7 +219,7 @@ if #KEYS == 8 and #ARGV == 8 then
     elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
-      fence = tonumber(fence)
+      fence = fence + 0
     end
     fence = (fence < now_us and now_us or fence + 1) - 1
     if fence + taken > 9007199254740991 then
@@ -233,7 +233,7 @@ if #KEYS == 8 and #ARGV == 8 then
         break
       end
     end
-    local deadline_ms = now_ms + tonumber(lease_raw)
+    local deadline_ms = now_ms + lease_raw
     local acked = acking and 1 or 0
     -- The new meta: main()'s format_meta (string.format converts the captured digits as
     -- tonumber does, and so does the arithmetic of attempts + 1).
