@@ -396,6 +396,46 @@ def test_a_woken_waiter_that_loses_asks_for_no_signal() -> None:
     assert place_ttl_ms(plain, blocking=False, woken=False) == 0
 
 
+#: The redis calls the lock scripts make (INFO commandstats names).
+_LOCK_CALLS = (
+    *("time", "get", "set", "del", "type", "zscore", "zcard", "zrange", "zrank", "zmscore"),
+    *("zcount", "zadd", "zrem", "pttl", "pexpire", "lpush", "ltrim"),
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "fair", "reentrant"])
+def test_uncontended_cycles_take_the_lean_paths(r: Any, server: Any, mode: str) -> None:
+    """The wrapper's uncontended acquire + release of each kind of lock make the lean paths'
+    redis calls and no other (INFO commandstats, summed over the primaries): the full scripts
+    would also read the fair queue (ZRANGE, ZRANK) or, releasing, the caller's queue entry and
+    place (two ZSCOREs). The fast cycles of docs/locks.md ("The lean path") rely on it."""
+    s = Scheduler(r, "lk")
+    lock = s.lock(b"lean", ttl_ms=30_000, fair=mode == "fair", reentrant=mode == "reentrant")
+    handle = lock.acquire(blocking=False)  # loads the scripts
+    assert handle is not None
+    handle.release()
+    for conn in server.primaries():
+        with conn:
+            conn.config_resetstat()
+    for _ in range(3):
+        handle = lock.acquire(blocking=False)
+        assert handle is not None
+        handle.release()
+    calls: Counter[str] = Counter()
+    for conn in server.primaries():
+        with conn:
+            for name, fields in conn.info("commandstats").items():
+                command = name.removeprefix("cmdstat_")
+                if command in _LOCK_CALLS:
+                    calls[command] += int(fields["calls"])
+    # Per cycle: TIME, GET, SET in each script, the acquire's look at the waiters (ZSCORE of
+    # its place; the fair lock: ZCARD of its queue); a reentrant lock's GET and SET of each
+    # call's request record.
+    records = 2 if mode == "reentrant" else 0
+    waiters = {"zcard": 3} if mode == "fair" else {"zscore": 3}
+    assert calls == Counter({"time": 6, "get": 6 + 3 * records, "set": 6 + 3 * records, **waiters})
+
+
 _FUTURE = 9_000_000_000_000  # a deadline far ahead of the server's clock (ms)
 
 
