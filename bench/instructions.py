@@ -236,8 +236,8 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
         ("python-redis-lock", "redis_lock", python_redis_lock),
         ("pottery Redlock (1 master)", "pottery", pottery),
         *(
-            (name, None, lambda c, script=script: _floor_cycle(c, script))
-            for name, script in LOCK_FLOORS.items()
+            (name, None, lambda c, floor=floor: _floor_cycle(c, floor))
+            for name, floor in LOCK_FLOORS.items()
         ),
     ]
     figures = []
@@ -265,36 +265,118 @@ FLOOR_FENCED = "floor: acquire script (SET NX PX + INCR fence) + release script"
 FLOOR_CLOCK = (
     "floor: acquire script (SET NX PX, TIME, fence = max(stored + 1, server µs)) + release script"
 )
+FLOOR_FAIR = (
+    "floor: fair lock: the clock-fenced acquire checks the waiters' queue first (EXISTS) "
+    "+ release script"
+)
+FLOOR_REENTRANT = (
+    "floor: reentrant lock: the clock-fenced acquire and the release each GET and SET a "
+    "request record (replays of a token that holds several times)"
+)
+FLOOR_SHAPE = (
+    "floor: luasched's call shape (lock.acquire's 5 KEYS + 6 ARGV and 7-integer reply, "
+    "lock.release's 5 KEYS + 2 ARGV and 3-element reply), no redis call"
+)
 
-#: Floors of a lock cycle: the least a cycle with each guarantee executes (scripts that do only
-#: the unavoidable calls, no argument checks). The release is redis-py's own shape: GET, compare,
-#: DEL. Not luasched's scripts: what any design with that guarantee pays.
+
+@dataclass(frozen=True)
+class LockFloor:
+    """A lock cycle that makes only the calls a guarantee needs (no argument checks): not
+    luasched's scripts, what any design with that guarantee pays. ``acquire`` None: a bare
+    ``SET NX PX``. KEYS: the hold, the fence (when the acquire is a script), the fair queue
+    (``queue``), a fresh request record per call (``records``, last; the release gets the
+    hold and it). ``of``: the luasched row whose least it is."""
+
+    acquire: str | None
+    release: str
+    of: str
+    queue: bool = False
+    records: bool = False
+    #: The call shape floor: luasched's KEYS and ARGV, no fence key.
+    luasched_keys: bool = False
+
+
+#: The release of redis-py's ``Lock``: GET, compare, DEL.
 _RELEASE = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
-LOCK_FLOORS = {
-    FLOOR_PLAIN: None,
-    FLOOR_FENCED: "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    "return redis.call('INCR', KEYS[2]) end return false",
-    FLOOR_CLOCK: "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    "return false end local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
+#: The failover-safe fencing token (lua/include/fence.j2's rule): TIME, GET and SET of the fence.
+_CLOCK_FENCE = (
+    "local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
     "local stored = redis.call('GET', KEYS[2]) local token = stored and stored + 1 or 1 "
-    "if now > token then token = now end redis.call('SET', KEYS[2], token) return token",
+    "if now > token then token = now end redis.call('SET', KEYS[2], token) "
+)
+_SET_NX = "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end "
+LOCK_FLOORS = {
+    FLOOR_PLAIN: LockFloor(None, _RELEASE, "luasched lock"),
+    FLOOR_FENCED: LockFloor(
+        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+        "return redis.call('INCR', KEYS[2]) end return false",
+        _RELEASE,
+        "luasched lock",
+    ),
+    FLOOR_CLOCK: LockFloor(_SET_NX + _CLOCK_FENCE + "return token", _RELEASE, "luasched lock"),
+    # A free lock with live waiters queued goes to the oldest: the acquire must see the queue
+    # (its release finds a waiter's mark in the hold's value, which GET already read).
+    FLOOR_FAIR: LockFloor(
+        "if redis.call('EXISTS', KEYS[3]) == 1 then return false end "
+        + _SET_NX
+        + _CLOCK_FENCE
+        + "return token",
+        _RELEASE,
+        "luasched fair lock",
+        queue=True,
+    ),
+    # One token holds several times, so only a request id tells a resent call from a new one:
+    # each call looks its record up first and writes it last (the hold's value carries the count).
+    FLOOR_REENTRANT: LockFloor(
+        "local recorded = redis.call('GET', KEYS[3]) if recorded then return recorded end "
+        "if not redis.call('SET', KEYS[1], ARGV[1] .. ' 1', 'NX', 'PX', ARGV[2]) then "
+        "return false end "
+        + _CLOCK_FENCE
+        + "redis.call('SET', KEYS[3], token, 'PX', 60000) return token",
+        "local recorded = redis.call('GET', KEYS[2]) if recorded then return recorded end "
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' 1' then return 0 end "
+        "redis.call('DEL', KEYS[1]) redis.call('SET', KEYS[2], '1', 'PX', 60000) return 1",
+        "luasched reentrant lock",
+        records=True,
+    ),
+    FLOOR_SHAPE: LockFloor(
+        "return {'acquired', 1764800000000001, 1764800600000, 1, 0, 0, 1764800000000}",
+        "return {'released', 0, 1764800000000}",
+        "luasched lock",
+        luasched_keys=True,
+    ),
 }
 
 
-def _floor_cycle(client: redis.Redis, acquire: str | None) -> Callable[[], None]:
-    """A lock cycle of a floor: ``acquire`` (None: a bare SET NX PX), then _RELEASE."""
-    release = client.script_load(_RELEASE)
-    fenced = client.script_load(acquire) if acquire else None
-    hold, fence, token = "lock-000000000001", "fence-00000000001", "token-0000000001"
+def _floor_cycle(client: redis.Redis, floor: LockFloor) -> Callable[[], None]:
+    """A lock cycle of a floor: its acquire (a bare SET NX PX when None), then its release."""
+    release = client.script_load(floor.release)
+    acquire = client.script_load(floor.acquire) if floor.acquire else None
+    hold, fence, queue = "lock-000000000001", "fence-00000000001", "queue-00000000001"
+    token = b"token-0000000001"
+    requests = _ids("req-")
+    luasched_keys = [
+        f"luasched:{{{NAMESPACE}}}:{kind}:lock-000000000001"
+        for kind in ("lock", "lock-queue", "lock-places", "lock-wake", "lock-req:")
+    ]
 
     def cycle() -> None:
-        if fenced is None:
-            granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+        if floor.luasched_keys:
+            granted = client.evalsha(acquire, 5, *luasched_keys, token, LOCK_TTL_MS, 0, 0, 0, "")
+            released = client.evalsha(release, 5, *luasched_keys, token, "")
+            ok = granted[0] == b"acquired" and released[0] == b"released"
         else:
-            granted = client.evalsha(fenced, 2, hold, fence, token, LOCK_TTL_MS)
-        if not granted or client.evalsha(release, 1, hold, token) != 1:
+            if acquire is None:
+                granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+            else:
+                keys = [hold, fence, *([queue] if floor.queue else [])]
+                keys += [next(requests)] if floor.records else []
+                granted = client.evalsha(acquire, len(keys), *keys, token, LOCK_TTL_MS)
+            keys = [hold, *([next(requests)] if floor.records else [])]
+            ok = bool(granted) and client.evalsha(release, len(keys), *keys, token) == 1
+        if not ok:
             raise RuntimeError("an uncontended floor lock was not acquired and released")
 
     return cycle
@@ -748,6 +830,7 @@ def measure(binary: Path, phase: Callable[[str, int, int], None], quick: bool) -
         "server": info,
         "method": "callgrind summary minus serverCron's inclusive cost, per operation",
         "rows": {figure.name: figure.as_dict() for figure in rows},
+        "floor_of": {name: floor.of for name, floor in LOCK_FLOORS.items()},
     }
 
 

@@ -1001,21 +1001,27 @@ def _instructions_section(document: dict[str, Any]) -> list[str]:
         ]
     reference = entry["rows"].get("redis-py Lock")
     floors = [name for name in entry["rows"] if name.startswith("floor: ")]
+    floor_of = entry.get("floor_of", {})
     if reference and floors:
         lines += [
             "",
             "The floors are what any lock with that guarantee executes at the least (only the "
             "unavoidable calls, no checks), against redis-py's `Lock` (issue 20's target 4 asks "
-            "at most 1.5x with fencing tokens that never go back across a failover):",
+            "at most 1.5x for the plain lock, with fencing tokens that never go back across a "
+            "failover, and at most 3x for the fair and the reentrant lock), and luasched's row "
+            "over the floor it is bounded by: what luasched pays above that guarantee's least.",
             "",
-            "| floor | / redis-py Lock |",
-            "|---|--:|",
+            "| floor | instructions per cycle | / redis-py Lock | luasched's row | row / floor |",
+            "|---|--:|--:|---|--:|",
         ]
-        lines += [
-            f"| {name[len('floor: ') :]} | "
-            f"{entry['rows'][name]['per_op'] / reference['per_op']:.2f}x |"
-            for name in floors
-        ]
+        for name in floors:
+            cost = entry["rows"][name]["per_op"]
+            ours = floor_of.get(name)
+            row = entry["rows"].get(ours) if ours else None
+            lines.append(
+                f"| {name[len('floor: ') :]} | {cost:,} | {cost / reference['per_op']:.2f}x | "
+                + (f"{ours} | {row['per_op'] / cost:.2f}x |" if row else "- | - |")
+            )
     lines += _queue_floors(entry["rows"])
     return [*lines, ""]
 
