@@ -12,7 +12,12 @@ subprocesses, the cases interleaved run by run (so a busy spell of the machine h
 * ``export``: the whole ``python -m luasched.cli export DIR`` process, start-up included.
 * threads: ``n`` threads of one fresh process create their first Scheduler at once, 1 vs 8,
   for the default configuration (loaded from the package) and a custom one (rendered); the
-  imports and the redis-py clients are made before the clock starts.
+  imports and the redis-py clients are made before the clock starts. The ``loaded`` cases are
+  their floor: the same threads, with the default configuration's scripts loaded before the
+  clock (``render_all()``), so what 8 threads cost more than 1 there is the threads' own
+  start-up and Scheduler objects, with nothing to load. The ``one_cpu`` cases are the default
+  ones in a process pinned to one CPU (``os.sched_setaffinity``) before the clock: the same
+  work, with no GIL handoffs between cores while the loading thread reads its files.
 
 Every luasched process also reports ``render_count()``, so the figures say whether anything was
 rendered. The subprocesses may write and use bytecode caches (``PYTHONDONTWRITEBYTECODE`` is
@@ -67,14 +72,19 @@ print(time.perf_counter() - started, render_count())
 )
 
 THREADS = """\
+import os
 import sys
 import threading
 import time
 import redis
 from luasched import Scheduler  # imports all a Scheduler needs, before the clock starts
-from luasched.render import ScriptConfig, render_count
+from luasched.render import ScriptConfig, render_all, render_count
 host, port, count, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 config = ScriptConfig(max_batch=max_batch)
+if sys.argv[5] == "loaded":
+    render_all(config)
+elif sys.argv[5] == "one_cpu":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 clients = [redis.Redis(host=host, port=port) for _ in range(count)]
 gate = threading.Barrier(count + 1)
 def first_scheduler(client):
@@ -128,10 +138,16 @@ def measure(env: Env, phase: Callable[[str, int, int], None]) -> dict[str, Any]:
             "redis": _python(REDIS, host, port),
             "luasched": _python(LUASCHED, host, port),
             "export": _export(directory),
-            "threads_1_default": _python(THREADS, host, port, 1, default_batch),
-            "threads_8_default": _python(THREADS, host, port, 8, default_batch),
-            "threads_1_custom": _python(THREADS, host, port, 1, CUSTOM_MAX_BATCH),
-            "threads_8_custom": _python(THREADS, host, port, 8, CUSTOM_MAX_BATCH),
+            **{
+                f"threads_{count}_{case}": _python(THREADS, host, port, count, batch, when)
+                for case, batch, when in (
+                    ("default", default_batch, "first"),
+                    ("custom", CUSTOM_MAX_BATCH, "first"),
+                    ("loaded", default_batch, "loaded"),
+                    ("one_cpu", default_batch, "one_cpu"),
+                )
+                for count in (1, 8)
+            },
         }
         for command in cases.values():  # warm-up: file caches, the script on the server
             _timed(command)

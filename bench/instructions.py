@@ -23,6 +23,11 @@ width, so no case pays for longer strings than another. The cases:
   16 acks (Dramatiq, prefetch 16) in another, at queue depths 16, 208 and 10,000 (the depth the
   queue holds before the round's enqueues: 0, 192 and 9,984 tasks are put in first, unmeasured);
   the enqueue windows alone give the enqueue rows;
+* queue floors (bench/cases.py ``FEATURED_*``, the least a queue with luasched's guarantees
+  executes, and ``SHAPED_*``, Dramatiq's shape with a request record per call), called with
+  EVALSHA in the same shapes: one at a time (the featured one also with ack-and-take-next) and
+  batched (the featured one at the three depths, the shaped one at 16), and the featured one
+  batched at depth 16 with a batch's acks in one call (``FEATURED_ACK_MANY``);
 * queue with groups (issue 21): one ``dequeue`` per call, then the ``ack`` of each, in two
   windows, from a queue of 2,000 ready tasks without groups (``queue.dequeue``, ``queue.ack``) and
   from queues with 10 groups of 200 and 100,000 groups of 2 (``queue.group_dequeue``,
@@ -55,7 +60,18 @@ import redis
 import luasched
 from luasched.testing import HOST, ThrowawayServer
 
-from .cases import _installed, _lock_cycle
+from .cases import (
+    FEATURED_ACK,
+    FEATURED_ACK_MANY,
+    FEATURED_DEQUEUE,
+    FEATURED_ENQUEUE,
+    FEATURED_REQUEST_TTL_MS,
+    SHAPED_ACK,
+    SHAPED_ENQUEUE,
+    SHAPED_FETCH,
+    _installed,
+    _lock_cycle,
+)
 
 #: The cases run, and how many operations each window holds.
 LOCK_CYCLES = 300
@@ -224,8 +240,8 @@ def _lock_rows(cg: Callgrind) -> list[Figure]:
         ("python-redis-lock", "redis_lock", python_redis_lock),
         ("pottery Redlock (1 master)", "pottery", pottery),
         *(
-            (name, None, lambda c, script=script: _floor_cycle(c, script))
-            for name, script in LOCK_FLOORS.items()
+            (name, None, lambda c, floor=floor: _floor_cycle(c, floor))
+            for name, floor in LOCK_FLOORS.items()
         ),
     ]
     figures = []
@@ -253,36 +269,118 @@ FLOOR_FENCED = "floor: acquire script (SET NX PX + INCR fence) + release script"
 FLOOR_CLOCK = (
     "floor: acquire script (SET NX PX, TIME, fence = max(stored + 1, server µs)) + release script"
 )
+FLOOR_FAIR = (
+    "floor: fair lock: the clock-fenced acquire checks the waiters' queue first (EXISTS) "
+    "+ release script"
+)
+FLOOR_REENTRANT = (
+    "floor: reentrant lock: the clock-fenced acquire and the release each GET and SET a "
+    "request record (replays of a token that holds several times)"
+)
+FLOOR_SHAPE = (
+    "floor: luasched's call shape (lock.acquire's 5 KEYS + 6 ARGV and 7-integer reply, "
+    "lock.release's 5 KEYS + 2 ARGV and 3-element reply), no redis call"
+)
 
-#: Floors of a lock cycle: the least a cycle with each guarantee executes (scripts that do only
-#: the unavoidable calls, no argument checks). The release is redis-py's own shape: GET, compare,
-#: DEL. Not luasched's scripts: what any design with that guarantee pays.
+
+@dataclass(frozen=True)
+class LockFloor:
+    """A lock cycle that makes only the calls a guarantee needs (no argument checks): not
+    luasched's scripts, what any design with that guarantee pays. ``acquire`` None: a bare
+    ``SET NX PX``. KEYS: the hold, the fence (when the acquire is a script), the fair queue
+    (``queue``), a fresh request record per call (``records``, last; the release gets the
+    hold and it). ``of``: the luasched row whose least it is."""
+
+    acquire: str | None
+    release: str
+    of: str
+    queue: bool = False
+    records: bool = False
+    #: The call shape floor: luasched's KEYS and ARGV, no fence key.
+    luasched_keys: bool = False
+
+
+#: The release of redis-py's ``Lock``: GET, compare, DEL.
 _RELEASE = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
-LOCK_FLOORS = {
-    FLOOR_PLAIN: None,
-    FLOOR_FENCED: "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    "return redis.call('INCR', KEYS[2]) end return false",
-    FLOOR_CLOCK: "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    "return false end local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
+#: The failover-safe fencing token (lua/include/fence.j2's rule): TIME, GET and SET of the fence.
+_CLOCK_FENCE = (
+    "local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] "
     "local stored = redis.call('GET', KEYS[2]) local token = stored and stored + 1 or 1 "
-    "if now > token then token = now end redis.call('SET', KEYS[2], token) return token",
+    "if now > token then token = now end redis.call('SET', KEYS[2], token) "
+)
+_SET_NX = "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end "
+LOCK_FLOORS = {
+    FLOOR_PLAIN: LockFloor(None, _RELEASE, "luasched lock"),
+    FLOOR_FENCED: LockFloor(
+        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+        "return redis.call('INCR', KEYS[2]) end return false",
+        _RELEASE,
+        "luasched lock",
+    ),
+    FLOOR_CLOCK: LockFloor(_SET_NX + _CLOCK_FENCE + "return token", _RELEASE, "luasched lock"),
+    # A free lock with live waiters queued goes to the oldest: the acquire must see the queue
+    # (its release finds a waiter's mark in the hold's value, which GET already read).
+    FLOOR_FAIR: LockFloor(
+        "if redis.call('EXISTS', KEYS[3]) == 1 then return false end "
+        + _SET_NX
+        + _CLOCK_FENCE
+        + "return token",
+        _RELEASE,
+        "luasched fair lock",
+        queue=True,
+    ),
+    # One token holds several times, so only a request id tells a resent call from a new one:
+    # each call looks its record up first and writes it last (the hold's value carries the count).
+    FLOOR_REENTRANT: LockFloor(
+        "local recorded = redis.call('GET', KEYS[3]) if recorded then return recorded end "
+        "if not redis.call('SET', KEYS[1], ARGV[1] .. ' 1', 'NX', 'PX', ARGV[2]) then "
+        "return false end "
+        + _CLOCK_FENCE
+        + "redis.call('SET', KEYS[3], token, 'PX', 60000) return token",
+        "local recorded = redis.call('GET', KEYS[2]) if recorded then return recorded end "
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' 1' then return 0 end "
+        "redis.call('DEL', KEYS[1]) redis.call('SET', KEYS[2], '1', 'PX', 60000) return 1",
+        "luasched reentrant lock",
+        records=True,
+    ),
+    FLOOR_SHAPE: LockFloor(
+        "return {'acquired', 1764800000000001, 1764800600000, 1, 0, 0, 1764800000000}",
+        "return {'released', 0, 1764800000000}",
+        "luasched lock",
+        luasched_keys=True,
+    ),
 }
 
 
-def _floor_cycle(client: redis.Redis, acquire: str | None) -> Callable[[], None]:
-    """A lock cycle of a floor: ``acquire`` (None: a bare SET NX PX), then _RELEASE."""
-    release = client.script_load(_RELEASE)
-    fenced = client.script_load(acquire) if acquire else None
-    hold, fence, token = "lock-000000000001", "fence-00000000001", "token-0000000001"
+def _floor_cycle(client: redis.Redis, floor: LockFloor) -> Callable[[], None]:
+    """A lock cycle of a floor: its acquire (a bare SET NX PX when None), then its release."""
+    release = client.script_load(floor.release)
+    acquire = client.script_load(floor.acquire) if floor.acquire else None
+    hold, fence, queue = "lock-000000000001", "fence-00000000001", "queue-00000000001"
+    token = b"token-0000000001"
+    requests = _ids("req-")
+    luasched_keys = [
+        f"luasched:{{{NAMESPACE}}}:{kind}:lock-000000000001"
+        for kind in ("lock", "lock-queue", "lock-places", "lock-wake", "lock-req:")
+    ]
 
     def cycle() -> None:
-        if fenced is None:
-            granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+        if floor.luasched_keys:
+            granted = client.evalsha(acquire, 5, *luasched_keys, token, LOCK_TTL_MS, 0, 0, 0, "")
+            released = client.evalsha(release, 5, *luasched_keys, token, "")
+            ok = granted[0] == b"acquired" and released[0] == b"released"
         else:
-            granted = client.evalsha(fenced, 2, hold, fence, token, LOCK_TTL_MS)
-        if not granted or client.evalsha(release, 1, hold, token) != 1:
+            if acquire is None:
+                granted = client.set(hold, token, nx=True, px=LOCK_TTL_MS)
+            else:
+                keys = [hold, fence, *([queue] if floor.queue else [])]
+                keys += [next(requests)] if floor.records else []
+                granted = client.evalsha(acquire, len(keys), *keys, token, LOCK_TTL_MS)
+            keys = [hold, *([next(requests)] if floor.records else [])]
+            ok = bool(granted) and client.evalsha(release, len(keys), *keys, token) == 1
+        if not ok:
             raise RuntimeError("an uncontended floor lock was not acquired and released")
 
     return cycle
@@ -378,6 +476,111 @@ class _Dramatiq:
         self.broker.close()
 
 
+class _Floor:
+    """A queue floor of bench/cases.py (scripts called with EVALSHA, no wrapper): ``FEATURED_*``
+    (``shaped=False``: today's guarantees at the least) or ``SHAPED_*`` (Dramatiq's shape plus
+    a request record per call). Every call has a fresh request key of one fixed width."""
+
+    def __init__(self, client: redis.Redis, shaped: bool = False, ack_many: bool = False) -> None:
+        self.client = client
+        self.shaped = shaped
+        #: The acks of a batch in one call (FEATURED_ACK_MANY) instead of one call each.
+        self.ack_many_sha = client.script_load(FEATURED_ACK_MANY) if ack_many else None
+        scripts = (
+            (SHAPED_ENQUEUE, SHAPED_FETCH, SHAPED_ACK)
+            if shaped
+            else (FEATURED_ENQUEUE, FEATURED_DEQUEUE, FEATURED_ACK)
+        )
+        self.enqueue_sha, self.dequeue_sha, self.ack_sha = (
+            client.script_load(script) for script in scripts
+        )
+        kinds = (
+            ("queue", "messages", "unacked") if shaped else ("ready", "delayed", "leased", "tasks")
+        )
+        self.keys = tuple(f"floor:{{q}}:{kind}" for kind in kinds)
+        self.ids = _ids("task-")
+        self.requests = _ids("floor:{q}:req:")
+        self.held: Any = None
+
+    def _call(self, target: Any, sha: str, *args: object) -> Any:
+        keys = (*self.keys, next(self.requests))
+        return target.evalsha(sha, len(keys), *keys, *args)
+
+    def _enqueue_args(self) -> tuple[object, ...]:
+        task = next(self.ids)
+        if self.shaped:
+            return (task, PAYLOAD, FEATURED_REQUEST_TTL_MS)
+        return (task, PAYLOAD, 0, FEATURED_REQUEST_TTL_MS)
+
+    def fill(self, count: int) -> None:
+        for start in range(0, count, 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for _ in range(min(1000, count - start)):
+                self._call(pipe, self.enqueue_sha, *self._enqueue_args())
+            pipe.execute()
+
+    def enqueue(self) -> None:
+        if self._call(self.client, self.enqueue_sha, *self._enqueue_args()) != 1:
+            raise RuntimeError("a floor enqueue did not enqueue")
+
+    def _take(self, count: int, *ack: object) -> list[tuple[bytes, int]]:
+        """``count`` tasks taken, as (id, token) pairs (the shaped floor: token 0)."""
+        if self.shaped:
+            taken = self._call(self.client, self.dequeue_sha, count, FEATURED_REQUEST_TTL_MS)
+            pairs = [(task, 0) for task in (taken or [])[::2]]
+        else:
+            taken = self._call(
+                self.client, self.dequeue_sha, count, LEASE_MS, FEATURED_REQUEST_TTL_MS, *ack
+            )
+            pairs = list(zip((taken or [])[::5], (taken or [])[3::5], strict=True))
+        if len(pairs) != count:
+            raise RuntimeError(f"a floor dequeue took {len(pairs)} of {count}")
+        return pairs
+
+    def _ack(self, target: Any, task: bytes, token: int) -> Any:
+        if self.shaped:
+            return self._call(target, self.ack_sha, task, FEATURED_REQUEST_TTL_MS)
+        return self._call(target, self.ack_sha, task, token, FEATURED_REQUEST_TTL_MS)
+
+    def take_batch(self) -> None:
+        taken = self._take(BATCH)
+        if self.ack_many_sha is not None:
+            leases = [part for task, token in taken for part in (task, token)]
+            acked = self._call(self.client, self.ack_many_sha, FEATURED_REQUEST_TTL_MS, *leases)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for task, token in taken:
+                self._ack(pipe, task, token)
+            acked = pipe.execute()
+        if acked != [1] * BATCH:
+            raise RuntimeError("a floor ack was refused")
+
+    def cycle(self) -> None:
+        self.enqueue()
+        ((task, token),) = self._take(1)
+        if self._ack(self.client, task, token) != 1:
+            raise RuntimeError("a floor ack was refused")
+
+    def ack_and_take(self) -> None:
+        """Enqueue one, then ack the held task and lease the next in one call (featured only)."""
+        self.enqueue()
+        if self.held is None:
+            (self.held,) = self._take(1)
+        else:
+            (self.held,) = self._take(1, *self.held)
+
+    def close(self) -> None:
+        """Nothing to close: the caller closes the client."""
+
+
+def _floor(shaped: bool, aad: bool = False) -> Callable[[redis.Redis], Any]:
+    def make(client: redis.Redis) -> tuple[Callable[[], None], Callable[[], None]]:
+        floor = _Floor(client, shaped)
+        return (floor.ack_and_take if aad else floor.cycle), floor.close
+
+    return make
+
+
 def _one_at_a_time(cg: Callgrind, name: str, make: Callable[[redis.Redis], Any]) -> Figure:
     """``ONE_AT_A_TIME`` steps of ``make(client)``'s step (after ``WARM``), one window."""
     client = cg.client()
@@ -462,8 +665,16 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     ]
     if dramatiq:
         figures.append(_one_at_a_time(cg, ONE_DRAMATIQ, _dramatiq_cycle(cg)))
+    figures += [
+        _one_at_a_time(cg, ONE_FLOOR, _floor(shaped=False)),
+        _one_at_a_time(cg, ONE_FLOOR_AAD, _floor(shaped=False, aad=True)),
+        _one_at_a_time(cg, ONE_SHAPED, _floor(shaped=True)),
+    ]
+    figures += _batched(cg, SHAPED, lambda client: _Floor(client, shaped=True), DEPTHS[0])
+    figures += _batched(cg, FLOOR_ACK_MANY, lambda client: _Floor(client, ack_many=True), DEPTHS[0])
     for depth in DEPTHS:
         figures += _batched(cg, LUASCHED, _Luasched, depth)
+        figures += _batched(cg, FLOOR, _Floor, depth)
         if dramatiq:
             figures += _batched(
                 cg, DRAMATIQ_16, lambda _client: _Dramatiq(cg.server.port, BATCH), depth
@@ -665,6 +876,12 @@ ONE_LUASCHED = "luasched, one task at a time: enqueue + dequeue + ack"
 ONE_LUASCHED_AAD = "luasched, one task at a time: enqueue + ack_and_dequeue"
 ONE_DRAMATIQ = "Dramatiq prefetch 1: send + fetch + ack"
 LUASCHED = "luasched"
+FLOOR = "queue floor: featured"
+ONE_FLOOR = f"{FLOOR}, one task at a time: enqueue + dequeue + ack"
+ONE_FLOOR_AAD = f"{FLOOR}, one task at a time: enqueue + ack_and_dequeue"
+SHAPED = "queue floor: Dramatiq-shaped + a request record per call"
+FLOOR_ACK_MANY = f"{FLOOR}, a batch's acks in one call"
+ONE_SHAPED = f"{SHAPED}, one task at a time: enqueue + fetch + ack"
 DRAIN_WORKERS = 4
 DRAIN_TASKS = 4_000
 DRAIN_LOOP = (
@@ -699,6 +916,7 @@ def measure(binary: Path, phase: Callable[[str, int, int], None], quick: bool) -
         "server": info,
         "method": "callgrind summary minus serverCron's inclusive cost, per operation",
         "rows": {figure.name: figure.as_dict() for figure in rows},
+        "floor_of": {name: floor.of for name, floor in LOCK_FLOORS.items()},
     }
 
 

@@ -457,6 +457,18 @@ CONTEXT = [
         _cpu("queue enqueue+ack_and_dequeue"),
         _cpu(REFERENCE),
     ),
+    (
+        "Schedulers of 8 threads at once / of 1 thread, the scripts loaded before the clock "
+        "(the floor of the single-source thread rows: the threads alone, wall time)",
+        ("threads_8_loaded", COLDSTART, "seconds"),
+        ("threads_1_loaded", COLDSTART, "seconds"),
+    ),
+    (
+        "first Schedulers of 8 threads at once / of 1 thread (default configuration), the "
+        "process pinned to one CPU (the same work with no GIL handoffs between cores)",
+        ("threads_8_one_cpu", COLDSTART, "seconds"),
+        ("threads_1_one_cpu", COLDSTART, "seconds"),
+    ),
 ]
 
 #: Per group, the row the others are compared with (a row's own ``reference`` wins).
@@ -873,6 +885,102 @@ INSTRUCTION_COMPARISONS = [
 ]
 
 
+#: (label, the floor's row, Dramatiq's row, luasched's row, issue 20's limit on luasched / Dramatiq
+#: or None) of the queue floors table in docs/bench.md (bench/instructions.py's floor rows).
+QUEUE_FLOOR_COMPARISONS = [
+    *(
+        (
+            f"a batched task, depth {depth:,}",
+            f"queue floor: featured: batched task, depth {depth}",
+            f"Dramatiq prefetch 16: batched task, depth {depth}",
+            f"luasched: batched task, depth {depth}",
+            1.0,
+        )
+        for depth in (16, 208, 10_000)
+    ),
+    (
+        "a batched task, depth 16, the batch's acks in one call",
+        "queue floor: featured, a batch's acks in one call: batched task, depth 16",
+        "Dramatiq prefetch 16: batched task, depth 16",
+        None,
+        None,
+    ),
+    (
+        "a task one at a time (enqueue + dequeue + ack)",
+        "queue floor: featured, one task at a time: enqueue + dequeue + ack",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        "luasched, one task at a time: enqueue + dequeue + ack",
+        1.0,
+    ),
+    (
+        "a task one at a time with ack_and_dequeue",
+        "queue floor: featured, one task at a time: enqueue + ack_and_dequeue",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        "luasched, one task at a time: enqueue + ack_and_dequeue",
+        0.85,
+    ),
+    (
+        "an enqueue, depth 16",
+        "queue floor: featured: enqueue, depth 16",
+        "Dramatiq prefetch 16: enqueue, depth 16",
+        "luasched: enqueue, depth 16",
+        1.3,
+    ),
+    (
+        "Dramatiq's shape + request records: a task one at a time",
+        "queue floor: Dramatiq-shaped + a request record per call, one task at a time: "
+        "enqueue + fetch + ack",
+        "Dramatiq prefetch 1: send + fetch + ack",
+        None,
+        None,
+    ),
+    (
+        "Dramatiq's shape + request records: a batched task, depth 16",
+        "queue floor: Dramatiq-shaped + a request record per call: batched task, depth 16",
+        "Dramatiq prefetch 16: batched task, depth 16",
+        None,
+        None,
+    ),
+    (
+        "Dramatiq's shape + request records: an enqueue, depth 16",
+        "queue floor: Dramatiq-shaped + a request record per call: enqueue, depth 16",
+        "Dramatiq prefetch 16: enqueue, depth 16",
+        None,
+        None,
+    ),
+]
+
+
+def _queue_floors(rows: dict[str, Any]) -> list[str]:
+    """The queue floors against Dramatiq (and luasched against both), issue 20's targets 1-3."""
+    found = [entry for entry in QUEUE_FLOOR_COMPARISONS if entry[1] in rows and entry[2] in rows]
+    if not found:
+        return []
+    lines = [
+        "",
+        "The queue floors are bench/cases.py's `FEATURED_*` scripts (the least a queue with "
+        "docs/guarantees.md's guarantees executes: request records, idempotent enqueue, FIFO "
+        "within a priority, server-time leases, due and expired probes, attempts, clock-derived "
+        "fencing tokens, token-checked acks; no argument checks) and `SHAPED_*` (Dramatiq's "
+        "list + hash + set with only a request record per call), against Dramatiq, and "
+        "luasched against them. Where the floor / Dramatiq is above the target, the target "
+        "contradicts the guarantees ([redis-notes.md](redis-notes.md) says which costs what):",
+        "",
+        "| per task | floor | Dramatiq | floor / Dramatiq | luasched | luasched / floor | "
+        "luasched / Dramatiq | target |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, floor_row, peer_row, ours_row, limit in found:
+        floor, peer = rows[floor_row]["per_op"], rows[peer_row]["per_op"]
+        ours = rows[ours_row]["per_op"] if ours_row in rows else None
+        lines.append(
+            f"| {label} | {floor:,} | {peer:,} | {floor / peer:.2f}x | "
+            + (f"{ours:,} | {ours / floor:.2f}x | {ours / peer:.2f}x" if ours else "- | - | -")
+            + f" | {f'<= {limit:.2f}x' if limit else '-'} |"
+        )
+    return lines
+
+
 def _instructions_section(document: dict[str, Any]) -> list[str]:
     entry = document.get(INSTRUCTIONS)
     if not entry:
@@ -914,21 +1022,28 @@ def _instructions_section(document: dict[str, Any]) -> list[str]:
         ]
     reference = entry["rows"].get("redis-py Lock")
     floors = [name for name in entry["rows"] if name.startswith("floor: ")]
+    floor_of = entry.get("floor_of", {})
     if reference and floors:
         lines += [
             "",
             "The floors are what any lock with that guarantee executes at the least (only the "
             "unavoidable calls, no checks), against redis-py's `Lock` (issue 20's target 4 asks "
-            "at most 1.5x with fencing tokens that never go back across a failover):",
+            "at most 1.5x for the plain lock, with fencing tokens that never go back across a "
+            "failover, and at most 3x for the fair and the reentrant lock), and luasched's row "
+            "over the floor it is bounded by: what luasched pays above that guarantee's least.",
             "",
-            "| floor | / redis-py Lock |",
-            "|---|--:|",
+            "| floor | instructions per cycle | / redis-py Lock | luasched's row | row / floor |",
+            "|---|--:|--:|---|--:|",
         ]
-        lines += [
-            f"| {name[len('floor: ') :]} | "
-            f"{entry['rows'][name]['per_op'] / reference['per_op']:.2f}x |"
-            for name in floors
-        ]
+        for name in floors:
+            cost = entry["rows"][name]["per_op"]
+            ours = floor_of.get(name)
+            row = entry["rows"].get(ours) if ours else None
+            lines.append(
+                f"| {name[len('floor: ') :]} | {cost:,} | {cost / reference['per_op']:.2f}x | "
+                + (f"{ours} | {row['per_op'] / cost:.2f}x |" if row else "- | - |")
+            )
+    lines += _queue_floors(entry["rows"])
     return [*lines, ""]
 
 
@@ -941,6 +1056,10 @@ COLDSTART_CASES = {
     "threads_8_default": "8 threads' first Schedulers at once (default configuration)",
     "threads_1_custom": "1 thread's first Scheduler (custom configuration)",
     "threads_8_custom": "8 threads' first Schedulers at once (custom configuration)",
+    "threads_1_loaded": "1 thread's Scheduler, scripts loaded before the clock (floor)",
+    "threads_8_loaded": "8 threads' Schedulers at once, scripts loaded before the clock (floor)",
+    "threads_1_one_cpu": "1 thread's first Scheduler (default configuration), one CPU",
+    "threads_8_one_cpu": "8 threads' first Schedulers at once (default configuration), one CPU",
 }
 
 
@@ -966,7 +1085,7 @@ def _coldstart_section(document: dict[str, Any]) -> list[str]:
         found = entry.get(name)
         if found is None:
             continue
-        inside = "—" if name == "export" else f"{found['seconds'] * 1000:.0f}"
+        inside = "—" if name == "export" else f"{found['seconds'] * 1000:.1f}"
         lines.append(
             f"| {label} | {inside} | {found['process_seconds'] * 1000:.0f} | {found['renders']} |"
         )
@@ -999,7 +1118,7 @@ def _targets_section(document: dict[str, Any]) -> list[str]:
         )
     context = [entry for entry in document.get("context", []) if entry["value"] is not None]
     if context:
-        lines += ["", "Context (Redis CPU ratios of this run, no target):", ""]
+        lines += ["", "Context (ratios of this run, no target):", ""]
         lines += ["| figure | value |", "|---|--:|"]
         lines += [f"| {entry['label']} | {entry['value']:.3f} |" for entry in context]
     return [*lines, ""]

@@ -294,6 +294,39 @@ def test_lean_records_are_what_cmsgpack_packs(r: Any) -> None:
     assert probe(r, body) == [1, 1, 1]
 
 
+def test_lean_lock_records_are_what_record_reply_writes(r: Any) -> None:
+    """The request records lock.acquire's and lock.release's lean paths write for a reentrant
+    lock (string.format literals) are the lines main()'s record_reply writes for the same
+    replies, which recorded_reply reads back."""
+    acquired = literals(
+        lean_part("lock.acquire"), r"redis\.call\('SET', KEYS\[5\], string\.format\("
+    )
+    released = literals(
+        lean_part("lock.release"), r"redis\.call\('SET', KEYS\[5\], string\.format\("
+    )
+    assert len(acquired) == len(released) == 1
+    record = block("lock.acquire", "record_reply").replace(
+        "redis.call('SET', key, table.concat(fields, ' '), 'PX', REQUEST_TTL_MS)",
+        "return table.concat(fields, ' ')",
+    )
+    assert "return table.concat" in record
+    body = "\n".join(
+        [
+            block("lock.acquire", "decimal"),
+            record,
+            "local fence, deadline, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])",
+            "return { record_reply(nil, 'r', { 'acquired', fence, deadline, 1, 0, 0, now }),",
+            f"  string.format({acquired[0]}, fence, deadline, now),",
+            "  record_reply(nil, 'r', { 'released', 0, now }),",
+            f"  string.format({released[0]}, now) }}",
+        ]
+    )
+    for fence, deadline, now in ((1, 2, 1), (9007199254740991, 1796151507357, 1796151477357)):
+        reply = probe(r, body, str(fence), str(deadline), str(now))
+        assert reply[0] == reply[1] == f"acquired {fence} {deadline} 1 0 0 {now}".encode()
+        assert reply[2] == reply[3] == f"released 0 {now}".encode()
+
+
 STATES = [
     # fence, count, deadline, granted, waited, owner
     (1, 1, 1796151477357, 1796151470000, 0, "tok"),
@@ -344,6 +377,7 @@ def test_lean_lock_patterns_read_what_write_state_writes(r: Any, state: tuple[An
         str(fence),
         str(count),
         str(deadline),
+        str(granted),
         owner,
     ]
     single = count == 1 and waited == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -395,6 +396,46 @@ def test_a_woken_waiter_that_loses_asks_for_no_signal() -> None:
     assert place_ttl_ms(plain, blocking=False, woken=False) == 0
 
 
+#: The redis calls the lock scripts make (INFO commandstats names).
+_LOCK_CALLS = (
+    *("time", "get", "set", "del", "type", "zscore", "zcard", "zrange", "zrank", "zmscore"),
+    *("zcount", "zadd", "zrem", "pttl", "pexpire", "lpush", "ltrim"),
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "fair", "reentrant"])
+def test_uncontended_cycles_take_the_lean_paths(r: Any, server: Any, mode: str) -> None:
+    """The wrapper's uncontended acquire + release of each kind of lock make the lean paths'
+    redis calls and no other (INFO commandstats, summed over the primaries): the full scripts
+    would also read the fair queue (ZRANGE, ZRANK) or, releasing, the caller's queue entry and
+    place (two ZSCOREs). The fast cycles of docs/locks.md ("The lean path") rely on it."""
+    s = Scheduler(r, "lk")
+    lock = s.lock(b"lean", ttl_ms=30_000, fair=mode == "fair", reentrant=mode == "reentrant")
+    handle = lock.acquire(blocking=False)  # loads the scripts
+    assert handle is not None
+    handle.release()
+    for conn in server.primaries():
+        with conn:
+            conn.config_resetstat()
+    for _ in range(3):
+        handle = lock.acquire(blocking=False)
+        assert handle is not None
+        handle.release()
+    calls: Counter[str] = Counter()
+    for conn in server.primaries():
+        with conn:
+            for name, fields in conn.info("commandstats").items():
+                command = name.removeprefix("cmdstat_")
+                if command in _LOCK_CALLS:
+                    calls[command] += int(fields["calls"])
+    # Per cycle: TIME, GET, SET in each script, the acquire's look at the waiters (ZSCORE of
+    # its place; the fair lock: ZCARD of its queue); a reentrant lock's GET and SET of each
+    # call's request record.
+    records = 2 if mode == "reentrant" else 0
+    waiters = {"zcard": 3} if mode == "fair" else {"zscore": 3}
+    assert calls == Counter({"time": 6, "get": 6 + 3 * records, "set": 6 + 3 * records, **waiters})
+
+
 _FUTURE = 9_000_000_000_000  # a deadline far ahead of the server's clock (ms)
 
 
@@ -410,14 +451,20 @@ def _norm(value: int, now_ms: int) -> object:
     return value
 
 
-def _lock_dump(r: Any, s: Scheduler, name: bytes, now_ms: int) -> dict[bytes, object]:
-    """Every key of the lock (but request records, which only the full path writes here) by
-    its name inside the namespace, its times normalized; TTLs by whether there is one."""
+def _lock_dump(
+    r: Any, s: Scheduler, name: bytes, now_ms: int, records: bool = False
+) -> dict[bytes, object]:
+    """Every key of the lock by its name inside the namespace, its times normalized; TTLs by
+    whether there is one. Request records only with ``records`` (their request id taken out of
+    the name): the plain twins' full-path form has a request id, the lean form none."""
     prefix = s.namespace.prefix
     dump: dict[bytes, object] = {}
     for key in namespace_keys(r, s.namespace):
-        if b"lock-req:" in key:
-            continue
+        short = key[len(prefix) :]
+        if short.startswith(b"lock-req:"):
+            if not records:
+                continue
+            short = b"lock-req:*:" + short.split(b":", 2)[2]
         kind = r.type(key)
         if kind == b"string":
             value: object = [
@@ -429,23 +476,28 @@ def _lock_dump(r: Any, s: Scheduler, name: bytes, now_ms: int) -> dict[bytes, ob
             value = r.lrange(key, 0, -1)
         else:
             value = r.hgetall(key)
-        dump[key[len(prefix) :]] = (kind, value, r.pttl(key) > 0)
+        dump[short] = (kind, value, r.pttl(key) > 0)
     return dump
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain", "fair", "reentrant"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> None:
-    """The lean paths at the top of lua/lock/acquire.lua.j2 and release.lua.j2 against main():
-    each step writes one random lock state (free, released, lapsed, held by the caller or
-    another, waited for, at the largest fences, of the wrong shape or type, with or without
-    waiters' places) into two namespaces, then makes the same call on both: once as the
-    wrapper sends it (the lean path may take it), once in a form only main() takes (ttl_ms
-    "030000"; a release with a request id). The replies and every key of the lock must agree,
-    with the server's clock of each call taken out."""
+def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int, mode: str) -> None:
+    """The lean paths at the top of lua/lock/acquire.lua.j2 and release.lua.j2 against main(),
+    for each kind of lock the wrapper calls them for (``mode``: plain, fair, reentrant): each
+    step writes one random lock state (free, released, lapsed, held by the caller or another,
+    waited for, at the largest fences, of the wrong shape or type, with or without waiters'
+    places, a fair queue, a request record) into two namespaces, then makes the same call on
+    both: once as the wrapper sends it (the lean path may take it: no request id, or one of 32
+    bytes for a reentrant lock), once in a form only main() takes (ttl_ms "030000"; a release
+    with a request id of 31 bytes). The replies and every key of the lock (request records too,
+    where both forms write them) must agree, with the server's clock of each call taken out."""
     rng = random.Random(seed)
-    lean, full = Scheduler(r, f"lean-{seed}"), Scheduler(r, f"full-{seed}")
+    lean = Scheduler(r, f"lean-{mode}-{seed}")
+    full = Scheduler(r, f"full-{mode}-{seed}")
     name, me, other = b"L", b"me-" + new_token(), b"other-" + new_token()
+    reentrant, fair = (b"1" if mode == "reentrant" else b"0"), (b"1" if mode == "fair" else b"0")
     outcomes: Counter[str] = Counter()
     for step in range(250):
         # Fences below the clock (the token is the clock's us), ahead of it (the fence + 1), at
@@ -468,13 +520,21 @@ def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> N
             ]
         )
         places = rng.choice([None, None, "mine", "mine-lapsed", "other", "both", "wrong"])
+        # A fair queue (its members have places: the scripts' invariant).
+        queue = rng.choice([None, None, "mine", "other", "wrong"]) if mode == "fair" else None
+        if queue in ("mine", "other"):
+            places = {"mine": "mine", "other": "other"}[queue]
+        # A request record already there for the call's request id (a reentrant replay).
         wake = rng.random() < 0.2
         op = rng.choice(["acquire", "acquire", "release"])
+        replayed = b"acquired 5 9000000000000 1 0 0 1" if op == "acquire" else b"released 1 1"
+        record = rng.choice([None, None, None, replayed, b"acquired 1 x", "hash"])
         if op == "release" and state is not None and state.endswith(me):
             # Unreachable by the scripts: the last grantee with a waiter's place of its own
             # (every grant takes the grantee's place away, and an owner is never refused); the
             # lean release relies on it and does not look for one.
             places = rng.choice([None, "other", "wrong"])
+            queue = None
             if state.split(b" ")[1:3] == [b"1", b"%d" % _FUTURE] and b" 0 me-" in state:
                 # The lean release's case: it reads the lock key only. By design it wakes
                 # nobody for a hold no waiter was refused during (main() wakes for any live
@@ -483,8 +543,14 @@ def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> N
         wait = rng.choice([b"0", b"1000"])
         replies, dumps = [], []
         for s, lean_form in ((lean, True), (full, False)):
-            keys = lock_keys(s.namespace, name, b"")
-            for key in keys:
+            if op == "acquire":
+                request_id = new_request_id() if mode == "reentrant" else b""
+            else:
+                request_id = new_request_id()[: 32 if lean_form else 31]
+                if mode != "reentrant" and lean_form:
+                    request_id = b""
+            keys = lock_keys(s.namespace, name, request_id)
+            for key in namespace_keys(r, s.namespace):
                 r.delete(key)
             if state == b"hash":
                 r.hset(keys[0], "f", "v")
@@ -500,34 +566,46 @@ def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int) -> N
                     members[other] = _FUTURE
                 r.zadd(keys[2], members)
                 r.pexpire(keys[2], 60_000)
+            if queue == "wrong":
+                r.set(keys[1], "x")
+            elif queue is not None:
+                r.zadd(keys[1], {me if queue == "mine" else other: 1})
+                r.pexpire(keys[1], 60_000)
+            if record is not None and mode == "reentrant":
+                if record == "hash":
+                    r.hset(keys[4], "f", "v")
+                else:
+                    r.set(keys[4], record, px=60_000)
             if wake:
                 r.rpush(keys[3], b"1")
             if op == "acquire":
                 ttl = b"30000" if lean_form else b"030000"
                 call: Call[Any] = Call(
-                    "lock.acquire", keys, (me, ttl, b"0", b"0", wait, b""), _acquire_result
+                    "lock.acquire",
+                    keys,
+                    (me, ttl, reentrant, fair, wait, request_id),
+                    _acquire_result,
                 )
             else:
-                request_id = b"" if lean_form else new_request_id()
-                call = Call(
-                    "lock.release",
-                    lock_keys(s.namespace, name, request_id),
-                    (me, request_id),
-                    _release_result,
-                )
+                call = Call("lock.release", keys, (me, request_id), _release_result)
+            # Records: both forms write them, but for a plain or fair release.
+            records = mode == "reentrant"
             try:
                 result = s.runner.run(call)
             except LuaschedError as error:
                 message = str(error).replace(s.namespace.prefix.decode(), "<ns>")
+                message = re.sub(r'lock-req:[^"]*', "lock-req:<request id>", message)
                 replies.append((type(error).__name__, message))
-                dumps.append(_lock_dump(r, s, name, 0))
+                dumps.append(_lock_dump(r, s, name, 0, records))
                 continue
             now_ms = result.now_ms
             reply = dataclasses.astuple(result)
             replies.append(tuple(_norm(v, now_ms) if isinstance(v, int) else v for v in reply))
-            dumps.append(_lock_dump(r, s, name, now_ms))
-        assert replies[0] == replies[1], (step, state, places, op, wait)
-        assert dumps[0] == dumps[1], (step, state, places, op, wait)
+            dumps.append(_lock_dump(r, s, name, now_ms, records))
+        assert replies[0] == replies[1], (step, state, places, queue, record, op, wait)
+        assert dumps[0] == dumps[1], (step, state, places, queue, record, op, wait)
         outcomes[str(replies[0][0])] += 1
-    assert outcomes["acquired"] > 20 and outcomes["released"] > 10, outcomes
-    assert outcomes["CorruptState"] > 5 and outcomes["held"] > 10, outcomes
+    assert outcomes["acquired"] > 20 and outcomes["released"] > 5, outcomes
+    assert outcomes["CorruptState"] > 5 and outcomes["held"] > 5, outcomes
+    if mode == "fair":
+        assert outcomes["queued"] > 3, outcomes

@@ -125,3 +125,88 @@ def test_enqueue_and_ack_lean_paths_write_as_main(r: Client, seed: int) -> None:
         assert seen["queue.enqueue LUASCHED_CORRUPT queue.enqueue"] > 3, seen
     else:
         assert seen["queue.ack ok"] > 10, seen
+
+
+#: Arguments at and just past each bound the lean paths check by length first (a value shorter
+#: than its bound's own length needs no comparison): enqueue's priority, delay_ms, max_attempts,
+#: request_ttl_ms, and whether main() refuses them. Each in-range call must create the task as
+#: main() does, each one past a bound must be refused (ARG) as main() refuses it, no key changed.
+ENQUEUE_BOUNDS = [
+    (511, 0, 3, "60000", False),
+    (-512, 0, 3, "60000", False),
+    (512, 0, 3, "60000", True),
+    (-513, 0, 3, "60000", True),
+    (0, 0, 999_999, "60000", False),
+    (0, 0, 1_000_000, "60000", False),
+    (0, 0, 1_000_001, "60000", True),
+    (0, 9_999_999_999, 3, "60000", False),
+    (0, 31_536_000_000, 3, "60000", False),
+    (0, 31_536_000_001, 3, "60000", True),
+    (0, 0, 3, "9999999", False),
+    (0, 0, 3, "86400000", False),
+    (0, 0, 3, "86400001", True),
+]
+
+
+def _unechoed(reply: Any) -> Any:
+    """An error reply without the value it echoes (the full twin's request_ttl_ms has a leading
+    zero); any other reply as it is."""
+    return reply.split(", got ")[0] if isinstance(reply, str) else reply
+
+
+def test_enqueue_and_ack_lean_paths_at_their_bounds_answer_as_main(r: Client) -> None:
+    s = Scheduler(r, "leanw-bounds")
+    twins = QueueTwins(r, s)
+    keys = twins.keys
+    outcomes = []
+    for number, (priority, delay, attempts, ttl, _) in enumerate(ENQUEUE_BOUNDS):
+        rid = secrets.token_hex(16).encode()
+        args = [b"b%d" % number, b"payload", priority, delay, attempts, rid]
+        calls = [
+            raw_call("queue.enqueue", keys[queue].with_request(rid), [*args, prefix + ttl])
+            for queue, prefix in ((b"lean", ""), (b"full", "0"))
+        ]
+        lean, full = map(_unechoed, twins.step(*calls))
+        assert lean == full, (priority, delay, attempts, ttl)
+        twins.assert_same_keys((priority, delay, attempts, ttl))
+        outcomes.append(lean if isinstance(lean, str) else tuple(lean))
+    arg = "error: LUASCHED_ARG queue.enqueue"
+    refused = [isinstance(outcome, str) and outcome.startswith(arg) for outcome in outcomes]
+    assert refused == [bound[4] for bound in ENQUEUE_BOUNDS], outcomes
+    # Every ready task is taken; the acks at the request_ttl_ms and token bounds, then stale.
+    take = [b"w", 16, LONG_MS, 0, b"", 0, b"", 60000]
+    lean, full = twins.step(
+        *(raw_call("queue.dequeue", keys[queue].with_request(b""), take) for queue in QUEUES)
+    )
+    assert lean == full
+    leases = [(bytes(lean[at]), int(lean[at + 3])) for at in range(1, len(lean), 5)]
+    assert len(leases) == 6, lean
+    acks = [
+        (leases[0][0], leases[0][1], "86400000"),
+        (leases[1][0], leases[1][1], "86400001"),
+        (leases[1][0], leases[1][1], "9999999"),
+        (leases[2][0], 9_007_199_254_740_991, "60000"),
+        (leases[2][0], 9_007_199_254_740_992, "60000"),
+        (leases[0][0], leases[0][1], "60000"),
+    ]
+    answers = []
+    for task_id, token, ttl in acks:
+        rid = secrets.token_hex(16).encode()
+        calls = [
+            raw_call(
+                "queue.ack", keys[queue].with_request(rid), [task_id, token, rid, prefix + ttl]
+            )
+            for queue, prefix in ((b"lean", ""), (b"full", "0"))
+        ]
+        lean, full = map(_unechoed, twins.step(*calls))
+        assert lean == full, (task_id, token, ttl)
+        twins.assert_same_keys((task_id, token, ttl))
+        answers.append(lean if isinstance(lean, str) else int(lean))
+    assert [answer if answer == 1 else ":".join(answer.split(":")[:2]) for answer in answers] == [
+        1,
+        "error: LUASCHED_ARG queue.ack",
+        1,
+        "error: LUASCHED_STALE queue.ack",
+        "error: LUASCHED_ARG queue.ack",
+        "error: LUASCHED_STALE queue.ack",
+    ], answers

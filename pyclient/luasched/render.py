@@ -41,8 +41,8 @@ from __future__ import annotations
 import binascii
 import functools
 import hashlib
-import importlib.resources
 import json
+import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -186,12 +186,16 @@ class RenderedScript:
         return f"{self.name}.lua"
 
 
+@functools.cache
 def templates_dir() -> Path:
-    """Where the templates are: inside the installed package, or ``lua/`` of a source checkout."""
-    packaged = Path(str(importlib.resources.files("luasched"))) / "lua"
+    """Where the templates are: inside the installed package, or ``lua/`` of a source checkout.
+    Found once per process (a plain path lookup: no import machinery, which the first
+    Schedulers of several threads would otherwise contend for)."""
+    here = Path(__file__).resolve()
+    packaged = here.parent / "lua"
     if packaged.is_dir():
         return packaged
-    source = Path(__file__).resolve().parents[2] / "lua"
+    source = here.parents[2] / "lua"
     if source.is_dir():
         return source
     raise TemplateError(f"no templates: neither {packaged} nor {source} exists")
@@ -712,7 +716,7 @@ def render_all(config: ScriptConfig | None = None) -> Mapping[str, RenderedScrip
     found = _scripts.get(config)
     if found is not None:
         return found
-    return _scripts_for(config, templates_dir(), SHIPPED_DIR)
+    return _scripts_for(config, None, SHIPPED_DIR)
 
 
 def is_ready(config: ScriptConfig | None = None) -> bool:
@@ -735,16 +739,19 @@ _renders = 0
 
 
 def _scripts_for(
-    config: ScriptConfig, templates: Path, shipped: Path
+    config: ScriptConfig, templates: Path | None, shipped: Path
 ) -> Mapping[str, RenderedScript]:
-    """The cached scripts of ``config``, else the shipped ones if they match ``templates``,
-    else a fresh render of ``templates``; cached once under the lock."""
+    """The cached scripts of ``config``, else the shipped ones if they match ``templates``
+    (default ``templates_dir()``), else a fresh render of ``templates``; cached once under the
+    lock, which is taken before anything else is looked up: concurrent first calls wait for one
+    load without doing any of its work themselves."""
     with _lock:
         found = _scripts.get(config)
         if found is None:
-            found = _load_shipped(config, templates, shipped)
+            directory = templates or templates_dir()
+            found = _load_shipped(config, directory, shipped)
             if found is None:
-                found = _render(config, templates)
+                found = _render(config, directory)
             _scripts[config] = found
         return found
 
@@ -766,12 +773,49 @@ def fingerprint(config: ScriptConfig, templates: Path | None = None) -> str:
 
     part("version", __version__.encode())
     part("config", json.dumps(asdict(config), sort_keys=True).encode())
-    part("render.py", Path(__file__).read_bytes())
-    part("errors.py", Path(errors.__file__).read_bytes())
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            part(path.relative_to(directory).as_posix(), path.read_bytes())
+    part("render.py", _read(__file__))
+    part("errors.py", _read(errors.__file__))
+    for relative in _files(str(directory)):
+        part(relative, _read(os.path.join(directory, relative)))
     return digest.hexdigest()
+
+
+def _read(path: str | Path) -> bytes:
+    """The bytes of the regular file ``path`` in four system calls (open, fstat, read, close;
+    ``Path.read_bytes`` makes six or more). Each one lets another thread take the GIL, and the
+    first Scheduler of a process reads ~130 files while the process's other threads start
+    (docs/redis-notes.md). A read of a regular file returns less than asked only at its end, so
+    one read of its size + 1 bytes reads it whole. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        chunks = [data]  # it grew since the fstat: read on to its end
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 16))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _files(directory: str) -> list[str]:
+    """The regular files below ``directory``, as relative POSIX paths in the order of
+    ``sorted(Path(directory).rglob("*"))`` (by path parts), found with ``os.scandir``, which
+    tells files from folders without a system call per entry."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(folder: str, parts: tuple[str, ...]) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    walk(entry.path, (*parts, entry.name))
+                elif entry.is_file():
+                    found.append((*parts, entry.name))
+
+    walk(directory, ())
+    return ["/".join(parts) for parts in sorted(found)]
 
 
 def _load_shipped(
@@ -783,13 +827,13 @@ def _load_shipped(
     if config != ScriptConfig():
         return None
     try:
-        stored = (shipped / FINGERPRINT_FILE).read_text("ascii").strip()
+        stored = _read(shipped / FINGERPRINT_FILE).decode("ascii").strip()
         if stored != fingerprint(config, templates):
             return None
-        index = json.loads((shipped / MANIFEST_FILE).read_text("utf-8"))
+        index = json.loads(_read(shipped / MANIFEST_FILE).decode("utf-8"))
         scripts: dict[str, RenderedScript] = {}
         for name, entry in sorted(index["scripts"].items()):
-            text = (shipped / entry["file"]).read_bytes().decode("utf-8")
+            text = _read(shipped / entry["file"]).decode("utf-8")
             sha1 = hashlib.sha1(text.encode("utf-8")).hexdigest()
             if sha1 != entry["sha1"]:
                 return None

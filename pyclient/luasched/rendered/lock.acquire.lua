@@ -13,8 +13,10 @@
 --@+          died blocks the others at most until its place lapses. wait_ttl_ms=0: a try that takes no place.
 --@+          Do not mix fair and non-fair acquires on one lock name. A non-empty request_id records a grant: replaying
 --@+          the same request id (within 60000 ms) answers the first reply and acts no second time
---@+          (what reentrant acquires need). The common call, reentrant=0, fair=0, request_id "", takes a lean path
---@+          (4 redis calls to grant: TIME, GET, ZSCORE, SET) before the shared helpers are even defined.
+--@+          (what reentrant acquires need). The common calls take a lean path before the shared helpers are even
+--@+          defined: a free lock for reentrant=0, fair=0, request_id "" (TIME, GET, ZSCORE, SET), for fair=1 with an
+--@+          empty queue (TIME, GET, ZCARD, SET), and for reentrant=1, fair=0 with a request id of 32 bytes (the
+--@+          same calls and a GET and a SET of the request record).
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
@@ -65,8 +67,9 @@
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -76,20 +79,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 6)
-    if key and key ~= prefix .. 'lock:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)lock:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must be luasched:{ns}:lock:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'lock-queue:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[2] must be luasched:{ns}:lock-queue:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -109,38 +110,53 @@ do
   end
 end
 
--- The lean path: a grant of a free plain lock (reentrant=0, fair=0, no request id), the call the
--- wrapper makes for s.lock(name).acquire(). It runs before the helpers below are defined: on a
--- 2-core bench box, defining them costs about as much as the whole grant. Its checks accept only
--- arguments that main() accepts too (a subset: ttl_ms without leading zeros...); anything else,
--- a lock that is held, a replay (the owner is the caller), or a key main() would call CORRUPT
--- goes on to main(), which answers it (with FAST_NOW_MS/US: TIME is read once per call). It reads
--- everything before its writes, and its writes (SET of the lock key, ZREM of the caller's place,
--- whose type ZSCORE checked) cannot fail on a key's type. Cheap forms (counted with callgrind,
+-- The lean path: a grant of a free lock in the three calls the wrapper makes for
+-- s.lock(name).acquire(): a plain lock (reentrant=0, fair=0, no request id), a fair lock whose
+-- queue is empty (fair=1, no request id: the full path grants the same), and a reentrant lock
+-- (reentrant=1, fair=0, a request id of the wrapper's 32 bytes: luasched.keys.new_request_id).
+-- It runs before the helpers below are defined: on a 2-core bench box, defining them costs about
+-- as much as the whole grant. Its checks accept only arguments that main() accepts too (a
+-- subset: ttl_ms without leading zeros, request ids of 32 bytes...); anything else, a lock that
+-- is held, a replay (a plain lock whose owner is the caller, a request id already recorded), a
+-- fair queue with waiters, or a key main() would call CORRUPT goes on to main(), which answers
+-- it (with FAST_NOW_MS/US: TIME is read once per call). It reads everything before its writes,
+-- and its writes (SET of the lock key, ZREM of the caller's place, whose type ZSCORE checked,
+-- SET of the request record) cannot fail on a key's type. Cheap forms (counted with callgrind,
 -- docs/locks.md): strings that are decimals by their pattern are turned into numbers by
--- arithmetic (`s + 0`: the same conversion as tonumber, without a function call), and the new
+-- arithmetic (`s + 0`: the same conversion as tonumber, without a function call), TIME's two
+-- fields are converted once each (now_ms from now_us by arithmetic, no math.floor), and the new
 -- state is one string.format of integers ('%d': an integer snprintf; concatenating a number
 -- costs a "%.14g" one, twice as much). The token is appended with `..` (string.format's %s
 -- would cut it at a zero byte).
 local FAST_NOW_MS, FAST_NOW_US = nil, nil
-if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
-  local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
+if #KEYS == 5 and #ARGV == 6 then
+  local token, ttl_raw, reentrant_raw, fair_raw, wait_raw, request_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local reentrant = reentrant_raw == '1' and fair_raw == '0' and #request_id == 32
   -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
-  if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
+  if (reentrant or (reentrant_raw == '0' and request_id == '' and (fair_raw == '0' or fair_raw == '1')))
+    and #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
     and string.find(ttl_raw, '^[1-9]%d*$')
-    and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
+    and (wait_raw == '0' or string.find(wait_raw, '^%d+$'))
+    -- A reentrant acquire: no reply recorded for the request id (a replay, or a key of another
+    -- type: an error table, goes to main()).
+    and not (reentrant and redis.pcall('GET', KEYS[5])) then
     local time = redis.call('TIME')
-    local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
     local now_us = (time[1] * 1000000 + time[2])
+    -- now_us is an integer below 2^53: now_us % 1000 and the division are exact.
+    local now_ms = (now_us - now_us % 1000) / 1000
     FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     local raw = redis.pcall('GET', KEYS[1])
-    local fence, count, deadline, owner, free
+    local fence, count, deadline, granted, owner, free
     if raw == false then
       fence, free = 0, true
     elseif type(raw) == 'string' then
-      fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      -- Longer numbers are main()'s CORRUPT; so is a token past 2^53 - 1 (below, main(): next_fence).
-      free = fence ~= nil and #fence <= 16 and #deadline <= 16 and owner ~= token
+      fence, count, deadline, granted, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) [01] (.+)$')
+      -- Numbers of up to 15 digits are below 2^53 whatever they are; longer
+      -- ones go to main(), whose read_state answers CORRUPT past 2^53 - 1 (so does a fencing token
+      -- past it: below, main()'s next_fence). A plain acquire by the last grantee is a replay
+      -- (main() answers it); a reentrant owner whose hold is free is granted anew, as by main().
+      free = fence ~= nil and #fence <= 16 and #count < 16 and #deadline < 16
+        and #granted < 16 and (reentrant or owner ~= token)
         and (count == '0' or deadline + 0 <= now_ms)
       fence = free and fence + 0
     end
@@ -151,10 +167,16 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
     end
     local place = nil
     if free then
-      -- A waiter's place to give back, whatever wait_ttl_ms is: a waiter's attempt right after a
-      -- wake-up sends 0 (luasched/lock.py place_ttl_ms) and still has its place, which main() removes.
-      place = redis.pcall('ZSCORE', KEYS[3], token)
-      free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
+      if fair_raw == '1' then
+        -- Fair: only with nobody queued (main() grants the same then, and leaves the places
+        -- alone); an error (not a zset) is main()'s CORRUPT.
+        free = redis.pcall('ZCARD', KEYS[2]) == 0
+      else
+        -- A waiter's place to give back, whatever wait_ttl_ms is: a waiter's attempt right after a
+        -- wake-up sends 0 (luasched/lock.py place_ttl_ms) and still has its place, which main() removes.
+        place = redis.pcall('ZSCORE', KEYS[3], token)
+        free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
+      end
     end
     if free then
       local deadline_ms = now_ms + ttl_raw
@@ -163,6 +185,10 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       redis.call('SET', KEYS[1], state)
       if place then
         redis.call('ZREM', KEYS[3], token)
+      end
+      if reentrant then
+        -- main()'s record_reply of this reply (include/lock.lua.j2).
+        redis.call('SET', KEYS[5], string.format('acquired %d %d 1 0 0 %d', granted_fence, deadline_ms, now_ms), 'PX', '60000')
       end
       return { 'acquired', granted_fence, deadline_ms, 1, 0, 0, now_ms }
     end
@@ -457,7 +483,7 @@ local function read_state()
     or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
-  return {
+  local state = {
     fence = tonumber(fence),
     count = tonumber(count),
     deadline = tonumber(deadline),
@@ -465,6 +491,12 @@ local function read_state()
     waited = waited == '1',
     owner = owner,
   }
+  -- Past 2^53 - 1 a number is not exact in Lua (no script writes one): it would be written back
+  -- rounded.
+  if math.max(state.fence, state.count, state.deadline, state.granted) > 9007199254740991 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', a number past 2^53 - 1')
+  end
+  return state
 end
 
 -- Whether `state` is a live hold at now_ms.

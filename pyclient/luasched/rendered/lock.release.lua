@@ -6,7 +6,8 @@
 --@+          last grantee of a lock it already released answers "released" again (a replay acts no second time). A
 --@+          non-empty request_id records a call that changed something: replaying it answers the first reply and
 --@+          acts no second time (what reentrant releases need). The common call, the owner's only hold, no waiter
---@+          refused during it, request_id "", takes a lean path (TIME, GET, SET).
+--@+          refused during it, takes a lean path: TIME, GET, SET with request_id "", and a GET and a SET of the
+--@+          request record more with a request id of 32 bytes.
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
@@ -49,8 +50,9 @@
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -60,20 +62,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 6)
-    if key and key ~= prefix .. 'lock:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)lock:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must be luasched:{ns}:lock:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'lock-queue:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.release: KEYS[2] must be luasched:{ns}:lock-queue:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -93,25 +93,37 @@ do
   end
 end
 
--- The lean path: the owner's only hold, no waiter refused during it, no request id (what
--- handle.release() of a plain lock sends). Like lock.acquire's, it runs before the helpers below
--- are defined, accepts a subset of what main() accepts, and leaves everything else to main()
--- (with FAST_NOW_MS: TIME is read once). Its one write (SET of the lock key, read as a string
--- just before) cannot fail on a key's type. The state keeps fence, deadline, grant and owner, so
--- a replayed acquire still finds its grant and a replayed release its release.
+-- The lean path: the owner's only hold, no waiter refused during it, and no request id (what
+-- handle.release() of a plain or fair lock sends) or one of the wrapper's 32 bytes with no reply
+-- recorded for it (a reentrant lock's release). Like lock.acquire's, it runs before the helpers
+-- below are defined, accepts a subset of what main() accepts, and leaves everything else to
+-- main() (with FAST_NOW_MS: TIME is read once). Its writes (SET of the lock key, read as a
+-- string just before; SET of the request record, read just before) cannot fail on a key's type.
+-- The state keeps fence, deadline, grant and owner, so a replayed acquire still finds its grant
+-- and a replayed release its release.
 local FAST_NOW_MS = nil
-if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <= 256 then
+if #KEYS == 5 and #ARGV == 2 and #ARGV[1] >= 1 and #ARGV[1] <= 256
+  and (ARGV[2] == '' or (#ARGV[2] == 32 and not redis.pcall('GET', KEYS[5]))) then
   local token = ARGV[1]
   local time = redis.call('TIME')
-  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000) -- decimals: arithmetic converts
+  -- An integer below 2^53: now_us % 1000 and the division are exact (TIME's fields are decimals).
+  local now_us = (time[1] * 1000000 + time[2])
+  local now_ms = (now_us - now_us % 1000) / 1000
   FAST_NOW_MS = now_ms
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
     -- The state of a single hold (count 1) that no waiter asked for (waited 0).
     local fence, deadline, granted, owner = string.match(raw,
       '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
-    if owner == token and #deadline <= 16 and deadline + 0 > now_ms then
+    -- Numbers of up to 15 digits are below 2^53; a longer deadline or grant
+    -- time, or a fence past 2^53 - 1, is main()'s (read_state: CORRUPT past 2^53 - 1).
+    if owner == token and #deadline < 16 and #granted < 16 and deadline + 0 > now_ms
+      and (#fence < 16 or fence + 0 <= 9007199254740991) then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
+      if ARGV[2] ~= '' then
+        -- main()'s record_reply of this reply (include/lock.lua.j2).
+        redis.call('SET', KEYS[5], string.format('released 0 %d', now_ms), 'PX', '60000')
+      end
       return { 'released', 0, now_ms }
     end
   end
@@ -383,7 +395,7 @@ local function read_state()
     or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
-  return {
+  local state = {
     fence = tonumber(fence),
     count = tonumber(count),
     deadline = tonumber(deadline),
@@ -391,6 +403,12 @@ local function read_state()
     waited = waited == '1',
     owner = owner,
   }
+  -- Past 2^53 - 1 a number is not exact in Lua (no script writes one): it would be written back
+  -- rounded.
+  if math.max(state.fence, state.count, state.deadline, state.granted) > 9007199254740991 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', a number past 2^53 - 1')
+  end
+  return state
 end
 
 -- Whether `state` is a live hold at now_ms.

@@ -8,7 +8,7 @@
 -- exactly what EVALSHA sha1 numkeys KEYS... ARGV... answers. Function flags are the scripts'
 -- --@flags.
 
--- lock.acquire (sha1 0c662363d33a7de3a7f54b9b0b3d1791b98cbd6b)
+-- lock.acquire (sha1 0a3157be4b1a620053bbbc16b9d559b80d5edc1d)
 redis.register_function{
   function_name = 'luasched_lock_acquire_v0_1_0',
   flags = {},
@@ -28,8 +28,10 @@ redis.register_function{
 --@+          died blocks the others at most until its place lapses. wait_ttl_ms=0: a try that takes no place.
 --@+          Do not mix fair and non-fair acquires on one lock name. A non-empty request_id records a grant: replaying
 --@+          the same request id (within 60000 ms) answers the first reply and acts no second time
---@+          (what reentrant acquires need). The common call, reentrant=0, fair=0, request_id "", takes a lean path
---@+          (4 redis calls to grant: TIME, GET, ZSCORE, SET) before the shared helpers are even defined.
+--@+          (what reentrant acquires need). The common calls take a lean path before the shared helpers are even
+--@+          defined: a free lock for reentrant=0, fair=0, request_id "" (TIME, GET, ZSCORE, SET), for fair=1 with an
+--@+          empty queue (TIME, GET, ZCARD, SET), and for reentrant=1, fair=0 with a request id of 32 bytes (the
+--@+          same calls and a GET and a SET of the request record).
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
@@ -80,8 +82,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -91,20 +94,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 6)
-    if key and key ~= prefix .. 'lock:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)lock:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[1] must be luasched:{ns}:lock:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'lock-queue:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.acquire: KEYS[2] must be luasched:{ns}:lock-queue:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -124,38 +125,53 @@ do
   end
 end
 
--- The lean path: a grant of a free plain lock (reentrant=0, fair=0, no request id), the call the
--- wrapper makes for s.lock(name).acquire(). It runs before the helpers below are defined: on a
--- 2-core bench box, defining them costs about as much as the whole grant. Its checks accept only
--- arguments that main() accepts too (a subset: ttl_ms without leading zeros...); anything else,
--- a lock that is held, a replay (the owner is the caller), or a key main() would call CORRUPT
--- goes on to main(), which answers it (with FAST_NOW_MS/US: TIME is read once per call). It reads
--- everything before its writes, and its writes (SET of the lock key, ZREM of the caller's place,
--- whose type ZSCORE checked) cannot fail on a key's type. Cheap forms (counted with callgrind,
+-- The lean path: a grant of a free lock in the three calls the wrapper makes for
+-- s.lock(name).acquire(): a plain lock (reentrant=0, fair=0, no request id), a fair lock whose
+-- queue is empty (fair=1, no request id: the full path grants the same), and a reentrant lock
+-- (reentrant=1, fair=0, a request id of the wrapper's 32 bytes: luasched.keys.new_request_id).
+-- It runs before the helpers below are defined: on a 2-core bench box, defining them costs about
+-- as much as the whole grant. Its checks accept only arguments that main() accepts too (a
+-- subset: ttl_ms without leading zeros, request ids of 32 bytes...); anything else, a lock that
+-- is held, a replay (a plain lock whose owner is the caller, a request id already recorded), a
+-- fair queue with waiters, or a key main() would call CORRUPT goes on to main(), which answers
+-- it (with FAST_NOW_MS/US: TIME is read once per call). It reads everything before its writes,
+-- and its writes (SET of the lock key, ZREM of the caller's place, whose type ZSCORE checked,
+-- SET of the request record) cannot fail on a key's type. Cheap forms (counted with callgrind,
 -- docs/locks.md): strings that are decimals by their pattern are turned into numbers by
--- arithmetic (`s + 0`: the same conversion as tonumber, without a function call), and the new
+-- arithmetic (`s + 0`: the same conversion as tonumber, without a function call), TIME's two
+-- fields are converted once each (now_ms from now_us by arithmetic, no math.floor), and the new
 -- state is one string.format of integers ('%d': an integer snprintf; concatenating a number
 -- costs a "%.14g" one, twice as much). The token is appended with `..` (string.format's %s
 -- would cut it at a zero byte).
 local FAST_NOW_MS, FAST_NOW_US = nil, nil
-if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] == '' then
-  local token, ttl_raw, wait_raw = ARGV[1], ARGV[2], ARGV[5]
+if #KEYS == 5 and #ARGV == 6 then
+  local token, ttl_raw, reentrant_raw, fair_raw, wait_raw, request_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local reentrant = reentrant_raw == '1' and fair_raw == '0' and #request_id == 32
   -- Up to 10 digits: within 1..max_ttl_ms (31536000000) with no comparison.
-  if #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
+  if (reentrant or (reentrant_raw == '0' and request_id == '' and (fair_raw == '0' or fair_raw == '1')))
+    and #token >= 1 and #token <= 256 and #ttl_raw <= 10 and #wait_raw <= 10
     and string.find(ttl_raw, '^[1-9]%d*$')
-    and (wait_raw == '0' or string.find(wait_raw, '^%d+$')) then
+    and (wait_raw == '0' or string.find(wait_raw, '^%d+$'))
+    -- A reentrant acquire: no reply recorded for the request id (a replay, or a key of another
+    -- type: an error table, goes to main()).
+    and not (reentrant and redis.pcall('GET', KEYS[5])) then
     local time = redis.call('TIME')
-    local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
     local now_us = (time[1] * 1000000 + time[2])
+    -- now_us is an integer below 2^53: now_us % 1000 and the division are exact.
+    local now_ms = (now_us - now_us % 1000) / 1000
     FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
     local raw = redis.pcall('GET', KEYS[1])
-    local fence, count, deadline, owner, free
+    local fence, count, deadline, granted, owner, free
     if raw == false then
       fence, free = 0, true
     elseif type(raw) == 'string' then
-      fence, count, deadline, owner = string.match(raw, '^(%d+) (%d+) (%d+) %d+ [01] (.+)$')
-      -- Longer numbers are main()'s CORRUPT; so is a token past 2^53 - 1 (below, main(): next_fence).
-      free = fence ~= nil and #fence <= 16 and #deadline <= 16 and owner ~= token
+      fence, count, deadline, granted, owner = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) [01] (.+)$')
+      -- Numbers of up to 15 digits are below 2^53 whatever they are; longer
+      -- ones go to main(), whose read_state answers CORRUPT past 2^53 - 1 (so does a fencing token
+      -- past it: below, main()'s next_fence). A plain acquire by the last grantee is a replay
+      -- (main() answers it); a reentrant owner whose hold is free is granted anew, as by main().
+      free = fence ~= nil and #fence <= 16 and #count < 16 and #deadline < 16
+        and #granted < 16 and (reentrant or owner ~= token)
         and (count == '0' or deadline + 0 <= now_ms)
       fence = free and fence + 0
     end
@@ -166,10 +182,16 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
     end
     local place = nil
     if free then
-      -- A waiter's place to give back, whatever wait_ttl_ms is: a waiter's attempt right after a
-      -- wake-up sends 0 (luasched/lock.py place_ttl_ms) and still has its place, which main() removes.
-      place = redis.pcall('ZSCORE', KEYS[3], token)
-      free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
+      if fair_raw == '1' then
+        -- Fair: only with nobody queued (main() grants the same then, and leaves the places
+        -- alone); an error (not a zset) is main()'s CORRUPT.
+        free = redis.pcall('ZCARD', KEYS[2]) == 0
+      else
+        -- A waiter's place to give back, whatever wait_ttl_ms is: a waiter's attempt right after a
+        -- wake-up sends 0 (luasched/lock.py place_ttl_ms) and still has its place, which main() removes.
+        place = redis.pcall('ZSCORE', KEYS[3], token)
+        free = type(place) ~= 'table' -- an error (not a zset): main() answers CORRUPT
+      end
     end
     if free then
       local deadline_ms = now_ms + ttl_raw
@@ -178,6 +200,10 @@ if #KEYS == 5 and #ARGV == 6 and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[6] =
       redis.call('SET', KEYS[1], state)
       if place then
         redis.call('ZREM', KEYS[3], token)
+      end
+      if reentrant then
+        -- main()'s record_reply of this reply (include/lock.lua.j2).
+        redis.call('SET', KEYS[5], string.format('acquired %d %d 1 0 0 %d', granted_fence, deadline_ms, now_ms), 'PX', '60000')
       end
       return { 'acquired', granted_fence, deadline_ms, 1, 0, 0, now_ms }
     end
@@ -472,7 +498,7 @@ local function read_state()
     or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
-  return {
+  local state = {
     fence = tonumber(fence),
     count = tonumber(count),
     deadline = tonumber(deadline),
@@ -480,6 +506,12 @@ local function read_state()
     waited = waited == '1',
     owner = owner,
   }
+  -- Past 2^53 - 1 a number is not exact in Lua (no script writes one): it would be written back
+  -- rounded.
+  if math.max(state.fence, state.count, state.deadline, state.granted) > 9007199254740991 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', a number past 2^53 - 1')
+  end
+  return state
 end
 
 -- Whether `state` is a live hold at now_ms.
@@ -657,7 +689,7 @@ return run(main)
 end,
 }
 
--- lock.extend (sha1 cc5d9903179c1b12a7a41dbdf6106a3b88a8ae7a)
+-- lock.extend (sha1 304b7ad63c68e123f92be3fc4b2f1c785474d89e)
 redis.register_function{
   function_name = 'luasched_lock_extend_v0_1_0',
   flags = {},
@@ -708,8 +740,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -719,20 +752,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 6)
-    if key and key ~= prefix .. 'lock:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)lock:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.extend: KEYS[1] must be luasched:{ns}:lock:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'lock-queue:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.extend: KEYS[2] must be luasched:{ns}:lock-queue:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -966,7 +997,7 @@ local function read_state()
     or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
-  return {
+  local state = {
     fence = tonumber(fence),
     count = tonumber(count),
     deadline = tonumber(deadline),
@@ -974,6 +1005,12 @@ local function read_state()
     waited = waited == '1',
     owner = owner,
   }
+  -- Past 2^53 - 1 a number is not exact in Lua (no script writes one): it would be written back
+  -- rounded.
+  if math.max(state.fence, state.count, state.deadline, state.granted) > 9007199254740991 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', a number past 2^53 - 1')
+  end
+  return state
 end
 
 -- Whether `state` is a live hold at now_ms.
@@ -1009,7 +1046,7 @@ return run(main)
 end,
 }
 
--- lock.release (sha1 264618b3cc7be84d8f997d75ac91309b7e34b361)
+-- lock.release (sha1 35f0d8c679111a96ce4dc9e246bee5379f853cf0)
 redis.register_function{
   function_name = 'luasched_lock_release_v0_1_0',
   flags = {},
@@ -1022,7 +1059,8 @@ redis.register_function{
 --@+          last grantee of a lock it already released answers "released" again (a replay acts no second time). A
 --@+          non-empty request_id records a call that changed something: replaying it answers the first reply and
 --@+          acts no second time (what reentrant releases need). The common call, the owner's only hold, no waiter
---@+          refused during it, request_id "", takes a lean path (TIME, GET, SET).
+--@+          refused during it, takes a lean path: TIME, GET, SET with request_id "", and a GET and a SET of the
+--@+          request record more with a request id of 32 bytes.
 --@key        lock        string  luasched:{ns}:lock:<name> -- the lock's state, "<fence> <count> <deadline>
 --@+          <granted> <waited> <owner>": the last fencing token granted, the owner's holds (0: released), the
 --@+          deadline and grant time (server ms), 1 if a waiter was refused during the hold, the last grantee's
@@ -1065,8 +1103,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -1076,20 +1115,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 6)
-    if key and key ~= prefix .. 'lock:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)lock:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.release: KEYS[1] must be luasched:{ns}:lock:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'lock-queue:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.release: KEYS[2] must be luasched:{ns}:lock-queue:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -1109,25 +1146,37 @@ do
   end
 end
 
--- The lean path: the owner's only hold, no waiter refused during it, no request id (what
--- handle.release() of a plain lock sends). Like lock.acquire's, it runs before the helpers below
--- are defined, accepts a subset of what main() accepts, and leaves everything else to main()
--- (with FAST_NOW_MS: TIME is read once). Its one write (SET of the lock key, read as a string
--- just before) cannot fail on a key's type. The state keeps fence, deadline, grant and owner, so
--- a replayed acquire still finds its grant and a replayed release its release.
+-- The lean path: the owner's only hold, no waiter refused during it, and no request id (what
+-- handle.release() of a plain or fair lock sends) or one of the wrapper's 32 bytes with no reply
+-- recorded for it (a reentrant lock's release). Like lock.acquire's, it runs before the helpers
+-- below are defined, accepts a subset of what main() accepts, and leaves everything else to
+-- main() (with FAST_NOW_MS: TIME is read once). Its writes (SET of the lock key, read as a
+-- string just before; SET of the request record, read just before) cannot fail on a key's type.
+-- The state keeps fence, deadline, grant and owner, so a replayed acquire still finds its grant
+-- and a replayed release its release.
 local FAST_NOW_MS = nil
-if #KEYS == 5 and #ARGV == 2 and ARGV[2] == '' and #ARGV[1] >= 1 and #ARGV[1] <= 256 then
+if #KEYS == 5 and #ARGV == 2 and #ARGV[1] >= 1 and #ARGV[1] <= 256
+  and (ARGV[2] == '' or (#ARGV[2] == 32 and not redis.pcall('GET', KEYS[5]))) then
   local token = ARGV[1]
   local time = redis.call('TIME')
-  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000) -- decimals: arithmetic converts
+  -- An integer below 2^53: now_us % 1000 and the division are exact (TIME's fields are decimals).
+  local now_us = (time[1] * 1000000 + time[2])
+  local now_ms = (now_us - now_us % 1000) / 1000
   FAST_NOW_MS = now_ms
   local raw = redis.pcall('GET', KEYS[1])
   if type(raw) == 'string' then
     -- The state of a single hold (count 1) that no waiter asked for (waited 0).
     local fence, deadline, granted, owner = string.match(raw,
       '^(%d+) 1 (%d+) (%d+) 0 (.+)$')
-    if owner == token and #deadline <= 16 and deadline + 0 > now_ms then
+    -- Numbers of up to 15 digits are below 2^53; a longer deadline or grant
+    -- time, or a fence past 2^53 - 1, is main()'s (read_state: CORRUPT past 2^53 - 1).
+    if owner == token and #deadline < 16 and #granted < 16 and deadline + 0 > now_ms
+      and (#fence < 16 or fence + 0 <= 9007199254740991) then
       redis.call('SET', KEYS[1], fence .. ' 0 ' .. deadline .. ' ' .. granted .. ' 0 ' .. token)
+      if ARGV[2] ~= '' then
+        -- main()'s record_reply of this reply (include/lock.lua.j2).
+        redis.call('SET', KEYS[5], string.format('released 0 %d', now_ms), 'PX', '60000')
+      end
       return { 'released', 0, now_ms }
     end
   end
@@ -1399,7 +1448,7 @@ local function read_state()
     or #granted > 16 then
     fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', expected a lock state')
   end
-  return {
+  local state = {
     fence = tonumber(fence),
     count = tonumber(count),
     deadline = tonumber(deadline),
@@ -1407,6 +1456,12 @@ local function read_state()
     waited = waited == '1',
     owner = owner,
   }
+  -- Past 2^53 - 1 a number is not exact in Lua (no script writes one): it would be written back
+  -- rounded.
+  if math.max(state.fence, state.count, state.deadline, state.granted) > 9007199254740991 then
+    fail('CORRUPT', 'the lock key holds ' .. show(raw) .. ', a number past 2^53 - 1')
+  end
+  return state
 end
 
 -- Whether `state` is a live hold at now_ms.
@@ -1508,7 +1563,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_acquire (sha1 6db2c37aac98ea812f19b135ffa1751627c7bc07)
+-- lock.semaphore_acquire (sha1 e9859067e6306e13bc53e24b33ca8c9ef9df0e41)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_acquire_v0_1_0',
   flags = {},
@@ -1559,8 +1614,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -1570,20 +1626,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 5)
-    if key and key ~= prefix .. 'sem:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)sem:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[1] must be luasched:{ns}:sem:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'sem-wake:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.semaphore_acquire: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -1917,7 +1971,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_extend (sha1 2f01e3ee561db9dba1144100a481482b6d233246)
+-- lock.semaphore_extend (sha1 2eeed9b2b195c61f30c252af31d4a88687fb68fe)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_extend_v0_1_0',
   flags = {},
@@ -1957,8 +2011,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -1968,20 +2023,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 5)
-    if key and key ~= prefix .. 'sem:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)sem:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[1] must be luasched:{ns}:sem:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'sem-wake:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.semaphore_extend: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -2219,7 +2272,7 @@ return run(main)
 end,
 }
 
--- lock.semaphore_release (sha1 4fea0464356d5ab88f72c8a19ab9e39f9c544f4d)
+-- lock.semaphore_release (sha1 fce15f5f41c36c8d5a5549e23dfd0b37e0b9ba38)
 redis.register_function{
   function_name = 'luasched_lock_semaphore_release_v0_1_0',
   flags = {},
@@ -2261,8 +2314,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -2272,20 +2326,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_name
-    key = keys[1]
-    tail_name = key and sub(key, plen + 5)
-    if key and key ~= prefix .. 'sem:' .. tail_name then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_name = string.match(first, '^(luasched:{[^{}]+}:)sem:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[1] must be luasched:{ns}:sem:<name> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'sem-wake:' .. tail_name then
       return redis.error_reply('LUASCHED_ARG lock.semaphore_release: KEYS[2] must be luasched:{ns}:sem-wake:<name> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -2586,7 +2638,7 @@ return run(main)
 end,
 }
 
--- nodes.drain (sha1 b404fb9e92c4f1978d3f8f29002a18fd53511be5)
+-- nodes.drain (sha1 341d15c79cfc9efeadd913a60b56f8ac66b6e9cc)
 redis.register_function{
   function_name = 'luasched_nodes_drain_v0_1_0',
   flags = {},
@@ -2640,8 +2692,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -3001,7 +3054,7 @@ return run(main)
 end,
 }
 
--- nodes.heartbeat (sha1 c61251a4bde9dd6905ec70815f6504da2657e2f2)
+-- nodes.heartbeat (sha1 1119b8b4355bfad0af0c7527f3b4bd0ca9140605)
 redis.register_function{
   function_name = 'luasched_nodes_heartbeat_v0_1_0',
   flags = {},
@@ -3055,8 +3108,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -3364,7 +3418,7 @@ return run(main)
 end,
 }
 
--- nodes.list (sha1 ae98c5e3f9a849db70af5e20e3590d4a7358712d)
+-- nodes.list (sha1 e7d0efbd0cde57772129614ed69051089ae56a45)
 redis.register_function{
   function_name = 'luasched_nodes_list_v0_1_0',
   flags = { 'no-writes' },
@@ -3415,8 +3469,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -3721,7 +3776,7 @@ return run(main)
 end,
 }
 
--- nodes.register (sha1 5ff43d5355756a0712793c847023ffaa2b75f912)
+-- nodes.register (sha1 ad89141977e954bc43e1251428abcda70b06fac7)
 redis.register_function{
   function_name = 'luasched_nodes_register_v0_1_0',
   flags = {},
@@ -3780,8 +3835,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -4202,7 +4258,7 @@ return run(main)
 end,
 }
 
--- nodes.remove (sha1 443dc76e6a7e6a55de7c2d924a7f4387e27147d1)
+-- nodes.remove (sha1 257dbea68238c217ad40b9248146bbe8d1b3b2e3)
 redis.register_function{
   function_name = 'luasched_nodes_remove_v0_1_0',
   flags = {},
@@ -4255,8 +4311,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -4632,7 +4689,7 @@ return run(main)
 end,
 }
 
--- nodes.sweep (sha1 48a56afef22c2a8d94be116b284882a67e56ee7a)
+-- nodes.sweep (sha1 60418af53d5d192b33cc2c6bb58d02d25e836376)
 redis.register_function{
   function_name = 'luasched_nodes_sweep_v0_1_0',
   flags = {},
@@ -4687,8 +4744,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -5248,7 +5306,7 @@ return run(main)
 end,
 }
 
--- pick.least_loaded (sha1 524e0b13080f45e8f15a9fe5113acd97ee8a26e6)
+-- pick.least_loaded (sha1 c9b86bc8ef94361ee9f44f53c2d4f3a4639d4efa)
 redis.register_function{
   function_name = 'luasched_pick_least_loaded_v0_1_0',
   flags = {},
@@ -5295,8 +5353,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -5779,7 +5838,7 @@ return run(main)
 end,
 }
 
--- pick.least_recent (sha1 8c82e406f0b9a85e5f86a5592a1b1ebc5de16907)
+-- pick.least_recent (sha1 25647a3832325abce91ac13a50e36827b4da3173)
 redis.register_function{
   function_name = 'luasched_pick_least_recent_v0_1_0',
   flags = {},
@@ -5820,8 +5879,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -6105,7 +6165,7 @@ return run(main)
 end,
 }
 
--- pick.release (sha1 9ab6884adacc6b5efe967c5de73e7dfd5968534e)
+-- pick.release (sha1 863c97b574c1fd04723c53438e9cfec7c94d90c7)
 redis.register_function{
   function_name = 'luasched_pick_release_v0_1_0',
   flags = {},
@@ -6143,8 +6203,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -6447,7 +6508,7 @@ return run(main)
 end,
 }
 
--- pick.round_robin (sha1 42169cbe47534e839841a4644775b4c4d14e049d)
+-- pick.round_robin (sha1 70eff0eb54c0360d6ab57dd861d208664b19dfa9)
 redis.register_function{
   function_name = 'luasched_pick_round_robin_v0_1_0',
   flags = {},
@@ -6487,8 +6548,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -6777,7 +6839,7 @@ return run(main)
 end,
 }
 
--- pick.smooth_weighted (sha1 925d4ac9534f313cc0dd399646125342a95b8b1e)
+-- pick.smooth_weighted (sha1 7372dd0900c38d2ab0d5d7a7bafbc245846f6830)
 redis.register_function{
   function_name = 'luasched_pick_smooth_weighted_v0_1_0',
   flags = {},
@@ -6820,8 +6882,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -7094,7 +7157,7 @@ return run(main)
 end,
 }
 
--- pick.two_choices (sha1 a8d168a3a2a991fea17a060558371cce9a8a924a)
+-- pick.two_choices (sha1 82d6827e48a4fcf733f482a61e7fd8b2b91bbbd0)
 redis.register_function{
   function_name = 'luasched_pick_two_choices_v0_1_0',
   flags = {},
@@ -7141,8 +7204,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -7602,7 +7666,7 @@ return run(main)
 end,
 }
 
--- pick.weighted (sha1 72d74e4a54e3a0d466b82a8b316fa7b9d60c64e7)
+-- pick.weighted (sha1 6e0505b6ac508c3d4559824fcb66a0a993ca0bd8)
 redis.register_function{
   function_name = 'luasched_pick_weighted_v0_1_0',
   flags = {},
@@ -7645,8 +7709,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -7953,7 +8018,7 @@ return run(main)
 end,
 }
 
--- queue.ack (sha1 06b328c9fafa6f5a8828b6d90a5a31e1922364f9)
+-- queue.ack (sha1 e783df11b31e34b6cab5e0c91745bf657450728a)
 redis.register_function{
   function_name = 'luasched_queue_ack_v0_1_0',
   flags = {},
@@ -8013,8 +8078,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -8024,20 +8090,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.ack: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.ack: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -8085,7 +8149,8 @@ if #KEYS == 8 and #ARGV == 4 then
     if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
       or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
       or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
-      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      or token + 0 > 9007199254740991
+      or (#request_ttl == 8 and request_ttl + 0 > 86400000) then
       break
     end
     -- false: no record (an error table or a string goes to main()).
@@ -8383,7 +8448,7 @@ return run(main)
 end,
 }
 
--- queue.dequeue (sha1 576df03e0cb7d34144b23783fad79967af423208)
+-- queue.dequeue (sha1 d6fd083eb2c25514949be1a917b25e67023e023c)
 redis.register_function{
   function_name = 'luasched_queue_dequeue_v0_1_0',
   flags = {},
@@ -8459,8 +8524,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -8470,20 +8536,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.dequeue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.dequeue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -8568,7 +8632,7 @@ if #KEYS == 8 and #ARGV == 8 then
     if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
       break
     end
-    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or tonumber(count_raw) - 1)
+    local head = redis.pcall('ZRANGE', KEYS[1], '0', count_raw == '1' and '0' or count_raw - 1)
     local taken = #head -- 0 for an error table too
     if taken == 0 then
       break
@@ -8613,7 +8677,7 @@ if #KEYS == 8 and #ARGV == 8 then
     elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
-      fence = tonumber(fence)
+      fence = fence + 0
     end
     fence = (fence < now_us and now_us or fence + 1) - 1
     if fence + taken > 9007199254740991 then
@@ -8627,7 +8691,7 @@ if #KEYS == 8 and #ARGV == 8 then
         break
       end
     end
-    local deadline_ms = now_ms + tonumber(lease_raw)
+    local deadline_ms = now_ms + lease_raw
     local acked = acking and 1 or 0
     -- The new meta: main()'s format_meta (string.format converts the captured digits as
     -- tonumber does, and so does the arithmetic of attempts + 1).
@@ -9317,7 +9381,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch (sha1 c5c79ae74a68d0f199f48566fa27c879bdff956c)
+-- queue.dispatch (sha1 2228eec328acff298457ac49196561ce9f39d051)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_v0_1_0',
   flags = {},
@@ -9403,8 +9467,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -9414,20 +9479,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.dispatch: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -10531,7 +10594,7 @@ return run(main)
 end,
 }
 
--- queue.dispatch_requeue_dead (sha1 4d113d1698a051b5549b256583863efad35c3e3c)
+-- queue.dispatch_requeue_dead (sha1 39dce04dcde17e247b67774c4abc4e4c36326ba2)
 redis.register_function{
   function_name = 'luasched_queue_dispatch_requeue_dead_v0_1_0',
   flags = {},
@@ -10609,8 +10672,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -10620,20 +10684,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -11652,7 +11714,7 @@ return run(main)
 end,
 }
 
--- queue.enqueue (sha1 36d50237f9b5c0913984a35b129097b21205ba08)
+-- queue.enqueue (sha1 5acc9a64eace22537350310ca26ce515f5a78240)
 redis.register_function{
   function_name = 'luasched_queue_enqueue_v0_1_0',
   flags = {},
@@ -11714,8 +11776,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -11725,20 +11788,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -11796,11 +11857,17 @@ if #KEYS == 8 and #ARGV == 7 then
     and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
     and string.find(attempts, '^[1-9]%d*$') and string.find(request_ttl, '^[1-9]%d*$')
     and string.find(request_id, '^[%w_%-]*$') then
-    local priority_n, delay_n = tonumber(priority), tonumber(delay)
-    if priority_n >= -512 and priority_n <= 511 and delay_n <= 31536000000
-      and tonumber(attempts) <= 1000000 and tonumber(request_ttl) <= 86400000 then
+    -- `s + 0` converts a canonical decimal as tonumber(s) does, without the global call; a value
+    -- shorter than its bound's own length is below the bound, so it needs no conversion.
+    local priority_n = priority + 0
+    if priority_n >= -512 and priority_n <= 511
+      and (#delay < 11 or delay + 0 <= 31536000000)
+      and (#attempts < 7 or attempts + 0 <= 1000000)
+      and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
       local time = redis.call('TIME')
-      local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
+      local micros = time[2] + 0
+      local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
@@ -11813,7 +11880,7 @@ if #KEYS == 8 and #ARGV == 7 then
         if raw == false then
           seq = 0
         elseif #raw <= 17 and string.find(raw, '^%d+$') then -- stored_uint_or_nil's rule
-          seq = tonumber(raw)
+          seq = raw + 0
         end
       end
       -- A waiting dequeuer: LLEN checks the wake list's type before the first write.
@@ -11828,13 +11895,16 @@ if #KEYS == 8 and #ARGV == 7 then
           state = 'ready'
           written = type(redis.pcall('ZADD', KEYS[1], (511 - priority_n) * 8796093022208 + seq, task_id)) == 'number'
           if written then
-            -- Plain concatenation: now_ms is an integer below 1e14 ("%.14g" is exact).
+            -- Plain concatenation of strings: now_ms in decimal is TIME's seconds followed by
+            -- the three leading digits of its microseconds padded to six (what "%.14g" gives
+            -- for the number: seconds are above 0), without Lua's number-to-text conversion.
+            local now_text = time[1] .. string.sub('00000' .. time[2], -6, -4)
             redis.call('HSET', KEYS[5], 'p' .. task_id, payload,
-              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_ms .. ' ', 'seq', seq)
+              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_text .. ' ', 'seq', seq)
           end
         end
       elseif seq then
-        local at_ms = now_ms + delay_n
+        local at_ms = now_ms + delay
         state = 'delayed'
         written = type(redis.pcall('ZADD', KEYS[2], at_ms, task_id)) == 'number'
         if written then
@@ -12224,7 +12294,7 @@ return run(main)
 end,
 }
 
--- queue.extend (sha1 edcc11f445cab3c2968dd2870d01e45ded4a9544)
+-- queue.extend (sha1 9ab6f2e5928dba72fb530b3a33c8fb95e3acd1de)
 redis.register_function{
   function_name = 'luasched_queue_extend_v0_1_0',
   flags = {},
@@ -12278,8 +12348,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -12289,20 +12360,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.extend: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.extend: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -12594,7 +12663,7 @@ return run(main)
 end,
 }
 
--- queue.group_ack (sha1 8457094a2dbeae6b5c43777ed15aee4b29de10ab)
+-- queue.group_ack (sha1 e2e1ada6a7fa68f490e7f0247d11ceb1333d440c)
 redis.register_function{
   function_name = 'luasched_queue_group_ack_v0_1_0',
   flags = {},
@@ -12662,8 +12731,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -12673,20 +12743,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_ack: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_ack: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -12751,7 +12819,8 @@ if #KEYS == 12 and #ARGV == 4 then
     if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
       or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
       or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
-      or tonumber(token) > 9007199254740991 or tonumber(request_ttl) > 86400000 then
+      or token + 0 > 9007199254740991
+      or (#request_ttl == 8 and request_ttl + 0 > 86400000) then
       break
     end
     -- false: no record (an error table or a string goes to main()).
@@ -13350,7 +13419,7 @@ return run(main)
 end,
 }
 
--- queue.group_dequeue (sha1 07efed491827135786ee0fdeb8f13d49603ef33d)
+-- queue.group_dequeue (sha1 58d8884fada2c0ef4ac3d2f6e891f340fa7afdd7)
 redis.register_function{
   function_name = 'luasched_queue_group_dequeue_v0_1_0',
   flags = {},
@@ -13435,8 +13504,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -13446,20 +13516,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -13658,7 +13726,7 @@ if #KEYS == 12 and #ARGV == 8 then
     elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
-      fence = tonumber(fence)
+      fence = fence + 0
     end
     fence = (fence < now_us and now_us or fence + 1) - 1
     if fence + taken > 9007199254740991 then
@@ -13674,7 +13742,7 @@ if #KEYS == 12 and #ARGV == 8 then
       break
     end
     attempts = attempts + 1
-    local deadline_ms = now_ms + tonumber(lease_raw)
+    local deadline_ms = now_ms + lease_raw
     local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
     local group_pass = pass + 1 / weight
     -- Writes, as main() makes them; every key was read above, so none can fail on its type.
@@ -14654,7 +14722,7 @@ return run(main)
 end,
 }
 
--- queue.group_enqueue (sha1 d26058a7fce38317c6331760d342af545977fc60)
+-- queue.group_enqueue (sha1 6bad428388fbb61ab63a2618f2ac8cb013e20e01)
 redis.register_function{
   function_name = 'luasched_queue_group_enqueue_v0_1_0',
   flags = {},
@@ -14727,8 +14795,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -14738,20 +14807,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_enqueue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_enqueue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -15352,7 +15419,7 @@ return run(main)
 end,
 }
 
--- queue.group_nack (sha1 463b22781484c0ccd1974e7455adab7d678112f4)
+-- queue.group_nack (sha1 1932693583ab7f74f75c95333dfbed3893cad253)
 redis.register_function{
   function_name = 'luasched_queue_group_nack_v0_1_0',
   flags = {},
@@ -15431,8 +15498,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -15442,20 +15510,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_nack: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_nack: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -16114,7 +16180,7 @@ return run(main)
 end,
 }
 
--- queue.group_requeue_dead (sha1 930c4882f6304f3714c5d4039e7ef2c2933cb893)
+-- queue.group_requeue_dead (sha1 36bacecfd31470b1e338eb2bd69c981247c8ea2a)
 redis.register_function{
   function_name = 'luasched_queue_group_requeue_dead_v0_1_0',
   flags = {},
@@ -16178,8 +16244,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -16189,20 +16256,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_requeue_dead: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_requeue_dead: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -16737,7 +16802,7 @@ return run(main)
 end,
 }
 
--- queue.group_stats (sha1 34fc7ca3e9cbc2c7a5330e41354de2c77e19e320)
+-- queue.group_stats (sha1 8b4d2730b8f4d63a229ce41c939637d636f02d3e)
 redis.register_function{
   function_name = 'luasched_queue_group_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -16808,8 +16873,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -16819,20 +16885,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_stats: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_stats: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -17300,7 +17364,7 @@ return run(main)
 end,
 }
 
--- queue.nack (sha1 c5fe31e3873f8478ba8ffaaea536fed92cf54aec)
+-- queue.nack (sha1 03d24a2979be8021bcbc545d403d626657202c9e)
 redis.register_function{
   function_name = 'luasched_queue_nack_v0_1_0',
   flags = {},
@@ -17366,8 +17430,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -17377,20 +17442,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.nack: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.nack: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -17810,7 +17873,7 @@ return run(main)
 end,
 }
 
--- queue.node_ack (sha1 7354aab6d884f4ec96a437cc59048d5b980efdc9)
+-- queue.node_ack (sha1 528188823c8d155229d1330b7fb4a7815855365a)
 redis.register_function{
   function_name = 'luasched_queue_node_ack_v0_1_0',
   flags = {},
@@ -17881,8 +17944,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -17892,20 +17956,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.node_ack: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -18434,7 +18496,7 @@ return run(main)
 end,
 }
 
--- queue.node_dequeue (sha1 e2531215ae5650621d4fa1c87e1fe10fb895f560)
+-- queue.node_dequeue (sha1 d0a7ad47720c2d360a3e637d443ad12b8f8ca09a)
 redis.register_function{
   function_name = 'luasched_queue_node_dequeue_v0_1_0',
   flags = {},
@@ -18526,8 +18588,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -18537,20 +18600,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.node_dequeue: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -20111,7 +20172,7 @@ return run(main)
 end,
 }
 
--- queue.node_extend (sha1 0a30bc3a5ffb19921184e02da7370e4dca6f9361)
+-- queue.node_extend (sha1 2d232b2a38394a283191cc91ec63ac0098acc0ee)
 redis.register_function{
   function_name = 'luasched_queue_node_extend_v0_1_0',
   flags = {},
@@ -20183,8 +20244,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -20194,20 +20256,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.node_extend: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -20638,7 +20698,7 @@ return run(main)
 end,
 }
 
--- queue.node_nack (sha1 5cb182b882fe2422698be31ab962431300fe2121)
+-- queue.node_nack (sha1 dfff2941e2624867a106a54f4f7d515f5b90cf20)
 redis.register_function{
   function_name = 'luasched_queue_node_nack_v0_1_0',
   flags = {},
@@ -20718,8 +20778,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -20729,20 +20790,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.node_nack: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -21383,7 +21442,7 @@ return run(main)
 end,
 }
 
--- queue.node_stats (sha1 38ff670ef90e48d1d5c8cb4930855a91871dd139)
+-- queue.node_stats (sha1 6c9660efa3b659c4f41b5f6c88b8de1afc7c45a0)
 redis.register_function{
   function_name = 'luasched_queue_node_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -21451,8 +21510,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -21462,20 +21522,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.node_stats: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -21872,7 +21930,7 @@ return run(main)
 end,
 }
 
--- queue.redispatch (sha1 6d6ab61778c0ff01e0fd78d9d8b987cc5847e62e)
+-- queue.redispatch (sha1 1d58e659bf769641246c448b094e32be9d2f5dd4)
 redis.register_function{
   function_name = 'luasched_queue_redispatch_v0_1_0',
   flags = {},
@@ -21951,8 +22009,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -21962,20 +22021,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.redispatch: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -23136,7 +23193,7 @@ return run(main)
 end,
 }
 
--- queue.requeue_dead (sha1 30ac16688cda70577c6a1a3d7d43ee9cc32088c0)
+-- queue.requeue_dead (sha1 f150c1885e47f0091792b652ab54ca67468b4e9c)
 redis.register_function{
   function_name = 'luasched_queue_requeue_dead_v0_1_0',
   flags = {},
@@ -23187,8 +23244,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -23198,20 +23256,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.requeue_dead: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.requeue_dead: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -23529,7 +23585,7 @@ return run(main)
 end,
 }
 
--- queue.set_group (sha1 d2c42999d727b7cd127585db006c7391de412b99)
+-- queue.set_group (sha1 390f0e6bf139a5c7a6d584033160620df60483f5)
 redis.register_function{
   function_name = 'luasched_queue_set_group_v0_1_0',
   flags = {},
@@ -23599,8 +23655,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -23610,20 +23667,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.set_group: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.set_group: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.set_group: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.set_group: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -24144,7 +24199,7 @@ return run(main)
 end,
 }
 
--- queue.set_limits (sha1 adc4b797202e13c1c9cf8ea53f3b99850ee1d05a)
+-- queue.set_limits (sha1 cc78051c2477f7532d84500865682e1fabbc32d6)
 redis.register_function{
   function_name = 'luasched_queue_set_limits_v0_1_0',
   flags = {},
@@ -24210,8 +24265,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -24221,20 +24277,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.set_limits: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.set_limits: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.set_limits: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.set_limits: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -24637,7 +24691,7 @@ return run(main)
 end,
 }
 
--- queue.set_rate (sha1 f39e6118ed4d8e42c7929d49c728ce3b673a0ee3)
+-- queue.set_rate (sha1 8f688c230dd6db024c5df6b3740b8b34ba73eac2)
 redis.register_function{
   function_name = 'luasched_queue_set_rate_v0_1_0',
   flags = {},
@@ -24704,8 +24758,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -24715,20 +24770,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.set_rate: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.set_rate: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.set_rate: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.set_rate: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -25244,7 +25297,7 @@ return run(main)
 end,
 }
 
--- queue.stats (sha1 f1d84894b8f93a782db76975d84f599fa14b52e5)
+-- queue.stats (sha1 2b946cf553d143109f2f015789548f73e53751d3)
 redis.register_function{
   function_name = 'luasched_queue_stats_v0_1_0',
   flags = { 'no-writes' },
@@ -25297,8 +25350,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -25308,20 +25362,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.stats: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.stats: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.stats: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -25725,7 +25777,7 @@ return run(main)
 end,
 }
 
--- slots.owner (sha1 27fa59512f7ee424501e467240870757d1fa326e)
+-- slots.owner (sha1 6652ab11100dc5cd52fe04f1528be4496b4ecedd)
 redis.register_function{
   function_name = 'luasched_slots_owner_v0_1_0',
   flags = { 'no-writes' },
@@ -25779,8 +25831,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -26105,7 +26158,7 @@ return run(main)
 end,
 }
 
--- slots.owner_of_slot (sha1 11ccbdb94818c9071ddf78ce5da3d9c5a8a2c603)
+-- slots.owner_of_slot (sha1 061260795c5ed93891eab7a6449a115f40b996ad)
 redis.register_function{
   function_name = 'luasched_slots_owner_of_slot_v0_1_0',
   flags = { 'no-writes' },
@@ -26157,8 +26210,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -26454,7 +26508,7 @@ return run(main)
 end,
 }
 
--- slots.owners (sha1 6ad9b87eefd5f0bedeb1cbf8c73edbb09511bcd9)
+-- slots.owners (sha1 77e42e426ebc24a8dfda72569d58d18a7eaff4bb)
 redis.register_function{
   function_name = 'luasched_slots_owners_v0_1_0',
   flags = { 'no-writes' },
@@ -26507,8 +26561,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -26842,7 +26897,7 @@ return run(main)
 end,
 }
 
--- slots.rebalance (sha1 da8b861d8a8f40425a429b4bd6d2c32cfc4405d2)
+-- slots.rebalance (sha1 eedced05a46a2c4e7204ee18f400ed4c4ef9ed9e)
 redis.register_function{
   function_name = 'luasched_slots_rebalance_v0_1_0',
   flags = {},
@@ -26896,8 +26951,9 @@ redis.register_function{
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -27332,5 +27388,5 @@ end,
 redis.register_function{
   function_name = 'luasched_library_digest_v0_1_0',
   flags = { 'no-writes', 'allow-stale' },
-  callback = function() return 'ede16fd2ee36bc1c4c7e002f0e2e37ba1859a7e7' end,
+  callback = function() return '0f0be433b0d5414fca91a8569a65516a4223c8da' end,
 }

@@ -71,8 +71,9 @@
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -82,20 +83,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'd:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)d:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[1] must be luasched:{ns}:d:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'd:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.dispatch_requeue_dead: KEYS[2] must be luasched:{ns}:d:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')

@@ -55,8 +55,9 @@
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -66,20 +67,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.enqueue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -137,11 +136,17 @@ if #KEYS == 8 and #ARGV == 7 then
     and (delay == '0' or string.find(delay, '^[1-9]%d*$'))
     and string.find(attempts, '^[1-9]%d*$') and string.find(request_ttl, '^[1-9]%d*$')
     and string.find(request_id, '^[%w_%-]*$') then
-    local priority_n, delay_n = tonumber(priority), tonumber(delay)
-    if priority_n >= -512 and priority_n <= 511 and delay_n <= 31536000000
-      and tonumber(attempts) <= 1000000 and tonumber(request_ttl) <= 86400000 then
+    -- `s + 0` converts a canonical decimal as tonumber(s) does, without the global call; a value
+    -- shorter than its bound's own length is below the bound, so it needs no conversion.
+    local priority_n = priority + 0
+    if priority_n >= -512 and priority_n <= 511
+      and (#delay < 11 or delay + 0 <= 31536000000)
+      and (#attempts < 7 or attempts + 0 <= 1000000)
+      and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
       local time = redis.call('TIME')
-      local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      -- server_now_ms() of the prelude, by string arithmetic (cheaper than tonumber, same value).
+      local micros = time[2] + 0
+      local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
       FAST_NOW_MS = now_ms
       -- false: no record (an error table or a string goes to main()).
       local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
@@ -154,7 +159,7 @@ if #KEYS == 8 and #ARGV == 7 then
         if raw == false then
           seq = 0
         elseif #raw <= 17 and string.find(raw, '^%d+$') then -- stored_uint_or_nil's rule
-          seq = tonumber(raw)
+          seq = raw + 0
         end
       end
       -- A waiting dequeuer: LLEN checks the wake list's type before the first write.
@@ -169,13 +174,16 @@ if #KEYS == 8 and #ARGV == 7 then
           state = 'ready'
           written = type(redis.pcall('ZADD', KEYS[1], (511 - priority_n) * 8796093022208 + seq, task_id)) == 'number'
           if written then
-            -- Plain concatenation: now_ms is an integer below 1e14 ("%.14g" is exact).
+            -- Plain concatenation of strings: now_ms in decimal is TIME's seconds followed by
+            -- the three leading digits of its microseconds padded to six (what "%.14g" gives
+            -- for the number: seconds are above 0), without Lua's number-to-text conversion.
+            local now_text = time[1] .. string.sub('00000' .. time[2], -6, -4)
             redis.call('HSET', KEYS[5], 'p' .. task_id, payload,
-              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_ms .. ' ', 'seq', seq)
+              'm' .. task_id, 'R ' .. priority .. ' ' .. attempts .. ' 0 0 ' .. now_text .. ' ', 'seq', seq)
           end
         end
       elseif seq then
-        local at_ms = now_ms + delay_n
+        local at_ms = now_ms + delay
         state = 'delayed'
         written = type(redis.pcall('ZADD', KEYS[2], at_ms, task_id)) == 'number'
         if written then

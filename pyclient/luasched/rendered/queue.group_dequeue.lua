@@ -78,8 +78,9 @@
 --     So no KEYS entry belongs to another namespace or another queue/lock, and a namespace
 --     holding a brace cannot pass off its keys as another namespace's (they would not all
 --     parse as one).
---   * Plain string comparisons (string.sub, .., ==) and one constant pattern: no pattern is
---     built from user data.
+--   * Plain string comparisons (string.sub, .., ==) and one constant pattern (with KEYS[1]'s
+--     kind when its value names the others: one string.match splits it): no pattern is built
+--     from user data.
 --     Lua interns strings, so `key ~= prefix .. kind .. value` costs one concatenation that
 --     finds the existing KEYS string, no C call: ~1,000 server instructions per key.
 --   * A refusal answers LUASCHED_ARG before anything is read or written. Positions past #KEYS
@@ -89,20 +90,18 @@ do
   local keys, sub = KEYS, string.sub
   local first = keys[1]
   if first then
-    -- A constant pattern over the key (nothing of the key goes into a pattern): plen is where
-    -- "luasched:{<ns>}:" ends, ns one byte or more without braces.
-    local _, plen = string.find(first, '^luasched:{[^{}]+}:')
-    if not plen then
-      return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
-    end
-    local prefix = sub(first, 1, plen)
-    local key
-    local tail_queue
-    key = keys[1]
-    tail_queue = key and sub(key, plen + 9)
-    if key and key ~= prefix .. 'q:ready:' .. tail_queue then
+    -- KEYS[1] is "luasched:{<ns>}:" .. its kind .. its value (ns one byte or more without
+    -- braces): one constant pattern (nothing of the key goes into a pattern) captures the
+    -- prefix and the value at once; the string.find below only tells a refusal's reason.
+    local prefix, tail_queue = string.match(first, '^(luasched:{[^{}]+}:)q:ready:(.*)$')
+    if not prefix then
+      if not string.find(first, '^luasched:{[^{}]+}:') then
+        return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must start with luasched:{<namespace>}: (a namespace of at least one byte, without { or })')
+      end
       return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[1] must be luasched:{ns}:q:ready:<queue> in the namespace of KEYS[1]')
     end
+    local plen = #prefix
+    local key
     key = keys[2]
     if key and key ~= prefix .. 'q:delayed:' .. tail_queue then
       return redis.error_reply('LUASCHED_ARG queue.group_dequeue: KEYS[2] must be luasched:{ns}:q:delayed:<queue> in the namespace of KEYS[1], naming what KEYS[1] names')
@@ -301,7 +300,7 @@ if #KEYS == 12 and #ARGV == 8 then
     elseif #fence > 16 or not string.find(fence, '^%d+$') then
       break
     else
-      fence = tonumber(fence)
+      fence = fence + 0
     end
     fence = (fence < now_us and now_us or fence + 1) - 1
     if fence + taken > 9007199254740991 then
@@ -317,7 +316,7 @@ if #KEYS == 12 and #ARGV == 8 then
       break
     end
     attempts = attempts + 1
-    local deadline_ms = now_ms + tonumber(lease_raw)
+    local deadline_ms = now_ms + lease_raw
     local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
     local group_pass = pass + 1 / weight
     -- Writes, as main() makes them; every key was read above, so none can fail on its type.
