@@ -22,7 +22,6 @@ from luasched import Scheduler
 from luasched.leases import ack_call, nack_call
 from luasched.queue import (
     GroupKeys,
-    Lease,
     dequeue_call,
     enqueue_call,
     new_request_id,
@@ -31,7 +30,7 @@ from luasched.queue import (
     set_rate_call,
 )
 from luasched.scripts import Call
-from support.twins import QUEUES, QueueTwins
+from support.twins import QUEUES, QueueTwins, held_lease, leases_in
 
 Client = Any  # redis.Redis or RedisCluster
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small
@@ -43,16 +42,6 @@ def _full_form(call: Call[Any], position: int) -> Call[Any]:
     args = list(call.args)
     args[position] = "0" + str(args[position])
     return Call(call.script, call.keys, tuple(args), call.parse)
-
-
-def _leases(reply: Any) -> list[tuple[bytes, int]]:
-    if not isinstance(reply, list):
-        return []
-    return [(bytes(reply[i]), int(reply[i + 3])) for i in range(1, len(reply), 5)]
-
-
-def _lease(task_id: bytes, token: int) -> Lease:
-    return Lease(task_id=task_id, payload=b"", attempt=1, token=token, deadline_ms=0)
 
 
 @pytest.mark.slow
@@ -119,7 +108,7 @@ def test_group_dequeue_and_ack_lean_paths_decide_as_main(
                 )
         elif roll < 0.58 + settings and held:
             task_id, token = rng.choice(held[-4:] if rng.random() < 0.8 else held)
-            lease = _lease(task_id, token + (1000 if rng.random() < 0.05 else 0))
+            lease = held_lease(task_id, token + (1000 if rng.random() < 0.05 else 0))
             if rng.random() < 0.75:
                 kind, full_at = "ack", 3
                 make = partial(
@@ -150,7 +139,7 @@ def test_group_dequeue_and_ack_lean_paths_decide_as_main(
             ack = None
             if held and rng.random() < 0.15:
                 kind = "ack_and_dequeue"
-                ack = _lease(*rng.choice(held[-3:]))
+                ack = held_lease(*rng.choice(held[-3:]))
                 count = 1
             make = partial(
                 dequeue_call,
@@ -170,7 +159,7 @@ def test_group_dequeue_and_ack_lean_paths_decide_as_main(
         if kind in ("dequeue", "ack_and_dequeue"):
             path = "main" if twins.calls_of("zrangebyscore") else "lean"
             paths[f"dequeue:{path}"] += 1
-            held.extend(_leases(lean))
+            held.extend(leases_in(lean))
         elif kind == "ack":
             paths["ack:" + ("main" if twins.calls_of("time") else "lean")] += 1
         twins.assert_same_keys((step, kind))
