@@ -28,6 +28,10 @@ width, so no case pays for longer strings than another. The cases:
   EVALSHA in the same shapes: one at a time (the featured one also with ack-and-take-next) and
   batched (the featured one at the three depths, the shaped one at 16), and the featured one
   batched at depth 16 with a batch's acks in one call (``FEATURED_ACK_MANY``);
+* queue with groups (issue 21): one ``dequeue`` per call, then the ``ack`` of each, in two
+  windows, from a queue of 2,000 ready tasks without groups (``queue.dequeue``, ``queue.ack``) and
+  from queues with 10 groups of 200 and 100,000 groups of 2 (``queue.group_dequeue``,
+  ``queue.group_ack``); those queues are built on a server without valgrind and RESTOREd;
 * RQ and BullMQ, one task's whole life: N enqueues, then the library's worker drains them (RQ
   ``SimpleWorker`` in burst mode; BullMQ's ``Worker``, concurrency 1), all in one window: the
   worker's start and stop are charged to the N tasks.
@@ -687,6 +691,83 @@ def _queue_rows(cg: Callgrind) -> list[Figure]:
     return figures
 
 
+# ------------------------------------------------------------------------ queue with groups
+
+
+def _queue_state(binary: Path, groups: int, per_group: int) -> dict[bytes, bytes]:
+    """The DUMP of every key of a queue holding ``per_group`` ready tasks in each of ``groups``
+    groups (``groups`` 0: that many tasks without a group), built on a throwaway server of
+    ``binary`` without valgrind (200,000 enqueues under callgrind would take many minutes) and
+    RESTOREd into the measured one: the same data, written by the same scripts."""
+    with ThrowawayServer(binary) as server:
+        client = redis.Redis(host=HOST, port=server.port, socket_timeout=120)
+        try:
+            scheduler = luasched.Scheduler(client, NAMESPACE)
+            ids = _ids("task-")
+            names = [b"group-%06d" % index for index in range(groups)] or [None]
+            tasks = [name for _ in range(per_group) for name in names]
+            for start in range(0, len(tasks), 2000):
+                with scheduler.pipeline() as pipe:
+                    queue = pipe.queue(QUEUE, grouped=bool(groups))
+                    for group in tasks[start : start + 2000]:
+                        queue.enqueue(next(ids), PAYLOAD, request_id=b"", group=group)
+                    pipe.execute()
+            keys = list(client.scan_iter(match=f"luasched:{{{NAMESPACE}}}:*", count=1000))
+            return {key: client.dump(key) for key in keys}
+        finally:
+            client.close()
+
+
+def _dequeue_and_ack(cg: Callgrind, state: dict[bytes, bytes], grouped: bool) -> list[Figure]:
+    """One task at a time from the queue in ``state``: ``ONE_AT_A_TIME`` dequeues in one window,
+    then their acks in another (after ``WARM`` of each); two figures."""
+    client = cg.client()
+    client.flushall()
+    try:
+        for key, dumped in state.items():
+            client.restore(key, 0, dumped)
+        scheduler = luasched.Scheduler(client, NAMESPACE)
+        scheduler.load_scripts()
+        queue = scheduler.queue(QUEUE, grouped=grouped)
+        worker = b"worker-000001"
+        for _ in range(WARM):
+            lease = queue.dequeue(worker, LEASE_MS)
+            if lease is None or not queue.ack(lease):
+                raise RuntimeError("no task to take")
+        dequeues = Figure("", ONE_AT_A_TIME)
+        acks = Figure("", ONE_AT_A_TIME)
+        leases = []
+        with cg.window(dequeues.windows):
+            for _ in range(ONE_AT_A_TIME):
+                leases.append(queue.dequeue(worker, LEASE_MS))
+        if any(lease is None for lease in leases):
+            raise RuntimeError("a dequeue found no task")
+        with cg.window(acks.windows):
+            for lease in leases:
+                queue.ack(lease)
+        return [dequeues, acks]
+    finally:
+        client.close()
+
+
+def _group_rows(cg: Callgrind) -> list[Figure]:
+    """Issue 21: a dequeue and an ack of a queue with groups (``queue.group_dequeue``,
+    ``queue.group_ack``) at 10 and 100,000 groups, beside the same calls without groups."""
+    figures = []
+    for groups, per_group in ((0, GROUP_DEPTH), *GROUP_STATES):
+        dequeue, ack = _dequeue_and_ack(cg, _queue_state(cg.binary, groups, per_group), groups > 0)
+        dequeue.name, ack.name = group_row("dequeue", groups), group_row("ack", groups)
+        figures += [dequeue, ack]
+    return figures
+
+
+def group_row(call: str, groups: int) -> str:
+    """The name of issue 21's row of ``call`` (dequeue, ack) with ``groups`` groups (0: none)."""
+    if not groups:
+        return f"luasched {call}, no groups ({GROUP_DEPTH:,} ready)"
+    return f"luasched {call} with groups, {groups:,} groups"
+
+
 def _drain(cg: Callgrind, name: str, work: Callable[..., None]) -> Figure:
     """``DRAIN_TASKS`` tasks (put in unmeasured) drained by ``DRAIN_WORKERS`` forked processes
     running ``work`` (bench/queue_peers.py's hand-written loop or ``luasched.Worker``), the
@@ -807,6 +888,10 @@ DRAIN_LOOP = (
     "luasched, 4 processes drain a backlog: dequeue_many(16) + the acks in one pipeline, per task"
 )
 DRAIN_WORKER = "luasched.Worker, 4 processes drain a backlog (no-op handler, batch 16), per task"
+#: Issue 21's queue states: tasks without a group, then (groups, ready tasks per group); the
+#: groups take turns, so each take and ack is of another group's task.
+GROUP_DEPTH = 2_000
+GROUP_STATES = ((10, 200), (100_000, 2))
 LIFE_RQ = "RQ: Queue.enqueue, then SimpleWorker (burst)"
 LIFE_BULLMQ = "BullMQ: Queue.add, then Worker (concurrency 1)"
 DRAMATIQ_16 = "Dramatiq prefetch 16"
@@ -825,6 +910,7 @@ def measure(binary: Path, phase: Callable[[str, int, int], None], quick: bool) -
         rows = _lock_rows(cg)
         phase("queue", 2, 2)
         rows += _queue_rows(cg)
+        rows += _group_rows(cg)
         rows += _drain_rows(cg)
     return {
         "server": info,

@@ -187,6 +187,26 @@ INSTRUCTION_TARGETS = [
     ),
 ]
 
+#: Issue 21's targets: a queue with groups against one without (bench/instructions.py,
+#: ``group_row``: one dequeue per call, 2,000 ready tasks without groups, 10 groups of 200,
+#: 100,000 groups of 2).
+GROUP_TARGETS = [
+    Target(
+        21,
+        "instructions per dequeue: with groups (10 groups) / without groups",
+        _instr("luasched dequeue with groups, 10 groups"),
+        _instr("luasched dequeue, no groups (2,000 ready)"),
+        1.3,
+    ),
+    Target(
+        21,
+        "instructions per dequeue with groups: 100,000 groups / 10 groups",
+        _instr("luasched dequeue with groups, 100,000 groups"),
+        _instr("luasched dequeue with groups, 10 groups"),
+        1.5,
+    ),
+]
+
 #: The issue-5 figures against the other task queues (bench/queue_peers.py).
 PEER_TARGETS = [
     Target(
@@ -380,6 +400,7 @@ TARGETS = [
     ),
     *PEER_TARGETS,
     *INSTRUCTION_TARGETS,
+    *GROUP_TARGETS,
     Target(
         SINGLE_SOURCE,
         "cold start, fresh process: import luasched + Scheduler + first slots.keyslot / "

@@ -232,6 +232,30 @@ def every_operation(scheduler: Scheduler, tag: bytes = b"") -> list[str]:
     step("queue.ack_and_dequeue (blocking)")
     assert queue.stats().ready == 0
     step("queue.stats")
+    grouped = scheduler.queue(b"g" + tag)
+    assert grouped.enqueue(task, b"payload" + tag, group=b"A" + tag).created
+    step("queue.group_enqueue")
+    assert grouped.set_group(b"A" + tag, weight=2, max_active=5).weight == 2
+    step("queue.set_group")
+    assert grouped.set_limits(max_active=50).max_active == 50
+    step("queue.set_limits")
+    assert grouped.set_rate(1000, burst=10).burst == 10
+    step("queue.set_rate")
+    lease = grouped.dequeue(b"worker", HOUR)
+    assert lease is not None and lease.task_id == task
+    step("queue.group_dequeue")
+    assert grouped.nack(lease, delay_ms=0).state == "ready"
+    step("queue.group_nack")
+    lease = grouped.dequeue(b"worker", HOUR)
+    assert lease is not None and grouped.ack(lease)
+    step("queue.group_ack")
+    grouped.enqueue(task + b"-2", b"", max_attempts=1, group=b"A" + tag)
+    lease = grouped.dequeue(b"worker", HOUR)
+    assert lease is not None and grouped.nack(lease).state == "dead"
+    assert grouped.requeue_dead(task + b"-2")
+    step("queue.group_requeue_dead")
+    assert grouped.group_stats([b"A" + tag]).groups[b"A" + tag].ready == 1
+    step("queue.group_stats")
     dispatched = queue.dispatch(task + b"-d", b"payload", strategy="slot", routing_key=b"user:1")
     step("queue.dispatch")
     mine = queue.for_node(dispatched.node)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from luasched import Scheduler
 from luasched.cli import main
 from luasched.render import manifest, render_all
 
@@ -198,6 +199,40 @@ def test_stats_reports_the_namespace(
     assert (locks["nested"]["fence"], locks["nested"]["count"]) == (expected["nested_fence"], 2)
     assert all(0 < lock["ttl_ms"] <= 30_000 for lock in data["locks"])
     assert data["semaphores"] == [{"name": "pool", "held": 2}]
+
+
+def test_stats_reports_the_groups_of_a_queue(
+    server: Any, r: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from support.helpers import snapshot_ignoring_ttl as snapshot
+
+    q = Scheduler(r, "tenants").queue("jobs")
+    for index in range(3):
+        q.enqueue(f"a-{index}", group="tenant-a", request_id=b"")
+    q.enqueue("b-0", group="tenant-b", request_id=b"")
+    q.enqueue("plain", request_id=b"")
+    q.set_group("tenant-a", weight=3, max_active=2)
+    q.set_group("idle", paused=True)  # settings, no task
+    q.set_rate(50, burst=4, group="tenant-b")
+    assert q.dequeue("w", 60_000, request_id=b"") is not None
+    before = snapshot(r, "tenants")
+    data = _stats_json(server, "tenants", capsys)
+    assert snapshot(r, "tenants") == before
+    (queue,) = data["queues"]
+    # 5 tasks, one leased: 4 ready, with or without a group.
+    assert (queue["ready"], queue["leased"]) == (4, 1)
+    groups = {group["group"]: group for group in queue["groups"]}
+    assert sorted(groups) == ["idle", "tenant-a", "tenant-b"]
+    ready = {name: group["ready"] + group["active"] for name, group in groups.items()}
+    assert ready == {"idle": 0, "tenant-a": 3, "tenant-b": 1}
+    assert (groups["tenant-a"]["weight"], groups["tenant-a"]["max_active"]) == (3, 2)
+    assert groups["idle"]["paused"] is True
+    assert (groups["tenant-b"]["per_second"], groups["tenant-b"]["burst"]) == (50.0, 4)
+    assert main(["stats", "tenants", "--url", server.url]) == 0
+    text = capsys.readouterr().out
+    assert "groups of jobs: 3" in text
+    row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["tenant-a"])
+    assert row[3:6] == ["3", "2", "no"]
 
 
 def test_stats_of_an_empty_namespace(

@@ -49,6 +49,7 @@ def expected_keys(script: str, request_id: bytes) -> tuple[bytes, ...]:
 
 QUEUE_KEYS = queue.QueueKeys.of(NS, QUEUE)
 DISPATCH_KEYS = dispatch.DispatchKeys.of(NS, QUEUE)
+GROUP_KEYS = queue.GroupKeys.of(NS, QUEUE)
 LEASE = Lease(b"t", b"", 1, 3, 0, QUEUE_KEYS.tasks)
 NODE_LEASE = Lease(b"t", b"", 1, 3, 0, DISPATCH_KEYS.tasks)
 
@@ -61,6 +62,15 @@ CALLS: list[tuple[Callable[[], Call[Any]], bytes]] = [
     (lambda: queue.extend_call(QUEUE_KEYS, LEASE, 1000), b""),
     (lambda: queue.requeue_dead_call(QUEUE_KEYS, "t"), b""),
     (lambda: queue.stats_call(QUEUE_KEYS), b""),
+    (lambda: queue.enqueue_call(GROUP_KEYS, "t", b"p", request_id=RID, group="g"), RID),
+    (lambda: queue.dequeue_call(GROUP_KEYS, "w", 1, 1000, request_id=RID), RID),
+    (lambda: queue.ack_call(GROUP_KEYS, LEASE, request_id=RID, script="queue.group_ack"), RID),
+    (lambda: queue.nack_call(GROUP_KEYS, LEASE, request_id=RID, script="queue.group_nack"), RID),
+    (lambda: queue.requeue_dead_call(GROUP_KEYS, "t"), b""),
+    (lambda: queue.set_group_call(GROUP_KEYS, "g", weight=2), b""),
+    (lambda: queue.set_limits_call(GROUP_KEYS, max_active=3), b""),
+    (lambda: queue.set_rate_call(GROUP_KEYS, 10, 2, "g"), b""),
+    (lambda: queue.group_stats_call(GROUP_KEYS, ["g"]), b""),
     (lambda: dispatch.dispatch_call(DISPATCH_KEYS, "t", b"", RNG, request_id=RID), RID),
     (lambda: dispatch.node_dequeue_call(DISPATCH_KEYS, "n", "w", 1, 1000, request_id=RID), RID),
     (lambda: dispatch.node_ack_call(DISPATCH_KEYS, NODE_LEASE, request_id=RID), RID),

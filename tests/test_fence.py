@@ -1,6 +1,6 @@
 """Fencing tokens never repeat or go back, even on a server that lost its last grants (issue 19):
-lock fences, queue lease tokens and node-queue lease tokens (docs/guarantees.md, "Fencing
-tokens"; the rule is lua/include/fence.j2).
+lock fences, queue lease tokens (with and without groups) and node-queue lease tokens
+(docs/guarantees.md, "Fencing tokens"; the rule is lua/include/fence.j2).
 
 A promoted replica that missed the last writes holds the keys as they were before them. Each
 test stands in for that with a rollback on one server: every key of the namespace is DUMPed,
@@ -101,21 +101,26 @@ def test_lock_fences_never_repeat_after_a_rollback(r: Client, kind: str) -> None
     assert_never_back(*rolled_back_round(r, s.namespace, grant))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("path", ["lean", "main"])
-def test_queue_lease_tokens_never_repeat_after_a_rollback(r: Client, path: str) -> None:
+def test_queue_lease_tokens_never_repeat_after_a_rollback(
+    r: Client, path: str, grouped: bool
+) -> None:
     """dequeue and dequeue_many, on the lean path (ready tasks only) or main() (a due delayed
-    task to promote first). Tokens of one call are consecutive; a batch runs ahead of the clock
-    by its size, and the next call still starts above it."""
+    task to promote first); ``grouped``: the tasks in three groups (queue.group_dequeue).
+    Tokens of one call are consecutive; a batch runs ahead of the clock by its size, and the
+    next call still starts above it."""
     s = Scheduler(r, "fence-queue")
     q = s.queue("jobs")
+    groups = [f"g{index}" for index in range(3)] if grouped else [None]
     for index in range(60):
-        q.enqueue(f"t{index}", b"p")
+        q.enqueue(f"t{index}", b"p", group=groups[index % len(groups)])
     calls = [0]
 
     def grant() -> list[int]:
         calls[0] += 1
         if path == "main":
-            q.enqueue(f"due{calls[0]}", b"p", delay_ms=1)
+            q.enqueue(f"due{calls[0]}", b"p", delay_ms=1, group=groups[0])
             time.sleep(0.003)  # due: the call promotes it first (main())
         many = calls[0] % 2 == 0
         leases = q.dequeue_many("w", 3, HOUR) if many else [q.dequeue("w", HOUR)]

@@ -93,6 +93,15 @@ DISPATCH_DEAD: list[Step] = [
         )
     ],
 ]
+# A queue with groups: g1 ready in group A, g2 in B; g1 leased (token 1) in GROUP_LEASED, dead in
+# GROUP_DEAD.
+GROUPS: list[Step] = [
+    ("queue.group_enqueue", ("g1", "payload-1", "0", "0", "1", "", "60000", "A")),
+    ("queue.group_enqueue", ("g2", "payload-2", "3", "0", "3", "", "60000", "B")),
+    ("queue.set_group", ("A", "2", "3", "0")),
+]
+GROUP_LEASED = [*GROUPS, ("queue.group_dequeue", ("w1", "1", "30000", "0", "", "0", "", "60000"))]
+GROUP_DEAD = [*GROUP_LEASED, ("queue.group_nack", ("g1", TOKEN, "0", "bad", "0", "0", "", "60000"))]
 LOCKED: list[Step] = [("lock.acquire", ("tokA", "30000", "0", "0", "0", ""))]
 SEMAPHORE: list[Step] = [("lock.semaphore_acquire", ("tokA", "3", "30000", ""))]
 
@@ -135,6 +144,15 @@ VALID: dict[str, tuple[list[Step], tuple[str, ...]]] = {
     "queue.nack": (LEASED, ("t1", TOKEN, "-1", "oops", "100", "1000", "rq1", "60000")),
     "queue.requeue_dead": (DEAD, ("td",)),
     "queue.stats": (LEASED, ()),
+    "queue.group_enqueue": (GROUPS, ("g9", "payload-9", "7", "0", "2", "rq1", "60000", "C")),
+    "queue.group_dequeue": (GROUPS, ("w2", "2", "30000", "0", "", "0", "rq1", "60000")),
+    "queue.group_ack": (GROUP_LEASED, ("g1", TOKEN, "rq1", "60000")),
+    "queue.group_nack": (GROUP_LEASED, ("g1", TOKEN, "-1", "oops", "100", "1000", "rq1", "60000")),
+    "queue.group_requeue_dead": (GROUP_DEAD, ("g1",)),
+    "queue.group_stats": (GROUP_LEASED, ("A", "B", "C")),
+    "queue.set_group": (GROUPS, ("B", "3", "-1", "1")),
+    "queue.set_limits": (GROUPS, ("5", "0")),
+    "queue.set_rate": (GROUPS, ("A", "20", "4")),
     "slots.keyslot": ([], ("foo", "{user1000}.following", "")),
     "slots.owner": (REBALANCED, ("foo",)),
     "slots.owner_of_slot": (REBALANCED, ("12182",)),

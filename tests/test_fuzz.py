@@ -371,8 +371,8 @@ def invalid_call(draw: st.DrawFn, script: str) -> Call:
 
 
 def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
-    """Some state in every part of the namespace: nodes, slots, picks, a queue (plain and
-    dispatched), a lock."""
+    """Some state in every part of the namespace: nodes, slots, picks, a queue (plain, with
+    groups, and dispatched), a lock."""
     hour = 3_600_000
     scheduler = Scheduler(client, NAMESPACE.name, rng=random.Random(7))
     nodes = scheduler.nodes
@@ -398,6 +398,13 @@ def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
     queue.enqueue("t-1", b"payload \x00\xff", priority=5, request_id=SEEDED_REQUEST_ID)
     queue.enqueue("t-2", b"", priority=-3, request_id="")
     queue.enqueue("t-3", b"later", delay_ms=hour, request_id="")
+    assert queue.dequeue("worker-2", hour, request_id="") is not None
+    # Groups (the queue.group_* scripts): ready tasks in two groups, one leased, settings.
+    queue.enqueue("g-1", b"x", group="tenant-a", request_id="")
+    queue.enqueue("g-2", b"y", group=b"tenant-\x00\xff", priority=3, request_id="")
+    queue.set_group("tenant-a", weight=3, max_active=2)
+    queue.set_limits(max_active=100)
+    queue.set_rate(100, burst=5, group="tenant-a")
     assert queue.dequeue("worker-2", hour, request_id="") is not None
     # Dispatched tasks: a dead letter, a leased one, a ready one and a delayed one.
     doomed = queue.dispatch("d-dead", b"x", strategy="round_robin", priority=511, max_attempts=1,

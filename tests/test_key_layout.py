@@ -149,6 +149,19 @@ def record(r: Client) -> dict[str, Recorded]:
     assert lease is not None
     queue.extend(lease, HOUR)
     queue.ack(lease)
+    grouped = s.queue("tenants", request_ttl_ms=HOUR)
+    grouped.enqueue("g-dead", b"x", priority=511, max_attempts=1, group="A")
+    grouped.set_group("A", weight=2, max_active=3)
+    grouped.set_limits(max_active=100)
+    grouped.set_rate(1000, burst=10, group="A")
+    lease = grouped.dequeue("worker-1", HOUR)
+    assert lease is not None
+    grouped.nack(lease, reason=b"boom")
+    grouped.requeue_dead("g-dead")
+    lease = grouped.dequeue("worker-1", HOUR)
+    assert lease is not None
+    grouped.ack(lease)
+    grouped.group_stats(["A"])
     queue.stats()
 
     doomed = queue.dispatch("d-dead", b"x", strategy="round_robin", priority=511, max_attempts=1)

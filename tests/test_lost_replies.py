@@ -193,3 +193,65 @@ def test_lock_release_acts_once(proxy: ReplyDroppingProxy, via: redis.Redis, r: 
     other = lock_state(r, direct.namespace.key("lock", b"other"))
     assert other is not None and other["owner"] == first.token
     assert lock.release(again).count == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Queues with groups (issue 21): the queue.group_* scripts act once too, and the group counts
+# (leases held, the ring) move once.
+
+
+def test_control_a_group_dequeue_without_request_id_takes_two_tasks(
+    proxy: ReplyDroppingProxy, via: redis.Redis, r: Client
+) -> None:
+    s, direct = through(via, r)
+    direct.queue("jobs").enqueue("a", b"1", group="g")
+    direct.queue("jobs").enqueue("b", b"2", group="g")
+    proxy.drop_reply_of(evalsha_of(s, "queue.group_dequeue"))
+    lease = s.queue("jobs", grouped=True).dequeue("w", 60_000, request_id=b"")
+    assert lease is not None and lease.task_id == b"b"  # "a" was taken by the lost call
+    assert direct.queue("jobs").set_group("g").active == 2
+
+
+def test_group_enqueue_acts_once(proxy: ReplyDroppingProxy, via: redis.Redis, r: Client) -> None:
+    s, direct = through(via, r)
+    match = evalsha_of(s, "queue.group_enqueue")
+    proxy.drop_reply_of(match)
+    result = s.queue("jobs").enqueue("a", b"payload", group="g")
+    assert (result.created, result.state) == (True, "ready")  # the first call's reply, replayed
+    assert proxy.count(match) == 2 and len(proxy.dropped) == 1
+    keys = direct.queue("jobs").group_keys.bound
+    assert r.zcard(keys["gready"]) == 1
+    assert r.hget(keys["tasks"], "seq") == b"1"
+
+
+def test_group_dequeue_ack_and_nack_act_once(
+    proxy: ReplyDroppingProxy, via: redis.Redis, r: Client
+) -> None:
+    s, direct = through(via, r)
+    plain = direct.queue("jobs")
+    for task_id in ("a", "b", "c"):
+        plain.enqueue(task_id, b"1", group="g")
+    q = s.queue("jobs", grouped=True)
+    match = evalsha_of(s, "queue.group_dequeue")
+    proxy.drop_reply_of(match)
+    lease = q.dequeue("w", 60_000)
+    assert lease is not None and lease.task_id == b"a"
+    assert proxy.count(match) == 2 and len(proxy.dropped) == 1
+    assert r.hget(plain.keys.tasks, "fence") == b"%d" % lease.token  # the replay answered it
+    assert plain.set_group("g").active == 1  # one lease taken, counted once
+    second = plain.dequeue("w", 60_000)
+    assert second is not None and second.task_id == b"b"
+
+    ack = evalsha_of(s, "queue.group_ack")
+    proxy.drop_reply_of(ack)
+    assert q.ack(lease) is True  # replayed, not refused as stale
+    assert proxy.count(ack) == 2
+    assert plain.set_group("g").active == 1  # -1 once
+
+    nack = evalsha_of(s, "queue.group_nack")
+    proxy.drop_reply_of(nack)
+    assert q.nack(second, delay_ms=0).state == "ready"
+    assert proxy.count(nack) == 2
+    assert plain.set_group("g").active == 0  # -1 once
+    keys = plain.group_keys.bound
+    assert r.zcard(keys["gready"]) == 2  # c, and b back in its group once

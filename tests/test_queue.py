@@ -27,6 +27,7 @@ from support.helpers import (
     snapshot,
     with_held_tokens,
 )
+from test_queue_groups import GROUPED_SCRIPTS
 
 Client = Any  # redis.Redis or RedisCluster
 
@@ -705,13 +706,17 @@ ERROR_CASES: list[tuple[str, str, str, tuple[Any, ...], str, str]] = [
 
 
 def test_every_queue_script_and_error_code_is_covered() -> None:
-    # The dispatch scripts (keys luasched:{ns}:d:...) are covered by test_queue_dispatch.py.
+    # The dispatch scripts (keys luasched:{ns}:d:...) are covered by test_queue_dispatch.py, the
+    # scripts of queues with groups (11 KEYS) and the GROUPED answers by test_queue_groups.py.
     scripts = {
         name
         for name, script in render_all().items()
-        if name.startswith("queue.") and script.spec.keys[0].pattern.startswith("luasched:{ns}:q:")
+        if name.startswith("queue.")
+        and script.spec.keys[0].pattern.startswith("luasched:{ns}:q:")
+        and len(script.spec.keys) == 8
     }
-    assert_codes_covered(ERROR_CASES, scripts)
+    grouped = [(name, "GROUPED") for name in GROUPED_SCRIPTS]
+    assert_codes_covered(ERROR_CASES, scripts, elsewhere=grouped)
 
 
 @pytest.mark.parametrize(

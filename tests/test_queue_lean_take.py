@@ -17,7 +17,6 @@ import pytest
 
 from luasched import Scheduler
 from luasched.queue import (
-    Lease,
     ack_call,
     dequeue_call,
     enqueue_call,
@@ -25,7 +24,7 @@ from luasched.queue import (
     new_request_id,
 )
 from luasched.scripts import Call
-from support.twins import QUEUES, QueueTwins
+from support.twins import QUEUES, QueueTwins, held_lease, leases_in
 
 Client = Any  # redis.Redis or RedisCluster
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small
@@ -46,12 +45,6 @@ def _full_form(call: Call[Any]) -> Call[Any]:
     args = list(call.args)
     args[3] = "0" + str(args[3])
     return Call(call.script, call.keys, tuple(args), call.parse)
-
-
-def _leases(reply: Any) -> list[tuple[bytes, int]]:
-    if not isinstance(reply, list):
-        return []
-    return [(bytes(reply[i]), int(reply[i + 3])) for i in range(1, len(reply), 5)]
 
 
 @pytest.mark.slow
@@ -105,7 +98,7 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
         elif roll < 0.58 and held:
             kind = "ack" if rng.random() < 0.5 else "nack"
             task_id, token = rng.choice(held)
-            lease = _lease(task_id, token)
+            lease = held_lease(task_id, token)
             rid = new_request_id()
             other_rids.append(rid)
             delay, base_ms = rng.choice([None, 0, 3]), rng.choice([1, 5, 1000])
@@ -142,7 +135,7 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
             if held and rng.random() < 0.35:
                 kind = "ack_and_dequeue"
                 task_id, token = rng.choice(held[-3:] if rng.random() < 0.8 else held)
-                ack = _lease(task_id, token + (1000 if rng.random() < 0.1 else 0))
+                ack = held_lease(task_id, token + (1000 if rng.random() < 0.1 else 0))
                 count = 1
             elif count > 1:
                 kind = "dequeue_many"
@@ -160,7 +153,7 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
         paths[kind + ":" + _path(twins)] += 1
         assert lean == full, (step, kind)
         if kind not in ("enqueue", "ack", "nack"):
-            held.extend(_leases(lean))
+            held.extend(leases_in(lean))
         twins.assert_same_keys((step, kind))
         if rng.random() < 0.15:
             time.sleep(rng.choice([0.002, 0.01, 0.025]))  # short leases and delays lapse
@@ -169,7 +162,3 @@ def test_dequeue_lean_path_decides_as_the_full_script(r: Client, seed: int) -> N
         # least twice each, not an exact count (a loaded cluster run saw 4 of one kind).
         assert paths[kind + ":lean"] >= 2, paths  # the lean path answered
         assert paths[kind + ":main"] >= 2, paths  # and fell through
-
-
-def _lease(task_id: bytes, token: int) -> Lease:
-    return Lease(task_id=task_id, payload=b"", attempt=1, token=token, deadline_ms=0)

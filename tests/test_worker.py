@@ -419,6 +419,69 @@ def test_stop_after_a_lost_take_reply_gives_those_leases_back(
     assert {lease.attempt for lease in rest} == {1}
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_queue_that_gains_groups_while_a_worker_runs(
+    r: Any,
+    server: ServerHandle,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another client enqueues tasks with a group while a busy worker serves the queue: the take
+    that rides with the acks is answered GROUPED (nothing taken); the worker switches to the
+    ``queue.group_*`` scripts and asks again at once, under the same request id. Every task,
+    with and without a group, runs once on its first attempt (none waits for a lease to
+    lapse), none is left leased, and no take is logged as failed. Fails before the switch (the
+    GROUPED answer was logged as a failed take and asked again as one)."""
+    import luasched.asyncio.worker as async_worker
+    import luasched.worker as sync_worker
+
+    q = Scheduler(r, NS).queue("gains")
+    plain_ids = [b"t%02d" % index for index in range(32)]
+    group_ids = [b"g%d-%d" % (index % 4, index) for index in range(16)]
+    for task_id in plain_ids:
+        q.enqueue(task_id, b"")
+    answers: list[tuple[str, str]] = []
+
+    def see(calls: Any, results: list[Any]) -> list[Any]:
+        for (_runner, call), result in zip(calls, results, strict=True):
+            if call.script.endswith("dequeue"):
+                answers.append((call.script, type(result).__name__))
+        return results
+
+    if kind == "threads":
+        send = sync_worker.send_calls
+        monkeypatch.setattr(sync_worker, "send_calls", lambda calls: see(calls, send(calls)))
+    else:
+        send_async = async_worker.send_calls_async
+
+        async def send_calls_async(calls: Any) -> list[Any]:
+            return see(calls, await send_async(calls))
+
+        monkeypatch.setattr(async_worker, "send_calls_async", send_calls_async)
+    attempts: dict[bytes, list[int]] = {}
+
+    def handler(job: Job) -> None:
+        attempts.setdefault(job.task_id, []).append(job.attempt)
+        if job.task_id == plain_ids[0]:  # in the first batch: the next take rides after it
+            for index, task_id in enumerate(group_ids):
+                q.enqueue(task_id, b"", group=b"g%d" % (index % 4))
+
+    caplog.set_level("INFO", logger="luasched.worker")
+    clean, stats = _serve(server, kind, "gains", handler, batch=8, lease_ms=10_000, burst=True)
+    # The ridden take met the groups, and the next take went to the group scripts at once.
+    grouped = answers.index(("queue.dequeue", "GroupedQueue"))
+    assert answers[grouped + 1] == ("queue.group_dequeue", "list")
+    assert clean is True
+    assert attempts == {task_id: [1] for task_id in plain_ids + group_ids}
+    assert (stats.processed, stats.lost, stats.given_back) == (48, 0, 0)
+    assert r.zcard(q.keys.fixed[2]) == 0  # nothing leased
+    counts = q.group_stats([])
+    assert (counts.ready, counts.queue.ready, counts.queue.delayed) == (0, 0, 0)
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert errors == []
+
+
 def _take_over(r: Any, s: Scheduler, name: str, task_id: bytes) -> Lease:
     """Make the lease of ``task_id`` lapse and lease the task to another worker, in one
     MULTI/EXEC (so no extend of its worker comes between): the other worker's lease."""

@@ -19,6 +19,7 @@ __all__ = [
     "ERROR_CODES",
     "AllNodesFull",
     "CorruptState",
+    "GroupedQueue",
     "InvalidArgument",
     "LockTimeout",
     "LuaschedError",
@@ -137,6 +138,19 @@ class StaleLease(LuaschedError):
     )
 
 
+class GroupedQueue(LuaschedError):
+    """The queue has groups (queue.group_enqueue, set_group or set_limits was called on it), or the
+    task has a group: the plain script cannot keep the groups' fairness, caps and counts, so it
+    refused (queue.dequeue; queue.ack, nack, requeue_dead of a task with a group). Nothing changed:
+    call the queue.group_* script instead (the Python queues switch to them by themselves)."""
+
+    code = "GROUPED"
+    description = (
+        "the queue (or the task) has groups: call the queue.group_* script of the same operation; "
+        "nothing changed"
+    )
+
+
 class TooManyNodes(LuaschedError):
     """More candidate nodes than a strategy with O(n) picks supports (pick.smooth_weighted)."""
 
@@ -196,6 +210,7 @@ _CLASSES: tuple[type[LuaschedError], ...] = (
     ScanLimitReached,
     TooManyNodes,
     StaleLease,
+    GroupedQueue,
 )
 
 #: Every stable code with what it means; the manifest and docs are generated from this table.

@@ -51,6 +51,7 @@ from luasched.queue import (
     QueueCalls,
     QueueStats,
     check_queue_options,
+    refuse_group,
 )
 from luasched.retry import RetryPolicy
 
@@ -297,6 +298,14 @@ class ShardedBase(Generic[P]):
         self.block_slice_ms = slice_ms(block_slice_ms)
         self.rotation = Rotation(len(queues))
 
+    def _enqueue_partition(
+        self, task_id: str | bytes, routing_key: str | bytes | None, group: str | bytes | None
+    ) -> P:
+        """The partition queue an enqueue of ``task_id`` goes to. A sharded queue has no groups
+        (yet): a ``group`` is refused (InvalidArgument, before any I/O)."""
+        refuse_group(group, "sharded queues")
+        return self.partitions[partition_for(task_id, routing_key, len(self.partitions))]
+
     def partition_of(self, routing_key: str | bytes) -> int:
         """The partition a task with this routing key goes to."""
         return routed(routing_key, len(self.partitions))
@@ -385,10 +394,11 @@ class ShardedQueue(ShardedBase[Queue]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Enqueued:
-        """``Queue.enqueue`` on the partition of ``routing_key`` (default: the task id)."""
-        partition = partition_for(task_id, routing_key, len(self.partitions))
-        return self.partitions[partition].enqueue(
+        """``Queue.enqueue`` on the partition of ``routing_key`` (default: the task id); a
+        ``group`` is refused (InvalidArgument: sharded queues have no groups)."""
+        return self._enqueue_partition(task_id, routing_key, group).enqueue(
             task_id,
             payload,
             priority=priority,

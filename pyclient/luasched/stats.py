@@ -19,6 +19,8 @@ from luasched.render import ScriptConfig, render_all
 
 __all__ = [
     "DEFAULT_MAX_SCAN",
+    "MAX_GROUPS",
+    "GroupLine",
     "LockStat",
     "NamespaceStats",
     "NodeStat",
@@ -29,6 +31,8 @@ __all__ = [
 
 DEFAULT_MAX_SCAN = 100_000
 SCAN_COUNT = 1000
+#: The most groups ``luasched stats`` reports per queue (one ``queue.group_stats`` call).
+MAX_GROUPS = 100
 
 
 def _text(raw: bytes) -> str:
@@ -51,8 +55,28 @@ class NodeStat:
 
 
 @dataclass(frozen=True)
+class GroupLine:
+    """One group of a queue with groups (``queue.group_stats``): ready tasks, leases held,
+    weight, cap (0: none), paused, rate (``per_second`` 0: none; ``burst``), and ``rate_wait_ms``
+    until its rate allows a take."""
+
+    group: str
+    ready: int
+    active: int
+    weight: int
+    max_active: int
+    paused: bool
+    per_second: float
+    burst: int
+    rate_wait_ms: int
+
+
+@dataclass(frozen=True)
 class QueueStat:
-    """A queue's counts (``queue.stats``); ``oldest_ready_age_ms`` None when none is ready."""
+    """A queue's counts (``queue.stats``); ``oldest_ready_age_ms`` None when none is ready.
+    A queue with groups: ``ready`` counts its ready tasks with a group too, and ``groups`` holds
+    up to ``MAX_GROUPS`` of its groups (those in the ring, then those held back by a rate, then
+    those with settings, found with a bounded ``HSCAN``)."""
 
     name: str
     ready: int
@@ -60,6 +84,7 @@ class QueueStat:
     leased: int
     dead: int
     oldest_ready_age_ms: int | None
+    groups: tuple[GroupLine, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +156,7 @@ def namespace_stats(
     """
     # Here, not at the top: the CLI reads DEFAULT_MAX_SCAN for every command, redis not needed.
     from luasched.nodes import list_call
-    from luasched.queue import QueueKeys, stats_call
+    from luasched.queue import GroupKeys, QueueKeys, stats_call
     from luasched.scripts import ScriptRunner
 
     space = Namespace(namespace)
@@ -175,7 +200,11 @@ def namespace_stats(
                 semaphore_names.add(rest[len(b"sem:") :])
     queues = []
     for name in sorted(queue_names):
-        counts = runner.run(stats_call(QueueKeys.of(space, name)))
+        queue_keys = QueueKeys.of(space, name)
+        counts = runner.run(stats_call(queue_keys))
+        groups: tuple[GroupLine, ...] = ()
+        if client.hget(queue_keys.tasks, "G") is not None:
+            counts, groups = _groups(client, runner, GroupKeys.of(space, name))
         queues.append(
             QueueStat(
                 _text(name),
@@ -184,6 +213,7 @@ def namespace_stats(
                 counts.leased,
                 counts.dead,
                 counts.oldest_ready_age_ms,
+                groups,
             )
         )
     now_ms = listing.now_ms
@@ -216,6 +246,40 @@ def namespace_stats(
         keys_seen=len(keys),
         truncated=truncated,
     )
+
+
+def _groups(client: Any, runner: Any, keys: Any) -> tuple[Any, tuple[GroupLine, ...]]:
+    """The counts of a queue with groups (its QueueStats) and up to MAX_GROUPS of its groups."""
+    from luasched.queue import group_stats_call
+
+    names: dict[bytes, None] = {}
+    for member in client.zrange(keys.bound["gring"], 0, MAX_GROUPS - 1):
+        if member:  # "" stands for the tasks without a group
+            names[bytes(member)] = None
+    for member in client.zrange(keys.bound["gwait"], 0, MAX_GROUPS - 1):
+        names[bytes(member)] = None
+    if len(names) < MAX_GROUPS:  # groups with settings ("w"..group), a bounded scan
+        for field, _ in client.hscan_iter(keys.bound["groups"], match="w*", count=SCAN_COUNT):
+            names[bytes(field)[1:]] = None
+            if len(names) >= MAX_GROUPS:
+                break
+    chosen: list[str | bytes] = [*sorted(names)[:MAX_GROUPS]]
+    found = runner.run(group_stats_call(keys, chosen))
+    lines = tuple(
+        GroupLine(
+            _text(name),
+            stat.ready,
+            stat.active,
+            stat.weight,
+            stat.max_active,
+            stat.paused,
+            1000 / stat.interval_ms if stat.interval_ms else 0.0,
+            stat.burst,
+            stat.rate_wait_ms,
+        )
+        for name, stat in found.groups.items()
+    )
+    return found.queue, lines
 
 
 def render_text(stats: NamespaceStats) -> str:
@@ -269,6 +333,37 @@ def render_text(stats: NamespaceStats) -> str:
                 )
             )
         lines += _table(queue_rows)
+        for queue in stats.queues:
+            if queue.groups:
+                lines.append(f"groups of {queue.name}: {len(queue.groups)}")
+                group_rows: list[tuple[str, ...]] = [
+                    (
+                        "group",
+                        "ready",
+                        "leased",
+                        "weight",
+                        "cap",
+                        "paused",
+                        "rate/s",
+                        "burst",
+                        "wait",
+                    )
+                ]
+                for group in queue.groups:
+                    group_rows.append(
+                        (
+                            group.group,
+                            str(group.ready),
+                            str(group.active),
+                            str(group.weight),
+                            str(group.max_active) if group.max_active else "-",
+                            "yes" if group.paused else "no",
+                            f"{group.per_second:g}" if group.per_second else "-",
+                            str(group.burst),
+                            f"{group.rate_wait_ms} ms",
+                        )
+                    )
+                lines += _table(group_rows)
     lines.append(f"locks held: {len(stats.locks)}")
     if stats.locks:
         lock_rows: list[tuple[str, ...]] = [("lock", "fence", "holds", "ttl", "waiters")]

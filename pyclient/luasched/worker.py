@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from luasched import validate
-from luasched.errors import InvalidArgument, StaleLease, UnknownNode
+from luasched.errors import GroupedQueue, InvalidArgument, StaleLease, UnknownNode
 from luasched.keys import new_request_id
 from luasched.nodes import drain_call, heartbeat_call, register_call
 from luasched.queue import (
@@ -291,7 +291,7 @@ def ack_of(queue: Any, lease: Lease) -> tuple[Any, Call[Any]]:
     plain = _plain(queue, lease)
     if _is_node(queue):
         return plain._runner, ack_call(plain.dispatch_keys, lease, script="queue.node_ack")
-    return plain._runner, ack_call(plain.keys, lease, request_ttl_ms=plain.request_ttl_ms)
+    return plain._runner, plain._ack_call(lease, None)
 
 
 def nack_of(
@@ -300,15 +300,16 @@ def nack_of(
     """The runner and ``queue.nack`` (``queue.node_nack``) call of ``lease`` in ``mode``."""
     plain = _plain(queue, lease)
     node = _is_node(queue)
+    script = "queue.node_nack" if node else plain._lease_script("queue.nack")
     return plain._runner, nack_call(
-        plain.dispatch_keys if node else plain.keys,
+        plain._lease_keys(script),
         lease,
         delay_ms=delay_ms,
         reason=reason,
         backoff_base_ms=plain.backoff_base_ms,
         backoff_max_ms=plain.backoff_max_ms,
         request_ttl_ms=plain.request_ttl_ms,
-        script="queue.node_nack" if node else "queue.nack",
+        script=script,
         mode=mode,
     )
 
@@ -333,6 +334,25 @@ def take_of(queue: Any, options: WorkerOptions, request_id: bytes) -> tuple[Any,
     if _is_node(queue):
         return queue.queue._runner, queue._take_plan(*args, request_id, "many")
     return queue._runner, queue._take_plan(*args, None, request_id, "many")
+
+
+def _to_groups(queue: Any) -> bool:
+    """After a take answered GROUPED: switch a plain queue (sync or asyncio) to the
+    ``queue.group_*`` scripts (``QueueCalls._to_groups``); False for any other queue, or one
+    that called them already."""
+    to_groups = getattr(queue, "_to_groups", None)
+    return to_groups is not None and bool(to_groups())
+
+
+def _take_again(
+    queue: Any, options: WorkerOptions, request_id: bytes | None
+) -> Generator[WorkerStep, Any, Any]:
+    """The take of ``take_of`` under ``request_id`` on its own; its leases or its exception."""
+    take = take_of(queue, options, request_id or new_request_id())
+    if take is None:
+        return None
+    (result,) = yield Calls((take,))
+    return result
 
 
 def remaining(stats: Any) -> int:
@@ -519,6 +539,10 @@ def worker_loop(
             taking = drain_deadline is None and not control.stop.is_set() and replay is None
             rid = new_request_id() if taking else None
             taken = yield from _finish(queue, options, running, done, stats, rid)
+            if isinstance(taken, GroupedQueue) and _to_groups(queue):
+                # The queue gained groups: that take changed nothing; ask the group scripts.
+                log.info("queue %r has groups: takes go to queue.group_dequeue", name)
+                taken = yield from _take_again(queue, options, rid)
             if isinstance(taken, BaseException):
                 log.error("take failed: %s (asked again)", taken)
                 replay = rid

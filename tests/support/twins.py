@@ -20,7 +20,7 @@ import redis
 import redis.cluster
 
 from luasched import Scheduler
-from luasched.queue import QueueKeys
+from luasched.queue import Lease, QueueKeys
 from luasched.render import render_all
 from luasched.scripts import Call
 from support.helpers import FENCE_AHEAD, clock_moves_in_multi, namespace_keys
@@ -48,6 +48,18 @@ def as_text(reply: Any) -> Any:
 def raw_call(script: str, keys: tuple[bytes, ...], args: list[Any]) -> Call[Any]:
     """A call with the reply left as it is."""
     return Call(script, keys, tuple(args), lambda reply: reply)
+
+
+def leases_in(reply: Any) -> list[tuple[bytes, int]]:
+    """(task_id, token) of each lease in a raw dequeue reply (none in an error or an int)."""
+    if not isinstance(reply, list):
+        return []
+    return [(bytes(reply[i]), int(reply[i + 3])) for i in range(1, len(reply), 5)]
+
+
+def held_lease(task_id: bytes, token: int) -> Lease:
+    """A lease built from what a reply gave (no queue: the script decides if it is held)."""
+    return Lease(task_id=task_id, payload=b"", attempt=1, token=token, deadline_ms=0)
 
 
 def _calls(info: dict[str, Any], command: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from luasched import validate
@@ -30,11 +31,14 @@ from luasched.loops import Loop, drive_async, no_calls
 from luasched.pick import RandomSource
 from luasched.queue import (
     Enqueued,
+    GroupSettings,
+    GroupStats,
     QueueCalls,
+    QueueLimits,
     QueueStats,
+    RateLimit,
+    group_stats_call,
     policy_loop,
-    requeue_dead_call,
-    stats_call,
     warn_policy,
 )
 from luasched.scripts import Call
@@ -68,6 +72,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         poll_ms: int = DEFAULT_POLL_MS,
         on_first_call: Any = None,
         rng: RandomSource | None = None,
+        grouped: bool = False,
     ) -> None:
         super().__init__(
             runner,
@@ -80,6 +85,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             request_ttl_ms=request_ttl_ms,
             poll_ms=poll_ms,
             rng=rng,
+            grouped=grouped,
         )
         self._on_first_call = on_first_call
 
@@ -95,6 +101,10 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             return await self._run(plan)
         return await drive_async(plan, self._run, self._client)
 
+    async def _switching(self, build: Callable[[], Call[Any] | Loop[Any]]) -> Any:
+        """``luasched.queue.Queue._switching``, awaited (the same loop)."""
+        return await drive_async(self._switching_loop(build), self._run, self._client)
+
     async def enqueue(
         self,
         task_id: str | bytes,
@@ -104,10 +114,13 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Enqueued:
         """Add a task; see ``luasched.queue.Queue.enqueue``."""
         return await self._run(  # type: ignore[no-any-return]
-            self._enqueue_call(task_id, payload, priority, delay_ms, max_attempts, request_id)
+            self._enqueue_call(
+                task_id, payload, priority, delay_ms, max_attempts, request_id, group
+            )
         )
 
     async def dequeue(
@@ -119,8 +132,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> Lease | None:
         """Take and lease the next task; see ``luasched.queue.Queue.dequeue``."""
-        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, None, request_id, "one")
+        )
 
     async def dequeue_many(
         self,
@@ -132,8 +146,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> list[Lease]:
         """Take up to ``n``; see ``luasched.queue.Queue.dequeue_many``."""
-        plan = self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, n, lease_ms, block_ms, None, request_id, "many")
+        )
 
     async def ack_and_dequeue(
         self,
@@ -146,12 +161,13 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
     ) -> Lease | None:
         """Ack and take the next; see ``luasched.queue.Queue.ack_and_dequeue``."""
         validate.lease("lease", lease, self.keys.tasks)  # None means no ack: refuse it
-        plan = self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
-        return await self._do(plan)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._take_plan(worker_id, 1, lease_ms, block_ms, lease, request_id, "one")
+        )
 
     async def ack(self, lease: Lease, *, request_id: str | bytes | None = None) -> bool:
         """Finish a task; see ``luasched.queue.Queue.ack``."""
-        return await self._run(self._ack_call(lease, request_id))  # type: ignore[no-any-return]
+        return await self._switching(lambda: self._ack_call(lease, request_id))  # type: ignore[no-any-return]
 
     async def nack(
         self,
@@ -162,8 +178,9 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         request_id: str | bytes | None = None,
     ) -> Nacked:
         """A failed attempt; see ``luasched.queue.Queue.nack``."""
-        call = self._nack_call(lease, delay_ms, reason, request_id)
-        return await self._run(call)  # type: ignore[no-any-return]
+        return await self._switching(  # type: ignore[no-any-return]
+            lambda: self._nack_call(lease, delay_ms, reason, request_id)
+        )
 
     async def extend(self, lease: Lease, lease_ms: int) -> int:
         """Move the deadline; see ``luasched.queue.Queue.extend``."""
@@ -171,12 +188,51 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
 
     async def requeue_dead(self, task_id: str | bytes) -> bool:
         """Bring a dead letter back; see ``luasched.queue.Queue.requeue_dead``."""
-        status = await self._run(requeue_dead_call(self.keys, task_id))
+        status = await self._switching(lambda: self._requeue_dead_call(task_id))
         return status == "requeued" if status is not None else False
 
     async def stats(self) -> QueueStats:
         """Counts; see ``luasched.queue.Queue.stats``."""
-        return await self._run(stats_call(self.keys))  # type: ignore[no-any-return]
+        return await self._run(self._stats_call())  # type: ignore[no-any-return]
+
+    # ----------------------------------------------------------------------------------------
+    # Groups, caps and pause (see luasched.queue.Queue)
+
+    async def set_group(
+        self,
+        group: str | bytes,
+        *,
+        weight: int | None = None,
+        max_active: int | None = None,
+        paused: bool | None = None,
+    ) -> GroupSettings:
+        """A group's weight, cap and pause; see ``luasched.queue.Queue.set_group``."""
+        call = self._set_group_call(group, weight, max_active, paused)
+        return await self._run(call)  # type: ignore[no-any-return]
+
+    async def set_limits(
+        self, *, max_active: int | None = None, paused: bool | None = None
+    ) -> QueueLimits:
+        """The queue's cap and pause; see ``luasched.queue.Queue.set_limits``."""
+        return await self._run(self._set_limits_call(max_active, paused))  # type: ignore[no-any-return]
+
+    async def set_rate(
+        self, per_second: int, burst: int = 1, group: str | bytes | None = None
+    ) -> RateLimit:
+        """A rate limit; see ``luasched.queue.Queue.set_rate``."""
+        return await self._run(self._set_rate_call(per_second, burst, group))  # type: ignore[no-any-return]
+
+    async def group_stats(self, groups: tuple[str | bytes, ...] | list[str | bytes]) -> GroupStats:
+        """Counts of the groups; see ``luasched.queue.Queue.group_stats``."""
+        return await self._run(group_stats_call(self.group_keys, groups))  # type: ignore[no-any-return]
+
+    async def pause(self, group: str | bytes | None = None) -> None:
+        """Pause the queue or one group; see ``luasched.queue.Queue.pause``."""
+        await self._run(self._pause_call(group, True))
+
+    async def resume(self, group: str | bytes | None = None) -> None:
+        """Resume; see ``luasched.queue.Queue.resume``."""
+        await self._run(self._pause_call(group, False))
 
     # ----------------------------------------------------------------------------------------
     # Dispatch to nodes (see luasched.queue.Queue)
@@ -193,6 +249,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Dispatched:
         """Choose a node and queue the task for it; see ``luasched.queue.Queue.dispatch``."""
         call = self._dispatch_call(
@@ -205,6 +262,7 @@ class AsyncQueue(QueueCalls[AsyncRunner]):
             delay_ms,
             max_attempts,
             request_id,
+            group,
         )
         return await self._run(call)  # type: ignore[no-any-return]
 

@@ -42,10 +42,10 @@ class AsyncShardedQueue(ShardedBase[AsyncQueue]):
         delay_ms: int = 0,
         max_attempts: int | None = None,
         request_id: str | bytes | None = None,
+        group: str | bytes | None = None,
     ) -> Enqueued:
         """See ``luasched.sharded.ShardedQueue.enqueue``."""
-        partition = partition_for(task_id, routing_key, len(self.partitions))
-        return await self.partitions[partition].enqueue(
+        return await self._enqueue_partition(task_id, routing_key, group).enqueue(
             task_id,
             payload,
             priority=priority,

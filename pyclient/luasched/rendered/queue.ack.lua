@@ -33,6 +33,7 @@
 --@reply      int:1..1  1: the task is finished and gone.
 --@error      ARG  Not 8 keys or 4 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held (finished, or expired and taken again: another token); nothing changed.
+--@error      GROUPED  The task has a group (queue.group_enqueue): ack it with queue.group_ack; nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
@@ -108,7 +109,8 @@ do
 end
 
 -- The lean path: the call the wrapper makes for q.ack(lease) (8 KEYS, 4 ARGV in their canonical
--- form, request_id "" or one with no record yet, the lease held under that token). It runs
+-- form, request_id "" or one with no record yet, the lease held under that token: the checks of
+-- include/ack_lean.lua.j2, shared with queue.group_ack, and a task without a group). It runs
 -- before the helpers below are defined. Its checks accept only arguments main() accepts too;
 -- anything else, a recorded request id, a stale token (STALE), a meta it does not read exactly
 -- as "L <priority> <max> <attempts> <token> <deadline> ..." with the token spelled as the
@@ -117,24 +119,34 @@ end
 -- nothing was written and main() answers CORRUPT. The record is cmsgpack.pack({ 'ack' }) packed
 -- at render time (the msgpack filter), the bytes record_request() writes.
 if #KEYS == 8 and #ARGV == 4 then
-  local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-  if #task_id >= 1 and #task_id <= 1024 and #token <= 16 and #request_ttl <= 8
-    and #request_id <= 64 and string.find(token, '^[1-9]%d*$')
-    and string.find(request_ttl, '^[1-9]%d*$') and string.find(request_id, '^[%w_%-]*$')
-    and token + 0 <= 9007199254740991
-    and (#request_ttl < 8 or request_ttl + 0 <= 86400000) then
-    -- false: no record (an error table or a string goes to main()).
-    local record = request_id ~= '' and redis.pcall('GET', KEYS[8])
-    local raw = record == false and redis.pcall('HGET', KEYS[5], 'm' .. task_id)
-    if type(raw) == 'string' and string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') == token
-      and type(redis.pcall('ZREM', KEYS[3], task_id)) == 'number' then
-      redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
-      if request_id ~= '' then
-        redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
-      end
-      return 1
+  repeat
+    local task_id, token, request_id, request_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+    if #task_id < 1 or #task_id > 1024 or #token > 16 or #request_ttl > 8
+      or #request_id > 64 or not string.find(token, '^[1-9]%d*$')
+      or not string.find(request_ttl, '^[1-9]%d*$') or not string.find(request_id, '^[%w_%-]*$')
+      or token + 0 > 9007199254740991
+      or (#request_ttl == 8 and request_ttl + 0 > 86400000) then
+      break
     end
-  end
+    -- false: no record (an error table or a string goes to main()).
+    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
+      break
+    end
+    local values = redis.pcall('HMGET', KEYS[5], 'm' .. task_id, 'g' .. task_id)
+    local raw = values[1] -- nil for an error table
+    if type(raw) ~= 'string' or string.match(raw, '^L %-?%d+ %d+ %d+ (%d+) %d+ ') ~= token then
+      break
+    end
+    -- A task with a group ("g"..id) goes to main(), which answers GROUPED.
+    if values[2] or type(redis.pcall('ZREM', KEYS[3], task_id)) ~= 'number' then
+      break
+    end
+    redis.call('HDEL', KEYS[5], 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)
+    if request_id ~= '' then
+      redis.call('SET', KEYS[8], '\145\163ack', 'PX', request_ttl)
+    end
+    return 1
+  until true
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -392,11 +404,14 @@ local function main()
   if recorded_request(request_id, 'ack') then
     return 1
   end
-  local raw = read('HGET', K_TASKS, 'm' .. task_id)
-  local meta = raw and parse_meta(raw, task_id)
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'g' .. task_id)
+  local meta = fields[1] and parse_meta(fields[1], task_id)
   if not meta or meta.state ~= 'L' or meta.token ~= token then
     fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
       .. ' is no longer held')
+  end
+  if fields[2] then
+    fail('GROUPED', 'task ' .. show(task_id) .. ' has a group: ack it with queue.group_ack')
   end
   first_write('ZREM', K_LEASED, task_id)
   redis.call('HDEL', K_TASKS, 'p' .. task_id, 'm' .. task_id, 'r' .. task_id)

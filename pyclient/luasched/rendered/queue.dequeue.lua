@@ -48,6 +48,8 @@
 --@error      ARG  Not 8 keys or 8 arguments, an argument out of its range, ack_task_id without ack_token (or the
 --@+          reverse), or a request id used by another call.
 --@error      STALE  The lease to ack is no longer held (finished, or expired and taken again: another token); nothing changed.
+--@error      GROUPED  The queue has groups (queue.group_enqueue, set_group or set_limits was called): take from it
+--@+          with queue.group_dequeue; nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O((count + 32) log n) for n tasks in the queue; O(log n) when nothing is due or expired
 --@since      6.2
@@ -185,9 +187,9 @@ if #KEYS == 8 and #ARGV == 8 then
     if taken == 1 then
       local task_id = head[1]
       if acking then
-        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id, 'm' .. ack_task_id)
+        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id, 'm' .. ack_task_id, 'G')
       else
-        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id)
+        values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, 'm' .. task_id, 'G')
       end
     else
       fields = { 'seq', 'fence' }
@@ -199,9 +201,11 @@ if #KEYS == 8 and #ARGV == 8 then
       if acking then
         fields[2 * taken + 3] = 'm' .. ack_task_id
       end
+      fields[#fields + 1] = 'G'
       values = redis.pcall('HMGET', KEYS[5], unpack(fields))
     end
-    if values.err then
+    -- A queue with groups ("G", the last field) goes to main(), which answers GROUPED.
+    if values.err or values[2 * taken + (acking and 4 or 3)] then
       break
     end
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
@@ -712,6 +716,9 @@ local function main()
   local record = recorded_request(request_id, 'dequeue')
   if record then
     return replay_leases(record)
+  end
+  if read('HGET', K_TASKS, 'G') then
+    fail('GROUPED', 'the queue has groups: take from it with queue.group_dequeue')
   end
 
   -- Reads, which also check every written key's type. Bounded: LIMIT on both sweeps.

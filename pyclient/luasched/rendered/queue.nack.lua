@@ -39,6 +39,7 @@
 --@+          "dead" (delay_ms -1).
 --@error      ARG  Not 8 keys or 8..9 arguments, an argument out of its range, or a request id used by another call.
 --@error      STALE  The lease is no longer held (finished, or expired and taken again: another token); nothing changed.
+--@error      GROUPED  The task has a group (queue.group_enqueue): nack it with queue.group_nack; nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
@@ -112,6 +113,11 @@ do
     end
   end
 end
+-- ---------------------------------------------------------------------------------------------
+-- nack (lua/include/nack.lua.j2): the body of queue.nack and, with `grouped` set, of
+-- queue.group_nack (a task with a group goes back to its group, and its group holds one lease
+-- fewer). One decision, two key layouts.
+-- ---------------------------------------------------------------------------------------------
 -- ---------------------------------------------------------------------------------------------
 -- prelude (lua/include/prelude.lua.j2): error replies and argument checks shared by every script.
 --
@@ -438,11 +444,15 @@ local function main()
   if record then
     return { record[2], record[3] }
   end
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'g' .. task_id)
   local meta = fields[1] and parse_meta(fields[1], task_id)
   if not meta or meta.state ~= 'L' or meta.token ~= token then
     fail('STALE', 'the lease of task ' .. show(task_id) .. ' with token ' .. decimal(token)
       .. ' is no longer held')
+  end
+  local group = fields[3]
+  if group then
+    fail('GROUPED', 'task ' .. show(task_id) .. ' has a group: nack it with queue.group_nack')
   end
   local seq = stored_uint_or_nil(fields[2], 'the seq field') or 0
   read('ZSCORE', K_LEASED, task_id)

@@ -24,6 +24,7 @@
 --@arg        task_id  string:1..1024  The dead task.
 --@reply      string  "requeued", or the state of a task that is not dead ("ready", "delayed", "leased"), or "absent".
 --@error      ARG  Not 8 keys or 1 argument, or an argument out of its range.
+--@error      GROUPED  The dead task has a group: requeue it with queue.group_requeue_dead; nothing changed.
 --@error      CORRUPT  A key of the queue holds another type or shape than the layout; nothing changed.
 --@complexity O(log n) for n tasks in the queue
 --@since      6.2
@@ -354,13 +355,16 @@ local function main()
   arg_count(1, 1)
   local task_id = arg_string(1, 'task_id', 1, MAX_TASK_ID_BYTES)
   local now_ms = server_now_ms()
-  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq')
+  local fields = read('HMGET', K_TASKS, 'm' .. task_id, 'seq', 'g' .. task_id)
   if not fields[1] then
     return 'absent'
   end
   local meta = parse_meta(fields[1], task_id)
   if meta.state ~= 'X' then
     return STATE_NAMES[meta.state]
+  end
+  if fields[3] then
+    fail('GROUPED', 'task ' .. show(task_id) .. ' has a group: requeue it with queue.group_requeue_dead')
   end
   local seq = (stored_uint_or_nil(fields[2], 'the seq field') or 0) + 1
   check_seq(seq)

@@ -302,15 +302,10 @@ end
 -- long as its clock is ahead of the old primary's tokens (docs/guarantees.md, "Fencing tokens").
 -- ---------------------------------------------------------------------------------------------
 
-local function main()
-  key_count(QUEUE_KEY_COUNT)
-  arg_count(0, 0)
-  local now_ms = server_now_ms()
-  local ready = read('ZCARD', K_READY)
-  local delayed = read('ZCARD', K_DELAYED)
-  local leased = read('ZCARD', K_LEASED)
-  local dead = read('ZCARD', K_DEAD)
-  -- Within a priority, the head is the oldest (FIFO); jump from band to band: at most 1024 steps.
+-- How long the task of ready (K_READY) that became ready first has been ready at `now_ms` (-1:
+-- none ready). Within a priority the head is the oldest (FIFO): it jumps from band to band, at
+-- most 1024 steps.
+local function oldest_ready_age(now_ms)
   local oldest_age = -1
   local heads = {}
   local entry = read('ZRANGE', K_READY, 0, 0, 'WITHSCORES')
@@ -327,12 +322,27 @@ local function main()
       oldest_age = math.max(oldest_age, now_ms - meta.at_ms)
     end
   end
-  local next_due = -1
+  return oldest_age
+end
+
+-- ms until the next delayed task is due at `now_ms` (0: due now; -1: none delayed).
+local function next_due_ms(now_ms)
   local first = read('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
   if first[1] then
-    next_due = math.max(0, tonumber(first[2]) - now_ms)
+    return math.max(0, tonumber(first[2]) - now_ms)
   end
-  return { now_ms, ready, delayed, leased, dead, oldest_age, next_due }
+  return -1
+end
+
+local function main()
+  key_count(QUEUE_KEY_COUNT)
+  arg_count(0, 0)
+  local now_ms = server_now_ms()
+  local ready = read('ZCARD', K_READY)
+  local delayed = read('ZCARD', K_DELAYED)
+  local leased = read('ZCARD', K_LEASED)
+  local dead = read('ZCARD', K_DEAD)
+  return { now_ms, ready, delayed, leased, dead, oldest_ready_age(now_ms), next_due_ms(now_ms) }
 end
 
 return run(main)
