@@ -30,18 +30,11 @@ from luasched.queue import (
     set_rate_call,
 )
 from luasched.scripts import Call
-from support.twins import QUEUES, QueueTwins, held_lease, leases_in
+from support.twins import QUEUES, QueueTwins, full_form, held_lease, leases_in
 
 Client = Any  # redis.Redis or RedisCluster
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small
 GROUPS = [b"g0", b"g1", b"g2", b"tenant-\x00\xff", b"g" * 40]
-
-
-def _full_form(call: Call[Any], position: int) -> Call[Any]:
-    """``call`` with its ARGV ``position`` as text with a leading zero (main() only)."""
-    args = list(call.args)
-    args[position] = "0" + str(args[position])
-    return Call(call.script, call.keys, tuple(args), call.parse)
 
 
 @pytest.mark.slow
@@ -153,7 +146,7 @@ def test_group_dequeue_and_ack_lean_paths_decide_as_main(
             )
         lean_call, full_call = make(keys[b"lean"]), make(keys[b"full"])
         if full_at >= 0:
-            full_call = _full_form(full_call, full_at)
+            full_call = full_form(full_call, full_at)
         lean, full = twins.step(lean_call, full_call)
         assert lean == full, (step, kind, lean, full)
         if kind in ("dequeue", "ack_and_dequeue"):

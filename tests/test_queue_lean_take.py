@@ -24,7 +24,7 @@ from luasched.queue import (
     new_request_id,
 )
 from luasched.scripts import Call
-from support.twins import QUEUES, QueueTwins, held_lease, leases_in
+from support.twins import QUEUES, QueueTwins, full_form, held_lease, leases_in
 
 Client = Any  # redis.Redis or RedisCluster
 TTL_MS = 2000  # request records: short-lived, so the namespace stays small
@@ -40,11 +40,7 @@ def _path(twins: QueueTwins) -> str:
 
 def _full_form(call: Call[Any]) -> Call[Any]:
     """A dequeue call with wait_ms as "00"-style text (a leading zero: main() only)."""
-    if call.script != "queue.dequeue":
-        return call
-    args = list(call.args)
-    args[3] = "0" + str(args[3])
-    return Call(call.script, call.keys, tuple(args), call.parse)
+    return full_form(call, 3) if call.script == "queue.dequeue" else call
 
 
 @pytest.mark.slow

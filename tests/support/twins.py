@@ -50,6 +50,14 @@ def raw_call(script: str, keys: tuple[bytes, ...], args: list[Any]) -> Call[Any]
     return Call(script, keys, tuple(args), lambda reply: reply)
 
 
+def full_form(call: Call[Any], position: int) -> Call[Any]:
+    """``call`` with its ARGV ``position`` as text with a leading zero ("0" + the number): a
+    non-canonical decimal the lean paths leave to main(), so the twin runs the full path."""
+    args = list(call.args)
+    args[position] = "0" + str(args[position])
+    return Call(call.script, call.keys, tuple(args), call.parse)
+
+
 def leases_in(reply: Any) -> list[tuple[bytes, int]]:
     """(task_id, token) of each lease in a raw dequeue reply (none in an error or an int)."""
     if not isinstance(reply, list):
