@@ -199,15 +199,20 @@ def runs_on(server: ServerHandle, script: str) -> bool:
     return server.version >= since
 
 
+#: Server name -> its recording: made once per server and test process. A recording is data
+#: (calls, DUMPs and TTLs an hour long), and each Case starts from FLUSHDB and puts its state
+#: back, so one recording serves every test of a server.
+_RECORDINGS: dict[str, dict[str, Recorded]] = {}
+
+
 @pytest.fixture
 def scenario(r: Client, server: ServerHandle) -> Iterator[tuple[redis.Redis, dict[str, Recorded]]]:
-    recorded = record(r)
+    recorded = _RECORDINGS.get(server.name)
+    if recorded is None:
+        recorded = _RECORDINGS[server.name] = record(r)
     expected = {name for name in SCRIPTS if runs_on(server, name)}
     assert set(recorded) == expected, sorted(expected - set(recorded))
-    conn = node_client(r)
-    for script in recorded:
-        conn.script_load(render_all()[script].text.encode("utf-8"))
-    yield conn, recorded
+    yield node_client(r), recorded
 
 
 def type_commands(key: bytes, kind: str) -> list[tuple[Any, ...]]:
@@ -295,6 +300,7 @@ def case_of(scenario: tuple[redis.Redis, dict[str, Recorded]], script: str) -> C
     conn, recorded = scenario
     if script not in recorded:
         pytest.skip(f"{script} needs {SCRIPTS[script]['min_server']}")
+    conn.script_load(render_all()[script].text.encode("utf-8"))  # the Case's EVALSHA
     return Case(conn, recorded[script])
 
 
