@@ -12,6 +12,8 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 
+from luasched import Scheduler
+from support.helpers import namespace_keys
 from support.servers import (
     CLUSTER_NODE_TIMEOUT_MS,
     EXPECTED_FULL_VERSION,
@@ -20,6 +22,7 @@ from support.servers import (
     ServerHandle,
     parse_server_selection,
 )
+from support.twins import LAPSE_MARGIN_MS, QueueTwins
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -278,3 +281,53 @@ def test_unknown_server_is_a_usage_error(harness_copy: pytest.Pytester) -> None:
     result = harness_copy.runpytest("--collect-only", "--servers=redis-6.2,nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*unknown server name(s) nope*"])
+
+
+def test_twin_comparison_reports_exactly_the_keys_that_differ(
+    r: redis.Redis | redis.cluster.RedisCluster,
+) -> None:
+    """The lean-path tests compare twin queues on the server (support/twins.py COMPARE_SCRIPT):
+    it must see every kind of difference, and no difference where there is none."""
+    s = Scheduler(r, "twins-check")
+    twins = QueueTwins(r, s)
+    conn = twins.conn
+    for key in namespace_keys(conn, s.namespace):  # the fences QueueTwins may have set
+        conn.delete(key)
+
+    def pair(name: str, lean: list[tuple[object, ...]], full: list[tuple[object, ...]]) -> None:
+        for queue, commands in ((b"lean", lean), (b"full", full)):
+            key = s.namespace.key(name, queue)
+            for command in commands:
+                conn.execute_command(command[0], key, *command[1:])
+
+    same = {
+        "string": ([("SET", "v")], [("SET", "v")]),
+        "hash-order": ([("HSET", "a", 1, "b", 2)], [("HSET", "b", 2, "a", 1)]),
+        "zset": ([("ZADD", 1, "x", 2, "y")], [("ZADD", 2, "y", 1, "x")]),
+        "list": ([("RPUSH", "a", "b")], [("RPUSH", "a", "b")]),
+        "set-order": ([("SADD", "a", "b")], [("SADD", "b", "a")]),
+        "ttls-close": ([("SET", "v", "PX", 60_000)], [("SET", "v", "PX", 60_010)]),
+        "lapsing": ([("SET", "v", "PX", LAPSE_MARGIN_MS // 3)], []),
+    }
+    different = {
+        "string-value": ([("SET", "v")], [("SET", "w")]),
+        "hash-value": ([("HSET", "a", 1)], [("HSET", "a", 2)]),
+        "hash-field": ([("HSET", "a", 1)], [("HSET", "a", 1, "b", 1)]),
+        "zset-score": ([("ZADD", 1, "x")], [("ZADD", 2, "x")]),
+        "list-order": ([("RPUSH", "a", "b")], [("RPUSH", "b", "a")]),
+        "set-member": ([("SADD", "a")], [("SADD", "b")]),
+        "missing": ([("SET", "v")], []),
+        "type": ([("SET", "v")], [("RPUSH", "v")]),
+        "ttl-one-side": ([("SET", "v", "PX", 60_000)], [("SET", "v")]),
+        "ttls-apart": ([("SET", "v", "PX", 60_000)], [("SET", "v", "PX", 70_000)]),
+    }
+    for name, (lean, full) in {**same, **different}.items():
+        pair(name, lean, full)
+    reported = {name[len(s.namespace.prefix) :].decode() for name in twins.different_keys()}
+    assert reported == set(different)
+    with pytest.raises(AssertionError):
+        twins.assert_same_keys("differences")
+    for name in different:
+        for queue in (b"lean", b"full"):
+            conn.delete(s.namespace.key(name, queue))
+    twins.assert_same_keys("none left")

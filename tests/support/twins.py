@@ -34,6 +34,64 @@ LAPSE_MARGIN_MS = 300
 #: and more, so a script that writes the wrong TTL still fails the comparison).
 TTL_SLACK_MS = 50
 
+#: KEYS: pairs of twin keys (lean, full); ARGV: LAPSE_MARGIN_MS, TTL_SLACK_MS. Answers the lean
+#: key of every pair that differs: one side missing, another type or value (hash fields and set
+#: members in any order, lists and zsets in order, scores as their text), a TTL on one side
+#: only, or TTLs further apart than the slack. A pair with a side within the margin of its
+#: deadline is left out. Run as one script: every key is read at one instant.
+COMPARE_SCRIPT = """
+local margin, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function read(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'none' then return nil end
+  local value
+  if kind == 'string' then value = { redis.call('GET', key) }
+  elseif kind == 'hash' then value = redis.call('HGETALL', key)
+  elseif kind == 'zset' then value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  elseif kind == 'list' then value = redis.call('LRANGE', key, 0, -1)
+  elseif kind == 'set' then value = redis.call('SMEMBERS', key)
+  else value = { redis.call('DUMP', key) } end
+  return { kind = kind, value = value, ttl = redis.call('PTTL', key) }
+end
+local function same_map(a, b, step)
+  if #a ~= #b then return false end
+  local seen = {}
+  for i = 1, #a, step do seen[a[i]] = a[i + step - 1] or true end
+  for i = 1, #b, step do
+    if seen[b[i]] ~= (b[i + step - 1] or true) then return false end
+  end
+  return true
+end
+local function same_list(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do if a[i] ~= b[i] then return false end end
+  return true
+end
+local different = {}
+for i = 1, #KEYS, 2 do
+  local lean, full = read(KEYS[i]), read(KEYS[i + 1])
+  local lapsing = (lean and lean.ttl >= 0 and lean.ttl < margin)
+    or (full and full.ttl >= 0 and full.ttl < margin)
+  local same = true
+  if lapsing then
+    same = true
+  elseif not lean or not full then
+    same = not lean and not full
+  elseif lean.kind ~= full.kind or (lean.ttl >= 0) ~= (full.ttl >= 0)
+    or math.abs(lean.ttl - full.ttl) > slack then
+    same = false
+  elseif lean.kind == 'hash' then
+    same = same_map(lean.value, full.value, 2)
+  elseif lean.kind == 'set' then
+    same = same_map(lean.value, full.value, 1)
+  else
+    same = same_list(lean.value, full.value)
+  end
+  if not same then different[#different + 1] = KEYS[i] end
+end
+return different
+"""
+
 
 def server_ms(reply: Any) -> int:
     """The server's ms from a TIME reply."""
@@ -88,6 +146,7 @@ class QueueTwins:
         self._texts = {name: script.text for name, script in render_all().items()}
         self._sha: dict[str, str] = {}
         self.retries = 0
+        self._compare: Any = None
         #: INFO commandstats just before and just after the lean call of the last step (a
         #: script's redis.calls are counted too: which of its paths ran).
         self.stats: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
@@ -103,36 +162,21 @@ class QueueTwins:
         before, after = self.stats
         return _calls(after, command) - _calls(before, command)
 
-    def _save(self) -> dict[bytes, tuple[bytes, int]]:
-        """Every key: its DUMP and absolute deadline (0: none), read in one MULTI; a key of the
-        full queue takes the deadline of its lean twin (they were set in the same ms)."""
-        keys = namespace_keys(self.conn, self.namespace)
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.time()
-        for key in keys:
-            pipe.dump(key)
-            pipe.pttl(key)
-        replies = pipe.execute()
-        now_ms = server_ms(replies[0])
-        saved = {
-            # PTTL 0 is a key in its last ms: keep it 1 ms (RESTORE's 0 would mean no TTL).
-            key: (dumped, now_ms + max(int(ttl), 1) if int(ttl) >= 0 else 0)
-            for key, dumped, ttl in zip(keys, replies[1::2], replies[2::2], strict=True)
-            if dumped is not None
-        }
-        for key in saved:
-            twin = key[: -len(b"full")] + b"lean"
-            if key.endswith(b":full") and twin in saved:
-                saved[key] = (saved[key][0], saved[twin][1])
-        return saved
+    def _saved(self, key: bytes) -> bytes:
+        """Where ``step`` copies ``key`` before a try: outside the namespace's key pattern, in its
+        slot (the same hash tag comes first)."""
+        return b"twins-saved:{" + self.namespace.name + b"}:" + key
 
-    def _restore(self, saved: dict[bytes, tuple[bytes, int]]) -> None:
+    def _restore(self, keys: list[bytes]) -> None:
+        """Every key of the namespace back to its copy made by the last try (``keys``: what was
+        copied; a key that had lapsed since is not there, and stays absent). COPY keeps the
+        absolute deadline, so every TTL is what it was."""
         pipe = self.conn.pipeline(transaction=True)
-        keys = namespace_keys(self.conn, self.namespace)
-        if keys:
-            pipe.delete(*keys)
-        for key, (dumped, deadline_ms) in saved.items():
-            pipe.restore(key, deadline_ms, dumped, absttl=deadline_ms > 0)
+        now = namespace_keys(self.conn, self.namespace)
+        if now:
+            pipe.delete(*now)
+        for key in keys:
+            pipe.copy(self._saved(key), key)
         pipe.execute()
 
     def _send(self, pipe: Any, call: Call[Any]) -> None:
@@ -144,24 +188,31 @@ class QueueTwins:
         """Runs ``lean`` and ``full`` at one server millisecond; both replies (``as_text``).
         A try that straddles a millisecond is undone and sent again: the grouped full path with
         two INFOs in one MULTI can take most of a millisecond on a loaded machine (seen: 100
-        tries all straddling, on the 7.0 cluster), so up to ``tries`` of them."""
+        tries all straddling, on the 7.0 cluster), so up to ``tries`` of them. The undo copies
+        each key in the same MULTI, before the calls (COPY: nothing read back to the client)."""
+        copied: list[bytes] = []
         for _ in range(tries):
-            saved = self._save()
             pipe = self.conn.pipeline(transaction=True)
+            if copied:
+                pipe.delete(*map(self._saved, copied))
+            copied = namespace_keys(self.conn, self.namespace)
+            for key in copied:
+                pipe.copy(key, self._saved(key), replace=True)
             pipe.time()
             pipe.info("commandstats")
             self._send(pipe, lean)
             pipe.info("commandstats")
             self._send(pipe, full)
             pipe.time()
-            before, stats_0, lean_reply, stats_1, full_reply, after = pipe.execute(
-                raise_on_error=False
-            )
+            replies = pipe.execute(raise_on_error=False)
+            before, stats_0, lean_reply, stats_1, full_reply, after = replies[-6:]
             if server_ms(before) == server_ms(after):
                 self.stats = (stats_0, stats_1)
+                if copied:
+                    self.conn.delete(*map(self._saved, copied))
                 return as_text(lean_reply), as_text(full_reply)
             self.retries += 1
-            self._restore(saved)
+            self._restore(copied)
         raise AssertionError(f"no two calls in one millisecond in {tries} tries")
 
     def contents(self) -> dict[bytes, dict[bytes, tuple[str, Any, int]]]:
@@ -186,11 +237,35 @@ class QueueTwins:
                 found[queue][key[: -len(queue) - 1]] = (kind, value, int(ttl))
         return found
 
+    def different_keys(self) -> list[bytes]:
+        """The names (without the queue) of the keys whose lean and full twins differ, compared
+        by COMPARE_SCRIPT on the server at one instant: the rules of ``assert_same_keys``,
+        with nothing but the differing names sent back."""
+        names = sorted(
+            {
+                key[: -len(queue) - 1]
+                for key in namespace_keys(self.conn, self.namespace)
+                if (queue := key.rsplit(b":", 1)[1]) in QUEUES
+            }
+        )
+        pairs = [name + b":" + queue for name in names for queue in QUEUES]
+        if self._compare is None:
+            self._compare = self.conn.register_script(COMPARE_SCRIPT)
+        found = self._compare(keys=pairs, args=[LAPSE_MARGIN_MS, TTL_SLACK_MS])
+        return [bytes(key)[: -len(b":lean")] for key in found]
+
     def assert_same_keys(self, where: object) -> None:
         """Both queues hold the same keys with the same contents, and the same TTLs within
-        TTL_SLACK_MS (both were set in one ms, but on 6.2/7.0 the clock moves while one MULTI
-        reads hundreds of keys). A key within LAPSE_MARGIN_MS of its deadline on either side is
-        left out."""
+        TTL_SLACK_MS (both were set in one ms, but on 6.2/7.0 the clock moves inside one MULTI).
+        A key within LAPSE_MARGIN_MS of its deadline on either side is left out. Compared on the
+        server (``different_keys``); a difference is shown with both sides' contents."""
+        different = self.different_keys()
+        if different:
+            self._assert_same_contents(where)  # raises, showing the values
+            raise AssertionError((where, "keys differ", different))
+
+    def _assert_same_contents(self, where: object) -> None:
+        """``assert_same_keys`` with every value read back and compared here."""
         contents = self.contents()
         lean, full = contents[b"lean"], contents[b"full"]
         for name in set(lean) | set(full):
