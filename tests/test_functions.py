@@ -8,6 +8,7 @@ there and EVALSHA when it is not (6.2: no FUNCTION at all), and a restarted serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -186,8 +187,10 @@ def invalid_args(script: str, args: tuple[str, ...]) -> list[tuple[str, ...]]:
     return variants
 
 
+@functools.cache
 def same_slot_partner(namespace: str) -> str:
-    """Another namespace in the same cluster slot (one MULTI can touch both)."""
+    """Another namespace in the same cluster slot (one MULTI can touch both); found by search
+    once per name (thousands of key_slot computations)."""
     slot = key_slot(namespace)
     return next(f"fx{i}" for i in range(100000) if key_slot(f"fx{i}") == slot)
 
