@@ -13,14 +13,14 @@ contract are generated (a valid call may legitimately change state):
   and NUL bytes, strings one byte too short or too long, enum near-misses.
 
 Every such call must answer ``LUASCHED_<CODE> <script>: ...`` with a CODE the manifest lists for
-the script, and leave every key of the namespace unchanged (every value, read by
-support.helpers.CONTENTS_SCRIPT, and whether a TTL exists; the PTTL countdown is ignored) with no
-new key anywhere on the node.
+the script, and leave every key of the namespace unchanged (every value and whether a TTL
+exists, digested on the server by support.helpers.DIGEST_SCRIPT; the PTTL countdown is ignored)
+with no new key anywhere on the node.
 
 Two tests per script and server: a deterministic catalog (every argument x every bad value of its
 type, every wrong count, including a payload one byte over its 16 MiB maximum), then Hypothesis
 (``LUASCHED_FUZZ_EXAMPLES`` examples per script and server, default 64; each example sends 1-4
-invalid calls in one pipeline together with the contents/PTTL/DBSIZE checks). The examples are
+invalid calls in one pipeline together with the digest/DBSIZE check). The examples are
 reproducible, and each server draws its own (Hypothesis seeded by the server's place in the
 matrix): the scripts' argument checks are the same Lua on every server, so six servers running
 six different sets of 64 cover 384 distinct inputs per script, where six copies of one set of
@@ -48,7 +48,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from luasched.keys import Namespace
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
-from support.helpers import contents, contents_command, namespace_keys, render_key
+from support.helpers import digest_command, digests, namespace_keys, render_key
 from support.servers import SERVER_NAMES, ServerHandle
 
 MANIFEST: dict[str, Any] = manifest()
@@ -367,7 +367,7 @@ def invalid_call(draw: st.DrawFn, script: str) -> Call:
 
 
 # --------------------------------------------------------------------------------------------
-# The namespace under test: seeded through the real API, checked with contents/PTTL/DBSIZE
+# The namespace under test: seeded through the real API, checked with digests and DBSIZE
 
 
 def seed(client: redis.Redis | redis.cluster.RedisCluster) -> None:
@@ -429,7 +429,8 @@ def node_client(client: redis.Redis | redis.cluster.RedisCluster) -> Conn:
     return client
 
 
-State = tuple[dict[bytes, tuple[Any, bool]], int]
+#: Each key's digest (type, content, whether it has a TTL) and DBSIZE.
+State = tuple[dict[bytes, bytes], int]
 
 
 class Target:
@@ -470,22 +471,10 @@ class Target:
             pool.release(connection)
 
     def _checks(self) -> list[tuple[Any, ...]]:
-        return [
-            contents_command(self.keys),
-            *(("PTTL", key) for key in self.keys),
-            ("DBSIZE",),
-        ]
+        return [digest_command(self.keys)]
 
     def _state_of(self, replies: Sequence[Any]) -> State:
-        count = len(self.keys)
-        values, ttls, size = contents(replies[0]), replies[1 : 1 + count], replies[1 + count]
-        return (
-            {
-                key: (value, ttl >= 0)
-                for key, value, ttl in zip(self.keys, values, ttls, strict=True)
-            },
-            size,
-        )
+        return digests(self.keys, replies[0])
 
     def state(self) -> State:
         return self._state_of(self._send(self._checks()))

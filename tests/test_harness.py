@@ -13,7 +13,8 @@ import redis.asyncio.cluster
 import redis.cluster
 
 from luasched import Scheduler
-from support.helpers import namespace_keys
+from luasched.keys import Namespace
+from support.helpers import digest_command, digests, namespace_keys
 from support.servers import (
     CLUSTER_NODE_TIMEOUT_MS,
     EXPECTED_FULL_VERSION,
@@ -331,3 +332,48 @@ def test_twin_comparison_reports_exactly_the_keys_that_differ(
         for queue in (b"lean", b"full"):
             conn.delete(s.namespace.key(name, queue))
     twins.assert_same_keys("none left")
+
+
+def test_digests_tell_contents_apart_and_ignore_encodings(
+    r: redis.Redis | redis.cluster.RedisCluster,
+) -> None:
+    """The fuzz and key-layout checks compare DIGEST_SCRIPT's digests: equal for equal contents
+    (hash fields and set members in another order, a TTL's countdown), different for any other
+    value, type or TTL presence, and DBSIZE beside them."""
+    conn = QueueTwins(r, Scheduler(r, "digest-check")).conn  # the namespace's node
+    space = Namespace("digest-check")
+
+    def digest_of(commands: list[tuple[object, ...]]) -> bytes:
+        key = space.key("k")
+        conn.delete(key)
+        for command in commands:
+            conn.execute_command(command[0], key, *command[1:])
+        found, size = digests([key], conn.execute_command(*digest_command([key])))
+        assert size == conn.dbsize()
+        return found[key]
+
+    variants = {
+        "string": [("SET", "v")],
+        "string-ttl": [("SET", "v", "PX", 60_000)],
+        "string-other": [("SET", "w")],
+        "hash": [("HSET", "a", 1, "b", 2)],
+        "hash-value": [("HSET", "a", 1, "b", 3)],
+        "hash-pairs": [("HSET", "a", 2, "b", 1)],
+        "list": [("RPUSH", "a", "b")],
+        "list-order": [("RPUSH", "b", "a")],
+        "set": [("SADD", "a", "b")],
+        "set-other": [("SADD", "a", "c")],
+        "zset": [("ZADD", 1, "a", 2, "b")],
+        "zset-score": [("ZADD", 1, "a", 3, "b")],
+        "absent": [],
+    }
+    found = {name: digest_of(commands) for name, commands in variants.items()}
+    assert len(set(found.values())) == len(variants), found
+    assert digest_of([("HSET", "b", 2), ("HSET", "a", 1)]) == found["hash"]
+    assert digest_of([("SADD", "b", "a")]) == found["set"]
+    assert digest_of([("SET", "v", "PX", 90_000)]) == found["string-ttl"]
+    big = [
+        ("HSET", *(f"f{i}" for i in range(600) for _ in range(2)))
+    ]  # a hashtable, not a listpack
+    small = [("HSET", f"f{i}", f"f{i}") for i in reversed(range(600))]
+    assert digest_of(big) == digest_of(small)

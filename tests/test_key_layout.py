@@ -3,7 +3,7 @@
 Nothing here names a script's keys: a scenario drives the public API through every script and
 records, for each script, its first call that succeeded and the state of the namespace just
 before it (DUMP and PTTL of every key, to put it back; the checks compare every key's value,
-read by support.helpers.CONTENTS_SCRIPT). Each case restores that state, breaks it one way, sends
+digested by support.helpers.DIGEST_SCRIPT). Each case restores that state, breaks it one way, sends
 the recorded call raw (EVALSHA on the node that holds the namespace) and checks the guarantee:
 
 - wrong types: for every KEYS entry and every Redis type other than the one its ``--@key`` line
@@ -35,7 +35,7 @@ from luasched.keys import Namespace, key_slot
 from luasched.render import manifest, render_all
 from luasched.scheduler import Scheduler
 from luasched.scripts import Call
-from support.helpers import contents, contents_command, namespace_keys
+from support.helpers import digest_command, digests, namespace_keys
 from support.servers import ServerHandle
 
 SCRIPTS: dict[str, dict[str, Any]] = manifest()["scripts"]
@@ -228,7 +228,8 @@ def type_commands(key: bytes, kind: str) -> list[tuple[Any, ...]]:
     return [("DEL", key), value[kind]]
 
 
-State = tuple[dict[bytes, tuple[Any, bool]], int]
+#: Each key's digest (type, content, whether it has a TTL) and DBSIZE.
+State = tuple[dict[bytes, bytes], int]
 
 
 class Case:
@@ -242,22 +243,10 @@ class Case:
         self.sha1 = render_all()[self.call.script].sha1
 
     def _state_commands(self) -> list[tuple[Any, ...]]:
-        return [
-            contents_command(self.keys),
-            *(("PTTL", key) for key in self.keys),
-            ("DBSIZE",),
-        ]
+        return [digest_command(self.keys)]
 
     def _state(self, replies: Sequence[Any]) -> State:
-        count = len(self.keys)
-        values, ttls = contents(replies[0]), replies[1 : 1 + count]
-        return (
-            {
-                key: (value, ttl >= 0)
-                for key, value, ttl in zip(self.keys, values, ttls, strict=True)
-            },
-            replies[1 + count],
-        )
+        return digests(self.keys, replies[0])
 
     def run(
         self, keys: Sequence[bytes], setup: Sequence[tuple[Any, ...]] = ()
@@ -283,11 +272,10 @@ class Case:
         replies = pipe.execute(raise_on_error=False)
         for reply in replies[:prepared]:
             assert not isinstance(reply, Exception), reply
-        size = len(self.keys) + 2
         return (
-            replies[prepared + size],
-            self._state(replies[prepared : prepared + size]),
-            self._state(replies[prepared + size + 1 :]),
+            replies[prepared + 1],
+            self._state(replies[prepared : prepared + 1]),
+            self._state(replies[prepared + 2 :]),
         )
 
 
