@@ -458,25 +458,36 @@ def _lock_dump(
     whether there is one. Request records only with ``records`` (their request id taken out of
     the name): the plain twins' full-path form has a request id, the lean form none."""
     prefix = s.namespace.prefix
+    keys = namespace_keys(r, s.namespace)
+    types = r.pipeline(transaction=False)
+    for key in keys:
+        types.type(key)
+    kinds = types.execute()
+    reads = r.pipeline(transaction=False)
+    for key, kind in zip(keys, kinds, strict=True):
+        if kind == b"string":
+            reads.get(key)
+        elif kind == b"zset":
+            reads.zrange(key, 0, -1, withscores=True)
+        elif kind == b"list":
+            reads.lrange(key, 0, -1)
+        else:
+            reads.hgetall(key)
+        reads.pttl(key)
+    replies = reads.execute()
     dump: dict[bytes, object] = {}
-    for key in namespace_keys(r, s.namespace):
+    for key, kind, read, ttl in zip(keys, kinds, replies[0::2], replies[1::2], strict=True):
         short = key[len(prefix) :]
         if short.startswith(b"lock-req:"):
             if not records:
                 continue
             short = b"lock-req:*:" + short.split(b":", 2)[2]
-        kind = r.type(key)
+        value: object = read
         if kind == b"string":
-            value: object = [
-                _norm(int(p), now_ms) if p.isdigit() else p for p in r.get(key).split(b" ")
-            ]
+            value = [_norm(int(p), now_ms) if p.isdigit() else p for p in read.split(b" ")]
         elif kind == b"zset":
-            value = [(m, _norm(int(sc), now_ms)) for m, sc in r.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"list":
-            value = r.lrange(key, 0, -1)
-        else:
-            value = r.hgetall(key)
-        dump[short] = (kind, value, r.pttl(key) > 0)
+            value = [(m, _norm(int(sc), now_ms)) for m, sc in read]
+        dump[short] = (kind, value, ttl > 0)
     return dump
 
 
@@ -550,34 +561,36 @@ def test_lean_paths_answer_and_write_as_the_full_scripts(r: Any, seed: int, mode
                 if mode != "reentrant" and lean_form:
                     request_id = b""
             keys = lock_keys(s.namespace, name, request_id)
+            setup = r.pipeline(transaction=False)
             for key in namespace_keys(r, s.namespace):
-                r.delete(key)
+                setup.delete(key)
             if state == b"hash":
-                r.hset(keys[0], "f", "v")
+                setup.hset(keys[0], "f", "v")
             elif state is not None:
-                r.set(keys[0], state)
+                setup.set(keys[0], state)
             if places == "wrong":
-                r.set(keys[2], "x")
+                setup.set(keys[2], "x")
             elif places is not None:
                 members = {}
                 if places in ("mine", "both", "mine-lapsed"):
                     members[me] = 1 if places == "mine-lapsed" else _FUTURE
                 if places in ("other", "both"):
                     members[other] = _FUTURE
-                r.zadd(keys[2], members)
-                r.pexpire(keys[2], 60_000)
+                setup.zadd(keys[2], members)
+                setup.pexpire(keys[2], 60_000)
             if queue == "wrong":
-                r.set(keys[1], "x")
+                setup.set(keys[1], "x")
             elif queue is not None:
-                r.zadd(keys[1], {me if queue == "mine" else other: 1})
-                r.pexpire(keys[1], 60_000)
+                setup.zadd(keys[1], {me if queue == "mine" else other: 1})
+                setup.pexpire(keys[1], 60_000)
             if record is not None and mode == "reentrant":
                 if record == "hash":
-                    r.hset(keys[4], "f", "v")
+                    setup.hset(keys[4], "f", "v")
                 else:
-                    r.set(keys[4], record, px=60_000)
+                    setup.set(keys[4], record, px=60_000)
             if wake:
-                r.rpush(keys[3], b"1")
+                setup.rpush(keys[3], b"1")
+            setup.execute()
             if op == "acquire":
                 ttl = b"30000" if lean_form else b"030000"
                 call: Call[Any] = Call(
