@@ -17,7 +17,9 @@ subprocesses, the cases interleaved run by run (so a busy spell of the machine h
   clock (``render_all()``), so what 8 threads cost more than 1 there is the threads' own
   start-up and Scheduler objects, with nothing to load. The ``one_cpu`` cases are the default
   ones in a process pinned to one CPU (``os.sched_setaffinity``) before the clock: the same
-  work, with no GIL handoffs between cores while the loading thread reads its files.
+  work, with no GIL handoffs between cores while the loading thread reads its files. The
+  ``bare`` cases are the interpreter's own floor: the same threads released at once, making no
+  Scheduler at all (what 8 threads cost more than 1 before luasched does anything).
 
 Every luasched process also reports ``render_count()``, so the figures say whether anything was
 rendered. The subprocesses may write and use bytecode caches (``PYTHONDONTWRITEBYTECODE`` is
@@ -87,9 +89,11 @@ elif sys.argv[5] == "one_cpu":
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 clients = [redis.Redis(host=host, port=port) for _ in range(count)]
 gate = threading.Barrier(count + 1)
+bare = sys.argv[5] == "bare"
 def first_scheduler(client):
     gate.wait()
-    Scheduler(client, "bench-coldstart", config=config)
+    if not bare:
+        Scheduler(client, "bench-coldstart", config=config)
 threads = [threading.Thread(target=first_scheduler, args=(client,)) for client in clients]
 for thread in threads:
     thread.start()
@@ -145,6 +149,7 @@ def measure(env: Env, phase: Callable[[str, int, int], None]) -> dict[str, Any]:
                     ("custom", CUSTOM_MAX_BATCH, "first"),
                     ("loaded", default_batch, "loaded"),
                     ("one_cpu", default_batch, "one_cpu"),
+                    ("bare", default_batch, "bare"),
                 )
                 for count in (1, 8)
             },
@@ -159,10 +164,10 @@ def measure(env: Env, phase: Callable[[str, int, int], None]) -> dict[str, Any]:
     result: dict[str, Any] = {"runs": runs, "custom_max_batch": CUSTOM_MAX_BATCH}
     for name, taken in samples.items():
         result[name] = {
-            "seconds": round(statistics.median(inside for inside, _, _ in taken), 4),
+            "seconds": round(statistics.median(inside for inside, _, _ in taken), 6),
             "process_seconds": round(statistics.median(wall for _, wall, _ in taken), 4),
             "renders": max(renders for _, _, renders in taken),
-            "rounds": [[round(inside, 4), round(wall, 4)] for inside, wall, _ in taken],
+            "rounds": [[round(inside, 6), round(wall, 4)] for inside, wall, _ in taken],
         }
     result["export"]["seconds"] = result["export"]["process_seconds"]
     return result

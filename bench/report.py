@@ -469,6 +469,12 @@ CONTEXT = [
         ("threads_8_one_cpu", COLDSTART, "seconds"),
         ("threads_1_one_cpu", COLDSTART, "seconds"),
     ),
+    (
+        "8 threads released at once that make no Scheduler / 1 such thread (the interpreter's "
+        "own floor under the single-source thread rows, wall time)",
+        ("threads_8_bare", COLDSTART, "seconds"),
+        ("threads_1_bare", COLDSTART, "seconds"),
+    ),
 ]
 
 #: Per group, the row the others are compared with (a row's own ``reference`` wins).
@@ -1060,6 +1066,8 @@ COLDSTART_CASES = {
     "threads_8_loaded": "8 threads' Schedulers at once, scripts loaded before the clock (floor)",
     "threads_1_one_cpu": "1 thread's first Scheduler (default configuration), one CPU",
     "threads_8_one_cpu": "8 threads' first Schedulers at once (default configuration), one CPU",
+    "threads_1_bare": "1 thread released, no Scheduler (the interpreter's floor)",
+    "threads_8_bare": "8 threads released at once, no Scheduler (the interpreter's floor)",
 }
 
 
