@@ -42,6 +42,12 @@ KINDS = ["threads", "asyncio"]
 LUASCHED = Path(sys.executable).with_name("luasched")
 
 
+def _assert_all_done(q: Any) -> None:
+    """Nothing is left in queue ``q``: no task ready, delayed, leased or dead."""
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
 def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Wait (bounded) until ``check()``; fail naming ``what`` when it never holds."""
     deadline = time.monotonic() + timeout
@@ -260,8 +266,7 @@ def test_long_handler_is_extended_and_runs_once(
     assert clean is True
     assert runs == {b"long": 1} and attempts == [1]
     assert (stats.processed, stats.lost) == (1, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.one_server
@@ -309,8 +314,7 @@ def test_one_thread_worker_whose_handler_overruns_runs_every_task_once_one_at_a_
     assert lapsed == []
     assert active[1] == 1
     assert (stats.processed, stats.lost, stats.given_back) == (12, 0, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.one_server
@@ -412,8 +416,7 @@ def test_busy_worker_takes_each_batch_with_the_last_ones_acks(
     assert runs == {b"t%02d" % index: 1 for index in range(64)}
     assert [size for size in sizes if size] == [16]
     assert (stats.processed, stats.lost) == (64, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -460,8 +463,7 @@ def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
     assert clean is True
     assert attempts == {b"t%02d" % index: [1] for index in range(48)}
     assert (stats.processed, stats.lost) == (48, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -644,8 +646,7 @@ def test_taken_over_lease_is_lost_and_never_acked(r: Any, server: ServerHandle, 
     clean, stats = result[0]
     assert clean is True and succeeded == []
     assert (stats.processed, stats.lost) == (0, 1)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.one_server
@@ -943,8 +944,7 @@ def test_three_cli_workers_one_killed_one_terminated(
     finally:
         _end_all(procs)
     print(f"terminated worker exited {exited_after:.2f} s after SIGTERM")
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
     twice = _ran_once_but_killed(r, {b"t%05d" % index for index in range(TASKS)}, "kill")
     print(f"{len(twice)} task(s) ran twice (leases of the killed worker)")
 
