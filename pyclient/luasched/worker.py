@@ -943,9 +943,10 @@ class Worker(WorkerBase):
         """Serve until stopped; True after a clean drain (False: leases were given back).
 
         ``signals``: SIGTERM and SIGINT stop the worker (the second one: now) while it runs
-        (main thread only); the previous handlers are restored at the end. An exception in
-        ``run()``'s thread (KeyboardInterrupt without ``signals``) stops the worker now (its
-        unfinished leases are given back) and is raised."""
+        (main thread only); the previous handlers are restored at the end. An exception raised
+        in ``run()``'s thread (KeyboardInterrupt without ``signals``) is raised by ``run()``;
+        while a one-thread worker's loop runs in its own thread, that loop is also stopped now
+        (it gives its unfinished leases back)."""
         previous: dict[signal.Signals, Any] = {}
         if signals:
             for number in (signal.SIGTERM, signal.SIGINT):
