@@ -845,9 +845,10 @@ class WorkerBase:
 class Inline:
     """The state a one-thread ``Worker`` shares between the thread that runs its loop with the
     handlers inline and ``run()``'s thread, which watches it (read and written under the
-    worker's claim lock, but ``pending`` and ``alarm``)."""
+    worker's claim lock, but ``pending`` and ``alarm``). A fresh one for each ``run()``."""
 
-    #: Started jobs whose handler has not run yet, in order (the loop thread's own).
+    #: Started jobs whose handler has not run yet, in order: the loop thread's own, but while
+    #: a handler runs (``running`` set), when the watcher may take the loop over and them.
     pending: collections.deque[Job] = field(default_factory=collections.deque)
     #: The job whose handler runs now, inline; None between handlers.
     running: Job | None = None
@@ -953,6 +954,7 @@ class Worker(WorkerBase):
                 previous[number] = signal.signal(number, lambda *_: self.stop())
         steps = Steps(self._loop())
         inline = self.options.concurrency == 1
+        self._inline = Inline()
         target: Callable[[], Any] = (lambda: self._run_inline(steps)) if inline else self._serve
         threads = [
             threading.Thread(target=target, name=f"luasched-worker-{n}", daemon=True)
