@@ -42,6 +42,12 @@ KINDS = ["threads", "asyncio"]
 LUASCHED = Path(sys.executable).with_name("luasched")
 
 
+def _assert_all_done(q: Any) -> None:
+    """Nothing is left in queue ``q``: no task ready, delayed, leased or dead."""
+    counts = q.stats()
+    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+
+
 def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Wait (bounded) until ``check()``; fail naming ``what`` when it never holds."""
     deadline = time.monotonic() + timeout
@@ -234,10 +240,15 @@ def test_outcomes_ack_retry_fail_and_hooks(r: Any, server: ServerHandle, kind: s
 
 @pytest.mark.one_server
 @pytest.mark.standalone_only
+@pytest.mark.parametrize("concurrency", [1, 2])
 @pytest.mark.parametrize("kind", KINDS)
-def test_long_handler_is_extended_and_runs_once(r: Any, server: ServerHandle, kind: str) -> None:
+def test_long_handler_is_extended_and_runs_once(
+    r: Any, server: ServerHandle, kind: str, concurrency: int
+) -> None:
     """A handler that runs 5x lease_ms keeps its lease (extended at lease_ms/3): it completes
-    once, never redelivered, though the worker keeps taking (a free slot) meanwhile."""
+    once, never redelivered, though the worker keeps taking (with 2: a free slot) meanwhile;
+    with 1 (threads: the handler runs in the loop's thread) the loop is taken over by run()'s
+    thread while the handler runs."""
     lease_ms = 300
     q = Scheduler(r, NS).queue("long")
     q.enqueue(b"long", b"")
@@ -250,13 +261,108 @@ def test_long_handler_is_extended_and_runs_once(r: Any, server: ServerHandle, ki
         return _pause(kind, 5 * lease_ms / 1000)
 
     clean, stats = _serve(
-        server, kind, "long", handler, concurrency=2, lease_ms=lease_ms, burst=True
+        server, kind, "long", handler, concurrency=concurrency, lease_ms=lease_ms, burst=True
     )
     assert clean is True
     assert runs == {b"long": 1} and attempts == [1]
     assert (stats.processed, stats.lost) == (1, 0)
+    _assert_all_done(q)
+
+
+@pytest.mark.one_server
+@pytest.mark.standalone_only
+def test_one_thread_worker_whose_handler_overruns_runs_every_task_once_one_at_a_time(
+    r: Any, server: ServerHandle
+) -> None:
+    """One handler thread (the default): the handlers of a batch run inline in the loop's
+    thread; when one runs 3x lease_ms the loop goes on in run()'s thread and extends every
+    lease (none has lapsed when that handler ends: the server's clock against the leases'
+    deadlines), and the leases waiting behind it run after it on the handler's thread: every
+    task runs once, on its first lease, never two handlers at once, and the later batches are
+    served too."""
+    lease_ms = 600
+    q = Scheduler(r, NS).queue("overrun")
+    for index in range(12):
+        q.enqueue(b"t%02d" % index, b"")
+    runs: Counter[bytes] = Counter()
+    attempts: list[int] = []
+    active = [0, 0]  # now, most at once
+    guard = threading.Lock()
+    lapsed: list[bytes] = []
+
+    def handler(job: Job) -> None:
+        with guard:
+            active[0] += 1
+            active[1] = max(active)
+        runs[job.task_id] += 1
+        attempts.append(job.attempt)
+        if job.task_id == b"t01":
+            time.sleep(3 * lease_ms / 1000)
+            seconds, micros = r.time()
+            now_ms = seconds * 1000 + micros // 1000
+            leases = r.zrange(q.keys.fixed[2], 0, -1, withscores=True)
+            lapsed.extend(task for task, deadline in leases if deadline <= now_ms)
+        with guard:
+            active[0] -= 1
+
+    clean, stats = _serve(
+        server, "threads", "overrun", handler, batch=4, lease_ms=lease_ms, burst=True
+    )
+    assert clean is True
+    assert runs == {b"t%02d" % index: 1 for index in range(12)}
+    assert attempts == [1] * 12
+    assert lapsed == []
+    assert active[1] == 1
+    assert (stats.processed, stats.lost, stats.given_back) == (12, 0, 0)
+    _assert_all_done(q)
+
+
+@pytest.mark.one_server
+@pytest.mark.standalone_only
+def test_one_thread_worker_stop_returns_while_its_handler_overruns_the_drain(
+    r: Any, server: ServerHandle
+) -> None:
+    """One handler thread (the default), whose handler runs in the loop's thread: a stop while
+    that handler runs gives the waiting lease back at once (never run), and when the handler
+    outlasts the drain timeout its lease is given back (uncharged, job.lost) and run() returns
+    False while the handler still runs, as with more threads."""
+    s = Scheduler(r, NS)
+    q = s.queue("overdrain")
+    q.enqueue(b"slow", b"", priority=1)
+    q.enqueue(b"never", b"")
+    workers: list[Any] = []
+    runs: Counter[bytes] = Counter()
+    lost, released, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def handler(job: Job) -> None:
+        runs[job.task_id] += 1
+        workers[0].stop()
+        if job.wait_lost(20):
+            lost.set()
+        released.wait(30)
+        ended.set()
+
+    try:
+        clean, stats = _serve(
+            server,
+            "threads",
+            "overdrain",
+            handler,
+            batch=2,  # "never" is leased with "slow" and waits behind it
+            drain_timeout_s=0.3,
+            started=workers.append,
+        )
+        assert not ended.is_set(), "run() waited for the handler"
+    finally:
+        released.set()
+    assert ended.wait(10)
+    assert clean is False and lost.is_set()
+    assert runs == {b"slow": 1}
+    assert (stats.processed, stats.given_back) == (0, 2)
     counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    assert (counts.ready, counts.leased) == (2, 0)
+    again = q.dequeue_many(b"check", 2, 60_000)
+    assert {(lease.task_id, lease.attempt) for lease in again} == {(b"slow", 1), (b"never", 1)}
 
 
 def _count_takes(kind: str, worker: Any, sizes: list[int]) -> None:
@@ -310,8 +416,7 @@ def test_busy_worker_takes_each_batch_with_the_last_ones_acks(
     assert runs == {b"t%02d" % index: 1 for index in range(64)}
     assert [size for size in sizes if size] == [16]
     assert (stats.processed, stats.lost) == (64, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -358,8 +463,7 @@ def test_take_whose_reply_was_lost_is_replayed_not_left_to_lapse(
     assert clean is True
     assert attempts == {b"t%02d" % index: [1] for index in range(48)}
     assert (stats.processed, stats.lost) == (48, 0)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -542,8 +646,7 @@ def test_taken_over_lease_is_lost_and_never_acked(r: Any, server: ServerHandle, 
     clean, stats = result[0]
     assert clean is True and succeeded == []
     assert (stats.processed, stats.lost) == (0, 1)
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
 
 
 @pytest.mark.one_server
@@ -841,8 +944,7 @@ def test_three_cli_workers_one_killed_one_terminated(
     finally:
         _end_all(procs)
     print(f"terminated worker exited {exited_after:.2f} s after SIGTERM")
-    counts = q.stats()
-    assert (counts.ready, counts.delayed, counts.leased, counts.dead) == (0, 0, 0, 0)
+    _assert_all_done(q)
     twice = _ran_once_but_killed(r, {b"t%05d" % index for index in range(TASKS)}, "kill")
     print(f"{len(twice)} task(s) ran twice (leases of the killed worker)")
 

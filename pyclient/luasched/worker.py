@@ -36,6 +36,7 @@ its attempt failed. Use ``job.token`` to fence its writes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -840,6 +841,31 @@ class WorkerBase:
         )
 
 
+@dataclass
+class Inline:
+    """The state a one-thread ``Worker`` shares between the thread that runs its loop with the
+    handlers inline and ``run()``'s thread, which watches it (read and written under the
+    worker's claim lock, but ``pending`` and ``alarm``). A fresh one for each ``run()``."""
+
+    #: Started jobs whose handler has not run yet, in order: the loop thread's own, but while
+    #: a handler runs (``running`` set), when the watcher may take the loop over and them.
+    pending: collections.deque[Job] = field(default_factory=collections.deque)
+    #: The job whose handler runs now, inline; None between handlers.
+    running: Job | None = None
+    #: When the loop is due again (monotonic s): past it, the watcher takes the loop over.
+    deadline: float = 0.0
+    #: The outcomes of this Collect so far (the watcher's answer to it when it takes over).
+    finished: list[tuple[Job, BaseException | None]] = field(default_factory=list)
+    #: Set once the watcher drives the loop.
+    handed_over: bool = False
+    #: Set once the loop ended in the loop thread (``error``: what it raised).
+    ended: bool = False
+    error: BaseException | None = None
+    #: Wakes the watcher: the loop ended, or a stop (a SimpleQueue: ``put`` is safe in a signal
+    #: handler that interrupted the watcher's own wait).
+    alarm: queue_module.SimpleQueue[None] = field(default_factory=queue_module.SimpleQueue)
+
+
 class Worker(WorkerBase):
     """Serve ``queue`` (a ``Queue``, a node queue ``q.for_node(node)`` or a ``ShardedQueue``)
     with ``handler(job)`` on ``concurrency`` threads.
@@ -850,6 +876,14 @@ class Worker(WorkerBase):
     ``lease_ms / 3`` while their handler runs. ``run()`` serves until ``stop()`` (or SIGTERM /
     SIGINT with ``signals=True``), drains for up to ``drain_timeout_s`` and returns True after
     a clean drain. ``burst``: stop once the queue holds nothing ready, delayed or leased.
+
+    With ``concurrency=1`` (the default) the loop and the handler share one thread (no handoff
+    of each batch between threads): the ``luasched-worker-0`` thread leases, runs the handlers
+    of a batch one after the other and acks them, while ``run()``'s thread watches it. A handler
+    still running when the loop is due (an extend, a heartbeat) or when a stop comes is left to
+    that thread, and ``run()``'s thread goes on with the loop: from then on the two work as
+    with more threads (one runs handlers, one the loop), so extends, drains and give-backs keep
+    their times whatever a handler does.
 
     ``on_success(job)``, ``on_failure(job, error)`` (retried), ``on_dead(job, error)`` run in
     the worker's loop thread; keep them short. ``stats()`` gives the counters.
@@ -863,10 +897,13 @@ class Worker(WorkerBase):
             queue_module.SimpleQueue()
         )
         self._jobs: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
-        self._claim = threading.Lock()  # a handler taking a job vs a Withdraw
+        # A handler taking a job vs a Withdraw; with one thread, also the handover of the loop.
+        self._claim = threading.Lock()
+        self._inline = Inline()
 
     def _wake(self) -> None:
         self._done.put(None)
+        self._inline.alarm.put(None)
 
     def _serve(self) -> None:
         while True:
@@ -879,12 +916,15 @@ class Worker(WorkerBase):
             if not take:  # given back (or lost) while it waited for a handler
                 self._done.put((job, None))
                 continue
-            try:
-                self.handler(job)
-            except BaseException as error:  # the outcome, whatever it is
-                self._done.put((job, error))
-            else:
-                self._done.put((job, None))
+            self._done.put((job, self._handle(job)))
+
+    def _handle(self, job: Job) -> BaseException | None:
+        """Run the handler on ``job``; its outcome (None: it returned)."""
+        try:
+            self.handler(job)
+        except BaseException as error:  # the outcome, whatever it is
+            return error
+        return None
 
     def _collect(self, timeout_s: float) -> list[tuple[Job, BaseException | None]]:
         finished: list[tuple[Job, BaseException | None]] = []
@@ -904,19 +944,29 @@ class Worker(WorkerBase):
         """Serve until stopped; True after a clean drain (False: leases were given back).
 
         ``signals``: SIGTERM and SIGINT stop the worker (the second one: now) while it runs
-        (main thread only); the previous handlers are restored at the end."""
+        (main thread only); the previous handlers are restored at the end. An exception raised
+        in ``run()``'s thread (KeyboardInterrupt without ``signals``) is raised by ``run()``;
+        while a one-thread worker's loop runs in its own thread, that loop is also stopped now
+        (it gives its unfinished leases back)."""
         previous: dict[signal.Signals, Any] = {}
         if signals:
             for number in (signal.SIGTERM, signal.SIGINT):
                 previous[number] = signal.signal(number, lambda *_: self.stop())
+        steps = Steps(self._loop())
+        inline = self.options.concurrency == 1
+        self._inline = Inline()
+        target: Callable[[], Any] = (lambda: self._run_inline(steps)) if inline else self._serve
         threads = [
-            threading.Thread(target=self._serve, name=f"luasched-worker-{n}", daemon=True)
+            threading.Thread(target=target, name=f"luasched-worker-{n}", daemon=True)
             for n in range(self.options.concurrency)
         ]
         for thread in threads:
             thread.start()
         try:
-            return self._drive(self._loop())
+            if inline:
+                return self._watch(steps)
+            self._drive(steps)
+            return steps.result
         finally:
             for _ in threads:
                 self._jobs.put(None)
@@ -924,8 +974,9 @@ class Worker(WorkerBase):
                 signal.signal(signum, handler)
             log.info("worker stopped: %s", self._stats.line())
 
-    def _drive(self, loop: WorkerLoop) -> bool:
-        steps = Steps(loop)
+    def _drive(self, steps: Steps, inline: bool = False) -> bool:
+        """Drive the loop; True once it ended. ``inline`` (one handler, in this thread):
+        False as soon as the watcher took the loop over (see ``_run_pending``)."""
         for step in steps:
             if isinstance(step, Take):
                 try:
@@ -936,13 +987,102 @@ class Worker(WorkerBase):
             elif isinstance(step, Calls):
                 steps.answer = send_calls(step.calls)
             elif isinstance(step, Start):
-                self._jobs.put(step.job)
+                if inline:
+                    self._inline.pending.append(step.job)
+                else:
+                    self._jobs.put(step.job)
             elif isinstance(step, Collect):
-                steps.answer = self._collect(step.timeout_s)
+                if not inline or not self._inline.pending:
+                    steps.answer = self._collect(step.timeout_s)
+                elif (answer := self._run_pending(step.timeout_s)) is None:
+                    return False
+                else:
+                    steps.answer = answer
             elif isinstance(step, Withdraw):
                 with self._claim:
                     steps.answer = withdraw(step.jobs)
             elif isinstance(step, Remaining):
                 steps.answer = remaining(self.queue.stats())
             # Cancel: a thread cannot be cancelled; the handler reads job.lost.
+        return True
+
+    # One handler thread: the loop runs handlers inline, run()'s thread watches.
+
+    def _run_inline(self, steps: Steps) -> None:
+        """The ``luasched-worker-0`` thread of a one-thread worker: drive the loop with the
+        handlers inline until it ends, or, once the watcher took it over, serve as the handler
+        thread."""
+        state = self._inline
+        try:
+            if not self._drive(steps, inline=True):
+                self._serve()
+                return
+        except BaseException as error:  # raised by run() in its thread
+            state.error = error
+        with self._claim:
+            state.ended = True
+        state.alarm.put(None)
+
+    def _run_pending(self, timeout_s: float) -> list[tuple[Job, BaseException | None]] | None:
+        """Collect, inline: run the handlers of the started jobs one after the other, in this
+        thread, until none is left, ``timeout_s`` passed (the loop is due) or a stop came; their
+        outcomes. None: a handler ran past that, the watcher took the loop over with the
+        outcomes before it, and this one's outcome went to it (``_done``)."""
+        state = self._inline
+        finished: list[tuple[Job, BaseException | None]] = []
+        deadline = time.monotonic() + timeout_s
+        stop = self.control.stop
+        while state.pending and not stop.is_set() and time.monotonic() < deadline:
+            job = state.pending.popleft()
+            with self._claim:
+                take = not job.lost
+                job.started = take
+                if take:
+                    state.running, state.deadline, state.finished = job, deadline, finished
+            if not take:  # given back (or lost) before its turn
+                finished.append((job, None))
+                continue
+            error = self._handle(job)
+            with self._claim:
+                state.running = None
+                if state.handed_over:
+                    self._done.put((job, error))
+                    return None
+                finished.append((job, error))
+        return finished
+
+    def _watch(self, steps: Steps) -> bool:
+        """``run()``'s thread while the loop runs handlers inline: wait for its end; take the
+        loop over when a handler runs past the loop's next due time or a stop comes (the jobs
+        still waiting go to the handler thread, which that handler's thread becomes)."""
+        state = self._inline
+        options = self.options
+        every = options.lease_ms / 6000
+        if _is_node(self.queue):
+            every = min(every, options.node_ttl_ms / 6000)
+        try:
+            while True:
+                with self._claim:
+                    if state.ended:
+                        break
+                    job, deadline = state.running, state.deadline
+                    now = time.monotonic()
+                    if job is not None and (now >= deadline or self.control.stop.is_set()):
+                        state.handed_over = True
+                        steps.answer = list(state.finished)
+                        for waiting in state.pending:
+                            self._jobs.put(waiting)
+                        state.pending.clear()
+                        break
+                with contextlib.suppress(queue_module.Empty):
+                    state.alarm.get(timeout=every if job is None else max(0.0, deadline - now))
+        except BaseException:
+            self.stop(now=True)
+            raise
+        if not state.handed_over:
+            if state.error is not None:
+                raise state.error
+            return steps.result
+        log.debug("a handler ran past the loop's due time: the loop goes on in run()'s thread")
+        self._drive(steps)
         return steps.result
