@@ -607,9 +607,12 @@ def test_a_rate_of_200_per_second_with_burst_20_under_eight_workers(r: Client) -
     first = times[0]
     in_run = [at for at in times if at < first + seconds * 1000]
     # The limiter never holds a take back for longer than one interval (5 ms at 200/s): every
-    # refusal says so, whatever the speed of the workers.
-    assert waits and all(wait is not None and 0 < wait <= 5 for wait in waits), sorted(
-        {wait for wait in waits if wait is None or not 0 < wait <= 5}, key=str
+    # refusal says so, whatever the speed of the workers. The wait is TAT - (burst - 1) x 5 - now,
+    # and a take leaves it at most 5 past that take's now; +1 ms: the server's clock as the
+    # scripts read it (TIME) is not monotonic across calls of different clients (seen once, a
+    # wait of 6 ms on Valkey 9.1 with four test workers on two cores: docs/redis-notes.md).
+    assert waits and all(wait is not None and 0 < wait <= 6 for wait in waits), sorted(
+        {wait for wait in waits if wait is None or not 0 < wait <= 6}, key=str
     )
     # 200 x 10 + 20 takes, within 3 %, while the workers kept asking. A gap of over 50 ms between
     # two takes (on the server's clock) is time the eight threads did not ask (a loaded machine
