@@ -105,7 +105,8 @@ def test_a_queue_whose_first_task_has_a_group_keeps_its_tasks_hash_a_hashtable(
     r: Client, delay_ms: int
 ) -> None:
     """group_enqueue writes the tasks hash's layout field as queue.enqueue does (ready or
-    delayed first task); finished tasks leave only the counters, the layout field and "G"."""
+    delayed first task); finished tasks leave only the counters, the layout field, "G" and the
+    groups' take state: the queue's pass "V" and the kept pass "v"..group of each drained group."""
     q = Scheduler(r, "layout").queue("jobs")
     q.enqueue("a", b"p", group="g", delay_ms=delay_ms)
     assert r.object("encoding", q.keys.tasks) == b"hashtable"
@@ -115,7 +116,7 @@ def test_a_queue_whose_first_task_has_a_group_keeps_its_tasks_hash_a_hashtable(
     assert sorted(lease.task_id for lease in leases) == [b"a", b"b"]
     for lease in leases:
         assert q.ack(lease)
-    assert set(r.hkeys(q.keys.tasks)) == {b"seq", b"fence", b"layout", b"G"}
+    assert set(r.hkeys(q.keys.tasks)) == {b"seq", b"fence", b"layout", b"G", b"V", b"vg", b"vh"}
     assert r.object("encoding", q.keys.tasks) == b"hashtable"
 
 
