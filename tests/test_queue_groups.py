@@ -105,7 +105,10 @@ def test_a_queue_whose_first_task_has_a_group_keeps_its_tasks_hash_a_hashtable(
     r: Client, delay_ms: int
 ) -> None:
     """group_enqueue writes the tasks hash's layout field as queue.enqueue does (ready or
-    delayed first task); finished tasks leave only the counters, the layout field and "G"."""
+    delayed first task); finished tasks leave only the counters, the layout field, "G" and the
+    groups' take state: the queue's pass "V" and the kept pass "v"..group of each drained group.
+    The groups hash holds settings only: a queue that has none has no groups hash (the lean
+    group_dequeue then reads no settings)."""
     q = Scheduler(r, "layout").queue("jobs")
     q.enqueue("a", b"p", group="g", delay_ms=delay_ms)
     assert r.object("encoding", q.keys.tasks) == b"hashtable"
@@ -115,8 +118,11 @@ def test_a_queue_whose_first_task_has_a_group_keeps_its_tasks_hash_a_hashtable(
     assert sorted(lease.task_id for lease in leases) == [b"a", b"b"]
     for lease in leases:
         assert q.ack(lease)
-    assert set(r.hkeys(q.keys.tasks)) == {b"seq", b"fence", b"layout", b"G"}
+    assert set(r.hkeys(q.keys.tasks)) == {b"seq", b"fence", b"layout", b"G", b"V", b"vg", b"vh"}
     assert r.object("encoding", q.keys.tasks) == b"hashtable"
+    assert r.exists(q.group_keys.bound["groups"]) == 0
+    q.set_group("g", weight=2)
+    assert r.hgetall(q.group_keys.bound["groups"]) == {b"wg": b"2", b"cg": b"0"}
 
 
 def test_priority_then_fifo_within_a_group(r: Client) -> None:

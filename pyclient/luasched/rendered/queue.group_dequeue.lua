@@ -36,11 +36,12 @@
 --@key        gring     zset    luasched:{ns}:q:gring:<queue> -- the groups a dequeue may take from now (a ready task,
 --@+          not paused, under its cap, allowed by its rate), scored by their pass (virtual time); "" stands for the tasks without a group
 --@+          (in the ready key). Lowest pass first; a take adds 1/weight to the group's pass.
---@key        groups    hash    luasched:{ns}:q:groups:<queue> -- per group g: "w"..g weight, "c"..g max_active
---@+          (0: none), "a"..g leases held, "s"..g "1" while paused, "v"..g its pass while out of the ring,
---@+          "r"..g its rate limit as ms per take (absent: none), "b"..g its burst, "t"..g its GCRA theoretical arrival
---@+          time (server ms); per queue: "V" the pass of the last take, "C" max_active of the whole queue (0: none),
---@+          "S" "1" while paused, "R", "B", "T" the queue's rate limit, burst and theoretical arrival time.
+--@key        groups    hash    luasched:{ns}:q:groups:<queue> -- the settings (it exists only once one was made): per
+--@+          group g: "w"..g weight, "c"..g max_active (0: none), "s"..g "1" while paused, "r"..g its rate limit as ms per
+--@+          take (absent: none), "b"..g its burst, "t"..g its GCRA theoretical arrival time (server ms); per queue: "C"
+--@+          max_active of the whole queue (0: none), "S" "1" while paused, "R", "B", "T" the queue's rate limit, burst and
+--@+          theoretical arrival time. What every take changes is in the tasks hash: "a"..g the leases held of group g,
+--@+          "v"..g its pass while out of the ring, "V" the pass of the last take.
 --@key        gwait     zset    luasched:{ns}:q:gwait:<queue> -- groups out of the ring only because of their rate
 --@+          limit, scored by the server ms at which they may take again; a dequeue puts the due ones back.
 --@arg        worker_id       string:0..256  Who takes the tasks (stored with the lease, for humans).
@@ -151,20 +152,31 @@ end
 -- The lean path: the common grouped take, dequeue(): one task, no ack, no request record yet,
 -- nothing due in delayed, no expired lease, no group due back from its rate (gwait), and the
 -- first group of the ring (not "") with no setting that asks for more than a count: the queue
--- not paused, without a cap or a rate; the group not paused, without a rate or a kept pass, under
--- its cap if it has one; tasks without a group (ready) only while "" is in the ring (behind the
--- first group, so not taken now). It runs before the helpers below are defined. Its checks accept
--- only what main() accepts too (include/dequeue_lean.lua.j2; settings in their canonical form);
--- anything else (a replay, something due, count > 1, an ack, a setting, a malformed member, meta,
+-- not paused, without a cap or a rate; the group not paused, without a rate, under its cap if it
+-- has one; tasks without a group (ready) only while "" is in the ring (behind the first group, so
+-- not taken now). It runs before the helpers below are defined. Its calls in the common case:
+-- TIME, 2 ZCOUNT (delayed, leased), one EXISTS of the request record, gwait, ready and the
+-- groups hash (none exists: no record, nothing waiting for a rate, no task without a group, no
+-- setting; if one does, each is read as main() reads it), ZRANGE of the ring's first group,
+-- ZRANGEBYLEX of its head and the task after it, one HMGET of the tasks hash (seq, fence, the
+-- task's payload and meta, the group's lease count "a"), then the writes. Its checks accept only
+-- what main() accepts too (include/dequeue_lean.lua.j2; settings in their canonical form);
+-- anything else (a replay, something due, count > 1, an ack, a setting, a malformed head, meta,
 -- seq or fence, a key of another type: redis.pcall gives an error table) goes on to main(), with
 -- FAST_NOW_MS/US and nothing written. Then main() takes the head of that group too (the ring's
 -- first group is the one with the lowest (pass, name), and no other group gains a ready task or
 -- a lease in this call), so it writes what main() writes: ZREM gready, ZADD leased, one HSET of
--- the meta + seq + fence, the group's lease count and the queue's pass "V" (one HSET of the groups
--- hash: main() writes them one by one, to the same values), the group's new pass in the ring (or,
--- with no ready task left or at its cap, out of it with its pass kept in "v"), the request record;
--- and answers main()'s reply. Passes are computed as main() computes them (the ring's score read
--- with tonumber, plus 1 / weight) and go to redis.call as numbers, as in main().
+-- the tasks hash with the meta, seq, fence, the group's lease count and the queue's pass "V"
+-- (main() writes the last two one by one, to the same values), the group's new pass in the ring
+-- (or, with no ready task left or at its cap, out of it with its pass kept in "v"), the request
+-- record; and answers main()'s reply. Passes are computed as main() computes them (the ring's
+-- score, plus 1 / weight) and go to redis.call as numbers, as in main().
+-- What it leaves to the invariants instead of reading (as group_ack's lean path does for the
+-- shapes of settings it does not use; no script writes them otherwise): the shape of "V" (it is
+-- only written, as main() writes it), that a group in the ring has no kept pass "v" (settle() and
+-- this path remove or write it as the group joins or leaves; main() would HDEL one, and a group
+-- in the ring takes its pass from the ring either way), and the shape of the group's second
+-- ready member (only its presence is used; it is checked when it becomes the head).
 local FAST_NOW_MS, FAST_NOW_US = nil, nil
 if #KEYS == 12 and #ARGV == 8 then
   repeat
@@ -197,93 +209,96 @@ if #KEYS == 12 and #ARGV == 8 then
     local now_ms = time[1] * 1000 + (micros - micros % 1000) / 1000
     local now_us = (time[1] * 1000000 + time[2])
     FAST_NOW_MS, FAST_NOW_US = now_ms, now_us
-    -- No request record (false: no key; a string is a replay, an error table a key of another type).
-    if request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false then
-      break
-    end
     -- Nothing due, nothing expired: ZCOUNT answers 0 (an error table is no 0 either).
     if redis.pcall('ZCOUNT', KEYS[2], '-inf', now_ms) ~= 0 or redis.pcall('ZCOUNT', KEYS[3], '-inf', now_ms) ~= 0 then
       break
     end
-    if count_raw ~= '1' or acking or redis.pcall('ZCOUNT', KEYS[12], '-inf', now_ms) ~= 0 then
+    if count_raw ~= '1' or acking then
       break
     end
-    -- The ring's first group and its pass (a finite number, as stored_pass() reads it).
+    -- One EXISTS answers four probes in the common case (an empty key does not exist): no
+    -- request record (with a request id), no group waiting for its rate (gwait), no task without
+    -- a group (ready), no setting (the groups hash holds settings only: it exists once one was
+    -- made). If one of them exists, each is checked as if none had been probed.
+    local present
+    if request_id ~= '' then
+      present = redis.pcall('EXISTS', KEYS[8], KEYS[12], KEYS[1], KEYS[11])
+    else
+      present = redis.pcall('EXISTS', KEYS[12], KEYS[1], KEYS[11])
+    end
+    local others = present ~= 0
+    if others then
+      -- No request record (false: no key; a string is a replay, an error table a key of another
+      -- type), no group due back from its rate.
+      if (request_id ~= '' and redis.pcall('GET', KEYS[8]) ~= false) or redis.pcall('ZCOUNT', KEYS[12], '-inf', now_ms) ~= 0 then
+        break
+      end
+      -- Tasks without a group: "" must be in the ring (main() would let it join, maybe first).
+      local plain_ready = redis.pcall('ZCARD', KEYS[1])
+      if plain_ready ~= 0 and (type(plain_ready) ~= 'number' or redis.pcall('ZSCORE', KEYS[10], '') == false) then
+        break
+      end
+    end
+    -- The ring's first group and its pass (a finite number, as stored_pass() reads it; a score
+    -- ZRANGE answers is always a number's text, so `+ 0` reads it as tonumber() does).
     local top = redis.pcall('ZRANGE', KEYS[10], '0', '0', 'WITHSCORES')
     local group = top[1] -- nil for an error table too
-    local pass = group and tonumber(top[2])
-    if not pass or group == '' or pass ~= pass or pass == math.huge or pass == -math.huge then
+    if not group or group == '' then
       break
     end
-    -- Tasks without a group: "" must be in the ring (main() would let it join, maybe first).
-    local plain_ready = redis.pcall('ZCARD', KEYS[1])
-    if plain_ready ~= 0 and (type(plain_ready) ~= 'number' or redis.pcall('ZSCORE', KEYS[10], '') == false) then
+    local pass = top[2] + 0
+    if pass - pass ~= 0 then -- nan or an infinity
       break
     end
-    -- Settings (read_groups()'s fields): V a pass or absent; S, C, R: no pause, no cap ("0" is
-    -- none), no rate; the group's w (1..1000), c (0..1000000) and a (leases held) canonical or
-    -- absent, s not "1", no v (kept pass), no rate (r). (A burst and a rate time, B/T and b/t,
-    -- exist only beside their rate: queue.set_rate writes and removes the three together.)
-    local active_field = 'a' .. group
-    local settings = redis.pcall('HMGET', KEYS[11], 'V', 'S', 'C', 'R', 'w' .. group, 'c' .. group,
-      active_field, 's' .. group, 'v' .. group, 'r' .. group)
-    if settings.err then
+    -- The group's head and the task after it (group_member(): 3-digit length, the group, the
+    -- ready score in 14 hex digits, then a task id of at least one byte).
+    local prefix = string.format('%03d', #group) .. group
+    local heads = redis.pcall('ZRANGEBYLEX', KEYS[9], '[' .. prefix, '(' .. prefix .. '\255', 'LIMIT', '0', '2')
+    local at = #prefix + 1
+    local task_id = heads[1] and string.match(heads[1], '^%x%x%x%x%x%x%x%x%x%x%x%x%x%x(.+)$', at) -- (nil for an error table too)
+    if not task_id then
       break
     end
-    local queue_pass, weight_raw, cap_raw, active_raw = settings[1], settings[5], settings[6], settings[7]
-    queue_pass = queue_pass and tonumber(queue_pass)
-    if settings[1] and (not queue_pass or queue_pass ~= queue_pass or queue_pass == math.huge or queue_pass == -math.huge) then
-      break
-    end
-    if settings[2] == '1' or (settings[3] and settings[3] ~= '0') or settings[4]
-      or settings[8] == '1' or settings[9] or settings[10] then
+    local meta_field, active_field = 'm' .. task_id, 'a' .. group
+    local values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, meta_field, active_field)
+    -- The group's lease count "a" canonical or absent.
+    if values.err or not values[3] then
       break
     end
     local weight, cap, active = 1, 0, 0
-    if weight_raw then
-      weight = #weight_raw <= 4 and string.find(weight_raw, '^[1-9]%d*$') and weight_raw + 0
-      if not weight or weight > 1000 then
-        break
-      end
-    end
-    if cap_raw then
-      cap = #cap_raw <= 7 and string.find(cap_raw, '^%d+$') and (cap_raw == '0' or string.find(cap_raw, '^[1-9]')) and cap_raw + 0
-      if not cap or cap > 1000000 then
-        break
-      end
-    end
+    local active_raw = values[5]
     if active_raw then
       active = #active_raw <= 15 and string.find(active_raw, '^[1-9]%d*$') and active_raw + 0
       if not active then
         break
       end
     end
-    if cap > 0 and active >= cap then
-      break
-    end
-    -- The group's head and the task after it (group_member(): 3-digit length, the group, the
-    -- ready score in 14 hex digits, the task id).
-    local prefix = string.format('%03d', #group) .. group
-    local heads = redis.pcall('ZRANGEBYLEX', KEYS[9], '[' .. prefix, '(' .. prefix .. '\255', 'LIMIT', '0', '2')
-    local member = heads[1] -- nil for an error table too
-    if not member then
-      break
-    end
-    local at = #prefix + 1
-    local malformed = false
-    for index = 1, #heads do
-      if #heads[index] <= at + 13 or not string.find(string.sub(heads[index], at, at + 13), '^%x+$') then
-        malformed = true
+    -- With a groups hash (or a key of another type there: an error table), read_groups()'s
+    -- settings: no pause, no cap ("0" is none) and no rate of the queue (S, C, R); the group's w
+    -- (1..1000) and c (0..1000000) canonical or absent, s not "1", no rate (r). (A burst and a rate
+    -- time, B/T and b/t, exist only beside their rate: queue.set_rate writes and removes the
+    -- three together.)
+    if others then
+      local settings = redis.pcall('HMGET', KEYS[11], 'w' .. group, 'c' .. group, 's' .. group, 'r' .. group, 'S', 'C', 'R')
+      if settings.err or settings[3] == '1' or settings[4] or settings[5] == '1' or (settings[6] and settings[6] ~= '0') or settings[7] then
+        break
       end
-    end
-    if malformed then
-      break
-    end
-    local task_id = string.sub(member, at + 14)
-    local meta_field = 'm' .. task_id
-    local values = redis.pcall('HMGET', KEYS[5], 'seq', 'fence', 'p' .. task_id, meta_field)
-    if values.err or not values[3] then
-      break
+      local weight_raw, cap_raw = settings[1], settings[2]
+      if weight_raw then
+        weight = #weight_raw <= 4 and string.find(weight_raw, '^[1-9]%d*$') and weight_raw + 0
+        if not weight or weight > 1000 then
+          break
+        end
+      end
+      if cap_raw then
+        cap = #cap_raw <= 7 and string.find(cap_raw, '^%d+$') and (cap_raw == '0' or string.find(cap_raw, '^[1-9]')) and cap_raw + 0
+        if not cap or cap > 1000000 then
+          break
+        end
+      end
+      if cap > 0 and active >= cap then
+        break
+      end
     end
     local taken = 1
     -- seq is written back as it is (canonical: what main() writes), within its 43 bits;
@@ -320,15 +335,14 @@ if #KEYS == 12 and #ARGV == 8 then
     local meta = string.format('L %d %d %d %d %d ', priority, max_attempts, attempts, token, deadline_ms) .. worker_id
     local group_pass = pass + 1 / weight
     -- Writes, as main() makes them; every key was read above, so none can fail on its type.
-    redis.call('ZREM', KEYS[9], member)
+    redis.call('ZREM', KEYS[9], heads[1])
     redis.call('ZADD', KEYS[3], deadline_ms, task_id)
-    redis.call('HSET', KEYS[5], meta_field, meta, 'seq', seq, 'fence', token)
     if heads[2] and (cap == 0 or active + 1 < cap) then
+      redis.call('HSET', KEYS[5], meta_field, meta, 'seq', seq, 'fence', token, active_field, active + 1, 'V', pass)
       redis.call('ZADD', KEYS[10], group_pass, group)
-      redis.call('HSET', KEYS[11], active_field, active + 1, 'V', pass)
     else
+      redis.call('HSET', KEYS[5], meta_field, meta, 'seq', seq, 'fence', token, active_field, active + 1, 'v' .. group, group_pass, 'V', pass)
       redis.call('ZREM', KEYS[10], group)
-      redis.call('HSET', KEYS[11], active_field, active + 1, 'v' .. group, group_pass, 'V', pass)
     end
     if request_id ~= '' then
       redis.call('SET', KEYS[8], cmsgpack.pack({ 'dequeue', 0, task_id, token }), 'PX', request_ttl_raw)
@@ -743,6 +757,9 @@ end
 --     1/weight to it; a group that joins the ring gets max(its kept pass, V), so a group that was
 --     idle gains no credit, and a flood in one group does not delay the others.
 --   * "a"..g counts the held leases of g's tasks: +1 per take, -1 per ack, nack or reclaim.
+--   * The take state ("V", "a"..g, "v"..g) lives in the tasks hash, which every take and ack
+--     reads and writes anyway; the groups hash holds settings only, so it exists only once a
+--     setting was made (the lean group_dequeue skips reading it while it does not exist).
 -- ---------------------------------------------------------------------------------------------
 local K_GREADY, K_GRING, K_GROUPS, K_GWAIT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local GROUP_KEY_COUNT = 12
@@ -819,50 +836,54 @@ local function stored_rate(state, interval, burst, tat, what)
 end
 
 -- The state of the queue and of each group of `names` (a list of distinct names), read with one
--- HMGET of the groups hash and one ZSCORE of gring and of gwait per group. Each group's state:
--- weight, cap (0: none), active, paused, kept (pass kept out of the ring), in_ring, ring_pass,
--- pass (the ring's, else nil until it joins), active_was, waiting (in gwait), and its rate
--- (interval, burst, tat). The queue's: pass ("V", 0 at first), cap, paused and its rate.
+-- HMGET of the groups hash (settings), one of the tasks hash (the take state: "V", "a"..g,
+-- "v"..g) and one ZSCORE of gring and of gwait per group. Each group's state: weight, cap (0:
+-- none), active, paused, kept (pass kept out of the ring), in_ring, ring_pass, pass (the ring's,
+-- else nil until it joins), active_was, waiting (in gwait), and its rate (interval, burst, tat).
+-- The queue's: pass ("V", 0 at first), cap, paused and its rate.
 -- `ring` (optional) maps groups known to be in gring to their score (no ZSCORE for them).
 local function read_groups(names, ring)
-  -- (Not a table constructor starting with 'V': luasched.acl reads a quoted upper-case word
+  -- (Not a table constructor starting with 'C': luasched.acl reads a quoted upper-case word
   -- after "(" or "{" as a command the script issues.)
-  local fields = {}
-  fields[1], fields[2], fields[3], fields[4], fields[5], fields[6] = 'V', 'C', 'S', 'R', 'B', 'T'
+  local fields, taking = {}, {}
+  fields[1], fields[2], fields[3], fields[4], fields[5] = 'C', 'S', 'R', 'B', 'T'
+  taking[1] = 'V'
   for _, name in ipairs(names) do
     local size = #fields
-    fields[size + 1], fields[size + 2], fields[size + 3] = 'w' .. name, 'c' .. name, 'a' .. name
-    fields[size + 4], fields[size + 5], fields[size + 6] = 's' .. name, 'v' .. name, 'r' .. name
-    fields[size + 7], fields[size + 8] = 'b' .. name, 't' .. name
+    fields[size + 1], fields[size + 2], fields[size + 3] = 'w' .. name, 'c' .. name, 's' .. name
+    fields[size + 4], fields[size + 5], fields[size + 6] = 'r' .. name, 'b' .. name, 't' .. name
+    size = #taking
+    taking[size + 1], taking[size + 2] = 'a' .. name, 'v' .. name
   end
   local values = read('HMGET', K_GROUPS, unpack(fields))
+  local took = read('HMGET', K_TASKS, unpack(taking))
   local queue = stored_rate({
-    pass = stored_pass(values[1], 'the queue pass') or 0,
-    cap = stored_int(values[2], 'the queue cap', 0, MAX_ACTIVE) or 0,
-    paused = values[3] == '1',
-  }, values[4], values[5], values[6], 'the queue')
+    pass = stored_pass(took[1], 'the queue pass') or 0,
+    cap = stored_int(values[1], 'the queue cap', 0, MAX_ACTIVE) or 0,
+    paused = values[2] == '1',
+  }, values[3], values[4], values[5], 'the queue')
   local states = {}
   for index, name in ipairs(names) do
-    local at = 8 * index - 1
+    local at = 6 * index
     local what = show(name)
     local ring_pass = ring and ring[name]
     if not ring_pass then
       ring_pass = stored_pass(read('ZSCORE', K_GRING, name), 'the ring score of ' .. what)
     end
-    local active = stored_int(values[at + 2], 'the lease count of ' .. what, 0, MAX_SAFE_INTEGER) or 0
+    local active = stored_int(took[2 * index], 'the lease count of ' .. what, 0, MAX_SAFE_INTEGER) or 0
     states[name] = stored_rate({
       weight = stored_int(values[at], 'the weight of ' .. what, 1, MAX_WEIGHT) or 1,
       cap = stored_int(values[at + 1], 'the cap of ' .. what, 0, MAX_ACTIVE) or 0,
       active = active,
       active_was = active,
-      paused = values[at + 3] == '1',
-      kept = stored_pass(values[at + 4], 'the kept pass of ' .. what),
+      paused = values[at + 2] == '1',
+      kept = stored_pass(took[2 * index + 1], 'the kept pass of ' .. what),
       in_ring = ring_pass ~= nil,
       ring_pass = ring_pass,
       pass = ring_pass,
       -- (a group in the ring is not in gwait)
       waiting = ring_pass == nil and read('ZSCORE', K_GWAIT, name) ~= false,
-    }, values[at + 5], values[at + 6], values[at + 7], what)
+    }, values[at + 3], values[at + 4], values[at + 5], what)
   end
   return queue, states
 end
@@ -900,9 +921,9 @@ end
 local function settle(name, state, eligible, queue_pass, now_ms)
   if name ~= '' and state.active ~= state.active_was then
     if state.active > 0 then
-      redis.call('HSET', K_GROUPS, 'a' .. name, state.active)
+      redis.call('HSET', K_TASKS, 'a' .. name, state.active)
     else
-      redis.call('HDEL', K_GROUPS, 'a' .. name)
+      redis.call('HDEL', K_TASKS, 'a' .. name)
     end
   end
   if state.tat ~= state.tat_was then
@@ -921,14 +942,14 @@ local function settle(name, state, eligible, queue_pass, now_ms)
       redis.call('ZADD', K_GRING, pass, name)
     end
     if state.kept then
-      redis.call('HDEL', K_GROUPS, 'v' .. name)
+      redis.call('HDEL', K_TASKS, 'v' .. name)
     end
   else
     if state.in_ring then
       redis.call('ZREM', K_GRING, name)
     end
     if state.pass and state.pass ~= state.kept then
-      redis.call('HSET', K_GROUPS, 'v' .. name, state.pass)
+      redis.call('HSET', K_TASKS, 'v' .. name, state.pass)
     end
   end
 end
@@ -1265,7 +1286,7 @@ local function main()
     settle(name, states[name], eligible_after[name], pass, now_ms)
   end
   if taken > 0 then
-    redis.call('HSET', K_GROUPS, 'V', pass)
+    redis.call('HSET', K_TASKS, 'V', pass)
   end
   if queue.tat ~= queue.tat_was then
     redis.call('HSET', K_GROUPS, 'T', queue.tat)

@@ -29,11 +29,12 @@
 --@key        gring     zset    luasched:{ns}:q:gring:<queue> -- the groups a dequeue may take from now (a ready task,
 --@+          not paused, under its cap, allowed by its rate), scored by their pass (virtual time); "" stands for the tasks without a group
 --@+          (in the ready key). Lowest pass first; a take adds 1/weight to the group's pass.
---@key        groups    hash    luasched:{ns}:q:groups:<queue> -- per group g: "w"..g weight, "c"..g max_active
---@+          (0: none), "a"..g leases held, "s"..g "1" while paused, "v"..g its pass while out of the ring,
---@+          "r"..g its rate limit as ms per take (absent: none), "b"..g its burst, "t"..g its GCRA theoretical arrival
---@+          time (server ms); per queue: "V" the pass of the last take, "C" max_active of the whole queue (0: none),
---@+          "S" "1" while paused, "R", "B", "T" the queue's rate limit, burst and theoretical arrival time.
+--@key        groups    hash    luasched:{ns}:q:groups:<queue> -- the settings (it exists only once one was made): per
+--@+          group g: "w"..g weight, "c"..g max_active (0: none), "s"..g "1" while paused, "r"..g its rate limit as ms per
+--@+          take (absent: none), "b"..g its burst, "t"..g its GCRA theoretical arrival time (server ms); per queue: "C"
+--@+          max_active of the whole queue (0: none), "S" "1" while paused, "R", "B", "T" the queue's rate limit, burst and
+--@+          theoretical arrival time. What every take changes is in the tasks hash: "a"..g the leases held of group g,
+--@+          "v"..g its pass while out of the ring, "V" the pass of the last take.
 --@key        gwait     zset    luasched:{ns}:q:gwait:<queue> -- groups out of the ring only because of their rate
 --@+          limit, scored by the server ms at which they may take again; a dequeue puts the due ones back.
 --@arg        task_id         string:1..1024  The task id: any bytes, unique within the queue while the task exists.
@@ -474,6 +475,9 @@ end
 --     1/weight to it; a group that joins the ring gets max(its kept pass, V), so a group that was
 --     idle gains no credit, and a flood in one group does not delay the others.
 --   * "a"..g counts the held leases of g's tasks: +1 per take, -1 per ack, nack or reclaim.
+--   * The take state ("V", "a"..g, "v"..g) lives in the tasks hash, which every take and ack
+--     reads and writes anyway; the groups hash holds settings only, so it exists only once a
+--     setting was made (the lean group_dequeue skips reading it while it does not exist).
 -- ---------------------------------------------------------------------------------------------
 local K_GREADY, K_GRING, K_GROUPS, K_GWAIT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local GROUP_KEY_COUNT = 12
@@ -526,50 +530,54 @@ local function stored_rate(state, interval, burst, tat, what)
 end
 
 -- The state of the queue and of each group of `names` (a list of distinct names), read with one
--- HMGET of the groups hash and one ZSCORE of gring and of gwait per group. Each group's state:
--- weight, cap (0: none), active, paused, kept (pass kept out of the ring), in_ring, ring_pass,
--- pass (the ring's, else nil until it joins), active_was, waiting (in gwait), and its rate
--- (interval, burst, tat). The queue's: pass ("V", 0 at first), cap, paused and its rate.
+-- HMGET of the groups hash (settings), one of the tasks hash (the take state: "V", "a"..g,
+-- "v"..g) and one ZSCORE of gring and of gwait per group. Each group's state: weight, cap (0:
+-- none), active, paused, kept (pass kept out of the ring), in_ring, ring_pass, pass (the ring's,
+-- else nil until it joins), active_was, waiting (in gwait), and its rate (interval, burst, tat).
+-- The queue's: pass ("V", 0 at first), cap, paused and its rate.
 -- `ring` (optional) maps groups known to be in gring to their score (no ZSCORE for them).
 local function read_groups(names, ring)
-  -- (Not a table constructor starting with 'V': luasched.acl reads a quoted upper-case word
+  -- (Not a table constructor starting with 'C': luasched.acl reads a quoted upper-case word
   -- after "(" or "{" as a command the script issues.)
-  local fields = {}
-  fields[1], fields[2], fields[3], fields[4], fields[5], fields[6] = 'V', 'C', 'S', 'R', 'B', 'T'
+  local fields, taking = {}, {}
+  fields[1], fields[2], fields[3], fields[4], fields[5] = 'C', 'S', 'R', 'B', 'T'
+  taking[1] = 'V'
   for _, name in ipairs(names) do
     local size = #fields
-    fields[size + 1], fields[size + 2], fields[size + 3] = 'w' .. name, 'c' .. name, 'a' .. name
-    fields[size + 4], fields[size + 5], fields[size + 6] = 's' .. name, 'v' .. name, 'r' .. name
-    fields[size + 7], fields[size + 8] = 'b' .. name, 't' .. name
+    fields[size + 1], fields[size + 2], fields[size + 3] = 'w' .. name, 'c' .. name, 's' .. name
+    fields[size + 4], fields[size + 5], fields[size + 6] = 'r' .. name, 'b' .. name, 't' .. name
+    size = #taking
+    taking[size + 1], taking[size + 2] = 'a' .. name, 'v' .. name
   end
   local values = read('HMGET', K_GROUPS, unpack(fields))
+  local took = read('HMGET', K_TASKS, unpack(taking))
   local queue = stored_rate({
-    pass = stored_pass(values[1], 'the queue pass') or 0,
-    cap = stored_int(values[2], 'the queue cap', 0, MAX_ACTIVE) or 0,
-    paused = values[3] == '1',
-  }, values[4], values[5], values[6], 'the queue')
+    pass = stored_pass(took[1], 'the queue pass') or 0,
+    cap = stored_int(values[1], 'the queue cap', 0, MAX_ACTIVE) or 0,
+    paused = values[2] == '1',
+  }, values[3], values[4], values[5], 'the queue')
   local states = {}
   for index, name in ipairs(names) do
-    local at = 8 * index - 1
+    local at = 6 * index
     local what = show(name)
     local ring_pass = ring and ring[name]
     if not ring_pass then
       ring_pass = stored_pass(read('ZSCORE', K_GRING, name), 'the ring score of ' .. what)
     end
-    local active = stored_int(values[at + 2], 'the lease count of ' .. what, 0, MAX_SAFE_INTEGER) or 0
+    local active = stored_int(took[2 * index], 'the lease count of ' .. what, 0, MAX_SAFE_INTEGER) or 0
     states[name] = stored_rate({
       weight = stored_int(values[at], 'the weight of ' .. what, 1, MAX_WEIGHT) or 1,
       cap = stored_int(values[at + 1], 'the cap of ' .. what, 0, MAX_ACTIVE) or 0,
       active = active,
       active_was = active,
-      paused = values[at + 3] == '1',
-      kept = stored_pass(values[at + 4], 'the kept pass of ' .. what),
+      paused = values[at + 2] == '1',
+      kept = stored_pass(took[2 * index + 1], 'the kept pass of ' .. what),
       in_ring = ring_pass ~= nil,
       ring_pass = ring_pass,
       pass = ring_pass,
       -- (a group in the ring is not in gwait)
       waiting = ring_pass == nil and read('ZSCORE', K_GWAIT, name) ~= false,
-    }, values[at + 5], values[at + 6], values[at + 7], what)
+    }, values[at + 3], values[at + 4], values[at + 5], what)
   end
   return queue, states
 end
@@ -600,9 +608,9 @@ end
 local function settle(name, state, eligible, queue_pass, now_ms)
   if name ~= '' and state.active ~= state.active_was then
     if state.active > 0 then
-      redis.call('HSET', K_GROUPS, 'a' .. name, state.active)
+      redis.call('HSET', K_TASKS, 'a' .. name, state.active)
     else
-      redis.call('HDEL', K_GROUPS, 'a' .. name)
+      redis.call('HDEL', K_TASKS, 'a' .. name)
     end
   end
   if state.tat ~= state.tat_was then
@@ -621,14 +629,14 @@ local function settle(name, state, eligible, queue_pass, now_ms)
       redis.call('ZADD', K_GRING, pass, name)
     end
     if state.kept then
-      redis.call('HDEL', K_GROUPS, 'v' .. name)
+      redis.call('HDEL', K_TASKS, 'v' .. name)
     end
   else
     if state.in_ring then
       redis.call('ZREM', K_GRING, name)
     end
     if state.pass and state.pass ~= state.kept then
-      redis.call('HSET', K_GROUPS, 'v' .. name, state.pass)
+      redis.call('HSET', K_TASKS, 'v' .. name, state.pass)
     end
   end
 end
